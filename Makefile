@@ -1,0 +1,58 @@
+# One entry point for people and CI. Every target installs what it needs, idempotently.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+BENCH ?=
+CONFIG ?= deploy/config/local.yaml
+HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(HASH)
+
+.PHONY: help setup system host venv otelcol test run check bench proto clean
+
+help:
+	@echo "make test           install everything needed, then run the whole test suite"
+	@echo "make run            local Collector + the agent pointed at it (Ctrl-C stops both)"
+	@echo "make check          preflight: what this host has and lacks for the configured sources"
+	@echo "make bench [BENCH=exporter|profiler|network|syscalls]"
+
+setup: system host venv otelcol
+
+system:
+	@bash deploy/scripts/install-system-deps.sh --test
+
+host:
+	@bash deploy/scripts/prepare-host.sh
+
+venv: $(STAMP)
+
+# Debian's python3 (the one python3-bpfcc is built for) with only bcc linked in from
+# dist-packages: the rest of Debian's site-packages stays out of the venv.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  ln -sfn /usr/lib/python3/dist-packages/bcc "$$site/bcc"
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+otelcol:
+	@bash deploy/scripts/build-otelcol.sh >/dev/null
+
+test: setup
+	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m pytest $(PYTEST_ARGS)
+
+run: setup
+	@OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) deploy/scripts/run-local.py --config $(CONFIG)
+
+check: system host venv
+	$(VENV)/bin/ebpf-otlp-receiver check --config $(CONFIG)
+
+bench: setup
+	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m benchmarks $(BENCH)
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=receiver/proto protos/profile.proto
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info out

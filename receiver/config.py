@@ -1,0 +1,559 @@
+"""Configuration: frozen dataclasses with every default in one place, loaded from YAML and the
+standard OTEL_* environment variables, validated as a whole.
+
+``EbpfConfig.load(path)`` returns a validated config or raises one ``ConfigError`` listing every
+problem (unknown key, wrong type, bad duration/address/size, out-of-range value) with its key path.
+Environment variables override the file, as they do for the OpenTelemetry SDKs' exporters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "EbpfConfig",
+    "ExporterConfig",
+    "RetryConfig",
+    "TelemetryConfig",
+    "ResourceConfig",
+    "ProcessFilter",
+    "SourcesConfig",
+    "ProcessSourceConfig",
+    "ProfilerSourceConfig",
+    "NetworkSourceConfig",
+    "SyscallsSourceConfig",
+    "PROFILER_PRESETS",
+    "parse_duration",
+    "parse_size",
+    "parse_address",
+    "reference_table",
+]
+
+
+class _Kind:
+    """Marker for ``Annotated`` fields whose text form needs parsing."""
+
+    def __init__(self, name: str, form: str):
+        self.name, self.form = name, form
+
+
+DURATION = _Kind("duration", 'a duration such as "500ms", "10s", "5m" or a number of seconds')
+SIZE = _Kind("size", 'a size such as "4MiB", "512KiB" or a number of bytes')
+ADDRESS = _Kind("address", 'an address "host:port" with a port from 1 to 65535')
+ENDPOINT = _Kind("endpoint", 'an endpoint "host:port", "http://host:port" or "https://host:port"')
+
+Duration = Annotated[float, DURATION]
+Size = Annotated[int, SIZE]
+Address = Annotated[str, ADDRESS]
+Endpoint = Annotated[str, ENDPOINT]
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024,
+               "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"250ms"``, ``"1m30s"``, ``"10s"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError
+        return float(value)
+    text = str(value).strip()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ValueError
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"4MiB"``, ``"512KiB"``, ``"1MB"`` or a plain number."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+def parse_address(value: Any) -> tuple[str, int]:
+    """``(host, port)`` from ``"host:port"`` or ``"[v6]:port"``."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s\[\]]*):(\d+)", str(value).strip())
+    if not m:
+        raise ValueError
+    host = m.group(1) if m.group(1) is not None else m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError
+    return host, port
+
+
+def _parse_endpoint(value: Any) -> str:
+    text = str(value).strip()
+    rest = re.sub(r"^(https?)://", "", text).rstrip("/")
+    parse_address(rest)
+    return text
+
+
+_PARSERS = {"duration": parse_duration, "size": parse_size, "address": lambda v: (parse_address(v), str(v).strip())[1],
+            "endpoint": _parse_endpoint}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Exponential backoff with jitter, defaults as the Collector's ``configretry``."""
+
+    enabled: bool = True
+    initial_interval: Duration = 5.0
+    max_interval: Duration = 30.0
+    max_elapsed_time: Duration = 300.0
+    multiplier: float = 1.5
+    randomization_factor: float = 0.5
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.initial_interval <= 0:
+            p.append("initial_interval: must be greater than 0")
+        if self.max_interval < self.initial_interval:
+            p.append("max_interval: must be at least initial_interval")
+        if self.multiplier < 1:
+            p.append("multiplier: must be at least 1")
+        if not 0 <= self.randomization_factor < 1:
+            p.append("randomization_factor: must be in [0, 1)")
+        return p
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    """OTLP/gRPC export to the Collector. A scheme in ``endpoint`` decides TLS (``http://`` is
+    plaintext, ``https://`` is TLS); without a scheme, ``insecure`` does."""
+
+    endpoint: Endpoint = "http://localhost:4317"
+    insecure: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    compression: Literal["gzip", "none"] = "gzip"
+    timeout: Duration = 10.0
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    max_batch_size: int = 512
+    batch_timeout: Duration = 1.0
+    max_request_bytes: Size = 4 * 1024 * 1024
+    queue_size: int = 20000
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    shutdown_timeout: Duration = 10.0
+
+    @property
+    def target(self) -> str:
+        """The ``host:port`` the channel dials."""
+        return re.sub(r"^(https?)://", "", self.endpoint).rstrip("/")
+
+    @property
+    def use_tls(self) -> bool:
+        if self.endpoint.startswith("https://"):
+            return True
+        if self.endpoint.startswith("http://"):
+            return False
+        return not self.insecure
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.max_batch_size < 1:
+            p.append("max_batch_size: must be at least 1")
+        if self.queue_size < self.max_batch_size:
+            p.append("queue_size: must be at least max_batch_size")
+        if self.max_request_bytes < 1024:
+            p.append("max_request_bytes: must be at least 1KiB")
+        if self.timeout <= 0:
+            p.append("timeout: must be greater than 0")
+        if (self.cert_file is None) != (self.key_file is None):
+            p.append("cert_file/key_file: give both for mTLS, or neither")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                p.append(f"{name}: no such file: {path}")
+        return p
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """The agent's own health: Prometheus ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+    enabled: bool = True
+    listen: Address = "0.0.0.0:9464"
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    """Attributes added to every resource, after the detected host ones."""
+
+    service_name: str = "ebpf-otlp-receiver"
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProcessFilter:
+    """Which processes a source looks at; empty lists mean all. Applied in the kernel via maps."""
+
+    pids: list[int] = field(default_factory=list)
+    process_names: list[str] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.pids or self.process_names or self.cgroups)
+
+    def _validate(self) -> list[str]:
+        p = []
+        if any(pid <= 0 for pid in self.pids):
+            p.append("pids: process ids must be positive")
+        if any(not 0 < len(n.encode()) <= 15 for n in self.process_names):
+            p.append("process_names: names are kernel comm values, 1 to 15 bytes")
+        return p
+
+
+@dataclass(frozen=True)
+class ProcessSourceConfig:
+    """exec/exit/fork/OOM-kill events as logs. ``command_line`` may carry secrets: ``redacted``
+    (default) masks values of secret-looking arguments, ``full`` sends argv as is, ``off`` omits it."""
+
+    enabled: bool = True
+    command_line: Literal["off", "redacted", "full"] = "redacted"
+    fork_events: bool = True
+    max_args: int = 20
+
+    def _validate(self) -> list[str]:
+        return [] if 1 <= self.max_args <= 64 else ["max_args: must be from 1 to 64"]
+
+
+PROFILER_PRESETS = {"production": 19, "development": 99, "debug": 199}
+
+
+@dataclass(frozen=True)
+class ProfilerSourceConfig:
+    """perf-event CPU sampling. ``frequency`` overrides the preset's; production allows 19–49 Hz."""
+
+    enabled: bool = True
+    preset: Literal["production", "development", "debug"] = "production"
+    frequency: int | None = None
+    report_interval: Duration = 10.0
+    kernel_stacks: bool = True
+    user_stacks: bool = True
+    max_stacks: int = 16384
+    symbol_cache_size: int = 256
+    pprof_dir: str | None = None
+    filter: ProcessFilter = field(default_factory=ProcessFilter)
+
+    @property
+    def sample_frequency(self) -> int:
+        return self.frequency if self.frequency is not None else PROFILER_PRESETS[self.preset]
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.frequency is not None:
+            if not 1 <= self.frequency <= 1000:
+                p.append("frequency: must be from 1 to 1000 Hz")
+            elif self.preset == "production" and not 19 <= self.frequency <= 49:
+                p.append("frequency: the production preset allows 19 to 49 Hz; use preset development or debug for more")
+        if self.report_interval < 1:
+            p.append("report_interval: must be at least 1s")
+        if self.max_stacks < 64:
+            p.append("max_stacks: must be at least 64")
+        return p
+
+
+@dataclass(frozen=True)
+class NetworkSourceConfig:
+    """TCP connection lifecycle as spans and metrics. Peer address/port become metric attributes
+    only with ``peer_attributes``; attribute sets beyond ``max_attribute_sets`` go to an overflow
+    series (``otel.metric.overflow=true``)."""
+
+    enabled: bool = True
+    spans: bool = True
+    metrics: bool = True
+    report_interval: Duration = 10.0
+    min_span_duration: Duration = 0.0
+    ports: list[int] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    filter: ProcessFilter = field(default_factory=ProcessFilter)
+    peer_attributes: bool = False
+    max_attribute_sets: int = 2000
+    max_connections: int = 65536
+
+    def _validate(self) -> list[str]:
+        p = []
+        if any(not 0 < port < 65536 for port in self.ports):
+            p.append("ports: each port must be from 1 to 65535")
+        import ipaddress
+
+        for a in self.addresses:
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except ValueError:
+                p.append(f"addresses: {a!r} is not an IP address or CIDR network")
+        if self.max_connections < 16:
+            p.append("max_connections: must be at least 16")
+        return p
+
+
+@dataclass(frozen=True)
+class SyscallsSourceConfig:
+    """In-kernel per-syscall counts, errors and latency histograms; calls slower than
+    ``slow_threshold`` as spans. Per-process series only for processes the filter selects."""
+
+    enabled: bool = True
+    report_interval: Duration = 10.0
+    slow_threshold: Duration = 0.010
+    slow_spans: bool = True
+    filter: ProcessFilter = field(default_factory=ProcessFilter)
+    max_series: int = 2000
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.report_interval < 1:
+            p.append("report_interval: must be at least 1s")
+        if self.max_series < 1:
+            p.append("max_series: must be at least 1")
+        return p
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    process: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
+    profiler: ProfilerSourceConfig = field(default_factory=ProfilerSourceConfig)
+    network: NetworkSourceConfig = field(default_factory=NetworkSourceConfig)
+    syscalls: SyscallsSourceConfig = field(default_factory=SyscallsSourceConfig)
+
+    def enabled(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name).enabled]
+
+
+@dataclass(frozen=True)
+class EbpfConfig:
+    """The whole agent's configuration (the library's ``EbpfConfig``)."""
+
+    exporter: ExporterConfig = field(default_factory=ExporterConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    resource: ResourceConfig = field(default_factory=ResourceConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def default(cls) -> "EbpfConfig":
+        return cls()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None,
+             environ: typing.Mapping[str, str] | None = None) -> "EbpfConfig":
+        """Reads ``path`` (YAML; ``None`` for defaults), applies OTEL_* variables, validates."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            data = loaded
+        return cls.from_dict(data, environ)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any],
+                  environ: typing.Mapping[str, str] | None = None) -> "EbpfConfig":
+        problems: list[str] = []
+        data = _apply_environment(data, os.environ if environ is None else environ, problems)
+        config = _build(cls, data, "", problems)
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+    def replace(self, **changes: Any) -> "EbpfConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _parse_kv_list(text: str) -> dict[str, str]:
+    """W3C-baggage-like ``k=v,k2=v2`` (values URL-encoded), as OTEL_* list variables use."""
+    out = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ValueError(item)
+        k, v = item.split("=", 1)
+        out[urllib.parse.unquote(k.strip())] = urllib.parse.unquote(v.strip())
+    return out
+
+
+def _apply_environment(data: dict[str, Any], env: typing.Mapping[str, str],
+                       problems: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    exporter = dict(data.get("exporter") or {}) if isinstance(data.get("exporter", {}), dict) else data.get("exporter")
+    resource = dict(data.get("resource") or {}) if isinstance(data.get("resource", {}), dict) else data.get("resource")
+    if isinstance(exporter, dict):
+        simple = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "endpoint",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE": "ca_file",
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "cert_file",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": "key_file",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "compression",
+        }
+        for var, key in simple.items():
+            if env.get(var):
+                exporter[key] = env[var]
+        if env.get("OTEL_EXPORTER_OTLP_INSECURE"):
+            exporter["insecure"] = env["OTEL_EXPORTER_OTLP_INSECURE"].strip().lower() == "true"
+        if env.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
+            try:
+                exporter["timeout"] = float(env["OTEL_EXPORTER_OTLP_TIMEOUT"]) / 1000.0
+            except ValueError:
+                problems.append("OTEL_EXPORTER_OTLP_TIMEOUT: expected a number of milliseconds")
+        if env.get("OTEL_EXPORTER_OTLP_HEADERS"):
+            try:
+                exporter["headers"] = {**(exporter.get("headers") or {}),
+                                       **_parse_kv_list(env["OTEL_EXPORTER_OTLP_HEADERS"])}
+            except ValueError:
+                problems.append("OTEL_EXPORTER_OTLP_HEADERS: expected key=value pairs separated by commas")
+        data["exporter"] = exporter
+    if isinstance(resource, dict):
+        if env.get("OTEL_RESOURCE_ATTRIBUTES"):
+            try:
+                resource["attributes"] = {**(resource.get("attributes") or {}),
+                                          **_parse_kv_list(env["OTEL_RESOURCE_ATTRIBUTES"])}
+            except ValueError:
+                problems.append("OTEL_RESOURCE_ATTRIBUTES: expected key=value pairs separated by commas")
+        if env.get("OTEL_SERVICE_NAME"):
+            resource["service_name"] = env["OTEL_SERVICE_NAME"]
+        data["resource"] = resource
+    return data
+
+
+# --------------------------------------------------------------------------- typed building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return typing.get_args(tp)[1].form
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of strings to strings"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    bad = object()
+    result: Any = bad
+    if origin is Annotated:
+        base, kind = typing.get_args(tp)
+        try:
+            result = _PARSERS[kind.name](value)
+        except (ValueError, TypeError):
+            pass
+    elif origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        sub: list[str] = []
+        result = _convert(args[0], value, key, sub)
+        if sub:
+            problems.extend(sub)
+            return None
+        return result
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            result = value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            result = {k: str(v) for k, v in value.items()}
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key + ".", problems)
+    elif tp is bool:
+        if isinstance(value, bool):
+            result = value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            result = value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            result = value
+    if result is bad:
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    return result
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for unknown in sorted(set(data) - names):
+        problems.append(f"{prefix}{unknown}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    before = len(problems)
+    for name in names & set(data):
+        kwargs[name] = _convert(hints[name], data[name], prefix + name, problems)
+    if len(problems) != before:
+        return cls()  # placeholder; the caller raises with every problem
+    obj = cls(**kwargs)
+    validate = getattr(obj, "_validate", None)
+    if validate is not None:
+        problems.extend(prefix + p for p in validate())
+    return obj
+
+
+def reference_table(cls: Any = EbpfConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, expected form, default) for every leaf key: the README's reference comes from this."""
+    rows = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(reference_table(tp, f"{prefix}{f.name}."))
+        else:
+            rows.append((prefix + f.name, _type_name(tp), repr(getattr(default, f.name))))
+    return rows

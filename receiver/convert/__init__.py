@@ -1,0 +1,5 @@
+"""Conversion of kernel observations to OTLP messages."""
+
+from .converter import EbpfOtlpConverter
+
+__all__ = ["EbpfOtlpConverter"]

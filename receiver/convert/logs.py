@@ -1,0 +1,72 @@
+"""Process lifecycle events → OTLP log records (event name + semantic-convention attributes)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, SeverityNumber
+
+from ..model import EbpfEvent, EbpfEventType
+from .resource import to_key_values
+
+__all__ = ["process_event_to_log", "redact_command_line", "EVENT_NAMES"]
+
+EVENT_NAMES = {
+    EbpfEventType.PROCESS_EXEC: "process.exec",
+    EbpfEventType.PROCESS_EXIT: "process.exit",
+    EbpfEventType.PROCESS_FORK: "process.fork",
+    EbpfEventType.PROCESS_OOM_KILL: "process.oom_kill",
+}
+
+_SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api[-_]?key|auth|credential|private[-_]?key|session",
+                         re.IGNORECASE)
+
+
+def redact_command_line(argv: list[str]) -> list[str]:
+    """Masks values of secret-looking arguments: ``--password=x``, ``--token x``, ``API_KEY=x``,
+    and credentials in URLs (``scheme://user:pass@host``)."""
+    out: list[str] = []
+    mask_next = False
+    for arg in argv:
+        if mask_next and not arg.startswith("-"):
+            out.append("REDACTED")
+            mask_next = False
+            continue
+        mask_next = False
+        if "=" in arg:
+            key, _ = arg.split("=", 1)
+            if _SECRET_KEY.search(key):
+                out.append(f"{key}=REDACTED")
+                continue
+        elif arg.startswith("-") and _SECRET_KEY.search(arg):
+            mask_next = True
+        out.append(re.sub(r"(\w+://[^:/@\s]+):[^@/\s]+@", r"\1:REDACTED@", arg))
+    return out
+
+
+def _body(event: EbpfEvent) -> str:
+    a = event.attributes
+    if event.event_type is EbpfEventType.PROCESS_EXEC:
+        return f"exec {a.get('process.executable.path', event.comm)} (pid {event.pid})"
+    if event.event_type is EbpfEventType.PROCESS_EXIT:
+        return f"exit {event.comm} (pid {event.pid}) code {a.get('process.exit.code')}"
+    if event.event_type is EbpfEventType.PROCESS_FORK:
+        return f"fork {event.comm} (pid {a.get('process.parent_pid')}) -> pid {event.pid}"
+    return f"oom kill {event.comm} (pid {event.pid})"
+
+
+def process_event_to_log(event: EbpfEvent) -> LogRecord:
+    severity = (SeverityNumber.SEVERITY_NUMBER_WARN if event.event_type is EbpfEventType.PROCESS_OOM_KILL
+                else SeverityNumber.SEVERITY_NUMBER_INFO)
+    attrs: dict[str, Any] = {"process.pid": event.pid, **event.attributes}
+    return LogRecord(
+        time_unix_nano=event.timestamp_unix_nano,
+        observed_time_unix_nano=event.timestamp_unix_nano,
+        severity_number=severity,
+        severity_text="WARN" if severity == SeverityNumber.SEVERITY_NUMBER_WARN else "INFO",
+        event_name=EVENT_NAMES[event.event_type],
+        body=AnyValue(string_value=_body(event)),
+        attributes=to_key_values(attrs),
+    )

@@ -1,0 +1,58 @@
+"""The events sources hand to the converter: ``EbpfEvent`` and its ``EbpfEventType``.
+
+One flat, slotted record for every per-event signal, so one converter and one exporter serve all
+sources. Times are wall-clock Unix nanoseconds, already mapped from the kernel's monotonic clock
+by the source (see ``receiver.sources.base.KernelClock``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EbpfEvent", "EbpfEventType", "Signal"]
+
+
+class Signal(str, enum.Enum):
+    """The four OTLP signals; values are the names used in self-metrics labels."""
+
+    TRACES = "traces"
+    METRICS = "metrics"
+    LOGS = "logs"
+    PROFILES = "profiles"
+
+
+class EbpfEventType(str, enum.Enum):
+    PROCESS_EXEC = "process.exec"
+    PROCESS_EXIT = "process.exit"
+    PROCESS_FORK = "process.fork"
+    PROCESS_OOM_KILL = "process.oom_kill"
+    CPU_SAMPLE = "cpu.sample"
+    NETWORK_CONNECTION = "network.connection"          # a finished TCP connection
+    NETWORK_CONNECTION_ACTIVE = "network.connection.active"  # still open at a report interval
+    SYSCALL = "syscall"                                # one (slow) system call
+
+
+@dataclass(slots=True)
+class EbpfEvent:
+    """One thing a BPF program saw.
+
+    ``attributes`` holds semantic-convention keys for the signal (e.g. ``process.exit.code``);
+    ``process`` holds what is known of the process at the time of the event (``process.pid``,
+    ``process.executable.name``, ``container.id`` …), which becomes the OTLP resource.
+    """
+
+    event_type: EbpfEventType
+    pid: int
+    tid: int = 0
+    timestamp_unix_nano: int = 0
+    duration_ns: int = 0
+    comm: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    cgroup_id: int = 0
+    data: bytes = b""
+
+    @property
+    def end_unix_nano(self) -> int:
+        return self.timestamp_unix_nano + self.duration_ns

@@ -1,0 +1,235 @@
+"""Test harness: the real Collector (file exporter output read back), the agent as a real
+process, and helpers for OTLP/JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COLLECTOR_CONFIG = REPO / "deploy" / "otelcol" / "config.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
+               what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def any_value(v: dict[str, Any]) -> Any:
+    """OTLP/JSON AnyValue → Python value."""
+    if "stringValue" in v:
+        return v["stringValue"]
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "doubleValue" in v:
+        return float(v["doubleValue"])
+    if "boolValue" in v:
+        return v["boolValue"]
+    if "arrayValue" in v:
+        return [any_value(x) for x in v["arrayValue"].get("values", [])]
+    if "bytesValue" in v:
+        return v["bytesValue"]
+    return None
+
+
+def attributes(kvs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {kv["key"]: any_value(kv.get("value", {})) for kv in kvs or []}
+
+
+class Collector:
+    """The real Collector on a free loopback port, writing JSON lines per signal."""
+
+    def __init__(self, binary: str, workdir: Path, config: Path = COLLECTOR_CONFIG,
+                 port: int | None = None):
+        self.binary, self.workdir, self.config = binary, workdir, config
+        self.port = port or free_port()
+        self.outdir = workdir / "otelcol-out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "otelcol.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, extra_env: dict[str, str] | None = None) -> "Collector":
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{self.port}",
+               "OTELCOL_OUTPUT_DIR": str(self.outdir), **(extra_env or {})}
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [self.binary, "--config", str(self.config), "--feature-gates=service.profilesSupport"],
+                env=env, stdout=logf, stderr=subprocess.STDOUT)
+
+        def listening() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"Collector exited: {self.log_path.read_text()[-3000:]}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, 30, what="the Collector to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def requests(self, signal_name: str) -> list[dict[str, Any]]:
+        """Every export request the Collector wrote for a signal (one JSON object per line)."""
+        path = self.outdir / f"{signal_name}.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a line being written right now
+        return out
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Flattened: each log record with ``resource`` and ``attrs`` dicts added."""
+        out = []
+        for req in self.requests("logs"):
+            for rl in req.get("resourceLogs", []):
+                res = attributes(rl.get("resource", {}).get("attributes"))
+                for sl in rl.get("scopeLogs", []):
+                    for rec in sl.get("logRecords", []):
+                        out.append({**rec, "resource": res, "attrs": attributes(rec.get("attributes"))})
+        return out
+
+    def spans(self) -> list[dict[str, Any]]:
+        out = []
+        for req in self.requests("traces"):
+            for rs in req.get("resourceSpans", []):
+                res = attributes(rs.get("resource", {}).get("attributes"))
+                for ss in rs.get("scopeSpans", []):
+                    for sp in ss.get("spans", []):
+                        out.append({**sp, "resource": res, "attrs": attributes(sp.get("attributes"))})
+        return out
+
+    def metrics(self) -> list[dict[str, Any]]:
+        out = []
+        for req in self.requests("metrics"):
+            for rm in req.get("resourceMetrics", []):
+                res = attributes(rm.get("resource", {}).get("attributes"))
+                for sm in rm.get("scopeMetrics", []):
+                    for m in sm.get("metrics", []):
+                        out.append({**m, "resource": res})
+        return out
+
+
+class Agent:
+    """``ebpf-otlp-receiver run`` as a real process, with a config written for the test."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.metrics_port = free_port()
+        config = dict(config)
+        config.setdefault("telemetry", {})
+        config["telemetry"] = {"listen": f"127.0.0.1:{self.metrics_port}", **config["telemetry"]}
+        self.config_path = workdir / f"agent-{self.metrics_port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"agent-{self.metrics_port}.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 90) -> "Agent":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(self.env)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen([sys.executable, "-m", "receiver", "run", "--config",
+                                          str(self.config_path)], env=env, stdout=logf,
+                                         stderr=subprocess.STDOUT, cwd=REPO)
+        if wait_ready:
+            wait_until(self._ready, timeout, 0.2, "the agent to be ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"agent exited {self.proc.returncode}: {self.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric_value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for fam in text_string_to_metric_families(self.scrape()):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"agent did not stop within {timeout}s: {self.log()[-3000:]}")
+        return self.proc.returncode
+
+
+def agent_config(collector: Collector, sources: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A config with only ``sources`` enabled, exporting quickly to ``collector``."""
+    all_sources = {name: {"enabled": False} for name in ("process", "profiler", "network", "syscalls")}
+    for name, cfg in sources.items():
+        all_sources[name] = {"enabled": True, **cfg}
+    exporter = {"endpoint": collector.endpoint, "batch_timeout": "200ms", **sections.pop("exporter", {})}
+    return {"exporter": exporter, "sources": all_sources, **sections}
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    yield from path.read_text().splitlines()

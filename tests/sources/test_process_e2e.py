@@ -1,0 +1,94 @@
+"""Process lifecycle, end to end: real BPF program → agent → real Collector → its file output."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ..harness import Agent, Collector, agent_config, wait_until
+
+pytestmark = [pytest.mark.bpf, pytest.mark.collector]
+
+RUNS = 50
+
+
+def test_exec_and_exit_records_are_exact(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}})).start()
+    try:
+        for _ in range(RUNS):
+            subprocess.run(["/bin/true"], check=True)
+        sh = subprocess.run(["/bin/sh", "-c", "exit 3"])
+        assert sh.returncode == 3
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+    def true_records() -> tuple[list, list] | None:
+        recs = collector.log_records()
+        execs = [r for r in recs if r.get("eventName") == "process.exec"
+                 and r["attrs"].get("process.executable.path") == "/bin/true"]
+        pids = {r["attrs"]["process.pid"] for r in execs}
+        exits = [r for r in recs if r.get("eventName") == "process.exit"
+                 and r["attrs"]["process.pid"] in pids]
+        return (execs, exits) if len(execs) >= RUNS and len(exits) >= RUNS else None
+
+    found = wait_until(true_records, 20, 0.2, "50 exec and 50 exit records")
+    execs, exits = found
+    assert len(execs) == RUNS
+    assert len(exits) == RUNS
+    assert all(r["attrs"]["process.exit.code"] == 0 for r in exits)
+    # Identity on each record and its resource.
+    e = execs[0]
+    assert e["attrs"]["process.command_line"] == "/bin/true"
+    assert e["attrs"]["process.parent_pid"] > 0
+    assert e["resource"]["process.pid"] == e["attrs"]["process.pid"]
+    for key in ("host.name", "os.type", "service.name"):
+        assert key in e["resource"], key
+    assert e["resource"]["os.type"] == "linux"
+
+    recs = collector.log_records()
+    sh_exec = [r for r in recs if r.get("eventName") == "process.exec"
+               and r["attrs"].get("process.command_line") == "/bin/sh -c exit 3"]
+    assert len(sh_exec) == 1
+    sh_pid = sh_exec[0]["attrs"]["process.pid"]
+    sh_exit = [r for r in recs if r.get("eventName") == "process.exit" and r["attrs"]["process.pid"] == sh_pid]
+    assert [r["attrs"]["process.exit.code"] for r in sh_exit] == [3]
+
+
+def test_secrets_in_command_line_are_redacted_by_default(bpf_ok: None, collector: Collector,
+                                                          tmp_path: Path) -> None:
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}})).start()
+    try:
+        subprocess.run(["/bin/echo", "--password=hunter2", "--token", "abc123", "plain"],
+                       check=True, stdout=subprocess.DEVNULL)
+    finally:
+        agent.stop()
+
+    def echo() -> list:
+        return [r for r in collector.log_records() if r.get("eventName") == "process.exec"
+                and r["attrs"].get("process.executable.path") == "/bin/echo"]
+
+    recs = wait_until(echo, 20, what="the echo exec record")
+    line = recs[0]["attrs"]["process.command_line"]
+    assert "hunter2" not in line and "abc123" not in line
+    assert line == "/bin/echo --password=REDACTED --token REDACTED plain"
+
+
+def test_killed_process_reports_signal(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}})).start()
+    try:
+        p = subprocess.Popen(["/bin/sleep", "30"])
+        wait_until(lambda: Path(f"/proc/{p.pid}/exe").exists(), 5)
+        p.kill()
+        p.wait()
+    finally:
+        agent.stop()
+
+    def sleep_exit() -> list:
+        return [r for r in collector.log_records() if r.get("eventName") == "process.exit"
+                and r["attrs"]["process.pid"] == p.pid]
+
+    recs = wait_until(sleep_exit, 20, what="the exit record of the killed sleep")
+    assert recs[0]["attrs"]["process.exit.signal"] == 9
+    assert recs[0]["attrs"]["process.exit.code"] == 128 + 9
