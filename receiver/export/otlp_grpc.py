@@ -145,7 +145,7 @@ class OtlpGrpcExporter:
         if self._closed:
             self.telemetry.dropped_items.labels(signal.value, "shutdown").inc()
             return False
-        if len(q.items) >= q.capacity:
+        if len(q.items) + q.in_flight >= q.capacity:  # a batch being sent still holds its slots
             self.telemetry.dropped_items.labels(signal.value, "queue_full").inc()
             return False
         q.items.append((resource, item))

@@ -1,0 +1,326 @@
+"""OtlpGrpcExporter against a fault-injecting in-process gRPC server, and against the real Collector."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_svc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (AGGREGATION_TEMPORALITY_CUMULATIVE, Metric,
+                                                        NumberDataPoint, Sum)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from receiver.config import ExporterConfig, RetryConfig
+from receiver.export import OtlpGrpcExporter
+from receiver.model import Signal
+from receiver.telemetry import SelfTelemetry
+
+from ..harness import wait_until
+
+NS = "ebpf_receiver_exporter"
+RESOURCE = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="test"))])
+
+
+# --------------------------------------------------------------------------- fault-injecting server
+
+@dataclass
+class Step:
+    """What the server does with one call: answer OK (optionally with a response), abort with
+    ``code`` (optionally with a RetryInfo delay in the status details), or hang first."""
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    retry_delay: float | None = None
+    hang: float = 0.0
+    response: Any = None
+
+
+@dataclass
+class FakeTraceServer:
+    steps: list[Step] = field(default_factory=list)
+    calls: list[tuple[float, bytes]] = field(default_factory=list)       # every request received
+    accepted: list[bytes] = field(default_factory=list)                  # requests answered OK
+    server: Any = None
+    port: int = 0
+
+    async def _export(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls.append((time.monotonic(), request))
+        step = self.steps.pop(0) if self.steps else Step()
+        if step.hang:
+            await asyncio.sleep(step.hang)
+        if step.code != grpc.StatusCode.OK:
+            trailers: tuple = ()
+            if step.retry_delay is not None:
+                secs = int(step.retry_delay)
+                d = duration_pb2.Duration(seconds=secs, nanos=int(round((step.retry_delay - secs) * 1e9)))
+                st = status_pb2.Status(code=step.code.value[0], message="injected")
+                st.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=d))
+                trailers = (("grpc-status-details-bin", st.SerializeToString()),)
+            await context.abort(step.code, f"injected {step.code.name}", trailing_metadata=trailers)
+        self.accepted.append(request)
+        resp = step.response or trace_svc.ExportTraceServiceResponse()
+        return resp.SerializeToString()
+
+    async def start(self) -> "FakeTraceServer":
+        self.server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(self._export)})
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+
+    def delivered_span_names(self) -> Counter[str]:
+        names: Counter[str] = Counter()
+        for raw in self.accepted:
+            req = trace_svc.ExportTraceServiceRequest.FromString(raw)
+            for rs in req.resource_spans:
+                for ss in rs.scope_spans:
+                    names.update(s.name for s in ss.spans)
+        return names
+
+
+# --------------------------------------------------------------------------- helpers
+
+def make_config(port: int, **overrides: Any) -> ExporterConfig:
+    retry = RetryConfig(initial_interval=0.05, max_interval=0.2, max_elapsed_time=5.0,
+                        randomization_factor=0.1)
+    kw: dict[str, Any] = dict(endpoint=f"http://127.0.0.1:{port}", timeout=2.0, batch_timeout=0.05,
+                              max_batch_size=100, queue_size=1000, retry=retry, shutdown_timeout=5.0)
+    kw.update(overrides)
+    return ExporterConfig(**kw)
+
+
+def span(name: str) -> Span:
+    return Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name=name, start_time_unix_nano=1,
+                end_time_unix_nano=2)
+
+
+def value(t: SelfTelemetry, name: str, **labels: str) -> float:
+    return t.registry.get_sample_value(f"{NS}_{name}_total", labels) or 0.0
+
+
+def run_export(steps: list[Step], names: list[str], **overrides: Any) -> tuple[FakeTraceServer, SelfTelemetry]:
+    """Starts the fake server and an exporter, submits one span per name, flushes, shuts down."""
+    telemetry = SelfTelemetry()
+
+    async def main() -> FakeTraceServer:
+        srv = await FakeTraceServer(steps=list(steps)).start()
+        exp = OtlpGrpcExporter(make_config(srv.port, **overrides), telemetry)
+        try:
+            await exp.start()
+            for n in names:
+                assert exp.submit(Signal.TRACES, RESOURCE, span(n))
+            await asyncio.wait_for(exp.flush(), 20)
+            await exp.shutdown()
+        finally:
+            await exp.shutdown()
+            await srv.stop()
+        return srv
+
+    return asyncio.run(main()), telemetry
+
+
+# --------------------------------------------------------------------------- fault tests
+
+def test_unavailable_three_times_then_ok_delivers_each_span_once() -> None:
+    names = [f"span-{i}" for i in range(10)]
+    srv, t = run_export([Step(grpc.StatusCode.UNAVAILABLE)] * 3 + [Step()], names)
+    assert len(srv.calls) == 4
+    assert srv.delivered_span_names() == Counter(names)
+    assert value(t, "retries", signal="traces") == 3
+    assert value(t, "requests", signal="traces", status="UNAVAILABLE") == 3
+    assert value(t, "requests", signal="traces", status="OK") == 1
+    assert value(t, "sent_items", signal="traces") == 10
+    assert all(v == 0 for v in [value(t, "dropped_items", signal="traces", reason=r)
+                                for r in ("permanent_error", "retries_exhausted", "shutdown")])
+
+
+def test_resource_exhausted_without_retry_info_is_permanent() -> None:
+    srv, t = run_export([Step(grpc.StatusCode.RESOURCE_EXHAUSTED)], ["a", "b", "c"])
+    assert len(srv.calls) == 1
+    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 3
+    assert value(t, "retries", signal="traces") == 0
+    assert value(t, "requests", signal="traces", status="RESOURCE_EXHAUSTED") == 1
+    assert value(t, "sent_items", signal="traces") == 0
+
+
+def test_resource_exhausted_with_retry_info_waits_the_server_delay() -> None:
+    srv, t = run_export([Step(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay=0.2), Step()], ["a", "b"])
+    assert len(srv.calls) == 2
+    gap = srv.calls[1][0] - srv.calls[0][0]
+    assert gap >= 0.2, gap
+    assert srv.delivered_span_names() == Counter(["a", "b"])
+    assert value(t, "retries", signal="traces") == 1
+    assert value(t, "sent_items", signal="traces") == 2
+    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 0
+
+
+def test_invalid_argument_is_dropped_without_retry() -> None:
+    srv, t = run_export([Step(grpc.StatusCode.INVALID_ARGUMENT), Step()], ["a", "b", "c", "d"])
+    assert len(srv.calls) == 1
+    assert srv.accepted == []
+    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 4
+    assert value(t, "requests", signal="traces", status="INVALID_ARGUMENT") == 1
+    assert value(t, "retries", signal="traces") == 0
+
+
+def test_partial_success_counts_rejected_and_does_not_retry() -> None:
+    resp = trace_svc.ExportTraceServiceResponse(
+        partial_success=trace_svc.ExportTracePartialSuccess(rejected_spans=2, error_message="bad spans"))
+    srv, t = run_export([Step(response=resp)], [f"s{i}" for i in range(5)])
+    assert len(srv.calls) == 1
+    assert value(t, "dropped_items", signal="traces", reason="rejected") == 2
+    assert value(t, "sent_items", signal="traces") == 3
+    assert value(t, "retries", signal="traces") == 0
+
+
+def test_hanging_server_hits_deadline_then_retry_succeeds() -> None:
+    srv, t = run_export([Step(hang=1.5), Step()], ["a", "b"], timeout=0.3)
+    assert len(srv.calls) == 2
+    assert value(t, "requests", signal="traces", status="DEADLINE_EXCEEDED") == 1
+    assert value(t, "retries", signal="traces") == 1
+    assert srv.delivered_span_names() == Counter(["a", "b"])
+    assert value(t, "sent_items", signal="traces") == 2
+
+
+def test_queue_full_is_counted_and_queue_stays_within_capacity() -> None:
+    telemetry = SelfTelemetry()
+    capacity = 20
+
+    def depth() -> float:
+        return telemetry.registry.get_sample_value(f"{NS}_queue_items", {"signal": "traces"})
+
+    async def main() -> FakeTraceServer:
+        # The first request hangs so batches stay in flight while more is submitted.
+        srv = await FakeTraceServer(steps=[Step(hang=1.0)]).start()
+        exp = OtlpGrpcExporter(make_config(srv.port, queue_size=capacity, max_batch_size=5,
+                                           timeout=5.0), telemetry)
+        try:
+            await exp.start()
+            accepted = 0
+            for i in range(capacity + 7):
+                accepted += exp.submit(Signal.TRACES, RESOURCE, span(f"q{i}"))
+            assert depth() <= capacity
+            await asyncio.sleep(0.3)  # the sender has taken a batch in flight
+            for i in range(capacity + 7, capacity + 17):
+                accepted += exp.submit(Signal.TRACES, RESOURCE, span(f"q{i}"))
+                assert depth() <= capacity
+            dropped = value(telemetry, "dropped_items", signal="traces", reason="queue_full")
+            assert accepted + dropped == capacity + 17
+            assert dropped >= 7
+            await asyncio.wait_for(exp.flush(), 20)
+            assert value(telemetry, "sent_items", signal="traces") == accepted
+        finally:
+            await exp.shutdown()
+            await srv.stop()
+        return srv
+
+    srv = asyncio.run(main())
+    assert sum(srv.delivered_span_names().values()) == value(telemetry, "sent_items", signal="traces")
+
+
+def test_batch_over_max_request_bytes_is_split() -> None:
+    limit = 2048
+    names = [f"{i:03d}-" + "x" * 200 for i in range(40)]
+    srv, t = run_export([], names, max_request_bytes=limit, max_batch_size=40)
+    assert len(srv.calls) > 1
+    assert all(len(raw) <= limit for _, raw in srv.calls), [len(raw) for _, raw in srv.calls]
+    assert srv.delivered_span_names() == Counter(names)
+    assert value(t, "sent_items", signal="traces") == 40
+    assert value(t, "dropped_items", signal="traces", reason="too_large") == 0
+
+
+# --------------------------------------------------------------------------- the real Collector
+
+def test_export_to_real_collector(collector: Any) -> None:
+    telemetry = SelfTelemetry()
+    resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="export-test"))])
+    metric = Metric(name="export.test.sum", unit="1", sum=Sum(
+        aggregation_temporality=AGGREGATION_TEMPORALITY_CUMULATIVE, is_monotonic=True,
+        data_points=[NumberDataPoint(as_int=42, start_time_unix_nano=1, time_unix_nano=time.time_ns())]))
+    record = LogRecord(time_unix_nano=time.time_ns(), severity_text="INFO",
+                       body=AnyValue(string_value="hello from the export test"))
+
+    async def main() -> None:
+        exp = OtlpGrpcExporter(ExporterConfig(endpoint=collector.endpoint, batch_timeout=0.05,
+                                              timeout=5.0), telemetry)
+        await exp.start()
+        try:
+            for i in range(3):
+                assert exp.submit(Signal.TRACES, resource, span(f"real-{i}"))
+            assert exp.submit(Signal.METRICS, resource, metric)
+            assert exp.submit(Signal.LOGS, resource, record)
+            await asyncio.wait_for(exp.flush(), 20)
+        finally:
+            await exp.shutdown()
+
+    asyncio.run(main())
+    spans = wait_until(lambda: [s for s in collector.spans() if s["name"].startswith("real-")]
+                       if len(collector.spans()) >= 3 else None, 15, what="spans")
+    assert sorted(s["name"] for s in spans) == ["real-0", "real-1", "real-2"]
+    assert spans[0]["resource"]["service.name"] == "export-test"
+    metrics = wait_until(lambda: [m for m in collector.metrics() if m["name"] == "export.test.sum"],
+                         15, what="the metric")
+    points = metrics[0]["sum"]["dataPoints"]
+    assert int(points[0]["asInt"]) == 42
+    logs = wait_until(lambda: [r for r in collector.log_records()
+                               if r.get("body", {}).get("stringValue") == "hello from the export test"],
+                      15, what="the log record")
+    assert logs[0]["resource"]["service.name"] == "export-test"
+    for sig, n in (("traces", 3), ("metrics", 1), ("logs", 1)):
+        assert value(telemetry, "sent_items", signal=sig) == n
+
+
+def test_retries_stop_after_max_elapsed_time() -> None:
+    retry = RetryConfig(initial_interval=0.05, max_interval=0.1, max_elapsed_time=0.4,
+                        randomization_factor=0.1)
+    srv, t = run_export([Step(grpc.StatusCode.UNAVAILABLE)] * 100, ["a", "b", "c"], retry=retry)
+    assert 2 <= len(srv.calls) < 20
+    assert srv.accepted == []
+    assert value(t, "dropped_items", signal="traces", reason="retries_exhausted") == 3
+    assert value(t, "retries", signal="traces") == len(srv.calls) - 1
+    assert value(t, "requests", signal="traces", status="UNAVAILABLE") == len(srv.calls)
+
+
+def test_shutdown_while_retrying_accounts_for_every_item() -> None:
+    telemetry = SelfTelemetry()
+    retry = RetryConfig(initial_interval=0.05, max_interval=0.1, max_elapsed_time=60.0,
+                        randomization_factor=0.1)
+
+    async def main() -> float:
+        srv = await FakeTraceServer(steps=[Step(grpc.StatusCode.UNAVAILABLE)] * 1000).start()
+        exp = OtlpGrpcExporter(make_config(srv.port, retry=retry, shutdown_timeout=0.5,
+                                           max_batch_size=10), telemetry)
+        try:
+            await exp.start()
+            for i in range(25):
+                assert exp.submit(Signal.TRACES, RESOURCE, span(f"s{i}"))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await exp.shutdown()
+            elapsed = time.monotonic() - t0
+            assert not exp.submit(Signal.TRACES, RESOURCE, span("late"))
+        finally:
+            await exp.shutdown()
+            await srv.stop()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 2.0, elapsed
+    dropped = sum(value(telemetry, "dropped_items", signal="traces", reason=r)
+                  for r in ("retries_exhausted", "shutdown"))
+    assert value(telemetry, "sent_items", signal="traces") == 0
+    assert dropped == 26  # 25 submitted before shutdown + 1 after
