@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 # section name → "module:Class"
 SOURCE_MODULES = {
     "process": "receiver.sources.process:ProcessSource",
+    "syscalls": "receiver.sources.syscalls:SyscallsSource",
 }
 
 

@@ -1,0 +1,145 @@
+"""System-call aggregates and slow calls → OTLP: cumulative ``syscall.calls`` / ``syscall.errors``
+Sums, a ``syscall.duration`` ExponentialHistogram (scale 0), and slow-call Spans.
+
+Histogram buckets come from the kernel's log2 slots: slot ``k`` counts durations in
+``[2^k, 2^(k+1))`` ns. At scale 0 OTLP bucket index ``k`` covers ``(2^k, 2^(k+1)]``, so slot ``k`` is
+put in bucket ``k``; the only difference is a duration of exactly a power of two, which lands one
+bucket higher than OTLP would put it (a boundary approximation; count, sum, min and max are exact).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AggregationTemporality,
+    ExponentialHistogram,
+    ExponentialHistogramDataPoint,
+    Metric,
+    NumberDataPoint,
+    Sum,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from .resource import to_key_values
+
+__all__ = ["syscall_names", "errno_name", "calls_metric", "errors_metric", "duration_metric",
+           "slow_call_span", "HistPoint"]
+
+CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+
+# Kernel-internal codes that can reach sys_exit but are not in userspace errno.h.
+_KERNEL_ERRNOS = {512: "ERESTARTSYS", 513: "ERESTARTNOINTR", 514: "ERESTARTNOHAND",
+                  515: "ENOIOCTLCMD", 516: "ERESTART_RESTARTBLOCK", 517: "EPROBE_DEFER",
+                  518: "EOPENSTALE", 519: "ENOPARAM"}
+
+_UNISTD = {"x86_64": "x86_64-linux-gnu/asm/unistd_64.h", "aarch64": "aarch64-linux-gnu/asm/unistd.h"}
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err) or _KERNEL_ERRNOS.get(err) or f"E{err}"
+
+
+def _from_header(path: Path) -> dict[int, str]:
+    out = {}
+    for m in re.finditer(r"^#define\s+__NR_(\w+)\s+(\d+)\s*$", path.read_text(), re.M):
+        out[int(m.group(2))] = m.group(1)
+    return out
+
+
+def syscall_names() -> dict[int, str]:
+    """Syscall number → name for the running architecture: ``ausyscall --dump`` (the audit
+    library's table) when installed, else the architecture's ``asm/unistd*.h``; unknown
+    numbers are named ``syscall_<nr>`` by the caller."""
+    aus = shutil.which("ausyscall")
+    if aus:
+        try:
+            text = subprocess.run([aus, "--dump"], capture_output=True, text=True, timeout=5).stdout
+            out = {int(a): b for a, b in (ln.split()[:2] for ln in text.splitlines()[1:]
+                                          if len(ln.split()) >= 2 and ln.split()[0].isdigit())}
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    machine = os.uname().machine
+    candidates = [Path("/usr/include") / _UNISTD.get(machine, ""), Path("/usr/include/asm/unistd_64.h")]
+    for p in candidates:
+        if p.is_file():
+            try:
+                out = _from_header(p)
+            except OSError:
+                continue
+            if out:
+                return out
+    return {}
+
+
+def _sum_metric(name: str, description: str, points: Iterable[tuple[Mapping[str, Any], int]],
+                start_ns: int, now_ns: int) -> Metric:
+    m = Metric(name=name, description=description, unit="{call}" if name == "syscall.calls" else "{error}")
+    m.sum.CopyFrom(Sum(aggregation_temporality=CUMULATIVE, is_monotonic=True))
+    for attrs, value in points:
+        m.sum.data_points.append(NumberDataPoint(attributes=to_key_values(attrs), as_int=int(value),
+                                                 start_time_unix_nano=start_ns, time_unix_nano=now_ns))
+    return m
+
+
+def calls_metric(points: Iterable[tuple[Mapping[str, Any], int]], start_ns: int, now_ns: int) -> Metric:
+    return _sum_metric("syscall.calls", "System calls completed", points, start_ns, now_ns)
+
+
+def errors_metric(points: Iterable[tuple[Mapping[str, Any], int]], start_ns: int, now_ns: int) -> Metric:
+    return _sum_metric("syscall.errors", "System calls that returned an error", points, start_ns, now_ns)
+
+
+class HistPoint:
+    """One series' cumulative histogram: log2 slot → count, plus count/sum/min/max (ns)."""
+
+    __slots__ = ("slots", "count", "sum_ns", "min_ns", "max_ns")
+
+    def __init__(self) -> None:
+        self.slots: dict[int, int] = {}
+        self.count = 0
+        self.sum_ns = 0
+        self.min_ns = 0
+        self.max_ns = 0
+
+
+def duration_metric(points: Iterable[tuple[Mapping[str, Any], HistPoint]], start_ns: int,
+                    now_ns: int) -> Metric:
+    m = Metric(name="syscall.duration", description="System call duration", unit="ns")
+    m.exponential_histogram.CopyFrom(ExponentialHistogram(aggregation_temporality=CUMULATIVE))
+    for attrs, h in points:
+        dp = ExponentialHistogramDataPoint(attributes=to_key_values(attrs), start_time_unix_nano=start_ns,
+                                           time_unix_nano=now_ns, count=h.count, sum=float(h.sum_ns),
+                                           scale=0, zero_count=h.slots.get(-1, 0))
+        if h.count:
+            dp.min = float(h.min_ns)
+            dp.max = float(h.max_ns)
+        slots = sorted(k for k, v in h.slots.items() if k >= 0 and v)
+        if slots:
+            lo, hi = slots[0], slots[-1]
+            dp.positive.offset = lo
+            dp.positive.bucket_counts.extend(h.slots.get(k, 0) for k in range(lo, hi + 1))
+        m.exponential_histogram.data_points.append(dp)
+    return m
+
+
+def slow_call_span(name: str, nr: int, pid: int, tid: int, ret: int, start_unix_ns: int,
+                   end_unix_ns: int) -> Span:
+    attrs: dict[str, Any] = {"syscall.name": name, "syscall.nr": nr, "process.pid": pid,
+                             "thread.id": tid, "syscall.return_value": ret}
+    status = Status(code=Status.STATUS_CODE_UNSET)
+    if ret < 0:
+        attrs["error.type"] = errno_name(-ret)
+        status = Status(code=Status.STATUS_CODE_ERROR, message=errno_name(-ret))
+    return Span(trace_id=os.urandom(16), span_id=os.urandom(8), name=name, kind=Span.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=start_unix_ns, end_time_unix_nano=end_unix_ns,
+                attributes=to_key_values(attrs), status=status)

@@ -1,0 +1,168 @@
+"""System calls, end to end: real BPF program → agent → real Collector → its file output.
+
+A small C program makes an exact number of system calls; the filter selects it by name so it
+gets its own per-process series, which must show exactly those calls."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import Agent, Collector, agent_config, attributes, wait_until
+
+pytestmark = [pytest.mark.bpf, pytest.mark.collector]
+
+N = 1000
+N_FAIL = 100
+PROG = "sctest_prog"   # its comm: what the filter selects
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "sleep") == 0) {
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        return syscall(SYS_nanosleep, &ts, NULL) == 0 ? 0 : 1;
+    }
+    int n = atoi(argv[2]), n_fail = atoi(argv[3]);
+    struct utsname u;
+    for (int i = 0; i < n; i++)
+        if (syscall(SYS_uname, &u) != 0)
+            return 2;
+    for (int i = 0; i < n_fail; i++)
+        if (syscall(SYS_uname, NULL) != -1)
+            return 3;
+    return 0;
+}
+"""
+
+
+@pytest.fixture
+def prog(tmp_path: Path) -> Path:
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    src = tmp_path / "prog.c"
+    src.write_text(SOURCE)
+    out = tmp_path / PROG
+    subprocess.run(["gcc", "-O1", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def _agent(collector: Collector, tmp_path: Path) -> Agent:
+    cfg = {"report_interval": "1s", "slow_threshold": "20ms",
+           "filter": {"process_names": [PROG]}}
+    return Agent(tmp_path, agent_config(collector, {"syscalls": cfg})).start()
+
+
+def _points(collector: Collector, name: str, pid: int) -> list[dict[str, Any]]:
+    """Data points of metric ``name`` from ``pid``'s resource, attributes decoded."""
+    out = []
+    for m in collector.metrics():
+        if m.get("name") != name or m["resource"].get("process.pid") != pid:
+            continue
+        body = m.get("sum") or m.get("exponentialHistogram") or {}
+        for dp in body.get("dataPoints", []):
+            out.append({**dp, "attrs": attributes(dp.get("attributes"))})
+    return out
+
+
+def _latest(points: list[dict[str, Any]], **attrs: Any) -> dict[str, Any] | None:
+    sel = [p for p in points if all(p["attrs"].get(k) == v for k, v in attrs.items())]
+    return max(sel, key=lambda p: int(p.get("timeUnixNano", 0))) if sel else None
+
+
+def test_per_process_calls_and_errors_are_exact(bpf_ok: None, collector: Collector, tmp_path: Path,
+                                                prog: Path) -> None:
+    agent = _agent(collector, tmp_path)
+    try:
+        pids = []
+        for _ in range(2):   # two runs: each gets its own series; the host-wide one sums both
+            proc = subprocess.Popen([str(prog), "count", str(N), str(N_FAIL)])
+            assert proc.wait() == 0
+            pids.append(proc.pid)
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    pid = pids[1]
+
+    def calls() -> dict[str, Any] | None:
+        return _latest(_points(collector, "syscall.calls", pid), **{"syscall.name": "uname"})
+
+    wait_until(calls, 20, 0.2, "the uname calls series of the test program")
+    first = _latest(_points(collector, "syscall.calls", pids[0]), **{"syscall.name": "uname"})
+    assert first is not None and int(first["asInt"]) == N + N_FAIL
+    c = calls()
+    assert c is not None
+    metric = next(m for m in collector.metrics() if m.get("name") == "syscall.calls")
+    assert metric["sum"]["aggregationTemporality"] in (2, "AGGREGATION_TEMPORALITY_CUMULATIVE")
+    assert metric["sum"]["isMonotonic"] is True
+    assert int(c["asInt"]) == N + N_FAIL
+
+    errs = _points(collector, "syscall.errors", pid)
+    e = _latest(errs, **{"syscall.name": "uname", "error.type": "EFAULT"})
+    assert e is not None, errs
+    assert int(e["asInt"]) == N_FAIL
+    assert not [x for x in errs if x["attrs"]["syscall.name"] == "uname"
+                and x["attrs"]["error.type"] != "EFAULT"]
+
+    h = _latest(_points(collector, "syscall.duration", pid), **{"syscall.name": "uname"})
+    assert h is not None
+    assert int(h["count"]) == N + N_FAIL
+    assert sum(int(b) for b in h["positive"]["bucketCounts"]) + int(h.get("zeroCount", 0)) == N + N_FAIL
+    assert 0 < h["min"] <= h["max"] and h["min"] * (N + N_FAIL) <= h["sum"] <= h["max"] * (N + N_FAIL)
+
+    # Host-wide series (all processes) go out with the host resource and cover at least as much.
+    host = [m for m in collector.metrics() if m.get("name") == "syscall.calls"
+            and "process.pid" not in m["resource"]]
+    assert host
+    totals = [int(dp["asInt"]) for m in host for dp in m["sum"]["dataPoints"]
+              if attributes(dp.get("attributes")).get("syscall.name") == "uname"]
+    assert max(totals) >= 2 * (N + N_FAIL)
+
+
+def test_slow_call_span_and_histogram_bucket(bpf_ok: None, collector: Collector, tmp_path: Path,
+                                             prog: Path) -> None:
+    agent = _agent(collector, tmp_path)
+    try:
+        proc = subprocess.Popen([str(prog), "sleep"])
+        assert proc.wait() == 0
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    pid = proc.pid
+
+    def spans() -> list[dict[str, Any]]:
+        return [s for s in collector.spans() if s["name"] == "nanosleep"
+                and s["attrs"].get("process.pid") == pid]
+
+    found = wait_until(spans, 20, 0.2, "the nanosleep span")
+    assert len(found) == 1
+    s = found[0]
+    dur_ms = (int(s["endTimeUnixNano"]) - int(s["startTimeUnixNano"])) / 1e6
+    assert 45 <= dur_ms <= 55, dur_ms
+    assert s["attrs"]["syscall.name"] == "nanosleep"
+    assert s["attrs"]["thread.id"] == pid
+    assert s["attrs"]["syscall.return_value"] == 0
+    assert s.get("status", {}).get("code") in (None, 0, "STATUS_CODE_UNSET")
+    assert s["resource"]["process.pid"] == pid
+
+    def hist() -> dict[str, Any] | None:
+        return _latest(_points(collector, "syscall.duration", pid), **{"syscall.name": "nanosleep"})
+
+    wait_until(hist, 20, 0.2, "the nanosleep histogram of the test program")
+    h = hist()
+    assert h is not None
+    assert int(h["count"]) == 1
+    offset = int(h["positive"].get("offset", 0))
+    counts = [int(b) for b in h["positive"]["bucketCounts"]]
+    # 50 ms = 2^25.6 ns: bucket index 25.
+    assert {offset + i: c for i, c in enumerate(counts) if c} == {25: 1}
+    assert 45e6 <= h["sum"] <= 55e6
