@@ -1,6 +1,7 @@
 // System calls: per-syscall counts, errors (by errno) and log2 latency histograms aggregated in
 // per-CPU maps; per-process series only for processes the filter (in maps) selects; calls slower
-// than SLOW_THRESHOLD_NS go to a ring buffer. Reads only raw_syscalls tracepoint fields.
+// than SLOW_THRESHOLD_NS go to a ring buffer. Reads only the raw_syscalls raw tracepoint
+// arguments (sys_enter: args[1] = id; sys_exit: args[1] = return value) and BPF helpers.
 #include "syscalls.h"
 
 #ifndef SLOW_THRESHOLD_NS
@@ -21,7 +22,11 @@
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, SC_LOST_REASONS);
-BPF_TABLE("lru_hash", u32, struct sc_start, start, MAX_THREADS);   /* tid → call in flight */
+/* Call in flight, per task (freed with the task; a new task starts with none). */
+BPF_TASK_STORAGE(start, struct sc_start);
+/* Host-wide series (tgid 0) for nr < SC_MAX_NR. */
+BPF_PERCPU_ARRAY(all_calls, struct sc_all, SC_MAX_NR);
+/* Per-process series, and host-wide ones for nr >= SC_MAX_NR. */
 BPF_PERCPU_HASH(calls, struct sc_key, struct sc_stat, MAX_SERIES * 8);
 BPF_PERCPU_HASH(errors, struct sc_err_key, u64, MAX_SERIES * 8);
 BPF_PERCPU_HASH(hist, struct sc_hist_key, u64, MAX_SERIES * 32);
@@ -50,10 +55,6 @@ static __always_inline u32 log2_u64(u64 v) {
 }
 
 static __always_inline u32 selected(u32 tgid) {
-    u32 zero = 0;
-    u32 *active = settings.lookup(&zero);
-    if (!active || !*active)
-        return 0;
     if (filter_pids.lookup(&tgid))
         return 1;
     struct sc_comm_key c = {};
@@ -64,6 +65,16 @@ static __always_inline u32 selected(u32 tgid) {
     if (filter_cgroups.lookup(&cg))
         return 1;
     return 0;
+}
+
+static __always_inline void count_error(u32 tgid, u32 nr, long ret) {
+    struct sc_err_key ek = {.tgid = tgid, .nr = nr, .err = (u32)(-ret)};
+    u64 z = 0;
+    u64 *e = errors.lookup_or_try_init(&ek, &z);
+    if (e)
+        (*e)++;
+    else
+        count_lost(SC_LOST_SERIES_MAP_FULL);
 }
 
 static __always_inline void account(u32 tgid, u32 nr, u64 d, long ret, u32 slot) {
@@ -87,48 +98,70 @@ static __always_inline void account(u32 tgid, u32 nr, u64 d, long ret, u32 slot)
         (*h)++;
     else
         count_lost(SC_LOST_SERIES_MAP_FULL);
-    if (ret < 0) {
-        struct sc_err_key ek = {.tgid = tgid, .nr = nr, .err = (u32)(-ret)};
-        u64 *e = errors.lookup_or_try_init(&ek, &z);
-        if (e)
-            (*e)++;
-        else
-            count_lost(SC_LOST_SERIES_MAP_FULL);
-    }
+    if (ret < 0)
+        count_error(tgid, nr, ret);
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
-    long id = args->id;
+static __always_inline void account_all(u32 nr, u64 d, long ret, u32 slot) {
+    if (nr >= SC_MAX_NR) {
+        account(0, nr, d, ret, slot);
+        return;
+    }
+    u32 idx = nr;
+    struct sc_all *s = all_calls.lookup(&idx);
+    if (!s)
+        return;
+    s->count++;
+    s->sum_ns += d;
+    if (s->min_ns == 0 || d < s->min_ns)
+        s->min_ns = d ? d : 1;
+    if (d > s->max_ns)
+        s->max_ns = d;
+    s->slots[slot & (SC_MAX_SLOTS - 1)]++;
+    if (ret < 0)
+        count_error(0, nr, ret);
+}
+
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    long id = (long)ctx->args[1];
     if (id < 0)
         return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    struct sc_start st = {.ts = bpf_ktime_get_ns(), .nr = (u32)id, .selected = selected(pid_tgid >> 32)};
-    if (start.update(&tid, &st))
+    struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                 BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!st) {
         count_lost(SC_LOST_START_MAP_FULL);
+        return 0;
+    }
+    u32 sel = 0;
+    u32 zero = 0;
+    u32 *active = settings.lookup(&zero);
+    if (active && *active)
+        sel = selected(bpf_get_current_pid_tgid() >> 32);
+    st->nr = (u32)id;
+    st->selected = sel;
+    st->ts = bpf_ktime_get_ns();
     return 0;
 }
 
-TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
+RAW_TRACEPOINT_PROBE(sys_exit) {
     u64 now = bpf_ktime_get_ns();
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tid = (u32)pid_tgid;
-    u32 tgid = pid_tgid >> 32;
-    struct sc_start *st = start.lookup(&tid);
+    struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
     if (!st)
-        return 0;   /* entered before we attached */
+        return 0;   /* entered before we attached, or a new task's first return (fork) */
     u64 ts = st->ts;
+    if (!ts)
+        return 0;   /* no call in flight: an exit without an enter (e.g. a seccomp-skipped call) */
     u32 nr = st->nr;
     u32 sel = st->selected;
-    start.delete(&tid);
-    if ((long)nr != args->id)
-        return 0;   /* e.g. a call that never returned (exec'd-over) paired with a later exit */
+    st->ts = 0;
     u64 d = now > ts ? now - ts : 0;
-    long ret = args->ret;
+    long ret = (long)ctx->args[1];
     u32 slot = d ? log2_u64(d) : 0;
-    account(0, nr, d, ret, slot);
-    if (sel)
-        account(tgid, nr, d, ret, slot);
+    account_all(nr, d, ret, slot);
+    if (sel) {
+        u64 pid_tgid = bpf_get_current_pid_tgid();
+        account(pid_tgid >> 32, nr, d, ret, slot);
+    }
 #if SLOW_SPANS
     if (d > SLOW_THRESHOLD_NS) {
         struct sc_slow_event *e = events.ringbuf_reserve(sizeof(struct sc_slow_event));
@@ -136,11 +169,12 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
             count_lost(SC_LOST_RINGBUF_FULL);
             return 0;
         }
+        u64 pid_tgid = bpf_get_current_pid_tgid();
         e->start_ns = ts;
         e->end_ns = now;
         e->ret = ret;
-        e->pid = tgid;
-        e->tid = tid;
+        e->pid = pid_tgid >> 32;
+        e->tid = (u32)pid_tgid;
         e->nr = nr;
         e->pad = 0;
         bpf_get_current_comm(&e->comm, sizeof(e->comm));

@@ -24,6 +24,18 @@ struct sc_stat {
     __u64 max_ns;
 };
 
+/* Host-wide series (tgid 0) for nr < SC_MAX_NR: one per-CPU array slot per syscall number,
+ * stats and log2 histogram together (one lookup per call). */
+#define SC_MAX_NR 512
+
+struct sc_all {
+    __u64 count;
+    __u64 sum_ns;
+    __u64 min_ns;      /* 0 until the first call on this CPU */
+    __u64 max_ns;
+    __u64 slots[SC_MAX_SLOTS];
+};
+
 struct sc_err_key {
     __u32 tgid;
     __u32 nr;
@@ -39,7 +51,7 @@ struct sc_hist_key {
 };
 
 struct sc_start {
-    __u64 ts;
+    __u64 ts;          /* 0 once the matching exit was seen */
     __u32 nr;
     __u32 selected;    /* the process is selected by the filter */
 };

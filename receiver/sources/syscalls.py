@@ -143,6 +143,24 @@ class SyscallsSource(BccSource):
             if h.count:
                 hists[(k.tgid, k.nr)] = h
                 calls.setdefault(k.tgid, []).append(({"syscall.name": self.syscall_name(k.nr)}, h.count))
+        # Host-wide series for nr < SC_MAX_NR: one per-CPU array slot per syscall, stats and
+        # log2 histogram together.
+        for k, per_cpu in self.bpf["all_calls"].items():
+            h = conv.HistPoint()
+            for v in per_cpu:
+                if v.count:
+                    h.count += v.count
+                    h.sum_ns += v.sum_ns
+                    if v.min_ns and (h.min_ns == 0 or v.min_ns < h.min_ns):
+                        h.min_ns = v.min_ns
+                    h.max_ns = max(h.max_ns, v.max_ns)
+                    for slot, n in enumerate(v.slots):
+                        if n:
+                            h.slots[slot] = h.slots.get(slot, 0) + n
+            if h.count:
+                nr = k.value
+                hists[(0, nr)] = h
+                calls.setdefault(0, []).append(({"syscall.name": self.syscall_name(nr)}, h.count))
         for k, per_cpu in self.bpf["hist"].items():
             h = hists.get((k.tgid, k.nr))
             if h is not None:
