@@ -112,7 +112,10 @@ class OtlpGrpcExporter:
 
     def _credentials(self) -> grpc.ChannelCredentials:
         def read(path: str | None) -> bytes | None:
-            return open(path, "rb").read() if path else None
+            if not path:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
 
         return grpc.ssl_channel_credentials(root_certificates=read(self.config.ca_file),
                                             private_key=read(self.config.key_file),
