@@ -77,6 +77,16 @@ static __always_inline void count_error(u32 tgid, u32 nr, long ret) {
         count_lost(SC_LOST_SERIES_MAP_FULL);
 }
 
+/* count/sum/min/max of one series (struct sc_stat or struct sc_all); min 0 means "none yet". */
+#define UPDATE_STAT(s, d) do {                        \
+        (s)->count++;                                 \
+        (s)->sum_ns += (d);                           \
+        if ((s)->min_ns == 0 || (d) < (s)->min_ns)    \
+            (s)->min_ns = (d) ? (d) : 1;              \
+        if ((d) > (s)->max_ns)                        \
+            (s)->max_ns = (d);                        \
+    } while (0)
+
 static __always_inline void account(u32 tgid, u32 nr, u64 d, long ret, u32 slot) {
     struct sc_key k = {.tgid = tgid, .nr = nr};
     struct sc_stat zero = {};
@@ -85,12 +95,7 @@ static __always_inline void account(u32 tgid, u32 nr, u64 d, long ret, u32 slot)
         count_lost(SC_LOST_SERIES_MAP_FULL);
         return;
     }
-    s->count++;
-    s->sum_ns += d;
-    if (s->min_ns == 0 || d < s->min_ns)
-        s->min_ns = d ? d : 1;
-    if (d > s->max_ns)
-        s->max_ns = d;
+    UPDATE_STAT(s, d);
     struct sc_hist_key hk = {.tgid = tgid, .nr = nr, .slot = slot};
     u64 z = 0;
     u64 *h = hist.lookup_or_try_init(&hk, &z);
@@ -111,12 +116,7 @@ static __always_inline void account_all(u32 nr, u64 d, long ret, u32 slot) {
     struct sc_all *s = all_calls.lookup(&idx);
     if (!s)
         return;
-    s->count++;
-    s->sum_ns += d;
-    if (s->min_ns == 0 || d < s->min_ns)
-        s->min_ns = d ? d : 1;
-    if (d > s->max_ns)
-        s->max_ns = d;
+    UPDATE_STAT(s, d);
     s->slots[slot & (SC_MAX_SLOTS - 1)]++;
     if (ret < 0)
         count_error(0, nr, ret);

@@ -132,31 +132,14 @@ class SyscallsSource(BccSource):
         calls: dict[int, list] = {}                  # tgid → [(attrs, count)]
         hists: dict[tuple[int, int], conv.HistPoint] = {}
         for k, per_cpu in self.bpf["calls"].items():
-            h = conv.HistPoint()
-            for v in per_cpu:
-                if v.count:
-                    h.count += v.count
-                    h.sum_ns += v.sum_ns
-                    if v.min_ns and (h.min_ns == 0 or v.min_ns < h.min_ns):
-                        h.min_ns = v.min_ns
-                    h.max_ns = max(h.max_ns, v.max_ns)
+            h = _fold_per_cpu(per_cpu, with_slots=False)
             if h.count:
                 hists[(k.tgid, k.nr)] = h
                 calls.setdefault(k.tgid, []).append(({"syscall.name": self.syscall_name(k.nr)}, h.count))
         # Host-wide series for nr < SC_MAX_NR: one per-CPU array slot per syscall, stats and
         # log2 histogram together.
         for k, per_cpu in self.bpf["all_calls"].items():
-            h = conv.HistPoint()
-            for v in per_cpu:
-                if v.count:
-                    h.count += v.count
-                    h.sum_ns += v.sum_ns
-                    if v.min_ns and (h.min_ns == 0 or v.min_ns < h.min_ns):
-                        h.min_ns = v.min_ns
-                    h.max_ns = max(h.max_ns, v.max_ns)
-                    for slot, n in enumerate(v.slots):
-                        if n:
-                            h.slots[slot] = h.slots.get(slot, 0) + n
+            h = _fold_per_cpu(per_cpu, with_slots=True)
             if h.count:
                 nr = k.value
                 hists[(0, nr)] = h
@@ -202,3 +185,21 @@ class SyscallsSource(BccSource):
                     pass
         for tgid in tgids:
             self.ctx.resources.forget(tgid)
+
+
+def _fold_per_cpu(per_cpu: Any, with_slots: bool) -> conv.HistPoint:
+    """Sums one key's per-CPU stat values (count, sum, min, max and optionally log2 slots)."""
+    h = conv.HistPoint()
+    for v in per_cpu:
+        if not v.count:
+            continue
+        h.count += v.count
+        h.sum_ns += v.sum_ns
+        if v.min_ns and (h.min_ns == 0 or v.min_ns < h.min_ns):
+            h.min_ns = v.min_ns
+        h.max_ns = max(h.max_ns, v.max_ns)
+        if with_slots:
+            for slot, n in enumerate(v.slots):
+                if n:
+                    h.slots[slot] = h.slots.get(slot, 0) + n
+    return h
