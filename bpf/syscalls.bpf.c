@@ -133,10 +133,12 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         return 0;
     }
     u32 sel = 0;
+#if FILTER_ACTIVE   /* known at load: no map lookup per call when no process is selected */
     u32 zero = 0;
     u32 *active = settings.lookup(&zero);
     if (active && *active)
         sel = selected(bpf_get_current_pid_tgid() >> 32);
+#endif
     st->nr = (u32)id;
     st->selected = sel;
     st->ts = bpf_ktime_get_ns();

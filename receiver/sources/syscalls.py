@@ -77,6 +77,7 @@ class SyscallsSource(BccSource):
     def cflags(self) -> list[str]:
         return [f"-DSLOW_THRESHOLD_NS={int(self.config.slow_threshold * 1e9)}ULL",
                 f"-DSLOW_SPANS={1 if self.config.slow_spans else 0}",
+                f"-DFILTER_ACTIVE={1 if self.config.filter.active else 0}",
                 f"-DMAX_SERIES={int(self.config.max_series)}",
                 "-DMAX_THREADS=65536", "-DRINGBUF_PAGES=64"]
 
