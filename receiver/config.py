@@ -105,6 +105,11 @@ def parse_address(value: Any) -> tuple[str, int]:
     return host, port
 
 
+def _check_address(value: Any) -> str:
+    parse_address(value)
+    return str(value).strip()
+
+
 def _parse_endpoint(value: Any) -> str:
     text = str(value).strip()
     rest = re.sub(r"^(https?)://", "", text).rstrip("/")
@@ -112,7 +117,7 @@ def _parse_endpoint(value: Any) -> str:
     return text
 
 
-_PARSERS = {"duration": parse_duration, "size": parse_size, "address": lambda v: (parse_address(v), str(v).strip())[1],
+_PARSERS = {"duration": parse_duration, "size": parse_size, "address": _check_address,
             "endpoint": _parse_endpoint}
 
 
@@ -392,9 +397,6 @@ class EbpfConfig:
         if problems:
             raise ConfigError(problems)
         return config
-
-    def replace(self, **changes: Any) -> "EbpfConfig":
-        return dataclasses.replace(self, **changes)
 
 
 # --------------------------------------------------------------------------- environment

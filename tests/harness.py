@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,3 @@ def agent_config(collector: Collector, sources: dict[str, Any], **sections: Any)
         all_sources[name] = {"enabled": True, **cfg}
     exporter = {"endpoint": collector.endpoint, "batch_timeout": "200ms", **sections.pop("exporter", {})}
     return {"exporter": exporter, "sources": all_sources, **sections}
-
-
-def iter_lines(path: Path) -> Iterator[str]:
-    yield from path.read_text().splitlines()

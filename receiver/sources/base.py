@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..telemetry import SelfTelemetry
 
 __all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
-           "load_bcc", "Requirement", "decode"]
+           "load_bcc", "Requirement"]
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +279,3 @@ class BccSource(Source):
                 self.bpf.cleanup()
                 self.bpf = None
         self._up.set(0)
-
-
-def decode(struct_type: type[ctypes.Structure], data: int) -> Any:
-    """A ring-buffer record (address) as a ctypes structure, without copying twice."""
-    return struct_type.from_address(data)
