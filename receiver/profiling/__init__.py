@@ -1,0 +1,1 @@
+"""CPU profiling: the profile model, symbolization, and writers (pprof, folded, flame graph)."""

@@ -1,0 +1,86 @@
+"""What a CPU profile is between the kernel and the output formats.
+
+The profiler source drains the kernel's per-stack counts, symbolizes them into ``Frame``s and
+hands a ``CpuProfile`` on; the writers (pprof, OTLP Profiles, folded stacks, flame graph) only
+read it. Frames and mappings are frozen and hashable so the writers can deduplicate them.
+An unresolved frame keeps its address and mapping (file, build id, offset): a backend can
+symbolize it later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Mapping", "Frame", "StackSample", "CpuProfile", "KERNEL_MAPPING_PATH"]
+
+KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One executable mapping of a process (or the kernel image)."""
+
+    start: int
+    end: int
+    file_offset: int
+    path: str              # file path, or "[kernel.kallsyms]", "[vdso]", "/tmp/perf-PID.map"
+    build_id: str = ""     # GNU build id, lowercase hex; "" when the file has none or is gone
+
+    def file_address(self, address: int) -> int:
+        """``address`` as an offset into the file (what a backend symbolizes with)."""
+        return address - self.start + self.file_offset
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One stack frame. ``function == ""`` means unresolved."""
+
+    address: int                      # virtual address in the process (or the kernel)
+    function: str = ""
+    frame_type: str = "native"        # profile.frame.type: "kernel" or "native"
+    mapping: Mapping | None = None
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.function)
+
+    def display_name(self) -> str:
+        """A name for folded stacks and flame graphs: the function, or file+offset."""
+        if self.function:
+            return self.function
+        if self.mapping is not None:
+            base = self.mapping.path.rsplit("/", 1)[-1] or self.mapping.path
+            return f"{base}+0x{self.mapping.file_address(self.address):x}"
+        return f"0x{self.address:x}"
+
+
+@dataclass(slots=True)
+class StackSample:
+    """``count`` samples of one stack in one thread."""
+
+    frames: tuple[Frame, ...]         # leaf first: kernel frames (if any) then user frames
+    count: int
+    pid: int
+    tid: int
+    thread_name: str = ""             # the thread's comm
+    process_name: str = ""            # process.executable.name
+    container_id: str | None = None
+    cgroup_id: int = 0
+
+
+@dataclass(slots=True)
+class CpuProfile:
+    """Samples from ``start_unix_nano`` for ``duration_ns`` at ``frequency_hz`` per CPU."""
+
+    start_unix_nano: int
+    duration_ns: int
+    frequency_hz: int
+    samples: list[StackSample] = field(default_factory=list)
+
+    @property
+    def period_ns(self) -> int:
+        return 1_000_000_000 // self.frequency_hz
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.count for s in self.samples)
