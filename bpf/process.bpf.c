@@ -126,8 +126,14 @@ TRACEPOINT_PROBE(signal, signal_deliver) {
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if ((u32)id != tgid)   /* a thread, not the process */
+#if HAS_GROUP_DEAD
+    if (!args->group_dead)  /* other threads still run: not the end of the process yet */
         return 0;
+#else
+    /* Older kernels: the leader's exit stands for the process's (early if it exits first). */
+    if ((u32)id != tgid)
+        return 0;
+#endif
     struct proc_event *e = events.ringbuf_reserve(sizeof(struct proc_event));
     struct exit_info *info = exit_info.lookup(&tgid);
     if (!e) {

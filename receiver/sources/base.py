@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..telemetry import SelfTelemetry
 
 __all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
-           "load_bcc", "Requirement"]
+           "load_bcc", "Requirement", "tracepoint_has_field"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,24 @@ def load_bcc() -> Any:
             "bcc", "the BCC Python module is not importable",
             "apt-get install python3-bpfcc, and make the venv see it (make setup links it)") from None
     return bcc
+
+
+def tracepoint_has_field(tracepoint: str, field: str) -> bool:
+    """Whether the running kernel's ``category:name`` tracepoint has ``field`` (fields come and
+    go between kernel versions; a program compiled against a missing one fails to load)."""
+    from ..preflight import tracefs_root
+
+    root = tracefs_root()
+    if root is None:
+        return False
+    category, _, name = tracepoint.partition(":")
+    try:
+        text = (root / "events" / category / name / "format").read_text()
+    except OSError:
+        return False
+    return any(line.strip().startswith("field:") and
+               line.split(";", 1)[0].rsplit(None, 1)[-1].split("[", 1)[0] == field
+               for line in text.splitlines())
 
 
 class KernelClock:

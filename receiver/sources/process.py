@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import EbpfConfig
 from ..model import EbpfEvent, EbpfEventType, Signal
-from .base import BccSource, Requirement
+from .base import BccSource, Requirement, tracepoint_has_field
 
 __all__ = ["ProcessSource", "ProcEvent", "ExecEvent"]
 
@@ -74,7 +74,9 @@ class ProcessSource(BccSource):
         return [Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS]
 
     def cflags(self) -> list[str]:
-        return ["-DRINGBUF_PAGES=256",          # 1 MiB
+        group_dead = tracepoint_has_field("sched:sched_process_exit", "group_dead")
+        return [f"-DHAS_GROUP_DEAD={int(group_dead)}",
+                "-DRINGBUF_PAGES=256",          # 1 MiB
                 "-DMAX_INFLIGHT_EXECS=4096",
                 "-DMAX_TRACKED_EXITS=16384"]
 

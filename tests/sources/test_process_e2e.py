@@ -92,3 +92,55 @@ def test_killed_process_reports_signal(bpf_ok: None, collector: Collector, tmp_p
     recs = wait_until(sleep_exit, 20, what="the exit record of the killed sleep")
     assert recs[0]["attrs"]["process.exit.signal"] == 9
     assert recs[0]["attrs"]["process.exit.code"] == 128 + 9
+
+
+LEADER_FIRST_C = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static void *worker(void *arg) {
+    (void)arg;
+    usleep(400 * 1000);
+    exit(5);
+}
+
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, NULL, worker, NULL);
+    pthread_exit(NULL);   /* the leader ends first; the process lives on in the worker */
+}
+"""
+
+
+def test_exit_is_reported_when_the_last_thread_ends(bpf_ok: None, collector: Collector,
+                                                    tmp_path: Path) -> None:
+    """A process whose main thread exits first: one exit record, when the process really ends,
+    with the code the last thread gave."""
+    src = tmp_path / "leader_first.c"
+    src.write_text(LEADER_FIRST_C)
+    binary = tmp_path / "leader_first"
+    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(binary), str(src)], check=True)
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}})).start()
+    try:
+        p = subprocess.run([str(binary)])
+        assert p.returncode == 5
+    finally:
+        agent.stop()
+
+    def records() -> tuple[list, list] | None:
+        recs = collector.log_records()
+        execs = [r for r in recs if r.get("eventName") == "process.exec"
+                 and r["attrs"].get("process.executable.path") == str(binary)]
+        if not execs:
+            return None
+        pid = execs[0]["attrs"]["process.pid"]
+        exits = [r for r in recs if r.get("eventName") == "process.exit"
+                 and r["attrs"]["process.pid"] == pid]
+        return (execs, exits) if exits else None
+
+    execs, exits = wait_until(records, 20, what="the exec and exit records")
+    assert len(exits) == 1
+    assert exits[0]["attrs"]["process.exit.code"] == 5
+    lived_ns = int(exits[0]["timeUnixNano"]) - int(execs[0]["timeUnixNano"])
+    assert lived_ns >= 350_000_000, f"exit reported {lived_ns / 1e6:.0f} ms after exec"
