@@ -104,6 +104,7 @@ class OtlpGrpcExporter:
         self._deadline: float | None = None  # set during shutdown: no attempt starts after it
         self._started = False
         self._closed = False
+        self._flushing = 0  # flush() calls in progress: senders do not wait for fuller batches
         self._last_error_log: dict[str, float] = {}
         for s, q in self._queues.items():
             telemetry.watch_queue(s.value, lambda q=q: len(q.items) + q.in_flight, q.capacity)
@@ -158,10 +159,14 @@ class OtlpGrpcExporter:
 
     async def flush(self) -> None:
         """Returns once everything queued before the call has been sent or counted as lost."""
-        for q in self._queues.values():
-            q.wakeup.set()
-        while any(q.items or q.in_flight for q in self._queues.values()) and self._started:
-            await asyncio.sleep(0.01)
+        self._flushing += 1
+        try:
+            for q in self._queues.values():
+                q.wakeup.set()
+            while any(q.items or q.in_flight for q in self._queues.values()) and self._started:
+                await asyncio.sleep(0.01)
+        finally:
+            self._flushing -= 1
 
     async def shutdown(self) -> None:
         if self._closed:
@@ -204,7 +209,8 @@ class OtlpGrpcExporter:
                 except TimeoutError:
                     pass
                 continue
-            if len(q.items) < self.config.max_batch_size and not self._stopping.is_set():
+            if (len(q.items) < self.config.max_batch_size and not self._stopping.is_set()
+                    and not self._flushing):
                 # First item of a batch: wait for more until the batch is full or times out.
                 q.wakeup.clear()
                 try:
@@ -315,6 +321,12 @@ class OtlpGrpcExporter:
             if self._deadline is not None:
                 limit = min(limit, self._deadline)
             if now + delay > limit:
+                if self._deadline is not None and now + delay > self._deadline:
+                    # Cut off by the shutdown deadline, not by max_elapsed_time.
+                    self.telemetry.dropped_items.labels(label, "shutdown").inc(count)
+                    self._log_rate_limited("shutdown", "shutdown: dropped %d %s items still being "
+                                           "retried (%s: %s)", count, label, error.code, error)
+                    return
                 self.telemetry.dropped_items.labels(label, "retries_exhausted").inc(count)
                 self._log_rate_limited("retries_exhausted",
                                        "dropped %d %s items after retrying for %.0fs: %s: %s",

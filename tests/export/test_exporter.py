@@ -320,7 +320,31 @@ def test_shutdown_while_retrying_accounts_for_every_item() -> None:
 
     elapsed = asyncio.run(main())
     assert elapsed < 2.0, elapsed
-    dropped = sum(value(telemetry, "dropped_items", signal="traces", reason=r)
-                  for r in ("retries_exhausted", "shutdown"))
     assert value(telemetry, "sent_items", signal="traces") == 0
-    assert dropped == 26  # 25 submitted before shutdown + 1 after
+    # 25 submitted before shutdown + 1 after; max_elapsed_time was far away, so all are shutdown
+    # losses, not exhausted retries.
+    assert value(telemetry, "dropped_items", signal="traces", reason="shutdown") == 26
+    assert value(telemetry, "dropped_items", signal="traces", reason="retries_exhausted") == 0
+
+
+def test_flush_does_not_wait_for_a_fuller_batch() -> None:
+    """flush() sends a part-filled batch at once instead of waiting out batch_timeout."""
+    telemetry = SelfTelemetry()
+
+    async def main() -> float:
+        srv = await FakeTraceServer(steps=[]).start()
+        exp = OtlpGrpcExporter(make_config(srv.port, batch_timeout=5.0), telemetry)
+        try:
+            await exp.start()
+            await asyncio.sleep(0.05)          # the sender is idle, waiting for items
+            assert exp.submit(Signal.TRACES, RESOURCE, span("one"))
+            t0 = time.monotonic()
+            await exp.flush()
+            return time.monotonic() - t0
+        finally:
+            await exp.shutdown()
+            await srv.stop()
+
+    elapsed = asyncio.run(main())
+    assert value(telemetry, "sent_items", signal="traces") == 1
+    assert elapsed < 1.0, f"flush took {elapsed:.2f}s with batch_timeout 5s"
