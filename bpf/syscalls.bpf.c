@@ -35,6 +35,8 @@ BPF_ARRAY(settings, u32, 1);
 BPF_HASH(filter_pids, u32, u8, 1024);
 BPF_HASH(filter_comms, struct sc_comm_key, u8, 1024);
 BPF_HASH(filter_cgroups, u64, u8, 1024);
+/* slow_skip[nr] = 1: no span for slow calls of this syscall (filled from user space). */
+BPF_ARRAY(slow_skip, u8, SC_MAX_NR);
 
 static __always_inline void count_lost(int reason) {
     u64 *n = lost.lookup(&reason);
@@ -166,6 +168,10 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     }
 #if SLOW_SPANS
     if (d > SLOW_THRESHOLD_NS) {
+        u32 skip_idx = nr;
+        u8 *skip = slow_skip.lookup(&skip_idx);
+        if (skip && *skip)
+            return 0;
         struct sc_slow_event *e = events.ringbuf_reserve(sizeof(struct sc_slow_event));
         if (!e) {
             count_lost(SC_LOST_RINGBUF_FULL);

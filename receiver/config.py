@@ -321,15 +321,24 @@ class NetworkSourceConfig:
         return p
 
 
+# Calls that block by design (waiting is their job): slow, but not worth a span each.
+SLOW_EXCLUDE_DEFAULT = ("futex", "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll",
+                        "select", "pselect6", "wait4", "waitid", "pause", "rt_sigsuspend",
+                        "rt_sigtimedwait", "io_getevents", "io_pgetevents", "nanosleep",
+                        "clock_nanosleep")
+
+
 @dataclass(frozen=True)
 class SyscallsSourceConfig:
     """In-kernel per-syscall counts, errors and latency histograms; calls slower than
-    ``slow_threshold`` as spans. Per-process series only for processes the filter selects."""
+    ``slow_threshold`` as spans, except those in ``slow_exclude`` (calls that block by design:
+    they still count in the metrics). Per-process series only for processes the filter selects."""
 
     enabled: bool = True
     report_interval: Duration = 10.0
     slow_threshold: Duration = 0.010
     slow_spans: bool = True
+    slow_exclude: list[str] = field(default_factory=lambda: list(SLOW_EXCLUDE_DEFAULT))
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     max_series: int = 2000
 

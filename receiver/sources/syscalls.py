@@ -26,6 +26,7 @@ __all__ = ["SyscallsSource"]
 log = logging.getLogger(__name__)
 
 SC_COMM_LEN = 16
+SC_MAX_NR = 512   # bpf/syscalls.h
 
 
 class ScKey(ctypes.Structure):
@@ -85,6 +86,7 @@ class SyscallsSource(BccSource):
         return self._names.get(nr) or f"syscall_{nr}"
 
     def configure(self, bpf: Any) -> None:
+        self._configure_slow_exclude(bpf)
         f = self.config.filter
         self._start_unix_ns = time.time_ns()
         if not f.active:
@@ -111,6 +113,19 @@ class SyscallsSource(BccSource):
                 cgs[ctypes.c_uint64(cid)] = one
         bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         self._start_unix_ns = time.time_ns()
+
+    def _configure_slow_exclude(self, bpf: Any) -> None:
+        numbers = {name: nr for nr, name in self._names.items()}
+        skip = bpf["slow_skip"]
+        unknown = []
+        for name in self.config.slow_exclude:
+            nr = numbers.get(name)
+            if nr is None:
+                unknown.append(name)
+            elif nr < SC_MAX_NR:
+                skip[ctypes.c_int(nr)] = ctypes.c_uint8(1)
+        if unknown:  # names differ between architectures (e.g. no epoll_wait on arm64)
+            log.info("syscalls: slow_exclude names not on this architecture: %s", ", ".join(unknown))
 
     # ------------------------------------------------------------------ slow calls → spans
 

@@ -58,9 +58,11 @@ def prog(tmp_path: Path) -> Path:
     return out
 
 
-def _agent(collector: Collector, tmp_path: Path) -> Agent:
-    cfg = {"report_interval": "1s", "slow_threshold": "20ms",
-           "filter": {"process_names": [PROG]}}
+def _agent(collector: Collector, tmp_path: Path, **overrides: Any) -> Agent:
+    # nanosleep is excluded from slow spans by default (it blocks by design); the test program
+    # uses it as its known-duration call, so the exclude list here names another one.
+    cfg = {"report_interval": "1s", "slow_threshold": "20ms", "slow_exclude": ["futex"],
+           "filter": {"process_names": [PROG]}, **overrides}
     return Agent(tmp_path, agent_config(collector, {"syscalls": cfg})).start()
 
 
@@ -166,3 +168,22 @@ def test_slow_call_span_and_histogram_bucket(bpf_ok: None, collector: Collector,
     # 50 ms = 2^25.6 ns: bucket index 25.
     assert {offset + i: c for i, c in enumerate(counts) if c} == {25: 1}
     assert 45e6 <= h["sum"] <= 55e6
+
+
+def test_excluded_slow_call_counts_but_has_no_span(bpf_ok: None, collector: Collector,
+                                                   tmp_path: Path, prog: Path) -> None:
+    """With the default slow_exclude (nanosleep blocks by design) the 50 ms sleep is in the
+    histogram but gives no span."""
+    agent = _agent(collector, tmp_path, slow_exclude=["nanosleep", "futex"])
+    try:
+        proc = subprocess.Popen([str(prog), "sleep"])
+        assert proc.wait() == 0
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+    def hist() -> dict[str, Any] | None:
+        return _latest(_points(collector, "syscall.duration", proc.pid), **{"syscall.name": "nanosleep"})
+
+    h = wait_until(hist, 20, 0.2, "the nanosleep histogram of the test program")
+    assert int(h["count"]) == 1 and h["sum"] >= 45e6
+    assert not [s for s in collector.spans() if s["attrs"].get("process.pid") == proc.pid]
