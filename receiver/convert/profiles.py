@@ -1,0 +1,165 @@
+"""CPU profile → OTLP Profiles (``opentelemetry.proto.profiles.v1development``, proto 1.10).
+
+One ``ProfilesDictionary`` per request holds every string, function, location, mapping, stack and
+attribute once; entry 0 of each table is the required null entry. Sample type and period are
+what the OpenTelemetry eBPF profiler reports (``samples/count``, period ``cpu/nanoseconds`` of
+1e9 / frequency), so backends that read its profiles read ours. There is one ``ResourceProfiles``
+per process; each sample carries ``thread.id``, ``thread.name``, ``process.pid``,
+``process.executable.name`` and ``container.id`` (where known) as the eBPF profiler's do. Locations
+carry ``profile.frame.type``; mappings carry ``process.executable.build_id.gnu``. An unresolved
+frame is a location with its address and mapping and no line, for the backend to symbolize.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
+from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from .._version import __version__
+from ..profiling.model import CpuProfile, Frame, Mapping, StackSample
+from ..profiling.pprof import frame_mapping, from_pprof
+from ..proto import profile_pb2
+from .resource import to_key_values
+
+__all__ = ["profile_to_otlp", "ProfilesDictionaryBuilder", "SCOPE"]
+
+SCOPE = InstrumentationScope(name="ebpf-otlp-receiver", version=__version__)
+
+ResourceFor = Callable[[int], Resource | None]
+BUILD_ID = "process.executable.build_id.gnu"
+
+
+class ProfilesDictionaryBuilder:
+    """Builds one ``ProfilesDictionary``: each table deduplicated by value, index 0 null."""
+
+    def __init__(self, dictionary: pb.ProfilesDictionary | None = None) -> None:
+        """Fills ``dictionary`` (an empty one, e.g. a request's) or a new one."""
+        self.dictionary = d = dictionary if dictionary is not None else pb.ProfilesDictionary()
+        d.string_table.append("")
+        for table in (d.mapping_table, d.location_table, d.function_table, d.link_table,
+                      d.attribute_table, d.stack_table):
+            table.add()
+        self._strings: dict[str, int] = {"": 0}
+        self._attributes: dict[tuple[str, str | int], int] = {}
+        self._mappings: dict[Mapping, int] = {}
+        self._functions: dict[str, int] = {}
+        self._locations: dict[tuple[int, int, int, str], int] = {}
+        self._frames: dict[Frame, int] = {}     # fast path: a frame already seen
+        self._stacks: dict[tuple[int, ...], int] = {(): 0}
+
+    def string(self, s: str) -> int:
+        i = self._strings.get(s)
+        if i is None:
+            i = self._strings[s] = len(self.dictionary.string_table)
+            self.dictionary.string_table.append(s)
+        return i
+
+    def attribute(self, key: str, value: str | int) -> int:
+        i = self._attributes.get((key, value))
+        if i is None:
+            i = self._attributes[(key, value)] = len(self.dictionary.attribute_table)
+            any_value = (AnyValue(int_value=value) if isinstance(value, int)
+                         else AnyValue(string_value=value))
+            self.dictionary.attribute_table.add(key_strindex=self.string(key), value=any_value)
+        return i
+
+    def mapping(self, m: Mapping | None) -> int:
+        if m is None:
+            return 0
+        i = self._mappings.get(m)
+        if i is None:
+            i = self._mappings[m] = len(self.dictionary.mapping_table)
+            attrs = [self.attribute(BUILD_ID, m.build_id)] if m.build_id else []
+            self.dictionary.mapping_table.add(
+                memory_start=m.start, memory_limit=m.end, file_offset=m.file_offset,
+                filename_strindex=self.string(m.path), attribute_indices=attrs)
+        return i
+
+    def function(self, name: str) -> int:
+        i = self._functions.get(name)
+        if i is None:
+            i = self._functions[name] = len(self.dictionary.function_table)
+            s = self.string(name)
+            self.dictionary.function_table.add(name_strindex=s, system_name_strindex=s)
+        return i
+
+    def location(self, frame: Frame) -> int:
+        i = self._frames.get(frame)
+        if i is not None:
+            return i
+        key = (self.mapping(frame_mapping(frame)), frame.address,
+               self.function(frame.function) if frame.function else 0, frame.frame_type)
+        i = self._locations.get(key)
+        if i is None:
+            i = self._locations[key] = len(self.dictionary.location_table)
+            mapping_index, address, function_index, frame_type = key
+            loc = self.dictionary.location_table.add(
+                mapping_index=mapping_index, address=address,
+                attribute_indices=[self.attribute("profile.frame.type", frame_type)])
+            if function_index:
+                loc.lines.add(function_index=function_index)
+        self._frames[frame] = i
+        return i
+
+    def stack(self, frames: Iterable[Frame]) -> int:
+        key = tuple(self.location(f) for f in frames)
+        i = self._stacks.get(key)
+        if i is None:
+            i = self._stacks[key] = len(self.dictionary.stack_table)
+            self.dictionary.stack_table.add(location_indices=key)
+        return i
+
+    def sample_attributes(self, sample: StackSample) -> tuple[int, ...]:
+        """thread.id, thread.name, process.pid, process.executable.name, container.id."""
+        attrs = [self.attribute("thread.id", sample.tid)]
+        if sample.thread_name:
+            attrs.append(self.attribute("thread.name", sample.thread_name))
+        attrs.append(self.attribute("process.pid", sample.pid))
+        if sample.process_name:
+            attrs.append(self.attribute("process.executable.name", sample.process_name))
+        if sample.container_id:
+            attrs.append(self.attribute("container.id", sample.container_id))
+        return tuple(attrs)
+
+
+def _process_resource(sample: StackSample) -> Resource:
+    return Resource(attributes=to_key_values({
+        "process.pid": sample.pid, "process.executable.name": sample.process_name or None,
+        "container.id": sample.container_id}))
+
+
+def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
+                    resource_for: ResourceFor | None = None) -> ExportProfilesServiceRequest:
+    """One request for the whole profile: a ``ResourceProfiles`` per process (its resource from
+    ``resource_for(pid)`` when that returns one, else process.pid/executable name/container.id),
+    each with one ``Profile`` whose samples sum the model's counts per stack and attributes."""
+    if isinstance(profile, profile_pb2.Profile):
+        profile = from_pprof(profile)
+    request = ExportProfilesServiceRequest()
+    builder = ProfilesDictionaryBuilder(request.dictionary)
+    samples_type = pb.ValueType(type_strindex=builder.string("samples"),
+                                unit_strindex=builder.string("count"))
+    period_type = pb.ValueType(type_strindex=builder.string("cpu"),
+                               unit_strindex=builder.string("nanoseconds"))
+    by_process: dict[int, tuple[StackSample, dict[tuple[int, tuple[int, ...]], int]]] = {}
+    for sample in profile.samples:
+        _first, counts = by_process.setdefault(sample.pid, (sample, {}))
+        key = (builder.stack(sample.frames), builder.sample_attributes(sample))
+        counts[key] = counts.get(key, 0) + sample.count
+    for pid, (first, counts) in by_process.items():
+        resource = (resource_for(pid) if resource_for else None) or _process_resource(first)
+        otlp = pb.Profile(sample_type=samples_type, period_type=period_type,
+                          period=profile.period_ns, time_unix_nano=profile.start_unix_nano,
+                          duration_nano=profile.duration_ns, profile_id=os.urandom(16))
+        otlp.samples.extend(pb.Sample(stack_index=stack, attribute_indices=attrs, values=[count])
+                            for (stack, attrs), count in counts.items())
+        request.resource_profiles.add(resource=resource).scope_profiles.add(
+            scope=SCOPE, profiles=[otlp])
+    return request

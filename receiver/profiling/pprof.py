@@ -1,0 +1,170 @@
+"""``CpuProfile`` ⇄ pprof (``perftools.profiles.Profile``), the format ``go tool pprof`` reads.
+
+Two sample types, ``samples/count`` and ``cpu/nanoseconds`` (count × period), so pprof shows CPU
+time by default and raw counts with ``-sample_index=samples``. Each distinct ``Frame`` is one
+location; an unresolved frame is a location with its address and mapping but no line, so pprof
+shows the address and can symbolize it later from the mapping's file and build id. Thread and
+process identity ride on per-sample labels (OpenTelemetry attribute names), so ``from_pprof``
+restores the model and ``go tool pprof -tags`` shows them.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from pathlib import Path
+
+from ..proto import profile_pb2
+from .model import KERNEL_MAPPING_PATH, CpuProfile, Frame, Mapping, StackSample
+
+__all__ = ["to_pprof", "from_pprof", "write_pprof", "read_pprof", "frame_mapping", "KERNEL_MAPPING"]
+
+# Kernel frames the symbolizer left without a mapping share this one (covering every address).
+KERNEL_MAPPING = Mapping(start=0, end=(1 << 64) - 1, file_offset=0, path=KERNEL_MAPPING_PATH)
+
+LABEL_TID = "thread.id"
+LABEL_THREAD_NAME = "thread.name"
+LABEL_PID = "process.pid"
+LABEL_PROCESS_NAME = "process.executable.name"
+LABEL_CONTAINER_ID = "container.id"
+
+
+def frame_mapping(frame: Frame) -> Mapping | None:
+    """The frame's mapping; kernel frames without one get ``KERNEL_MAPPING``."""
+    if frame.mapping is None and frame.frame_type == "kernel":
+        return KERNEL_MAPPING
+    return frame.mapping
+
+
+class _Strings:
+    """pprof's string table: index 0 is ""; each string stored once."""
+
+    def __init__(self, table: list[str]):
+        self.table = table
+        self._index = {"": 0}
+        table.append("")
+
+    def __call__(self, s: str) -> int:
+        i = self._index.get(s)
+        if i is None:
+            i = self._index[s] = len(self.table)
+            self.table.append(s)
+        return i
+
+
+def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
+    """The profile as a pprof ``Profile`` (ids start at 1; strings, functions, locations and
+    mappings each appear once)."""
+    table: list[str] = []
+    s = _Strings(table)
+    period = profile.period_ns
+    out = profile_pb2.Profile(
+        sample_type=[profile_pb2.ValueType(type=s("samples"), unit=s("count")),
+                     profile_pb2.ValueType(type=s("cpu"), unit=s("nanoseconds"))],
+        period_type=profile_pb2.ValueType(type=s("cpu"), unit=s("nanoseconds")),
+        period=period, time_nanos=profile.start_unix_nano, duration_nanos=profile.duration_ns)
+    mapping_ids: dict[Mapping, int] = {}
+    function_ids: dict[str, int] = {}
+    location_ids: dict[Frame, int] = {}
+    resolved_mappings: set[int] = set()
+
+    def mapping_id(m: Mapping | None) -> int:
+        if m is None:
+            return 0
+        mid = mapping_ids.get(m)
+        if mid is None:
+            mid = mapping_ids[m] = len(mapping_ids) + 1
+            out.mapping.add(id=mid, memory_start=m.start, memory_limit=m.end,
+                            file_offset=m.file_offset, filename=s(m.path), build_id=s(m.build_id))
+        return mid
+
+    def location_id(frame: Frame) -> int:
+        lid = location_ids.get(frame)
+        if lid is not None:
+            return lid
+        lid = location_ids[frame] = len(location_ids) + 1
+        mid = mapping_id(frame_mapping(frame))
+        loc = out.location.add(id=lid, mapping_id=mid, address=frame.address)
+        if frame.function:
+            fid = function_ids.get(frame.function)
+            if fid is None:
+                fid = function_ids[frame.function] = len(function_ids) + 1
+                name = s(frame.function)
+                out.function.add(id=fid, name=name, system_name=name)
+            loc.line.add(function_id=fid)
+            if mid:
+                resolved_mappings.add(mid)
+        return lid
+
+    for sample in profile.samples:
+        pb = out.sample.add(location_id=[location_id(f) for f in sample.frames],
+                            value=[sample.count, sample.count * period])
+        pb.label.add(key=s(LABEL_TID), num=sample.tid)
+        pb.label.add(key=s(LABEL_PID), num=sample.pid)
+        if sample.thread_name:
+            pb.label.add(key=s(LABEL_THREAD_NAME), str=s(sample.thread_name))
+        if sample.process_name:
+            pb.label.add(key=s(LABEL_PROCESS_NAME), str=s(sample.process_name))
+        if sample.container_id:
+            pb.label.add(key=s(LABEL_CONTAINER_ID), str=s(sample.container_id))
+    for m in out.mapping:
+        m.has_functions = m.id in resolved_mappings
+    out.string_table.extend(table)
+    return out
+
+
+def from_pprof(pprof: profile_pb2.Profile) -> CpuProfile:
+    """A pprof ``Profile`` (ours, or any CPU profile with a samples/count or cpu value) as a
+    ``CpuProfile``; inlined lines become one frame each, innermost first."""
+    strings = pprof.string_table
+    mappings = {m.id: Mapping(m.memory_start, m.memory_limit, m.file_offset,
+                              strings[m.filename], strings[m.build_id]) for m in pprof.mapping}
+    functions = {f.id: strings[f.name] or strings[f.system_name] for f in pprof.function}
+    locations: dict[int, list[Frame]] = {}
+    for loc in pprof.location:
+        mapping = mappings.get(loc.mapping_id)
+        kind = "kernel" if mapping is not None and mapping.path.startswith("[kernel") else "native"
+        if mapping == KERNEL_MAPPING:
+            mapping = None
+        names = [functions.get(line.function_id, "") for line in loc.line] or [""]
+        locations[loc.id] = [Frame(loc.address, name, kind, mapping) for name in names]
+    period = pprof.period or 1
+    count_of = _sample_counter(pprof, period)
+    samples = []
+    for sample in pprof.sample:
+        labels = {strings[label.key]: (strings[label.str] if label.str else label.num)
+                  for label in sample.label}
+        frames = tuple(f for lid in sample.location_id for f in locations.get(lid, ()))
+        samples.append(StackSample(
+            frames=frames, count=count_of(sample), pid=int(labels.get(LABEL_PID, 0)),
+            tid=int(labels.get(LABEL_TID, 0)), thread_name=str(labels.get(LABEL_THREAD_NAME, "")),
+            process_name=str(labels.get(LABEL_PROCESS_NAME, "")),
+            container_id=labels.get(LABEL_CONTAINER_ID) or None))
+    return CpuProfile(start_unix_nano=pprof.time_nanos, duration_ns=pprof.duration_nanos,
+                      frequency_hz=max(1, round(1_000_000_000 / period)), samples=samples)
+
+
+def _sample_counter(pprof: profile_pb2.Profile, period: int) -> Callable[[profile_pb2.Sample], int]:
+    """How to read a sample's count: its samples/count value, else its cpu time ÷ period."""
+    types = [(pprof.string_table[t.type], pprof.string_table[t.unit]) for t in pprof.sample_type]
+    if ("samples", "count") in types:
+        i = types.index(("samples", "count"))
+        return lambda sample: sample.value[i]
+    for i, (kind, _unit) in enumerate(types):
+        if kind == "cpu":
+            return lambda sample: round(sample.value[i] / period)
+    return lambda sample: sample.value[0] if sample.value else 0
+
+
+def write_pprof(profile: CpuProfile | profile_pb2.Profile, path: str | Path) -> None:
+    """Writes gzip-compressed pprof (``.pb.gz``), as ``go tool pprof`` expects."""
+    pprof = profile if isinstance(profile, profile_pb2.Profile) else to_pprof(profile)
+    Path(path).write_bytes(gzip.compress(pprof.SerializeToString()))
+
+
+def read_pprof(path: str | Path) -> profile_pb2.Profile:
+    """Reads a pprof file, gzip-compressed or not."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return profile_pb2.Profile.FromString(data)
