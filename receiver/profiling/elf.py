@@ -1,0 +1,331 @@
+"""Just enough ELF to symbolize: the GNU build id, the PT_LOAD segments, and FUNC symbols.
+
+Reads 32- and 64-bit, little- and big-endian images with ``struct``, from a file (only the
+headers and symbol tables are read) or from bytes (the vdso read out of a process's memory).
+Symbols come from ``.symtab``; a stripped file falls back to ``.dynsym`` plus, when present,
+the xz-compressed MiniDebugInfo (``.gnu_debugdata``) that some distributions ship. Anything
+malformed raises ``ElfError``; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import lzma
+import mmap
+import os
+import struct
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["ElfError", "LoadSegment", "SymbolTable", "ElfFile", "Read", "parse_elf",
+           "parse_elf_bytes", "read_elf_fd", "build_id_from_notes"]
+
+_PT_LOAD, _PT_NOTE = 1, 4
+_PF_X = 1
+_SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
+_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+_BINDING_RANK = {1: 0, 2: 1}   # STB_GLOBAL before STB_WEAK before STB_LOCAL and the rest
+_SHN_UNDEF, _SHN_LORESERVE, _SHN_XINDEX = 0, 0xFF00, 0xFFFF
+_NT_GNU_BUILD_ID = 3
+_MAX_DEBUGDATA = 64 << 20   # cap on decompressed .gnu_debugdata: a hostile file cannot balloon
+
+
+class ElfError(Exception):
+    """The bytes are not an ELF image this module can read."""
+
+
+# What reading nonsense offsets and sizes out of a malformed image raises.
+_MALFORMED = (struct.error, IndexError, ValueError, OverflowError)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSegment:
+    """A PT_LOAD program header: file bytes [offset, offset+filesz) load at vaddr."""
+
+    offset: int
+    vaddr: int
+    filesz: int
+    executable: bool
+
+
+class SymbolTable:
+    """FUNC symbols sorted by address; ``lookup`` is one bisect.
+
+    Names live in one bytes blob with an offsets array (not one ``str`` per symbol), so a
+    C++ binary with 100k symbols costs a few MB, and a name is decoded only when asked for."""
+
+    __slots__ = ("_starts", "_ends", "_offsets", "_names")
+
+    def __init__(self, symbols: list[tuple[int, int, bytes]]) -> None:
+        """``symbols``: (start, end, name) sorted by start, one per start address."""
+        self._starts = array("Q", (s for s, _, _ in symbols))
+        self._ends = array("Q", (e for _, e, _ in symbols))
+        self._offsets = array("Q", [0])
+        total = 0
+        for _, _, name in symbols:
+            total += len(name)
+            self._offsets.append(total)
+        self._names = b"".join(name for _, _, name in symbols)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def lookup(self, vaddr: int) -> str:
+        """The function containing ``vaddr``, or "" when none does."""
+        i = bisect_right(self._starts, vaddr) - 1
+        if i < 0 or vaddr >= self._ends[i]:
+            return ""
+        return self._names[self._offsets[i]:self._offsets[i + 1]].decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class ElfFile:
+    """What symbolization needs from one ELF image."""
+
+    build_id: str                      # lowercase hex, "" when the image has no GNU build id
+    segments: tuple[LoadSegment, ...]
+    symbols: SymbolTable
+
+    def load_bias(self, map_start: int, map_offset: int) -> int | None:
+        """For a mapping of this file at ``map_start`` from file offset ``map_offset``: the bias
+        with ``vaddr = address - bias``, or None when no PT_LOAD covers that offset.
+
+        A segment is mapped from the page holding ``p_offset``, so the mapping's offset may sit
+        up to a page below it; an executable segment wins over others."""
+        page = mmap.PAGESIZE
+        covering = [s for s in self.segments
+                    if s.offset - page < map_offset < s.offset + max(s.filesz, 1)]
+        if not covering:
+            return None
+        seg = next((s for s in covering if s.executable), covering[0])
+        return map_start - map_offset + seg.offset - seg.vaddr
+
+
+class _Layout:
+    """Struct formats for one ELF class and byte order."""
+
+    def __init__(self, is64: bool, endian: str) -> None:
+        self.is64 = is64
+        if is64:
+            self.ehdr = struct.Struct(endian + "16xHHIQQQIHHHHHH")
+            self.phdr = struct.Struct(endian + "IIQQQQQQ")
+            self.shdr = struct.Struct(endian + "IIQQQQIIQQ")
+            self.sym = struct.Struct(endian + "IBBHQQ")
+        else:
+            self.ehdr = struct.Struct(endian + "16xHHIIIIIHHHHHH")
+            self.phdr = struct.Struct(endian + "IIIIIIII")
+            self.shdr = struct.Struct(endian + "IIIIIIIIII")
+            self.sym = struct.Struct(endian + "IIIBBH")
+        self.note = struct.Struct(endian + "III")
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    name: int
+    type: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+
+
+Read = Callable[[int, int], bytes]
+"""``read(offset, size)``: up to ``size`` bytes of the image from ``offset``, never more than the
+image holds (so a malformed size cannot make it allocate more)."""
+
+
+def _exactly(read: Read, offset: int, size: int) -> bytes:
+    data = read(offset, size)
+    if len(data) != size:
+        raise ElfError("the image ends inside a header or table")
+    return data
+
+
+def _layout(ident: bytes) -> _Layout:
+    if len(ident) < 16 or ident[:4] != b"\x7fELF":
+        raise ElfError("not an ELF image")
+    ei_class, ei_data = ident[4], ident[5]
+    if ei_class not in (1, 2) or ei_data not in (1, 2):
+        raise ElfError(f"unknown ELF class {ei_class} or byte order {ei_data}")
+    return _Layout(ei_class == 2, "<" if ei_data == 1 else ">")
+
+
+def _segments(read: Read, lay: _Layout, phoff: int, phnum: int,
+              phentsize: int) -> list[tuple[int, int, int, int, int, int]]:
+    """(type, flags, offset, vaddr, filesz, align) per program header."""
+    if phnum == 0 or phentsize < lay.phdr.size:
+        return []
+    table = _exactly(read, phoff, phnum * phentsize)
+    out = []
+    for i in range(phnum):
+        f = lay.phdr.unpack_from(table, i * phentsize)
+        if lay.is64:
+            p_type, p_flags, p_offset, p_vaddr, _, p_filesz, _, p_align = f
+        else:
+            p_type, p_offset, p_vaddr, _, p_filesz, _, p_flags, p_align = f
+        out.append((p_type, p_flags, p_offset, p_vaddr, p_filesz, p_align))
+    return out
+
+
+def _sections(read: Read, lay: _Layout, shoff: int, shnum: int,
+              shentsize: int) -> list[_Section]:
+    if shoff == 0 or shentsize < lay.shdr.size:
+        return []
+    if shnum == 0:                     # extended numbering: the count is in section 0
+        shnum = lay.shdr.unpack(_exactly(read, shoff, lay.shdr.size))[5]
+    table = _exactly(read, shoff, shnum * shentsize)
+    out = []
+    for i in range(shnum):
+        f = lay.shdr.unpack_from(table, i * shentsize)
+        out.append(_Section(name=f[0], type=f[1], addr=f[3], offset=f[4], size=f[5], link=f[6]))
+    return out
+
+
+def _notes_build_id(blob: bytes, note: struct.Struct, align: int) -> str:
+    pos = 0
+    while pos + 12 <= len(blob):
+        namesz, descsz, ntype = note.unpack_from(blob, pos)
+        name_at = pos + 12
+        desc_at = name_at + (namesz + align - 1) // align * align
+        if ntype == _NT_GNU_BUILD_ID and blob[name_at:name_at + namesz].rstrip(b"\0") == b"GNU":
+            return blob[desc_at:desc_at + descsz].hex()
+        pos = desc_at + (descsz + align - 1) // align * align
+    return ""
+
+
+def build_id_from_notes(blob: bytes, endian: str = "<") -> str:
+    """The GNU build id in a raw note blob, such as /sys/kernel/notes (the kernel's own)."""
+    return _notes_build_id(blob, struct.Struct(endian + "III"), 4)
+
+
+def _build_id(read: Read, lay: _Layout, phdrs: list, sections: list[_Section]) -> str:
+    for p_type, _, p_offset, _, p_filesz, p_align in phdrs:
+        if p_type == _PT_NOTE:
+            found = _notes_build_id(_exactly(read, p_offset, p_filesz), lay.note,
+                                    8 if p_align == 8 else 4)
+            if found:
+                return found
+    for s in sections:
+        if s.type == _SHT_NOTE:
+            found = _notes_build_id(_exactly(read, s.offset, s.size), lay.note, 4)
+            if found:
+                return found
+    return ""
+
+
+def _func_symbols(read: Read, lay: _Layout, sections: list[_Section],
+                  table: _Section) -> list[tuple[int, int, tuple[int, int, bytes], bytes]]:
+    """(start, end, preference, name) for every defined FUNC/IFUNC symbol of ``table``.
+
+    A symbol without a size (hand-written assembly) extends to the end of its section; the
+    bisect picks the next symbol once that starts."""
+    if table.link >= len(sections):
+        return []
+    strtab_sec = sections[table.link]
+    strtab = _exactly(read, strtab_sec.offset, strtab_sec.size)
+    raw = _exactly(read, table.offset, table.size // lay.sym.size * lay.sym.size)
+    out = []
+    for f in lay.sym.iter_unpack(raw):
+        if lay.is64:
+            st_name, st_info, _, st_shndx, st_value, st_size = f
+        else:
+            st_name, st_value, st_size, st_info, _, st_shndx = f
+        if st_info & 0xF not in (_STT_FUNC, _STT_GNU_IFUNC) or st_value == 0:
+            continue
+        if st_shndx == _SHN_UNDEF or (_SHN_LORESERVE <= st_shndx and st_shndx != _SHN_XINDEX):
+            continue
+        if st_size:
+            end = st_value + st_size
+        elif st_shndx < len(sections):
+            sec = sections[st_shndx]
+            end = max(sec.addr + sec.size, st_value + 1)
+        else:
+            end = st_value + 1
+        nul = strtab.find(b"\0", st_name)
+        name = strtab[st_name:nul if nul >= 0 else len(strtab)]
+        if not name:
+            continue
+        # Among aliases at one address: fewest leading underscores (``write`` over
+        # ``__libc_write``), then global over weak over local, then the name itself.
+        rank = _BINDING_RANK.get(st_info >> 4, 2)
+        out.append((st_value, end, (len(name) - len(name.lstrip(b"_")), rank, name), name))
+    return out
+
+
+def _minidebuginfo(read: Read, sections: list[_Section], shstrndx: int) -> list:
+    """FUNC symbols from the xz-compressed ``.gnu_debugdata`` ELF, when the image has one."""
+    if shstrndx >= len(sections):
+        return []
+    names_sec = sections[shstrndx]
+    names = _exactly(read, names_sec.offset, names_sec.size)
+    for s in sections:
+        if names[s.name:names.find(b"\0", s.name)] == b".gnu_debugdata":
+            # A broken .gnu_debugdata costs only its own symbols, not the .dynsym ones.
+            try:
+                inner = lzma.LZMADecompressor().decompress(_exactly(read, s.offset, s.size),
+                                                           max_length=_MAX_DEBUGDATA)
+                return _parse(lambda offset, size: inner[offset:offset + size],
+                              symtab_only=True)[2]
+            except (lzma.LZMAError, ElfError, *_MALFORMED):
+                return []
+    return []
+
+
+def _parse(read: Read, symtab_only: bool = False) -> tuple[str, list, list]:
+    """(build id, program headers, FUNC symbols) of one image."""
+    lay = _layout(read(0, 16))
+    (_, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
+     shstrndx) = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))
+    sections = _sections(read, lay, shoff, shnum, shentsize)
+    symbols = [sym for t in sections if t.type == _SHT_SYMTAB
+               for sym in _func_symbols(read, lay, sections, t)]
+    if symtab_only:
+        return "", [], symbols
+    phdrs = _segments(read, lay, phoff, phnum, phentsize)
+    if shstrndx == _SHN_XINDEX and sections:
+        shstrndx = sections[0].link
+    if not symbols:
+        symbols = [sym for t in sections if t.type == _SHT_DYNSYM
+                   for sym in _func_symbols(read, lay, sections, t)]
+        symbols += _minidebuginfo(read, sections, shstrndx)
+    return _build_id(read, lay, phdrs, sections), phdrs, symbols
+
+
+def parse_elf(read: Read) -> ElfFile:
+    """Build id, load segments and FUNC symbols of one ELF image (a file or memory)."""
+    try:
+        build_id, phdrs, found = _parse(read)
+    except _MALFORMED as e:
+        raise ElfError(f"malformed ELF: {e}") from None
+    found.sort(key=lambda s: (s[0], s[2]))
+    symbols: list[tuple[int, int, bytes]] = []
+    for start, end, _, name in found:
+        if not symbols or symbols[-1][0] != start:
+            symbols.append((start, end, name))
+    segments = tuple(LoadSegment(offset=o, vaddr=v, filesz=sz, executable=bool(fl & _PF_X))
+                     for t, fl, o, v, sz, _ in phdrs if t == _PT_LOAD)
+    return ElfFile(build_id=build_id, segments=segments, symbols=SymbolTable(symbols))
+
+
+def parse_elf_bytes(image: bytes) -> ElfFile:
+    """``parse_elf`` on an image in memory (the vdso read out of a process)."""
+    return parse_elf(lambda offset, size: image[offset:offset + size])
+
+
+def read_elf_fd(fd: int) -> ElfFile:
+    """``parse_elf`` on an open file, reading only the headers and symbol tables.
+
+    ``pread``, not ``mmap``: a library truncated while we read it must give an error, not
+    SIGBUS in the agent."""
+    try:
+        file_size = os.fstat(fd).st_size
+    except OSError as e:
+        raise ElfError(str(e)) from None
+
+    def read(offset: int, size: int) -> bytes:
+        try:
+            return os.pread(fd, max(0, min(size, file_size - offset)), offset)
+        except OSError as e:
+            raise ElfError(str(e)) from None
+    return parse_elf(read)

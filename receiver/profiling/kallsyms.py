@@ -1,0 +1,112 @@
+"""Kernel symbols from /proc/kallsyms: read once, sorted, looked up by bisect.
+
+kallsyms has no sizes, so a symbol extends to the next one. Modules and BPF programs come and
+go; an address past the last known symbol re-reads the file (at most once per ``RELOAD_AFTER_S``),
+which is how newly loaded code gets its names. With ``kernel.kptr_restrict`` hiding addresses
+(all zeros) kernel frames stay unresolved; that is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from array import array
+from bisect import bisect_right
+
+from .elf import build_id_from_notes
+from .model import KERNEL_MAPPING_PATH, Mapping
+
+__all__ = ["KernelSymbols"]
+
+log = logging.getLogger(__name__)
+
+_TEXT_TYPES = frozenset(b"tTwW")
+_ADDRESS_SPACE_END = (1 << 64) - 1
+
+
+class KernelSymbols:
+    """Names of kernel text addresses, and the one ``Mapping`` every kernel frame carries."""
+
+    RELOAD_AFTER_S = 60.0
+
+    def __init__(self, kallsyms_path: str = "/proc/kallsyms",
+                 notes_path: str = "/sys/kernel/notes") -> None:
+        self._path = kallsyms_path
+        self._starts = array("Q")
+        self._offsets = array("Q", [0])
+        self._names = b""
+        self._loaded_at = float("-inf")
+        self._hidden_logged = False
+        self.build_id = self._read_build_id(notes_path)
+        self.mapping = Mapping(0, _ADDRESS_SPACE_END, 0, KERNEL_MAPPING_PATH, self.build_id)
+        self.load()
+
+    @property
+    def available(self) -> bool:
+        """False when kallsyms could not be read or its addresses are hidden."""
+        return len(self._starts) > 0
+
+    @staticmethod
+    def _read_build_id(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return build_id_from_notes(f.read())
+        except OSError:
+            return ""
+
+    def load(self) -> None:
+        """(Re)reads kallsyms; keeps the previous table when that fails."""
+        self._loaded_at = time.monotonic()
+        try:
+            with open(self._path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            log.warning("cannot read %s (%s): kernel frames stay unresolved", self._path, e)
+            return
+        symbols: list[tuple[int, bytes]] = []
+        any_nonzero = False
+        for line in data.splitlines():
+            fields = line.split(None, 3)
+            if len(fields) < 3 or len(fields[1]) != 1 or fields[1][0] not in _TEXT_TYPES:
+                continue
+            try:
+                address = int(fields[0], 16)
+            except ValueError:
+                continue
+            if address:
+                any_nonzero = True
+                symbols.append((address, fields[2]))
+        if not any_nonzero:
+            if not self._hidden_logged:
+                self._hidden_logged = True
+                log.warning("%s shows no addresses (kernel.kptr_restrict, or not root): kernel "
+                            "frames stay unresolved, with their addresses", self._path)
+            return
+        symbols.sort()
+        self._starts = array("Q", (a for a, _ in symbols))
+        offsets = array("Q", [0])
+        total = 0
+        for _, name in symbols:
+            total += len(name)
+            offsets.append(total)
+        self._offsets = offsets
+        self._names = b"".join(name for _, name in symbols)
+        # file_offset == start: the frame's "file address" is the kernel address itself, which is
+        # what System.map/kallsyms-based tools symbolize with.
+        start = self._starts[0]
+        self.mapping = Mapping(start, _ADDRESS_SPACE_END, start, KERNEL_MAPPING_PATH, self.build_id)
+
+    def lookup(self, address: int) -> str:
+        """The kernel function containing ``address``, or ""."""
+        starts = self._starts
+        i = bisect_right(starts, address) - 1
+        if i == len(starts) - 1 and self._reload_allowed():
+            self.load()
+            starts = self._starts
+            i = bisect_right(starts, address) - 1
+        if i < 0 or i == len(starts) - 1:
+            return ""       # below the kernel, or past the last symbol, whose end is unknown
+        return self._names[self._offsets[i]:self._offsets[i + 1]].decode("utf-8", "replace")
+
+    def _reload_allowed(self) -> bool:
+        return len(self._starts) > 0 and time.monotonic() - self._loaded_at >= self.RELOAD_AFTER_S
