@@ -92,7 +92,7 @@ def test_compose_local_files_exist(compose: dict[str, Any]) -> None:
 def test_compose_agent_privileges_and_mounts(compose: dict[str, Any]) -> None:
     agent = compose["services"]["agent"]
     assert agent["pid"] == "host"
-    assert {"BPF", "PERFMON", "SYS_RESOURCE"} <= set(agent["cap_add"])
+    assert {"BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"} <= set(agent["cap_add"])
     assert not agent.get("privileged")
     mounts = {str(v).split(":")[1]: str(v) for v in agent["volumes"]}
     for target in ("/sys/kernel/tracing", "/sys/kernel/debug", "/sys/fs/cgroup", "/lib/modules",
@@ -229,7 +229,7 @@ def test_daemonset() -> None:
     (agent,) = pod["containers"]
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9464}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9464}
-    assert {"BPF", "PERFMON", "SYS_RESOURCE"} <= set(agent["securityContext"]["capabilities"]["add"])
+    assert {"BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"} <= set(agent["securityContext"]["capabilities"]["add"])
     env = {e["name"]: e for e in agent["env"]}
     assert env["K8S_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"] == "k8s.node.name=$(K8S_NODE_NAME)"
@@ -277,7 +277,7 @@ def test_systemd_unit() -> None:
     parser.read_string(SYSTEMD_UNIT.read_text())
     service = parser["Service"]
     for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
-        assert set(service[key].split()) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_RESOURCE"}
+        assert set(service[key].split()) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_RESOURCE", "CAP_SYS_PTRACE"}
     assert "run --config /etc/ebpf-otlp-receiver/config.yaml" in service["ExecStart"]
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert parser["Install"]["WantedBy"] == "multi-user.target"
