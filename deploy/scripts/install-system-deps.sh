@@ -9,7 +9,7 @@ RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificat
 # still provide the generic headers BCC needs, because our BPF code reads kernel data only
 # through tracepoint fields and helpers (never through struct layouts).
 HEADER_PKGS=(linux-headers-amd64)
-TEST_PKGS=(prometheus golang-go make gcc libc6-dev)
+TEST_PKGS=(prometheus golang-go make gcc libc6-dev curl unzip)
 
 want=("${RUNTIME_PKGS[@]}")
 case "${1:-}" in
