@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..telemetry import SelfTelemetry
 
 __all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
-           "load_bcc", "Requirement", "tracepoint_has_field"]
+           "load_bcc", "Requirement", "tracepoint_has_field", "cgroup_id_of"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,18 @@ def tracepoint_has_field(tracepoint: str, field: str) -> bool:
     return any(line.strip().startswith("field:") and
                line.split(";", 1)[0].rsplit(None, 1)[-1].split("[", 1)[0] == field
                for line in text.splitlines())
+
+
+def cgroup_id_of(path: str) -> int | None:
+    """The kernel's id of a cgroup v2 directory (its inode number, what
+    ``bpf_get_current_cgroup_id()`` returns); relative paths are under /sys/fs/cgroup."""
+    p = Path(path)
+    if not p.is_absolute():
+        p = Path("/sys/fs/cgroup") / path.lstrip("/")
+    try:
+        return os.stat(p).st_ino
+    except OSError:
+        return None
 
 
 class KernelClock:

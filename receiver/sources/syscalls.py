@@ -13,13 +13,12 @@ import ctypes
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from ..config import EbpfConfig
 from ..convert import syscalls as conv
 from ..model import Signal
-from .base import BccSource, Requirement
+from .base import BccSource, Requirement, cgroup_id_of
 
 __all__ = ["SyscallsSource"]
 
@@ -44,16 +43,6 @@ class ScSlowEvent(ctypes.Structure):
     _fields_ = [("start_ns", ctypes.c_uint64), ("end_ns", ctypes.c_uint64), ("ret", ctypes.c_int64),
                 ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32), ("nr", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32), ("comm", ctypes.c_char * SC_COMM_LEN)]
-
-
-def _cgroup_id(path: str) -> int | None:
-    p = Path(path)
-    if not p.is_absolute():
-        p = Path("/sys/fs/cgroup") / path.lstrip("/")
-    try:
-        return os.stat(p).st_ino
-    except OSError:
-        return None
 
 
 class SyscallsSource(BccSource):
@@ -106,7 +95,7 @@ class SyscallsSource(BccSource):
         except KeyError:
             cgs = None
         for cg in f.cgroups:
-            cid = _cgroup_id(cg)
+            cid = cgroup_id_of(cg)
             if cid is None:
                 log.warning("syscalls: cgroup %s not found; not filtered on", cg)
             elif cgs is not None:

@@ -1,0 +1,260 @@
+"""TCP network source (``bpf/network.bpf.c``): one span per finished connection and cumulative
+connection metrics.
+
+The kernel keeps one entry per connection and sends it to the ring buffer once, when it closes.
+Every ``report_interval`` the still-open connections are read from the map (their counts so far
+go into the metrics) and entries closed by an abort whose reset never came are finished here.
+Filters are in kernel maps: ``ports`` selects by server port (the peer port of a client, the
+local port of a server), ``addresses`` by peer address or network, ``filter`` by the owning
+process. The agent's own connections (e.g. its export to the Collector) are never tracked, so
+exporting cannot feed itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from ..config import EbpfConfig
+from ..convert import network as conv
+from ..model import EbpfEvent, EbpfEventType, Signal
+from .base import BccSource, Requirement, cgroup_id_of
+
+__all__ = ["NetworkSource", "NetConn", "NetEvent"]
+
+log = logging.getLogger(__name__)
+
+NET_COMM_LEN = 16
+NET_DIR_CLIENT = 1
+NET_F_ESTABLISHED = 1
+NET_F_CLOSED = 2
+AF_INET = 2
+# An entry closed by an abort (or before its owner was known) waits this long for its reset (or
+# owner) before user space finishes it.
+CLOSED_GRACE_NS = 1_000_000_000
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+class NetConn(ctypes.Structure):
+    """Mirror of ``struct net_conn`` in ``bpf/network.h``."""
+
+    _fields_ = [("start_ns", ctypes.c_uint64), ("end_ns", ctypes.c_uint64),
+                ("bytes_sent", ctypes.c_uint64), ("bytes_received", ctypes.c_uint64),
+                ("cgroup_id", ctypes.c_uint64), ("retransmits", ctypes.c_uint32),
+                ("resets_sent", ctypes.c_uint32), ("resets_received", ctypes.c_uint32),
+                ("pid", ctypes.c_uint32), ("local_port", ctypes.c_uint16), ("peer_port", ctypes.c_uint16),
+                ("family", ctypes.c_uint16), ("direction", ctypes.c_uint8), ("flags", ctypes.c_uint8),
+                ("local_addr", ctypes.c_uint8 * 16), ("peer_addr", ctypes.c_uint8 * 16),
+                ("comm", ctypes.c_char * NET_COMM_LEN)]
+
+
+class NetEvent(ctypes.Structure):
+    """Mirror of ``struct net_event``."""
+
+    _fields_ = [("sk", ctypes.c_uint64), ("c", NetConn)]
+
+
+def _address(raw: bytes) -> tuple[str, str]:
+    """(network.type, address) of an IPv6 or IPv4-mapped address as the kernel record has it."""
+    if raw[:12] == _V4_MAPPED:
+        return "ipv4", socket.inet_ntop(socket.AF_INET, raw[12:])
+    return "ipv6", socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def outcome_of(c: NetConn) -> str:
+    if not c.flags & NET_F_ESTABLISHED:
+        return "refused" if c.resets_received else "failed"
+    return "reset" if c.resets_received or c.resets_sent else "ok"
+
+
+class NetworkSource(BccSource):
+    name = "network"
+    bpf_file = "network.bpf.c"
+    lost_reasons = ("ringbuf_full", "connection_map_full")
+
+    TRACEPOINTS = ("sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
+                   "tcp:tcp_retransmit_skb", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")
+
+    def __init__(self, ctx: Any):
+        super().__init__(ctx)
+        self.config = ctx.config.sources.network
+        self.report_interval = float(self.config.report_interval)
+        self._min_span_ns = int(self.config.min_span_duration * 1e9)
+        self._spans = bool(self.config.spans)
+        self._metrics_on = bool(self.config.metrics)
+        self._metrics = conv.ConnectionMetrics(self.config.max_attribute_sets, self.config.peer_attributes)
+        self._start_unix_ns = time.time_ns()
+        self._stopping = False
+        self._submit = ctx.exporter.submit
+        self._to_span = ctx.converter.convert_event_to_span
+        self._resource = ctx.resources.get
+
+    @classmethod
+    def requirements(cls, config: EbpfConfig) -> list[Requirement]:
+        return [Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS]
+
+    def cflags(self) -> list[str]:
+        c = self.config
+        # 8 MiB of ring buffer: ~65 000 records, several seconds of 10 000 connection ends per
+        # second while the event loop is busy exporting.
+        return [f"-DMAX_CONNECTIONS={int(c.max_connections)}", "-DRINGBUF_PAGES=2048",
+                f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_ADDRESSES={1 if c.addresses else 0}",
+                f"-DFILTER_PROCESS={1 if c.filter.active else 0}", f"-DSELF_TGID={os.getpid()}"]
+
+    def configure(self, bpf: Any) -> None:
+        self._fill_endpoint_filters(bpf)
+        self._fill_process_filter(bpf)
+        self._start_unix_ns = time.time_ns()
+
+    def _fill_endpoint_filters(self, bpf: Any) -> None:
+        """Server ports; peer networks as IPv6 (IPv4 as IPv4-mapped) LPM-trie prefixes."""
+        one = ctypes.c_uint8(1)
+        for port in self.config.ports:
+            bpf["filter_ports"][ctypes.c_uint16(port)] = one
+        addrs = bpf["filter_addrs"]
+        for a in self.config.addresses:
+            net = ipaddress.ip_network(a, strict=False)
+            key = addrs.Key()
+            if net.version == 4:
+                raw, key.prefixlen = _V4_MAPPED + net.network_address.packed, net.prefixlen + 96
+            else:
+                raw, key.prefixlen = net.network_address.packed, net.prefixlen
+            ctypes.memmove(ctypes.addressof(key.addr), raw, 16)
+            addrs[key] = one
+
+    def _fill_process_filter(self, bpf: Any) -> None:
+        one = ctypes.c_uint8(1)
+        f = self.config.filter
+        for pid in f.pids:
+            bpf["filter_pids"][ctypes.c_uint32(pid)] = one
+        comms = bpf["filter_comms"]
+        for n in f.process_names:
+            key = comms.Key()
+            raw = n.encode()[: NET_COMM_LEN - 1]
+            ctypes.memmove(ctypes.addressof(key), raw, len(raw))
+            comms[key] = one
+        for cg in f.cgroups:
+            cid = cgroup_id_of(cg)
+            if cid is None:
+                log.warning("network: cgroup %s not found; not filtered on", cg)
+            else:
+                bpf["filter_cgroups"][ctypes.c_uint64(cid)] = one
+
+    # ------------------------------------------------------------------ records → spans, metrics
+
+    def _event(self, event_type: EbpfEventType, c: NetConn, end_ns: int) -> EbpfEvent:
+        net_type, local = _address(bytes(c.local_addr))
+        peer = _address(bytes(c.peer_addr))[1]
+        client = c.direction == NET_DIR_CLIENT
+        attrs: dict[str, Any] = {
+            "network.transport": "tcp", "network.type": net_type,
+            "network.local.address": local, "network.local.port": c.local_port,
+            "network.peer.address": peer, "network.peer.port": c.peer_port,
+            "tcp.connection.direction": "client" if client else "server",
+            "tcp.connection.outcome": outcome_of(c),
+            "tcp.connection.sent_bytes": c.bytes_sent, "tcp.connection.received_bytes": c.bytes_received,
+            "tcp.connection.retransmits": c.retransmits,
+            "tcp.connection.resets_sent": c.resets_sent, "tcp.connection.resets_received": c.resets_received,
+        }
+        if client:
+            attrs["server.address"], attrs["server.port"] = peer, c.peer_port
+        else:
+            attrs["server.address"], attrs["server.port"] = local, c.local_port
+            attrs["client.address"], attrs["client.port"] = peer, c.peer_port
+        clock = self.ctx.clock
+        start = clock.to_unix_nano(c.start_ns)
+        return EbpfEvent(event_type, pid=c.pid, timestamp_unix_nano=start,
+                         duration_ns=max(end_ns - c.start_ns, 0), comm=c.comm.decode("utf-8", "replace"),
+                         attributes=attrs, cgroup_id=c.cgroup_id)
+
+    @staticmethod
+    def _counts(c: NetConn) -> tuple[int, ...]:
+        return (c.bytes_sent, c.bytes_received, c.retransmits, c.resets_sent, c.resets_received)
+
+    def _series_key(self, ev: EbpfEvent) -> conv.SeriesKey:
+        a = ev.attributes
+        return self._metrics.key(ev.pid, a["tcp.connection.direction"], a["network.type"],
+                                 a["network.peer.address"], a["network.peer.port"])
+
+    def _finished(self, sk: int, c: NetConn) -> None:
+        ev = self._event(EbpfEventType.NETWORK_CONNECTION, c, c.end_ns)
+        if self._spans and ev.duration_ns >= self._min_span_ns:
+            span = self._to_span(ev)
+            if span is not None:
+                self._submit(Signal.TRACES, self._resource(ev.pid, ev.comm, cgroup_id=ev.cgroup_id), span)
+        if self._metrics_on:
+            self._metrics.observe_finished((sk, c.start_ns), self._series_key(ev), ev.comm, self._counts(c),
+                                           ev.attributes["tcp.connection.outcome"], ev.duration_ns / 1e9)
+
+    def handle_event(self, data: int, size: int) -> None:
+        ev = NetEvent.from_address(data)
+        self._received.inc()
+        self._finished(ev.sk, ev.c)
+
+    # ------------------------------------------------------------------ periodic: open connections
+
+    def collect(self) -> None:
+        if self.bpf is None:
+            return
+        conns = self.bpf["conns"]
+        now_k = time.monotonic_ns()   # the clock bpf_ktime_get_ns() reads
+        grace = 0 if self._stopping else CLOSED_GRACE_NS
+        self._metrics.begin_scan()
+        finished = []
+        for sk, c in _items(conns):
+            if c.flags & NET_F_CLOSED:
+                if now_k - c.end_ns >= grace:
+                    finished.append((sk, c))
+                continue
+            if not self._metrics_on:
+                continue
+            ev = self._event(EbpfEventType.NETWORK_CONNECTION_ACTIVE, c, now_k)
+            self._metrics.observe_active((sk, c.start_ns), self._series_key(ev), ev.comm, self._counts(c))
+        self._metrics.end_scan()
+        for sk, c in finished:   # the reset or owner never came (e.g. a timeout): finished now
+            try:
+                del conns[conns.Key(sk)]
+            except KeyError:
+                continue   # the kernel finished it meanwhile
+            if c.pid or not self.config.filter.active:   # no owner: the process filter cannot select it
+                self._received.inc()
+                self._finished(sk, c)
+        self._export_metrics()
+
+    async def stop(self) -> None:
+        self._stopping = True   # the last collection finishes every closed connection
+        try:
+            await super().stop()
+        finally:
+            self._stopping = False
+
+    def _export_metrics(self) -> None:
+        if not self._metrics_on:
+            return
+        now = time.time_ns()
+        dead = set()
+        for pid, series in self._metrics.by_pid().items():
+            comm = series[0][1].comm
+            resource = self._resource(pid, comm) if pid else self.ctx.resources.host_resource
+            for m in conv.series_metrics(series, self._start_unix_ns, now):
+                self._submit(Signal.METRICS, resource, m)
+            if pid and not os.path.exists(f"/proc/{pid}"):
+                dead.add(pid)
+        if dead:
+            self._metrics.forget_pids(dead)
+            for pid in dead:
+                self.ctx.resources.forget(pid)
+
+
+def _items(table: Any) -> list[tuple[int, NetConn]]:
+    """All entries as (socket address, connection), in one batched read where the kernel allows."""
+    try:
+        pairs = list(table.items_lookup_batch())
+    except Exception:   # older kernels / BCC without batch ops
+        pairs = list(table.items())
+    return [(getattr(k, "value", k), NetConn.from_buffer_copy(v)) for k, v in pairs]
