@@ -289,9 +289,11 @@ class ProfilerSourceConfig:
 
 @dataclass(frozen=True)
 class NetworkSourceConfig:
-    """TCP connection lifecycle as spans and metrics. Peer address/port become metric attributes
-    only with ``peer_attributes``; attribute sets beyond ``max_attribute_sets`` go to an overflow
-    series (``otel.metric.overflow=true``)."""
+    """TCP connection lifecycle as spans and metrics. ``ports`` selects connections by their
+    server port (a client's peer port, a server's local port); ``addresses`` by the peer address
+    or network. Peer address/port become metric attributes only with ``peer_attributes``;
+    attribute sets beyond ``max_attribute_sets`` go to an overflow series
+    (``otel.metric.overflow=true``)."""
 
     enabled: bool = True
     spans: bool = True
