@@ -73,3 +73,8 @@ class EbpfOtlpConverter:
         from . import profiles  # the profiler's module; imported lazily (pprof protos)
 
         return profiles.profile_to_otlp(profile)
+
+
+# Each source's conversion module registers its event types; import them here so the library
+# API converts every event type without the sources being loaded.
+from . import network, syscalls  # noqa: E402,F401

@@ -28,12 +28,15 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from ..model import EbpfEvent, EbpfEventType
+from .converter import register
 from .resource import to_key_values
 
 __all__ = ["syscall_names", "errno_name", "calls_metric", "errors_metric", "duration_metric",
-           "slow_call_span", "HistPoint"]
+           "slow_call_span", "HistPoint", "syscall_event_to_span", "syscall_event_to_metric"]
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 
 # Kernel-internal codes that can reach sys_exit but are not in userspace errno.h.
 _KERNEL_ERRNOS = {512: "ERESTARTSYS", 513: "ERESTARTNOINTR", 514: "ERESTARTNOHAND",
@@ -143,3 +146,29 @@ def slow_call_span(name: str, nr: int, pid: int, tid: int, ret: int, start_unix_
     return Span(trace_id=os.urandom(16), span_id=os.urandom(8), name=name, kind=Span.SPAN_KIND_INTERNAL,
                 start_time_unix_nano=start_unix_ns, end_time_unix_nano=end_unix_ns,
                 attributes=to_key_values(attrs), status=status)
+
+
+# ------------------------------------------------------------------ one call as an EbpfEvent
+# (the library path: ``EbpfOtlpConverter.convert_event_to_span/metric`` of a SYSCALL event;
+# attributes ``syscall.name``, ``syscall.nr``, ``syscall.return_value``)
+
+def syscall_event_to_span(event: EbpfEvent) -> Span | None:
+    a = event.attributes
+    return slow_call_span(a.get("syscall.name", "syscall"), a.get("syscall.nr", -1), event.pid,
+                          event.tid or event.pid, a.get("syscall.return_value", 0),
+                          event.timestamp_unix_nano, event.end_unix_nano)
+
+
+def syscall_event_to_metric(event: EbpfEvent) -> Metric | None:
+    """One call's duration as a delta ``syscall.duration`` point (scale 0, as the aggregates)."""
+    h = HistPoint()
+    d = max(0, event.duration_ns)
+    h.count, h.sum_ns, h.min_ns, h.max_ns = 1, d, d, d
+    h.slots[d.bit_length() - 1] = 1          # -1 (the zero bucket) for a zero duration
+    attrs = {"syscall.name": event.attributes.get("syscall.name", "syscall")}
+    m = duration_metric([(attrs, h)], event.timestamp_unix_nano, event.end_unix_nano)
+    m.exponential_histogram.aggregation_temporality = DELTA
+    return m
+
+
+register(EbpfEventType.SYSCALL, span=syscall_event_to_span, metric=syscall_event_to_metric)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import EbpfConfig
 from ..convert import syscalls as conv
-from ..model import Signal
+from ..model import EbpfEvent, EbpfEventType, Signal
 from .base import BccSource, Requirement, cgroup_id_of
 
 __all__ = ["SyscallsSource"]
@@ -123,9 +123,13 @@ class SyscallsSource(BccSource):
         self._received.inc()
         comm = ev.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
         clock = self.ctx.clock
-        span = conv.slow_call_span(self.syscall_name(ev.nr), ev.nr, ev.pid, ev.tid, ev.ret,
-                                   clock.to_unix_nano(ev.start_ns), clock.to_unix_nano(ev.end_ns))
-        self.ctx.exporter.submit(Signal.TRACES, self.ctx.resources.get(ev.pid, comm), span)
+        start = clock.to_unix_nano(ev.start_ns)
+        event = EbpfEvent(EbpfEventType.SYSCALL, ev.pid, ev.tid, start, ev.end_ns - ev.start_ns, comm,
+                          {"syscall.name": self.syscall_name(ev.nr), "syscall.nr": ev.nr,
+                           "syscall.return_value": ev.ret})
+        span = self.ctx.converter.convert_event_to_span(event)
+        if span is not None:
+            self.ctx.exporter.submit(Signal.TRACES, self.ctx.resources.get(ev.pid, comm), span)
 
     # ------------------------------------------------------------------ aggregates → metrics
 
