@@ -4,5 +4,7 @@ from ._version import __version__
 from .config import EbpfConfig
 from .convert.converter import EbpfOtlpConverter
 from .model import EbpfEvent, EbpfEventType, Signal
+from .profiling.profiler import EbpfCpuProfiler
 
-__all__ = ["__version__", "EbpfConfig", "EbpfEvent", "EbpfEventType", "EbpfOtlpConverter", "Signal"]
+__all__ = ["__version__", "EbpfConfig", "EbpfCpuProfiler", "EbpfEvent", "EbpfEventType",
+           "EbpfOtlpConverter", "Signal"]

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 SOURCE_MODULES = {
     "process": "receiver.sources.process:ProcessSource",
     "syscalls": "receiver.sources.syscalls:SyscallsSource",
+    "profiler": "receiver.sources.profiler:ProfilerSource",
     "network": "receiver.sources.network:NetworkSource",
 }
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..telemetry import SelfTelemetry
 
 __all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
-           "load_bcc", "Requirement", "tracepoint_has_field", "cgroup_id_of"]
+           "load_bcc", "compile_bpf", "Requirement", "tracepoint_has_field", "cgroup_id_of"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,23 @@ def load_bcc() -> Any:
             "bcc", "the BCC Python module is not importable",
             "apt-get install python3-bpfcc, and make the venv see it (make setup links it)") from None
     return bcc
+
+
+def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
+    """Compiles and loads ``bpf/<bpf_file>`` with BCC, or raises ``SourceUnavailableError``
+    saying what is missing (BCC, the program file, kernel headers for BCC's compiler)."""
+    bcc = load_bcc()
+    src_dir = bpf_source_dir()
+    path = src_dir / bpf_file
+    if not path.is_file():
+        raise SourceUnavailableError(source_name, f"BPF program {path} is missing from the installation")
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not (build / "include").exists():
+        raise SourceUnavailableError(
+            source_name, f"no kernel headers at {build}",
+            "apt-get install linux-headers-amd64 (or linux-headers-$(uname -r)), then "
+            "deploy/scripts/prepare-host.sh links them")
+    return bcc.BPF(text=path.read_text(), cflags=[f"-I{src_dir}", *cflags])
 
 
 def tracepoint_has_field(tracepoint: str, field: str) -> bool:
@@ -198,19 +215,7 @@ class BccSource(Source):
     # -------------------------------------------------------------- lifecycle
 
     def _compile(self) -> Any:
-        bcc = load_bcc()
-        src_dir = bpf_source_dir()
-        path = src_dir / self.bpf_file
-        if not path.is_file():
-            raise SourceUnavailableError(self.name, f"BPF program {path} is missing from the installation")
-        build = Path(f"/lib/modules/{os.uname().release}/build")
-        if not (build / "include").exists():
-            raise SourceUnavailableError(
-                self.name, f"no kernel headers at {build}",
-                "apt-get install linux-headers-amd64 (or linux-headers-$(uname -r)), then "
-                "deploy/scripts/prepare-host.sh links them")
-        flags = [f"-I{src_dir}", *self.cflags()]
-        return bcc.BPF(text=path.read_text(), cflags=flags)
+        return compile_bpf(self.name, self.bpf_file, self.cflags())
 
     async def start(self) -> None:
         if self.bpf is not None:

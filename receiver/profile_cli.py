@@ -1,0 +1,130 @@
+"""``ebpf-otlp-receiver profile``: a one-off CPU profile to files, without any Collector.
+
+    ebpf-otlp-receiver profile --duration 10s [--pid N] [--frequency F] --output cpu.pb.gz
+                               [--folded cpu.folded] [--flamegraph cpu.svg]
+
+Progress goes to stderr. Ctrl-C ends the profile early; the files are still written.
+Exit codes as for every command: 0 done, 1 cannot profile here (e.g. not root), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .cli import COMMANDS
+from .config import EbpfConfig, parse_duration
+from .errors import SourceUnavailableError
+
+__all__ = ["cmd_profile"]
+
+PROGRESS_EVERY_S = 1.0
+MAX_DURATION_S = 24 * 3600
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 10s, 500ms, 2m)") from None
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 24h")
+    return seconds
+
+
+def _pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id") from None
+    if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+        raise argparse.ArgumentTypeError(f"no process with pid {text}")
+    return pid
+
+
+def _output_path(text: str) -> Path:
+    path = Path(text)
+    try:
+        found = path.parent.is_dir()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot reach directory {str(path.parent)!r}: {e.strerror}") from None
+    if not found:
+        raise argparse.ArgumentTypeError(f"directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", "-d", type=_duration, default=10.0, metavar="DURATION",
+                   help="how long to sample (default 10s); Ctrl-C ends early")
+    p.add_argument("--pid", "-p", type=_pid, action="append", metavar="PID",
+                   help="only this process (repeatable; default: every process)")
+    p.add_argument("--frequency", "-F", type=int, default=99, metavar="HZ",
+                   help="samples per second per CPU, 1 to 1000 (default 99)")
+    p.add_argument("--output", "-o", type=_output_path, required=True, metavar="FILE",
+                   help="pprof file, gzip-compressed (go tool pprof reads it)")
+    p.add_argument("--folded", type=_output_path, metavar="FILE", help="also folded stacks (flamegraph.pl input)")
+    p.add_argument("--flamegraph", type=_output_path, metavar="FILE", help="also an SVG flame graph")
+
+
+def _progress(text: str, final: bool = False) -> None:
+    if sys.stderr.isatty():
+        print(f"\r{text}", end="\n" if final else "", file=sys.stderr, flush=True)
+    elif final:
+        print(text, file=sys.stderr, flush=True)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .preflight import has_bpf_capabilities
+    from .profiling.flamegraph import to_folded, write_flamegraph_svg
+    from .profiling.pprof import write_pprof
+    from .profiling.profiler import EbpfCpuProfiler
+
+    section = {"preset": "development", "frequency": args.frequency, "report_interval": "5s",
+               "filter": {"pids": args.pid or []}}
+    config = EbpfConfig.from_dict({"sources": {"profiler": section}}, environ={})  # ConfigError → 2
+    if os.geteuid() != 0 and not has_bpf_capabilities():
+        print("ebpf-otlp-receiver: error: profiling loads a BPF program, which needs root or "
+              "CAP_BPF+CAP_PERFMON (fix: run it with sudo)", file=sys.stderr)
+        return 1
+    who = f"pid {', '.join(map(str, args.pid))}" if args.pid else "all processes"
+    print(f"profiling {who} at {args.frequency} Hz for {args.duration:g}s (Ctrl-C ends early); "
+          "loading the BPF program…", file=sys.stderr, flush=True)
+    profiler = EbpfCpuProfiler(config)
+    try:
+        profiler.start()
+    except SourceUnavailableError as e:
+        print(f"ebpf-otlp-receiver: error: {e.reason}" + (f" (fix: {e.fix})" if e.fix else ""),
+              file=sys.stderr)
+        return 1
+    print("attached; sampling", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    interrupted = False
+    try:
+        while (left := args.duration - (time.monotonic() - t0)) > 0:
+            time.sleep(min(PROGRESS_EVERY_S, left))
+            _progress(f"  {time.monotonic() - t0:5.1f}s  {profiler.samples_so_far()} samples")
+    except KeyboardInterrupt:
+        interrupted = True
+    profile = profiler.stop_profile()
+    elapsed = time.monotonic() - t0
+    _progress(f"{'stopped by Ctrl-C after' if interrupted else 'sampled for'} {elapsed:.1f}s: "
+              f"{profile.total_samples} samples in {len(profile.samples)} stacks", final=True)
+
+    write_pprof(profile, args.output)
+    written = [str(args.output)]
+    if args.folded:
+        args.folded.write_text(to_folded(profile))
+        written.append(str(args.folded))
+    if args.flamegraph:
+        write_flamegraph_svg(profile, args.flamegraph,
+                             title=f"CPU: {who}, {args.frequency} Hz, {elapsed:.1f}s")
+        written.append(str(args.flamegraph))
+    print(f"wrote {', '.join(written)}; view with: go tool pprof -http=: {args.output}", file=sys.stderr)
+    return 0
+
+
+COMMANDS["profile"] = ("a CPU profile to pprof/folded/SVG files, without a Collector",
+                       _add_profile, cmd_profile)

@@ -1,0 +1,329 @@
+"""The CPU profiler's BPF program (``bpf/profiler.bpf.c``): load it, fill its filter maps,
+attach its perf events, and drain its per-stack counts into a symbolized ``CpuProfile``.
+
+Both the ``profiler`` source and the library's ``EbpfCpuProfiler`` run the program through this
+one class; they differ only in where the profiles go.
+
+Draining swaps generations: the program counts into ``counts<g>``/``stacks<g>`` where ``g`` is
+``settings[0]``. ``drain()`` flips ``g``, waits a moment for programs still running on the old
+generation, then reads and deletes the old counts in one batch and reads and deletes each
+stack they name. Samples that arrive meanwhile go to the other generation, so none is lost and
+no stack id is freed while a key still counts on it. Samples the maps refused (stack hash-bucket
+collision, full stack or counts map) arrive whole over the ring buffer and are counted here,
+into the same profile.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ProfilerSourceConfig
+from ..convert.resource import CgroupResolver
+from ..errors import SourceUnavailableError
+from ..sources.base import cgroup_id_of, compile_bpf, load_bcc
+from .model import CpuProfile, Frame, StackSample
+from .symbolize import Symbolizer
+
+__all__ = ["BPF_FILE", "LOST_REASONS", "CpuSampler"]
+
+log = logging.getLogger(__name__)
+
+BPF_FILE = "profiler.bpf.c"
+COMM_LEN = 16
+MAX_STACK_DEPTH = 127
+MAX_PROCESSES = 8192          # seen_processes LRU in the kernel
+RINGBUF_PAGES = 256           # 1 MiB: new-process notices and whole samples
+MIN_WHOLE_KEYS = 4096        # distinct whole samples kept per interval, at least
+PROGRAM = b"on_cpu_sample"
+# Programs that read the old generation before the flip finish within microseconds (they run
+# with interrupts off); this is a wide margin.
+GENERATION_SETTLE_S = 0.005
+
+# Slots of the program's ``lost`` per-CPU array (bpf/profiler.h PROF_LOST_*).
+LOST_REASONS = ("counts_map_full", "stack_collision", "stack_map_full", "stack_fault", "ringbuf_full")
+# Slots of ``stats`` (PROF_STAT_*).
+STAT_NAMES = ("counted", "idle", "filtered", "dropped", "recorded")
+SET_GENERATION, SET_FILTER = 0, 1
+REC_NEW_PROCESS, REC_SAMPLE = 1, 2
+
+
+class ProfKey(ctypes.Structure):
+    """Mirror of ``struct prof_key``."""
+
+    _fields_ = [("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
+                ("user_stack_id", ctypes.c_int32), ("kernel_stack_id", ctypes.c_int32),
+                ("cgroup_id", ctypes.c_uint64), ("comm", ctypes.c_char * COMM_LEN)]
+
+
+class NewProcess(ctypes.Structure):
+    """Mirror of ``struct prof_new_process``."""
+
+    _fields_ = [("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
+
+
+class WholeSample(ctypes.Structure):
+    """Mirror of ``struct prof_sample`` (a sample with its stacks, sent over the ring buffer)."""
+
+    _fields_ = [("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
+                ("user_bytes", ctypes.c_uint32), ("kernel_bytes", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64),
+                ("comm", ctypes.c_char * COMM_LEN),
+                ("user", ctypes.c_uint64 * MAX_STACK_DEPTH), ("kernel", ctypes.c_uint64 * MAX_STACK_DEPTH)]
+
+
+# A drained count: (pid, tid, comm, cgroup id, user addresses, kernel addresses) → samples
+WholeKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...]]
+
+
+def _executable_name(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class CpuSampler:
+    """One loaded profiler program and what user space keeps for it (symbols, process names)."""
+
+    def __init__(self, config: ProfilerSourceConfig, source_name: str = "profiler"):
+        self.config = config
+        self.source_name = source_name
+        self.frequency = config.sample_frequency
+        self.bpf: Any = None
+        self.symbolizer = Symbolizer(max_files=config.symbol_cache_size, max_processes=4096)
+        self.cgroups = CgroupResolver()
+        self._attached = False
+        self._generation = 0
+        self._generation_start_ns = time.time_ns()
+        self._process_names: dict[int, str] = {}   # noted pids → process.executable.name
+        self._exited: set[int] = set()             # seen gone at the last drain; forgotten at the next
+        self._whole: dict[WholeKey, int] = {}      # ring-buffer samples since the last drain
+        self._max_whole = max(config.max_stacks, MIN_WHOLE_KEYS)
+        self.whole_lost = 0                        # … beyond _max_whole distinct ones: dropped
+        self._stack_leaf: Any = None               # one reusable stack-map lookup buffer
+
+    # ------------------------------------------------------------------ load / attach
+
+    def cflags(self) -> list[str]:
+        c = self.config
+        return [f"-DMAX_KEYS={int(c.max_stacks)}", f"-DMAX_STACKS={int(c.max_stacks)}",
+                f"-DMAX_PROCESSES={MAX_PROCESSES}",
+                f"-DUSER_STACKS={1 if c.user_stacks else 0}",
+                f"-DKERNEL_STACKS={1 if c.kernel_stacks else 0}",
+                f"-DFILTER_ACTIVE={1 if c.filter.active else 0}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
+                f"-DWAKE_EVERY={self._wake_every()}"]
+
+    @staticmethod
+    def _wake_every() -> int:
+        """Whole samples a CPU may leave unread before waking user space: all CPUs together
+        then fill at most half the ring buffer."""
+        cpus = os.cpu_count() or 1
+        return max(1, RINGBUF_PAGES * 4096 // (2 * cpus * ctypes.sizeof(WholeSample)))
+
+    def load(self) -> Any:
+        """Compiles the program (for callers without a ``BccSource``); ``bind()`` it next."""
+        try:
+            return compile_bpf(self.source_name, BPF_FILE, self.cflags())
+        except SourceUnavailableError:
+            raise
+        except Exception as e:
+            raise SourceUnavailableError(self.source_name, f"the profiler program failed to load: {e}") from e
+
+    def bind(self, bpf: Any) -> None:
+        """Fills the filter maps, then attaches the perf events (so filtering holds from the
+        first sample)."""
+        self.bpf = bpf
+        if ctypes.sizeof(bpf["counts0"].Key) != ctypes.sizeof(ProfKey):
+            raise SourceUnavailableError(self.source_name, "bpf/profiler.h and sampler.py disagree on struct prof_key")
+        self._stack_leaf = bpf["stacks0"].Leaf()
+        f = self.config.filter
+        if f.active:
+            one = ctypes.c_uint8(1)
+            for pid in f.pids:
+                bpf["filter_pids"][ctypes.c_uint32(pid)] = one
+            comms = bpf["filter_comms"]
+            for n in f.process_names:
+                key = comms.Key()
+                raw = n.encode()[: COMM_LEN - 1]
+                ctypes.memmove(ctypes.addressof(key), raw, len(raw))
+                comms[key] = one
+            for cg in f.cgroups:
+                cid = cgroup_id_of(cg)
+                if cid is None:
+                    log.warning("%s: cgroup %s not found; not filtered on", self.source_name, cg)
+                else:
+                    bpf["filter_cgroups"][ctypes.c_uint64(cid)] = one
+            bpf["settings"][ctypes.c_int(SET_FILTER)] = ctypes.c_uint32(1)
+        self._generation = 0
+        self._generation_start_ns = time.time_ns()
+        bcc = load_bcc()
+        try:
+            bpf.load_func(PROGRAM, bcc.BPF.PERF_EVENT)
+        except Exception as e:
+            raise SourceUnavailableError(self.source_name, f"the kernel rejected the profiler program: {e}") from e
+        try:
+            bpf.attach_perf_event(ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
+                                  fn_name=PROGRAM, sample_freq=self.frequency, cpu=-1)
+        except Exception as e:
+            raise SourceUnavailableError(
+                self.source_name, f"cannot open software cpu-clock perf events: {e}",
+                "a kernel with CONFIG_PERF_EVENTS; kernel.perf_event_paranoid <= 2 with CAP_PERFMON, "
+                "or root") from e
+        self._attached = True
+
+    def detach(self) -> None:
+        """Closes the perf events: no sample after this returns. Safe to call twice."""
+        if self._attached and self.bpf is not None:
+            bcc = load_bcc()
+            self._attached = False
+            self.bpf.detach_perf_event(ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK)
+
+    # ------------------------------------------------------------------ ring-buffer records
+
+    def on_record(self, data: int) -> None:
+        """One ring-buffer record: a new process, or a sample sent whole."""
+        kind = ctypes.c_uint32.from_address(data).value
+        if kind == REC_NEW_PROCESS:
+            self._note_process(NewProcess.from_address(data).pid)
+        elif kind == REC_SAMPLE:
+            self._count_whole(WholeSample.from_address(data))
+        else:
+            raise ValueError(f"unknown ring-buffer record kind {kind}")
+
+    def _note_process(self, pid: int) -> None:
+        """A process's first sample: capture its mappings now, while it is alive."""
+        self.symbolizer.note_process(pid)
+        self._process_names[pid] = _executable_name(pid)
+        self._exited.discard(pid)
+
+    def _count_whole(self, rec: WholeSample) -> None:
+        key = (rec.pid, rec.tid, rec.comm, rec.cgroup_id,
+               tuple(rec.user[: min(rec.user_bytes // 8, MAX_STACK_DEPTH)]),
+               tuple(rec.kernel[: min(rec.kernel_bytes // 8, MAX_STACK_DEPTH)]))
+        n = self._whole.get(key)
+        if n is not None:
+            self._whole[key] = n + 1
+        elif len(self._whole) < self._max_whole:
+            self._whole[key] = 1
+        else:
+            self.whole_lost += 1
+
+    # ------------------------------------------------------------------ drain
+
+    def drain(self) -> CpuProfile:
+        """Everything counted since the previous drain, symbolized."""
+        bpf = self.bpf
+        old = self._generation
+        self._generation = 1 - old
+        bpf["settings"][ctypes.c_int(SET_GENERATION)] = ctypes.c_uint32(self._generation)
+        now = time.time_ns()
+        profile = CpuProfile(start_unix_nano=self._generation_start_ns,
+                             duration_ns=max(now - self._generation_start_ns, 0),
+                             frequency_hz=self.frequency)
+        self._generation_start_ns = now
+        time.sleep(GENERATION_SETTLE_S)
+
+        counts = list(bpf[f"counts{old}"].items_lookup_and_delete_batch())
+        stacks = self._take_stacks(bpf[f"stacks{old}"], counts)
+        whole, self._whole = self._whole, {}
+        frames_of: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Frame, ...]] = {}
+        for k, v in counts:
+            self._add_sample(profile, frames_of, k.pid, k.tid, k.comm, k.cgroup_id,
+                             stacks.get(k.user_stack_id, ()), stacks.get(k.kernel_stack_id, ()), int(v))
+        for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
+            self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
+        self._forget_exited()
+        return profile
+
+    def _add_sample(self, profile: CpuProfile,
+                    frames_of: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Frame, ...]],
+                    pid: int, tid: int, comm: bytes, cgroup_id: int,
+                    user: tuple[int, ...], kernel: tuple[int, ...], count: int) -> None:
+        """Symbolizes (once per process and stack within a drain) and appends one sample."""
+        fk = (pid, user, kernel)
+        frames = frames_of.get(fk)
+        if frames is None:
+            frames = frames_of[fk] = self.symbolizer.symbolize(pid, user, kernel)
+        name = self._process_names.get(pid)
+        if name is None:   # its notice was lost, or it was announced before we bound
+            name = self._process_names[pid] = _executable_name(pid)
+        profile.samples.append(StackSample(
+            frames=frames, count=count, pid=pid, tid=tid,
+            thread_name=comm.decode("utf-8", "replace"), process_name=name,
+            container_id=self.cgroups.container_id(cgroup_id), cgroup_id=cgroup_id))
+
+    def _take_stacks(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, tuple[int, ...]]:
+        """Reads and deletes every stack the drained counts name, then any stack left over
+        (one whose count could not be stored)."""
+        from bcc.libbcc import lib
+
+        fd = table.map_fd
+        leaf = self._stack_leaf
+        ids = {k.user_stack_id for k, _ in counts} | {k.kernel_stack_id for k, _ in counts}
+        ids.discard(-1)
+        out: dict[int, tuple[int, ...]] = {}
+        key = ctypes.c_uint32()
+        for sid in ids:
+            key.value = sid
+            if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
+                ips = array.array("Q", bytes(leaf))   # 8x faster than iterating the ctypes array
+                try:
+                    ips = ips[: ips.index(0)]
+                except ValueError:
+                    pass
+                out[sid] = tuple(ips)
+            lib.bpf_delete_elem(fd, ctypes.byref(key))
+        for left in list(table.keys()):
+            lib.bpf_delete_elem(fd, ctypes.byref(left))
+        return out
+
+    def _forget_exited(self) -> None:
+        """Frees what is kept for processes found gone at the previous drain: their last
+        samples (counted in the generation active then) have now been read."""
+        gone = self._exited
+        self._exited = set()
+        seen = self.bpf["seen_processes"]
+        for pid in gone:
+            self.symbolizer.forget(pid)
+            self._process_names.pop(pid, None)
+            try:
+                del seen[seen.Key(pid)]   # a recycled pid is announced afresh
+            except KeyError:
+                pass
+        for pid in self._process_names:
+            if not os.path.exists(f"/proc/{pid}"):
+                self._exited.add(pid)
+
+    # ------------------------------------------------------------------ counters
+
+    def lost_totals(self) -> list[int]:
+        """Cumulative losses per ``LOST_REASONS`` slot, summed over CPUs (plus, as collisions,
+        whole samples dropped in user space beyond the bound)."""
+        totals = self._per_cpu_totals("lost", len(LOST_REASONS))
+        totals[LOST_REASONS.index("stack_collision")] += self.whole_lost
+        return totals
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative samples by fate (counted, idle, filtered, dropped), summed over CPUs."""
+        return dict(zip(STAT_NAMES, self._per_cpu_totals("stats", len(STAT_NAMES))))
+
+    def _per_cpu_totals(self, name: str, n: int) -> list[int]:
+        table = self.bpf[name]
+        return [sum(int(v) for v in table[ctypes.c_int(i)]) for i in range(n)]
+
+    def close(self) -> None:
+        """Detaches and unloads (for callers without a ``BccSource``, which does its own)."""
+        if self.bpf is not None:
+            self.detach()
+            self.bpf.cleanup()
+            self.bpf = None

@@ -1,0 +1,99 @@
+"""CPU profiler source (``bpf/profiler.bpf.c`` through ``CpuSampler``): every ``report_interval``
+the kernel's per-stack counts are drained, symbolized and exported as one OTLP Profiles request
+(one resource per process), and written as a pprof file to ``pprof_dir`` when that is set."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from ..config import EbpfConfig
+from ..convert.profiles import profile_to_otlp
+from ..model import Signal
+from ..profiling.model import CpuProfile
+from ..profiling.pprof import write_pprof
+from ..profiling.sampler import LOST_REASONS, CpuSampler
+from .base import BccSource, Requirement
+
+__all__ = ["ProfilerSource"]
+
+log = logging.getLogger(__name__)
+
+
+class ProfilerSource(BccSource):
+    name = "profiler"
+    bpf_file = "profiler.bpf.c"
+    lost_reasons = LOST_REASONS
+
+    def __init__(self, ctx: Any):
+        super().__init__(ctx)
+        self.config = ctx.config.sources.profiler
+        self.report_interval = float(self.config.report_interval)
+        self.sampler = CpuSampler(self.config, self.name)
+
+    @classmethod
+    def requirements(cls, config: EbpfConfig) -> list[Requirement]:
+        return [Requirement("perf_event", "software cpu-clock"),
+                Requirement("tracepoint", "sched:sched_process_exec")]
+
+    def cflags(self) -> list[str]:
+        return self.sampler.cflags()
+
+    def _compile(self) -> Any:
+        return self.sampler.load()
+
+    def configure(self, bpf: Any) -> None:
+        self.sampler.bind(bpf)
+
+    def handle_event(self, data: int, size: int) -> None:
+        self.sampler.on_record(data)
+
+    def _read_lost_counters(self) -> None:
+        # The kernel's lost[] slots plus what the sampler dropped in user space.
+        if self.bpf is None:
+            return
+        for i, total in enumerate(self.sampler.lost_totals()):
+            if total > self._lost_seen[i]:
+                self.count_lost(self.lost_reasons[i], total - self._lost_seen[i])
+                self._lost_seen[i] = total
+
+    def collect(self) -> None:
+        if self.bpf is None:
+            return
+        profile = self.sampler.drain()
+        if not profile.samples:
+            return
+        self._received.inc(profile.total_samples)
+        names = {s.pid: s.process_name for s in profile.samples}
+
+        def resource_for(pid: int) -> Resource:
+            return self.ctx.resources.get(pid, names.get(pid, ""))
+
+        request = profile_to_otlp(profile, resource_for=resource_for)
+        self.ctx.exporter.submit(Signal.PROFILES, None, request)
+        if self.config.pprof_dir:
+            self._write_pprof(profile)
+
+    def _write_pprof(self, profile: CpuProfile) -> None:
+        directory = Path(self.config.pprof_dir or ".")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(profile.start_unix_nano / 1e9))
+        path = directory / f"cpu-{stamp}-{profile.start_unix_nano % 1_000_000_000:09d}.pb.gz"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_pprof(profile, path)
+        except OSError as e:
+            log.warning("profiler: cannot write %s: %s", path, e)
+
+    def detach(self) -> None:
+        self.sampler.detach()
+
+    async def stop(self) -> None:
+        # No sample after this: the final collect in BccSource.stop drains the generation that
+        # was active, so the profile ends at the stop.
+        if self.bpf is not None:
+            self.sampler.detach()
+        await super().stop()

@@ -1,0 +1,392 @@
+"""CPU profiler, end to end: the real BPF program sampling a C program built here.
+
+The program burns CPU in ``burn_a`` and ``burn_b`` in a 2:1 ratio of its own thread CPU time
+(measured with CLOCK_THREAD_CPUTIME_ID, so a busy shared machine does not skew the truth), or
+makes getppid() calls in a tight loop, and prints its CPU time (getrusage) when done."""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import REPO, Agent, Collector, agent_config, any_value, wait_until
+
+pytestmark = [pytest.mark.bpf, pytest.mark.collector]
+
+FREQUENCY = 99
+BURNERS = ("burn_a", "burn_b")
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile unsigned long sink;
+
+static double clock_s(clockid_t id) {
+    struct timespec t;
+    clock_gettime(id, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+/* Spins for `seconds` of this thread's CPU time. */
+__attribute__((noinline)) void burn_a(double seconds) {
+    double end = clock_s(CLOCK_THREAD_CPUTIME_ID) + seconds;
+    do {
+        for (int i = 0; i < 20000; i++)
+            sink += i;
+    } while (clock_s(CLOCK_THREAD_CPUTIME_ID) < end);
+}
+
+__attribute__((noinline)) void burn_b(double seconds) {
+    double end = clock_s(CLOCK_THREAD_CPUTIME_ID) + seconds;
+    do {
+        for (int i = 0; i < 20000; i++)
+            sink += i;
+    } while (clock_s(CLOCK_THREAD_CPUTIME_ID) < end);
+}
+
+/* Random-depth recursion through eight functions: a new stack at nearly every sample. */
+static unsigned long state = 88172645463325252UL;
+__attribute__((noinline)) void deep(unsigned d);
+__attribute__((noinline)) void deeper(unsigned d);
+static void (*const steps[2])(unsigned) = {deep, deeper};
+
+__attribute__((noinline)) void deep(unsigned d) {
+    for (int i = 0; i < 3000; i++)
+        sink += i;
+    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+    if (d)
+        steps[state & 1](d - 1);
+}
+
+__attribute__((noinline)) void deeper(unsigned d) {
+    for (int i = 0; i < 3000; i++)
+        sink += i;
+    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+    if (d)
+        steps[state & 1](d - 1);
+}
+
+__attribute__((noinline)) void syscall_loop(double seconds) {
+    double end = clock_s(CLOCK_MONOTONIC) + seconds;
+    do {
+        for (int i = 0; i < 1000; i++)
+            syscall(SYS_getppid);
+    } while (clock_s(CLOCK_MONOTONIC) < end);
+}
+
+int main(int argc, char **argv) {
+    double seconds = atof(argv[2]);
+    if (argc > 3) {                 /* wait for a byte on stdin: the profiler is attached */
+        char c;
+        if (read(0, &c, 1) != 1)
+            return 3;
+    }
+    double t0 = clock_s(CLOCK_MONOTONIC);
+    if (strcmp(argv[1], "ratio") == 0) {
+        while (clock_s(CLOCK_MONOTONIC) - t0 < seconds) {
+            burn_a(0.002);
+            burn_b(0.001);
+        }
+    } else if (strcmp(argv[1], "stacks") == 0) {
+        while (clock_s(CLOCK_MONOTONIC) - t0 < seconds)
+            deep(24 + (state & 15));
+    } else {
+        syscall_loop(seconds);
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("%.6f\n", ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
+                     ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def burner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    d = tmp_path_factory.mktemp("burner")
+    (d / "burner.c").write_text(SOURCE)
+    out = d / "prof_burner"
+    subprocess.run(["gcc", "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer",
+                    "-o", str(out), str(d / "burner.c")], check=True)
+    return out
+
+
+def _config(max_stacks: int = 16384, **filter_: Any) -> Any:
+    from receiver.config import ProcessFilter, ProfilerSourceConfig
+
+    return ProfilerSourceConfig(preset="development", frequency=FREQUENCY, report_interval=2.0,
+                                max_stacks=max_stacks, filter=ProcessFilter(**filter_))
+
+
+def _run_profiled(burner: Path, mode: str, seconds: float,
+                  **config: Any) -> tuple[Any, float, int, dict[str, int]]:
+    """Runs the burner under the profiler (filtered to its pid); returns the profile, the
+    burner's CPU seconds, its pid and the kernel's sample tallies."""
+    from receiver.profiling.profiler import EbpfCpuProfiler
+
+    proc = subprocess.Popen([str(burner), mode, str(seconds), "wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    profiler = EbpfCpuProfiler(_config(pids=[proc.pid], **config))
+    stats: dict[str, int] = {}
+    try:
+        profiler.start()
+        out, _ = proc.communicate("g", timeout=seconds + 60)
+        stats = profiler.sampler.stats()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        profile = profiler.stop_profile() if profiler.running else None
+    assert proc.returncode == 0, f"burner failed: {proc.returncode}"
+    return profile, float(out), proc.pid, stats
+
+
+def _names(sample: Any) -> set[str]:
+    return {f.function for f in sample.frames}
+
+
+def test_accuracy_two_functions_two_to_one(bpf_ok: None, burner: Path) -> None:
+    profile, cpu_s, pid, _ = _run_profiled(burner, "ratio", 6.0)
+    mine = [s for s in profile.samples if s.pid == pid]
+    total = sum(s.count for s in mine)
+    assert total, "no samples of the burner"
+    a = sum(s.count for s in mine if "burn_a" in _names(s))
+    b = sum(s.count for s in mine if "burn_b" in _names(s))
+    expected = FREQUENCY * cpu_s
+    assert (a + b) / total >= 0.90, f"{a}+{b} of {total} samples in the burners"
+    assert b and abs(a / b - 2.0) <= 0.15 * 2.0, f"burn_a:burn_b = {a}:{b}"
+    assert abs(total - expected) <= 0.10 * expected, f"{total} samples for {cpu_s:.2f} CPU-s at {FREQUENCY} Hz"
+    # Frames are leaf first, callers after: main calls the burners.
+    stack = next(s for s in mine if s.frames and s.frames[0].function == "burn_a")
+    assert [f.function for f in stack.frames[:2]] == ["burn_a", "main"]
+    assert {s.thread_name for s in mine} == {"prof_burner"} and {s.process_name for s in mine} == {"prof_burner"}
+
+
+def test_syscalls_show_kernel_frames_beneath_user_frames(bpf_ok: None, burner: Path) -> None:
+    profile, _, pid, _ = _run_profiled(burner, "syscalls", 3.0)
+    # glibc's syscall() keeps no frame pointer, so frame-pointer unwinding goes from it
+    # straight to main (syscall_loop's own frame is skipped).
+    mixed = [s for s in profile.samples if s.pid == pid and "main" in _names(s)
+             and any(f.frame_type == "kernel" for f in s.frames)]
+    assert sum(s.count for s in mixed) >= 20, "few samples with kernel frames under main"
+    for s in mixed:
+        types = [f.frame_type for f in s.frames]
+        n_kernel = types.count("kernel")
+        assert types[:n_kernel] == ["kernel"] * n_kernel, f"kernel frames not leaf-most: {types}"
+        assert all(f.function and not f.function.startswith("0x") for f in s.frames[:n_kernel])
+    kernel_names = {f.function for s in mixed for f in s.frames if f.frame_type == "kernel"}
+    assert "__x64_sys_getppid" in kernel_names and "do_syscall_64" in kernel_names, kernel_names
+
+
+def test_stacks_the_stack_map_refuses_are_still_counted(bpf_ok: None, burner: Path) -> None:
+    """A stack map of 64 against thousands of distinct stacks: the refused samples come whole
+    over the ring buffer, so the count still matches the CPU time and the stacks are right."""
+    profile, cpu_s, pid, stats = _run_profiled(burner, "stacks", 4.0, max_stacks=64)
+    mine = [s for s in profile.samples if s.pid == pid]
+    total = sum(s.count for s in mine)
+    assert stats["recorded"] >= 0.3 * total, stats
+    expected = FREQUENCY * cpu_s
+    assert abs(total - expected) <= 0.10 * expected, f"{total} samples for {cpu_s:.2f} CPU-s ({stats})"
+    deep = [s for s in mine if s.frames and s.frames[0].function in ("deep", "deeper")]
+    assert sum(s.count for s in deep) >= 0.8 * total
+    def whole(s: Any) -> bool:   # the recursion, then main (a sample in a function's
+        names = [f.function for f in s.frames]   # prologue skips its caller's frame)
+        return names[next(i for i, n in enumerate(names) if n not in ("deep", "deeper"))] == "main"
+
+    assert sum(s.count for s in deep if whole(s)) >= 0.9 * sum(s.count for s in deep)
+    assert len({s.frames for s in deep}) >= 0.5 * len(deep), "expected mostly distinct stacks"
+
+
+def test_short_lived_process_is_symbolized(bpf_ok: None, burner: Path, tmp_path: Path) -> None:
+    """The process exits long before the drain; its mappings were captured on its first sample."""
+    from receiver.profiling.pprof import from_pprof
+    from receiver.profiling.profiler import EbpfCpuProfiler
+
+    short = tmp_path / "prof_short"
+    shutil.copy(burner, short)
+    profiler = EbpfCpuProfiler(_config(process_names=["prof_short"])).start()
+    try:
+        proc = subprocess.Popen([str(short), "ratio", "0.3"], stdout=subprocess.DEVNULL)
+        proc_pid = proc.pid
+        assert proc.wait(30) == 0
+        time.sleep(0.3)   # gone well before stop_profile() drains
+    finally:
+        profile = from_pprof(profiler.stop())   # the library's pprof result
+    mine = [s for s in profile.samples if s.process_name == "prof_short" and s.pid == proc_pid]
+    total = sum(s.count for s in mine)
+    named = sum(s.count for s in mine if _names(s) & set(BURNERS))
+    assert total >= 10, f"{total} samples of a 0.3 s burner"
+    assert named / total >= 0.8, f"only {named} of {total} samples symbolized to the burners"
+
+
+def _go_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"),
+            "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+
+
+def test_cli_writes_pprof_folded_and_svg(bpf_ok: None, burner: Path, tmp_path: Path) -> None:
+    if not shutil.which("go"):
+        pytest.fail("go is not installed (go tool pprof reads our pprof)")
+    proc = subprocess.Popen([str(burner), "ratio", "60"], stdout=subprocess.DEVNULL)
+    out, folded, svg = tmp_path / "cpu.pb.gz", tmp_path / "cpu.folded", tmp_path / "cpu.svg"
+    try:
+        cli = subprocess.run([sys.executable, "-m", "receiver", "profile", "--duration", "3s",
+                              "--pid", str(proc.pid), "--output", str(out), "--folded", str(folded),
+                              "--flamegraph", str(svg)], check=False, capture_output=True, text=True,
+                             cwd=REPO,
+                             timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cli.returncode == 0, cli.stderr
+    assert "samples" in cli.stderr
+    top = subprocess.run(["go", "tool", "pprof", "-top", "-symbolize=none", str(out)],
+                         check=False, capture_output=True, text=True, env=_go_env(tmp_path),
+                         timeout=120)
+    assert top.returncode == 0, top.stderr
+    assert "burn_a" in top.stdout and "burn_b" in top.stdout, top.stdout
+    folded_text = folded.read_text()
+    assert "main;burn_a" in folded_text and "main;burn_b" in folded_text, folded_text[:2000]
+    svg_text = svg.read_text()
+    assert svg_text.startswith("<?xml") and "burn_a" in svg_text and "burn_b" in svg_text
+
+
+def test_cli_ctrl_c_ends_early_and_still_writes(bpf_ok: None, burner: Path, tmp_path: Path) -> None:
+    proc = subprocess.Popen([str(burner), "ratio", "60"], stdout=subprocess.DEVNULL)
+    out, err_path = tmp_path / "cpu.pb.gz", tmp_path / "stderr.txt"
+    try:
+        with open(err_path, "w") as err:
+            cli = subprocess.Popen([sys.executable, "-m", "receiver", "profile", "--duration", "60s",
+                                    "--pid", str(proc.pid), "--output", str(out)],
+                                   stderr=err, cwd=REPO)
+            try:
+                wait_until(lambda: "attached" in err_path.read_text(), 60, 0.2, "the profiler to attach")
+                time.sleep(2)
+                t0 = time.monotonic()
+                cli.send_signal(signal.SIGINT)
+                assert cli.wait(30) == 0, err_path.read_text()
+                assert time.monotonic() - t0 < 10
+            finally:
+                if cli.poll() is None:
+                    cli.kill()
+                    cli.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "stopped by Ctrl-C" in err_path.read_text()
+    from receiver.profiling.pprof import from_pprof, read_pprof
+
+    names = {f.function for s in from_pprof(read_pprof(out)).samples for f in s.frames}
+    assert {"burn_a", "burn_b"} <= names
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "receiver", "profile", *args],
+                              check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
+
+    bad_duration = run("--duration", "ten", "--output", str(tmp_path / "x.pb.gz"))
+    assert bad_duration.returncode == 2 and "duration" in bad_duration.stderr
+    bad_freq = run("--frequency", "5000", "--output", str(tmp_path / "x.pb.gz"))
+    assert bad_freq.returncode == 2 and "frequency" in bad_freq.stderr
+    no_dir = run("--output", str(tmp_path / "missing" / "x.pb.gz"))
+    assert no_dir.returncode == 2 and "does not exist" in no_dir.stderr
+
+
+def test_cli_without_privileges_exits_1_with_the_fix(bpf_ok: None) -> None:
+    out = Path("/tmp") / f"profile-nobody-{os.getpid()}.pb.gz"   # a directory nobody can reach
+    nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-m", "receiver", "profile", "--duration", "1s",
+                             "--output", str(out)],
+                            check=False, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert nobody.returncode == 1, nobody.stderr
+    assert "needs root" in nobody.stderr and "sudo" in nobody.stderr
+    assert not out.exists()
+
+
+def _decode_kv(kv: dict[str, Any], strings: list[str]) -> tuple[str, Any]:
+    """An attribute as the Collector writes it: key and string values either inline or as
+    string-table indices (``keyStrindex``, ``stringValueStrindex``)."""
+    key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
+    value = kv.get("value", {})
+    if "stringValueStrindex" in value:
+        return key, strings[value["stringValueStrindex"]]
+    return key, any_value(value)
+
+
+def _otlp_samples(collector: Collector) -> Iterator[tuple[list[str], dict[str, Any], int, dict[str, Any]]]:
+    """(function names leaf first, sample attributes, count, resource attributes) per sample,
+    decoded through each request's ``ProfilesDictionary``."""
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
+        locs, stacks, attrs = d.get("locationTable", []), d.get("stackTable", []), d.get("attributeTable", [])
+        assert strings and strings[0] == "" and funcs and locs and stacks and attrs, "dictionary tables"
+        for rp in req.get("resourceProfiles", []):
+            res = dict(_decode_kv(kv, strings) for kv in rp.get("resource", {}).get("attributes", []))
+            for sp in rp.get("scopeProfiles", []):
+                for prof in sp.get("profiles", []):
+                    for s in prof.get("samples", []):
+                        names = []
+                        for li in stacks[s.get("stackIndex", 0)].get("locationIndices", []):
+                            for line in locs[li].get("lines", []):
+                                names.append(strings[funcs[line.get("functionIndex", 0)].get("nameStrindex", 0)])
+                        sattrs = dict(_decode_kv(attrs[i], strings) for i in s.get("attributeIndices", []))
+                        yield names, sattrs, int(s["values"][0]), res
+
+
+def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, collector: Collector,
+                                                   tmp_path: Path) -> None:
+    proc = subprocess.Popen([str(burner), "ratio", "120"], stdout=subprocess.DEVNULL)
+    try:
+        cfg = {"preset": "development", "report_interval": "2s", "filter": {"pids": [proc.pid]},
+               "pprof_dir": str(tmp_path / "pprof")}
+        agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
+        try:
+            def burner_samples() -> list[Any]:
+                got = [x for x in _otlp_samples(collector) if x[1].get("process.pid") == proc.pid]
+                return got if sum(c for names, _, c, _ in got if set(names) & set(BURNERS)) >= 100 else []
+
+            samples = wait_until(burner_samples, 60, 0.5, "burner samples in profiles.jsonl")
+            assert agent.metric_value("ebpf_receiver_source_up", source="profiler") == 1
+        finally:
+            assert agent.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    counts = collections.Counter()
+    for names, sattrs, count, res in samples:
+        assert sattrs["thread.id"] == proc.pid and sattrs["thread.name"] == "prof_burner"
+        assert sattrs["process.executable.name"] == "prof_burner"
+        assert res["process.pid"] == proc.pid and res.get("host.name")
+        for fn in BURNERS:
+            if names[:2] == [fn, "main"]:
+                counts[fn] += count
+    assert counts["burn_a"] and counts["burn_b"], counts
+    # pprof_dir: one file per interval, each readable
+    from receiver.profiling.pprof import from_pprof, read_pprof
+
+    files = sorted((tmp_path / "pprof").glob("cpu-*.pb.gz"))
+    assert files, "no pprof written to pprof_dir"
+    names = {f.function for path in files for s in from_pprof(read_pprof(path)).samples for f in s.frames}
+    assert {"burn_a", "burn_b"} <= names
