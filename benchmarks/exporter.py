@@ -13,11 +13,12 @@ import logging
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ._collector import discarding_collector_yaml, otelcol_bin
 
 N = 100_000
 BATCH = int(os.environ.get("BENCH_EXPORTER_BATCH", "2048"))  # ours: max_batch_size (512..8192)
@@ -26,39 +27,9 @@ WARMUP = 2_000        # spans sent by each side before timing (channel up, code 
 # Same on both sides; "none" is the SDK exporter's default (ours defaults to gzip).
 COMPRESSION = os.environ.get("BENCH_EXPORTER_COMPRESSION", "none")
 
-COLLECTOR_YAML = """\
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: ${env:OTELCOL_OTLP_GRPC_ENDPOINT}
-        max_recv_msg_size_mib: 64
-exporters:
-  debug:
-    verbosity: basic
-    sampling_initial: 1
-    sampling_thereafter: 1000000
-service:
-  telemetry:
-    metrics:
-      level: none
-    logs:
-      level: warn
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [debug]
-"""
+COLLECTOR_YAML = discarding_collector_yaml(("traces",))
 
 ATTRS = (("service.component", "bench"), ("http.method", "GET"), ("http.route", "/api/v1/items"))
-
-
-def _otelcol_bin() -> str:
-    b = os.environ.get("OTELCOL_BIN")
-    if b:
-        return b
-    script = Path(__file__).resolve().parents[1] / "deploy" / "scripts" / "build-otelcol.sh"
-    return subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
 
 
 class _ErrorCounter(logging.Handler):
@@ -195,7 +166,7 @@ def run() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-exporter-"))
     config = workdir / "otelcol.yaml"
     config.write_text(COLLECTOR_YAML)
-    collector = Collector(_otelcol_bin(), workdir, config=config).start()
+    collector = Collector(otelcol_bin(), workdir, config=config).start()
     try:
         ours = _run_ours(collector.endpoint, N)
         sdk = _run_sdk(f"127.0.0.1:{collector.port}", N)

@@ -16,6 +16,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from ._collector import discarding_collector_yaml, otelcol_bin
+
 RATE = int(os.environ.get("BENCH_NETWORK_RATE", "5000"))   # connections per second
 SECONDS = int(os.environ.get("BENCH_NETWORK_SECONDS", "10"))
 REQUEST = 100
@@ -81,38 +83,7 @@ int main(int argc, char **argv) {
 }
 """
 
-COLLECTOR_YAML = """\
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: ${env:OTELCOL_OTLP_GRPC_ENDPOINT}
-        max_recv_msg_size_mib: 64
-exporters:
-  debug:
-    verbosity: basic
-    sampling_initial: 1
-    sampling_thereafter: 1000000
-service:
-  telemetry:
-    logs:
-      level: warn
-    metrics:
-      level: basic
-      readers:
-        - pull:
-            exporter:
-              prometheus:
-                host: 127.0.0.1
-                port: ${env:OTELCOL_METRICS_PORT}
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [debug]
-    metrics:
-      receivers: [otlp]
-      exporters: [debug]
-"""
+COLLECTOR_YAML = discarding_collector_yaml(("traces", "metrics"), metrics_port_env="OTELCOL_METRICS_PORT")
 
 
 def _scrape_sum(url: str, metric: str, **labels: str) -> float:
@@ -131,7 +102,6 @@ def _scrape_sum(url: str, metric: str, **labels: str) -> float:
 def run() -> int:
     from tests.harness import Agent, Collector, free_port, wait_until
 
-    from .exporter import _otelcol_bin
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-network-"))
     (workdir / "conn.c").write_text(PROGRAM_C)
@@ -139,7 +109,7 @@ def run() -> int:
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(workdir / "conn.c")], check=True)
     (workdir / "otelcol.yaml").write_text(COLLECTOR_YAML)
     col_metrics_port = free_port()
-    collector = Collector(_otelcol_bin(), workdir, config=workdir / "otelcol.yaml")
+    collector = Collector(otelcol_bin(), workdir, config=workdir / "otelcol.yaml")
     collector.start(extra_env={"OTELCOL_METRICS_PORT": str(col_metrics_port)})
     col_url = f"http://127.0.0.1:{col_metrics_port}/metrics"
     port = free_port()

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ._collector import otelcol_bin
+
 MEASURE_S = 30.0
 WARMUP_S = 12.0       # past the first drain, which parses the ELF files once
 N_FUNCTIONS = 64
@@ -66,14 +68,6 @@ def _status_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
-def _otelcol_bin() -> str:
-    b = os.environ.get("OTELCOL_BIN")
-    if b:
-        return b
-    script = Path(__file__).resolve().parents[1] / "deploy" / "scripts" / "build-otelcol.sh"
-    return subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout.strip()
-
-
 def run() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.harness import Agent, Collector, agent_config
@@ -84,7 +78,7 @@ def run() -> int:
     subprocess.run(["gcc", "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer",
                     "-o", str(load_bin), str(workdir / "load.c")], check=True)
 
-    collector = Collector(_otelcol_bin(), workdir).start()
+    collector = Collector(otelcol_bin(), workdir).start()
     loads = [subprocess.Popen([str(load_bin), str(int(WARMUP_S + MEASURE_S + 60)), str(i)])
              for i in range(2)]
     agent = Agent(workdir, agent_config(collector, {"profiler": {"preset": "development"}}))

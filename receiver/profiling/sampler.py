@@ -26,7 +26,7 @@ from typing import Any
 from ..config import ProfilerSourceConfig
 from ..convert.resource import CgroupResolver
 from ..errors import SourceUnavailableError
-from ..sources.base import cgroup_id_of, compile_bpf, load_bcc
+from ..sources.base import compile_bpf, fill_process_filter, load_bcc
 from .model import CpuProfile, Frame, StackSample
 from .symbolize import Symbolizer
 
@@ -148,21 +148,7 @@ class CpuSampler:
         self._stack_leaf = bpf["stacks0"].Leaf()
         f = self.config.filter
         if f.active:
-            one = ctypes.c_uint8(1)
-            for pid in f.pids:
-                bpf["filter_pids"][ctypes.c_uint32(pid)] = one
-            comms = bpf["filter_comms"]
-            for n in f.process_names:
-                key = comms.Key()
-                raw = n.encode()[: COMM_LEN - 1]
-                ctypes.memmove(ctypes.addressof(key), raw, len(raw))
-                comms[key] = one
-            for cg in f.cgroups:
-                cid = cgroup_id_of(cg)
-                if cid is None:
-                    log.warning("%s: cgroup %s not found; not filtered on", self.source_name, cg)
-                else:
-                    bpf["filter_cgroups"][ctypes.c_uint64(cid)] = one
+            fill_process_filter(bpf, f, self.source_name)
             bpf["settings"][ctypes.c_int(SET_FILTER)] = ctypes.c_uint32(1)
         self._generation = 0
         self._generation_start_ns = time.time_ns()

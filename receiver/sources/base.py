@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import SourceUnavailableError
 
 if TYPE_CHECKING:
-    from ..config import EbpfConfig
+    from ..config import EbpfConfig, ProcessFilter
     from ..convert.converter import EbpfOtlpConverter
     from ..convert.resource import ProcessResources
     from ..export.otlp_grpc import OtlpGrpcExporter
     from ..telemetry import SelfTelemetry
 
 __all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
-           "load_bcc", "compile_bpf", "Requirement", "tracepoint_has_field", "cgroup_id_of"]
+           "load_bcc", "compile_bpf", "Requirement", "tracepoint_has_field", "cgroup_id_of",
+           "fill_process_filter"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,29 @@ def cgroup_id_of(path: str) -> int | None:
         return os.stat(p).st_ino
     except OSError:
         return None
+
+
+def fill_process_filter(bpf: Any, process_filter: "ProcessFilter", source_name: str) -> None:
+    """Puts a ``ProcessFilter`` into a program's ``filter_pids`` (u32), ``filter_comms`` (comm
+    bytes, NUL-padded) and ``filter_cgroups`` (u64 cgroup id) maps: filters are map contents,
+    never program text. A cgroup that does not exist is logged and skipped."""
+    one = ctypes.c_uint8(1)
+    pids = bpf["filter_pids"]
+    for pid in process_filter.pids:
+        pids[ctypes.c_uint32(pid)] = one
+    comms = bpf["filter_comms"]
+    for name in process_filter.process_names:
+        key = comms.Key()
+        raw = name.encode()[: ctypes.sizeof(key) - 1]
+        ctypes.memmove(ctypes.addressof(key), raw, len(raw))
+        comms[key] = one
+    cgroups = bpf["filter_cgroups"]
+    for cg in process_filter.cgroups:
+        cid = cgroup_id_of(cg)
+        if cid is None:
+            log.warning("%s: cgroup %s not found; not filtered on", source_name, cg)
+        else:
+            cgroups[ctypes.c_uint64(cid)] = one
 
 
 class KernelClock:

@@ -23,7 +23,7 @@ from typing import Any
 from ..config import EbpfConfig
 from ..convert import network as conv
 from ..model import EbpfEvent, EbpfEventType, Signal
-from .base import BccSource, Requirement, cgroup_id_of
+from .base import BccSource, Requirement, fill_process_filter
 
 __all__ = ["NetworkSource", "NetConn", "NetEvent"]
 
@@ -108,7 +108,7 @@ class NetworkSource(BccSource):
 
     def configure(self, bpf: Any) -> None:
         self._fill_endpoint_filters(bpf)
-        self._fill_process_filter(bpf)
+        fill_process_filter(bpf, self.config.filter, self.name)
         self._start_unix_ns = time.time_ns()
 
     def _fill_endpoint_filters(self, bpf: Any) -> None:
@@ -126,24 +126,6 @@ class NetworkSource(BccSource):
                 raw, key.prefixlen = net.network_address.packed, net.prefixlen
             ctypes.memmove(ctypes.addressof(key.addr), raw, 16)
             addrs[key] = one
-
-    def _fill_process_filter(self, bpf: Any) -> None:
-        one = ctypes.c_uint8(1)
-        f = self.config.filter
-        for pid in f.pids:
-            bpf["filter_pids"][ctypes.c_uint32(pid)] = one
-        comms = bpf["filter_comms"]
-        for n in f.process_names:
-            key = comms.Key()
-            raw = n.encode()[: NET_COMM_LEN - 1]
-            ctypes.memmove(ctypes.addressof(key), raw, len(raw))
-            comms[key] = one
-        for cg in f.cgroups:
-            cid = cgroup_id_of(cg)
-            if cid is None:
-                log.warning("network: cgroup %s not found; not filtered on", cg)
-            else:
-                bpf["filter_cgroups"][ctypes.c_uint64(cid)] = one
 
     # ------------------------------------------------------------------ records → spans, metrics
 

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import EbpfConfig
 from ..convert import syscalls as conv
 from ..model import EbpfEvent, EbpfEventType, Signal
-from .base import BccSource, Requirement, cgroup_id_of
+from .base import BccSource, Requirement, fill_process_filter
 
 __all__ = ["SyscallsSource"]
 
@@ -80,26 +80,7 @@ class SyscallsSource(BccSource):
         self._start_unix_ns = time.time_ns()
         if not f.active:
             return
-        one = ctypes.c_uint8(1)
-        pids = bpf["filter_pids"]
-        for pid in f.pids:
-            pids[ctypes.c_uint32(pid)] = one
-        comms = bpf["filter_comms"]
-        for n in f.process_names:
-            key = comms.Key()
-            raw = n.encode()[: SC_COMM_LEN - 1]
-            ctypes.memmove(ctypes.addressof(key), raw, len(raw))
-            comms[key] = one
-        try:
-            cgs = bpf["filter_cgroups"]
-        except KeyError:
-            cgs = None
-        for cg in f.cgroups:
-            cid = cgroup_id_of(cg)
-            if cid is None:
-                log.warning("syscalls: cgroup %s not found; not filtered on", cg)
-            elif cgs is not None:
-                cgs[ctypes.c_uint64(cid)] = one
+        fill_process_filter(bpf, f, self.name)
         bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         self._start_unix_ns = time.time_ns()
 
