@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,6 +253,40 @@ def test_open_connection_is_active_then_counted_once(bpf_ok: None, collector: Co
                         **{"network.io.direction": "transmit"}) == 1500
     assert latest_value(metric_points(collector, "tcp.connection.active", me), **sel) == 0
     assert tcp_spans(collector, port)["client"][0]["attrs"]["tcp.connection.sent_bytes"] == 1500
+
+
+def test_min_span_duration_keeps_short_connections_in_metrics_only(bpf_ok: None, collector: Collector,
+                                                                     tmp_path: Path) -> None:
+    """Three quick connections and one held for 400 ms, with min_span_duration 200ms: spans only
+    for the long one (both sides), while the metrics count all four."""
+    port = free_port()
+    me = os.getpid()
+    agent = _agent(collector, tmp_path, [port], min_span_duration="200ms")
+    try:
+        server = socket.create_server(("127.0.0.1", port))
+        long_local = None
+        for hold in (0.0, 0.0, 0.0, 0.4):
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = server.accept()
+            if hold:
+                long_local = client.getsockname()[1]
+                time.sleep(hold)
+            client.close()
+            conn.close()
+        server.close()
+
+        def closed() -> bool:
+            pts = metric_points(collector, "tcp.connection.closed", me)
+            return latest_value(pts, **{"tcp.connection.direction": "client"}) == 4
+
+        wait_until(closed, 20, 0.3, "four closed client connections in the metrics")
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    spans = tcp_spans(collector, port)
+    assert [sp["attrs"]["network.local.port"] for sp in spans["client"]] == [long_local]
+    assert [sp["attrs"]["network.peer.port"] for sp in spans["server"]] == [long_local]
+    dur_ms = (int(spans["client"][0]["endTimeUnixNano"]) - int(spans["client"][0]["startTimeUnixNano"])) / 1e6
+    assert 380 <= dur_ms <= 600, dur_ms
 
 
 def test_refused_connect_and_reset(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
