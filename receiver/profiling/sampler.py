@@ -19,6 +19,7 @@ import array
 import ctypes
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ class CpuSampler:
         self._max_whole = max(config.max_stacks, MIN_WHOLE_KEYS)
         self.whole_lost = 0                        # … beyond _max_whole distinct ones: dropped
         self._stack_leaf: Any = None               # one reusable stack-map lookup buffer
+        self._drain_lock = threading.Lock()
 
     # ------------------------------------------------------------------ load / attach
 
@@ -207,7 +209,12 @@ class CpuSampler:
     # ------------------------------------------------------------------ drain
 
     def drain(self) -> CpuProfile:
-        """Everything counted since the previous drain, symbolized."""
+        """Everything counted since the previous drain, symbolized. May run in a worker thread
+        while the event loop delivers ring-buffer records (``on_record``); one drain at a time."""
+        with self._drain_lock:
+            return self._drain()
+
+    def _drain(self) -> CpuProfile:
         bpf = self.bpf
         old = self._generation
         self._generation = 1 - old
@@ -286,7 +293,7 @@ class CpuSampler:
                 del seen[seen.Key(pid)]   # a recycled pid is announced afresh
             except KeyError:
                 pass
-        for pid in self._process_names:
+        for pid in list(self._process_names):   # the event loop may add pids meanwhile
             if not os.path.exists(f"/proc/{pid}"):
                 self._exited.add(pid)
 

@@ -4,6 +4,7 @@ the kernel's per-stack counts are drained, symbolized and exported as one OTLP P
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -61,10 +62,32 @@ class ProfilerSource(BccSource):
                 self.count_lost(self.lost_reasons[i], total - self._lost_seen[i])
                 self._lost_seen[i] = total
 
+    async def _periodic(self) -> None:
+        """As ``BccSource._periodic``, but the drain (map reads and symbolization, which on first
+        sight of many binaries can take seconds) runs in a worker thread, so the event loop keeps
+        reading the other sources' ring buffers and answering /healthz meanwhile."""
+        while True:
+            await asyncio.sleep(self.report_interval)
+            self.ctx.clock.refresh()
+            self._consume()
+            drain = asyncio.ensure_future(asyncio.to_thread(self.sampler.drain))
+            try:
+                profile = await asyncio.shield(drain)
+            except asyncio.CancelledError:   # stopping: the drain in progress still goes out
+                self._export(await drain)
+                raise
+            except Exception:
+                log.exception("source %s: periodic collection failed", self.name)
+                continue
+            self._export(profile)
+            self._read_lost_counters()
+
     def collect(self) -> None:
         if self.bpf is None:
             return
-        profile = self.sampler.drain()
+        self._export(self.sampler.drain())
+
+    def _export(self, profile: CpuProfile) -> None:
         if not profile.samples:
             return
         self._received.inc(profile.total_samples)
