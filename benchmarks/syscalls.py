@@ -1,7 +1,13 @@
 """Nanoseconds added per syscall on a tight getppid loop: (a) no BPF, (b) empty
 raw_syscalls sys_enter/sys_exit programs (the floor the tracepoints themselves cost), (c) our
 syscall source. Reports (c − a) / (b − a); target ≤ 1.5. Rounds are interleaved and the median
-taken, so drift on a shared machine hits all three alike."""
+taken, so drift on a shared machine hits all three alike.
+
+Our source keeps a call that does not block in a per-CPU slot and moves it to the thread's
+storage only when the thread is switched out (a sched_switch program), so blocking calls and
+context switches cost more than the getppid loop shows. A second table measures that: a pipe
+ping-pong between two processes on one CPU (4 blocking-capable calls and 2 context switches per
+round trip), same three variants."""
 
 from __future__ import annotations
 
@@ -33,30 +39,49 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter) { return 0; }
 TRACEPOINT_PROBE(raw_syscalls, sys_exit) { return 0; }
 """
 
-# For the breakdown only: the least any latency measurement costs with raw tracepoints (a
-# per-task start slot and two clock reads), so the report shows what our aggregation adds on top.
-TIMING_ONLY_BPF = r"""
-BPF_TASK_STORAGE(start, u64);
-RAW_TRACEPOINT_PROBE(sys_enter) {
-    u64 *s = start.task_storage_get(bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (s)
-        *s = bpf_ktime_get_ns();
-    return 0;
-}
-RAW_TRACEPOINT_PROBE(sys_exit) {
-    u64 *s = start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (s)
-        *s = bpf_ktime_get_ns() - *s;
+PINGPONG_C = r"""
+#define _GNU_SOURCE
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    int ab[2], ba[2];
+    char c = 0;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(0, &one);
+    if (pipe(ab) || pipe(ba) || sched_setaffinity(0, sizeof one, &one))
+        return 1;
+    pid_t child = fork();
+    if (child == 0) {
+        for (long i = 0; i < n; i++)
+            if (read(ab[0], &c, 1) != 1 || write(ba[1], &c, 1) != 1)
+                _exit(1);
+        _exit(0);
+    }
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++)
+        if (write(ab[1], &c, 1) != 1 || read(ba[0], &c, 1) != 1)
+            return 1;
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    waitpid(child, NULL, 0);
+    printf("%.3f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n);
     return 0;
 }
 """
+ROUND_TRIPS = 100_000
 
 CALLS = 2_000_000
 ROUNDS = 7
 
 
-def _ns_per_call(binary: Path) -> float:
-    return float(subprocess.run([str(binary), str(CALLS)], capture_output=True, text=True,
+def _ns_per_call(binary: Path, n: int = CALLS) -> float:
+    return float(subprocess.run([str(binary), str(n)], capture_output=True, text=True,
                                 check=True).stdout)
 
 
@@ -75,6 +100,9 @@ def run() -> int:
     (tmp / "loop.c").write_text(LOOP_C)
     binary = tmp / "loop"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(tmp / "loop.c")], check=True)
+    (tmp / "pingpong.c").write_text(PINGPONG_C)
+    pingpong = tmp / "pingpong"
+    subprocess.run(["gcc", "-O2", "-o", str(pingpong), str(tmp / "pingpong.c")], check=True)
 
     config = EbpfConfig.from_dict({"sources": {"syscalls": {"enabled": True, "slow_spans": True}}},
                                   environ={})
@@ -84,31 +112,40 @@ def run() -> int:
     ctx = SourceContext(config, exporter, EbpfOtlpConverter(), telemetry,
                         ProcessResources(detect_host_attributes(config.resource)), KernelClock())
 
-    results: dict[str, list[float]] = {"none": [], "empty": [], "timing": [], "ours": []}
+    variants = ("none", "empty", "ours")
+    loop_ns: dict[str, list[float]] = {k: [] for k in variants}
+    pingpong_ns: dict[str, list[float]] = {k: [] for k in variants}
+
+    def both(variant: str) -> None:
+        loop_ns[variant].append(_ns_per_call(binary))
+        pingpong_ns[variant].append(_ns_per_call(pingpong, ROUND_TRIPS))
 
     async def measure() -> None:
         source = SyscallsSource(ctx)
         for _ in range(ROUNDS):
-            results["none"].append(_ns_per_call(binary))
+            both("none")
             empty = BPF(text=EMPTY_BPF)
-            results["empty"].append(await asyncio.to_thread(_ns_per_call, binary))
+            await asyncio.to_thread(both, "empty")
             empty.cleanup()
-            timing = BPF(text=TIMING_ONLY_BPF)
-            results["timing"].append(await asyncio.to_thread(_ns_per_call, binary))
-            timing.cleanup()
             await source.start()
-            results["ours"].append(await asyncio.to_thread(_ns_per_call, binary))
+            await asyncio.to_thread(both, "ours")
             await source.stop()
 
     asyncio.run(measure())
-    a, b, t, c = (statistics.median(results[k]) for k in ("none", "empty", "timing", "ours"))
+    a, b, c = (statistics.median(loop_ns[k]) for k in variants)
+    pa, pb, pc = (statistics.median(pingpong_ns[k]) for k in variants)
     print(f"syscalls: getppid ns/call, median of {ROUNDS} rounds × {CALLS} calls")
     print(f"  (a) no BPF            {a:8.1f} ns")
     print(f"  (b) empty programs    {b:8.1f} ns   floor = {b - a:.1f} ns")
     print(f"  (c) syscall source    {c:8.1f} ns   added = {c - a:.1f} ns")
-    print(f"  breakdown: a per-task start slot and two clock reads alone add {t - a:.1f} ns; "
-          f"counts, errors and histograms add {c - t:.1f} ns on top")
+    print(f"pipe ping-pong on one CPU, ns per round trip (4 calls, 2 context switches), "
+          f"median of {ROUNDS} rounds × {ROUND_TRIPS}")
+    print(f"  (a) no BPF            {pa:8.1f} ns")
+    print(f"  (b) empty programs    {pb:8.1f} ns   floor = {pb - pa:.1f} ns")
+    print(f"  (c) syscall source    {pc:8.1f} ns   added = {pc - pa:.1f} ns "
+          f"({(pc - pa) / (pb - pa):.2f}× the floor)")
     print(f"bench: syscalls ns_added={c - a:.1f} ns")
     print(f"bench: syscalls floor_ns={b - a:.1f} ns")
+    print(f"bench: syscalls blocking_roundtrip_vs_floor={(pc - pa) / (pb - pa):.2f} ratio")
     print(f"bench: syscalls overhead_vs_floor={(c - a) / (b - a):.2f} ratio")
     return 0

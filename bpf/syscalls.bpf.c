@@ -10,9 +10,6 @@
 #ifndef SLOW_SPANS
 #define SLOW_SPANS 1
 #endif
-#ifndef MAX_THREADS
-#define MAX_THREADS 65536
-#endif
 #ifndef MAX_SERIES
 #define MAX_SERIES 2000
 #endif
@@ -22,7 +19,11 @@
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, SC_LOST_REASONS);
-/* Call in flight, per task (freed with the task; a new task starts with none). */
+/* The call in flight is kept per CPU while its thread runs: most calls return without the
+ * thread being switched out, so they cost a per-CPU slot and no task-storage lookup. When the
+ * thread is switched out (it blocks or is preempted) sched_switch moves the call to the thread's
+ * own storage, which follows it to any CPU (freed with the task). */
+BPF_PERCPU_ARRAY(inflight, struct sc_inflight, 1);
 BPF_TASK_STORAGE(start, struct sc_start);
 /* Host-wide series (tgid 0) for nr < SC_MAX_NR. */
 BPF_PERCPU_ARRAY(all_calls, struct sc_all, SC_MAX_NR);
@@ -128,44 +129,76 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     long id = (long)ctx->args[1];
     if (id < 0)
         return 0;
+    u32 zero = 0;
+    struct sc_inflight *f = inflight.lookup(&zero);
+    if (!f)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 sel = 0;
+#if FILTER_ACTIVE   /* known at load: no map lookup per call when no process is selected */
+    u32 *active = settings.lookup(&zero);
+    if (active && *active)
+        sel = selected(pid_tgid >> 32);
+#endif
+    f->tid = (u32)pid_tgid;
+    f->nr = (u32)id;
+    f->selected = sel;
+    f->ts = bpf_ktime_get_ns();
+    return 0;
+}
+
+/* Runs in the thread being switched out (current is still prev): a call it has in flight on
+ * this CPU moves to its task storage. */
+RAW_TRACEPOINT_PROBE(sched_switch) {
+    u32 zero = 0;
+    struct sc_inflight *f = inflight.lookup(&zero);
+    if (!f || !f->ts)
+        return 0;
+    u64 ts = f->ts;
+    f->ts = 0;
+    if (f->tid != (u32)bpf_get_current_pid_tgid())
+        return 0;   /* not this thread's: its thread died in the call (exit_group) */
     struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0,
                                                  BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!st) {
         count_lost(SC_LOST_START_MAP_FULL);
         return 0;
     }
-    u32 sel = 0;
-#if FILTER_ACTIVE   /* known at load: no map lookup per call when no process is selected */
-    u32 zero = 0;
-    u32 *active = settings.lookup(&zero);
-    if (active && *active)
-        sel = selected(bpf_get_current_pid_tgid() >> 32);
-#endif
-    st->nr = (u32)id;
-    st->selected = sel;
-    st->ts = bpf_ktime_get_ns();
+    st->ts = ts;
+    st->nr = f->nr;
+    st->selected = f->selected;
     return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sys_exit) {
     u64 now = bpf_ktime_get_ns();
-    struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
-    if (!st)
-        return 0;   /* entered before we attached, or a new task's first return (fork) */
-    u64 ts = st->ts;
-    if (!ts)
-        return 0;   /* no call in flight: an exit without an enter (e.g. a seccomp-skipped call) */
-    u32 nr = st->nr;
-    u32 sel = st->selected;
-    st->ts = 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 zero = 0;
+    struct sc_inflight *f = inflight.lookup(&zero);
+    if (!f)
+        return 0;
+    u64 ts;
+    u32 nr, sel;
+    if (f->ts && f->tid == (u32)pid_tgid) {   /* the thread stayed on this CPU: the fast path */
+        ts = f->ts;
+        nr = f->nr;
+        sel = f->selected;
+        f->ts = 0;
+    } else {
+        struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+        if (!st || !st->ts)
+            return 0;   /* entered before we attached, or a new task's first return (fork) */
+        ts = st->ts;
+        nr = st->nr;
+        sel = st->selected;
+        st->ts = 0;
+    }
     u64 d = now > ts ? now - ts : 0;
     long ret = (long)ctx->args[1];
     u32 slot = d ? log2_u64(d) : 0;
     account_all(nr, d, ret, slot);
-    if (sel) {
-        u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (sel)
         account(pid_tgid >> 32, nr, d, ret, slot);
-    }
 #if SLOW_SPANS
     if (d > SLOW_THRESHOLD_NS) {
         u32 skip_idx = nr;
@@ -177,7 +210,6 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
             count_lost(SC_LOST_RINGBUF_FULL);
             return 0;
         }
-        u64 pid_tgid = bpf_get_current_pid_tgid();
         e->start_ns = ts;
         e->end_ns = now;
         e->ret = ret;

@@ -56,6 +56,15 @@ struct sc_start {
     __u32 selected;    /* the process is selected by the filter */
 };
 
+/* The call in flight on a CPU: its thread and start (ts 0: none). */
+struct sc_inflight {
+    __u64 ts;
+    __u32 tid;
+    __u32 nr;
+    __u32 selected;
+    __u32 pad;
+};
+
 struct sc_slow_event {
     __u64 start_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     __u64 end_ns;

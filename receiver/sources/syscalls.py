@@ -50,7 +50,7 @@ class SyscallsSource(BccSource):
     bpf_file = "syscalls.bpf.c"
     lost_reasons = ("ringbuf_full", "start_map_full", "series_map_full")
 
-    TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit")
+    TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit", "sched:sched_switch")
 
     def __init__(self, ctx: Any):
         super().__init__(ctx)
@@ -69,7 +69,7 @@ class SyscallsSource(BccSource):
                 f"-DSLOW_SPANS={1 if self.config.slow_spans else 0}",
                 f"-DFILTER_ACTIVE={1 if self.config.filter.active else 0}",
                 f"-DMAX_SERIES={int(self.config.max_series)}",
-                "-DMAX_THREADS=65536", "-DRINGBUF_PAGES=64"]
+                "-DRINGBUF_PAGES=64"]
 
     def syscall_name(self, nr: int) -> str:
         return self._names.get(nr) or f"syscall_{nr}"
