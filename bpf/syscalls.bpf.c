@@ -1,7 +1,8 @@
 // System calls: per-syscall counts, errors (by errno) and log2 latency histograms aggregated in
 // per-CPU maps; per-process series only for processes the filter (in maps) selects; calls slower
 // than SLOW_THRESHOLD_NS go to a ring buffer. Reads only the raw_syscalls raw tracepoint
-// arguments (sys_enter: args[1] = id; sys_exit: args[1] = return value) and BPF helpers.
+// arguments (sys_enter: args[1] = id; sys_exit: args[1] = return value) and BPF helpers; the
+// sched_switch program reads no arguments (the thread switched out is still current there).
 #include "syscalls.h"
 
 #ifndef SLOW_THRESHOLD_NS
