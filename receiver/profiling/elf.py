@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["ElfError", "LoadSegment", "SymbolTable", "ElfFile", "Read", "parse_elf",
-           "parse_elf_bytes", "read_elf_fd", "build_id_from_notes"]
+           "parse_elf_bytes", "read_elf_fd", "read_symtab_fd", "build_id_from_notes"]
 
 _PT_LOAD, _PT_NOTE = 1, 4
 _PF_X = 1
@@ -292,20 +292,24 @@ def _parse(read: Read, symtab_only: bool = False) -> tuple[str, list, list]:
     return _build_id(read, lay, phdrs, sections), phdrs, symbols
 
 
+def _symbol_table(found: list) -> SymbolTable:
+    found.sort(key=lambda s: (s[0], s[2]))
+    symbols: list[tuple[int, int, bytes]] = []
+    for start, end, _, name in found:
+        if not symbols or symbols[-1][0] != start:
+            symbols.append((start, end, name))
+    return SymbolTable(symbols)
+
+
 def parse_elf(read: Read) -> ElfFile:
     """Build id, load segments and FUNC symbols of one ELF image (a file or memory)."""
     try:
         build_id, phdrs, found = _parse(read)
     except _MALFORMED as e:
         raise ElfError(f"malformed ELF: {e}") from None
-    found.sort(key=lambda s: (s[0], s[2]))
-    symbols: list[tuple[int, int, bytes]] = []
-    for start, end, _, name in found:
-        if not symbols or symbols[-1][0] != start:
-            symbols.append((start, end, name))
     segments = tuple(LoadSegment(offset=o, vaddr=v, filesz=sz, executable=bool(fl & _PF_X))
                      for t, fl, o, v, sz, _ in phdrs if t == _PT_LOAD)
-    return ElfFile(build_id=build_id, segments=segments, symbols=SymbolTable(symbols))
+    return ElfFile(build_id=build_id, segments=segments, symbols=_symbol_table(found))
 
 
 def parse_elf_bytes(image: bytes) -> ElfFile:
@@ -313,10 +317,8 @@ def parse_elf_bytes(image: bytes) -> ElfFile:
     return parse_elf(lambda offset, size: image[offset:offset + size])
 
 
-def read_elf_fd(fd: int) -> ElfFile:
-    """``parse_elf`` on an open file, reading only the headers and symbol tables.
-
-    ``pread``, not ``mmap``: a library truncated while we read it must give an error, not
+def _fd_reader(fd: int) -> Read:
+    """``pread``, not ``mmap``: a library truncated while we read it must give an error, not
     SIGBUS in the agent."""
     try:
         file_size = os.fstat(fd).st_size
@@ -328,4 +330,18 @@ def read_elf_fd(fd: int) -> ElfFile:
             return os.pread(fd, max(0, min(size, file_size - offset)), offset)
         except OSError as e:
             raise ElfError(str(e)) from None
-    return parse_elf(read)
+    return read
+
+
+def read_elf_fd(fd: int) -> ElfFile:
+    """``parse_elf`` on an open file, reading only the headers and symbol tables."""
+    return parse_elf(_fd_reader(fd))
+
+
+def read_symtab_fd(fd: int) -> SymbolTable:
+    """Only the ``.symtab`` FUNC symbols of an open file: a separate debug file, whose code
+    sections are empty but whose symbol addresses are those of the stripped file."""
+    try:
+        return _symbol_table(_parse(_fd_reader(fd), symtab_only=True)[2])
+    except _MALFORMED as e:
+        raise ElfError(f"malformed ELF: {e}") from None

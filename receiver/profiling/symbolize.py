@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from .elf import ElfError, ElfFile, SymbolTable, parse_elf_bytes, read_elf_fd
+from .elf import ElfError, ElfFile, SymbolTable, parse_elf_bytes, read_elf_fd, read_symtab_fd
 from .kallsyms import KernelSymbols
 from .model import Frame, Mapping
 
@@ -35,6 +35,9 @@ __all__ = ["Symbolizer", "SymbolizerStats", "REFRESH_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
+# Where distributions install separate debug files, by GNU build id (Debian's *-dbgsym, Fedora's
+# *-debuginfo): /usr/lib/debug/.build-id/ab/cdef….debug.
+DEBUG_DIRS = ("/usr/lib/debug",)
 REFRESH_AFTER_S = 1.0               # least time between two re-reads of one process's maps/perf map
 _MAX_PERF_MAP_BYTES = 256 << 20
 _ANON_PATH = "//anon"               # perf's name for anonymous executable memory without a perf map
@@ -172,10 +175,13 @@ class Symbolizer:
 
     def __init__(self, max_files: int = 256, max_processes: int = 4096,
                  max_cached_frames: int = 1 << 16,
-                 kernel_symbols: KernelSymbols | None = None) -> None:
+                 kernel_symbols: KernelSymbols | None = None,
+                 debug_dirs: Sequence[str] = DEBUG_DIRS) -> None:
         """``max_cached_frames`` bounds the per-address frame caches of all processes and the
-        kernel together; ``kernel_symbols`` defaults to /proc/kallsyms, read on first use."""
+        kernel together; ``kernel_symbols`` defaults to /proc/kallsyms, read on first use;
+        ``debug_dirs`` are searched for ``.build-id/xx/rest.debug`` files of stripped binaries."""
         self.stats = SymbolizerStats()
+        self._debug_dirs = tuple(debug_dirs)
         self._files = _FileCache(max_files, self.stats)
         self._max_processes = max_processes
         self._processes: OrderedDict[int, _Process] = OrderedDict()
@@ -391,8 +397,30 @@ class Symbolizer:
             if not stat.S_ISREG(st.st_mode):
                 continue
             return self._files.get((st.st_dev, st.st_ino, st.st_mtime_ns),
-                                   lambda: self._read_file(candidate, follow))
+                                   lambda: self._with_debug_symbols(self._read_file(candidate, follow)))
         return None
+
+    def _with_debug_symbols(self, elf: ElfFile) -> ElfFile:
+        """A stripped file (only .dynsym, or nothing) takes the symbols of its separate debug
+        file, found by build id, when one is installed."""
+        if not elf.build_id or len(elf.build_id) < 3:
+            return elf
+        for directory in self._debug_dirs:
+            path = f"{directory}/.build-id/{elf.build_id[:2]}/{elf.build_id[2:]}.debug"
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                symbols = read_symtab_fd(fd)
+            except ElfError as e:
+                log.debug("debug file %s: %s", path, e)
+                continue
+            finally:
+                os.close(fd)
+            if len(symbols) > len(elf.symbols):
+                return ElfFile(build_id=elf.build_id, segments=elf.segments, symbols=symbols)
+        return elf
 
     @staticmethod
     def _read_file(path: str, follow: bool) -> ElfFile:

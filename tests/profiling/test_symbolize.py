@@ -433,6 +433,26 @@ def test_stripped_binary_with_minidebuginfo_is_resolved(binaries: Binaries, star
     assert frame.mapping is not None and frame.mapping.build_id == build_id_of(binaries.stripped)
 
 
+def test_stripped_binary_is_resolved_from_its_debug_file(binaries: Binaries, start,
+                                                         tmp_path: Path) -> None:
+    """A debug file installed by build id (/usr/lib/debug/.build-id/ab/cdef.debug layout, as
+    Debian's -dbgsym packages do) names the functions of the stripped binary."""
+    build_id = build_id_of(binaries.stripped)
+    debug = tmp_path / "debug" / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
+    debug.parent.mkdir(parents=True)
+    _run("objcopy", "--only-keep-debug", binaries.unstripped, debug)
+    program = start(binaries.stripped)
+    without = Symbolizer(debug_dirs=())
+    without.note_process(program.pid)
+    assert one(without, program.pid, program.addresses["beta_function"] + 3).function == ""
+    symbolizer = Symbolizer(debug_dirs=(str(tmp_path / "nothing"), str(tmp_path / "debug")))
+    symbolizer.note_process(program.pid)
+    frame = one(symbolizer, program.pid, program.addresses["beta_function"] + 3)
+    assert frame.function == "beta_function"
+    assert frame.mapping is not None and frame.mapping.path == str(binaries.stripped)
+    assert frame.mapping.build_id == build_id
+
+
 def test_jit_frames_from_perf_map(binaries: Binaries, start) -> None:
     program = start(binaries.pie, "--jit")
     symbolizer = Symbolizer()
