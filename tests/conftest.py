@@ -8,18 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import REPO, Collector
-
-IN_CI = os.environ.get("CI") == "true"
-
-
-def _fail_or_skip(reason: str) -> None:
-    """Outside CI a missing prerequisite skips with its reason; in CI it fails: the BPF and
-    Collector tests must run there."""
-    if IN_CI:
-        pytest.fail(f"required in CI: {reason}")
-    pytest.skip(reason)
-
+from .harness import REPO, Collector, fail_or_skip
 
 @pytest.fixture(scope="session")
 def otelcol_bin() -> str:
@@ -29,9 +18,9 @@ def otelcol_bin() -> str:
             path = subprocess.run(["bash", str(REPO / "deploy/scripts/build-otelcol.sh")],
                                   check=True, capture_output=True, text=True).stdout.strip()
         except subprocess.CalledProcessError as e:
-            _fail_or_skip(f"the Collector could not be built: {e.stderr[-2000:]}")
+            fail_or_skip(f"the Collector could not be built: {e.stderr[-2000:]}")
     if not path or not Path(path).is_file():
-        _fail_or_skip("no Collector binary (make test builds it)")
+        fail_or_skip("no Collector binary (make test builds it)")
     return str(path)
 
 
@@ -46,16 +35,16 @@ def collector(otelcol_bin: str, tmp_path: Path) -> Iterator[Collector]:
 def bpf_ok() -> None:
     """Root and BCC; used by every test that loads BPF programs."""
     if os.geteuid() != 0:
-        _fail_or_skip("loading BPF programs needs root")
+        fail_or_skip("loading BPF programs needs root")
     try:
         import bcc  # noqa: F401
     except ImportError:
-        _fail_or_skip("BCC is not importable (apt-get install python3-bpfcc; make setup links it)")
+        fail_or_skip("BCC is not importable (apt-get install python3-bpfcc; make setup links it)")
 
 
 @pytest.fixture(scope="session")
 def prometheus_bin() -> str:
     path = shutil.which("prometheus")
     if not path:
-        _fail_or_skip("Prometheus is not installed (make test installs Debian's prometheus)")
+        fail_or_skip("Prometheus is not installed (make test installs Debian's prometheus)")
     return str(path)

@@ -39,6 +39,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def fail_or_skip(reason: str) -> None:
+    """Outside CI a missing prerequisite skips with its reason; in CI (``CI=true``) it fails:
+    the BPF, Collector and Go tests must run there."""
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def compile_c(source: str, out: Path, *flags: str) -> Path:
+    """Builds a test program with gcc (``make test`` installs it; a missing gcc is an error,
+    not a skip)."""
+    src = out.with_name(out.name + ".c")
+    src.write_text(source)
+    subprocess.run(["gcc", *flags, "-o", str(out), str(src)], check=True)
+    return out
+
+
 def any_value(v: dict[str, Any]) -> Any:
     """OTLP/JSON AnyValue → Python value."""
     if "stringValue" in v:
@@ -143,6 +162,17 @@ class Collector:
                 for ss in rs.get("scopeSpans", []):
                     for sp in ss.get("spans", []):
                         out.append({**sp, "resource": res, "attrs": attributes(sp.get("attributes"))})
+        return out
+
+    def metric_points(self, name: str, pid: int) -> list[dict[str, Any]]:
+        """Data points of metric ``name`` from ``pid``'s resource, with ``attrs`` decoded."""
+        out = []
+        for m in self.metrics():
+            if m.get("name") != name or m["resource"].get("process.pid") != pid:
+                continue
+            body = m.get("sum") or m.get("exponentialHistogram") or m.get("gauge") or {}
+            for dp in body.get("dataPoints", []):
+                out.append({**dp, "attrs": attributes(dp.get("attributes"))})
         return out
 
     def metrics(self) -> list[dict[str, Any]]:

@@ -8,11 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from receiver.proto import profile_pb2
 
-from ..harness import REPO
+from ..harness import REPO, fail_or_skip
 
 
 def _profile() -> profile_pb2.Profile:
@@ -35,7 +34,7 @@ def _profile() -> profile_pb2.Profile:
 
 def test_go_tool_pprof_reads_it(tmp_path: Path) -> None:
     if not shutil.which("go"):
-        pytest.skip("Go is not installed (make test installs it)")
+        fail_or_skip("Go is not installed (make test installs it; go tool pprof reads our pprof)")
     path = tmp_path / "cpu.pb.gz"
     path.write_bytes(gzip.compress(_profile().SerializeToString()))
     r = subprocess.run(["go", "tool", "pprof", "-top", "-sample_index=samples", str(path)],

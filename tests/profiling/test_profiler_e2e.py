@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import REPO, Agent, Collector, agent_config, any_value, wait_until
+from ..harness import REPO, Agent, Collector, agent_config, any_value, compile_c, wait_until
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
@@ -121,14 +121,8 @@ int main(int argc, char **argv) {
 
 @pytest.fixture(scope="module")
 def burner(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed")
-    d = tmp_path_factory.mktemp("burner")
-    (d / "burner.c").write_text(SOURCE)
-    out = d / "prof_burner"
-    subprocess.run(["gcc", "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer",
-                    "-o", str(out), str(d / "burner.c")], check=True)
-    return out
+    return compile_c(SOURCE, tmp_path_factory.mktemp("burner") / "prof_burner",
+                     "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer")
 
 
 def _config(max_stacks: int = 16384, **filter_: Any) -> Any:

@@ -26,6 +26,8 @@ from receiver.profiling.kallsyms import KernelSymbols
 from receiver.profiling.model import KERNEL_MAPPING_PATH, Frame
 from receiver.profiling.symbolize import Symbolizer
 
+from ..harness import fail_or_skip
+
 PROGRAM_C = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -155,7 +157,7 @@ def vaddr_of_file_offset(path: Path, file_offset: int) -> int:
 @pytest.fixture(scope="module")
 def binaries(tmp_path_factory: pytest.TempPathFactory) -> Binaries:
     if not shutil.which("gcc"):
-        _fail_or_skip("gcc is required to build the test programs")
+        fail_or_skip("gcc is required to build the test programs")
     d = tmp_path_factory.mktemp("symbolize")
     (d / "program.c").write_text(PROGRAM_C)
     (d / "library.c").write_text(LIBRARY_C)
@@ -233,17 +235,10 @@ def start(programs: list[Program]) -> Callable[..., Program]:
     return _start
 
 
-def _fail_or_skip(reason: str) -> None:
-    """As tests/conftest.py does: a missing prerequisite skips outside CI and fails in CI."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"required in CI: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(autouse=True)
 def _needs_root() -> None:
     if os.geteuid() != 0:
-        _fail_or_skip("symbolization tests read other processes' /proc entries: run as root")
+        fail_or_skip("symbolization tests read other processes' /proc entries: run as root")
 
 
 def one(symbolizer: Symbolizer, pid: int, address: int, leaf: bool = True) -> Frame:

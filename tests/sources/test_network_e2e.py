@@ -110,17 +110,6 @@ def tcp_spans(collector: Collector, port: int) -> dict[str, list[dict[str, Any]]
     return out
 
 
-def metric_points(collector: Collector, name: str, pid: int) -> list[dict[str, Any]]:
-    out = []
-    for m in collector.metrics():
-        if m.get("name") != name or m["resource"].get("process.pid") != pid:
-            continue
-        body = m.get("sum") or m.get("exponentialHistogram") or {}
-        for dp in body.get("dataPoints", []):
-            out.append({**dp, "attrs": attributes(dp.get("attributes"))})
-    return out
-
-
 def latest_value(points: list[dict[str, Any]], **attrs: Any) -> int | None:
     """The newest point's value among those with ``attrs``, summed over any other attributes."""
     sel = [p for p in points if all(p["attrs"].get(k) == v for k, v in attrs.items())]
@@ -188,7 +177,7 @@ def test_connections_exact_ipv4_and_ipv6(bpf_ok: None, collector: Collector, tmp
         me = os.getpid()
 
         def metrics_done() -> bool:
-            pts = metric_points(collector, "tcp.connection.closed", me)
+            pts = collector.metric_points("tcp.connection.closed", me)
             return latest_value(pts, **{"tcp.connection.direction": "client", "network.type": "ipv6"}) == N
 
         wait_until(metrics_done, 20, 0.3, "closed-connection metrics")
@@ -205,14 +194,14 @@ def test_connections_exact_ipv4_and_ipv6(bpf_ok: None, collector: Collector, tmp
     for net_type in ("ipv4", "ipv6"):
         for direction, tx, rx in (("client", REQUEST, RESPONSE), ("server", RESPONSE, REQUEST)):
             sel = {"tcp.connection.direction": direction, "network.type": net_type}
-            assert latest_value(metric_points(collector, "tcp.connection.opened", me), **sel) == N
-            assert latest_value(metric_points(collector, "tcp.connection.closed", me),
+            assert latest_value(collector.metric_points("tcp.connection.opened", me), **sel) == N
+            assert latest_value(collector.metric_points("tcp.connection.closed", me),
                                 **sel, **{"tcp.connection.outcome": "ok"}) == N
-            io = metric_points(collector, "tcp.connection.io", me)
+            io = collector.metric_points("tcp.connection.io", me)
             assert latest_value(io, **sel, **{"network.io.direction": "transmit"}) == N * tx
             assert latest_value(io, **sel, **{"network.io.direction": "receive"}) == N * rx
-            assert latest_value(metric_points(collector, "tcp.connection.duration", me), **sel) == N
-            assert latest_value(metric_points(collector, "tcp.connection.active", me), **sel) == 0
+            assert latest_value(collector.metric_points("tcp.connection.duration", me), **sel) == N
+            assert latest_value(collector.metric_points("tcp.connection.active", me), **sel) == 0
     hist = next(m for m in collector.metrics() if m["name"] == "tcp.connection.duration")
     assert hist["unit"] == "s"
     assert hist["exponentialHistogram"]["aggregationTemporality"] in (2, "AGGREGATION_TEMPORALITY_CUMULATIVE")
@@ -230,7 +219,7 @@ def test_open_connection_is_active_then_counted_once(bpf_ok: None, collector: Co
         _recv_exactly(conn, 1000)
 
         def active() -> bool:
-            pts = metric_points(collector, "tcp.connection.active", me)
+            pts = collector.metric_points("tcp.connection.active", me)
             return latest_value(pts, **{"tcp.connection.direction": "client"}) == 1
 
         wait_until(active, 20, 0.3, "the open connection in tcp.connection.active")
@@ -241,17 +230,17 @@ def test_open_connection_is_active_then_counted_once(bpf_ok: None, collector: Co
         wait_until(lambda: tcp_spans(collector, port)["client"], 20, 0.2, "the client span")
 
         def closed() -> bool:
-            pts = metric_points(collector, "tcp.connection.closed", me)
+            pts = collector.metric_points("tcp.connection.closed", me)
             return latest_value(pts, **{"tcp.connection.direction": "client"}) == 1
 
         wait_until(closed, 20, 0.3, "the closed count")
     finally:
         assert agent.stop() == 0, agent.log()[-3000:]
     sel = {"tcp.connection.direction": "client"}
-    assert latest_value(metric_points(collector, "tcp.connection.opened", me), **sel) == 1
-    assert latest_value(metric_points(collector, "tcp.connection.io", me), **sel,
+    assert latest_value(collector.metric_points("tcp.connection.opened", me), **sel) == 1
+    assert latest_value(collector.metric_points("tcp.connection.io", me), **sel,
                         **{"network.io.direction": "transmit"}) == 1500
-    assert latest_value(metric_points(collector, "tcp.connection.active", me), **sel) == 0
+    assert latest_value(collector.metric_points("tcp.connection.active", me), **sel) == 0
     assert tcp_spans(collector, port)["client"][0]["attrs"]["tcp.connection.sent_bytes"] == 1500
 
 
@@ -276,7 +265,7 @@ def test_min_span_duration_keeps_short_connections_in_metrics_only(bpf_ok: None,
         server.close()
 
         def closed() -> bool:
-            pts = metric_points(collector, "tcp.connection.closed", me)
+            pts = collector.metric_points("tcp.connection.closed", me)
             return latest_value(pts, **{"tcp.connection.direction": "client"}) == 4
 
         wait_until(closed, 20, 0.3, "four closed client connections in the metrics")
@@ -327,7 +316,7 @@ def test_refused_connect_and_reset(bpf_ok: None, collector: Collector, tmp_path:
     me = os.getpid()
 
     def reset_counts() -> tuple[int | None, int | None]:
-        resets = metric_points(collector, "tcp.connection.resets", me)
+        resets = collector.metric_points("tcp.connection.resets", me)
         return (latest_value(resets, **{"tcp.connection.direction": "client", "network.io.direction": "transmit"}),
                 latest_value(resets, **{"tcp.connection.direction": "server", "network.io.direction": "receive"}))
 

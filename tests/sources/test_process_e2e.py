@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ..harness import Agent, Collector, agent_config, wait_until
+from ..harness import Agent, Collector, agent_config, compile_c, wait_until
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
@@ -117,10 +117,7 @@ def test_exit_is_reported_when_the_last_thread_ends(bpf_ok: None, collector: Col
                                                     tmp_path: Path) -> None:
     """A process whose main thread exits first: one exit record, when the process really ends,
     with the code the last thread gave."""
-    src = tmp_path / "leader_first.c"
-    src.write_text(LEADER_FIRST_C)
-    binary = tmp_path / "leader_first"
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(binary), str(src)], check=True)
+    binary = compile_c(LEADER_FIRST_C, tmp_path / "leader_first", "-O1", "-pthread")
     agent = Agent(tmp_path, agent_config(collector, {"process": {}})).start()
     try:
         p = subprocess.run([str(binary)])

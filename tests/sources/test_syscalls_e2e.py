@@ -5,14 +5,13 @@ gets its own per-process series, which must show exactly those calls."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..harness import Agent, Collector, agent_config, attributes, wait_until
+from ..harness import Agent, Collector, agent_config, attributes, compile_c, wait_until
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
@@ -49,13 +48,7 @@ int main(int argc, char **argv) {
 
 @pytest.fixture
 def prog(tmp_path: Path) -> Path:
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed")
-    src = tmp_path / "prog.c"
-    src.write_text(SOURCE)
-    out = tmp_path / PROG
-    subprocess.run(["gcc", "-O1", "-o", str(out), str(src)], check=True)
-    return out
+    return compile_c(SOURCE, tmp_path / PROG, "-O1")
 
 
 def _agent(collector: Collector, tmp_path: Path, **overrides: Any) -> Agent:
@@ -64,18 +57,6 @@ def _agent(collector: Collector, tmp_path: Path, **overrides: Any) -> Agent:
     cfg = {"report_interval": "1s", "slow_threshold": "20ms", "slow_exclude": ["futex"],
            "filter": {"process_names": [PROG]}, **overrides}
     return Agent(tmp_path, agent_config(collector, {"syscalls": cfg})).start()
-
-
-def _points(collector: Collector, name: str, pid: int) -> list[dict[str, Any]]:
-    """Data points of metric ``name`` from ``pid``'s resource, attributes decoded."""
-    out = []
-    for m in collector.metrics():
-        if m.get("name") != name or m["resource"].get("process.pid") != pid:
-            continue
-        body = m.get("sum") or m.get("exponentialHistogram") or {}
-        for dp in body.get("dataPoints", []):
-            out.append({**dp, "attrs": attributes(dp.get("attributes"))})
-    return out
 
 
 def _latest(points: list[dict[str, Any]], **attrs: Any) -> dict[str, Any] | None:
@@ -97,10 +78,10 @@ def test_per_process_calls_and_errors_are_exact(bpf_ok: None, collector: Collect
     pid = pids[1]
 
     def calls() -> dict[str, Any] | None:
-        return _latest(_points(collector, "syscall.calls", pid), **{"syscall.name": "uname"})
+        return _latest(collector.metric_points("syscall.calls", pid), **{"syscall.name": "uname"})
 
     wait_until(calls, 20, 0.2, "the uname calls series of the test program")
-    first = _latest(_points(collector, "syscall.calls", pids[0]), **{"syscall.name": "uname"})
+    first = _latest(collector.metric_points("syscall.calls", pids[0]), **{"syscall.name": "uname"})
     assert first is not None and int(first["asInt"]) == N + N_FAIL
     c = calls()
     assert c is not None
@@ -109,14 +90,14 @@ def test_per_process_calls_and_errors_are_exact(bpf_ok: None, collector: Collect
     assert metric["sum"]["isMonotonic"] is True
     assert int(c["asInt"]) == N + N_FAIL
 
-    errs = _points(collector, "syscall.errors", pid)
+    errs = collector.metric_points("syscall.errors", pid)
     e = _latest(errs, **{"syscall.name": "uname", "error.type": "EFAULT"})
     assert e is not None, errs
     assert int(e["asInt"]) == N_FAIL
     assert not [x for x in errs if x["attrs"]["syscall.name"] == "uname"
                 and x["attrs"]["error.type"] != "EFAULT"]
 
-    h = _latest(_points(collector, "syscall.duration", pid), **{"syscall.name": "uname"})
+    h = _latest(collector.metric_points("syscall.duration", pid), **{"syscall.name": "uname"})
     assert h is not None
     assert int(h["count"]) == N + N_FAIL
     assert sum(int(b) for b in h["positive"]["bucketCounts"]) + int(h.get("zeroCount", 0)) == N + N_FAIL
@@ -157,7 +138,7 @@ def test_slow_call_span_and_histogram_bucket(bpf_ok: None, collector: Collector,
     assert s["resource"]["process.pid"] == pid
 
     def hist() -> dict[str, Any] | None:
-        return _latest(_points(collector, "syscall.duration", pid), **{"syscall.name": "nanosleep"})
+        return _latest(collector.metric_points("syscall.duration", pid), **{"syscall.name": "nanosleep"})
 
     wait_until(hist, 20, 0.2, "the nanosleep histogram of the test program")
     h = hist()
@@ -182,7 +163,7 @@ def test_excluded_slow_call_counts_but_has_no_span(bpf_ok: None, collector: Coll
         assert agent.stop() == 0, agent.log()[-3000:]
 
     def hist() -> dict[str, Any] | None:
-        return _latest(_points(collector, "syscall.duration", proc.pid), **{"syscall.name": "nanosleep"})
+        return _latest(collector.metric_points("syscall.duration", proc.pid), **{"syscall.name": "nanosleep"})
 
     h = wait_until(hist, 20, 0.2, "the nanosleep histogram of the test program")
     assert int(h["count"]) == 1 and h["sum"] >= 45e6
