@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._collector import discarding_collector_yaml, otelcol_bin
+from ._support import discarding_collector_yaml, otelcol_bin
 
 N = 100_000
 BATCH = int(os.environ.get("BENCH_EXPORTER_BATCH", "2048"))  # ours: max_batch_size (512..8192)

@@ -16,7 +16,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from ._collector import discarding_collector_yaml, otelcol_bin
+from ._support import compile_c, discarding_collector_yaml, otelcol_bin
 
 RATE = int(os.environ.get("BENCH_NETWORK_RATE", "5000"))   # connections per second
 SECONDS = int(os.environ.get("BENCH_NETWORK_SECONDS", "10"))
@@ -102,11 +102,8 @@ def _scrape_sum(url: str, metric: str, **labels: str) -> float:
 def run() -> int:
     from tests.harness import Agent, Collector, free_port, wait_until
 
-
     workdir = Path(tempfile.mkdtemp(prefix="bench-network-"))
-    (workdir / "conn.c").write_text(PROGRAM_C)
-    binary = workdir / "netbench"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(workdir / "conn.c")], check=True)
+    binary = compile_c(PROGRAM_C, workdir / "netbench", "-O2")
     (workdir / "otelcol.yaml").write_text(COLLECTOR_YAML)
     col_metrics_port = free_port()
     collector = Collector(otelcol_bin(), workdir, config=workdir / "otelcol.yaml")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._collector import otelcol_bin
+from ._support import compile_c, otelcol_bin
 
 MEASURE_S = 30.0
 WARMUP_S = 12.0       # past the first drain, which parses the ELF files once
@@ -73,10 +73,8 @@ def run() -> int:
     from tests.harness import Agent, Collector, agent_config
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-"))
-    (workdir / "load.c").write_text(_load_source())
-    load_bin = workdir / "stacks_load"
-    subprocess.run(["gcc", "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer",
-                    "-o", str(load_bin), str(workdir / "load.c")], check=True)
+    load_bin = compile_c(_load_source(), workdir / "stacks_load",
+                         "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer")
 
     collector = Collector(otelcol_bin(), workdir).start()
     loads = [subprocess.Popen([str(load_bin), str(int(WARMUP_S + MEASURE_S + 60)), str(i)])

@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ._support import compile_c
+
 LOOP_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,12 +99,8 @@ def run() -> int:
     from receiver.telemetry import SelfTelemetry
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-syscalls-"))
-    (tmp / "loop.c").write_text(LOOP_C)
-    binary = tmp / "loop"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(tmp / "loop.c")], check=True)
-    (tmp / "pingpong.c").write_text(PINGPONG_C)
-    pingpong = tmp / "pingpong"
-    subprocess.run(["gcc", "-O2", "-o", str(pingpong), str(tmp / "pingpong.c")], check=True)
+    binary = compile_c(LOOP_C, tmp / "loop", "-O2")
+    pingpong = compile_c(PINGPONG_C, tmp / "pingpong", "-O2")
 
     config = EbpfConfig.from_dict({"sources": {"syscalls": {"enabled": True, "slow_spans": True}}},
                                   environ={})

@@ -1,5 +1,6 @@
-"""The real Collector for benchmarks: its binary (built once by deploy/scripts/build-otelcol.sh)
-and a config whose debug exporter drops what it receives, so only the receiving side costs."""
+"""What the benchmarks share: the real Collector (its binary, built once by
+deploy/scripts/build-otelcol.sh, and a config whose debug exporter drops what it receives, so only
+the receiving side costs) and building their C load generators."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["otelcol_bin", "discarding_collector_yaml"]
+__all__ = ["otelcol_bin", "discarding_collector_yaml", "compile_c"]
+
+
+def compile_c(source: str, out: Path, *flags: str) -> Path:
+    """Builds a load generator with gcc (``make bench`` installs it)."""
+    src = out.with_name(out.name + ".c")
+    src.write_text(source)
+    subprocess.run(["gcc", *flags, "-o", str(out), str(src)], check=True)
+    return out
 
 
 def otelcol_bin() -> str:
