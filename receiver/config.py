@@ -218,7 +218,9 @@ class ResourceConfig:
 
 @dataclass(frozen=True)
 class ProcessFilter:
-    """Which processes a source looks at; empty lists mean all. Applied in the kernel via maps."""
+    """Which processes a source looks at; empty lists mean all. Applied in the kernel via maps.
+    ``cgroups`` are cgroup v2 paths as /proc/PID/cgroup shows them (e.g.
+    "/system.slice/docker-<id>.scope"), or full paths under the cgroup v2 mount."""
 
     pids: list[int] = field(default_factory=list)
     process_names: list[str] = field(default_factory=list)

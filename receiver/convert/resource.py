@@ -107,14 +107,15 @@ class CgroupResolver:
     of the cgroup v2 tree. Rescans at most every ``rescan_interval`` on a miss; bounded."""
 
     def __init__(self, root: str | None = None, max_entries: int = 8192, rescan_interval: float = 5.0):
-        self.root = root or self._find_cgroup2_root()
+        self.root = root or self.find_cgroup2_root()
         self.max_entries = max_entries
         self.rescan_interval = rescan_interval
         self._ids: dict[int, str] = {}
         self._last_scan = -rescan_interval
 
     @staticmethod
-    def _find_cgroup2_root() -> str | None:
+    def find_cgroup2_root() -> str | None:
+        """Where cgroup v2 is mounted (/sys/fs/cgroup; /sys/fs/cgroup/unified on hybrid hosts)."""
         try:
             for line in Path("/proc/mounts").read_text().splitlines():
                 parts = line.split()

@@ -97,14 +97,22 @@ def tracepoint_has_field(tracepoint: str, field: str) -> bool:
 
 def cgroup_id_of(path: str) -> int | None:
     """The kernel's id of a cgroup v2 directory (its inode number, what
-    ``bpf_get_current_cgroup_id()`` returns); relative paths are under /sys/fs/cgroup."""
-    p = Path(path)
-    if not p.is_absolute():
-        p = Path("/sys/fs/cgroup") / path.lstrip("/")
-    try:
-        return os.stat(p).st_ino
-    except OSError:
-        return None
+    ``bpf_get_current_cgroup_id()`` returns). ``path`` is as /proc/PID/cgroup shows it
+    ("/system.slice/docker-….scope"), relative to the cgroup v2 mount (found in /proc/mounts:
+    /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts), or a full path under it."""
+    from ..convert.resource import CgroupResolver
+
+    root = CgroupResolver.find_cgroup2_root() or "/sys/fs/cgroup"
+    if path == root or path.startswith(root.rstrip("/") + "/"):
+        candidates = [path]
+    else:
+        candidates = [f"{root.rstrip('/')}/{path.lstrip('/')}"]
+    for candidate in candidates:
+        try:
+            return os.stat(candidate).st_ino
+        except OSError:
+            continue
+    return None
 
 
 def fill_process_filter(bpf: Any, process_filter: "ProcessFilter", source_name: str) -> None:

@@ -5,13 +5,15 @@ gets its own per-process series, which must show exactly those calls."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ..harness import Agent, Collector, agent_config, attributes, compile_c, wait_until
+from ..harness import Agent, Collector, agent_config, attributes, compile_c, fail_or_skip, wait_until
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
@@ -168,3 +170,41 @@ def test_excluded_slow_call_counts_but_has_no_span(bpf_ok: None, collector: Coll
     h = wait_until(hist, 20, 0.2, "the nanosleep histogram of the test program")
     assert int(h["count"]) == 1 and h["sum"] >= 45e6
     assert not [s for s in collector.spans() if s["attrs"].get("process.pid") == proc.pid]
+
+
+@pytest.fixture
+def cgroup() -> Iterator[tuple[str, Path]]:
+    """A fresh cgroup v2 directory: (its path as /proc/PID/cgroup shows it, its directory)."""
+    from receiver.convert.resource import CgroupResolver
+
+    root = CgroupResolver.find_cgroup2_root()
+    if root is None:
+        fail_or_skip("no cgroup v2 hierarchy mounted")
+    name = f"/ebpf-receiver-test-{os.getpid()}"
+    directory = Path(root + name)
+    directory.mkdir()
+    try:
+        yield name, directory
+    finally:
+        directory.rmdir()
+
+
+def test_cgroup_filter_selects_processes_in_that_cgroup(bpf_ok: None, collector: Collector, tmp_path: Path,
+                                                        prog: Path, cgroup: tuple[str, Path]) -> None:
+    name, directory = cgroup
+    agent = _agent(collector, tmp_path, filter={"cgroups": [name]})
+    try:
+        inside = subprocess.Popen(["/bin/sh", "-c", f'echo $$ > {directory}/cgroup.procs && exec "$0" "$@"',
+                                   str(prog), "count", str(N), "0"])
+        assert inside.wait() == 0
+        outside = subprocess.Popen([str(prog), "count", str(N), "0"])
+        assert outside.wait() == 0
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+    def calls(pid: int) -> dict[str, Any] | None:
+        return _latest(collector.metric_points("syscall.calls", pid), **{"syscall.name": "uname"})
+
+    c = wait_until(lambda: calls(inside.pid), 20, 0.2, "the uname series of the process in the cgroup")
+    assert int(c["asInt"]) == N
+    assert calls(outside.pid) is None   # same program, outside the cgroup: no series of its own
