@@ -1,0 +1,58 @@
+"""A profiles request carries its own dictionary, so the exporter cannot split one: the profiler
+source splits an interval by process while its request is over ``max_request_bytes``."""
+
+from __future__ import annotations
+
+from receiver.config import EbpfConfig
+from receiver.convert.converter import EbpfOtlpConverter
+from receiver.convert.resource import ProcessResources
+from receiver.export.otlp_grpc import OtlpGrpcExporter
+from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample
+from receiver.sources.base import KernelClock, SourceContext
+from receiver.sources.profiler import ProfilerSource
+from receiver.telemetry import SelfTelemetry
+
+LIMIT = 4096
+
+
+def _source() -> ProfilerSource:
+    config = EbpfConfig.from_dict({"exporter": {"max_request_bytes": LIMIT}}, environ={})
+    telemetry = SelfTelemetry()
+    ctx = SourceContext(config, OtlpGrpcExporter(config.exporter, telemetry), EbpfOtlpConverter(),
+                        telemetry, ProcessResources({"host.name": "test"}), KernelClock())
+    return ProfilerSource(ctx)
+
+
+def _profile(pids: int, stacks_per_pid: int) -> CpuProfile:
+    samples = []
+    for pid in range(100, 100 + pids):
+        m = Mapping(0x400000, 0x500000, 0, f"/usr/bin/app{pid}", build_id=f"{pid:040x}")
+        for i in range(stacks_per_pid):
+            frames = tuple(Frame(0x400000 + 16 * (i * 8 + d), f"fn_{pid}_{i}_{d}", "native", m) for d in range(8))
+            samples.append(StackSample(frames, count=i + 1, pid=pid, tid=pid, thread_name=f"app{pid}",
+                                       process_name=f"app{pid}"))
+    return CpuProfile(1_700_000_000_000_000_000, 10_000_000_000, 99, samples)
+
+
+def _sample_total(requests: list) -> int:
+    return sum(v for r in requests for rp in r.resource_profiles for sp in rp.scope_profiles
+               for p in sp.profiles for s in p.samples for v in s.values)
+
+
+def test_small_interval_is_one_request() -> None:
+    source = _source()
+    profile = _profile(pids=2, stacks_per_pid=2)
+    requests = source._requests(profile, source.ctx.resources.get)
+    assert len(requests) == 1
+    assert _sample_total(requests) == profile.total_samples
+
+
+def test_large_interval_is_split_by_process_under_the_limit() -> None:
+    source = _source()
+    profile = _profile(pids=6, stacks_per_pid=6)
+    requests = source._requests(profile, source.ctx.resources.get)
+    assert len(requests) > 1
+    assert all(r.ByteSize() <= LIMIT for r in requests), [r.ByteSize() for r in requests]
+    assert _sample_total(requests) == profile.total_samples
+    seen = [rp.resource for r in requests for rp in r.resource_profiles]
+    assert len(seen) == 6          # each process in exactly one request
