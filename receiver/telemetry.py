@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from socketserver import ThreadingMixIn
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ._version import __version__
@@ -33,8 +33,15 @@ class _ScrapeTimeGauges(Collector):
     def __init__(self) -> None:
         self._queue: dict[str, Callable[[], int]] = {}
         self._queue_capacity: dict[str, int] = {}
+        # name → (help, label, callback giving label value → count)
+        self._counters: dict[str, tuple[str, str, Callable[[], dict[str, int]]]] = {}
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        for name, (help_text, label, fn) in sorted(self._counters.items()):
+            family = CounterMetricFamily(f"{NS}_{name}", help_text, labels=[label])
+            for value, count in sorted(fn().items()):
+                family.add_metric([value], count)
+            yield family
         depth = GaugeMetricFamily(f"{NS}_exporter_queue_items", "Items waiting in the export queue",
                                   labels=["signal"])
         cap = GaugeMetricFamily(f"{NS}_exporter_queue_capacity_items",
@@ -86,6 +93,13 @@ class SelfTelemetry:
     def watch_queue(self, signal: str, depth: Callable[[], int], capacity: int) -> None:
         self._gauges._queue[signal] = depth
         self._gauges._queue_capacity[signal] = capacity
+
+    def watch_counters(self, name: str, help_text: str, label: str,
+                       counts: Callable[[], dict[str, int]]) -> None:
+        """A counter family ``ebpf_receiver_<name>_total{label}`` whose values ``counts()`` gives
+        at scrape time (e.g. a component's own running totals); registering a name again
+        replaces it."""
+        self._gauges._counters[name] = (help_text, label, counts)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -36,6 +36,16 @@ class ProfilerSource(BccSource):
         self.config = ctx.config.sources.profiler
         self.report_interval = float(self.config.report_interval)
         self.sampler = CpuSampler(self.config, self.name)
+        stats = self.sampler.symbolizer.stats
+        ctx.telemetry.watch_counters(
+            "profiler_frames", "Stack frames symbolized, by result (unresolved ones keep address, "
+            "file and build id)", "result",
+            lambda: {"resolved": stats.frames_resolved, "unresolved": stats.frames_unresolved})
+        ctx.telemetry.watch_counters(
+            "profiler_symbol_files", "ELF files behind sampled code: parsed (cache miss), served "
+            "from the symbol cache, evicted from it, or unreadable", "event",
+            lambda: {"parsed": stats.file_cache_misses, "cache_hit": stats.file_cache_hits,
+                     "evicted": stats.file_cache_evictions, "error": stats.file_errors})
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:

@@ -363,6 +363,9 @@ def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, c
 
             samples = wait_until(burner_samples, 60, 0.5, "burner samples in profiles.jsonl")
             assert agent.metric_value("ebpf_receiver_source_up", source="profiler") == 1
+            # Symbolization shows in the self-metrics: frames named, and the burner's files parsed.
+            assert agent.metric_value("ebpf_receiver_profiler_frames_total", result="resolved") > 0
+            assert agent.metric_value("ebpf_receiver_profiler_symbol_files_total", event="parsed") > 0
         finally:
             assert agent.stop() == 0
     finally:
