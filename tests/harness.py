@@ -49,12 +49,12 @@ def fail_or_skip(reason: str) -> None:
     pytest.skip(reason)
 
 
-def compile_c(source: str, out: Path, *flags: str) -> Path:
-    """Builds a test program with gcc (``make test`` installs it; a missing gcc is an error,
-    not a skip)."""
-    src = out.with_name(out.name + ".c")
+def compile_c(source: str, out: Path, *flags: str, cxx: bool = False) -> Path:
+    """Builds a test program with gcc, or g++ with ``cxx`` (``make test`` installs both; a
+    missing compiler is an error, not a skip)."""
+    src = out.with_name(out.name + (".cc" if cxx else ".c"))
     src.write_text(source)
-    subprocess.run(["gcc", *flags, "-o", str(out), str(src)], check=True)
+    subprocess.run(["g++" if cxx else "gcc", *flags, "-o", str(out), str(src)], check=True)
     return out
 
 

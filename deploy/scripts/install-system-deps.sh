@@ -4,12 +4,12 @@
 # Idempotent: packages already present are not reinstalled and apt-get is not even called.
 set -euo pipefail
 
-RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificates)
+RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificates binutils)
 # Kernel headers for BCC's clang. Debian's headers match Debian kernels; on other kernels they
 # still provide the generic headers BCC needs, because our BPF code reads kernel data only
 # through tracepoint fields and helpers (never through struct layouts).
 HEADER_PKGS=(linux-headers-amd64)
-TEST_PKGS=(prometheus golang-go make gcc libc6-dev curl unzip)
+TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip)
 
 want=("${RUNTIME_PKGS[@]}")
 case "${1:-}" in

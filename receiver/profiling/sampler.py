@@ -29,6 +29,7 @@ from ..convert.resource import CgroupResolver
 from ..errors import SourceUnavailableError
 from ..sources.base import compile_bpf, fill_process_filter, load_bcc
 from .model import CpuProfile, Frame, StackSample
+from .demangle import Demangler
 from .symbolize import Symbolizer
 
 __all__ = ["BPF_FILE", "LOST_REASONS", "CpuSampler"]
@@ -102,6 +103,7 @@ class CpuSampler:
         self.frequency = config.sample_frequency
         self.bpf: Any = None
         self.symbolizer = Symbolizer(max_files=config.symbol_cache_size, max_processes=4096)
+        self.demangler = Demangler()
         self.cgroups = CgroupResolver()
         self._attached = False
         self._generation = 0
@@ -235,6 +237,7 @@ class CpuSampler:
                              stacks.get(k.user_stack_id, ()), stacks.get(k.kernel_stack_id, ()), int(v))
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
+        self.demangler.apply(profile)
         self._forget_exited()
         return profile
 
