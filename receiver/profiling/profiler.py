@@ -40,6 +40,10 @@ class EbpfCpuProfiler:
         self._thread: threading.Thread | None = None
         self._callback: Any = None   # kept alive while BCC holds it
         self.errors = 0              # records or drains that failed (logged)
+        # The session's profile is its result, so it is kept whole, up to a bound on distinct
+        # (thread, stack) keys; samples of keys beyond it are only counted.
+        self.max_unique_stacks = max(16 * self.config.max_stacks, 65536)
+        self.samples_over_bound = 0
 
     @property
     def running(self) -> bool:
@@ -60,6 +64,7 @@ class EbpfCpuProfiler:
             raise
         self._start_ns = time.time_ns()
         self._merged.clear()
+        self.samples_over_bound = 0
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="ebpf-cpu-profiler", daemon=True)
         self._thread.start()
@@ -92,11 +97,17 @@ class EbpfCpuProfiler:
         for s in profile.samples:
             key = (s.pid, s.tid, s.thread_name, s.frames)
             have = self._merged.get(key)
-            if have is None:
+            if have is not None:
+                have.count += s.count
+            elif len(self._merged) < self.max_unique_stacks:
                 self._merged[key] = StackSample(s.frames, s.count, s.pid, s.tid, s.thread_name,
                                                 s.process_name, s.container_id, s.cgroup_id)
             else:
-                have.count += s.count
+                if not self.samples_over_bound:
+                    log.warning("profiler: more than %d distinct stacks in this session; samples of "
+                                "further stacks are counted in samples_over_bound, not kept",
+                                self.max_unique_stacks)
+                self.samples_over_bound += s.count
 
     def samples_so_far(self) -> int:
         """Samples counted in the kernel since ``start()`` (for progress reports)."""

@@ -1,5 +1,6 @@
-"""A profiles request carries its own dictionary, so the exporter cannot split one: the profiler
-source splits an interval by process while its request is over ``max_request_bytes``."""
+"""Size limits of profiles: the source splits an interval by process while its request is over
+``max_request_bytes`` (a profiles request carries its own dictionary, so the exporter cannot split
+one), and the library's session profile keeps a bounded number of distinct stacks."""
 
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ def test_large_interval_is_split_by_process_under_the_limit() -> None:
     assert _sample_total(requests) == profile.total_samples
     seen = [rp.resource for r in requests for rp in r.resource_profiles]
     assert len(seen) == 6          # each process in exactly one request
+
+
+def test_library_session_keeps_a_bounded_number_of_stacks() -> None:
+    """EbpfCpuProfiler keeps the whole session, but no more than max_unique_stacks distinct
+    (thread, stack) keys; samples beyond are counted, not kept."""
+    from receiver.profiling.profiler import EbpfCpuProfiler
+
+    profiler = EbpfCpuProfiler()
+    profiler.max_unique_stacks = 10
+    profile = _profile(pids=3, stacks_per_pid=6)      # 18 distinct stacks
+    profiler._merge(profile)
+    profiler._merge(profile)                          # the same again: counts add up
+    kept = sum(s.count for s in profiler._merged.values())
+    assert len(profiler._merged) == 10
+    assert kept + profiler.samples_over_bound == 2 * profile.total_samples
