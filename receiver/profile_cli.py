@@ -112,6 +112,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     _progress(f"{'stopped by Ctrl-C after' if interrupted else 'sampled for'} {elapsed:.1f}s: "
               f"{profile.total_samples} samples in {len(profile.samples)} stacks", final=True)
+    if any(profiler.lost.values()):
+        print("note: samples lost in the kernel: " + ", ".join(
+            f"{n} {reason}" for reason, n in profiler.lost.items() if n), file=sys.stderr)
+    if profiler.samples_over_bound:
+        print(f"note: {profiler.samples_over_bound} samples of stacks beyond the "
+              f"{profiler.max_unique_stacks} distinct ones kept are not in the files", file=sys.stderr)
 
     write_pprof(profile, args.output)
     written = [str(args.output)]

@@ -17,7 +17,7 @@ from ..config import EbpfConfig, ProfilerSourceConfig
 from ..proto import profile_pb2
 from .model import CpuProfile, Frame, StackSample
 from .pprof import to_pprof
-from .sampler import CpuSampler
+from .sampler import LOST_REASONS, CpuSampler
 
 __all__ = ["EbpfCpuProfiler"]
 
@@ -44,6 +44,7 @@ class EbpfCpuProfiler:
         # (thread, stack) keys; samples of keys beyond it are only counted.
         self.max_unique_stacks = max(16 * self.config.max_stacks, 65536)
         self.samples_over_bound = 0
+        self.lost: dict[str, int] = {}   # kernel-side losses by reason, set by stop_profile()
 
     @property
     def running(self) -> bool:
@@ -124,6 +125,7 @@ class EbpfCpuProfiler:
             self.sampler.detach()
             self.sampler.bpf.ring_buffer_consume()   # notices of processes sampled last
             self._merge(self.sampler.drain())
+            self.lost = dict(zip(LOST_REASONS, self.sampler.lost_totals()))
         finally:
             self.sampler.close()
         end = time.time_ns()
