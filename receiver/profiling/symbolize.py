@@ -397,15 +397,16 @@ class Symbolizer:
             if not stat.S_ISREG(st.st_mode):
                 continue
             return self._files.get((st.st_dev, st.st_ino, st.st_mtime_ns),
-                                   lambda: self._with_debug_symbols(self._read_file(candidate, follow)))
+                                   lambda: self._with_debug_symbols(self._read_file(candidate, follow), pid))
         return None
 
-    def _with_debug_symbols(self, elf: ElfFile) -> ElfFile:
+    def _with_debug_symbols(self, elf: ElfFile, pid: int) -> ElfFile:
         """A stripped file (only .dynsym, or nothing) takes the symbols of its separate debug
-        file, found by build id, when one is installed."""
+        file, found by build id, when one is installed: in the process's own root first (a
+        container image's debug files), then on this host."""
         if not elf.build_id or len(elf.build_id) < 3:
             return elf
-        for directory in self._debug_dirs:
+        for directory in [f"/proc/{pid}/root{d}" for d in self._debug_dirs] + list(self._debug_dirs):
             path = f"{directory}/.build-id/{elf.build_id[:2]}/{elf.build_id[2:]}.debug"
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
