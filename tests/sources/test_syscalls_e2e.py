@@ -23,6 +23,9 @@ PROG = "sctest_prog"   # its comm: what the filter selects
 
 SOURCE = r"""
 #define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -30,10 +33,41 @@ SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 
+static volatile int sleeping = 1;
+
+/* Makes uname calls on the sleeper's CPU until the sleeper is back. */
+static void *busy(void *arg) {
+    struct utsname u;
+    long *calls = arg;
+    while (sleeping) {
+        syscall(SYS_uname, &u);
+        (*calls)++;
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "sleep") == 0) {
         struct timespec ts = {0, 50 * 1000 * 1000};
         return syscall(SYS_nanosleep, &ts, NULL) == 0 ? 0 : 1;
+    }
+    if (argc > 1 && strcmp(argv[1], "contend") == 0) {
+        /* Both threads on CPU 0: while the main thread sleeps, the other one makes calls on
+         * the same CPU. Prints the number of uname calls made. */
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(0, &one);
+        if (sched_setaffinity(0, sizeof one, &one))
+            return 4;
+        long calls = 0;
+        pthread_t t;
+        pthread_create(&t, NULL, busy, &calls);
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        int rc = syscall(SYS_nanosleep, &ts, NULL);
+        sleeping = 0;
+        pthread_join(t, NULL);
+        printf("%ld\n", calls);
+        return rc == 0 ? 0 : 1;
     }
     int n = atoi(argv[2]), n_fail = atoi(argv[3]);
     struct utsname u;
@@ -208,3 +242,32 @@ def test_cgroup_filter_selects_processes_in_that_cgroup(bpf_ok: None, collector:
     c = wait_until(lambda: calls(inside.pid), 20, 0.2, "the uname series of the process in the cgroup")
     assert int(c["asInt"]) == N
     assert calls(outside.pid) is None   # same program, outside the cgroup: no series of its own
+
+
+def test_blocked_call_is_timed_while_another_thread_uses_its_cpu(bpf_ok: None, collector: Collector,
+                                                                 tmp_path: Path, prog: Path) -> None:
+    """A call in flight lives in a per-CPU slot until its thread is switched out; then it moves
+    to the thread's storage. Here a second thread makes calls on the sleeper's CPU while it
+    sleeps (overwriting that slot): the 50 ms sleep must still be timed, and every call counted."""
+    agent = _agent(collector, tmp_path)
+    try:
+        proc = subprocess.run([str(prog), "contend"], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc
+        busy_calls = int(proc.stdout)
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    pid = None
+    for m in collector.metrics():   # the pid of the run: the resource with the nanosleep series
+        if m.get("name") == "syscall.duration" and m["resource"].get("process.executable.name") == PROG:
+            pid = m["resource"]["process.pid"]
+
+    def sleep_hist() -> dict[str, Any] | None:
+        return _latest(collector.metric_points("syscall.duration", pid), **{"syscall.name": "nanosleep"})
+
+    assert pid is not None
+    h = wait_until(sleep_hist, 20, 0.2, "the nanosleep histogram")
+    assert int(h["count"]) == 1 and 45e6 <= h["sum"] <= 55e6, h
+    spans = [sp for sp in collector.spans() if sp["name"] == "nanosleep" and sp["attrs"].get("process.pid") == pid]
+    assert len(spans) == 1
+    calls = _latest(collector.metric_points("syscall.calls", pid), **{"syscall.name": "uname"})
+    assert busy_calls > 0 and calls is not None and int(calls["asInt"]) == busy_calls
