@@ -174,6 +174,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u32 *gen = settings.lookup(&gslot);
     u32 g = gen ? *gen : 0;
     s32 uid = -1, kid = -1;
+    /* Two spelled-out branches: BCC resolves map method calls by the map's name at compile time,
+     * so the generation cannot be a map-pointer variable. */
     if (g) {
 #if USER_STACKS
         uid = stacks1.get_stackid(ctx, BPF_F_USER_STACK);

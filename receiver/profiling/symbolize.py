@@ -230,12 +230,8 @@ class Symbolizer:
         if self._kernel is None:
             self._kernel = KernelSymbols()
         kernel = self._kernel
-        leaf = self._kernel_leaf.get(addrs[0])
-        out.append(leaf if leaf is not None else self._kernel_frame(kernel, addrs[0], False))
-        get = self._kernel_return.get
-        for addr in addrs[1:]:
-            frame = get(addr)
-            out.append(frame if frame is not None else self._kernel_frame(kernel, addr, True))
+        _cached_stack(addrs, self._kernel_leaf, self._kernel_return,
+                      lambda addr, is_return: self._kernel_frame(kernel, addr, is_return), out)
 
     def _kernel_frame(self, kernel: KernelSymbols, addr: int, is_return: bool) -> Frame:
         frame = Frame(addr, kernel.lookup(addr - 1 if is_return else addr), "kernel",
@@ -247,12 +243,8 @@ class Symbolizer:
     # -- user -------------------------------------------------------------------------------
 
     def _user_frames(self, proc: _Process, addrs: Sequence[int], out: list[Frame]) -> None:
-        leaf = proc.leaf_frames.get(addrs[0])
-        out.append(leaf if leaf is not None else self._user_frame(proc, addrs[0], False))
-        get = proc.return_frames.get
-        for addr in addrs[1:]:
-            frame = get(addr)
-            out.append(frame if frame is not None else self._user_frame(proc, addr, True))
+        _cached_stack(addrs, proc.leaf_frames, proc.return_frames,
+                      lambda addr, is_return: self._user_frame(proc, addr, is_return), out)
 
     def _user_frame(self, proc: _Process, addr: int, is_return: bool) -> Frame:
         """Names ``addr`` and caches the frame, unless a later refresh could still name it
@@ -475,6 +467,18 @@ class Symbolizer:
             os.close(fd)
         proc.perf_map = _PerfMap(text)
         proc.perf_map_signature = signature
+
+
+def _cached_stack(addrs: Sequence[int], leaf_frames: dict[int, Frame], return_frames: dict[int, Frame],
+                  make: Callable[[int, bool], Frame], out: list[Frame]) -> None:
+    """Appends the frames of one leaf-first stack: each from its cache (the leaf and the return
+    addresses are named differently, so cached apart), else ``make(address, is_return)``."""
+    leaf = leaf_frames.get(addrs[0])
+    out.append(leaf if leaf is not None else make(addrs[0], False))
+    get = return_frames.get
+    for addr in addrs[1:]:
+        frame = get(addr)
+        out.append(frame if frame is not None else make(addr, True))
 
 
 def _namespace_pid(pid: int) -> int:
