@@ -91,10 +91,11 @@ def run() -> int:
     from bcc import BPF
 
     from receiver.config import EbpfConfig
-    from receiver.convert.converter import EbpfOtlpConverter
-    from receiver.convert.resource import ProcessResources, detect_host_attributes
     from receiver.export.otlp_grpc import OtlpGrpcExporter
-    from receiver.sources.base import KernelClock, SourceContext
+    from receiver.kernel.clock import KernelClock
+    from receiver.kernel.identity import detect_host_attributes
+    from receiver.pipeline import Pipeline, ProcessResources
+    from receiver.sources.base import SourceContext
     from receiver.sources.syscalls import SyscallsSource
     from receiver.telemetry import SelfTelemetry
 
@@ -107,8 +108,8 @@ def run() -> int:
     telemetry = SelfTelemetry()
     # Nothing listens there: the source's output is queued and dropped, which is not measured.
     exporter = OtlpGrpcExporter(config.exporter.__class__(endpoint="http://127.0.0.1:9"), telemetry)
-    ctx = SourceContext(config, exporter, EbpfOtlpConverter(), telemetry,
-                        ProcessResources(detect_host_attributes(config.resource)), KernelClock())
+    pipeline = Pipeline(config, exporter, ProcessResources(detect_host_attributes(config.resource)))
+    ctx = SourceContext(config, pipeline, telemetry, KernelClock())
 
     variants = ("none", "empty", "ours")
     loop_ns: dict[str, list[float]] = {k: [] for k in variants}

@@ -8,6 +8,8 @@
 // Filters (server port, peer address, process) live in maps filled by user space; which of them
 // are active is fixed at load by -D flags, so an inactive filter costs no lookup.
 #include "network.h"
+#define N_LOST NET_N_LOST
+#include "common.bpf.h"
 
 /* BCC builds tcp:tcp_send_reset's argument struct from the running kernel's format, which names
  * an enum the (older) kernel headers may not define; its values are not used here. */
@@ -24,9 +26,6 @@ enum sk_rst_reason { NET_SK_RST_REASON_UNUSED = 0 };
 #endif
 #ifndef FILTER_ADDRESSES
 #define FILTER_ADDRESSES 0
-#endif
-#ifndef FILTER_PROCESS
-#define FILTER_PROCESS 0
 #endif
 #ifndef SELF_TGID
 #define SELF_TGID 0
@@ -46,35 +45,17 @@ enum sk_rst_reason { NET_SK_RST_REASON_UNUSED = 0 };
 #define TCP_LISTEN 10
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(lost, u64, NET_LOST_REASONS);
 BPF_HASH(conns, u64, struct net_conn, MAX_CONNECTIONS);
 BPF_HASH(filter_ports, u16, u8, 1024);
 BPF_LPM_TRIE(filter_addrs, struct net_addr_key, u8, 1024);
-BPF_HASH(filter_pids, u32, u8, 1024);
-BPF_HASH(filter_comms, struct net_comm_key, u8, 1024);
-BPF_HASH(filter_cgroups, u64, u8, 1024);
-
-static __always_inline void count_lost(int reason) {
-    u64 *n = lost.lookup(&reason);
-    if (n)
-        (*n)++;
-}
+MIRROR(net_event);
 
 /* The current task may own the connection: not this agent, and selected by the process filter. */
 static __always_inline int process_selected(u32 tgid) {
     if (tgid == SELF_TGID)
         return 0;
 #if FILTER_PROCESS
-    if (filter_pids.lookup(&tgid))
-        return 1;
-    struct net_comm_key c = {};
-    bpf_get_current_comm(&c.comm, sizeof(c.comm));
-    if (filter_comms.lookup(&c))
-        return 1;
-    u64 cg = bpf_get_current_cgroup_id();
-    if (filter_cgroups.lookup(&cg))
-        return 1;
-    return 0;
+    return selected_current(tgid);
 #else
     return 1;
 #endif
@@ -164,7 +145,7 @@ static __always_inline void track(u64 sk, struct net_conn *c, u8 direction) {
     if (old)   /* a closed entry still waiting for a late reset; its socket was reused */
         emit(sk, old);
     if (conns.update(&sk, c) != 0)
-        count_lost(NET_LOST_CONN_MAP_FULL);
+        count_lost(NET_LOST_CONNECTION_MAP_FULL);
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {

@@ -6,8 +6,8 @@
 
 /* lost[] slots: why a connection never reached user space (or reached it incomplete). */
 #define NET_LOST_RINGBUF_FULL 0
-#define NET_LOST_CONN_MAP_FULL 1
-#define NET_LOST_REASONS 2
+#define NET_LOST_CONNECTION_MAP_FULL 1
+#define NET_N_LOST 2
 
 #define NET_DIR_CLIENT 1
 #define NET_DIR_SERVER 2
@@ -43,10 +43,6 @@ struct net_conn {
 struct net_event {
     __u64 sk;                  /* socket address: only an identity, never dereferenced */
     struct net_conn c;
-};
-
-struct net_comm_key {
-    char comm[NET_COMM_LEN];
 };
 
 /* LPM trie key for the address filter: IPv6 or IPv4-mapped IPv6. */

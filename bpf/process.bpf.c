@@ -2,18 +2,15 @@
 // Reads only tracepoint fields and helpers, never kernel struct layouts, so mismatched headers
 // cannot change what it reads. Every record that cannot be delivered is counted in lost[].
 #include "process.h"
+#define N_LOST PROC_N_LOST
+#include "common.bpf.h"
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(lost, u64, PROC_LOST_REASONS);
 BPF_HASH(exec_argv, u32, struct exec_args, MAX_INFLIGHT_EXECS);   /* tid → argv, exec in flight */
 BPF_HASH(exit_info, u32, struct exit_info, MAX_TRACKED_EXITS);    /* tgid → exit code/signal */
 BPF_PERCPU_ARRAY(heap, struct exec_args, 1);                      /* scratch: too big for the stack */
-
-static __always_inline void count_lost(int reason) {
-    u64 *n = lost.lookup(&reason);
-    if (n)
-        (*n)++;
-}
+MIRROR(proc_event);
+MIRROR(exec_event);
 
 static __always_inline void fill_header(struct proc_event *e, u32 type) {
     u64 id = bpf_get_current_pid_tgid();
@@ -43,7 +40,7 @@ static __always_inline int capture_argv(const char *const *argv) {
         bpf_probe_read_user(&p, sizeof(p), &argv[i]);
         if (!p)
             break;
-        bpf_probe_read_user_str(a->args[i], PROC_ARG_LEN, p);
+        bpf_probe_read_user_str(&a->args[i * PROC_ARG_LEN], PROC_ARG_LEN, p);
         a->argc = i + 1;
     }
     if (p) {

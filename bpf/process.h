@@ -16,7 +16,7 @@
 #define PROC_LOST_RINGBUF_FULL 0
 #define PROC_LOST_ARGS_MAP_FULL 1
 #define PROC_LOST_EXIT_MAP_FULL 2
-#define PROC_LOST_REASONS 3
+#define PROC_N_LOST 3
 
 struct proc_event {           /* exit, fork, oom kill */
     __u32 type;
@@ -33,7 +33,7 @@ struct proc_event {           /* exit, fork, oom kill */
 struct exec_args {            /* argv captured at sys_enter_execve(at), keyed by thread id */
     __u32 argc;               /* arguments captured (at most PROC_MAX_ARGS) */
     __u32 truncated;          /* 1 when argv had more than PROC_MAX_ARGS entries */
-    char args[PROC_MAX_ARGS][PROC_ARG_LEN];
+    char args[PROC_MAX_ARGS * PROC_ARG_LEN];   /* one dimension: BCC describes no 2-D arrays */
 };
 
 struct exec_event {

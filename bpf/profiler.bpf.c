@@ -18,6 +18,8 @@
 // captures its memory mappings at once (a short-lived process may be gone by the next drain).
 #include <uapi/linux/bpf_perf_event.h>
 #include "profiler.h"
+#define N_LOST PROF_N_LOST
+#include "common.bpf.h"
 
 #ifndef MAX_KEYS
 #define MAX_KEYS 16384
@@ -33,9 +35,6 @@
 #endif
 #ifndef KERNEL_STACKS
 #define KERNEL_STACKS 1
-#endif
-#ifndef FILTER_ACTIVE
-#define FILTER_ACTIVE 0
 #endif
 #ifndef WAKE_EVERY
 #define WAKE_EVERY 16
@@ -53,36 +52,16 @@ BPF_HASH(counts0, struct prof_key, u64, MAX_KEYS);
 BPF_HASH(counts1, struct prof_key, u64, MAX_KEYS);
 BPF_STACK_TRACE(stacks0, MAX_STACKS);
 BPF_STACK_TRACE(stacks1, MAX_STACKS);
-BPF_PERCPU_ARRAY(lost, u64, PROF_LOST_REASONS);
 BPF_PERCPU_ARRAY(stats, u64, PROF_STATS);
 BPF_TABLE("lru_hash", u32, u8, seen_processes, MAX_PROCESSES);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_HASH(filter_pids, u32, u8, 1024);
-BPF_HASH(filter_comms, struct prof_comm_key, u8, 1024);
-BPF_HASH(filter_cgroups, u64, u8, 1024);
-
-static __always_inline void count_lost(int reason) {
-    u64 *n = lost.lookup(&reason);
-    if (n)
-        (*n)++;
-}
+MIRROR(prof_sample);
+MIRROR(prof_new_process);
 
 static __always_inline void count_stat(int slot) {
     u64 *n = stats.lookup(&slot);
     if (n)
         (*n)++;
-}
-
-static __always_inline u32 selected(u32 tgid, const char *comm, u64 cgroup) {
-    if (filter_pids.lookup(&tgid))
-        return 1;
-    struct prof_comm_key c;
-    __builtin_memcpy(c.comm, comm, PROF_COMM_LEN);
-    if (filter_comms.lookup(&c))
-        return 1;
-    if (filter_cgroups.lookup(&cgroup))
-        return 1;
-    return 0;
 }
 
 /* The stack map refused the stack (-EEXIST or -ENOMEM; -EFAULT just means "no stack of
@@ -160,10 +139,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     __builtin_memset(&key, 0, sizeof(key));
     bpf_get_current_comm(&key.comm, sizeof(key.comm));
     key.cgroup_id = bpf_get_current_cgroup_id();
-#if FILTER_ACTIVE   /* known at load: no filter lookups per sample without a filter */
-    u32 fslot = PROF_SET_FILTER;
-    u32 *factive = settings.lookup(&fslot);
-    if (factive && *factive && !selected(tgid, key.comm, key.cgroup_id)) {
+#if FILTER_PROCESS   /* known at load: no filter lookups per sample without a filter */
+    if (!selected_by(tgid, key.comm, key.cgroup_id)) {
         count_stat(PROF_STAT_FILTERED);
         return 0;
     }

@@ -6,8 +6,7 @@
 
 /* settings[] slots */
 #define PROF_SET_GENERATION 0     /* which counts/stacks pair the program writes: 0 or 1 */
-#define PROF_SET_FILTER 1         /* 1 when a process filter is active */
-#define PROF_SETTINGS 2
+#define PROF_SETTINGS 1
 
 /* stats[] slots: every sample lands in exactly one */
 #define PROF_STAT_COUNTED 0       /* counted in the active counts map */
@@ -25,7 +24,7 @@
 #define PROF_LOST_STACK_MAP_FULL 2    /* -ENOMEM: the stack map is full */
 #define PROF_LOST_STACK_FAULT 3       /* -EFAULT with no kernel stack either: a sample without frames */
 #define PROF_LOST_RINGBUF_FULL 4      /* a new-process notice; retried on the process's next sample */
-#define PROF_LOST_REASONS 5
+#define PROF_N_LOST 5
 
 /* Ring-buffer record kinds (the first field of each record) */
 #define PROF_REC_NEW_PROCESS 1
@@ -62,10 +61,6 @@ struct prof_sample {
     char comm[PROF_COMM_LEN];
     __u64 user[PROF_MAX_DEPTH];
     __u64 kernel[PROF_MAX_DEPTH];
-};
-
-struct prof_comm_key {
-    char comm[PROF_COMM_LEN];
 };
 
 #endif

@@ -4,6 +4,8 @@
 // arguments (sys_enter: args[1] = id; sys_exit: args[1] = return value) and BPF helpers; the
 // sched_switch program reads no arguments (the thread switched out is still current there).
 #include "syscalls.h"
+#define N_LOST SC_N_LOST
+#include "common.bpf.h"
 
 #ifndef SLOW_THRESHOLD_NS
 #define SLOW_THRESHOLD_NS 10000000ULL
@@ -19,7 +21,6 @@
 #endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_PERCPU_ARRAY(lost, u64, SC_LOST_REASONS);
 /* The call in flight is kept per CPU while its thread runs: most calls return without the
  * thread being switched out, so they cost a per-CPU slot and no task-storage lookup. When the
  * thread is switched out (it blocks or is preempted) sched_switch moves the call to the thread's
@@ -32,44 +33,9 @@ BPF_PERCPU_ARRAY(all_calls, struct sc_all, SC_MAX_NR);
 BPF_PERCPU_HASH(calls, struct sc_key, struct sc_stat, MAX_SERIES * 8);
 BPF_PERCPU_HASH(errors, struct sc_err_key, u64, MAX_SERIES * 8);
 BPF_PERCPU_HASH(hist, struct sc_hist_key, u64, MAX_SERIES * 32);
-/* Filter, filled from user space: settings[0] = 1 when a filter is active. */
-BPF_ARRAY(settings, u32, 1);
-BPF_HASH(filter_pids, u32, u8, 1024);
-BPF_HASH(filter_comms, struct sc_comm_key, u8, 1024);
-BPF_HASH(filter_cgroups, u64, u8, 1024);
 /* slow_skip[nr] = 1: no span for slow calls of this syscall (filled from user space). */
 BPF_ARRAY(slow_skip, u8, SC_MAX_NR);
-
-static __always_inline void count_lost(int reason) {
-    u64 *n = lost.lookup(&reason);
-    if (n)
-        (*n)++;
-}
-
-static __always_inline u32 log2_u64(u64 v) {
-    u32 r = 0;
-    #pragma unroll
-    for (int s = 32; s > 0; s >>= 1) {
-        if (v >> s) {
-            v >>= s;
-            r += s;
-        }
-    }
-    return r;
-}
-
-static __always_inline u32 selected(u32 tgid) {
-    if (filter_pids.lookup(&tgid))
-        return 1;
-    struct sc_comm_key c = {};
-    bpf_get_current_comm(&c.comm, sizeof(c.comm));
-    if (filter_comms.lookup(&c))
-        return 1;
-    u64 cg = bpf_get_current_cgroup_id();
-    if (filter_cgroups.lookup(&cg))
-        return 1;
-    return 0;
-}
+MIRROR(sc_slow_event);
 
 static __always_inline void count_error(u32 tgid, u32 nr, long ret) {
     struct sc_err_key ek = {.tgid = tgid, .nr = nr, .err = (u32)(-ret)};
@@ -136,10 +102,8 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 sel = 0;
-#if FILTER_ACTIVE   /* known at load: no map lookup per call when no process is selected */
-    u32 *active = settings.lookup(&zero);
-    if (active && *active)
-        sel = selected(pid_tgid >> 32);
+#if FILTER_PROCESS   /* known at load: no map lookup per call without a filter */
+    sel = selected_current(pid_tgid >> 32);
 #endif
     f->tid = (u32)pid_tgid;
     f->nr = (u32)id;

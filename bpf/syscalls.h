@@ -9,7 +9,7 @@
 #define SC_LOST_RINGBUF_FULL 0
 #define SC_LOST_START_MAP_FULL 1
 #define SC_LOST_SERIES_MAP_FULL 2
-#define SC_LOST_REASONS 3
+#define SC_N_LOST 3
 
 /* tgid 0 = all processes together; other tgids only for processes the filter selects. */
 struct sc_key {
@@ -73,10 +73,6 @@ struct sc_slow_event {
     __u32 tid;
     __u32 nr;
     __u32 pad;
-    char comm[SC_COMM_LEN];
-};
-
-struct sc_comm_key {
     char comm[SC_COMM_LEN];
 };
 

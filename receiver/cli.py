@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from . import profile_cli
 from ._version import __version__
 from .config import EbpfConfig
 from .errors import ConfigError, ReceiverError
@@ -92,9 +93,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-# name → (help, add_arguments, handler); the profiler adds ``profile`` here.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                          Callable[[argparse.Namespace], int]]] = {}
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -106,13 +104,16 @@ def _add_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (default: built-in defaults)")
 
 
-COMMANDS["run"] = ("run the sources and export until SIGINT/SIGTERM", _add_run, cmd_run)
-COMMANDS["check"] = ("preflight: what this host has and lacks for the configured sources",
-                     _add_check, cmd_check)
+# name → (help, add_arguments, handler)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "run": ("run the sources and export until SIGINT/SIGTERM", _add_run, cmd_run),
+    "check": ("preflight: what this host has and lacks for the configured sources", _add_check, cmd_check),
+    "profile": (profile_cli.HELP, profile_cli.add_arguments, profile_cli.cmd_profile),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _register_optional_commands()
     parser = argparse.ArgumentParser(
         prog="ebpf-otlp-receiver",
         description="eBPF telemetry sidecar for the OpenTelemetry Collector.",
@@ -125,13 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p)
         p.set_defaults(handler=handler)
     return parser
-
-
-def _register_optional_commands() -> None:
-    try:
-        from . import profile_cli  # noqa: F401  (registers ``profile``)
-    except ImportError:
-        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

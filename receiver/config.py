@@ -281,7 +281,8 @@ class ProfilerSourceConfig:
             if not 1 <= self.frequency <= 1000:
                 p.append("frequency: must be from 1 to 1000 Hz")
             elif self.preset == "production" and not 19 <= self.frequency <= 49:
-                p.append("frequency: the production preset allows 19 to 49 Hz; use preset development or debug for more")
+                p.append("frequency: the production preset allows 19 to 49 Hz; "
+                         "use preset development or debug for more")
         if self.report_interval < 1:
             p.append("report_interval: must be at least 1s")
         if self.max_stacks < 64:

@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import COMMANDS
 from .config import EbpfConfig, parse_duration
 from .errors import SourceUnavailableError
 
-__all__ = ["cmd_profile"]
+__all__ = ["HELP", "add_arguments", "cmd_profile"]
 
 PROGRESS_EVERY_S = 1.0
 MAX_DURATION_S = 24 * 3600
@@ -56,7 +55,10 @@ def _output_path(text: str) -> Path:
     return path
 
 
-def _add_profile(p: argparse.ArgumentParser) -> None:
+HELP = "a CPU profile to pprof/folded/SVG files, without a Collector"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", "-d", type=_duration, default=10.0, metavar="DURATION",
                    help="how long to sample (default 10s); Ctrl-C ends early")
     p.add_argument("--pid", "-p", type=_pid, action="append", metavar="PID",
@@ -77,7 +79,7 @@ def _progress(text: str, final: bool = False) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .preflight import has_bpf_capabilities
+    from .kernel.host import has_bpf_capabilities
     from .profiling.flamegraph import to_folded, write_flamegraph_svg
     from .profiling.pprof import write_pprof
     from .profiling.profiler import EbpfCpuProfiler
@@ -131,6 +133,3 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(written)}; view with: go tool pprof -http=: {args.output}", file=sys.stderr)
     return 0
 
-
-COMMANDS["profile"] = ("a CPU profile to pprof/folded/SVG files, without a Collector",
-                       _add_profile, cmd_profile)

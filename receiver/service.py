@@ -1,4 +1,4 @@
-"""Wires sources → conversion → exporter from a config and runs them.
+"""Wires sources → pipeline → exporter from a config and runs them.
 
 Start order: self-telemetry, exporter, then sources (a source that cannot run is disabled with
 its reason; the others go on). Stop order is the reverse: sources detach and hand over what they
@@ -11,12 +11,12 @@ import asyncio
 import logging
 
 from .config import EbpfConfig, parse_address
-from .convert.converter import EbpfOtlpConverter
-from .convert.resource import ProcessResources, detect_host_attributes
 from .errors import ReceiverError, SourceUnavailableError
 from .export.otlp_grpc import OtlpGrpcExporter
+from .kernel.clock import KernelClock
+from .kernel.identity import detect_host_attributes
+from .pipeline import Pipeline, ProcessResources
 from .sources import Source, SourceContext, source_classes
-from .sources.base import KernelClock
 from .telemetry import SelfTelemetry, TelemetryServer
 
 __all__ = ["Service"]
@@ -29,10 +29,8 @@ class Service:
         self.config = config
         self.telemetry = telemetry or SelfTelemetry()
         self.exporter = OtlpGrpcExporter(config.exporter, self.telemetry)
-        self.converter = EbpfOtlpConverter()
-        self.resources = ProcessResources(detect_host_attributes(config.resource))
-        self.context = SourceContext(config, self.exporter, self.converter, self.telemetry,
-                                     self.resources, KernelClock())
+        self.pipeline = Pipeline(config, self.exporter, ProcessResources(detect_host_attributes(config.resource)))
+        self.context = SourceContext(config, self.pipeline, self.telemetry, KernelClock())
         self.sources: list[Source] = []
         self.failed: dict[str, str] = {}
         self.http: TelemetryServer | None = None
@@ -74,11 +72,6 @@ class Service:
             if self.http:
                 self.http.beat()
             await asyncio.sleep(1.0)
-
-    async def flush(self) -> None:
-        for s in self.sources:
-            await s.flush()
-        await self.exporter.flush()
 
     async def stop(self) -> None:
         if self.http:

@@ -10,6 +10,7 @@ import pytest
 
 from .harness import REPO, Collector, fail_or_skip
 
+
 @pytest.fixture(scope="session")
 def otelcol_bin() -> str:
     path = os.environ.get("OTELCOL_BIN")

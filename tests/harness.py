@@ -248,7 +248,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"agent did not stop within {timeout}s: {self.log()[-3000:]}")
+                raise AssertionError(f"agent did not stop within {timeout}s: {self.log()[-3000:]}") from None
         return self.proc.returncode
 
 

@@ -47,7 +47,8 @@ def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
         EbpfConfig.load(f, environ={})
     text = str(e.value)
     for needle in ("exporter.endpoint", "exporter.timeout: expected a duration", "exporter.bogus: unknown key",
-                   "telemetry.listen", "sources.profiler.frequency", "sources.syscalls.enabled: expected true or false"):
+                   "telemetry.listen", "sources.profiler.frequency",
+                   "sources.syscalls.enabled: expected true or false"):
         assert needle in text, (needle, text)
 
 
@@ -125,6 +126,6 @@ def test_check_fails_for_a_missing_tracepoint(bpf_ok: None, monkeypatch: pytest.
 
 
 def test_bpf_sources_are_found() -> None:
-    from receiver.sources.base import bpf_source_dir
+    from receiver.kernel.bcc import bpf_source_dir
 
     assert (bpf_source_dir() / "process.bpf.c").is_file()

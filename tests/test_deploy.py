@@ -8,8 +8,8 @@ from __future__ import annotations
 import configparser
 import json
 import re
-import shutil
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,8 @@ def test_compose_agent_consistent_with_receiver_config(compose: dict[str, Any]) 
 
 def test_compose_matches_compose_spec_schema(compose: dict[str, Any]) -> None:
     """Against the Compose Specification JSON schema that check-jsonschema vendors."""
-    pytest.importorskip("check_jsonschema", reason="check-jsonschema (vendors the compose-spec schema) is not installed")
+    pytest.importorskip("check_jsonschema",
+                        reason="check-jsonschema (vendors the compose-spec schema) is not installed")
     import importlib.resources
 
     import jsonschema

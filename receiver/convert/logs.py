@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -9,9 +10,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, SeverityNumber
 
 from ..model import EbpfEvent, EbpfEventType
-from .resource import to_key_values
+from ..records import ProcessRecord
+from .attributes import to_key_values
 
-__all__ = ["process_event_to_log", "redact_command_line", "EVENT_NAMES"]
+__all__ = ["process_event", "process_event_to_log", "redact_command_line", "EVENT_NAMES"]
 
 EVENT_NAMES = {
     EbpfEventType.PROCESS_EXEC: "process.exec",
@@ -44,6 +46,30 @@ def redact_command_line(argv: list[str]) -> list[str]:
             mask_next = True
         out.append(re.sub(r"(\w+://[^:/@\s]+):[^@/\s]+@", r"\1:REDACTED@", arg))
     return out
+
+
+def process_event(rec: ProcessRecord, command_line: str = "redacted", max_args: int = 20) -> EbpfEvent:
+    """A process record in semantic-convention terms. ``command_line``: ``redacted`` masks
+    secret-looking values, ``full`` keeps argv as is, ``off`` leaves it out."""
+    attrs: dict[str, Any] = {}
+    if rec.executable_path is not None:
+        attrs["process.executable.path"] = rec.executable_path
+        attrs["process.executable.name"] = os.path.basename(rec.executable_path)
+    if rec.argv is not None and command_line != "off":
+        argv = redact_command_line(rec.argv) if command_line == "redacted" else rec.argv
+        argv = argv[:max_args]
+        attrs["process.command_args"] = argv
+        attrs["process.command_line"] = " ".join(argv) + (" …" if rec.argv_truncated else "")
+    if rec.exit_signal:
+        attrs["process.exit.code"] = 128 + rec.exit_signal
+        attrs["process.exit.signal"] = rec.exit_signal
+    elif rec.exit_code is not None and rec.exit_code >= 0:
+        attrs["process.exit.code"] = rec.exit_code & 0xFF
+    if rec.parent_pid:
+        attrs["process.parent_pid"] = rec.parent_pid
+    attrs["process.executable.name"] = attrs.get("process.executable.name") or rec.comm
+    return EbpfEvent(rec.kind, pid=rec.pid, tid=rec.tid, timestamp_unix_nano=rec.time_unix_nano,
+                     comm=rec.comm, attributes=attrs, cgroup_id=rec.cgroup_id)
 
 
 def _body(event: EbpfEvent) -> str:

@@ -26,9 +26,9 @@ from .._version import __version__
 from ..profiling.model import CpuProfile, Frame, Mapping, StackSample
 from ..profiling.pprof import frame_mapping, from_pprof
 from ..proto import profile_pb2
-from .resource import to_key_values
+from .attributes import to_key_values
 
-__all__ = ["profile_to_otlp", "ProfilesDictionaryBuilder", "SCOPE"]
+__all__ = ["profile_to_otlp", "profile_requests", "ProfilesDictionaryBuilder", "SCOPE"]
 
 SCOPE = InstrumentationScope(name="ebpf-otlp-receiver", version=__version__)
 
@@ -163,3 +163,24 @@ def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
         request.resource_profiles.add(resource=resource).scope_profiles.add(
             scope=SCOPE, profiles=[otlp])
     return request
+
+
+def profile_requests(profile: CpuProfile, resource_for: ResourceFor | None,
+                     max_bytes: int) -> list[ExportProfilesServiceRequest]:
+    """The profile as requests of at most ``max_bytes``, split by process while one is over (a
+    profiles request carries its own dictionary, so a request is split before it is built). A
+    single process too large on its own still goes as one request, for the exporter to count as
+    ``too_large``."""
+    request = profile_to_otlp(profile, resource_for)
+    by_pid: dict[int, list[StackSample]] = {}
+    for sample in profile.samples:
+        by_pid.setdefault(sample.pid, []).append(sample)
+    if request.ByteSize() <= max_bytes or len(by_pid) < 2:
+        return [request]
+    pids = sorted(by_pid)
+    out = []
+    for half in (pids[: len(pids) // 2], pids[len(pids) // 2:]):
+        part = CpuProfile(profile.start_unix_nano, profile.duration_ns, profile.frequency_hz,
+                          [s for pid in half for s in by_pid[pid]])
+        out.extend(profile_requests(part, resource_for, max_bytes))
+    return out

@@ -9,13 +9,8 @@ bucket higher than OTLP would put it (a boundary approximation; count, sum, min 
 
 from __future__ import annotations
 
-import errno
 import os
-import re
-import shutil
-import subprocess
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import (
@@ -28,61 +23,17 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from ..aggregates import HistPoint
+from ..kernel.syscall_table import errno_name
 from ..model import EbpfEvent, EbpfEventType
-from .converter import register
-from .resource import to_key_values
+from ..records import SlowSyscall, SyscallSnapshot
+from .attributes import to_key_values
 
-__all__ = ["syscall_names", "errno_name", "calls_metric", "errors_metric", "duration_metric",
-           "slow_call_span", "HistPoint", "syscall_event_to_span", "syscall_event_to_metric"]
+__all__ = ["calls_metric", "errors_metric", "duration_metric", "slow_call_span", "slow_syscall_event",
+           "syscall_event_to_span", "syscall_event_to_metric", "snapshot_metrics"]
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
-
-# Kernel-internal codes that can reach sys_exit but are not in userspace errno.h.
-_KERNEL_ERRNOS = {512: "ERESTARTSYS", 513: "ERESTARTNOINTR", 514: "ERESTARTNOHAND",
-                  515: "ENOIOCTLCMD", 516: "ERESTART_RESTARTBLOCK", 517: "EPROBE_DEFER",
-                  518: "EOPENSTALE", 519: "ENOPARAM"}
-
-_UNISTD = {"x86_64": "x86_64-linux-gnu/asm/unistd_64.h", "aarch64": "aarch64-linux-gnu/asm/unistd.h"}
-
-
-def errno_name(err: int) -> str:
-    return errno.errorcode.get(err) or _KERNEL_ERRNOS.get(err) or f"E{err}"
-
-
-def _from_header(path: Path) -> dict[int, str]:
-    out = {}
-    for m in re.finditer(r"^#define\s+__NR_(\w+)\s+(\d+)\s*$", path.read_text(), re.M):
-        out[int(m.group(2))] = m.group(1)
-    return out
-
-
-def syscall_names() -> dict[int, str]:
-    """Syscall number → name for the running architecture: ``ausyscall --dump`` (the audit
-    library's table) when installed, else the architecture's ``asm/unistd*.h``; unknown
-    numbers are named ``syscall_<nr>`` by the caller."""
-    aus = shutil.which("ausyscall")
-    if aus:
-        try:
-            text = subprocess.run([aus, "--dump"], capture_output=True, text=True, timeout=5).stdout
-            out = {int(a): b for a, b in (ln.split()[:2] for ln in text.splitlines()[1:]
-                                          if len(ln.split()) >= 2 and ln.split()[0].isdigit())}
-            if out:
-                return out
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
-    machine = os.uname().machine
-    candidates = [Path("/usr/include") / _UNISTD.get(machine, ""), Path("/usr/include/asm/unistd_64.h")]
-    for p in candidates:
-        if p.is_file():
-            try:
-                out = _from_header(p)
-            except OSError:
-                continue
-            if out:
-                return out
-    return {}
-
 
 def _sum_metric(name: str, description: str, points: Iterable[tuple[Mapping[str, Any], int]],
                 start_ns: int, now_ns: int) -> Metric:
@@ -100,19 +51,6 @@ def calls_metric(points: Iterable[tuple[Mapping[str, Any], int]], start_ns: int,
 
 def errors_metric(points: Iterable[tuple[Mapping[str, Any], int]], start_ns: int, now_ns: int) -> Metric:
     return _sum_metric("syscall.errors", "System calls that returned an error", points, start_ns, now_ns)
-
-
-class HistPoint:
-    """One series' cumulative histogram: log2 slot → count, plus count/sum/min/max (ns)."""
-
-    __slots__ = ("slots", "count", "sum_ns", "min_ns", "max_ns")
-
-    def __init__(self) -> None:
-        self.slots: dict[int, int] = {}
-        self.count = 0
-        self.sum_ns = 0
-        self.min_ns = 0
-        self.max_ns = 0
 
 
 def duration_metric(points: Iterable[tuple[Mapping[str, Any], HistPoint]], start_ns: int,
@@ -171,4 +109,25 @@ def syscall_event_to_metric(event: EbpfEvent) -> Metric | None:
     return m
 
 
-register(EbpfEventType.SYSCALL, span=syscall_event_to_span, metric=syscall_event_to_metric)
+
+def slow_syscall_event(rec: SlowSyscall) -> EbpfEvent:
+    """A slow-call record in semantic-convention terms."""
+    return EbpfEvent(EbpfEventType.SYSCALL, rec.pid, rec.tid, rec.start_unix_nano, rec.duration_ns, rec.comm,
+                     {"syscall.name": rec.name, "syscall.nr": rec.nr, "syscall.return_value": rec.ret})
+
+
+def snapshot_metrics(snapshot: SyscallSnapshot) -> Iterator[tuple[int, list[Metric]]]:
+    """(pid, metrics) for every process of a snapshot (pid 0: the whole host)."""
+    start, now = snapshot.start_unix_nano, snapshot.time_unix_nano
+    for pid in sorted(snapshot.by_pid):
+        s = snapshot.by_pid[pid]
+        out = []
+        if s.calls:
+            out.append(calls_metric((({"syscall.name": n}, c) for n, c in s.calls), start, now))
+        if s.errors:
+            out.append(errors_metric((({"syscall.name": n, "error.type": e}, c) for n, e, c in s.errors),
+                                     start, now))
+        if s.durations:
+            out.append(duration_metric((({"syscall.name": n}, h) for n, h in s.durations), start, now))
+        if out:
+            yield pid, out

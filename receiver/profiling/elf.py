@@ -265,7 +265,7 @@ def _minidebuginfo(read: Read, sections: list[_Section], shstrndx: int) -> list:
             try:
                 inner = lzma.LZMADecompressor().decompress(_exactly(read, s.offset, s.size),
                                                            max_length=_MAX_DEBUGDATA)
-                return _parse(lambda offset, size: inner[offset:offset + size],
+                return _parse(lambda offset, size: inner[offset:offset + size],  # noqa: B023 (called before the loop moves on)
                               symtab_only=True)[2]
             except (lzma.LZMAError, ElfError, *_MALFORMED):
                 return []

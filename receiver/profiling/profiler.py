@@ -1,9 +1,9 @@
 """The library's CPU profiler: ``EbpfCpuProfiler(config).start()`` … ``.stop()`` → pprof.
 
 Synchronous for the caller: a background thread reads the ring buffer (new processes, so
-short-lived ones get symbolized; samples whose stack the stack map refused) and drains the kernel maps every ``report_interval`` so
-they never fill; ``stop()`` detaches, drains the rest and returns the whole session as one
-profile. Needs root (or CAP_BPF + CAP_PERFMON), like the agent.
+short-lived ones get symbolized; samples whose stack the stack map refused) and drains the kernel
+maps every ``report_interval`` so they never fill; ``stop()`` detaches, drains the rest and
+returns the whole session as one profile. Needs root (or CAP_BPF + CAP_PERFMON), like the agent.
 """
 
 from __future__ import annotations

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ProfilerSourceConfig
-from ..convert.resource import CgroupResolver
 from ..errors import SourceUnavailableError
-from ..sources.base import compile_bpf, fill_process_filter, load_bcc
-from .model import CpuProfile, Frame, StackSample
+from ..kernel import host
+from ..kernel.bcc import check_mirror, compile_bpf, header_enum, load_bcc
+from ..kernel.filters import fill_process_filter
+from ..kernel.identity import CgroupResolver
 from .demangle import Demangler
+from .model import CpuProfile, Frame, StackSample
 from .symbolize import Symbolizer
 
 __all__ = ["BPF_FILE", "LOST_REASONS", "CpuSampler"]
@@ -47,11 +49,10 @@ PROGRAM = b"on_cpu_sample"
 # with interrupts off); this is a wide margin.
 GENERATION_SETTLE_S = 0.005
 
-# Slots of the program's ``lost`` per-CPU array (bpf/profiler.h PROF_LOST_*).
-LOST_REASONS = ("counts_map_full", "stack_collision", "stack_map_full", "stack_fault", "ringbuf_full")
-# Slots of ``stats`` (PROF_STAT_*).
-STAT_NAMES = ("counted", "idle", "filtered", "dropped", "recorded")
-SET_GENERATION, SET_FILTER = 0, 1
+# Slots of the program's ``lost`` and ``stats`` per-CPU arrays (bpf/profiler.h).
+LOST_REASONS = header_enum("profiler.h", "PROF_LOST")
+STAT_NAMES = header_enum("profiler.h", "PROF_STAT")
+SET_GENERATION = 0
 REC_NEW_PROCESS, REC_SAMPLE = 1, 2
 
 
@@ -124,7 +125,7 @@ class CpuSampler:
                 f"-DMAX_PROCESSES={MAX_PROCESSES}",
                 f"-DUSER_STACKS={1 if c.user_stacks else 0}",
                 f"-DKERNEL_STACKS={1 if c.kernel_stacks else 0}",
-                f"-DFILTER_ACTIVE={1 if c.filter.active else 0}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
+                f"-DFILTER_PROCESS={1 if c.filter.active else 0}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
                 f"-DWAKE_EVERY={self._wake_every()}"]
 
     @staticmethod
@@ -147,13 +148,13 @@ class CpuSampler:
         """Fills the filter maps, then attaches the perf events (so filtering holds from the
         first sample)."""
         self.bpf = bpf
-        if ctypes.sizeof(bpf["counts0"].Key) != ctypes.sizeof(ProfKey):
-            raise SourceUnavailableError(self.source_name, "bpf/profiler.h and sampler.py disagree on struct prof_key")
+        for map_name, part, mirror in (("counts0", "Key", ProfKey), ("mirror_prof_sample", "Leaf", WholeSample),
+                                       ("mirror_prof_new_process", "Leaf", NewProcess)):
+            check_mirror(bpf, map_name, part, mirror, self.source_name)
         self._stack_leaf = bpf["stacks0"].Leaf()
         f = self.config.filter
         if f.active:
             fill_process_filter(bpf, f, self.source_name)
-            bpf["settings"][ctypes.c_int(SET_FILTER)] = ctypes.c_uint32(1)
         self._generation = 0
         self._generation_start_ns = time.time_ns()
         bcc = load_bcc()
@@ -166,9 +167,7 @@ class CpuSampler:
                                   fn_name=PROGRAM, sample_freq=self.frequency, cpu=-1)
         except Exception as e:
             raise SourceUnavailableError(
-                self.source_name, f"cannot open software cpu-clock perf events: {e}",
-                "a kernel with CONFIG_PERF_EVENTS; kernel.perf_event_paranoid <= 2 with CAP_PERFMON, "
-                "or root") from e
+                self.source_name, f"cannot open software cpu-clock perf events: {e}", host.FIX_PERF_EVENTS) from e
         self._attached = True
 
     def detach(self) -> None:

@@ -389,7 +389,7 @@ class Symbolizer:
             if not stat.S_ISREG(st.st_mode):
                 continue
             return self._files.get((st.st_dev, st.st_ino, st.st_mtime_ns),
-                                   lambda: self._with_debug_symbols(self._read_file(candidate, follow), pid))
+                                   lambda: self._with_debug_symbols(self._read_file(candidate, follow), pid))  # noqa: B023 (called at once)
         return None
 
     def _with_debug_symbols(self, elf: ElfFile, pid: int) -> ElfFile:

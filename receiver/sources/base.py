@@ -1,10 +1,12 @@
 """What every BPF source shares: compile and attach with BCC, read the ring buffer on the event
 loop, count kernel-side losses, run a periodic collection, detach on stop.
 
-A source's lifecycle is ``start()`` → (events and periodic ``collect()``) → ``flush()`` →
-``stop()``. ``stop()`` is safe before ``start()`` and safe twice; a ``start()`` that fails
-halfway cleans up what it attached and raises ``SourceUnavailableError`` saying why, so the
-service disables that one source and runs the others.
+A source decodes and aggregates what its program sees and hands typed records to its consumer
+(``SourceContext.consumer``, the pipeline in the agent, a recorder in tests); it never sees the
+exporter. Its lifecycle is ``start()`` → (records and periodic ``collect()``) → ``stop()``.
+``stop()`` is safe before ``start()`` and safe twice; a ``start()`` that fails halfway cleans up
+what it attached and raises ``SourceUnavailableError`` saying why, so the service disables that
+one source and runs the others.
 """
 
 from __future__ import annotations
@@ -17,169 +19,42 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import SourceUnavailableError
+from ..kernel import host
+from ..kernel.bcc import check_mirror, compile_bpf
+from ..kernel.clock import KernelClock
 
 if TYPE_CHECKING:
-    from ..config import EbpfConfig, ProcessFilter
-    from ..convert.converter import EbpfOtlpConverter
-    from ..convert.resource import ProcessResources
-    from ..export.otlp_grpc import OtlpGrpcExporter
+    from ..config import EbpfConfig
+    from ..consumer import Consumer
     from ..telemetry import SelfTelemetry
 
-__all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
-           "load_bcc", "compile_bpf", "Requirement", "tracepoint_has_field", "cgroup_id_of",
-           "fill_process_filter"]
+__all__ = ["Source", "BccSource", "SourceContext", "Requirement", "Mirror"]
 
 log = logging.getLogger(__name__)
-
-
-def bpf_source_dir() -> Path:
-    """Where the BPF C files are: ``receiver/bpf`` in an installed wheel, ``bpf/`` in a checkout."""
-    try:
-        import receiver.bpf as pkg
-
-        for p in pkg.__path__:
-            if (Path(p) / "process.bpf.c").is_file():
-                return Path(p)
-    except ImportError:
-        pass
-    return Path(__file__).resolve().parents[2] / "bpf"
-
-
-def load_bcc() -> Any:
-    """Imports BCC or says exactly what to install."""
-    try:
-        import bcc
-    except ImportError:
-        raise SourceUnavailableError(
-            "bcc", "the BCC Python module is not importable",
-            "apt-get install python3-bpfcc, and make the venv see it (make setup links it)") from None
-    return bcc
-
-
-def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
-    """Compiles and loads ``bpf/<bpf_file>`` with BCC, or raises ``SourceUnavailableError``
-    saying what is missing (BCC, the program file, kernel headers for BCC's compiler)."""
-    bcc = load_bcc()
-    src_dir = bpf_source_dir()
-    path = src_dir / bpf_file
-    if not path.is_file():
-        raise SourceUnavailableError(source_name, f"BPF program {path} is missing from the installation")
-    build = Path(f"/lib/modules/{os.uname().release}/build")
-    if not (build / "include").exists():
-        raise SourceUnavailableError(
-            source_name, f"no kernel headers at {build}",
-            "apt-get install linux-headers-amd64 (or linux-headers-$(uname -r)), then "
-            "deploy/scripts/prepare-host.sh links them")
-    return bcc.BPF(text=path.read_text(), cflags=[f"-I{src_dir}", *cflags])
-
-
-def tracepoint_has_field(tracepoint: str, field: str) -> bool:
-    """Whether the running kernel's ``category:name`` tracepoint has ``field`` (fields come and
-    go between kernel versions; a program compiled against a missing one fails to load)."""
-    from ..preflight import tracefs_root
-
-    root = tracefs_root()
-    if root is None:
-        return False
-    category, _, name = tracepoint.partition(":")
-    try:
-        text = (root / "events" / category / name / "format").read_text()
-    except OSError:
-        return False
-    return any(line.strip().startswith("field:") and
-               line.split(";", 1)[0].rsplit(None, 1)[-1].split("[", 1)[0] == field
-               for line in text.splitlines())
-
-
-def cgroup_id_of(path: str) -> int | None:
-    """The kernel's id of a cgroup v2 directory (its inode number, what
-    ``bpf_get_current_cgroup_id()`` returns). ``path`` is as /proc/PID/cgroup shows it
-    ("/system.slice/docker-….scope"), relative to the cgroup v2 mount (found in /proc/mounts:
-    /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts), or a full path under it."""
-    from ..convert.resource import CgroupResolver
-
-    root = CgroupResolver.find_cgroup2_root() or "/sys/fs/cgroup"
-    if path == root or path.startswith(root.rstrip("/") + "/"):
-        candidates = [path]
-    else:
-        candidates = [f"{root.rstrip('/')}/{path.lstrip('/')}"]
-    for candidate in candidates:
-        try:
-            return os.stat(candidate).st_ino
-        except OSError:
-            continue
-    return None
-
-
-def fill_process_filter(bpf: Any, process_filter: "ProcessFilter", source_name: str) -> None:
-    """Puts a ``ProcessFilter`` into a program's ``filter_pids`` (u32), ``filter_comms`` (comm
-    bytes, NUL-padded) and ``filter_cgroups`` (u64 cgroup id) maps: filters are map contents,
-    never program text. A cgroup that does not exist is logged and skipped."""
-    one = ctypes.c_uint8(1)
-    pids = bpf["filter_pids"]
-    for pid in process_filter.pids:
-        pids[ctypes.c_uint32(pid)] = one
-    comms = bpf["filter_comms"]
-    for name in process_filter.process_names:
-        key = comms.Key()
-        raw = name.encode()[: ctypes.sizeof(key) - 1]
-        ctypes.memmove(ctypes.addressof(key), raw, len(raw))
-        comms[key] = one
-    cgroups = bpf["filter_cgroups"]
-    for cg in process_filter.cgroups:
-        cid = cgroup_id_of(cg)
-        if cid is None:
-            log.warning("%s: cgroup %s not found; not filtered on", source_name, cg)
-        else:
-            cgroups[ctypes.c_uint64(cid)] = one
-
-
-class KernelClock:
-    """Maps ``bpf_ktime_get_ns()`` (CLOCK_MONOTONIC) to Unix time; re-anchored on every
-    ``refresh()`` so wall-clock steps (NTP) are followed."""
-
-    def __init__(self) -> None:
-        self.offset_ns = 0
-        self.refresh()
-
-    def refresh(self) -> None:
-        # Read both clocks back to back, twice, keeping the tighter pair.
-        best = None
-        for _ in range(3):
-            m0 = time.monotonic_ns()
-            w = time.time_ns()
-            m1 = time.monotonic_ns()
-            if best is None or m1 - m0 < best[0]:
-                best = (m1 - m0, w - (m0 + m1) // 2)
-        assert best is not None
-        self.offset_ns = best[1]
-
-    def to_unix_nano(self, ktime_ns: int) -> int:
-        return ktime_ns + self.offset_ns
 
 
 @dataclass(frozen=True)
 class Requirement:
     """One thing a source needs from the host, for ``check``: e.g. a tracepoint."""
 
-    kind: str      # "tracepoint", "perf_event", "btf", ...
+    kind: str      # "tracepoint", "perf_event"
     name: str      # "sched:sched_process_exec"
-    optional: bool = False
+
+
+# (map name, "Key" or "Leaf", ctypes mirror): checked against BCC's view at load.
+Mirror = tuple[str, str, Any]
 
 
 @dataclass
 class SourceContext:
-    """What a source is handed: where its output goes and the shared services it uses."""
+    """What a source is handed: its consumer and the shared services it uses."""
 
     config: "EbpfConfig"
-    exporter: "OtlpGrpcExporter"
-    converter: "EbpfOtlpConverter"
+    consumer: "Consumer"
     telemetry: "SelfTelemetry"
-    resources: "ProcessResources"
     clock: KernelClock
 
 
@@ -196,9 +71,6 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> None: ...
 
-    async def flush(self) -> None:
-        """Hands everything read so far to the exporter."""
-
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
@@ -206,14 +78,16 @@ class Source(abc.ABC):
 class BccSource(Source):
     """A source backed by one ``bpf/<name>.bpf.c`` loaded through BCC.
 
-    Subclasses set ``bpf_file`` and ``lost_reasons`` (the names of the slots of the program's
-    ``lost`` per-CPU array), and override ``cflags()``, ``configure(bpf)`` (fill filter maps),
+    Subclasses set ``bpf_file``, ``lost_reasons`` (the slots of the program's ``lost`` per-CPU
+    array, read from its header with ``header_enum``) and ``mirrors`` (ctypes mirrors of its
+    structs, checked at load), and override ``cflags()``, ``configure(bpf)`` (fill filter maps),
     ``handle_event(data, size)`` for ring-buffer records and ``collect()`` for periodic reads.
     """
 
     bpf_file: ClassVar[str]
     ring_buffers: ClassVar[Sequence[str]] = ("events",)
     lost_reasons: ClassVar[Sequence[str]] = ()
+    mirrors: ClassVar[Sequence[Mirror]] = ()
     report_interval: float = 10.0
 
     def __init__(self, ctx: SourceContext):
@@ -247,17 +121,21 @@ class BccSource(Source):
     # -------------------------------------------------------------- lifecycle
 
     def _compile(self) -> Any:
-        return compile_bpf(self.name, self.bpf_file, self.cflags())
+        bpf = compile_bpf(self.name, self.bpf_file, self.cflags())
+        try:
+            for map_name, part, mirror in self.mirrors:
+                check_mirror(bpf, map_name, part, mirror, self.name)
+        except BaseException:
+            bpf.cleanup()
+            raise
+        return bpf
 
     async def start(self) -> None:
         if self.bpf is not None:
             return
-        if os.geteuid() != 0:
-            import receiver.preflight as preflight
-
-            if not preflight.has_bpf_capabilities():
-                raise SourceUnavailableError(self.name, "not running as root and without CAP_BPF+CAP_PERFMON",
-                                             "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE")
+        if os.geteuid() != 0 and not host.has_bpf_capabilities():
+            raise SourceUnavailableError(self.name, "not running as root and without CAP_BPF+CAP_PERFMON",
+                                         host.FIX_PRIVILEGES)
         t0 = time.monotonic()
         try:
             # Compiling takes a second or more: keep the event loop (and /healthz) responsive.
@@ -324,10 +202,6 @@ class BccSource(Source):
             self._read_lost_counters()
         except Exception:
             log.exception("source %s: periodic collection failed", self.name)
-
-    async def flush(self) -> None:
-        if self.bpf is not None:
-            self._run_collect()
 
     async def stop(self) -> None:
         if self._task is not None:

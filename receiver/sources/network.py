@@ -20,10 +20,12 @@ import socket
 import time
 from typing import Any
 
+from ..aggregates import ConnectionMetrics, SeriesKey
 from ..config import EbpfConfig
-from ..convert import network as conv
-from ..model import EbpfEvent, EbpfEventType, Signal
-from .base import BccSource, Requirement, fill_process_filter
+from ..kernel.bcc import header_enum
+from ..kernel.filters import fill_process_filter
+from ..records import ConnectionSnapshot, TcpConnection
+from .base import BccSource, Requirement
 
 __all__ = ["NetworkSource", "NetConn", "NetEvent"]
 
@@ -66,16 +68,11 @@ def _address(raw: bytes) -> tuple[str, str]:
     return "ipv6", socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def outcome_of(c: NetConn) -> str:
-    if not c.flags & NET_F_ESTABLISHED:
-        return "refused" if c.resets_received else "failed"
-    return "reset" if c.resets_received or c.resets_sent else "ok"
-
-
 class NetworkSource(BccSource):
     name = "network"
     bpf_file = "network.bpf.c"
-    lost_reasons = ("ringbuf_full", "connection_map_full")
+    lost_reasons = header_enum("network.h", "NET_LOST")
+    mirrors = (("conns", "Leaf", NetConn), ("mirror_net_event", "Leaf", NetEvent))
 
     TRACEPOINTS = ("sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
                    "tcp:tcp_retransmit_skb", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")
@@ -84,15 +81,11 @@ class NetworkSource(BccSource):
         super().__init__(ctx)
         self.config = ctx.config.sources.network
         self.report_interval = float(self.config.report_interval)
-        self._min_span_ns = int(self.config.min_span_duration * 1e9)
-        self._spans = bool(self.config.spans)
         self._metrics_on = bool(self.config.metrics)
-        self._metrics = conv.ConnectionMetrics(self.config.max_attribute_sets, self.config.peer_attributes)
+        self._metrics = ConnectionMetrics(self.config.max_attribute_sets, self.config.peer_attributes)
         self._start_unix_ns = time.time_ns()
         self._stopping = False
-        self._submit = ctx.exporter.submit
-        self._to_span = ctx.converter.convert_event_to_span
-        self._resource = ctx.resources.get
+        self._hand_on = ctx.consumer.consume_event
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
@@ -127,51 +120,33 @@ class NetworkSource(BccSource):
             ctypes.memmove(ctypes.addressof(key.addr), raw, 16)
             addrs[key] = one
 
-    # ------------------------------------------------------------------ records → spans, metrics
+    # ------------------------------------------------------------------ kernel records → connections
 
-    def _event(self, event_type: EbpfEventType, c: NetConn, end_ns: int) -> EbpfEvent:
+    def _record(self, c: NetConn, end_ns: int, finished: bool) -> TcpConnection:
         net_type, local = _address(bytes(c.local_addr))
-        peer = _address(bytes(c.peer_addr))[1]
-        client = c.direction == NET_DIR_CLIENT
-        attrs: dict[str, Any] = {
-            "network.transport": "tcp", "network.type": net_type,
-            "network.local.address": local, "network.local.port": c.local_port,
-            "network.peer.address": peer, "network.peer.port": c.peer_port,
-            "tcp.connection.direction": "client" if client else "server",
-            "tcp.connection.outcome": outcome_of(c),
-            "tcp.connection.sent_bytes": c.bytes_sent, "tcp.connection.received_bytes": c.bytes_received,
-            "tcp.connection.retransmits": c.retransmits,
-            "tcp.connection.resets_sent": c.resets_sent, "tcp.connection.resets_received": c.resets_received,
-        }
-        if client:
-            attrs["server.address"], attrs["server.port"] = peer, c.peer_port
-        else:
-            attrs["server.address"], attrs["server.port"] = local, c.local_port
-            attrs["client.address"], attrs["client.port"] = peer, c.peer_port
-        clock = self.ctx.clock
-        start = clock.to_unix_nano(c.start_ns)
-        return EbpfEvent(event_type, pid=c.pid, timestamp_unix_nano=start,
-                         duration_ns=max(end_ns - c.start_ns, 0), comm=c.comm.decode("utf-8", "replace"),
-                         attributes=attrs, cgroup_id=c.cgroup_id)
+        return TcpConnection(
+            pid=c.pid, comm=c.comm.decode("utf-8", "replace"), cgroup_id=c.cgroup_id,
+            start_unix_nano=self.ctx.clock.to_unix_nano(c.start_ns), duration_ns=max(end_ns - c.start_ns, 0),
+            finished=finished, client=c.direction == NET_DIR_CLIENT, network_type=net_type,
+            local_address=local, local_port=c.local_port, peer_address=_address(bytes(c.peer_addr))[1],
+            peer_port=c.peer_port, established=bool(c.flags & NET_F_ESTABLISHED),
+            sent_bytes=c.bytes_sent, received_bytes=c.bytes_received, retransmits=c.retransmits,
+            resets_sent=c.resets_sent, resets_received=c.resets_received)
 
     @staticmethod
     def _counts(c: NetConn) -> tuple[int, ...]:
         return (c.bytes_sent, c.bytes_received, c.retransmits, c.resets_sent, c.resets_received)
 
-    def _series_key(self, ev: EbpfEvent) -> conv.SeriesKey:
-        a = ev.attributes
-        return self._metrics.key(ev.pid, a["tcp.connection.direction"], a["network.type"],
-                                 a["network.peer.address"], a["network.peer.port"])
+    def _series_key(self, r: TcpConnection) -> SeriesKey:
+        return self._metrics.key(r.pid, "client" if r.client else "server", r.network_type,
+                                 r.peer_address, r.peer_port)
 
     def _finished(self, sk: int, c: NetConn) -> None:
-        ev = self._event(EbpfEventType.NETWORK_CONNECTION, c, c.end_ns)
-        if self._spans and ev.duration_ns >= self._min_span_ns:
-            span = self._to_span(ev)
-            if span is not None:
-                self._submit(Signal.TRACES, self._resource(ev.pid, ev.comm, cgroup_id=ev.cgroup_id), span)
+        rec = self._record(c, c.end_ns, finished=True)
+        self._hand_on(rec)
         if self._metrics_on:
-            self._metrics.observe_finished((sk, c.start_ns), self._series_key(ev), ev.comm, self._counts(c),
-                                           ev.attributes["tcp.connection.outcome"], ev.duration_ns / 1e9)
+            self._metrics.observe_finished((sk, c.start_ns), self._series_key(rec), rec.comm, self._counts(c),
+                                           rec.outcome, rec.duration_ns / 1e9)
 
     def handle_event(self, data: int, size: int) -> None:
         ev = NetEvent.from_address(data)
@@ -195,8 +170,8 @@ class NetworkSource(BccSource):
                 continue
             if not self._metrics_on:
                 continue
-            ev = self._event(EbpfEventType.NETWORK_CONNECTION_ACTIVE, c, now_k)
-            self._metrics.observe_active((sk, c.start_ns), self._series_key(ev), ev.comm, self._counts(c))
+            rec = self._record(c, now_k, finished=False)
+            self._metrics.observe_active((sk, c.start_ns), self._series_key(rec), rec.comm, self._counts(c))
         self._metrics.end_scan()
         for sk, c in finished:   # the reset or owner never came (e.g. a timeout): finished now
             try:
@@ -218,19 +193,11 @@ class NetworkSource(BccSource):
     def _export_metrics(self) -> None:
         if not self._metrics_on:
             return
-        now = time.time_ns()
-        dead = set()
-        for pid, series in self._metrics.by_pid().items():
-            comm = series[0][1].comm
-            resource = self._resource(pid, comm) if pid else self.ctx.resources.host_resource
-            for m in conv.series_metrics(series, self._start_unix_ns, now):
-                self._submit(Signal.METRICS, resource, m)
-            if pid and not os.path.exists(f"/proc/{pid}"):
-                dead.add(pid)
-        if dead:
+        by_pid = self._metrics.by_pid()
+        dead = {pid for pid in by_pid if pid and not os.path.exists(f"/proc/{pid}")}
+        self.ctx.consumer.consume_metrics(ConnectionSnapshot(self._start_unix_ns, time.time_ns(), by_pid, dead))
+        if dead:   # their final values went out above
             self._metrics.forget_pids(dead)
-            for pid in dead:
-                self.ctx.resources.forget(pid)
 
 
 def _items(table: Any) -> list[tuple[int, NetConn]]:

@@ -1,20 +1,21 @@
-"""Process lifecycle source (``bpf/process.bpf.c``): exec, exit, fork and OOM kills as logs.
+"""Process lifecycle source (``bpf/process.bpf.c``): exec, exit, fork and OOM kills, handed on as
+``ProcessRecord``s (logs, after the pipeline's conversion).
 
-Also keeps the process identity current for every other source: an exec or exit makes the
-shared ``ProcessResources`` forget the pid, and fork events give the parent of processes too
-short-lived for /proc to tell.
+The pipeline renews a pid's identity at its exec and exit records, for every source; fork
+events give the parent of processes too short-lived for /proc to tell.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections import OrderedDict
 from typing import Any
 
 from ..config import EbpfConfig
-from ..model import EbpfEvent, EbpfEventType, Signal
-from .base import BccSource, Requirement, tracepoint_has_field
+from ..kernel.bcc import header_enum, tracepoint_has_field
+from ..model import EbpfEventType
+from ..records import ProcessRecord
+from .base import BccSource, Requirement
 
 __all__ = ["ProcessSource", "ProcEvent", "ExecEvent"]
 
@@ -33,7 +34,7 @@ class ProcEvent(ctypes.Structure):
 
 class ExecArgs(ctypes.Structure):
     _fields_ = [("argc", ctypes.c_uint32), ("truncated", ctypes.c_uint32),
-                ("args", (ctypes.c_char * PROC_ARG_LEN) * PROC_MAX_ARGS)]
+                ("args", ctypes.c_char * (PROC_ARG_LEN * PROC_MAX_ARGS))]
 
 
 class ExecEvent(ctypes.Structure):
@@ -51,7 +52,8 @@ def _text(raw: bytes) -> str:
 class ProcessSource(BccSource):
     name = "process"
     bpf_file = "process.bpf.c"
-    lost_reasons = ("ringbuf_full", "args_map_full", "exit_map_full")
+    lost_reasons = header_enum("process.h", "PROC_LOST")
+    mirrors = (("mirror_proc_event", "Leaf", ProcEvent), ("mirror_exec_event", "Leaf", ExecEvent))
 
     TRACEPOINTS = ("sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask",
                    "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
@@ -65,9 +67,6 @@ class ProcessSource(BccSource):
         self._parents: OrderedDict[int, int] = OrderedDict()  # pid → ppid from forks, bounded
         self._max_parents = 16384
         self._comms: OrderedDict[int, str] = OrderedDict()    # pid → comm, for OOM victims
-        from ..convert.logs import redact_command_line
-
-        self._redact = redact_command_line
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
@@ -95,48 +94,29 @@ class ProcessSource(BccSource):
         self._received.inc()
         pid = hdr.pid
         comm = _text(hdr.comm.split(b"\0", 1)[0]) or self._comms.get(pid, "")
-        attrs: dict[str, Any] = {}
-        exe_path = None
-        resources = self.ctx.resources
+        rec = ProcessRecord(etype, pid=pid, tid=hdr.tid, time_unix_nano=self.ctx.clock.to_unix_nano(hdr.ktime_ns),
+                            comm=comm, cgroup_id=hdr.cgroup_id)
         if etype is EbpfEventType.PROCESS_EXEC:
             ev = ExecEvent.from_address(data)
-            exe_path = _text(ev.filename.split(b"\0", 1)[0])
-            resources.forget(pid)  # a new program: new identity
-            attrs["process.executable.path"] = exe_path
-            attrs["process.executable.name"] = os.path.basename(exe_path)
+            rec.executable_path = _text(ev.filename.split(b"\0", 1)[0])
             if self.config.command_line != "off":
-                argv = [_text(ev.argv.args[i].value) for i in range(min(ev.argv.argc, PROC_MAX_ARGS))]
-                if self.config.command_line == "redacted":
-                    argv = self._redact(argv)
-                argv = argv[: self.config.max_args]
-                attrs["process.command_args"] = argv
-                attrs["process.command_line"] = " ".join(argv) + (" …" if ev.argv.truncated else "")
+                base = data + ExecEvent.argv.offset + ExecArgs.args.offset
+                rec.argv = [_text(ctypes.string_at(base + i * PROC_ARG_LEN, PROC_ARG_LEN).split(b"\0", 1)[0])
+                            for i in range(min(ev.argv.argc, PROC_MAX_ARGS))]
+                rec.argv_truncated = bool(ev.argv.truncated)
             self._remember(self._comms, pid, comm)
         elif etype is EbpfEventType.PROCESS_EXIT:
             if hdr.exit_signal:
-                attrs["process.exit.code"] = 128 + hdr.exit_signal
-                attrs["process.exit.signal"] = hdr.exit_signal
+                rec.exit_signal = hdr.exit_signal
             elif hdr.exit_code >= 0:
-                attrs["process.exit.code"] = hdr.exit_code & 0xFF
+                rec.exit_code = hdr.exit_code
         elif etype is EbpfEventType.PROCESS_FORK:
-            if not self.config.fork_events:
-                self._remember(self._parents, pid, hdr.ppid)
-                return
             self._remember(self._parents, pid, hdr.ppid)
+            if not self.config.fork_events:
+                return
             self._remember(self._comms, pid, comm)
-        ppid = hdr.ppid or self._parents.get(pid)
-        if ppid:
-            attrs["process.parent_pid"] = ppid
-        attrs["process.executable.name"] = attrs.get("process.executable.name") or comm
-        event = EbpfEvent(etype, pid=pid, tid=hdr.tid,
-                          timestamp_unix_nano=self.ctx.clock.to_unix_nano(hdr.ktime_ns),
-                          comm=comm, attributes=attrs, cgroup_id=hdr.cgroup_id)
-        resource = resources.get(pid, comm, exe_path, hdr.cgroup_id,
-                                 {"process.parent_pid": ppid} if ppid else None)
+        rec.parent_pid = hdr.ppid or self._parents.get(pid, 0)
         if etype is EbpfEventType.PROCESS_EXIT:
-            resources.forget(pid)
             self._parents.pop(pid, None)
             self._comms.pop(pid, None)
-        record = self.ctx.converter.convert_event_to_log(event)
-        if record is not None:
-            self.ctx.exporter.submit(Signal.LOGS, resource, record)
+        self.ctx.consumer.consume_event(rec)

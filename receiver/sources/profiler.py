@@ -1,22 +1,18 @@
 """CPU profiler source (``bpf/profiler.bpf.c`` through ``CpuSampler``): every ``report_interval``
-the kernel's per-stack counts are drained, symbolized and exported as one OTLP Profiles request
-(one resource per process), and written as a pprof file to ``pprof_dir`` when that is set."""
+the kernel's per-stack counts are drained and symbolized into a ``CpuProfile``, handed to the
+consumer (OTLP Profiles, one resource per process), and written as a pprof file to ``pprof_dir``
+when that is set."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-
 from ..config import EbpfConfig
-from ..convert.profiles import profile_to_otlp
-from ..model import Signal
-from ..profiling.model import CpuProfile, StackSample
+from ..profiling.model import CpuProfile
 from ..profiling.pprof import write_pprof
 from ..profiling.sampler import LOST_REASONS, CpuSampler
 from .base import BccSource, Requirement
@@ -102,34 +98,9 @@ class ProfilerSource(BccSource):
         if not profile.samples:
             return
         self._received.inc(profile.total_samples)
-        names = {s.pid: s.process_name for s in profile.samples}
-
-        def resource_for(pid: int) -> Resource:
-            return self.ctx.resources.get(pid, names.get(pid, ""))
-
-        for request in self._requests(profile, resource_for):
-            self.ctx.exporter.submit(Signal.PROFILES, None, request)
+        self.ctx.consumer.consume_profile(profile)
         if self.config.pprof_dir:
             self._write_pprof(profile)
-
-    def _requests(self, profile: CpuProfile, resource_for: Callable[[int], Resource]) -> list[Any]:
-        """The interval's OTLP request, split by process while it is over the exporter's
-        ``max_request_bytes`` (a profiles request carries its own dictionary, so the exporter
-        cannot split one). A single process too large on its own still goes as one request,
-        which the exporter counts as ``too_large``."""
-        request = profile_to_otlp(profile, resource_for=resource_for)
-        by_pid: dict[int, list[StackSample]] = {}
-        for sample in profile.samples:
-            by_pid.setdefault(sample.pid, []).append(sample)
-        if request.ByteSize() <= self.ctx.config.exporter.max_request_bytes or len(by_pid) < 2:
-            return [request]
-        pids = sorted(by_pid)
-        out = []
-        for half in (pids[: len(pids) // 2], pids[len(pids) // 2:]):
-            part = CpuProfile(profile.start_unix_nano, profile.duration_ns, profile.frequency_hz,
-                              [s for pid in half for s in by_pid[pid]])
-            out.extend(self._requests(part, resource_for))
-        return out
 
     def _write_pprof(self, profile: CpuProfile) -> None:
         directory = Path(self.config.pprof_dir or ".")

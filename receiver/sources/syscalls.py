@@ -15,10 +15,13 @@ import os
 import time
 from typing import Any
 
+from ..aggregates import HistPoint
 from ..config import EbpfConfig
-from ..convert import syscalls as conv
-from ..model import EbpfEvent, EbpfEventType, Signal
-from .base import BccSource, Requirement, fill_process_filter
+from ..kernel.bcc import header_enum
+from ..kernel.filters import fill_process_filter
+from ..kernel.syscall_table import errno_name, syscall_names
+from ..records import SlowSyscall, SyscallSeries, SyscallSnapshot
+from .base import BccSource, Requirement
 
 __all__ = ["SyscallsSource"]
 
@@ -26,15 +29,6 @@ log = logging.getLogger(__name__)
 
 SC_COMM_LEN = 16
 SC_MAX_NR = 512   # bpf/syscalls.h
-
-
-class ScKey(ctypes.Structure):
-    _fields_ = [("tgid", ctypes.c_uint32), ("nr", ctypes.c_uint32)]
-
-
-class ScStat(ctypes.Structure):
-    _fields_ = [("count", ctypes.c_uint64), ("sum_ns", ctypes.c_uint64),
-                ("min_ns", ctypes.c_uint64), ("max_ns", ctypes.c_uint64)]
 
 
 class ScSlowEvent(ctypes.Structure):
@@ -48,7 +42,8 @@ class ScSlowEvent(ctypes.Structure):
 class SyscallsSource(BccSource):
     name = "syscalls"
     bpf_file = "syscalls.bpf.c"
-    lost_reasons = ("ringbuf_full", "start_map_full", "series_map_full")
+    lost_reasons = header_enum("syscalls.h", "SC_LOST")
+    mirrors = (("mirror_sc_slow_event", "Leaf", ScSlowEvent),)
 
     TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit", "sched:sched_switch")
 
@@ -56,9 +51,8 @@ class SyscallsSource(BccSource):
         super().__init__(ctx)
         self.config = ctx.config.sources.syscalls
         self.report_interval = float(self.config.report_interval)
-        self._names = conv.syscall_names()
+        self._names = syscall_names()
         self._start_unix_ns = time.time_ns()
-        self._comms: dict[int, str] = {}
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
@@ -67,7 +61,7 @@ class SyscallsSource(BccSource):
     def cflags(self) -> list[str]:
         return [f"-DSLOW_THRESHOLD_NS={int(self.config.slow_threshold * 1e9)}ULL",
                 f"-DSLOW_SPANS={1 if self.config.slow_spans else 0}",
-                f"-DFILTER_ACTIVE={1 if self.config.filter.active else 0}",
+                f"-DFILTER_PROCESS={1 if self.config.filter.active else 0}",
                 f"-DMAX_SERIES={int(self.config.max_series)}",
                 "-DRINGBUF_PAGES=64"]
 
@@ -81,7 +75,6 @@ class SyscallsSource(BccSource):
         if not f.active:
             return
         fill_process_filter(bpf, f, self.name)
-        bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         self._start_unix_ns = time.time_ns()
 
     def _configure_slow_exclude(self, bpf: Any) -> None:
@@ -102,66 +95,52 @@ class SyscallsSource(BccSource):
     def handle_event(self, data: int, size: int) -> None:
         ev = ScSlowEvent.from_address(data)
         self._received.inc()
-        comm = ev.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-        clock = self.ctx.clock
-        start = clock.to_unix_nano(ev.start_ns)
-        event = EbpfEvent(EbpfEventType.SYSCALL, ev.pid, ev.tid, start, ev.end_ns - ev.start_ns, comm,
-                          {"syscall.name": self.syscall_name(ev.nr), "syscall.nr": ev.nr,
-                           "syscall.return_value": ev.ret})
-        span = self.ctx.converter.convert_event_to_span(event)
-        if span is not None:
-            self.ctx.exporter.submit(Signal.TRACES, self.ctx.resources.get(ev.pid, comm), span)
+        self.ctx.consumer.consume_event(SlowSyscall(
+            ev.pid, ev.tid, ev.comm.split(b"\0", 1)[0].decode("utf-8", "replace"), ev.nr,
+            self.syscall_name(ev.nr), ev.ret, self.ctx.clock.to_unix_nano(ev.start_ns), ev.end_ns - ev.start_ns))
 
     # ------------------------------------------------------------------ aggregates → metrics
 
     def collect(self) -> None:
         if self.bpf is None:
             return
-        now = time.time_ns()
-        start = self._start_unix_ns
-        calls: dict[int, list] = {}                  # tgid → [(attrs, count)]
-        hists: dict[tuple[int, int], conv.HistPoint] = {}
+        by_pid: dict[int, SyscallSeries] = {}
+        hists: dict[tuple[int, int], HistPoint] = {}
+
+        def series(tgid: int) -> SyscallSeries:
+            s = by_pid.get(tgid)
+            if s is None:
+                s = by_pid[tgid] = SyscallSeries()
+            return s
+
         for k, per_cpu in self.bpf["calls"].items():
             h = _fold_per_cpu(per_cpu, with_slots=False)
             if h.count:
                 hists[(k.tgid, k.nr)] = h
-                calls.setdefault(k.tgid, []).append(({"syscall.name": self.syscall_name(k.nr)}, h.count))
         # Host-wide series for nr < SC_MAX_NR: one per-CPU array slot per syscall, stats and
         # log2 histogram together.
         for k, per_cpu in self.bpf["all_calls"].items():
             h = _fold_per_cpu(per_cpu, with_slots=True)
             if h.count:
-                nr = k.value
-                hists[(0, nr)] = h
-                calls.setdefault(0, []).append(({"syscall.name": self.syscall_name(nr)}, h.count))
+                hists[(0, k.value)] = h
         for k, per_cpu in self.bpf["hist"].items():
             h = hists.get((k.tgid, k.nr))
             if h is not None:
                 n = sum(int(v) for v in per_cpu)
                 h.slots[k.slot] = h.slots.get(k.slot, 0) + n
-        errs: dict[int, list] = {}
+        for (tgid, nr), h in hists.items():
+            s = series(tgid)
+            name = self.syscall_name(nr)
+            s.calls.append((name, h.count))
+            s.durations.append((name, h))
         for k, per_cpu in self.bpf["errors"].items():
             n = sum(int(v) for v in per_cpu)
             if n:
-                errs.setdefault(k.tgid, []).append(
-                    ({"syscall.name": self.syscall_name(k.nr), "error.type": conv.errno_name(k.err)}, n))
-        by_tgid: dict[int, list] = {}
-        for (tgid, nr), h in hists.items():
-            by_tgid.setdefault(tgid, []).append(({"syscall.name": self.syscall_name(nr)}, h))
-        exporter = self.ctx.exporter
-        dead = []
-        for tgid in sorted(set(calls) | set(errs)):
-            resource = self.ctx.resources.host_resource if tgid == 0 else self.ctx.resources.get(tgid)
-            if tgid in calls:
-                exporter.submit(Signal.METRICS, resource, conv.calls_metric(calls[tgid], start, now))
-            if tgid in errs:
-                exporter.submit(Signal.METRICS, resource, conv.errors_metric(errs[tgid], start, now))
-            if tgid in by_tgid:
-                exporter.submit(Signal.METRICS, resource, conv.duration_metric(by_tgid[tgid], start, now))
-            if tgid and not os.path.exists(f"/proc/{tgid}"):
-                dead.append(tgid)
-        if dead:
-            self._forget(set(dead))
+                series(k.tgid).errors.append((self.syscall_name(k.nr), errno_name(k.err), n))
+        dead = {tgid for tgid in by_pid if tgid and not os.path.exists(f"/proc/{tgid}")}
+        self.ctx.consumer.consume_metrics(SyscallSnapshot(self._start_unix_ns, time.time_ns(), by_pid, dead))
+        if dead:   # their final values went out above
+            self._forget(dead)
 
     def _forget(self, tgids: set[int]) -> None:
         """A finished process's series went out once more with its final values; free its map
@@ -173,13 +152,11 @@ class SyscallsSource(BccSource):
                     del t[k]
                 except KeyError:
                     pass
-        for tgid in tgids:
-            self.ctx.resources.forget(tgid)
 
 
-def _fold_per_cpu(per_cpu: Any, with_slots: bool) -> conv.HistPoint:
+def _fold_per_cpu(per_cpu: Any, with_slots: bool) -> HistPoint:
     """Sums one key's per-CPU stat values (count, sum, min, max and optionally log2 slots)."""
-    h = conv.HistPoint()
+    h = HistPoint()
     for v in per_cpu:
         if not v.count:
             continue

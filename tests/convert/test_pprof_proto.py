@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-
 from receiver.proto import profile_pb2
 
 from ..harness import REPO, fail_or_skip
@@ -40,7 +39,8 @@ def test_go_tool_pprof_reads_it(tmp_path: Path) -> None:
     r = subprocess.run(["go", "tool", "pprof", "-top", "-sample_index=samples", str(path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    lines = {line.split()[-1]: line.split() for line in r.stdout.splitlines() if line.strip().endswith(("burn_a", "burn_b"))}
+    lines = {line.split()[-1]: line.split() for line in r.stdout.splitlines()
+             if line.strip().endswith(("burn_a", "burn_b"))}
     assert lines["burn_a"][0] == "200" and lines["burn_b"][0] == "100", r.stdout
 
 
@@ -51,5 +51,7 @@ def test_generated_module_matches_the_proto(tmp_path: Path) -> None:
                         str(REPO / "protos/profile.proto")]) == 0
     fresh = (tmp_path / "profile_pb2.py").read_text()
     checked_in = (REPO / "receiver/proto/profile_pb2.py").read_text()
-    strip = lambda s: [l for l in s.splitlines() if "Protobuf Python Version" not in l and "_runtime_version" not in l]  # noqa: E731
+    def strip(s: str) -> list[str]:
+        return [ln for ln in s.splitlines() if "Protobuf Python Version" not in ln and "_runtime_version" not in ln]
+
     assert strip(fresh) == strip(checked_in), "run `make proto`"

@@ -11,7 +11,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
 from receiver.config import ExporterConfig
-from receiver.convert.resource import to_key_values
+from receiver.convert.attributes import to_key_values
 from receiver.export.otlp_grpc import OtlpGrpcExporter
 from receiver.model import Signal
 from receiver.telemetry import SelfTelemetry

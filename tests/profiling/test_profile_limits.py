@@ -1,27 +1,15 @@
-"""Size limits of profiles: the source splits an interval by process while its request is over
-``max_request_bytes`` (a profiles request carries its own dictionary, so the exporter cannot split
-one), and the library's session profile keeps a bounded number of distinct stacks."""
+"""Size limits of profiles: an interval is split by process while its request is over
+``max_request_bytes`` (a profiles request carries its own dictionary, so it is split before it is
+built), and the library's session profile keeps a bounded number of distinct stacks."""
 
 from __future__ import annotations
 
-from receiver.config import EbpfConfig
-from receiver.convert.converter import EbpfOtlpConverter
-from receiver.convert.resource import ProcessResources
-from receiver.export.otlp_grpc import OtlpGrpcExporter
+from receiver.convert.profiles import profile_requests
+from receiver.pipeline import ProcessResources
 from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample
-from receiver.sources.base import KernelClock, SourceContext
-from receiver.sources.profiler import ProfilerSource
-from receiver.telemetry import SelfTelemetry
 
 LIMIT = 4096
-
-
-def _source() -> ProfilerSource:
-    config = EbpfConfig.from_dict({"exporter": {"max_request_bytes": LIMIT}}, environ={})
-    telemetry = SelfTelemetry()
-    ctx = SourceContext(config, OtlpGrpcExporter(config.exporter, telemetry), EbpfOtlpConverter(),
-                        telemetry, ProcessResources({"host.name": "test"}), KernelClock())
-    return ProfilerSource(ctx)
+RESOURCES = ProcessResources({"host.name": "test"})
 
 
 def _profile(pids: int, stacks_per_pid: int) -> CpuProfile:
@@ -41,17 +29,15 @@ def _sample_total(requests: list) -> int:
 
 
 def test_small_interval_is_one_request() -> None:
-    source = _source()
     profile = _profile(pids=2, stacks_per_pid=2)
-    requests = source._requests(profile, source.ctx.resources.get)
+    requests = profile_requests(profile, RESOURCES.get, LIMIT)
     assert len(requests) == 1
     assert _sample_total(requests) == profile.total_samples
 
 
 def test_large_interval_is_split_by_process_under_the_limit() -> None:
-    source = _source()
     profile = _profile(pids=6, stacks_per_pid=6)
-    requests = source._requests(profile, source.ctx.resources.get)
+    requests = profile_requests(profile, RESOURCES.get, LIMIT)
     assert len(requests) > 1
     assert all(r.ByteSize() <= LIMIT for r in requests), [r.ByteSize() for r in requests]
     assert _sample_total(requests) == profile.total_samples

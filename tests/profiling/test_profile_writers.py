@@ -23,9 +23,9 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from receiver.config import ExporterConfig
+from receiver.convert.attributes import to_key_values
 from receiver.convert.converter import EbpfOtlpConverter
 from receiver.convert.profiles import BUILD_ID, profile_to_otlp
-from receiver.convert.resource import to_key_values
 from receiver.export.otlp_grpc import OtlpGrpcExporter
 from receiver.model import Signal
 from receiver.profiling.flamegraph import to_folded, write_flamegraph_svg

@@ -7,6 +7,7 @@ import math
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from receiver import aggregates as agg
 from receiver.convert import network as conv
 from receiver.convert.converter import EbpfOtlpConverter
 from receiver.model import EbpfEvent, EbpfEventType, Signal
@@ -58,35 +59,34 @@ def test_converter_metric_is_the_connections_bytes() -> None:
 
 
 def test_exponential_histogram_buckets_hold_their_values() -> None:
-    h = conv.ExpHistogram(max_size=20)
+    h = agg.ExpHistogram(max_size=20)
     values = [0.0, 1e-6, 3e-5, 0.001, 0.0123, 0.5, 1.0, 2.0, 7.5, 300.0]
     for v in values:
         h.record(v)
-    dp = h.data_point({}, 0, 1)
+    dp = conv.exp_histogram_point(h, {}, 0, 1)
     assert dp.count == len(values) and math.isclose(dp.sum, sum(values)) and dp.zero_count == 1
     assert len(dp.positive.bucket_counts) <= 20 and sum(dp.positive.bucket_counts) == len(values) - 1
     base = 2.0 ** (2.0 ** -dp.scale)
     for v in values[1:]:   # each value lies in (base^i, base^(i+1)] of a non-empty bucket i
-        i = next(i for i, n in enumerate(dp.positive.bucket_counts)
-                 if n and base ** (dp.positive.offset + i) < v * (1 + 1e-9)
-                 and v <= base ** (dp.positive.offset + i + 1) * (1 + 1e-9))
-        assert i >= 0
+        assert any(n and base ** (dp.positive.offset + i) < v * (1 + 1e-9)
+                   and v <= base ** (dp.positive.offset + i + 1) * (1 + 1e-9)
+                   for i, n in enumerate(dp.positive.bucket_counts)), v
     assert dp.min == 0.0 and dp.max == 300.0
 
 
 def test_metrics_overflow_and_open_connections_counted_once() -> None:
-    m = conv.ConnectionMetrics(max_attribute_sets=2, peer_attributes=True)
+    m = agg.ConnectionMetrics(max_attribute_sets=2, peer_attributes=True)
     for i in range(5):
         key = m.key(7, "client", "ipv4", f"10.0.0.{i}", 80)
         m.observe_finished((i, 1), key, "curl", (100, 200, 1, 0, 0), "ok", 0.01)
-    assert len(m.series) == 3 and conv.OVERFLOW_KEY in m.series
-    assert m.series[conv.OVERFLOW_KEY].opened == 3 and m.series[conv.OVERFLOW_KEY].sent == 300
+    assert len(m.series) == 3 and agg.OVERFLOW_KEY in m.series
+    assert m.series[agg.OVERFLOW_KEY].opened == 3 and m.series[agg.OVERFLOW_KEY].sent == 300
     metrics = {x.name: x for x in conv.series_metrics(list(m.series.items()), 0, 1)}
     overflow = [dp for dp in metrics["tcp.connection.opened"].sum.data_points
                 if _attrs(dp.attributes) == {"otel.metric.overflow": True}]
     assert len(overflow) == 1 and overflow[0].as_int == 3
 
-    m = conv.ConnectionMetrics(max_attribute_sets=10, peer_attributes=False)
+    m = agg.ConnectionMetrics(max_attribute_sets=10, peer_attributes=False)
     key = m.key(7, "server", "ipv6", "::1", 5555)
     assert key == (7, "server", "ipv6", None, None)
     for sent in (10, 30):   # seen open at two intervals

@@ -209,9 +209,9 @@ def test_excluded_slow_call_counts_but_has_no_span(bpf_ok: None, collector: Coll
 @pytest.fixture
 def cgroup() -> Iterator[tuple[str, Path]]:
     """A fresh cgroup v2 directory: (its path as /proc/PID/cgroup shows it, its directory)."""
-    from receiver.convert.resource import CgroupResolver
+    from receiver.kernel.identity import find_cgroup2_root
 
-    root = CgroupResolver.find_cgroup2_root()
+    root = find_cgroup2_root()
     if root is None:
         fail_or_skip("no cgroup v2 hierarchy mounted")
     name = f"/ebpf-receiver-test-{os.getpid()}"

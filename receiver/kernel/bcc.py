@@ -1,0 +1,146 @@
+"""BCC as the agent uses it: compile and load ``bpf/<name>.bpf.c``, read tracepoint layouts of the
+running kernel, and check the Python mirrors of the programs' structs against BCC's view.
+
+``#include "x.bpf.h"`` lines are inlined before compiling (with ``#line`` markers, so compiler
+messages name the right file and line): BCC rewrites map calls such as ``lost.lookup()`` only in
+its main file, and ``common.bpf.h`` holds such calls for every program.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SourceUnavailableError
+from . import host
+
+__all__ = ["bpf_source_dir", "load_bcc", "program_text", "compile_bpf", "tracepoint_has_field",
+           "header_enum", "check_mirror"]
+
+_INLINE = re.compile(r'^#include\s+"([\w.-]+\.bpf\.h)"\s*$', re.M)
+
+
+def bpf_source_dir() -> Path:
+    """Where the BPF C files are: ``receiver/bpf`` in an installed wheel, ``bpf/`` in a checkout."""
+    try:
+        import receiver.bpf as pkg
+
+        for p in pkg.__path__:
+            if (Path(p) / "process.bpf.c").is_file():
+                return Path(p)
+    except ImportError:
+        pass
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+def load_bcc() -> Any:
+    """Imports BCC or says exactly what to install."""
+    try:
+        import bcc
+    except ImportError:
+        raise SourceUnavailableError("bcc", "the BCC Python module is not importable", host.FIX_BCC) from None
+    return bcc
+
+
+def program_text(bpf_file: str) -> str:
+    """The program's C text with its ``*.bpf.h`` includes inlined (each once)."""
+    src_dir = bpf_source_dir()
+    path = src_dir / bpf_file
+    text = path.read_text()
+    seen: set[str] = set()
+
+    def inline(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        line = text.count("\n", 0, m.start()) + 2
+        return (f'#line 1 "{name}"\n{(src_dir / name).read_text()}\n'
+                f'#line {line} "{bpf_file}"')
+
+    return _INLINE.sub(inline, text)
+
+
+def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
+    """Compiles and loads ``bpf/<bpf_file>`` with BCC, or raises ``SourceUnavailableError``
+    saying what is missing: BCC, the program file, kernel headers for BCC's compiler, or the
+    privilege to call bpf() (told apart from a compile error by a real bpf() probe)."""
+    bcc = load_bcc()
+    src_dir = bpf_source_dir()
+    if not (src_dir / bpf_file).is_file():
+        raise SourceUnavailableError(source_name, f"BPF program {src_dir / bpf_file} is missing from the installation")
+    build = host.kernel_headers_dir()
+    if not (build / "include").exists():
+        raise SourceUnavailableError(source_name, f"no kernel headers at {build}", host.FIX_HEADERS)
+    try:
+        return bcc.BPF(text=program_text(bpf_file), cflags=[f"-I{src_dir}", *cflags])
+    except Exception as e:
+        ok, detail = host.probe_bpf_syscall()
+        if not ok:
+            denied = detail in (os.strerror(errno.EPERM), os.strerror(errno.EACCES))
+            raise SourceUnavailableError(
+                source_name, f"the kernel refused bpf(): {detail}",
+                host.FIX_PRIVILEGES if denied else host.FIX_BPF_SYSCALL) from e
+        raise SourceUnavailableError(source_name, f"{bpf_file} failed to compile or load: {e}") from e
+
+
+def tracepoint_has_field(tracepoint: str, field: str) -> bool:
+    """Whether the running kernel's ``category:name`` tracepoint has ``field`` (fields come and
+    go between kernel versions; a program compiled against a missing one fails to load)."""
+    root = host.tracefs_root()
+    if root is None:
+        return False
+    category, _, name = tracepoint.partition(":")
+    try:
+        text = (root / "events" / category / name / "format").read_text()
+    except OSError:
+        return False
+    return any(line.strip().startswith("field:") and
+               line.split(";", 1)[0].rsplit(None, 1)[-1].split("[", 1)[0] == field
+               for line in text.splitlines())
+
+
+def header_enum(header: str, prefix: str) -> tuple[str, ...]:
+    """Names of ``#define <prefix>_<NAME> <n>`` constants of a ``bpf/`` header, lower-cased and
+    ordered by value: e.g. the slots of a program's ``lost`` array, so user space reads the
+    names from the same place the kernel side counts them."""
+    text = (bpf_source_dir() / header).read_text()
+    pattern = rf"^#define\s+{prefix}_(\w+)\s+(\d+)\s*(?:/\*.*\*/)?\s*$"
+    found = {int(v): n.lower() for n, v in re.findall(pattern, text, re.M)}
+    names = tuple(found[i] for i in sorted(found))
+    if list(sorted(found)) != list(range(len(found))):
+        raise ValueError(f"{header}: {prefix}_* values are not 0..{len(found) - 1}")
+    return names
+
+
+def _layout(cls: Any) -> dict[str, tuple[int, int]]:
+    return {name: (getattr(cls, name).offset, getattr(cls, name).size) for name, *_ in cls._fields_}
+
+
+def check_mirror(bpf: Any, map_name: str, part: str, mirror: Any, source_name: str) -> None:
+    """Compares a ctypes mirror with BCC's view of the struct that ``map_name``'s key or leaf
+    (``part``) has: same size, and each mirrored field at the same offset with the same size.
+    A mismatch means the ``.h`` and the Python side disagree: fail loudly instead of decoding
+    garbage."""
+    theirs = getattr(bpf[map_name], part)
+    problems = []
+    if ctypes.sizeof(theirs) != ctypes.sizeof(mirror):
+        problems.append(f"size {ctypes.sizeof(mirror)} here, {ctypes.sizeof(theirs)} in the program")
+    their_layout = _layout(theirs) if hasattr(theirs, "_fields_") else {}
+    for name, (offset, size) in _layout(mirror).items():
+        if name.startswith("_pad") or name == "pad":
+            continue
+        got = their_layout.get(name)
+        if got is None:
+            problems.append(f"no field {name} in the program's struct")
+        elif got != (offset, size):
+            problems.append(f"{name} at offset {offset} size {size} here, offset {got[0]} size {got[1]} there")
+    if problems:
+        raise SourceUnavailableError(
+            source_name, f"{mirror.__name__} does not match the program's struct ({map_name}.{part}): "
+            + "; ".join(problems), "the installation is inconsistent: reinstall the agent")

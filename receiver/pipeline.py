@@ -1,0 +1,150 @@
+"""The one stage between sources and export, as a Collector pipeline is between a receiver and an
+exporter: sources hand typed records (``receiver.records``) and profiles to a ``Consumer``; the
+``Pipeline`` looks up who did it (resources), applies the conversion rules of
+``receiver.convert`` (the same ones the library's ``EbpfOtlpConverter`` uses) and submits the
+result to a ``Sink`` (the exporter, or a recorder in tests).
+
+Once handed over, a record belongs to the pipeline. Nothing here blocks: sinks queue.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from .config import EbpfConfig
+from .consumer import Consumer, Sink
+from .convert import logs, network, syscalls
+from .convert.attributes import to_key_values
+from .convert.converter import EbpfOtlpConverter
+from .kernel.identity import CgroupResolver, process_attributes
+from .model import EbpfEventType, Signal
+from .profiling.model import CpuProfile
+from .records import (
+    ConnectionSnapshot,
+    MetricSnapshot,
+    ProcessRecord,
+    Record,
+    SlowSyscall,
+    SyscallSnapshot,
+    TcpConnection,
+)
+
+__all__ = ["Sink", "Consumer", "Pipeline", "ProcessResources"]
+
+
+class ProcessResources:
+    """pid → OTLP ``Resource`` (host attributes + ``process.*`` + ``container.id``), bounded LRU.
+
+    The same ``Resource`` object is returned for a pid until it is forgotten (at exec and exit,
+    and when a source finds the process gone), so the exporter can group items by resource
+    identity without comparing contents, and a recycled pid never inherits stale identity."""
+
+    def __init__(self, host_attributes: Mapping[str, Any], max_entries: int = 4096,
+                 cgroups: CgroupResolver | None = None):
+        self.host_attributes = dict(host_attributes)
+        self.host_resource = Resource(attributes=to_key_values(self.host_attributes))
+        self.max_entries = max_entries
+        self.cgroups = cgroups or CgroupResolver()
+        self._cache: OrderedDict[int, Resource] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, pid: int, comm: str = "", executable_path: str | None = None,
+            cgroup_id: int = 0, extra: Mapping[str, Any] | None = None) -> Resource:
+        if pid <= 0:
+            return self.host_resource
+        res = self._cache.get(pid)
+        if res is not None:
+            self._cache.move_to_end(pid)
+            return res
+        attrs = process_attributes(pid, comm, executable_path, cgroup_id, self.cgroups)
+        res = Resource(attributes=to_key_values({**self.host_attributes, **attrs, **(extra or {})}))
+        self._cache[pid] = res
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return res
+
+    def forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+
+
+class Pipeline:
+    """Records → (resource, OTLP item) → sink, by the rules of ``receiver.convert``."""
+
+    def __init__(self, config: EbpfConfig, sink: Sink, resources: ProcessResources,
+                 converter: EbpfOtlpConverter | None = None):
+        self.config = config
+        self.sink = sink
+        self.resources = resources
+        self.converter = converter or EbpfOtlpConverter()
+        net = config.sources.network
+        self._connection_spans = net.spans
+        self._min_span_ns = int(net.min_span_duration * 1e9)
+        self._event_rules: dict[type, Callable[[Any], None]] = {
+            ProcessRecord: self._process, TcpConnection: self._connection, SlowSyscall: self._slow_syscall,
+        }
+        self._snapshot_rules: dict[type, Callable[[Any], Any]] = {
+            SyscallSnapshot: syscalls.snapshot_metrics, ConnectionSnapshot: network.snapshot_metrics,
+        }
+
+    # ------------------------------------------------------------------ Consumer
+
+    def consume_event(self, record: Record) -> None:
+        self._event_rules[type(record)](record)
+
+    def consume_metrics(self, snapshot: MetricSnapshot) -> None:
+        comms = _snapshot_comms(snapshot)
+        for pid, metrics in self._snapshot_rules[type(snapshot)](snapshot):
+            resource = self.resources.get(pid, comms.get(pid, "")) if pid else self.resources.host_resource
+            for m in metrics:
+                self.sink.submit(Signal.METRICS, resource, m)
+        for pid in snapshot.finished_pids:
+            self.resources.forget(pid)
+
+    def consume_profile(self, profile: CpuProfile) -> None:
+        if not profile.samples:
+            return
+        from .convert.profiles import profile_requests  # pprof protos: only with the profiler
+
+        names = {s.pid: s.process_name for s in profile.samples}
+        for request in profile_requests(profile, lambda pid: self.resources.get(pid, names.get(pid, "")),
+                                        self.config.exporter.max_request_bytes):
+            self.sink.submit(Signal.PROFILES, None, request)
+
+    # ------------------------------------------------------------------ per record type
+
+    def _process(self, rec: ProcessRecord) -> None:
+        cfg = self.config.sources.process
+        event = logs.process_event(rec, cfg.command_line, cfg.max_args)
+        if rec.kind is EbpfEventType.PROCESS_EXEC:
+            self.resources.forget(rec.pid)   # a new program: new identity
+        extra = {"process.parent_pid": rec.parent_pid} if rec.parent_pid else None
+        resource = self.resources.get(rec.pid, rec.comm, rec.executable_path, rec.cgroup_id, extra)
+        if rec.kind is EbpfEventType.PROCESS_EXIT:
+            self.resources.forget(rec.pid)
+        record = self.converter.convert_event_to_log(event)
+        if record is not None:
+            self.sink.submit(Signal.LOGS, resource, record)
+
+    def _connection(self, rec: TcpConnection) -> None:
+        if not (rec.finished and self._connection_spans and rec.duration_ns >= self._min_span_ns):
+            return
+        span = self.converter.convert_event_to_span(network.connection_event(rec))
+        if span is not None:
+            self.sink.submit(Signal.TRACES, self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id), span)
+
+    def _slow_syscall(self, rec: SlowSyscall) -> None:
+        span = self.converter.convert_event_to_span(syscalls.slow_syscall_event(rec))
+        if span is not None:
+            self.sink.submit(Signal.TRACES, self.resources.get(rec.pid, rec.comm), span)
+
+
+def _snapshot_comms(snapshot: MetricSnapshot) -> dict[int, str]:
+    if isinstance(snapshot, ConnectionSnapshot):
+        return {pid: series[0][1].comm for pid, series in snapshot.by_pid.items() if series}
+    return {}
