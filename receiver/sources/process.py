@@ -56,7 +56,8 @@ class ProcessSource(BccSource):
     TRACEPOINTS = ("sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask",
                    "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
                    "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat",
-                   "syscalls:sys_enter_exit_group", "signal:signal_deliver", "oom:mark_victim")
+                   "syscalls:sys_enter_exit_group", "signal:signal_generate", "signal:signal_deliver",
+                   "oom:mark_victim")
 
     def __init__(self, ctx: Any):
         super().__init__(ctx)
