@@ -157,7 +157,16 @@ class ProcessResources:
     """pid → OTLP ``Resource`` (host attributes + ``process.*`` + ``container.id``), bounded LRU.
 
     The same ``Resource`` object is returned for a pid until it is forgotten, so the exporter can
-    group items by resource identity without comparing contents."""
+    group items by resource identity without comparing contents.
+
+    An entry made between fork and exec (the child still runs the parent's program) must not
+    outlive the exec, whatever order the sources' ring buffers are read in: each entry keeps the
+    comm values known to belong to its executable, and an event whose comm is not among them
+    has the executable checked again (/proc/PID/exe, or the path the event carries); a
+    different one means a new program and a new entry. Threads that rename themselves cost one
+    check per new name (up to ``_MAX_COMMS`` per entry)."""
+
+    _MAX_COMMS = 16
 
     def __init__(self, host_attributes: Mapping[str, Any], max_entries: int = 4096,
                  cgroups: CgroupResolver | None = None):
@@ -165,7 +174,8 @@ class ProcessResources:
         self.host_resource = Resource(attributes=to_key_values(self.host_attributes))
         self.max_entries = max_entries
         self.cgroups = cgroups or CgroupResolver()
-        self._cache: OrderedDict[int, Resource] = OrderedDict()
+        # pid → (resource, executable path it was built with, comm values seen for it)
+        self._cache: OrderedDict[int, tuple[Resource, str | None, set[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -174,17 +184,37 @@ class ProcessResources:
             cgroup_id: int = 0, extra: Mapping[str, Any] | None = None) -> Resource:
         if pid <= 0:
             return self.host_resource
-        res = self._cache.get(pid)
-        if res is not None:
-            self._cache.move_to_end(pid)
-            return res
-        res = Resource(attributes=to_key_values({**self.host_attributes,
-                                                 **self.process_attributes(pid, comm, executable_path, cgroup_id),
-                                                 **(extra or {})}))
-        self._cache[pid] = res
+        entry = self._cache.get(pid)
+        if entry is not None:
+            res, exe, comms = entry
+            if not comm or comm in comms or self._same_program(pid, exe, executable_path, comm, comms):
+                self._cache.move_to_end(pid)
+                return res
+        attrs = self.process_attributes(pid, comm, executable_path, cgroup_id)
+        res = Resource(attributes=to_key_values({**self.host_attributes, **attrs, **(extra or {})}))
+        exe = attrs.get("process.executable.path")
+        comms = {c for c in (comm, os.path.basename(exe)[:15] if exe else "") if c}
+        self._cache[pid] = (res, exe, comms)
+        self._cache.move_to_end(pid)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return res
+
+    def _same_program(self, pid: int, exe: str | None, executable_path: str | None, comm: str,
+                      comms: set[str]) -> bool:
+        """Whether ``pid`` still runs the executable its entry was built for (a new comm may be a
+        renamed thread, or an exec)."""
+        now = executable_path
+        if now is None:
+            try:
+                now = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                now = None   # gone: the comm the event carries is the better name
+        if now is None or now != exe:
+            return False
+        if len(comms) < self._MAX_COMMS:
+            comms.add(comm)
+        return True
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
