@@ -32,6 +32,9 @@ BPF_PERCPU_ARRAY(all_calls, struct sc_all, SC_MAX_NR);
 BPF_PERCPU_HASH(calls, struct sc_key, struct sc_stat, MAX_SERIES * 8);
 BPF_PERCPU_HASH(errors, struct sc_err_key, u64, MAX_SERIES * 8);
 BPF_PERCPU_HASH(hist, struct sc_hist_key, u64, MAX_SERIES * 32);
+/* tgid → comm of a selected process, taken at its first counted call: names its series even
+ * when it is gone from /proc by the time they are read. */
+BPF_HASH(series_comm, u32, struct sc_comm_key, MAX_SERIES);
 /* Filter, filled from user space: settings[0] = 1 when a filter is active. */
 BPF_ARRAY(settings, u32, 1);
 BPF_HASH(filter_pids, u32, u8, 1024);
@@ -92,6 +95,11 @@ static __always_inline void count_error(u32 tgid, u32 nr, long ret) {
     } while (0)
 
 static __always_inline void account(u32 tgid, u32 nr, u64 d, long ret, u32 slot) {
+    if (tgid && !series_comm.lookup(&tgid)) {
+        struct sc_comm_key c = {};
+        bpf_get_current_comm(&c.comm, sizeof(c.comm));
+        series_comm.update(&tgid, &c);   /* full: the series goes out with /proc's name only */
+    }
     struct sc_key k = {.tgid = tgid, .nr = nr};
     struct sc_stat zero = {};
     struct sc_stat *s = calls.lookup_or_try_init(&k, &zero);

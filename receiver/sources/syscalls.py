@@ -150,8 +150,11 @@ class SyscallsSource(BccSource):
             by_tgid.setdefault(tgid, []).append(({"syscall.name": self.syscall_name(nr)}, h))
         exporter = self.ctx.exporter
         dead = []
+        comms = {k.value: v.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                 for k, v in self.bpf["series_comm"].items()}
         for tgid in sorted(set(calls) | set(errs)):
-            resource = self.ctx.resources.host_resource if tgid == 0 else self.ctx.resources.get(tgid)
+            resource = (self.ctx.resources.host_resource if tgid == 0
+                        else self.ctx.resources.get(tgid, comms.get(tgid, "")))
             if tgid in calls:
                 exporter.submit(Signal.METRICS, resource, conv.calls_metric(calls[tgid], start, now))
             if tgid in errs:
@@ -173,6 +176,12 @@ class SyscallsSource(BccSource):
                     del t[k]
                 except KeyError:
                     pass
+        names = self.bpf["series_comm"]
+        for tgid in tgids:
+            try:
+                del names[ctypes.c_uint32(tgid)]
+            except KeyError:
+                pass
         for tgid in tgids:
             self.ctx.resources.forget(tgid)
 
