@@ -206,10 +206,22 @@ class ExporterConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """The agent's own health: Prometheus ``/metrics``, ``/healthz`` and ``/readyz``."""
+    """The agent's own health: Prometheus ``/metrics``, ``/healthz`` and ``/readyz``.
+    ``listen: 127.0.0.1:9464`` keeps it on this host; ``web_config_file`` adds TLS and basic
+    auth, in the web config format of the Prometheus exporters (``tls_server_config``,
+    ``basic_auth_users`` with bcrypt hashes). ``/readyz`` fails once export has been failing
+    for longer than ``readiness_grace``."""
 
     enabled: bool = True
     listen: Address = "0.0.0.0:9464"
+    web_config_file: str | None = None
+    readiness_grace: Duration = 30.0
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.web_config_file is not None and not Path(self.web_config_file).is_file():
+            p.append(f"web_config_file: no such file: {self.web_config_file}")
+        return p
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ class Service:
     async def start(self) -> None:
         if self.config.telemetry.enabled:
             host, port = parse_address(self.config.telemetry.listen)
-            self.http = TelemetryServer(self.telemetry, host, port)
+            self.http = TelemetryServer(self.telemetry, host, port,
+                                        readiness_grace=self.config.telemetry.readiness_grace)
             self.http.start()
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         await self.exporter.start()
@@ -84,10 +85,13 @@ class Service:
         if self.http:
             self.http.ready = False
             self.http.not_ready_reason = "shutting down"
+        detached, failed = [], []
         for s in reversed(self.sources):
             try:
                 await s.stop()
+                detached.append(s.name)
             except Exception:
+                failed.append(s.name)
                 log.exception("source %s: error while stopping", s.name)
         self.sources.clear()
         await self.exporter.shutdown()
@@ -97,6 +101,21 @@ class Service:
         if self.http:
             self.http.stop()
             self.http = None
+        log.info("%s", self.shutdown_summary(detached, failed))
+
+    def shutdown_summary(self, detached: list[str], failed: list[str]) -> str:
+        """The last line of the log: what went out, what did not, what was left attached."""
+        t = self.telemetry.totals()
+
+        def part(counts: dict[str, float]) -> str:
+            total = int(sum(counts.values()))
+            detail = ", ".join(f"{k} {int(v)}" for k, v in sorted(counts.items()) if v)
+            return f"{total}" + (f" ({detail})" if detail else "")
+
+        return (f"shutdown: sent {part(t['sent'])} items, dropped {part(t['dropped'])}, "
+                f"lost in the kernel {part(t['lost'])}; detached {len(detached)} source(s)"
+                + (f" ({', '.join(sorted(detached))})" if detached else "")
+                + (f", {len(failed)} failed to detach ({', '.join(failed)})" if failed else ""))
 
     async def run(self, stop: asyncio.Event) -> None:
         try:

@@ -226,6 +226,7 @@ class BccSource(Source):
         self._received = ctx.telemetry.events_received.labels(self.name)
         self._up = ctx.telemetry.source_up.labels(self.name)
         self._up.set(0)
+        ctx.telemetry.declare_losses(self.name, (*self.lost_reasons, "decode_error"))
 
     # -------------------------------------------------------------- subclass hooks
 
