@@ -214,6 +214,7 @@ class BccSource(Source):
     bpf_file: ClassVar[str]
     ring_buffers: ClassVar[Sequence[str]] = ("events",)
     lost_reasons: ClassVar[Sequence[str]] = ()
+    min_record_size: ClassVar[int] = 0   # shorter ring-buffer records are decode errors
     report_interval: float = 10.0
 
     def __init__(self, ctx: SourceContext):
@@ -283,6 +284,9 @@ class BccSource(Source):
 
     def _make_ring_callback(self) -> Any:
         def on_record(_ctx: Any, data: int, size: int) -> int:
+            if size < self.min_record_size:   # never read past the end of a record
+                self.count_lost("decode_error")
+                return 0
             try:
                 self.handle_event(data, size)
             except Exception:  # a bad record must not stop the reader

@@ -76,6 +76,7 @@ class NetworkSource(BccSource):
     name = "network"
     bpf_file = "network.bpf.c"
     lost_reasons = ("ringbuf_full", "connection_map_full")
+    min_record_size = ctypes.sizeof(NetEvent)
 
     TRACEPOINTS = ("sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
                    "tcp:tcp_retransmit_skb", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")

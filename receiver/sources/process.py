@@ -52,6 +52,7 @@ class ProcessSource(BccSource):
     name = "process"
     bpf_file = "process.bpf.c"
     lost_reasons = ("ringbuf_full", "args_map_full", "exit_map_full")
+    min_record_size = ctypes.sizeof(ProcEvent)
 
     TRACEPOINTS = ("sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask",
                    "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
@@ -90,7 +91,7 @@ class ProcessSource(BccSource):
     def handle_event(self, data: int, size: int) -> None:
         hdr = ProcEvent.from_address(data)
         etype = _TYPES.get(hdr.type)
-        if etype is None:
+        if etype is None or (etype is EbpfEventType.PROCESS_EXEC and size < ctypes.sizeof(ExecEvent)):
             self.count_lost("decode_error")
             return
         self._received.inc()

@@ -49,6 +49,7 @@ class SyscallsSource(BccSource):
     name = "syscalls"
     bpf_file = "syscalls.bpf.c"
     lost_reasons = ("ringbuf_full", "start_map_full", "series_map_full")
+    min_record_size = ctypes.sizeof(ScSlowEvent)
 
     TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit", "sched:sched_switch")
 
