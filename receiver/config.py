@@ -219,8 +219,13 @@ class TelemetryConfig:
 
     def _validate(self) -> list[str]:
         p = []
-        if self.web_config_file is not None and not Path(self.web_config_file).is_file():
-            p.append(f"web_config_file: no such file: {self.web_config_file}")
+        if self.web_config_file is not None:
+            from .web_config import WebConfig
+
+            try:   # checked with the rest of the config: `check` reports it too
+                WebConfig.load(self.web_config_file)
+            except ConfigError as e:
+                p.extend(e.problems)
         return p
 
 

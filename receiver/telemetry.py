@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ._version import __version__
+from .errors import ReceiverError
+from .web_config import WebConfig
 
 __all__ = ["SelfTelemetry", "TelemetryServer", "ExportHealth", "DROP_REASONS"]
 
@@ -194,6 +197,28 @@ class _QuietHandler(WSGIRequestHandler):
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, addr = self.socket.accept()
+        if self.ssl_context is None:
+            return sock, addr
+        sock.settimeout(10)   # the handshake runs in the request's thread, never in accept
+        return self.ssl_context.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False), addr
+
+    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+        """A failed handshake or a dropped client: not worth a traceback on stderr."""
+        import sys
+
+        log.debug("telemetry http: request from %s failed: %s", client_address, sys.exc_info()[1])
+
+
+class _TLSHandler(_QuietHandler):
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
 
 
 class TelemetryServer:
@@ -204,8 +229,10 @@ class TelemetryServer:
     """
 
     def __init__(self, telemetry: SelfTelemetry, host: str, port: int,
-                 heartbeat_timeout: float = 10.0, readiness_grace: float = 30.0):
+                 heartbeat_timeout: float = 10.0, readiness_grace: float = 30.0,
+                 web: WebConfig | None = None):
         self.telemetry = telemetry
+        self.web = web
         self.host, self.port = host, port
         self.heartbeat_timeout = heartbeat_timeout
         self.readiness_grace = readiness_grace
@@ -222,6 +249,10 @@ class TelemetryServer:
 
     def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
         path = environ.get("PATH_INFO", "/")
+        if self.web is not None and not self.web.authorized(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                 ("WWW-Authenticate", 'Basic realm="ebpf-otlp-receiver"')])
+            return [b"unauthorized\n"]
         if path == "/healthz":
             age = time.monotonic() - self._last_beat
             ok = age < self.heartbeat_timeout
@@ -246,13 +277,30 @@ class TelemetryServer:
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 
     def start(self) -> None:
-        self._server = make_server(self.host, self.port, self._app, _ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
+        tls = self.web.ssl_context if self.web else None
+        try:
+            self._server = make_server(self.host, self.port, self._app, _ThreadingWSGIServer,
+                                       handler_class=_TLSHandler if tls else _QuietHandler)
+        except OSError as e:
+            raise ReceiverError(f"telemetry.listen {self.host}:{self.port}: {e.strerror}") from None
+        self._server.ssl_context = tls
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="telemetry-http",
                                         daemon=True)
         self._thread.start()
-        log.info("self-metrics on http://%s:%d/metrics", self.host or "0.0.0.0", self.port)
+        log.info("self-metrics on %s://%s:%d/metrics%s", "https" if tls else "http",
+                 self.host or "0.0.0.0", self.port,
+                 " (basic auth)" if self.web and self.web.users else "")
+
+    def restart_thread(self) -> None:
+        """Serves from a new thread (same socket): it and its request threads then carry the
+        calling thread's credentials, e.g. after capabilities were dropped."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="telemetry-http",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         if self._server is not None:

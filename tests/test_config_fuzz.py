@@ -25,7 +25,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     return subprocess.run([sys.executable, "-m", "receiver", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**base, **(env or {})}, timeout=60)
+                          cwd=REPO, env={**base, **(env or {})}, timeout=60, check=False)
 
 
 @pytest.mark.parametrize("command", ["run", "check"])

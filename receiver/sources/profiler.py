@@ -19,8 +19,14 @@ from ..convert.profiles import profile_to_otlp
 from ..model import Signal
 from ..profiling.model import CpuProfile, StackSample
 from ..profiling.pprof import write_pprof
-from ..profiling.sampler import (LOST_REASONS, REC_NEW_PROCESS, REC_SAMPLE, CpuSampler,
-                                 NewProcess, WholeSample)
+from ..profiling.sampler import (
+    LOST_REASONS,
+    REC_NEW_PROCESS,
+    REC_SAMPLE,
+    CpuSampler,
+    NewProcess,
+    WholeSample,
+)
 from .base import BccSource, Requirement
 
 __all__ = ["ProfilerSource"]

@@ -63,7 +63,7 @@ def test_connection_after_exec_carries_the_new_executable(bpf_ok: None, collecto
         child.stdin.flush()
         child.stdin.close()
         assert child.wait(10) == 0
-        spans = wait_until(lambda: (lambda s: s if len(s) >= 2 else None)(client_spans()), 30, 0.2,
+        spans = wait_until(lambda: len(client_spans()) >= 2 and client_spans(), 30, 0.2,
                            "the span of the connection made after exec")
     finally:
         agent.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ..harness import Collector, wait_until
-from .test_syscalls_e2e import N, N_FAIL, PROG, _agent, _latest, prog  # noqa: F401
+from .test_syscalls_e2e import N_FAIL, PROG, N, _agent, _latest, prog  # noqa: F401
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
