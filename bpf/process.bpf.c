@@ -11,6 +11,9 @@ BPF_HASH(exit_info, u32, struct exit_info, MAX_TRACKED_EXITS);    /* tgid → ex
 BPF_PERCPU_ARRAY(heap, struct exec_args, 1);                      /* scratch: too big for the stack */
 MIRROR(proc_event);
 MIRROR(exec_event);
+/* target thread id → the fatal signal generated for it (signal:signal_generate), until the
+ * thread takes it or exits. LRU: a signal never taken cannot fill it. */
+BPF_TABLE("lru_hash", u32, s32, fatal_sent, MAX_TRACKED_EXITS);
 
 static __always_inline void fill_header(struct proc_event *e, u32 type) {
     u64 id = bpf_get_current_pid_tgid();
@@ -109,11 +112,40 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group) {
 #define FATAL_BY_DEFAULT(s) ((s) >= 1 && (s) <= 31 && !((1u << (s)) & ((1u << 17) | (1u << 18) | \
     (1u << 19) | (1u << 20) | (1u << 21) | (1u << 22) | (1u << 23) | (1u << 28))))
 
+/* A fatal signal with its default action (TERM, HUP, PIPE, ALRM, ...) does not reach
+ * signal_deliver as itself: the kernel turns it into a group exit when it is sent, and every
+ * thread then takes a SIGKILL. So the signal is remembered when it is generated (for the thread
+ * it was sent to), and a SIGKILL taken later is attributed to it. A SIGKILL nobody generated for
+ * the process is another thread's exit_group() or exec reaping it: the exit code stands. */
+TRACEPOINT_PROBE(signal, signal_generate) {
+    int sig = args->sig;
+    if (args->result != 0 /* TRACE_SIGNAL_DELIVERED */ || !FATAL_BY_DEFAULT(sig))
+        return 0;
+    u32 target = args->pid;
+    s32 s = sig;
+    fatal_sent.update(&target, &s);
+    return 0;
+}
+
 TRACEPOINT_PROBE(signal, signal_deliver) {
     int sig = args->sig;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id, tgid = id >> 32;
+    s32 *sent = fatal_sent.lookup(&tid);
+    if (!sent)
+        sent = fatal_sent.lookup(&tgid);
+    s32 generated = sent ? *sent : 0;
+    if (sent) {
+        fatal_sent.delete(&tid);
+        fatal_sent.delete(&tgid);
+    }
     if (args->sa_handler != 0 /* SIG_DFL */ || !FATAL_BY_DEFAULT(sig))
         return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (sig == 9 /* SIGKILL */) {
+        if (!generated)
+            return 0;   /* reaped by a group exit: not a signal of its own */
+        sig = generated;
+    }
     struct exit_info info = {.code = -1, .signal = sig};
     if (exit_info.update(&tgid, &info))
         count_lost(PROC_LOST_EXIT_MAP_FULL);
@@ -123,6 +155,8 @@ TRACEPOINT_PROBE(signal, signal_deliver) {
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
+    u32 tid = (u32)id;
+    fatal_sent.delete(&tid);
 #if HAS_GROUP_DEAD
     if (!args->group_dead)  /* other threads still run: not the end of the process yet */
         return 0;

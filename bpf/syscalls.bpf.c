@@ -33,6 +33,9 @@ BPF_PERCPU_ARRAY(all_calls, struct sc_all, SC_MAX_NR);
 BPF_PERCPU_HASH(calls, struct sc_key, struct sc_stat, MAX_SERIES * 8);
 BPF_PERCPU_HASH(errors, struct sc_err_key, u64, MAX_SERIES * 8);
 BPF_PERCPU_HASH(hist, struct sc_hist_key, u64, MAX_SERIES * 32);
+/* tgid → comm of a selected process, taken at its first counted call: names its series even
+ * when it is gone from /proc by the time they are read. */
+BPF_HASH(series_comm, u32, struct filter_comm_key, MAX_SERIES);
 /* slow_skip[nr] = 1: no span for slow calls of this syscall (filled from user space). */
 BPF_ARRAY(slow_skip, u8, SC_MAX_NR);
 MIRROR(sc_slow_event);
@@ -58,6 +61,11 @@ static __always_inline void count_error(u32 tgid, u32 nr, long ret) {
     } while (0)
 
 static __always_inline void account(u32 tgid, u32 nr, u64 d, long ret, u32 slot) {
+    if (tgid && !series_comm.lookup(&tgid)) {
+        struct filter_comm_key c = {};
+        bpf_get_current_comm(&c.comm, sizeof(c.comm));
+        series_comm.update(&tgid, &c);   /* full: the series goes out with /proc's name only */
+    }
     struct sc_key k = {.tgid = tgid, .nr = nr};
     struct sc_stat zero = {};
     struct sc_stat *s = calls.lookup_or_try_init(&k, &zero);

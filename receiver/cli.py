@@ -44,6 +44,8 @@ def _load_config(path: str | None) -> EbpfConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
+    # Files the agent writes (pprof files, ...) are never writable by group or others.
+    os.umask(os.umask(0o022) | 0o022)
     _setup_logging(args.log_level or config.log_level)
     from .service import Service
 

@@ -9,6 +9,7 @@ Environment variables override the file, as they do for the OpenTelemetry SDKs' 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -69,14 +70,17 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError
     if isinstance(value, (int, float)):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:   # nan and inf are not durations
             raise ValueError
         return float(value)
     text = str(value).strip()
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)", text)
     if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
         raise ValueError
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds):
+        raise ValueError
+    return seconds
 
 
 def parse_size(value: Any) -> int:
@@ -202,10 +206,27 @@ class ExporterConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """The agent's own health: Prometheus ``/metrics``, ``/healthz`` and ``/readyz``."""
+    """The agent's own health: Prometheus ``/metrics``, ``/healthz`` and ``/readyz``.
+    ``listen: 127.0.0.1:9464`` keeps it on this host; ``web_config_file`` adds TLS and basic
+    auth, in the web config format of the Prometheus exporters (``tls_server_config``,
+    ``basic_auth_users`` with bcrypt hashes). ``/readyz`` fails once export has been failing
+    for longer than ``readiness_grace``."""
 
     enabled: bool = True
     listen: Address = "0.0.0.0:9464"
+    web_config_file: str | None = None
+    readiness_grace: Duration = 30.0
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.web_config_file is not None:
+            from .web_config import WebConfig
+
+            try:   # checked with the rest of the config: `check` reports it too
+                WebConfig.load(self.web_config_file)
+            except ConfigError as e:
+                p.extend(e.problems)
+        return p
 
 
 @dataclass(frozen=True)
@@ -388,13 +409,22 @@ class EbpfConfig:
         data: dict[str, Any] = {}
         if path is not None:
             try:
-                text = Path(path).read_text()
+                raw = Path(path).read_bytes()
             except OSError as e:
                 raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); "
+                                  "a config file is YAML") from None
             try:
                 loaded = yaml.safe_load(text)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            except (ValueError, TypeError, OverflowError, RecursionError) as e:
+                # YAML that parses but cannot be built (a timestamp like 2001-13-45, nesting
+                # deeper than the stack): still a problem with the file, not a crash.
+                raise ConfigError(f"{path}: not valid YAML: {type(e).__name__}: {e}") from None
             if loaded is None:
                 loaded = {}
             if not isinstance(loaded, dict):
@@ -449,9 +479,13 @@ def _apply_environment(data: dict[str, Any], env: typing.Mapping[str, str],
             exporter["insecure"] = env["OTEL_EXPORTER_OTLP_INSECURE"].strip().lower() == "true"
         if env.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
             try:
-                exporter["timeout"] = float(env["OTEL_EXPORTER_OTLP_TIMEOUT"]) / 1000.0
+                ms = float(env["OTEL_EXPORTER_OTLP_TIMEOUT"])
+                if not math.isfinite(ms) or ms <= 0:
+                    raise ValueError
+                exporter["timeout"] = ms / 1000.0
             except ValueError:
-                problems.append("OTEL_EXPORTER_OTLP_TIMEOUT: expected a number of milliseconds")
+                problems.append("OTEL_EXPORTER_OTLP_TIMEOUT: expected a number of milliseconds "
+                                f"greater than 0, got {env['OTEL_EXPORTER_OTLP_TIMEOUT']!r}")
         if env.get("OTEL_EXPORTER_OTLP_HEADERS"):
             try:
                 exporter["headers"] = {**(exporter.get("headers") or {}),
@@ -533,7 +567,11 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             result = value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            result = float(value)
+            try:
+                if math.isfinite(value):   # nan and inf (.nan, .inf in YAML) are not settings
+                    result = float(value)
+            except OverflowError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             result = value
@@ -546,7 +584,7 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
 def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
-    for unknown in sorted(set(data) - names):
+    for unknown in sorted(set(data) - names, key=str):  # YAML keys may be numbers, dates, ...
         problems.append(f"{prefix}{unknown}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     before = len(problems)

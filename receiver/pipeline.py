@@ -9,6 +9,7 @@ Once handed over, a record belongs to the pipeline. Nothing here blocks: sinks q
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,7 +42,16 @@ class ProcessResources:
 
     The same ``Resource`` object is returned for a pid until it is forgotten (at exec and exit,
     and when a source finds the process gone), so the exporter can group items by resource
-    identity without comparing contents, and a recycled pid never inherits stale identity."""
+    identity without comparing contents, and a recycled pid never inherits stale identity.
+
+    An entry made between fork and exec (the child still runs the parent's program) must not
+    outlive the exec, whatever order the sources' ring buffers are read in: each entry keeps the
+    comm values known to belong to its executable, and an event whose comm is not among them
+    has the executable checked again (/proc/PID/exe, or the path the event carries); a
+    different one means a new program and a new entry. Threads that rename themselves cost one
+    check per new name (up to ``_MAX_COMMS`` per entry)."""
+
+    _MAX_COMMS = 16
 
     def __init__(self, host_attributes: Mapping[str, Any], max_entries: int = 4096,
                  cgroups: CgroupResolver | None = None):
@@ -49,7 +59,8 @@ class ProcessResources:
         self.host_resource = Resource(attributes=to_key_values(self.host_attributes))
         self.max_entries = max_entries
         self.cgroups = cgroups or CgroupResolver()
-        self._cache: OrderedDict[int, Resource] = OrderedDict()
+        # pid → (resource, executable path it was built with, comm values seen for it)
+        self._cache: OrderedDict[int, tuple[Resource, str | None, set[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -58,16 +69,37 @@ class ProcessResources:
             cgroup_id: int = 0, extra: Mapping[str, Any] | None = None) -> Resource:
         if pid <= 0:
             return self.host_resource
-        res = self._cache.get(pid)
-        if res is not None:
-            self._cache.move_to_end(pid)
-            return res
+        entry = self._cache.get(pid)
+        if entry is not None:
+            res, exe, comms = entry
+            if not comm or comm in comms or self._same_program(pid, exe, executable_path, comm, comms):
+                self._cache.move_to_end(pid)
+                return res
         attrs = process_attributes(pid, comm, executable_path, cgroup_id, self.cgroups)
         res = Resource(attributes=to_key_values({**self.host_attributes, **attrs, **(extra or {})}))
-        self._cache[pid] = res
+        exe = attrs.get("process.executable.path")
+        comms = {c for c in (comm, os.path.basename(exe)[:15] if exe else "") if c}
+        self._cache[pid] = (res, exe, comms)
+        self._cache.move_to_end(pid)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return res
+
+    def _same_program(self, pid: int, exe: str | None, executable_path: str | None, comm: str,
+                      comms: set[str]) -> bool:
+        """Whether ``pid`` still runs the executable its entry was built for (a new comm may be a
+        renamed thread, or an exec)."""
+        now = executable_path
+        if now is None:
+            try:
+                now = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                now = None   # gone: the comm the event carries is the better name
+        if now is None or now != exe:
+            return False
+        if len(comms) < self._MAX_COMMS:
+            comms.add(comm)
+        return True
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
@@ -147,4 +179,4 @@ class Pipeline:
 def _snapshot_comms(snapshot: MetricSnapshot) -> dict[int, str]:
     if isinstance(snapshot, ConnectionSnapshot):
         return {pid: series[0][1].comm for pid, series in snapshot.by_pid.items() if series}
-    return {}
+    return {pid: s.comm for pid, s in snapshot.by_pid.items()}

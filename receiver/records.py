@@ -89,6 +89,7 @@ class SlowSyscall:
 class SyscallSeries:
     """Cumulative syscall aggregates of one process (pid 0: the whole host)."""
 
+    comm: str = ""   # the process's comm at its first counted call (it may be gone from /proc)
     calls: list[tuple[str, int]] = field(default_factory=list)              # (syscall, count)
     errors: list[tuple[str, str, int]] = field(default_factory=list)       # (syscall, errno, count)
     durations: list[tuple[str, HistPoint]] = field(default_factory=list)   # (syscall, histogram)

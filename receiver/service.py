@@ -1,7 +1,9 @@
 """Wires sources → pipeline → exporter from a config and runs them.
 
-Start order: self-telemetry, exporter, then sources (a source that cannot run is disabled with
-its reason; the others go on). Stop order is the reverse: sources detach and hand over what they
+Start order: self-telemetry, sources (a source that cannot run is disabled with its reason; the
+others go on; what they read waits in the export queues), then every capability no longer
+needed is dropped (receiver/kernel/privileges.py), then the exporter starts, so its threads never hold
+more. Stop order is the reverse: sources detach and hand over what they
 read, then the exporter flushes within ``shutdown_timeout``, then the telemetry server closes.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from .config import EbpfConfig, parse_address
 from .errors import ReceiverError, SourceUnavailableError
@@ -18,6 +21,7 @@ from .kernel.identity import detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
 from .sources import Source, SourceContext, source_classes
 from .telemetry import SelfTelemetry, TelemetryServer
+from .web_config import WebConfig
 
 __all__ = ["Service"]
 
@@ -25,8 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: EbpfConfig, telemetry: SelfTelemetry | None = None):
+    def __init__(self, config: EbpfConfig, telemetry: SelfTelemetry | None = None,
+                 least_privilege: bool = True):
         self.config = config
+        self.least_privilege = least_privilege  # drop capabilities once the programs are loaded
         self.telemetry = telemetry or SelfTelemetry()
         self.exporter = OtlpGrpcExporter(config.exporter, self.telemetry)
         self.pipeline = Pipeline(config, self.exporter, ProcessResources(detect_host_attributes(config.resource)))
@@ -39,10 +45,15 @@ class Service:
     async def start(self) -> None:
         if self.config.telemetry.enabled:
             host, port = parse_address(self.config.telemetry.listen)
-            self.http = TelemetryServer(self.telemetry, host, port)
+            web_file = self.config.telemetry.web_config_file
+            self.http = TelemetryServer(self.telemetry, host, port,
+                                        readiness_grace=self.config.telemetry.readiness_grace,
+                                        web=WebConfig.load(web_file) if web_file else None)
             self.http.start()
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
-        await self.exporter.start()
+        loop = asyncio.get_running_loop()
+        loader = ThreadPoolExecutor(thread_name_prefix="loader")  # compiles; ends after load
+        loop.set_default_executor(loader)
         classes = source_classes()
         for name in self.config.sources.enabled():
             cls = classes.get(name)
@@ -63,9 +74,36 @@ class Service:
             raise ReceiverError("no source could start: " +
                                 "; ".join(f"{n}: {r}" for n, r in self.failed.items()) +
                                 " (run `ebpf-otlp-receiver check` for what is missing)")
+        loader.shutdown(wait=True)
+        loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="worker"))
+        if self.least_privilege:
+            self._drop_privileges()
+        # After the drop, so the threads gRPC starts inherit the reduced capabilities; what
+        # the sources read meanwhile waits in the queues.
+        await self.exporter.start()
         if self.http:
             self.http.ready = True
         log.info("running sources: %s", ", ".join(s.name for s in self.sources))
+
+    def _drop_privileges(self) -> None:
+        """Keeps only the capabilities the running sources still use (receiver/kernel/privileges.py),
+        then restarts the threads we own so they hold no more than the main thread."""
+        from .kernel import privileges
+
+        keep = privileges.needed_capabilities([s.name for s in self.sources],
+                                              self.config.sources.profiler.kernel_stacks)
+        try:
+            kept, dropped = privileges.drop_capabilities(keep)
+        except OSError as e:
+            log.warning("could not drop capabilities: %s", e)
+            return
+        if self.http:
+            self.http.restart_thread()
+        left = privileges.threads_with_capabilities(privileges.mask(set(kept)))
+        log.info("capabilities after start: kept %s; dropped %d others",
+                 ", ".join(kept) or "none", len(dropped))
+        if left:
+            log.warning("threads still holding dropped capabilities: %s", ", ".join(left))
 
     async def _beat(self) -> None:
         while True:
@@ -77,10 +115,13 @@ class Service:
         if self.http:
             self.http.ready = False
             self.http.not_ready_reason = "shutting down"
+        detached, failed = [], []
         for s in reversed(self.sources):
             try:
                 await s.stop()
+                detached.append(s.name)
             except Exception:
+                failed.append(s.name)
                 log.exception("source %s: error while stopping", s.name)
         self.sources.clear()
         await self.exporter.shutdown()
@@ -90,6 +131,21 @@ class Service:
         if self.http:
             self.http.stop()
             self.http = None
+        log.info("%s", self.shutdown_summary(detached, failed))
+
+    def shutdown_summary(self, detached: list[str], failed: list[str]) -> str:
+        """The last line of the log: what went out, what did not, what was left attached."""
+        t = self.telemetry.totals()
+
+        def part(counts: dict[str, float]) -> str:
+            total = int(sum(counts.values()))
+            detail = ", ".join(f"{k} {int(v)}" for k, v in sorted(counts.items()) if v)
+            return f"{total}" + (f" ({detail})" if detail else "")
+
+        return (f"shutdown: sent {part(t['sent'])} items, dropped {part(t['dropped'])}, "
+                f"lost in the kernel {part(t['lost'])}; detached {len(detached)} source(s)"
+                + (f" ({', '.join(sorted(detached))})" if detached else "")
+                + (f", {len(failed)} failed to detach ({', '.join(failed)})" if failed else ""))
 
     async def run(self, stop: asyncio.Event) -> None:
         try:

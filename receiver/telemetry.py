@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import platform
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -20,11 +22,72 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ._version import __version__
+from .errors import ReceiverError
+from .web_config import WebConfig
 
-__all__ = ["SelfTelemetry", "TelemetryServer"]
+__all__ = ["SelfTelemetry", "TelemetryServer", "ExportHealth", "DROP_REASONS"]
 
 log = logging.getLogger(__name__)
 NS = "ebpf_receiver"
+
+SIGNALS = ("traces", "metrics", "logs", "profiles")
+# Every reason the exporter drops items for: each gets a 0 series from start, so an alert on
+# rate(...) sees 0 rather than nothing.
+DROP_REASONS = ("queue_full", "permanent_error", "retries_exhausted", "rejected", "shutdown",
+                "too_large", "internal_error")
+# gRPC codes that say something about one request's data, not whether the Collector is reachable.
+_DATA_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION",
+                         "ALREADY_EXISTS", "NOT_FOUND"})
+
+
+class ExportHealth:
+    """Whether export works, from the outcome of every export request: failing from the first
+    failed attempt after the last success until the next success. ``/readyz`` turns not ready
+    once it has been failing longer than a grace period."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self.failing_since: float | None = None
+        self.last_failure = ""
+        self.last_ok: float | None = None
+
+    def record(self, status: str) -> None:
+        if status == "OK":
+            self.failing_since = None
+            self.last_ok = self._clock()
+        elif status not in _DATA_CODES:
+            self.last_failure = status
+            if self.failing_since is None:
+                self.failing_since = self._clock()
+
+    def failing_for(self) -> float:
+        return 0.0 if self.failing_since is None else self._clock() - self.failing_since
+
+
+class _OutcomeCounter:
+    """``export_requests`` as the exporter uses it (``.labels(signal, status).inc()``), also
+    telling ``ExportHealth`` each outcome: readiness without a hook in the exporter."""
+
+    def __init__(self, counter: Counter, health: ExportHealth):
+        self._counter, self._health = counter, health
+
+    def labels(self, *values: str, **kw: str) -> Any:
+        child = self._counter.labels(*values, **kw)
+        status = kw.get("status") or (values[1] if len(values) > 1 else "")
+        health = self._health
+
+        class _Child:
+            def inc(self, amount: float = 1) -> None:
+                health.record(status)
+                child.inc(amount)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(child, name)
+
+        return _Child()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._counter, name)
 
 
 class _ScrapeTimeGauges(Collector):
@@ -77,9 +140,11 @@ class SelfTelemetry:
                                      "Items dropped before or during export, per signal and reason "
                                      "(queue_full, permanent_error, retries_exhausted, rejected, shutdown, too_large)",
                                      ["signal", "reason"], registry=r)
-        self.export_requests = Counter(f"{NS}_exporter_requests",
-                                       "Export requests per signal and gRPC status code",
-                                       ["signal", "status"], registry=r)
+        self.export_health = ExportHealth()
+        self.export_requests = _OutcomeCounter(Counter(f"{NS}_exporter_requests",
+                                                       "Export requests per signal and gRPC status code",
+                                                       ["signal", "status"], registry=r),
+                                               self.export_health)
         self.export_retries = Counter(f"{NS}_exporter_retries",
                                       "Export requests retried, per signal", ["signal"], registry=r)
         self.export_latency = Histogram(f"{NS}_exporter_request_duration_seconds",
@@ -89,6 +154,28 @@ class SelfTelemetry:
                                         registry=r)
         self._gauges = _ScrapeTimeGauges()
         r.register(self._gauges)
+        for signal in SIGNALS:
+            self.exported_items.labels(signal)
+            for reason in DROP_REASONS:
+                self.dropped_items.labels(signal, reason)
+
+    def declare_losses(self, source: str, reasons: Iterable[str]) -> None:
+        """A 0 series for each way ``source`` can lose events, from start."""
+        for reason in reasons:
+            self.events_lost.labels(source, reason)
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        """Running totals for the shutdown summary: sent and dropped per signal, lost per source."""
+        out: dict[str, dict[str, float]] = {"sent": {}, "dropped": {}, "lost": {}}
+        for key, counter, label in (("sent", self.exported_items, "signal"),
+                                    ("dropped", self.dropped_items, "signal"),
+                                    ("lost", self.events_lost, "source")):
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        k = sample.labels[label]
+                        out[key][k] = out[key].get(k, 0) + sample.value
+        return out
 
     def watch_queue(self, signal: str, depth: Callable[[], int], capacity: int) -> None:
         self._gauges._queue[signal] = depth
@@ -110,6 +197,28 @@ class _QuietHandler(WSGIRequestHandler):
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        sock, addr = self.socket.accept()
+        if self.ssl_context is None:
+            return sock, addr
+        sock.settimeout(10)   # the handshake runs in the request's thread, never in accept
+        return self.ssl_context.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False), addr
+
+    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+        """A failed handshake or a dropped client: not worth a traceback on stderr."""
+        import sys
+
+        log.debug("telemetry http: request from %s failed: %s", client_address, sys.exc_info()[1])
+
+
+class _TLSHandler(_QuietHandler):
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
 
 
 class TelemetryServer:
@@ -120,10 +229,13 @@ class TelemetryServer:
     """
 
     def __init__(self, telemetry: SelfTelemetry, host: str, port: int,
-                 heartbeat_timeout: float = 10.0):
+                 heartbeat_timeout: float = 10.0, readiness_grace: float = 30.0,
+                 web: WebConfig | None = None):
         self.telemetry = telemetry
+        self.web = web
         self.host, self.port = host, port
         self.heartbeat_timeout = heartbeat_timeout
+        self.readiness_grace = readiness_grace
         self.ready = False
         self.not_ready_reason = "starting"
         self._last_beat = time.monotonic()
@@ -137,6 +249,10 @@ class TelemetryServer:
 
     def _app(self, environ, start_response):  # type: ignore[no-untyped-def]
         path = environ.get("PATH_INFO", "/")
+        if self.web is not None and not self.web.authorized(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                 ("WWW-Authenticate", 'Basic realm="ebpf-otlp-receiver"')])
+            return [b"unauthorized\n"]
         if path == "/healthz":
             age = time.monotonic() - self._last_beat
             ok = age < self.heartbeat_timeout
@@ -144,8 +260,15 @@ class TelemetryServer:
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [body]
         if path == "/readyz":
-            body = b"ready\n" if self.ready else f"not ready: {self.not_ready_reason}\n".encode()
-            start_response("200 OK" if self.ready else "503 Service Unavailable",
+            ready, reason = self.ready, self.not_ready_reason
+            health = self.telemetry.export_health
+            failing = health.failing_for()
+            if ready and failing > self.readiness_grace:
+                ready = False
+                reason = (f"export to the Collector failing for {failing:.0f}s "
+                          f"(last status {health.last_failure})")
+            body = b"ready\n" if ready else f"not ready: {reason}\n".encode()
+            start_response("200 OK" if ready else "503 Service Unavailable",
                            [("Content-Type", "text/plain")])
             return [body]
         if path in ("/metrics", "/"):
@@ -154,13 +277,30 @@ class TelemetryServer:
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 
     def start(self) -> None:
-        self._server = make_server(self.host, self.port, self._app, _ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
+        tls = self.web.ssl_context if self.web else None
+        try:
+            self._server = make_server(self.host, self.port, self._app, _ThreadingWSGIServer,
+                                       handler_class=_TLSHandler if tls else _QuietHandler)
+        except OSError as e:
+            raise ReceiverError(f"telemetry.listen {self.host}:{self.port}: {e.strerror}") from None
+        self._server.ssl_context = tls
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="telemetry-http",
                                         daemon=True)
         self._thread.start()
-        log.info("self-metrics on http://%s:%d/metrics", self.host or "0.0.0.0", self.port)
+        log.info("self-metrics on %s://%s:%d/metrics%s", "https" if tls else "http",
+                 self.host or "0.0.0.0", self.port,
+                 " (basic auth)" if self.web and self.web.users else "")
+
+    def restart_thread(self) -> None:
+        """Serves from a new thread (same socket): it and its request threads then carry the
+        calling thread's credentials, e.g. after capabilities were dropped."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="telemetry-http",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         if self._server is not None:

@@ -26,17 +26,52 @@ _SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api[-_]?key|auth|credenti
                          re.IGNORECASE)
 
 
+# Short options that take a password, by program (``-pSECRET`` attached, or ``-p SECRET``).
+_SECRET_SHORT = {"mysql": "p", "mysqldump": "p", "mysqladmin": "p", "mysqlimport": "p",
+                 "mysqlcheck": "p", "mysqlshow": "p", "mysqlpump": "p", "mariadb": "p",
+                 "mariadb-dump": "p", "mariadb-admin": "p", "7z": "p", "7za": "p", "sshpass": "p",
+                 "redis-cli": "a", "ldapsearch": "w", "ldapmodify": "w", "ldapadd": "w",
+                 "ldapdelete": "w", "ldapwhoami": "w", "ldappasswd": "w", "zip": "P", "unzip": "P",
+                 "sqlcmd": "P", "mongo": "p", "mongosh": "p"}
+# What a ``-p`` value is when it is not a password: a port or port mapping (ssh -p 22,
+# docker -p 127.0.0.1:8080:80/tcp, ps -p 1234) or a path (mkdir -p /a/b, patch -p ./x).
+_NOT_SECRET_P = re.compile(r"[\d.:\[\]-]*\d(?:/(?:tcp|udp|sctp))?|.*/.*|[.~].*")
+_USER_PASS = re.compile(r"([^:\s]+):(?!\d+$)(.+)")   # -u user:pass (curl); uid:gid stays
+
+
 def redact_command_line(argv: list[str]) -> list[str]:
     """Masks values of secret-looking arguments: ``--password=x``, ``--token x``, ``API_KEY=x``,
-    and credentials in URLs (``scheme://user:pass@host``)."""
+    credentials in URLs (``scheme://user:pass@host``) and in ``-u user:pass``, and short
+    password options: ``-p VALUE`` for any program unless VALUE is a port, port mapping or path
+    (``-p`` is a password option in mysql, sshpass, mongo, 7z, ...), ``-pVALUE`` and the
+    program's own option (``redis-cli -a``, ``ldapsearch -w``, ``unzip -P``) for the programs
+    known to take a password that way (``_SECRET_SHORT``)."""
     out: list[str] = []
     mask_next = False
-    for arg in argv:
-        if mask_next and not arg.startswith("-"):
-            out.append("REDACTED")
-            mask_next = False
+    prog_opt = _SECRET_SHORT.get(argv[0].rsplit("/", 1)[-1]) if argv else None
+    check_p = check_user = False
+    for i, arg in enumerate(argv):
+        if i and (mask_next or check_p or check_user) and not arg.startswith("-"):
+            if mask_next or (check_p and not _NOT_SECRET_P.fullmatch(arg)):
+                out.append("REDACTED")
+            elif check_user and _USER_PASS.fullmatch(arg):
+                out.append(_USER_PASS.sub(r"\1:REDACTED", arg))
+            else:
+                out.append(arg)
+            mask_next = check_p = check_user = False
             continue
-        mask_next = False
+        mask_next = check_p = check_user = False
+        if i and prog_opt and arg.startswith("-" + prog_opt) and not arg.startswith("--"):
+            if len(arg) > 2:
+                out.append(arg[:2] + "REDACTED")      # -pSECRET
+            else:
+                out.append(arg)
+                mask_next = True
+            continue
+        if i and arg == "-p":
+            check_p = True
+        elif i and arg in ("-u", "--user"):
+            check_user = True
         if "=" in arg:
             key, _ = arg.split("=", 1)
             if _SECRET_KEY.search(key):

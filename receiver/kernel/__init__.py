@@ -8,6 +8,7 @@ and of /proc, and the fix to name when the host says no.
 - ``filters``: process filters put into BPF maps (never into program text).
 - ``syscall_table``: syscall numbers and errno values to names.
 - ``clock``: ``bpf_ktime_get_ns()`` to Unix time.
+- ``privileges``: dropping the capabilities the agent no longer needs once its programs are loaded.
 
 Nothing here imports from the layers above (sources, profiling, convert, pipeline, export).
 """

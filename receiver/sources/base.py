@@ -88,6 +88,7 @@ class BccSource(Source):
     ring_buffers: ClassVar[Sequence[str]] = ("events",)
     lost_reasons: ClassVar[Sequence[str]] = ()
     mirrors: ClassVar[Sequence[Mirror]] = ()
+    min_record_size: ClassVar[int] = 0   # shorter ring-buffer records are decode errors
     report_interval: float = 10.0
 
     def __init__(self, ctx: SourceContext):
@@ -100,6 +101,7 @@ class BccSource(Source):
         self._received = ctx.telemetry.events_received.labels(self.name)
         self._up = ctx.telemetry.source_up.labels(self.name)
         self._up.set(0)
+        ctx.telemetry.declare_losses(self.name, (*self.lost_reasons, "decode_error"))
 
     # -------------------------------------------------------------- subclass hooks
 
@@ -160,6 +162,9 @@ class BccSource(Source):
 
     def _make_ring_callback(self) -> Any:
         def on_record(_ctx: Any, data: int, size: int) -> int:
+            if size < self.min_record_size:   # never read past the end of a record
+                self.count_lost("decode_error")
+                return 0
             try:
                 self.handle_event(data, size)
             except Exception:  # a bad record must not stop the reader

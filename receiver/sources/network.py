@@ -73,6 +73,7 @@ class NetworkSource(BccSource):
     bpf_file = "network.bpf.c"
     lost_reasons = header_enum("network.h", "NET_LOST")
     mirrors = (("conns", "Leaf", NetConn), ("mirror_net_event", "Leaf", NetEvent))
+    min_record_size = ctypes.sizeof(NetEvent)
 
     TRACEPOINTS = ("sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
                    "tcp:tcp_retransmit_skb", "tcp:tcp_send_reset", "tcp:tcp_receive_reset")

@@ -54,11 +54,13 @@ class ProcessSource(BccSource):
     bpf_file = "process.bpf.c"
     lost_reasons = header_enum("process.h", "PROC_LOST")
     mirrors = (("mirror_proc_event", "Leaf", ProcEvent), ("mirror_exec_event", "Leaf", ExecEvent))
+    min_record_size = ctypes.sizeof(ProcEvent)
 
     TRACEPOINTS = ("sched:sched_process_exec", "sched:sched_process_exit", "task:task_newtask",
                    "syscalls:sys_enter_execve", "syscalls:sys_exit_execve",
                    "syscalls:sys_enter_execveat", "syscalls:sys_exit_execveat",
-                   "syscalls:sys_enter_exit_group", "signal:signal_deliver", "oom:mark_victim")
+                   "syscalls:sys_enter_exit_group", "signal:signal_generate", "signal:signal_deliver",
+                   "oom:mark_victim")
 
     def __init__(self, ctx: Any):
         super().__init__(ctx)
@@ -88,7 +90,7 @@ class ProcessSource(BccSource):
     def handle_event(self, data: int, size: int) -> None:
         hdr = ProcEvent.from_address(data)
         etype = _TYPES.get(hdr.type)
-        if etype is None:
+        if etype is None or (etype is EbpfEventType.PROCESS_EXEC and size < ctypes.sizeof(ExecEvent)):
             self.count_lost("decode_error")
             return
         self._received.inc()

@@ -6,6 +6,7 @@ when that is set."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from pathlib import Path
@@ -14,10 +15,19 @@ from typing import Any
 from ..config import EbpfConfig
 from ..profiling.model import CpuProfile
 from ..profiling.pprof import write_pprof
-from ..profiling.sampler import LOST_REASONS, CpuSampler
+from ..profiling.sampler import (
+    LOST_REASONS,
+    REC_NEW_PROCESS,
+    REC_SAMPLE,
+    CpuSampler,
+    NewProcess,
+    WholeSample,
+)
 from .base import BccSource, Requirement
 
 __all__ = ["ProfilerSource"]
+
+_RECORD_SIZES = {REC_NEW_PROCESS: ctypes.sizeof(NewProcess), REC_SAMPLE: ctypes.sizeof(WholeSample)}
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,11 @@ class ProfilerSource(BccSource):
         self.sampler.bind(bpf)
 
     def handle_event(self, data: int, size: int) -> None:
+        kind = ctypes.c_uint32.from_address(data).value if size >= 4 else 0
+        need = _RECORD_SIZES.get(kind)
+        if need is None or size < need:
+            self.count_lost("decode_error")
+            return
         self.sampler.on_record(data)
 
     def _read_lost_counters(self) -> None:

@@ -44,6 +44,7 @@ class SyscallsSource(BccSource):
     bpf_file = "syscalls.bpf.c"
     lost_reasons = header_enum("syscalls.h", "SC_LOST")
     mirrors = (("mirror_sc_slow_event", "Leaf", ScSlowEvent),)
+    min_record_size = ctypes.sizeof(ScSlowEvent)
 
     TRACEPOINTS = ("raw_syscalls:sys_enter", "raw_syscalls:sys_exit", "sched:sched_switch")
 
@@ -137,6 +138,10 @@ class SyscallsSource(BccSource):
             n = sum(int(v) for v in per_cpu)
             if n:
                 series(k.tgid).errors.append((self.syscall_name(k.nr), errno_name(k.err), n))
+        comms = {k.value: v.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+                 for k, v in self.bpf["series_comm"].items()}
+        for tgid, s in by_pid.items():
+            s.comm = comms.get(tgid, "")
         dead = {tgid for tgid in by_pid if tgid and not os.path.exists(f"/proc/{tgid}")}
         self.ctx.consumer.consume_metrics(SyscallSnapshot(self._start_unix_ns, time.time_ns(), by_pid, dead))
         if dead:   # their final values went out above
@@ -152,6 +157,12 @@ class SyscallsSource(BccSource):
                     del t[k]
                 except KeyError:
                     pass
+        names = self.bpf["series_comm"]
+        for tgid in tgids:
+            try:
+                del names[ctypes.c_uint32(tgid)]
+            except KeyError:
+                pass
 
 
 def _fold_per_cpu(per_cpu: Any, with_slots: bool) -> HistPoint:

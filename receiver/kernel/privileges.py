@@ -1,0 +1,146 @@
+"""Least privilege after start: once the BPF programs are loaded and attached, the agent keeps
+only the capabilities it still uses, in every thread, and can never regain the others.
+
+What the running agent still needs (nothing else):
+
+- ``CAP_SYS_PTRACE``: /proc/PID/exe, /proc/PID/root and /proc/PID/maps of other users'
+  processes (process identity for every source; the profiler's symbolization).
+- ``CAP_DAC_READ_SEARCH``: read binaries and debug files that are not world-readable, through
+  /proc/PID/root (the profiler's symbolization), and /proc entries under restrictive modes.
+- ``CAP_SYSLOG``, only with the profiler's kernel stacks: real addresses in /proc/kallsyms
+  (read on first use and again after modules load).
+
+Not needed after load: ``CAP_BPF``, ``CAP_PERFMON``, ``CAP_SYS_ADMIN`` (loading, attaching,
+opening perf events). Ring buffers are read through their already-mapped memory and maps through
+their open file descriptors, which the kernel (6.5+) checks at creation, not per lookup; closing
+the descriptors detaches. ``CAP_SYS_RESOURCE``, ``CAP_NET_ADMIN``, ``CAP_DAC_OVERRIDE`` and the
+rest are dropped from the effective, permitted and inheritable sets, from the bounding set (so
+an exec cannot get them back, not even as root), and the ambient set is cleared; ``no_new_privs``
+is set.
+
+Capabilities belong to threads: the caller drops them in the thread it runs in, and
+``threads_with_capabilities`` tells which other threads still have more (the service restarts
+the ones it owns after the drop, so they inherit the reduced set)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+__all__ = [
+    "CAP_NAMES",
+    "capabilities_of",
+    "drop_capabilities",
+    "needed_capabilities",
+    "threads_with_capabilities",
+]
+
+CAP_NAMES = ["chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid",
+             "setuid", "setpcap", "linux_immutable", "net_bind_service", "net_broadcast",
+             "net_admin", "net_raw", "ipc_lock", "ipc_owner", "sys_module", "sys_rawio",
+             "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
+             "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write",
+             "audit_control", "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm",
+             "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore"]
+CAP = {name: i for i, name in enumerate(CAP_NAMES)}
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 23, 24, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _capget() -> tuple[int, int, int]:
+    hdr = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    if _libc.capget(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+
+    def join(field: str) -> int:
+        return getattr(data[0], field) | (getattr(data[1], field) << 32)
+
+    return join("effective"), join("permitted"), join("inheritable")
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    hdr = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    for i in range(2):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    if _libc.capset(ctypes.byref(hdr), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset failed: {os.strerror(err)}")
+
+
+def mask(names: set[str]) -> int:
+    return sum(1 << CAP[n] for n in names)
+
+
+def names_of(mask: int) -> list[str]:
+    return [n for i, n in enumerate(CAP_NAMES) if mask >> i & 1]
+
+
+def needed_capabilities(running_sources: list[str], kernel_stacks: bool = True) -> set[str]:
+    """What the agent still uses once its programs are loaded (see the module docstring)."""
+    keep = {"sys_ptrace", "dac_read_search"}
+    if "profiler" in running_sources and kernel_stacks:
+        keep.add("syslog")
+    return keep
+
+
+def drop_capabilities(keep: set[str]) -> tuple[list[str], list[str]]:
+    """Drops every capability not in ``keep`` for good (bounding set included) in the calling
+    thread and sets no_new_privs; returns (kept, dropped) capability names."""
+    effective, permitted, _inheritable = _capget()
+    keep_mask = mask(keep)
+    has_setpcap = bool(effective >> CAP["setpcap"] & 1)
+    for i in range(len(CAP_NAMES)):
+        if keep_mask >> i & 1 or not has_setpcap:
+            continue
+        if _libc.prctl(PR_CAPBSET_READ, i, 0, 0, 0) == 1:
+            _libc.prctl(PR_CAPBSET_DROP, i, 0, 0, 0)
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    new = permitted & keep_mask
+    _capset(new, new, 0)
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    return names_of(new), names_of(permitted & ~keep_mask)
+
+
+def capabilities_of(pid: int | str, tid: int | str | None = None) -> dict[str, int]:
+    """CapEff, CapPrm, CapInh, CapBnd, CapAmb of a process (or one of its threads) from /proc."""
+    path = Path(f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status")
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.startswith("Cap"):
+            out[key] = int(value.strip(), 16)
+    return out
+
+
+def threads_with_capabilities(allowed: int) -> list[str]:
+    """Names of this process's threads whose effective or permitted set has more than ``allowed``."""
+    out = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            caps = capabilities_of("self", task.name)
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue   # ended meanwhile
+        if (caps.get("CapEff", 0) | caps.get("CapPrm", 0)) & ~allowed:
+            out.append(f"{name}({task.name})")
+    return out

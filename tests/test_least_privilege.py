@@ -1,0 +1,127 @@
+"""Least privilege after start, and the telemetry endpoint's web config (TLS, basic auth)."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from receiver.kernel.privileges import CAP, capabilities_of
+
+from .harness import Agent, Collector, agent_config, free_port
+
+pytestmark = [pytest.mark.bpf, pytest.mark.collector]
+
+
+def _mask(*names: str) -> int:
+    return sum(1 << CAP[n] for n in names)
+
+
+def test_capabilities_after_start_are_only_the_needed_ones(bpf_ok: None, collector: Collector,
+                                                            tmp_path: Path) -> None:
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}, "syscalls": {}})).start()
+    try:
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        allowed = _mask("sys_ptrace", "dac_read_search")
+        tasks = [p.name for p in Path(f"/proc/{pid}/task").iterdir()]
+        assert len(tasks) > 1
+        for tid in tasks:   # capabilities are per thread: every one of them
+            caps = capabilities_of(pid, tid)
+            assert caps["CapEff"] == allowed, (tid, hex(caps["CapEff"]))
+            assert caps["CapPrm"] == allowed, (tid, hex(caps["CapPrm"]))
+            assert caps["CapInh"] == 0 and caps["CapAmb"] == 0
+            assert caps["CapBnd"] == allowed, (tid, hex(caps["CapBnd"]))   # no exec gets more
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
+        umask = int(next(x for x in status.splitlines() if x.startswith("Umask:")).split()[1], 8)
+        assert umask & 0o022 == 0o022   # its files are not writable by others
+        # Still working with what is left: events read, exported, and a clean stop.
+        subprocess.run(["/bin/true"], check=True)
+        from .harness import wait_until
+
+        wait_until(lambda: agent.metric_value("ebpf_receiver_exporter_sent_items_total") > 0, 20,
+                   what="items exported after the drop")
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    assert "capabilities after start: kept dac_read_search, sys_ptrace" in agent.log()
+    assert "detached 2 source(s)" in agent.log()
+
+
+def _cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with openssl (installed by make test)."""
+    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                        "-keyout", str(key_path), "-out", str(cert_path)], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    return cert_path, key_path
+
+
+def _get(url: str, ctx: ssl.SSLContext | None, auth: tuple[str, str] | None) -> int:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_telemetry_endpoint_with_tls_and_basic_auth(bpf_ok: None, collector: Collector,
+                                                    tmp_path: Path) -> None:
+    import bcrypt
+
+    cert, key = _cert(tmp_path)
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=8)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert.name}\n  key_file: {key.name}\n"
+                   f"basic_auth_users:\n  prom: '{hashed}'\n")
+    cfg = agent_config(collector, {"process": {}}, telemetry={"web_config_file": str(web)})
+    agent = Agent(tmp_path, cfg).start(wait_ready=False)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    base = f"https://127.0.0.1:{agent.metrics_port}"
+    try:
+        from .harness import wait_until
+
+        def up() -> bool:
+            try:
+                return _get(f"{base}/readyz", ctx, ("prom", "s3cret")) == 200
+            except OSError:
+                assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
+                return False
+
+        wait_until(up, 90, 0.3, "the agent to be ready over TLS")
+        assert _get(f"{base}/metrics", ctx, ("prom", "s3cret")) == 200
+        assert _get(f"{base}/metrics", ctx, None) == 401
+        assert _get(f"{base}/metrics", ctx, ("prom", "wrong")) == 401
+        assert _get(f"{base}/metrics", ctx, ("nobody", "s3cret")) == 401
+        assert _get(f"{base}/healthz", ctx, None) == 401
+        with pytest.raises(OSError):   # plain HTTP gets no answer from a TLS endpoint
+            urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=5)
+        assert _get(f"{base}/metrics", ctx, ("prom", "s3cret")) == 200   # still serving
+    finally:
+        agent.stop()
+
+
+def test_bad_web_config_is_a_config_error(tmp_path: Path) -> None:
+    import sys
+
+    from .harness import REPO
+
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users:\n  prom: plaintext\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"telemetry:\n  web_config_file: {web}\n  listen: 127.0.0.1:{free_port()}\n")
+    p = subprocess.run([sys.executable, "-m", "receiver", "run", "--config", str(cfg)],
+                       capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "not a bcrypt hash" in p.stderr and "Traceback" not in p.stderr
