@@ -55,6 +55,33 @@ SIZE = _Kind("size", 'a size such as "4MiB", "512KiB" or a number of bytes')
 ADDRESS = _Kind("address", 'an address "host:port" with a port from 1 to 65535')
 ENDPOINT = _Kind("endpoint", 'an endpoint "host:port", "http://host:port" or "https://host:port"')
 
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric field's limits, declared on the field (``Annotated[int, Range(1)]``): checked by
+    ``validate()`` for every config, loaded or built in code, so a zero interval never reaches
+    a loop."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False     # the bound itself is not allowed
+    high_open: bool = False
+
+    def allows(self, v: float) -> bool:
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        return not (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
+
+    def describe(self) -> str:
+        lo = None if self.low is None else ("greater than " if self.low_open else "at least ") + f"{self.low:g}"
+        hi = None if self.high is None else ("less than " if self.high_open else "at most ") + f"{self.high:g}"
+        return " and ".join(x for x in (lo, hi) if x)
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_1 = Range(1)
+
 Duration = Annotated[float, DURATION]
 Size = Annotated[int, SIZE]
 Address = Annotated[str, ADDRESS]
@@ -133,22 +160,16 @@ class RetryConfig:
     """Exponential backoff with jitter, defaults as the Collector's ``configretry``."""
 
     enabled: bool = True
-    initial_interval: Duration = 5.0
-    max_interval: Duration = 30.0
+    initial_interval: Annotated[Duration, POSITIVE] = 5.0
+    max_interval: Annotated[Duration, POSITIVE] = 30.0
     max_elapsed_time: Duration = 300.0
-    multiplier: float = 1.5
-    randomization_factor: float = 0.5
+    multiplier: Annotated[float, AT_LEAST_1] = 1.5
+    randomization_factor: Annotated[float, Range(0, 1, high_open=True)] = 0.5
 
     def _validate(self) -> list[str]:
         p = []
-        if self.initial_interval <= 0:
-            p.append("initial_interval: must be greater than 0")
         if self.max_interval < self.initial_interval:
             p.append("max_interval: must be at least initial_interval")
-        if self.multiplier < 1:
-            p.append("multiplier: must be at least 1")
-        if not 0 <= self.randomization_factor < 1:
-            p.append("randomization_factor: must be in [0, 1)")
         return p
 
 
@@ -161,16 +182,16 @@ class ExporterConfig:
     insecure: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     compression: Literal["gzip", "none"] = "gzip"
-    timeout: Duration = 10.0
+    timeout: Annotated[Duration, POSITIVE] = 10.0
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    max_batch_size: int = 512
-    batch_timeout: Duration = 1.0
+    max_batch_size: Annotated[int, AT_LEAST_1] = 512
+    batch_timeout: Annotated[Duration, POSITIVE] = 1.0
     max_request_bytes: Size = 4 * 1024 * 1024
-    queue_size: int = 20000
+    queue_size: Annotated[int, AT_LEAST_1] = 20000
     retry: RetryConfig = field(default_factory=RetryConfig)
-    shutdown_timeout: Duration = 10.0
+    shutdown_timeout: Annotated[Duration, POSITIVE] = 10.0
 
     @property
     def target(self) -> str:
@@ -187,14 +208,10 @@ class ExporterConfig:
 
     def _validate(self) -> list[str]:
         p = []
-        if self.max_batch_size < 1:
-            p.append("max_batch_size: must be at least 1")
         if self.queue_size < self.max_batch_size:
             p.append("queue_size: must be at least max_batch_size")
         if self.max_request_bytes < 1024:
             p.append("max_request_bytes: must be at least 1KiB")
-        if self.timeout <= 0:
-            p.append("timeout: must be greater than 0")
         if (self.cert_file is None) != (self.key_file is None):
             p.append("cert_file/key_file: give both for mTLS, or neither")
         for name in ("ca_file", "cert_file", "key_file"):
@@ -268,10 +285,10 @@ class ProcessSourceConfig:
     enabled: bool = True
     command_line: Literal["off", "redacted", "full"] = "redacted"
     fork_events: bool = True
-    max_args: int = 20
+    max_args: Annotated[int, Range(1, 64)] = 20
 
     def _validate(self) -> list[str]:
-        return [] if 1 <= self.max_args <= 64 else ["max_args: must be from 1 to 64"]
+        return []
 
 
 PROFILER_PRESETS = {"production": 19, "development": 99, "debug": 199}
@@ -283,12 +300,12 @@ class ProfilerSourceConfig:
 
     enabled: bool = True
     preset: Literal["production", "development", "debug"] = "production"
-    frequency: int | None = None
-    report_interval: Duration = 10.0
+    frequency: Annotated[int, Range(1, 1000)] | None = None
+    report_interval: Annotated[Duration, AT_LEAST_1] = 10.0
     kernel_stacks: bool = True
     user_stacks: bool = True
-    max_stacks: int = 16384
-    symbol_cache_size: int = 256
+    max_stacks: Annotated[int, Range(64)] = 16384
+    symbol_cache_size: Annotated[int, AT_LEAST_1] = 256
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
 
@@ -299,15 +316,9 @@ class ProfilerSourceConfig:
     def _validate(self) -> list[str]:
         p = []
         if self.frequency is not None:
-            if not 1 <= self.frequency <= 1000:
-                p.append("frequency: must be from 1 to 1000 Hz")
-            elif self.preset == "production" and not 19 <= self.frequency <= 49:
+            if self.preset == "production" and not 19 <= self.frequency <= 49:
                 p.append("frequency: the production preset allows 19 to 49 Hz; "
                          "use preset development or debug for more")
-        if self.report_interval < 1:
-            p.append("report_interval: must be at least 1s")
-        if self.max_stacks < 64:
-            p.append("max_stacks: must be at least 64")
         return p
 
 
@@ -322,14 +333,14 @@ class NetworkSourceConfig:
     enabled: bool = True
     spans: bool = True
     metrics: bool = True
-    report_interval: Duration = 10.0
+    report_interval: Annotated[Duration, POSITIVE] = 10.0
     min_span_duration: Duration = 0.0
     ports: list[int] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     peer_attributes: bool = False
-    max_attribute_sets: int = 2000
-    max_connections: int = 65536
+    max_attribute_sets: Annotated[int, AT_LEAST_1] = 2000
+    max_connections: Annotated[int, Range(16)] = 65536
 
     def _validate(self) -> list[str]:
         p = []
@@ -342,8 +353,6 @@ class NetworkSourceConfig:
                 ipaddress.ip_network(a, strict=False)
             except ValueError:
                 p.append(f"addresses: {a!r} is not an IP address or CIDR network")
-        if self.max_connections < 16:
-            p.append("max_connections: must be at least 16")
         return p
 
 
@@ -361,19 +370,15 @@ class SyscallsSourceConfig:
     they still count in the metrics). Per-process series only for processes the filter selects."""
 
     enabled: bool = True
-    report_interval: Duration = 10.0
-    slow_threshold: Duration = 0.010
+    report_interval: Annotated[Duration, AT_LEAST_1] = 10.0
+    slow_threshold: Annotated[Duration, POSITIVE] = 0.010
     slow_spans: bool = True
     slow_exclude: list[str] = field(default_factory=lambda: list(SLOW_EXCLUDE_DEFAULT))
     filter: ProcessFilter = field(default_factory=ProcessFilter)
-    max_series: int = 2000
+    max_series: Annotated[int, AT_LEAST_1] = 2000
 
     def _validate(self) -> list[str]:
         p = []
-        if self.report_interval < 1:
-            p.append("report_interval: must be at least 1s")
-        if self.max_series < 1:
-            p.append("max_series: must be at least 1")
         return p
 
 
@@ -438,9 +443,22 @@ class EbpfConfig:
         problems: list[str] = []
         data = _apply_environment(data, os.environ if environ is None else environ, problems)
         config = _build(cls, data, "", problems)
+        problems.extend(config.problems())   # limits too, so every problem is named at once
         if problems:
             raise ConfigError(problems)
         return config
+
+    def problems(self) -> list[str]:
+        """Every problem of this config, each with its key path (empty: valid)."""
+        return _problems(self)
+
+    def validate(self) -> "EbpfConfig":
+        """Raises one ``ConfigError`` listing every problem; for configs built in code as much
+        as for loaded ones (``load()`` and ``from_dict()`` call it)."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
 
 
 # --------------------------------------------------------------------------- environment
@@ -512,7 +530,11 @@ def _apply_environment(data: dict[str, Any], env: typing.Mapping[str, str],
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Annotated:
-        return typing.get_args(tp)[1].form
+        base, *meta = typing.get_args(tp)
+        kind = next((m for m in meta if isinstance(m, _Kind)), None)
+        name = kind.form if kind else _type_name(base)
+        limits = [m.describe() for m in meta if isinstance(m, Range)]
+        return name + (f" ({', '.join(limits)})" if limits else "")
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -531,7 +553,10 @@ def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     bad = object()
     result: Any = bad
     if origin is Annotated:
-        base, kind = typing.get_args(tp)
+        base, *meta = typing.get_args(tp)
+        kind = next((m for m in meta if isinstance(m, _Kind)), None)
+        if kind is None:
+            return _convert(base, value, key, problems)   # limits are checked by validate()
         try:
             result = _PARSERS[kind.name](value)
         except (ValueError, TypeError):
@@ -587,16 +612,38 @@ def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[str]) -> 
     for unknown in sorted(set(data) - names, key=str):  # YAML keys may be numbers, dates, ...
         problems.append(f"{prefix}{unknown}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
-    before = len(problems)
     for name in names & set(data):
-        kwargs[name] = _convert(hints[name], data[name], prefix + name, problems)
-    if len(problems) != before:
-        return cls()  # placeholder; the caller raises with every problem
-    obj = cls(**kwargs)
-    validate = getattr(obj, "_validate", None)
-    if validate is not None:
-        problems.extend(prefix + p for p in validate())
-    return obj
+        before = len(problems)
+        value = _convert(hints[name], data[name], prefix + name, problems)
+        # A bad field keeps its default (the caller raises anyway); a section keeps its good
+        # fields, so their limits are checked too and every problem is named at once.
+        if len(problems) == before or dataclasses.is_dataclass(value):
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _problems(obj: Any, prefix: str = "") -> list[str]:
+    """Every problem of a config section and its subsections: declared field limits first, then
+    the section's own cross-field rules (``_validate``)."""
+    out = []
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_problems(value, f"{prefix}{f.name}."))
+            continue
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if value is None or typing.get_origin(tp) is not Annotated:
+            continue
+        for limit in (m for m in typing.get_args(tp)[1:] if isinstance(m, Range)):
+            if not limit.allows(value):
+                out.append(f"{prefix}{f.name}: must be {limit.describe()}, got {value!r}")
+    own = getattr(obj, "_validate", None)
+    if own is not None:
+        out.extend(prefix + p for p in own())
+    return out
 
 
 def reference_table(cls: Any = EbpfConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -129,3 +129,32 @@ def test_bpf_sources_are_found() -> None:
     from receiver.kernel.bcc import bpf_source_dir
 
     assert (bpf_source_dir() / "process.bpf.c").is_file()
+
+
+@pytest.mark.parametrize(("section", "problem"), [
+    ({"sources": {"network": {"report_interval": 0}}}, "sources.network.report_interval: must be greater than 0"),
+    ({"exporter": {"batch_timeout": "0s"}}, "exporter.batch_timeout: must be greater than 0"),
+    ({"exporter": {"shutdown_timeout": 0}}, "exporter.shutdown_timeout: must be greater than 0"),
+    ({"sources": {"syscalls": {"slow_threshold": 0}}}, "sources.syscalls.slow_threshold: must be greater than 0"),
+    ({"exporter": {"retry": {"randomization_factor": 1}}},
+     "exporter.retry.randomization_factor: must be at least 0 and less than 1"),
+    ({"sources": {"profiler": {"preset": "debug", "frequency": 0}}},
+     "sources.profiler.frequency: must be at least 1 and at most 1000"),
+])
+def test_limits_declared_on_fields_reject_zero_and_out_of_range(section: dict, problem: str) -> None:
+    """A zero interval or timeout never reaches a loop: the limit is on the field."""
+    with pytest.raises(ConfigError) as e:
+        EbpfConfig.from_dict(section, environ={})
+    assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+def test_validate_is_public_and_checks_configs_built_in_code() -> None:
+    from receiver.config import ExporterConfig, NetworkSourceConfig, SourcesConfig
+
+    config = EbpfConfig(exporter=ExporterConfig(batch_timeout=0.0),
+                        sources=SourcesConfig(network=NetworkSourceConfig(report_interval=-1.0)))
+    assert config.problems() == ["exporter.batch_timeout: must be greater than 0, got 0.0",
+                                 "sources.network.report_interval: must be greater than 0, got -1.0"]
+    with pytest.raises(ConfigError):
+        config.validate()
+    assert EbpfConfig.default().validate().problems() == []

@@ -21,7 +21,8 @@ PKG = Path(__file__).resolve().parents[2] / "receiver"
 
 LAYERS = {
     "receiver._version": 0, "receiver.errors": 0, "receiver.model": 0, "receiver.config": 0,
-    "receiver.telemetry": 0, "receiver.web_config": 0, "receiver.records": 0, "receiver.aggregates": 0, "receiver.proto": 0,
+    "receiver.telemetry": 0, "receiver.web_config": 0, "receiver.records": 0, "receiver.aggregates": 0,
+    "receiver.proto": 0,
     "receiver.consumer": 0, "receiver.profiling.model": 0,   # the profile data model, plain dataclasses
     "receiver.kernel": 1, "receiver.profiling": 2, "receiver.convert": 3, "receiver.sources": 4,
     "receiver.pipeline": 5, "receiver.export": 6, "receiver.service": 7, "receiver.preflight": 7,
