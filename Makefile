@@ -8,10 +8,10 @@ CONFIG ?= deploy/config/local.yaml
 HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: help setup system host venv otelcol test run check bench proto clean
+.PHONY: help setup system host venv otelcol test lint run check bench proto clean
 
 help:
-	@echo "make test           install everything needed, then run the whole test suite"
+	@echo "make test           install everything needed, lint (ruff), then run the whole test suite"
 	@echo "make run            local Collector + the agent pointed at it (Ctrl-C stops both)"
 	@echo "make check          preflight: what this host has and lacks for the configured sources"
 	@echo "make bench [BENCH=exporter|profiler|network|syscalls]"
@@ -39,8 +39,11 @@ $(STAMP): pyproject.toml
 otelcol:
 	@bash deploy/scripts/build-otelcol.sh >/dev/null
 
-test: setup
+test: setup lint
 	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check receiver tests benchmarks deploy
 
 run: setup
 	@OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) deploy/scripts/run-local.py --config $(CONFIG)

@@ -131,8 +131,9 @@ class SelfTelemetry:
         self.events_received = Counter(f"{NS}_source_events_received",
                                        "Events read from the kernel, per source", ["source"], registry=r)
         self.events_lost = Counter(f"{NS}_source_events_lost",
-                                   "Events lost before user space saw them, per source and reason "
-                                   "(ringbuf_full, map_full, stack_lost, decode_error, filtered_overflow)",
+                                   "Events lost before user space saw them, per source and reason: the "
+                                   "slots of each program's lost[] array (named in its bpf/*.h), and "
+                                   "decode_error for records user space could not decode",
                                    ["source", "reason"], registry=r)
         self.exported_items = Counter(f"{NS}_exporter_sent_items",
                                       "Items the Collector accepted, per signal", ["signal"], registry=r)
