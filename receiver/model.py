@@ -1,8 +1,10 @@
-"""The events sources hand to the converter: ``EbpfEvent`` and its ``EbpfEventType``.
+"""``EbpfEvent`` and its ``EbpfEventType``: an event in semantic-convention terms, what
+``EbpfOtlpConverter`` converts. Library users build them; the agent's pipeline makes them from
+the sources' typed records (``receiver.records``) with the rules of ``receiver.convert``, so both
+go through the same conversion.
 
-One flat, slotted record for every per-event signal, so one converter and one exporter serve all
-sources. Times are wall-clock Unix nanoseconds, already mapped from the kernel's monotonic clock
-by the source (see ``receiver.sources.base.KernelClock``).
+Times are wall-clock Unix nanoseconds, already mapped from the kernel's monotonic clock
+(``receiver.kernel.clock.KernelClock``).
 """
 
 from __future__ import annotations

@@ -317,7 +317,9 @@ def test_shutdown_while_retrying_accounts_for_every_item() -> None:
         return elapsed
 
     elapsed = asyncio.run(main())
-    assert elapsed < 2.0, elapsed
+    # Retrying could go on for max_elapsed_time (60 s); shutdown ends it near its own 0.5 s.
+    # The bound is generous for a loaded CI runner and still far from the retry budget.
+    assert elapsed < 15.0, elapsed
     assert value(telemetry, "sent_items", signal="traces") == 0
     # 25 submitted before shutdown + 1 after; max_elapsed_time was far away, so all are shutdown
     # losses, not exhausted retries.
@@ -331,7 +333,7 @@ def test_flush_does_not_wait_for_a_fuller_batch() -> None:
 
     async def main() -> float:
         srv = await FakeTraceServer(steps=[]).start()
-        exp = OtlpGrpcExporter(make_config(srv.port, batch_timeout=5.0), telemetry)
+        exp = OtlpGrpcExporter(make_config(srv.port, batch_timeout=30.0), telemetry)
         try:
             await exp.start()
             await asyncio.sleep(0.05)          # the sender is idle, waiting for items
@@ -345,4 +347,4 @@ def test_flush_does_not_wait_for_a_fuller_batch() -> None:
 
     elapsed = asyncio.run(main())
     assert value(telemetry, "sent_items", signal="traces") == 1
-    assert elapsed < 1.0, f"flush took {elapsed:.2f}s with batch_timeout 5s"
+    assert elapsed < 15.0, f"flush took {elapsed:.2f}s: as if it waited for batch_timeout (30s)"

@@ -279,7 +279,8 @@ def test_cli_ctrl_c_ends_early_and_still_writes(bpf_ok: None, burner: Path, tmp_
                 t0 = time.monotonic()
                 cli.send_signal(signal.SIGINT)
                 assert cli.wait(30) == 0, err_path.read_text()
-                assert time.monotonic() - t0 < 10
+                # The profile was asked for 60 s: ending well before proves Ctrl-C ended it.
+                assert time.monotonic() - t0 < 30
             finally:
                 if cli.poll() is None:
                     cli.kill()
