@@ -30,13 +30,18 @@ def test_capabilities_after_start_are_only_the_needed_ones(bpf_ok: None, collect
         pid = agent.proc.pid
         allowed = _mask("sys_ptrace", "dac_read_search")
         tasks = [p.name for p in Path(f"/proc/{pid}/task").iterdir()]
-        assert len(tasks) > 1
+        checked = 0
         for tid in tasks:   # capabilities are per thread: every one of them
-            caps = capabilities_of(pid, tid)
+            try:
+                caps = capabilities_of(pid, tid)
+            except FileNotFoundError:   # a worker thread that ended since the listing
+                continue
+            checked += 1
             assert caps["CapEff"] == allowed, (tid, hex(caps["CapEff"]))
             assert caps["CapPrm"] == allowed, (tid, hex(caps["CapPrm"]))
             assert caps["CapInh"] == 0 and caps["CapAmb"] == 0
             assert caps["CapBnd"] == allowed, (tid, hex(caps["CapBnd"]))   # no exec gets more
+        assert checked > 1
         status = Path(f"/proc/{pid}/status").read_text()
         assert "NoNewPrivs:\t1" in status
         umask = int(next(x for x in status.splitlines() if x.startswith("Umask:")).split()[1], 8)

@@ -182,9 +182,10 @@ def test_slow_call_span_and_histogram_bucket(bpf_ok: None, collector: Collector,
     assert int(h["count"]) == 1
     offset = int(h["positive"].get("offset", 0))
     counts = [int(b) for b in h["positive"]["bucketCounts"]]
-    # 50 ms = 2^25.6 ns: bucket index 25.
-    assert {offset + i: c for i, c in enumerate(counts) if c} == {25: 1}
-    assert 45e6 <= h["sum"] <= 55e6
+    # One call, so the sum is its exact duration: at least the 50 ms asked for (a loaded runner
+    # may add to it), and in the bucket that duration's log2 names (50 ms = 2^25.6 ns: 25).
+    assert 45e6 <= h["sum"] < 1e9
+    assert {offset + i: c for i, c in enumerate(counts) if c} == {int(h["sum"]).bit_length() - 1: 1}
 
 
 def test_excluded_slow_call_counts_but_has_no_span(bpf_ok: None, collector: Collector,
@@ -266,7 +267,8 @@ def test_blocked_call_is_timed_while_another_thread_uses_its_cpu(bpf_ok: None, c
 
     assert pid is not None
     h = wait_until(sleep_hist, 20, 0.2, "the nanosleep histogram")
-    assert int(h["count"]) == 1 and 45e6 <= h["sum"] <= 55e6, h
+    # Timed, not lost: at least the 50 ms asked for; the busy thread on its CPU may delay its wake-up.
+    assert int(h["count"]) == 1 and 45e6 <= h["sum"] < 1e9, h
     spans = [sp for sp in collector.spans() if sp["name"] == "nanosleep" and sp["attrs"].get("process.pid") == pid]
     assert len(spans) == 1
     calls = _latest(collector.metric_points("syscall.calls", pid), **{"syscall.name": "uname"})
