@@ -14,7 +14,7 @@ from .config import EbpfConfig, parse_address
 from .convert.converter import EbpfOtlpConverter
 from .convert.resource import ProcessResources, detect_host_attributes
 from .errors import ReceiverError, SourceUnavailableError
-from .export.otlp_grpc import OtlpGrpcExporter
+from .export.exporter import OtlpExporter
 from .sources import Source, SourceContext, source_classes
 from .sources.base import KernelClock
 from .telemetry import SelfTelemetry, TelemetryServer
@@ -28,7 +28,7 @@ class Service:
     def __init__(self, config: EbpfConfig, telemetry: SelfTelemetry | None = None):
         self.config = config
         self.telemetry = telemetry or SelfTelemetry()
-        self.exporter = OtlpGrpcExporter(config.exporter, self.telemetry)
+        self.exporter = OtlpExporter(config.exporter, self.telemetry)
         self.converter = EbpfOtlpConverter()
         self.resources = ProcessResources(detect_host_attributes(config.resource))
         self.context = SourceContext(config, self.exporter, self.converter, self.telemetry,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..config import EbpfConfig, ProcessFilter
     from ..convert.converter import EbpfOtlpConverter
     from ..convert.resource import ProcessResources
-    from ..export.otlp_grpc import OtlpGrpcExporter
+    from ..export.exporter import OtlpExporter
     from ..telemetry import SelfTelemetry
 
 __all__ = ["Source", "BccSource", "SourceContext", "KernelClock", "bpf_source_dir",
@@ -176,7 +176,7 @@ class SourceContext:
     """What a source is handed: where its output goes and the shared services it uses."""
 
     config: "EbpfConfig"
-    exporter: "OtlpGrpcExporter"
+    exporter: "OtlpExporter"
     converter: "EbpfOtlpConverter"
     telemetry: "SelfTelemetry"
     resources: "ProcessResources"
