@@ -189,7 +189,7 @@ class ExporterConfig:
     ``metrics``, ``logs`` and ``profiles`` override settings for one signal."""
 
     protocol: OtlpProtocol = "grpc"
-    endpoint: Endpoint = _DefaultEndpoint("http://localhost:4317")
+    endpoint: Endpoint = _DefaultEndpoint("http://localhost:4317")  # noqa: RUF009 - immutable
     insecure: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     compression: Literal["gzip", "none"] = "gzip"

@@ -29,7 +29,7 @@ from ..telemetry import SelfTelemetry
 from .retry import Backoff
 from .signals import SPECS, build_request, count_items, split_request
 
-__all__ = ["OtlpExporter", "Route", "PushResult", "Transport", "resolve_route"]
+__all__ = ["OtlpExporter", "PushResult", "Route", "Transport", "resolve_route"]
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class OtlpExporter:
             for q in self._queues.values():
                 q.wakeup.set()
             tasks = [q.task for q in self._queues.values() if q.task]
-            done, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout + 1)
+            _done, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout + 1)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

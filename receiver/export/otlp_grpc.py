@@ -17,7 +17,7 @@ from .exporter import OtlpExporter, PushResult, Route
 from .retry import classify_rpc_error
 from .signals import SCOPE, SPECS
 
-__all__ = ["OtlpGrpcExporter", "GrpcTransport", "SCOPE"]
+__all__ = ["SCOPE", "GrpcTransport", "OtlpGrpcExporter"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class GrpcTransport:
                                                        compression=compression)
         except grpc.RpcError as e:
             raise classify_rpc_error(e) from None
-        except Exception as e:  # e.g. a header value gRPC refuses: never retried
+        except Exception as e:  # noqa: BLE001 - e.g. a header value gRPC refuses: never retried
             raise PermanentExportError(f"{type(e).__name__}: {e}", "INTERNAL") from None
         if not response.HasField("partial_success"):
             return PushResult("OK")

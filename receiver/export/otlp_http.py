@@ -68,7 +68,7 @@ def _status_message(body: bytes, content_type: str) -> str:
             return str(json.loads(body).get("message") or body[:200].decode(errors="replace"))
         if "protobuf" in content_type:
             return status_pb2.Status.FromString(body).message
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - an undecodable body still has its text below
         pass
     return body[:200].decode(errors="replace").strip()
 
@@ -134,7 +134,7 @@ class HttpTransport:
                 response = json_format.Parse(body, spec.response(), ignore_unknown_fields=True)
             else:
                 response = spec.response.FromString(body)
-        except Exception:
+        except Exception:  # noqa: BLE001 - accepted anyway; the body only says what was rejected
             return PushResult(str(status), 0, f"undecodable response body ({content_type})")
         if not response.HasField("partial_success"):
             return PushResult(str(status))

@@ -14,8 +14,14 @@ import grpc
 from ..config import RetryConfig
 from ..errors import ExportError, PermanentExportError, RetryableExportError
 
-__all__ = ["RETRYABLE_CODES", "RETRYABLE_HTTP_STATUSES", "classify_rpc_error",
-           "classify_http_status", "parse_retry_after", "Backoff"]
+__all__ = [
+    "RETRYABLE_CODES",
+    "RETRYABLE_HTTP_STATUSES",
+    "Backoff",
+    "classify_http_status",
+    "classify_rpc_error",
+    "parse_retry_after",
+]
 
 # OTLP/gRPC "Failures": retryable codes. RESOURCE_EXHAUSTED only with RetryInfo (handled below).
 RETRYABLE_CODES = frozenset({

@@ -12,7 +12,9 @@ from typing import Any
 
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as logs_svc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as metrics_svc
-from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2 as profiles_svc
+from opentelemetry.proto.collector.profiles.v1development import (
+    profiles_service_pb2 as profiles_svc,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as trace_svc
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -20,7 +22,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from .._version import __version__
 from ..model import Signal
 
-__all__ = ["SCOPE", "SignalSpec", "SPECS", "count_items", "build_request", "split_request"]
+__all__ = ["SCOPE", "SPECS", "SignalSpec", "build_request", "count_items", "split_request"]
 
 SCOPE = InstrumentationScope(name="ebpf-otlp-receiver", version=__version__)
 
