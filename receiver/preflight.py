@@ -146,6 +146,12 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
             ok, detail = _probe_perf_event()
             rows.append(CheckRow("perf events (software cpu-clock)", ok, detail,
                                  "kernel.perf_event_paranoid <= 2 with CAP_PERFMON, or root", tuple(users)))
+    # The export endpoints: a Collector not up yet is not the host's fault (informational); a
+    # protocol mismatch (gRPC to an OTLP/HTTP port or the reverse) would deliver nothing.
+    from .export.probe import probe_endpoints
+
+    for p in probe_endpoints(config.exporter):
+        rows.append(CheckRow(p.requirement, p.ok, p.detail, p.fix, every if p.blocking else ()))
     return rows
 
 

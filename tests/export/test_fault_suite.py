@@ -84,7 +84,7 @@ class FakeHttpServer:
             return web.Response(text=json_format.MessageToJson(resp), content_type="application/json")
         return web.Response(body=resp.SerializeToString(), content_type="application/x-protobuf")
 
-    async def start(self) -> "FakeHttpServer":
+    async def start(self) -> FakeHttpServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/traces", self._export)
         # A client that timed out and went away cancels the handler, as gRPC cancels the call.

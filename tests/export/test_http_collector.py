@@ -13,8 +13,12 @@ from typing import Any
 import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
-from opentelemetry.proto.metrics.v1.metrics_pb2 import (AGGREGATION_TEMPORALITY_CUMULATIVE, Metric,
-                                                        NumberDataPoint, Sum)
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AGGREGATION_TEMPORALITY_CUMULATIVE,
+    Metric,
+    NumberDataPoint,
+    Sum,
+)
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from receiver.config import EbpfConfig, ExporterConfig, RetryConfig, SignalExporterConfig

@@ -13,8 +13,14 @@ from receiver.model import Signal
 
 from ..harness import Collector
 from .test_http_collector import export as export_with
-from .test_tls_and_outage import (RESOURCE, assert_nothing_delivered, delivered, make_pki,  # noqa: F401
-                                  mtls_collector, pki, span, tls_collector, value)
+from .test_tls_and_outage import (
+    RESOURCE,
+    assert_nothing_delivered,
+    delivered,
+    make_pki,
+    span,
+    value,
+)
 from .test_tls_and_outage import tls_config as grpc_tls_config
 
 
