@@ -78,7 +78,8 @@ class SelfTelemetry:
                                      "(queue_full, permanent_error, retries_exhausted, rejected, shutdown, too_large)",
                                      ["signal", "reason"], registry=r)
         self.export_requests = Counter(f"{NS}_exporter_requests",
-                                       "Export requests per signal and gRPC status code",
+                                       "Export requests per signal and status: the gRPC status name, the HTTP "
+                                       "status code, or UNAVAILABLE/DEADLINE_EXCEEDED without an answer",
                                        ["signal", "status"], registry=r)
         self.export_retries = Counter(f"{NS}_exporter_retries",
                                       "Export requests retried, per signal", ["signal"], registry=r)

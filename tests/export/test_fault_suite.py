@@ -383,3 +383,36 @@ def test_http_json_body_uses_hex_ids_and_reads_a_json_partial_success() -> None:
     assert s["name"] == "a"
     assert value(t, "dropped_items", signal="traces", reason="rejected") == 1
     assert value(t, "sent_items", signal="traces") == 1
+
+
+def test_ready_made_requests_take_their_items_in_the_queue_and_are_sent_whole(transport: str) -> None:
+    """submit_request works for any signal: a request counts its items against the queue bound,
+    is never merged with other requests, and submit() of a whole request does the same."""
+    telemetry = SelfTelemetry()
+
+    def request(prefix: str, n: int) -> trace_svc.ExportTraceServiceRequest:
+        req = trace_svc.ExportTraceServiceRequest()
+        req.resource_spans.add(resource=RESOURCE).scope_spans.add().spans.extend(
+            span(f"{prefix}{i}") for i in range(n))
+        return req
+
+    async def main() -> Any:
+        srv = await start_server(transport, [])
+        exp = OtlpExporter(config(transport, srv.port, queue_size=20, max_batch_size=10), telemetry)
+        try:
+            await exp.start()
+            assert exp.submit_request(Signal.TRACES, request("a", 12))
+            assert not exp.submit_request(Signal.TRACES, request("b", 9))   # 12 + 9 > 20
+            assert exp.submit(Signal.TRACES, None, request("c", 8))         # a whole request
+            await asyncio.wait_for(exp.flush(), 20)
+        finally:
+            await exp.shutdown()
+            await srv.stop()
+        return srv
+
+    srv = asyncio.run(main())
+    assert value(telemetry, "dropped_items", signal="traces", reason="queue_full") == 9
+    assert value(telemetry, "sent_items", signal="traces") == 20
+    sizes = [len(trace_svc.ExportTraceServiceRequest.FromString(raw).resource_spans[0].scope_spans[0].spans)
+             for raw in srv.accepted]
+    assert sizes == [12, 8]

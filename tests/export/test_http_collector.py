@@ -171,3 +171,26 @@ def test_http_exporter_to_a_closed_port_counts_unavailable() -> None:
     t = export(config, lambda exp: exp.submit(Signal.LOGS, None, record("nobody")))
     assert value(t, "requests", signal="logs", status="UNAVAILABLE") == 1
     assert value(t, "dropped_items", signal="logs", reason="retries_exhausted") == 1
+
+
+@pytest.mark.bpf
+def test_agent_exports_over_http_when_the_environment_says_so(bpf_ok: None, collector: Collector,
+                                                              tmp_path: Any) -> None:
+    """The real agent, its exporter chosen by OTEL_EXPORTER_OTLP_PROTOCOL (the file says gRPC)."""
+    import subprocess
+
+    from ..harness import Agent, agent_config
+
+    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": collector.http_endpoint}
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}}), env=env).start()
+    try:
+        for _ in range(3):
+            subprocess.run(["/bin/true"], check=True)
+        wait_until(lambda: [r for r in collector.log_records() if r.get("eventName") == "process.exec"
+                            and r["attrs"].get("process.executable.path") == "/bin/true"],
+                   20, what="exec records sent over OTLP/HTTP")
+        assert agent.metric_value("ebpf_receiver_exporter_requests_total", signal="logs", status="200") >= 1
+        assert agent.metric_value("ebpf_receiver_exporter_requests_total", signal="logs", status="OK") == 0
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
