@@ -186,7 +186,9 @@ class ExporterConfig:
     ``/v1/traces`` etc. are appended. A scheme decides TLS (``http://`` is plaintext,
     ``https://`` is TLS); without a scheme, ``insecure`` does. Unset, the endpoint is
     ``http://localhost:4317`` for gRPC and ``http://localhost:4318`` for HTTP. ``traces``,
-    ``metrics``, ``logs`` and ``profiles`` override settings for one signal."""
+    ``metrics``, ``logs`` and ``profiles`` override settings for one signal. With
+    ``disk_queue_directory`` set, batches wait on disk (at most ``disk_queue_max_bytes`` per
+    signal) until sent, across restarts."""
 
     protocol: OtlpProtocol = "grpc"
     endpoint: Endpoint = _DefaultEndpoint("http://localhost:4317")  # noqa: RUF009 - immutable
@@ -201,6 +203,8 @@ class ExporterConfig:
     batch_timeout: Duration = 1.0
     max_request_bytes: Size = 4 * 1024 * 1024
     queue_size: int = 20000
+    disk_queue_directory: str | None = None
+    disk_queue_max_bytes: Size = 256 * 1024 * 1024
     retry: RetryConfig = field(default_factory=RetryConfig)
     shutdown_timeout: Duration = 10.0
     traces: SignalExporterConfig = field(default_factory=SignalExporterConfig)

@@ -75,7 +75,8 @@ class SelfTelemetry:
                                       "Items the Collector accepted, per signal", ["signal"], registry=r)
         self.dropped_items = Counter(f"{NS}_exporter_dropped_items",
                                      "Items dropped before or during export, per signal and reason "
-                                     "(queue_full, permanent_error, retries_exhausted, rejected, shutdown, too_large)",
+                                     "(queue_full, permanent_error, retries_exhausted, rejected, shutdown, too_large, "
+                                     "disk_full)",
                                      ["signal", "reason"], registry=r)
         self.export_requests = Counter(f"{NS}_exporter_requests",
                                        "Export requests per signal and status: the gRPC status name, the HTTP "

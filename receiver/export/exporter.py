@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -26,6 +27,7 @@ from ..config import ExporterConfig
 from ..errors import ExportError, PermanentExportError, RetryableExportError
 from ..model import Signal
 from ..telemetry import SelfTelemetry
+from .disk_queue import DiskQueue
 from .retry import Backoff
 from .signals import SPECS, build_request, count_items, split_request
 
@@ -122,6 +124,9 @@ class _SignalQueue:
     in_flight: int = 0    # items taken by the sender and not yet sent or counted
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    disk: DiskQueue | None = None      # with the on-disk queue: batches wait there to be sent
+    disk_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    disk_task: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -164,6 +169,9 @@ class OtlpExporter:
         self._last_error_log: dict[str, float] = {}
         for s, q in self._queues.items():
             telemetry.watch_queue(s.value, lambda q=q: q.depth, q.capacity)
+            if config.disk_queue_directory:
+                q.disk = DiskQueue(Path(config.disk_queue_directory) / s.value,
+                                   config.disk_queue_max_bytes)
 
     def routes(self) -> dict[Signal, Route]:
         return {s: q.route for s, q in self._queues.items()}
@@ -175,6 +183,11 @@ class OtlpExporter:
             return
         try:
             for q in self._queues.values():
+                if q.disk is not None:
+                    left = q.disk.open()
+                    if left:
+                        log.info("disk queue: %d %s items from before the restart are sent first",
+                                 left, q.signal.value)
                 key = q.route.connection_key
                 if key not in self._transports:
                     transport = _make_transport(q.route, self.config)
@@ -187,6 +200,9 @@ class OtlpExporter:
         loop = asyncio.get_running_loop()
         for q in self._queues.values():
             q.task = loop.create_task(self._run_sender(q), name=f"otlp-sender-{q.signal.value}")
+            if q.disk is not None:
+                q.disk_task = loop.create_task(self._run_disk_sender(q),
+                                               name=f"otlp-disk-sender-{q.signal.value}")
         self._started = True
         for route in {(q.route.protocol, q.route.url.rsplit("/v1", 1)[0], q.route.use_tls,
                        q.route.compression) for q in self._queues.values()}:
@@ -235,7 +251,8 @@ class OtlpExporter:
         try:
             for q in self._queues.values():
                 q.wakeup.set()
-            while any(q.depth for q in self._queues.values()) and self._started:
+            while self._started and any(q.depth or (q.disk and q.disk.items)
+                                        for q in self._queues.values()):
                 await asyncio.sleep(0.01)
         finally:
             self._flushing -= 1
@@ -249,13 +266,15 @@ class OtlpExporter:
             self._stopping.set()
             for q in self._queues.values():
                 q.wakeup.set()
-            tasks = [q.task for q in self._queues.values() if q.task]
+            tasks = [t for q in self._queues.values() for t in (q.task, q.disk_task) if t]
             _done, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout + 1)
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         lost = {}
         for q in self._queues.values():
+            if q.disk is not None and q.entries:
+                self._spill_to_disk(q)  # what is on disk is sent after the next start
             left = sum(e.count if isinstance(e, _Whole) else 1 for e in q.entries) + q.in_flight
             if left:
                 self.telemetry.dropped_items.labels(q.signal.value, "shutdown").inc(left)
@@ -266,6 +285,14 @@ class OtlpExporter:
             log.warning("shutdown: could not send within %.1fs: %s", self.config.shutdown_timeout,
                         ", ".join(f"{n} {s}" for s, n in lost.items()))
         await self._close_transports()
+
+    def _spill_to_disk(self, q: _SignalQueue) -> None:
+        while q.entries:
+            request, count, slots = self._take_batch(q)
+            q.queued -= slots
+            q.in_flight = count
+            self._to_disk(q, request)
+        q.in_flight = 0
 
     async def _close_transports(self) -> None:
         transports, self._transports = list(self._transports.values()), {}
@@ -333,13 +360,65 @@ class OtlpExporter:
                 self.telemetry.dropped_items.labels(signal.value, "too_large").inc(count)
                 self._log_rate_limited("too_large", "dropped %d %s items in a request of %d bytes: "
                                        "over max_request_bytes %d", count, signal.value, size, limit)
+            elif q.disk is not None:
+                self._to_disk(q, part)
+                q.disk_wakeup.set()
+                continue
             else:
                 await self._send_with_retry(q, q.transport.encode(q.route, part), count)
             q.in_flight -= count
 
+    def _to_disk(self, q: _SignalQueue, request: Any) -> None:
+        """Into the on-disk queue (split to size first); past its bound, counted ``disk_full``."""
+        assert q.disk is not None
+        for part in split_request(q.signal, request, self.config.max_request_bytes):
+            count = count_items(q.signal, part)
+            try:
+                stored = q.disk.put(part.SerializeToString(), count)
+            except OSError as e:
+                stored = False
+                self._log_rate_limited("disk_error", "disk queue: cannot write: %s", e)
+            if not stored:
+                self.telemetry.dropped_items.labels(q.signal.value, "disk_full").inc(count)
+                self._log_rate_limited("disk_full", "disk queue full (%d bytes): dropped %d %s items",
+                                       q.disk.bytes, count, q.signal.value)
+            q.in_flight -= count
+
+    async def _run_disk_sender(self, q: _SignalQueue) -> None:
+        """Sends the oldest request on disk and removes it once sent or counted; one cut off by
+        the shutdown deadline stays on disk for the next start."""
+        assert q.disk is not None
+        request_type = SPECS[q.signal].request
+        while True:
+            head = q.disk.peek()
+            if head is None:
+                if self._stopping.is_set() and (q.task is None or q.task.done()):
+                    return
+                q.disk_wakeup.clear()
+                try:
+                    await asyncio.wait_for(q.disk_wakeup.wait(), self.config.batch_timeout)
+                except TimeoutError:
+                    pass
+                continue
+            path, count = head
+            try:
+                request = request_type.FromString(path.read_bytes())
+            except Exception:  # an unreadable file must not stop the queue
+                log.exception("disk queue: dropping unreadable %s", path)
+                self.telemetry.dropped_items.labels(q.signal.value, "internal_error").inc(count)
+                q.disk.remove_oldest()
+                continue
+            if not await self._send_with_retry(q, q.transport.encode(q.route, request), count,
+                                               keep_on_shutdown=True):
+                return  # shutting down: the file stays
+            q.disk.remove_oldest()
+
     # ------------------------------------------------------------------ retry and timeout
 
-    async def _send_with_retry(self, q: _SignalQueue, data: bytes, count: int) -> None:
+    async def _send_with_retry(self, q: _SignalQueue, data: bytes, count: int,
+                               keep_on_shutdown: bool = False) -> bool:
+        """Sends until accepted or the loss is counted (True); with ``keep_on_shutdown``, a
+        request cut off by the shutdown deadline is neither sent nor counted (False)."""
         retry = self.config.retry
         started = self._clock()
         delays = Backoff(retry).delays()
@@ -365,7 +444,7 @@ class OtlpExporter:
                 elif result.message:
                     self._log_rate_limited("partial", "the Collector warns: %s", result.message)
                 self.telemetry.exported_items.labels(label).inc(count - rejected)
-                return
+                return True
             self.telemetry.export_latency.labels(label).observe(time.perf_counter() - t0)
             self.telemetry.export_requests.labels(label, error.code).inc()
             if isinstance(error, PermanentExportError) or not retry.enabled:
@@ -373,7 +452,7 @@ class OtlpExporter:
                 self.telemetry.dropped_items.labels(label, reason).inc(count)
                 self._log_rate_limited(reason, "dropped %d %s items: %s: %s", count, label,
                                        error.code, error)
-                return
+                return True
             assert isinstance(error, RetryableExportError)
             delay = error.retry_after if error.retry_after is not None else next(delays)
             now = self._clock()
@@ -383,15 +462,17 @@ class OtlpExporter:
             if now + delay > limit:
                 if self._deadline is not None and now + delay > self._deadline:
                     # Cut off by the shutdown deadline, not by max_elapsed_time.
+                    if keep_on_shutdown:
+                        return False
                     self.telemetry.dropped_items.labels(label, "shutdown").inc(count)
                     self._log_rate_limited("shutdown", "shutdown: dropped %d %s items still being "
                                            "retried (%s: %s)", count, label, error.code, error)
-                    return
+                    return True
                 self.telemetry.dropped_items.labels(label, "retries_exhausted").inc(count)
                 self._log_rate_limited("retries_exhausted",
                                        "dropped %d %s items after retrying for %.0fs: %s: %s",
                                        count, label, now - started, error.code, error)
-                return
+                return True
             self.telemetry.export_retries.labels(label).inc()
             self._log_rate_limited("retry", "export of %s failed (%s: %s); retrying in %.1fs",
                                    label, error.code, error, delay)
