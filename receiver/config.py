@@ -512,9 +512,12 @@ def _apply_exporter_environment(exporter: dict[str, Any], env: typing.Mapping[st
         exporter["insecure"] = env[prefix + "INSECURE"].strip().lower() == "true"
     if env.get(prefix + "TIMEOUT"):
         try:
-            exporter["timeout"] = float(env[prefix + "TIMEOUT"]) / 1000.0
+            ms = float(env[prefix + "TIMEOUT"])
+            if not 0 < ms < float("inf"):
+                raise ValueError
+            exporter["timeout"] = ms / 1000.0
         except ValueError:
-            problems.append(f"{prefix}TIMEOUT: expected a number of milliseconds")
+            problems.append(f"{prefix}TIMEOUT: expected a positive number of milliseconds")
     if env.get(prefix + "HEADERS"):
         try:
             headers = _parse_kv_list(env[prefix + "HEADERS"])

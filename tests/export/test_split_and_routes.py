@@ -123,8 +123,9 @@ def test_file_per_signal_section_and_bad_values() -> None:
     assert r.url == "http://m:9999/x" and r.timeout == 3.0
     with pytest.raises(ConfigError, match="exporter.protocol: expected one of"):
         EbpfConfig.from_dict({}, environ={"OTEL_EXPORTER_OTLP_PROTOCOL": "http"})
-    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
-        EbpfConfig.from_dict({}, environ={"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "soon"})
+    for bad in ("soon", "nan", "inf", "0", "-5"):
+        with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+            EbpfConfig.from_dict({}, environ={"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": bad})
     with pytest.raises(ConfigError, match="exporter.logs.cert_file/key_file"):
         EbpfConfig.from_dict({"exporter": {"logs": {"cert_file": __file__}}}, environ={})
 
