@@ -318,25 +318,25 @@ class OtlpExporter:
             batch.append(entries.popleft())
         return build_request(q.signal, batch), len(batch), len(batch)
 
+    async def _wait(self, event: asyncio.Event) -> None:
+        """Until ``event`` is set (more items, a flush, a shutdown) or ``batch_timeout`` passes."""
+        event.clear()
+        try:
+            await asyncio.wait_for(event.wait(), self.config.batch_timeout)
+        except TimeoutError:
+            pass
+
     async def _run_sender(self, q: _SignalQueue) -> None:
         while True:
             if not q.entries:
                 if self._stopping.is_set():
                     return
-                q.wakeup.clear()
-                try:
-                    await asyncio.wait_for(q.wakeup.wait(), self.config.batch_timeout)
-                except TimeoutError:
-                    pass
+                await self._wait(q.wakeup)
                 continue
             if (q.queued < self.config.max_batch_size and not self._stopping.is_set()
                     and not self._flushing and not isinstance(q.entries[0], _Whole)):
                 # First item of a batch: wait for more until the batch is full or times out.
-                q.wakeup.clear()
-                try:
-                    await asyncio.wait_for(q.wakeup.wait(), self.config.batch_timeout)
-                except TimeoutError:
-                    pass
+                await self._wait(q.wakeup)
             request, count, slots = self._take_batch(q)
             q.queued -= slots
             q.in_flight = count
@@ -394,11 +394,7 @@ class OtlpExporter:
             if head is None:
                 if self._stopping.is_set() and (q.task is None or q.task.done()):
                     return
-                q.disk_wakeup.clear()
-                try:
-                    await asyncio.wait_for(q.disk_wakeup.wait(), self.config.batch_timeout)
-                except TimeoutError:
-                    pass
+                await self._wait(q.disk_wakeup)
                 continue
             path, count = head
             try:
