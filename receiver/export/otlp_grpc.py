@@ -63,7 +63,12 @@ class GrpcTransport:
             response = await self._calls[route.signal](data, timeout=timeout, metadata=route.headers,
                                                        compression=compression)
         except grpc.RpcError as e:
-            raise classify_rpc_error(e) from None
+            error = classify_rpc_error(e)
+            if "http1.x server" in str(error):  # an OTLP/HTTP port (4318) spoken to in gRPC
+                hint = ("the endpoint speaks HTTP/1.1: an OTLP/HTTP port? set "
+                        "exporter.protocol: http/protobuf, or use the gRPC port")
+                error.args = (f"{error} ({hint})",)
+            raise error from None
         except Exception as e:  # noqa: BLE001 - e.g. a header value gRPC refuses: never retried
             raise PermanentExportError(f"{type(e).__name__}: {e}", "INTERNAL") from None
         if not response.HasField("partial_success"):

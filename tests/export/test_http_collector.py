@@ -133,10 +133,12 @@ def test_wrong_path_is_a_permanent_404(collector: Collector) -> None:
     assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 1
 
 
-def test_grpc_spoken_to_the_http_port_fails_and_is_counted(collector: Collector) -> None:
+def test_grpc_spoken_to_the_http_port_fails_and_is_counted(collector: Collector,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     config = ExporterConfig(endpoint=f"http://127.0.0.1:{collector.http_port}", batch_timeout=0.05,
                             retry=RetryConfig(enabled=False), timeout=3.0)
     t = export(config, lambda exp: exp.submit(Signal.TRACES, resource("x"), span("lost")))
+    assert "set exporter.protocol: http/protobuf" in caplog.text
     assert value(t, "sent_items", signal="traces") == 0
     assert value(t, "dropped_items", signal="traces", reason="retries_exhausted") + \
         value(t, "dropped_items", signal="traces", reason="permanent_error") == 1
