@@ -28,7 +28,7 @@ def otelcol_bin() -> str:
 
 
 def discarding_collector_yaml(signals: tuple[str, ...] = ("traces",), metrics_port_env: str | None = None) -> str:
-    """OTLP/gRPC in, a sampled debug exporter out, for ``signals``. With ``metrics_port_env``,
+    """OTLP/gRPC and OTLP/HTTP in, a sampled debug exporter out, for ``signals``. With ``metrics_port_env``,
     the Collector's own metrics (e.g. ``otelcol_receiver_accepted_spans``) are served on
     127.0.0.1 at the port that environment variable names."""
     if metrics_port_env:
@@ -59,6 +59,8 @@ receivers:
       grpc:
         endpoint: ${{env:OTELCOL_OTLP_GRPC_ENDPOINT}}
         max_recv_msg_size_mib: 64
+      http:
+        endpoint: ${{env:OTELCOL_OTLP_HTTP_ENDPOINT}}
 exporters:
   debug:
     verbosity: basic

@@ -3,8 +3,10 @@
 attributes to the same real Collector, side by side in one run. Timed from the first span built to
 the flush returning, span construction included; CPU is this process's (all threads). The
 Collector runs with a config that only counts (debug exporter, sampled to near-silence) so the
-file exporter does not set the pace. Both runs must deliver all N spans or the benchmark fails.
-Targets: ours ≥ 100000 spans/s and a CPU-per-span advantage ≥ 5× over the SDK."""
+file exporter does not set the pace. Ours runs twice, over OTLP/gRPC and over OTLP/HTTP
+(http/protobuf, aiohttp), same queue and batching. Every run must deliver all N spans or the
+benchmark fails. Targets: ours ≥ 100000 spans/s and a CPU-per-span advantage ≥ 5× over the SDK;
+HTTP ≥ 70 % of gRPC's spans/s."""
 
 from __future__ import annotations
 
@@ -43,18 +45,19 @@ class _ErrorCounter(logging.Handler):
 
 # ---------------------------------------------------------------------------------------- ours
 
-def _run_ours(endpoint: str, n: int) -> dict[str, float]:
+def _run_ours(endpoint: str, n: int, protocol: str = "grpc") -> dict[str, float]:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
     from opentelemetry.proto.resource.v1.resource_pb2 import Resource
     from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
     from receiver.config import ExporterConfig
-    from receiver.export.otlp_grpc import OtlpGrpcExporter
+    from receiver.export import OtlpExporter
     from receiver.model import Signal
     from receiver.telemetry import SelfTelemetry
 
     resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="bench"))])
-    config = ExporterConfig(endpoint=endpoint, compression=COMPRESSION, max_batch_size=BATCH,
+    config = ExporterConfig(protocol=protocol, endpoint=endpoint, compression=COMPRESSION,
+                            max_batch_size=BATCH,
                             queue_size=max(20000, 4 * BATCH), batch_timeout=0.2)
     telemetry = SelfTelemetry()
     getrandbits = random.getrandbits
@@ -71,7 +74,7 @@ def _run_ours(endpoint: str, n: int) -> dict[str, float]:
                     attributes=attrs)
 
     async def go() -> dict[str, float]:
-        exporter = OtlpGrpcExporter(config, telemetry)
+        exporter = OtlpExporter(config, telemetry)
         await exporter.start()
         submit = exporter.submit
         traces = Signal.TRACES
@@ -83,7 +86,7 @@ def _run_ours(endpoint: str, n: int) -> dict[str, float]:
             i = 0
             while i < count:
                 # Back-pressure instead of drops: a full queue means the producer outran the wire.
-                while len(queue.items) + queue.in_flight + CHUNK > queue.capacity:
+                while queue.depth + CHUNK > queue.capacity:
                     await asyncio.sleep(0.001)
                 for j in range(i, min(i + CHUNK, count)):
                     if not submit(traces, resource, make_span(j)):
@@ -99,7 +102,7 @@ def _run_ours(endpoint: str, n: int) -> dict[str, float]:
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         sent = telemetry.exported_items.labels("traces")._value.get() - base
         await exporter.shutdown()
-        requests = telemetry.export_requests.labels("traces", "OK")._value.get()
+        requests = sum(telemetry.export_requests.labels("traces", ok)._value.get() for ok in ("OK", "200"))
         return {"wall": wall, "cpu": cpu, "sent": sent, "dropped": dropped, "requests": requests}
 
     return asyncio.run(go())
@@ -169,37 +172,42 @@ def run() -> int:
     collector = Collector(otelcol_bin(), workdir, config=config).start()
     try:
         ours = _run_ours(collector.endpoint, N)
+        http = _run_ours(collector.http_endpoint, N, "http/protobuf")
         sdk = _run_sdk(f"127.0.0.1:{collector.port}", N)
     finally:
         collector.stop()
     shutil.rmtree(workdir, ignore_errors=True)
 
     ok = True
-    if ours["sent"] != N or ours["dropped"]:
-        print(f"exporter: ours delivered {ours['sent']:.0f} of {N} (dropped {ours['dropped']:.0f})",
-              file=sys.stderr)
-        ok = False
+    for label, run in (("ours (gRPC)", ours), ("ours (HTTP)", http)):
+        if run["sent"] != N or run["dropped"]:
+            print(f"exporter: {label} delivered {run['sent']:.0f} of {N} (dropped {run['dropped']:.0f})",
+                  file=sys.stderr)
+            ok = False
     if sdk["sent"] != N or not sdk["flushed"] or sdk["errors"] or sdk["failed"]:
         print(f"exporter: SDK delivered {sdk['sent']:.0f} of {N} (force_flush={bool(sdk['flushed'])}, "
               f"{sdk['errors']:.0f} warnings/errors logged, {sdk['failed']:.0f} failed)", file=sys.stderr)
         ok = False
 
-    def row(label: str, fmt: str, a: float, b: float) -> None:
-        print(f"  {label:<28}{fmt.format(a):>16}{fmt.format(b):>16}")
+    def row(label: str, fmt: str, a: float, h: float, b: float) -> None:
+        print(f"  {label:<28}{fmt.format(a):>16}{fmt.format(h):>16}{fmt.format(b):>16}")
 
     print(f"exporter: {N} spans, 3 attributes each, to the real Collector (debug exporter, sampled); "
           f"compression {COMPRESSION}; ours max_batch_size={BATCH}, SDK BatchSpanProcessor "
           f"max_export_batch_size=512 (default)")
-    print(f"  {'':<28}{'ours':>16}{'SDK':>16}")
-    row("delivered spans", "{:.0f}", ours["sent"], sdk["sent"])
-    row("wall s", "{:.3f}", ours["wall"], sdk["wall"])
-    row("CPU s", "{:.3f}", ours["cpu"], sdk["cpu"])
-    row("spans / wall s", "{:,.0f}", N / ours["wall"], N / sdk["wall"])
-    row("spans / CPU s", "{:,.0f}", N / ours["cpu"], N / sdk["cpu"])
-    row("µs CPU / span", "{:.2f}", 1e6 * ours["cpu"] / N, 1e6 * sdk["cpu"] / N)
+    print(f"  {'':<28}{'ours gRPC':>16}{'ours HTTP':>16}{'SDK gRPC':>16}")
+    row("delivered spans", "{:.0f}", ours["sent"], http["sent"], sdk["sent"])
+    row("requests", "{:.0f}", ours["requests"], http["requests"], float("nan"))
+    row("wall s", "{:.3f}", ours["wall"], http["wall"], sdk["wall"])
+    row("CPU s", "{:.3f}", ours["cpu"], http["cpu"], sdk["cpu"])
+    row("spans / wall s", "{:,.0f}", N / ours["wall"], N / http["wall"], N / sdk["wall"])
+    row("spans / CPU s", "{:,.0f}", N / ours["cpu"], N / http["cpu"], N / sdk["cpu"])
+    row("µs CPU / span", "{:.2f}", 1e6 * ours["cpu"] / N, 1e6 * http["cpu"] / N, 1e6 * sdk["cpu"] / N)
     ratio = (N / ours["cpu"]) / (N / sdk["cpu"])
     print(f"bench: exporter cpu_s_per_100k_ours={ours['cpu'] * 100_000 / N:.3f} s")
     print(f"bench: exporter cpu_s_per_100k_sdk={sdk['cpu'] * 100_000 / N:.3f} s")
     print(f"bench: exporter spans_per_s={N / ours['wall']:.0f} spans/s")
     print(f"bench: exporter ratio_vs_sdk={ratio:.2f} ratio")
+    print(f"bench: exporter http_spans_per_s={N / http['wall']:.0f} spans/s")
+    print(f"bench: exporter http_vs_grpc={ours['wall'] / http['wall']:.2f} ratio")
     return 0 if ok else 1

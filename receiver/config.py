@@ -26,6 +26,7 @@ from .errors import ConfigError
 __all__ = [
     "EbpfConfig",
     "ExporterConfig",
+    "SignalExporterConfig",
     "RetryConfig",
     "TelemetryConfig",
     "ResourceConfig",
@@ -53,7 +54,7 @@ class _Kind:
 DURATION = _Kind("duration", 'a duration such as "500ms", "10s", "5m" or a number of seconds')
 SIZE = _Kind("size", 'a size such as "4MiB", "512KiB" or a number of bytes')
 ADDRESS = _Kind("address", 'an address "host:port" with a port from 1 to 65535')
-ENDPOINT = _Kind("endpoint", 'an endpoint "host:port", "http://host:port" or "https://host:port"')
+ENDPOINT = _Kind("endpoint", 'an endpoint "host:port" or a URL "http(s)://host[:port][/path]"')
 
 
 
@@ -142,9 +143,14 @@ def _check_address(value: Any) -> str:
 
 
 def _parse_endpoint(value: Any) -> str:
+    """``host:port``, or an http/https URL (the port may then be left out; a path is kept for
+    OTLP/HTTP)."""
     text = str(value).strip()
-    rest = re.sub(r"^(https?)://", "", text).rstrip("/")
-    parse_address(rest)
+    m = re.fullmatch(r"(https?)://([^/?#]+)(/[^?#]*)?", text)
+    if m is None:
+        parse_address(text)
+    elif not re.fullmatch(r"\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+", m.group(2)):
+        parse_address(m.group(2))
     return text
 
 
@@ -173,12 +179,44 @@ class RetryConfig:
         return p
 
 
+OtlpProtocol = Literal["grpc", "http/protobuf", "http/json"]
+
+
+class _DefaultEndpoint(str):
+    """The endpoint nobody set: ``http://localhost:4317``, or ``…:4318`` for OTLP/HTTP (an
+    endpoint read from a file or a variable is a plain ``str`` and is used as given)."""
+
+
+@dataclass(frozen=True)
+class SignalExporterConfig:
+    """One signal's overrides of the exporter's settings (the OTEL_EXPORTER_OTLP_<SIGNAL>_*
+    variables); what is unset is inherited. An ``endpoint`` here is used as is: for OTLP/HTTP
+    the full URL, path included."""
+
+    protocol: OtlpProtocol | None = None
+    endpoint: Endpoint | None = None
+    insecure: bool | None = None
+    headers: dict[str, str] | None = None
+    compression: Literal["gzip", "none"] | None = None
+    timeout: Duration | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
 @dataclass(frozen=True)
 class ExporterConfig:
-    """OTLP/gRPC export to the Collector. A scheme in ``endpoint`` decides TLS (``http://`` is
-    plaintext, ``https://`` is TLS); without a scheme, ``insecure`` does."""
+    """OTLP export to the Collector over gRPC (port 4317) or HTTP (``http/protobuf``,
+    ``http/json``; port 4318). For OTLP/HTTP ``endpoint`` is a base URL to which
+    ``/v1/traces`` etc. are appended. A scheme decides TLS (``http://`` is plaintext,
+    ``https://`` is TLS); without a scheme, ``insecure`` does. Unset, the endpoint is
+    ``http://localhost:4317`` for gRPC and ``http://localhost:4318`` for HTTP. ``traces``,
+    ``metrics``, ``logs`` and ``profiles`` override settings for one signal. With
+    ``disk_queue_directory`` set, batches wait on disk (at most ``disk_queue_max_bytes`` per
+    signal) until sent, across restarts."""
 
-    endpoint: Endpoint = "http://localhost:4317"
+    protocol: OtlpProtocol = "grpc"
+    endpoint: Endpoint = _DefaultEndpoint("http://localhost:4317")  # noqa: RUF009 - immutable
     insecure: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     compression: Literal["gzip", "none"] = "gzip"
@@ -190,21 +228,48 @@ class ExporterConfig:
     batch_timeout: Annotated[Duration, POSITIVE] = 1.0
     max_request_bytes: Size = 4 * 1024 * 1024
     queue_size: Annotated[int, AT_LEAST_1] = 20000
+    disk_queue_directory: str | None = None
+    disk_queue_max_bytes: Size = 256 * 1024 * 1024
     retry: RetryConfig = field(default_factory=RetryConfig)
     shutdown_timeout: Annotated[Duration, POSITIVE] = 10.0
+    traces: SignalExporterConfig = field(default_factory=SignalExporterConfig)
+    metrics: SignalExporterConfig = field(default_factory=SignalExporterConfig)
+    logs: SignalExporterConfig = field(default_factory=SignalExporterConfig)
+    profiles: SignalExporterConfig = field(default_factory=SignalExporterConfig)
+
+    @property
+    def effective_endpoint(self) -> str:
+        """``endpoint``, or the protocol's default (4317 for gRPC, 4318 for HTTP)."""
+        if isinstance(self.endpoint, _DefaultEndpoint) and self.protocol != "grpc":
+            return "http://localhost:4318"
+        return self.endpoint
 
     @property
     def target(self) -> str:
-        """The ``host:port`` the channel dials."""
-        return re.sub(r"^(https?)://", "", self.endpoint).rstrip("/")
+        """The ``host:port`` a gRPC channel dials (a URL's path is not used by gRPC)."""
+        m = re.fullmatch(r"(https?)://([^/?#]+).*", self.effective_endpoint)
+        if m is None:
+            return self.effective_endpoint.rstrip("/")
+        host = m.group(2)
+        if not re.search(r":\d+$", host):
+            host += ":443" if m.group(1) == "https" else ":80"
+        return host
 
     @property
     def use_tls(self) -> bool:
-        if self.endpoint.startswith("https://"):
+        if self.effective_endpoint.startswith("https://"):
             return True
-        if self.endpoint.startswith("http://"):
+        if self.effective_endpoint.startswith("http://"):
             return False
         return not self.insecure
+
+    def for_signal(self, signal: str) -> "ExporterConfig":
+        """This config with ``signal``'s overrides applied (its endpoint still as given: the
+        exporter adds the OTLP/HTTP path only to the shared endpoint)."""
+        overrides = getattr(self, signal)
+        changes = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)
+                   if getattr(overrides, f.name) is not None}
+        return dataclasses.replace(self, **changes)
 
     def _validate(self) -> list[str]:
         p = []
@@ -212,12 +277,16 @@ class ExporterConfig:
             p.append("queue_size: must be at least max_batch_size")
         if self.max_request_bytes < 1024:
             p.append("max_request_bytes: must be at least 1KiB")
-        if (self.cert_file is None) != (self.key_file is None):
-            p.append("cert_file/key_file: give both for mTLS, or neither")
-        for name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                p.append(f"{name}: no such file: {path}")
+        for prefix, section in [("", self)] + [(f"{s}.", getattr(self, s))
+                                               for s in ("traces", "metrics", "logs", "profiles")]:
+            if (section.cert_file is None) != (section.key_file is None):
+                p.append(f"{prefix}cert_file/key_file: give both for mTLS, or neither")
+            if section.timeout is not None and section.timeout <= 0 and section is not self:
+                p.append(f"{prefix}timeout: must be greater than 0")
+            for name in ("ca_file", "cert_file", "key_file"):
+                path = getattr(section, name)
+                if path is not None and not Path(path).is_file():
+                    p.append(f"{prefix}{name}: no such file: {path}")
         return p
 
 
@@ -404,8 +473,9 @@ class EbpfConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
-    def default(cls) -> "EbpfConfig":
-        return cls()
+    def default(cls, environ: typing.Mapping[str, str] | None = None) -> "EbpfConfig":
+        """The defaults with the OTEL_* variables applied, as ``load()`` without a file."""
+        return cls.from_dict({}, environ)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None,
@@ -477,39 +547,50 @@ def _parse_kv_list(text: str) -> dict[str, str]:
     return out
 
 
+def _apply_exporter_environment(exporter: dict[str, Any], env: typing.Mapping[str, str], prefix: str,
+                                problems: list[str], merge_headers: bool = True) -> None:
+    """``<prefix>ENDPOINT``, ``PROTOCOL``, ``HEADERS``, ``TIMEOUT`` (ms), ``COMPRESSION``,
+    ``INSECURE``, ``CERTIFICATE``, ``CLIENT_CERTIFICATE``, ``CLIENT_KEY`` into ``exporter``."""
+    simple = {"ENDPOINT": "endpoint", "PROTOCOL": "protocol", "CERTIFICATE": "ca_file",
+              "CLIENT_CERTIFICATE": "cert_file", "CLIENT_KEY": "key_file",
+              "COMPRESSION": "compression"}
+    for var, key in simple.items():
+        if env.get(prefix + var):
+            exporter[key] = env[prefix + var].strip()
+    if env.get(prefix + "INSECURE"):
+        exporter["insecure"] = env[prefix + "INSECURE"].strip().lower() == "true"
+    if env.get(prefix + "TIMEOUT"):
+        try:
+            ms = float(env[prefix + "TIMEOUT"])
+            if not 0 < ms < float("inf"):
+                raise ValueError
+            exporter["timeout"] = ms / 1000.0
+        except ValueError:
+            problems.append(f"{prefix}TIMEOUT: expected a positive number of milliseconds")
+    if env.get(prefix + "HEADERS"):
+        try:
+            headers = _parse_kv_list(env[prefix + "HEADERS"])
+            exporter["headers"] = {**(exporter.get("headers") or {}), **headers} if merge_headers else headers
+        except ValueError:
+            problems.append(f"{prefix}HEADERS: expected key=value pairs separated by commas")
+
+
 def _apply_environment(data: dict[str, Any], env: typing.Mapping[str, str],
                        problems: list[str]) -> dict[str, Any]:
     data = dict(data)
     exporter = dict(data.get("exporter") or {}) if isinstance(data.get("exporter", {}), dict) else data.get("exporter")
     resource = dict(data.get("resource") or {}) if isinstance(data.get("resource", {}), dict) else data.get("resource")
     if isinstance(exporter, dict):
-        simple = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": "endpoint",
-            "OTEL_EXPORTER_OTLP_CERTIFICATE": "ca_file",
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "cert_file",
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY": "key_file",
-            "OTEL_EXPORTER_OTLP_COMPRESSION": "compression",
-        }
-        for var, key in simple.items():
-            if env.get(var):
-                exporter[key] = env[var]
-        if env.get("OTEL_EXPORTER_OTLP_INSECURE"):
-            exporter["insecure"] = env["OTEL_EXPORTER_OTLP_INSECURE"].strip().lower() == "true"
-        if env.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
-            try:
-                ms = float(env["OTEL_EXPORTER_OTLP_TIMEOUT"])
-                if not math.isfinite(ms) or ms <= 0:
-                    raise ValueError
-                exporter["timeout"] = ms / 1000.0
-            except ValueError:
-                problems.append("OTEL_EXPORTER_OTLP_TIMEOUT: expected a number of milliseconds "
-                                f"greater than 0, got {env['OTEL_EXPORTER_OTLP_TIMEOUT']!r}")
-        if env.get("OTEL_EXPORTER_OTLP_HEADERS"):
-            try:
-                exporter["headers"] = {**(exporter.get("headers") or {}),
-                                       **_parse_kv_list(env["OTEL_EXPORTER_OTLP_HEADERS"])}
-            except ValueError:
-                problems.append("OTEL_EXPORTER_OTLP_HEADERS: expected key=value pairs separated by commas")
+        _apply_exporter_environment(exporter, env, "OTEL_EXPORTER_OTLP_", problems)
+        # Per-signal variables, as the specification names them (PROFILES beside the three).
+        for signal in ("traces", "metrics", "logs", "profiles"):
+            section = exporter.get(signal) or {}
+            if isinstance(section, dict):
+                section = dict(section)
+                _apply_exporter_environment(section, env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_",
+                                            problems, merge_headers=False)
+                if section:
+                    exporter[signal] = section
         data["exporter"] = exporter
     if isinstance(resource, dict):
         if env.get("OTEL_RESOURCE_ATTRIBUTES"):

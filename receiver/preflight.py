@@ -75,6 +75,12 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
             ok, detail = host.probe_perf_event()
             rows.append(CheckRow("perf events (software cpu-clock)", ok, detail, host.FIX_PERF_EVENTS,
                                  tuple(users)))
+    # The export endpoints: a Collector not up yet is not the host's fault (informational); a
+    # protocol mismatch (gRPC to an OTLP/HTTP port or the reverse) would deliver nothing.
+    from .export.probe import probe_endpoints
+
+    for p in probe_endpoints(config.exporter):
+        rows.append(CheckRow(p.requirement, p.ok, p.detail, p.fix, every if p.blocking else ()))
     return rows
 
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .config import EbpfConfig, parse_address
 from .errors import ReceiverError, SourceUnavailableError
-from .export.otlp_grpc import OtlpGrpcExporter
+from .export.exporter import OtlpExporter
 from .kernel.clock import KernelClock
 from .kernel.identity import detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
@@ -34,7 +34,7 @@ class Service:
         self.config = config
         self.least_privilege = least_privilege  # drop capabilities once the programs are loaded
         self.telemetry = telemetry or SelfTelemetry()
-        self.exporter = OtlpGrpcExporter(config.exporter, self.telemetry)
+        self.exporter = OtlpExporter(config.exporter, self.telemetry)
         self.pipeline = Pipeline(config, self.exporter, ProcessResources(detect_host_attributes(config.resource)))
         self.context = SourceContext(config, self.pipeline, self.telemetry, KernelClock())
         self.sources: list[Source] = []

@@ -34,10 +34,17 @@ SIGNALS = ("traces", "metrics", "logs", "profiles")
 # Every reason the exporter drops items for: each gets a 0 series from start, so an alert on
 # rate(...) sees 0 rather than nothing.
 DROP_REASONS = ("queue_full", "permanent_error", "retries_exhausted", "rejected", "shutdown",
-                "too_large", "internal_error")
+                "too_large", "internal_error", "disk_full")
 # gRPC codes that say something about one request's data, not whether the Collector is reachable.
+# Outcomes that say "this data", not "export is broken": gRPC status names, and OTLP/HTTP's
+# 400 (bad data) and 413 (too large).
 _DATA_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION",
-                         "ALREADY_EXISTS", "NOT_FOUND"})
+                         "ALREADY_EXISTS", "NOT_FOUND", "400", "413"})
+
+
+def _succeeded(status: str) -> bool:
+    """gRPC ``OK``, or an HTTP 2xx."""
+    return status == "OK" or (len(status) == 3 and status.startswith("2") and status.isdigit())
 
 
 class ExportHealth:
@@ -52,7 +59,7 @@ class ExportHealth:
         self.last_ok: float | None = None
 
     def record(self, status: str) -> None:
-        if status == "OK":
+        if _succeeded(status):
             self.failing_since = None
             self.last_ok = self._clock()
         elif status not in _DATA_CODES:
@@ -139,13 +146,15 @@ class SelfTelemetry:
                                       "Items the Collector accepted, per signal", ["signal"], registry=r)
         self.dropped_items = Counter(f"{NS}_exporter_dropped_items",
                                      "Items dropped before or during export, per signal and reason "
-                                     "(queue_full, permanent_error, retries_exhausted, rejected, shutdown, too_large)",
+                                     "(queue_full, permanent_error, retries_exhausted, rejected, shutdown, too_large, "
+                                     "disk_full)",
                                      ["signal", "reason"], registry=r)
         self.export_health = ExportHealth()
-        self.export_requests = _OutcomeCounter(Counter(f"{NS}_exporter_requests",
-                                                       "Export requests per signal and gRPC status code",
-                                                       ["signal", "status"], registry=r),
-                                               self.export_health)
+        requests = Counter(f"{NS}_exporter_requests",
+                           "Export requests per signal and status: the gRPC status name, the HTTP status "
+                           "code, or UNAVAILABLE/DEADLINE_EXCEEDED without an answer",
+                           ["signal", "status"], registry=r)
+        self.export_requests = _OutcomeCounter(requests, self.export_health)
         self.export_retries = Counter(f"{NS}_exporter_retries",
                                       "Export requests retried, per signal", ["signal"], registry=r)
         self.export_latency = Histogram(f"{NS}_exporter_request_duration_seconds",

@@ -80,12 +80,14 @@ def attributes(kvs: list[dict[str, Any]] | None) -> dict[str, Any]:
 
 
 class Collector:
-    """The real Collector on a free loopback port, writing JSON lines per signal."""
+    """The real Collector on free loopback ports (OTLP/gRPC on ``port``, OTLP/HTTP on
+    ``http_port`` where its config has an HTTP receiver), writing JSON lines per signal."""
 
     def __init__(self, binary: str, workdir: Path, config: Path = COLLECTOR_CONFIG,
-                 port: int | None = None):
+                 port: int | None = None, http_port: int | None = None):
         self.binary, self.workdir, self.config = binary, workdir, config
         self.port = port or free_port()
+        self.http_port = http_port or free_port()
         self.outdir = workdir / "otelcol-out"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "otelcol.log"
@@ -94,9 +96,14 @@ class Collector:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
     def start(self, extra_env: dict[str, str] | None = None) -> "Collector":
         self.outdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{self.port}",
+               "OTELCOL_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{self.http_port}",
                "OTELCOL_OUTPUT_DIR": str(self.outdir), **(extra_env or {})}
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
@@ -106,8 +113,13 @@ class Collector:
         def listening() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"Collector exited: {self.log_path.read_text()[-3000:]}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
+            ports = [self.port] + ([self.http_port] if "OTELCOL_OTLP_HTTP_ENDPOINT" in
+                                   self.config.read_text() else [])
+            for port in ports:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) != 0:
+                        return False
+            return True
 
         wait_until(listening, 30, what="the Collector to listen")
         return self

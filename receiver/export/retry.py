@@ -1,9 +1,12 @@
-"""What to do with a failed export: classify the gRPC status per the OTLP specification, and
-compute the exponential backoff with jitter (defaults as the Collector's ``configretry``)."""
+"""What to do with a failed export: classify the gRPC status or the HTTP response per the OTLP
+specification, and compute the exponential backoff with jitter (defaults as the Collector's
+``configretry``)."""
 
 from __future__ import annotations
 
+import email.utils
 import random
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -11,7 +14,14 @@ import grpc
 from ..config import RetryConfig
 from ..errors import ExportError, PermanentExportError, RetryableExportError
 
-__all__ = ["RETRYABLE_CODES", "classify_rpc_error", "Backoff"]
+__all__ = [
+    "RETRYABLE_CODES",
+    "RETRYABLE_HTTP_STATUSES",
+    "Backoff",
+    "classify_http_status",
+    "classify_rpc_error",
+    "parse_retry_after",
+]
 
 # OTLP/gRPC "Failures": retryable codes. RESOURCE_EXHAUSTED only with RetryInfo (handled below).
 RETRYABLE_CODES = frozenset({
@@ -22,6 +32,9 @@ RETRYABLE_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DATA_LOSS,
 })
+
+# OTLP/HTTP "Failures": only these are retried; every other 4xx/5xx is permanent.
+RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
@@ -57,6 +70,29 @@ def classify_rpc_error(error: grpc.RpcError) -> ExportError:
         if delay is not None:
             return RetryableExportError(details, name, delay)
     return PermanentExportError(details, name)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def classify_http_status(status: int, message: str, retry_after: str | None) -> ExportError:
+    """Maps a non-2xx OTLP/HTTP response to a retryable or permanent error; the status code
+    is the error's ``code`` (the ``status`` label of the request counter)."""
+    code = str(status)
+    if status in RETRYABLE_HTTP_STATUSES:
+        return RetryableExportError(message, code, parse_retry_after(retry_after))
+    return PermanentExportError(message, code)
 
 
 class Backoff:

@@ -67,12 +67,14 @@ def make_pki(d: Path) -> dict[str, Path]:
 
 def traces_only_config(path: Path, tls: dict[str, str] | None = None, batch: bool = True,
                        flush_interval: str = "100ms") -> Path:
-    """deploy/otelcol/config.yaml's structure, traces pipeline only, optionally TLS on the receiver."""
+    """deploy/otelcol/config.yaml's structure, traces pipeline only, optionally TLS on the
+    receiver (gRPC and HTTP alike)."""
     grpc_cfg: dict[str, Any] = {"endpoint": "${env:OTELCOL_OTLP_GRPC_ENDPOINT}"}
+    http_cfg: dict[str, Any] = {"endpoint": "${env:OTELCOL_OTLP_HTTP_ENDPOINT}"}
     if tls:
-        grpc_cfg["tls"] = tls
+        grpc_cfg["tls"] = http_cfg["tls"] = tls
     cfg: dict[str, Any] = {
-        "receivers": {"otlp": {"protocols": {"grpc": grpc_cfg}}},
+        "receivers": {"otlp": {"protocols": {"grpc": grpc_cfg, "http": http_cfg}}},
         "exporters": {"file/traces": {"path": "${env:OTELCOL_OUTPUT_DIR}/traces.jsonl",
                                       "flush_interval": flush_interval,
                                       # the file exporter truncates on start unless appending:
