@@ -91,7 +91,7 @@ def run() -> int:
     from bcc import BPF
 
     from receiver.config import EbpfConfig
-    from receiver.export.otlp_grpc import OtlpGrpcExporter
+    from receiver.export import OtlpGrpcExporter
     from receiver.kernel.clock import KernelClock
     from receiver.kernel.identity import detect_host_attributes
     from receiver.pipeline import Pipeline, ProcessResources

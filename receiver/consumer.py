@@ -31,3 +31,8 @@ class Sink(Protocol):
     False when the item was dropped (and counted) instead."""
 
     def submit(self, signal: Signal, resource: Resource | None, item: Any) -> bool: ...
+
+    def submit_request(self, signal: Signal, request: Any) -> bool:
+        """A ready-made ``Export*ServiceRequest`` (profiles carry their own dictionary), split by
+        the sink when over its size limit."""
+        ...

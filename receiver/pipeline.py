@@ -146,7 +146,7 @@ class Pipeline:
         names = {s.pid: s.process_name for s in profile.samples}
         for request in profile_requests(profile, lambda pid: self.resources.get(pid, names.get(pid, "")),
                                         self.config.exporter.max_request_bytes):
-            self.sink.submit(Signal.PROFILES, None, request)
+            self.sink.submit_request(Signal.PROFILES, request)
 
     # ------------------------------------------------------------------ per record type
 

@@ -167,10 +167,11 @@ def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
 
 def profile_requests(profile: CpuProfile, resource_for: ResourceFor | None,
                      max_bytes: int) -> list[ExportProfilesServiceRequest]:
-    """The profile as requests of at most ``max_bytes``, split by process while one is over (a
-    profiles request carries its own dictionary, so a request is split before it is built). A
-    single process too large on its own still goes as one request, for the exporter to count as
-    ``too_large``."""
+    """The profile as requests of at most ``max_bytes``, split by process while one is over. Each
+    part is built with its own dictionary of only what its processes use; the exporter's generic
+    ``split_request`` could only copy the whole dictionary into every part, which a host with
+    many processes never gets under the limit. A single process too large on its own still goes
+    as one request, for the exporter to split further or count as ``too_large``."""
     request = profile_to_otlp(profile, resource_for)
     by_pid: dict[int, list[StackSample]] = {}
     for sample in profile.samples:

@@ -12,14 +12,13 @@ item is submitted it belongs to the exporter: it is sent, or its loss is counted
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
@@ -30,76 +29,12 @@ from ..telemetry import SelfTelemetry
 from .disk_queue import DiskQueue
 from .retry import Backoff
 from .signals import SPECS, build_request, count_items, split_request
+from .transport import PushResult, Route, Transport, resolve_route
 
-__all__ = ["OtlpExporter", "PushResult", "Route", "Transport", "resolve_route"]
+__all__ = ["OtlpExporter", "OtlpGrpcExporter", "OtlpHttpExporter", "PushResult", "Route", "Transport",
+           "resolve_route"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where and how one signal is sent, resolved from the config: ``url`` is the full OTLP/HTTP
-    URL, or the ``host:port`` a gRPC channel dials."""
-
-    signal: Signal
-    protocol: str
-    url: str
-    use_tls: bool
-    headers: tuple[tuple[str, str], ...]
-    compression: str
-    timeout: float
-    ca_file: str | None
-    cert_file: str | None
-    key_file: str | None
-
-    @property
-    def connection_key(self) -> tuple[Any, ...]:
-        """Routes with the same key share one channel (gRPC) or one connection pool (HTTP)."""
-        if self.protocol == "grpc":
-            return ("grpc", self.url, self.use_tls, self.ca_file, self.cert_file, self.key_file)
-        return ("http", self.ca_file, self.cert_file, self.key_file)
-
-
-def resolve_route(config: ExporterConfig, signal: Signal, protocol: str | None = None) -> Route:
-    """Applies ``signal``'s overrides; for OTLP/HTTP, a per-signal endpoint is used as is and the
-    shared one gets the signal's path (``/v1/traces``, …, ``/v1development/profiles``)."""
-    own = getattr(config, signal.value)
-    c = config.for_signal(signal.value)
-    if protocol is not None:
-        c = dataclasses.replace(c, protocol=protocol)
-    if c.protocol == "grpc":
-        url = c.target
-    else:
-        base = c.effective_endpoint
-        if not base.startswith(("http://", "https://")):
-            base = ("http://" if c.insecure else "https://") + base
-        url = base if own.endpoint is not None else base.rstrip("/") + SPECS[signal].http_path
-    return Route(signal, c.protocol, url, c.use_tls if c.protocol == "grpc" else url.startswith("https://"),
-                 tuple((k.lower(), v) for k, v in c.headers.items()), c.compression, c.timeout,
-                 c.ca_file, c.cert_file, c.key_file)
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """A request the server accepted: ``status`` labels the request counter; ``rejected`` items
-    (partial success) are counted as dropped."""
-
-    status: str
-    rejected: int = 0
-    message: str = ""
-
-
-class Transport(Protocol):
-    """A push function with a lifecycle: ``encode`` once per request (the bytes are reused on
-    every retry), ``push`` sends once and raises ``ExportError`` on failure."""
-
-    async def start(self) -> None: ...
-
-    def encode(self, route: Route, request: Any) -> bytes: ...
-
-    async def push(self, route: Route, data: bytes, timeout: float) -> PushResult: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass
@@ -485,3 +420,19 @@ class OtlpExporter:
         if now - self._last_error_log.get(key, -every) >= every:
             self._last_error_log[key] = now
             log.warning(msg, *args)
+
+
+class OtlpGrpcExporter(OtlpExporter):
+    """The exporter speaking OTLP/gRPC for every signal, whatever ``exporter.protocol`` says."""
+
+    def __init__(self, config: ExporterConfig, telemetry: SelfTelemetry, **kw: Any):
+        super().__init__(config, telemetry, protocol="grpc", **kw)
+
+
+class OtlpHttpExporter(OtlpExporter):
+    """The exporter speaking OTLP/HTTP for every signal (``http/protobuf`` unless the config
+    says ``http/json``)."""
+
+    def __init__(self, config: ExporterConfig, telemetry: SelfTelemetry, **kw: Any):
+        protocol = config.protocol if config.protocol.startswith("http/") else "http/protobuf"
+        super().__init__(config, telemetry, protocol=protocol, **kw)

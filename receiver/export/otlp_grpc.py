@@ -12,12 +12,11 @@ from .._version import __version__
 from ..config import ExporterConfig
 from ..errors import PermanentExportError
 from ..model import Signal
-from ..telemetry import SelfTelemetry
-from .exporter import OtlpExporter, PushResult, Route
 from .retry import classify_rpc_error
 from .signals import SCOPE, SPECS
+from .transport import PushResult, Route
 
-__all__ = ["SCOPE", "GrpcTransport", "OtlpGrpcExporter"]
+__all__ = ["SCOPE", "GrpcTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +79,3 @@ class GrpcTransport:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-
-
-class OtlpGrpcExporter(OtlpExporter):
-    """The exporter speaking OTLP/gRPC for every signal, whatever ``exporter.protocol`` says."""
-
-    def __init__(self, config: ExporterConfig, telemetry: SelfTelemetry, **kw: Any):
-        super().__init__(config, telemetry, protocol="grpc", **kw)

@@ -22,12 +22,11 @@ from .._version import __version__
 from ..config import ExporterConfig
 from ..errors import RetryableExportError
 from ..model import Signal
-from ..telemetry import SelfTelemetry
-from .exporter import OtlpExporter, PushResult, Route
 from .retry import classify_http_status
 from .signals import SPECS
+from .transport import PushResult, Route
 
-__all__ = ["HttpTransport", "OtlpHttpExporter", "encode_json"]
+__all__ = ["HttpTransport", "encode_json"]
 
 _USER_AGENT = f"ebpf-otlp-receiver/{__version__}"
 # OTLP/JSON writes these byte fields as hex, not as proto3 JSON's base64.
@@ -146,12 +145,3 @@ class HttpTransport:
             await self._session.close()
             self._session = None
             await asyncio.sleep(0)  # lets the connector close its sockets (aiohttp's advice)
-
-
-class OtlpHttpExporter(OtlpExporter):
-    """The exporter speaking OTLP/HTTP for every signal (``http/protobuf`` unless the config
-    says ``http/json``)."""
-
-    def __init__(self, config: ExporterConfig, telemetry: SelfTelemetry, **kw: Any):
-        protocol = config.protocol if config.protocol.startswith("http/") else "http/protobuf"
-        super().__init__(config, telemetry, protocol=protocol, **kw)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import grpc
 
 from ..config import ExporterConfig
-from .exporter import Route, resolve_route
 from .signals import SPECS
+from .transport import Route, resolve_route
 
 __all__ = ["EndpointProbe", "probe_endpoints"]
 

@@ -12,7 +12,7 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 
 from receiver.config import ExporterConfig
 from receiver.convert.attributes import to_key_values
-from receiver.export.otlp_grpc import OtlpGrpcExporter
+from receiver.export import OtlpGrpcExporter
 from receiver.model import Signal
 from receiver.telemetry import SelfTelemetry
 

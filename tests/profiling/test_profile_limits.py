@@ -1,6 +1,6 @@
-"""Size limits of profiles: an interval is split by process while its request is over
-``max_request_bytes`` (a profiles request carries its own dictionary, so it is split before it is
-built), and the library's session profile keeps a bounded number of distinct stacks."""
+"""Size limits of profiles: an interval is built as requests split by process while one is over
+``max_request_bytes``, each with its own compact dictionary, and the library's session profile
+keeps a bounded number of distinct stacks."""
 
 from __future__ import annotations
 

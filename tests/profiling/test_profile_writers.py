@@ -26,7 +26,7 @@ from receiver.config import ExporterConfig
 from receiver.convert.attributes import to_key_values
 from receiver.convert.converter import EbpfOtlpConverter
 from receiver.convert.profiles import BUILD_ID, profile_to_otlp
-from receiver.export.otlp_grpc import OtlpGrpcExporter
+from receiver.export import OtlpGrpcExporter
 from receiver.model import Signal
 from receiver.profiling.flamegraph import to_folded, write_flamegraph_svg
 from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample

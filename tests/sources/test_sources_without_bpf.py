@@ -50,6 +50,10 @@ class RecordingSink:
         self.items.append((signal, resource, item))
         return True
 
+    def submit_request(self, signal: Signal, request: Any) -> bool:
+        self.items.append((signal, None, request))
+        return True
+
 
 def _ctx(config: dict | None = None) -> tuple[SourceContext, RecordingConsumer]:
     consumer = RecordingConsumer()
