@@ -4,6 +4,8 @@
     ├── ConfigError            bad configuration; the CLI prints it and exits 2
     ├── SourceUnavailableError a source cannot run on this host (missing privilege, kernel
     │                          feature, tracepoint, BCC); that source is disabled, the rest run
+    ├── ConversionError        an EbpfEvent that cannot be converted (wrong type, missing or
+    │                          out-of-range value, end before start)
     └── ExportError            an export request failed
         ├── PermanentExportError   not retryable (e.g. INVALID_ARGUMENT): data dropped, counted
         └── RetryableExportError   retryable (e.g. UNAVAILABLE); carries the server's retry delay
@@ -15,6 +17,7 @@ __all__ = [
     "ReceiverError",
     "ConfigError",
     "SourceUnavailableError",
+    "ConversionError",
     "ExportError",
     "PermanentExportError",
     "RetryableExportError",
@@ -39,6 +42,10 @@ class SourceUnavailableError(ReceiverError):
     def __init__(self, source: str, reason: str, fix: str = ""):
         self.source, self.reason, self.fix = source, reason, fix
         super().__init__(f"source {source} unavailable: {reason}" + (f" (fix: {fix})" if fix else ""))
+
+
+class ConversionError(ReceiverError, ValueError):
+    """An event that cannot be converted; the message names the field and what was wrong."""
 
 
 class ExportError(ReceiverError):

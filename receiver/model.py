@@ -10,6 +10,7 @@ Times are wall-clock Unix nanoseconds, already mapped from the kernel's monotoni
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,8 @@ class EbpfEventType(str, enum.Enum):
     PROCESS_EXIT = "process.exit"
     PROCESS_FORK = "process.fork"
     PROCESS_OOM_KILL = "process.oom_kill"
-    CPU_SAMPLE = "cpu.sample"
+    CPU_SAMPLE = "cpu.sample"                          # on-CPU samples of one thread
+    NETWORK_PACKET = "network.packet"                  # one packet (or a burst) sent or received
     NETWORK_CONNECTION = "network.connection"          # a finished TCP connection
     NETWORK_CONNECTION_ACTIVE = "network.connection.active"  # still open at a report interval
     SYSCALL = "syscall"                                # one (slow) system call
@@ -38,22 +40,34 @@ class EbpfEventType(str, enum.Enum):
 
 @dataclass(slots=True)
 class EbpfEvent:
-    """One thing a BPF program saw.
+    """One thing a BPF program saw, in the design document's order:
+    ``EbpfEvent(EbpfEventType.NETWORK_PACKET, pid, tid, data)``.
 
-    ``attributes`` holds semantic-convention keys for the signal (e.g. ``process.exit.code``);
-    ``process`` holds what is known of the process at the time of the event (``process.pid``,
-    ``process.executable.name``, ``container.id`` …), which becomes the OTLP resource.
+    ``data`` is the raw record (bytes; a list of byte values is taken as bytes). ``attributes``
+    holds semantic-convention keys for the signal (``network.io.direction``,
+    ``syscall.name`` …). ``timestamp_unix_nano`` is when it started (now, when not given) and
+    ``duration_ns`` how long it took. What does not fit is reported as a ``ConversionError`` when
+    the event is converted.
     """
 
     event_type: EbpfEventType
     pid: int
     tid: int = 0
+    data: bytes = b""
     timestamp_unix_nano: int = 0
     duration_ns: int = 0
     comm: str = ""
     attributes: dict[str, Any] = field(default_factory=dict)
     cgroup_id: int = 0
-    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, (list, tuple, bytearray, memoryview)):
+            try:
+                self.data = bytes(self.data)
+            except (TypeError, ValueError):
+                pass   # left as given: conversion names the problem
+        if self.timestamp_unix_nano == 0:
+            self.timestamp_unix_nano = time.time_ns()
 
     @property
     def end_unix_nano(self) -> int:

@@ -20,7 +20,7 @@ from .config import EbpfConfig
 from .consumer import Consumer, Sink
 from .convert import logs, network, syscalls
 from .convert.attributes import to_key_values
-from .convert.converter import EbpfOtlpConverter
+from .convert.spec import span_proto
 from .kernel.identity import CgroupResolver, process_attributes
 from .model import EbpfEventType, Signal
 from .profiling.model import CpuProfile
@@ -108,12 +108,10 @@ class ProcessResources:
 class Pipeline:
     """Records → (resource, OTLP item) → sink, by the rules of ``receiver.convert``."""
 
-    def __init__(self, config: EbpfConfig, sink: Sink, resources: ProcessResources,
-                 converter: EbpfOtlpConverter | None = None):
+    def __init__(self, config: EbpfConfig, sink: Sink, resources: ProcessResources):
         self.config = config
         self.sink = sink
         self.resources = resources
-        self.converter = converter or EbpfOtlpConverter()
         net = config.sources.network
         self._connection_spans = net.spans
         self._min_span_ns = int(net.min_span_duration * 1e9)
@@ -159,21 +157,20 @@ class Pipeline:
         resource = self.resources.get(rec.pid, rec.comm, rec.executable_path, rec.cgroup_id, extra)
         if rec.kind is EbpfEventType.PROCESS_EXIT:
             self.resources.forget(rec.pid)
-        record = self.converter.convert_event_to_log(event)
-        if record is not None:
-            self.sink.submit(Signal.LOGS, resource, record)
+        self.sink.submit(Signal.LOGS, resource, logs.process_event_to_log(event))
 
     def _connection(self, rec: TcpConnection) -> None:
         if not (rec.finished and self._connection_spans and rec.duration_ns >= self._min_span_ns):
             return
-        span = self.converter.convert_event_to_span(network.connection_event(rec))
-        if span is not None:
-            self.sink.submit(Signal.TRACES, self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id), span)
+        # The library's rules, called directly: records made here need no checking per event.
+        spec = network.connection_span(network.connection_event(rec))
+        if spec is not None:
+            resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
+            self.sink.submit(Signal.TRACES, resource, span_proto(spec))
 
     def _slow_syscall(self, rec: SlowSyscall) -> None:
-        span = self.converter.convert_event_to_span(syscalls.slow_syscall_event(rec))
-        if span is not None:
-            self.sink.submit(Signal.TRACES, self.resources.get(rec.pid, rec.comm), span)
+        spec = syscalls.syscall_span(syscalls.slow_syscall_event(rec))
+        self.sink.submit(Signal.TRACES, self.resources.get(rec.pid, rec.comm), span_proto(spec))
 
 
 def _snapshot_comms(snapshot: MetricSnapshot) -> dict[int, str]:

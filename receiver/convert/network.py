@@ -22,7 +22,6 @@ sent). ``network.peer.address``/``network.peer.port`` are added only with ``peer
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,24 +33,23 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     NumberDataPoint,
     Sum,
 )
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from ..aggregates import OVERFLOW_KEY, ExpHistogram, Series, SeriesKey
+from ..errors import ConversionError
 from ..model import EbpfEvent, EbpfEventType
 from ..records import ConnectionSnapshot, TcpConnection
 from .attributes import to_key_values
+from .spec import Measurement, SpanSpec
 
-__all__ = ["OUTCOMES", "connection_event", "connection_span", "connection_io_metric",
+__all__ = ["OUTCOMES", "connection_event", "connection_span", "connection_io", "packet_span", "packet_io",
            "exp_histogram_point", "series_metrics", "snapshot_metrics"]
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 OUTCOMES = ("ok", "refused", "failed", "reset")
 
-_KIND = {"client": Span.SPAN_KIND_CLIENT, "server": Span.SPAN_KIND_SERVER}
+_KIND = {"client": "client", "server": "server"}
 _NAME = {"client": "tcp connect", "server": "tcp accept"}
-_OK = Status(code=Status.STATUS_CODE_UNSET)
-_rand = random.Random()
 
 
 def connection_event(c: TcpConnection) -> EbpfEvent:
@@ -76,41 +74,61 @@ def connection_event(c: TcpConnection) -> EbpfEvent:
                      comm=c.comm, attributes=attrs, cgroup_id=c.cgroup_id)
 
 
-def connection_span(event: EbpfEvent) -> Span | None:
+def connection_span(event: EbpfEvent) -> SpanSpec | None:
     """A finished connection as one span; a still-open one has no span yet (``None``)."""
     if event.event_type is not EbpfEventType.NETWORK_CONNECTION:
         return None
     a = event.attributes
     direction = a["tcp.connection.direction"]
-    outcome = a["tcp.connection.outcome"]
-    if outcome == "ok":
-        status = _OK
-        attrs = a
-    else:
-        status = Status(code=Status.STATUS_CODE_ERROR, message=f"connection {outcome}")
-        attrs = {**a, "error.type": outcome}
-    bits = _rand.getrandbits(192)
-    return Span(trace_id=(bits >> 64).to_bytes(16, "little"), span_id=(bits & ((1 << 64) - 1)).to_bytes(8, "little"),
-                name=_NAME[direction], kind=_KIND[direction],
-                start_time_unix_nano=event.timestamp_unix_nano, end_time_unix_nano=event.end_unix_nano,
-                attributes=to_key_values(attrs), status=status)
+    if direction not in _KIND:
+        raise ConversionError(f"attribute 'tcp.connection.direction': 'client' or 'server', got {direction!r}")
+    outcome = a.get("tcp.connection.outcome", "ok")
+    attrs, error = a, None
+    if outcome != "ok":
+        attrs, error = {**a, "error.type": outcome}, f"connection {outcome}"
+    return SpanSpec(_NAME[direction], _KIND[direction], event.timestamp_unix_nano, event.end_unix_nano,
+                    dict(attrs), error)
 
 
-def connection_io_metric(event: EbpfEvent) -> Metric:
-    """One connection's bytes as a DELTA ``tcp.connection.io`` point over [its start, the event]:
-    the same metric (name, unit, attribute keys) the agent reports cumulatively per process, so
-    the points of a process's finished connections add up to the agent's value."""
+def connection_io(event: EbpfEvent) -> list[Measurement]:
+    """One connection's bytes over [its start, the event]: its contribution to the agent's
+    ``tcp.connection.io`` (same name, unit and attribute keys), so the points of a process's
+    finished connections add up to the agent's cumulative value."""
     a = event.attributes
     base = {k: a[k] for k in ("network.transport", "network.type", "tcp.connection.direction",
                               "network.peer.address", "network.peer.port") if k in a}
-    m = Metric(name="tcp.connection.io", description=_IO_DESCRIPTION, unit="By")
-    m.sum.CopyFrom(Sum(aggregation_temporality=DELTA, is_monotonic=True))
-    now = event.end_unix_nano
-    for io_dir, key in (("transmit", "tcp.connection.sent_bytes"), ("receive", "tcp.connection.received_bytes")):
-        m.sum.data_points.append(NumberDataPoint(
-            attributes=to_key_values({**base, "network.io.direction": io_dir}), as_int=int(a.get(key, 0)),
-            start_time_unix_nano=event.timestamp_unix_nano, time_unix_nano=now))
-    return m
+    return [Measurement("counter", "tcp.connection.io", "By", _IO_DESCRIPTION, _non_negative(a, key, 0),
+                        {**base, "network.io.direction": io_dir}, event.timestamp_unix_nano, event.end_unix_nano)
+            for io_dir, key in (("transmit", "tcp.connection.sent_bytes"),
+                                ("receive", "tcp.connection.received_bytes"))]
+
+
+def packet_span(event: EbpfEvent) -> SpanSpec:
+    """A packet (or a burst of them): an INTERNAL span named by its direction, with its
+    ``network.*`` attributes."""
+    a = event.attributes
+    direction = a.get("network.io.direction", "transmit")
+    attrs = {"network.io.direction": direction, "network.packet.size": len(event.data), **a,
+             "process.pid": event.pid, "thread.id": event.tid or event.pid}
+    return SpanSpec(f"network packet {direction}", "internal", event.timestamp_unix_nano, event.end_unix_nano,
+                    attrs)
+
+
+def packet_io(event: EbpfEvent) -> list[Measurement]:
+    """The packet's bytes (``network.packet.size``, else the length of its data) on ``network.io``."""
+    a = event.attributes
+    size = _non_negative(a, "network.packet.size", len(event.data))
+    attrs = {k: a[k] for k in ("network.transport", "network.type", "network.interface.name") if k in a}
+    attrs["network.io.direction"] = a.get("network.io.direction", "transmit")
+    return [Measurement("counter", "network.io", "By", "Network bytes sent and received", size, attrs,
+                        event.timestamp_unix_nano, event.end_unix_nano)]
+
+
+def _non_negative(a: dict[str, Any], key: str, default: int) -> int:
+    v = a.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConversionError(f"attribute {key!r}: expected a count of bytes (an integer >= 0), got {v!r}")
+    return v
 
 
 _IO_DESCRIPTION = "TCP payload bytes sent and received"

@@ -9,7 +9,6 @@ bucket higher than OTLP would put it (a boundary approximation; count, sum, min 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -21,16 +20,17 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     NumberDataPoint,
     Sum,
 )
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from ..aggregates import HistPoint
+from ..errors import ConversionError
 from ..kernel.syscall_table import errno_name
 from ..model import EbpfEvent, EbpfEventType
 from ..records import SlowSyscall, SyscallSnapshot
 from .attributes import to_key_values
+from .spec import Measurement, SpanSpec
 
-__all__ = ["calls_metric", "errors_metric", "duration_metric", "slow_call_span", "slow_syscall_event",
-           "syscall_event_to_span", "syscall_event_to_metric", "snapshot_metrics"]
+__all__ = ["calls_metric", "errors_metric", "duration_metric", "slow_syscall_event", "syscall_span",
+           "syscall_measurements", "snapshot_metrics"]
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
@@ -73,47 +73,36 @@ def duration_metric(points: Iterable[tuple[Mapping[str, Any], HistPoint]], start
     return m
 
 
-def slow_call_span(name: str, nr: int, pid: int, tid: int, ret: int, start_unix_ns: int,
-                   end_unix_ns: int) -> Span:
-    attrs: dict[str, Any] = {"syscall.name": name, "syscall.nr": nr, "process.pid": pid,
-                             "thread.id": tid, "syscall.return_value": ret}
-    status = Status(code=Status.STATUS_CODE_UNSET)
-    if ret < 0:
-        attrs["error.type"] = errno_name(-ret)
-        status = Status(code=Status.STATUS_CODE_ERROR, message=errno_name(-ret))
-    return Span(trace_id=os.urandom(16), span_id=os.urandom(8), name=name, kind=Span.SPAN_KIND_INTERNAL,
-                start_time_unix_nano=start_unix_ns, end_time_unix_nano=end_unix_ns,
-                attributes=to_key_values(attrs), status=status)
-
-
 # ------------------------------------------------------------------ one call as an EbpfEvent
-# (the library path: ``EbpfOtlpConverter.convert_event_to_span/metric`` of a SYSCALL event;
-# attributes ``syscall.name``, ``syscall.nr``, ``syscall.return_value``)
+# (SYSCALL events: attributes ``syscall.name``, ``syscall.nr``, ``syscall.return_value``)
 
-def syscall_event_to_span(event: EbpfEvent) -> Span | None:
+def syscall_span(event: EbpfEvent) -> SpanSpec:
     a = event.attributes
-    return slow_call_span(a.get("syscall.name", "syscall"), a.get("syscall.nr", -1), event.pid,
-                          event.tid or event.pid, a.get("syscall.return_value", 0),
-                          event.timestamp_unix_nano, event.end_unix_nano)
+    name = str(a.get("syscall.name", "syscall"))
+    ret = a.get("syscall.return_value", 0)
+    if isinstance(ret, bool) or not isinstance(ret, int):
+        raise ConversionError(f"attribute 'syscall.return_value': expected an integer, got {ret!r}")
+    attrs: dict[str, Any] = {"syscall.name": name, "syscall.nr": a.get("syscall.nr", -1),
+                             "process.pid": event.pid, "thread.id": event.tid or event.pid,
+                             "syscall.return_value": ret}
+    error = None
+    if ret < 0:
+        error = attrs["error.type"] = errno_name(-ret)
+    return SpanSpec(name, "internal", event.timestamp_unix_nano, event.end_unix_nano, attrs, error)
 
 
-def syscall_event_to_metric(event: EbpfEvent) -> Metric | None:
-    """One call's duration as a delta ``syscall.duration`` point (scale 0, as the aggregates)."""
-    h = HistPoint()
-    d = max(0, event.duration_ns)
-    h.count, h.sum_ns, h.min_ns, h.max_ns = 1, d, d, d
-    h.slots[d.bit_length() - 1] = 1          # -1 (the zero bucket) for a zero duration
-    attrs = {"syscall.name": event.attributes.get("syscall.name", "syscall")}
-    m = duration_metric([(attrs, h)], event.timestamp_unix_nano, event.end_unix_nano)
-    m.exponential_histogram.aggregation_temporality = DELTA
-    return m
-
+def syscall_measurements(event: EbpfEvent) -> list[Measurement]:
+    """One call's duration: its contribution to the agent's ``syscall.duration`` histogram."""
+    return [Measurement("histogram", "syscall.duration", "ns", "System call duration", event.duration_ns,
+                        {"syscall.name": str(event.attributes.get("syscall.name", "syscall"))},
+                        event.timestamp_unix_nano, event.end_unix_nano)]
 
 
 def slow_syscall_event(rec: SlowSyscall) -> EbpfEvent:
     """A slow-call record in semantic-convention terms."""
-    return EbpfEvent(EbpfEventType.SYSCALL, rec.pid, rec.tid, rec.start_unix_nano, rec.duration_ns, rec.comm,
-                     {"syscall.name": rec.name, "syscall.nr": rec.nr, "syscall.return_value": rec.ret})
+    return EbpfEvent(EbpfEventType.SYSCALL, rec.pid, rec.tid, timestamp_unix_nano=rec.start_unix_nano,
+                     duration_ns=rec.duration_ns, comm=rec.comm,
+                     attributes={"syscall.name": rec.name, "syscall.nr": rec.nr, "syscall.return_value": rec.ret})
 
 
 def snapshot_metrics(snapshot: SyscallSnapshot) -> Iterator[tuple[int, list[Metric]]]:

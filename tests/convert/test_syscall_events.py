@@ -1,5 +1,5 @@
 """The library path for system calls: an ``EbpfEvent`` of type SYSCALL through
-``EbpfOtlpConverter`` (the sidecar's slow-call spans take the same path)."""
+``EbpfOtlpConverter``'s protobuf conversions (the sidecar's slow-call spans take the same rules)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _attrs(kvs) -> dict:
 
 
 def test_syscall_event_to_span() -> None:
-    span = EbpfOtlpConverter().convert_event_to_span(_event())
+    span = EbpfOtlpConverter().span_proto(_event())
     assert span is not None
     assert span.name == "nanosleep" and span.kind == Span.SPAN_KIND_INTERNAL
     assert (span.start_time_unix_nano, span.end_time_unix_nano) == (T0, T0 + 50_000_000)
@@ -37,14 +37,14 @@ def test_syscall_event_to_span() -> None:
 
 
 def test_failed_syscall_span_has_error_status() -> None:
-    span = EbpfOtlpConverter().convert_event_to_span(_event(ret=-4))
+    span = EbpfOtlpConverter().span_proto(_event(ret=-4))
     assert span is not None
     assert span.status.code == Status.STATUS_CODE_ERROR
     assert _attrs(span.attributes)["error.type"] == "EINTR"
 
 
 def test_syscall_event_to_metric_is_one_delta_observation() -> None:
-    metric = EbpfOtlpConverter().convert_event_to_metric(_event())
+    metric = EbpfOtlpConverter().metric_proto(_event())
     assert metric is not None and metric.name == "syscall.duration"
     h = metric.exponential_histogram
     assert h.aggregation_temporality == AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
@@ -54,6 +54,9 @@ def test_syscall_event_to_metric_is_one_delta_observation() -> None:
 
 
 def test_unconfigured_signals_give_none() -> None:
-    logs_only = EbpfOtlpConverter(["logs"])
-    assert logs_only.convert_event_to_span(_event()) is None
-    assert logs_only.convert_event_to_metric(_event()) is None
+    logs_only = EbpfOtlpConverter(signals=["logs"])
+    assert logs_only.span_proto(_event()) is None
+    assert logs_only.metric_proto(_event()) is None
+    # Without a tracer or meter, the SDK path gives None, as the design document says.
+    assert EbpfOtlpConverter().convert_event_to_span(_event()) is None
+    assert EbpfOtlpConverter().convert_event_to_metric(_event()) is None

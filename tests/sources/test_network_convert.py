@@ -33,7 +33,7 @@ def _attrs(kvs) -> dict:
 
 def test_converter_spans_for_finished_connections_only() -> None:
     conv_ = EbpfOtlpConverter()
-    span = conv_.convert_event_to_span(_event(EbpfEventType.NETWORK_CONNECTION))
+    span = conv_.span_proto(_event(EbpfEventType.NETWORK_CONNECTION))
     assert span is not None and span.kind == Span.SPAN_KIND_CLIENT
     assert (span.start_time_unix_nano, span.end_time_unix_nano) == (1_000, 1_500)
     a = _attrs(span.attributes)
@@ -41,18 +41,18 @@ def test_converter_spans_for_finished_connections_only() -> None:
     assert span.status.code == Status.STATUS_CODE_UNSET
     assert len(span.trace_id) == 16 and len(span.span_id) == 8
 
-    refused = conv_.convert_event_to_span(_event(EbpfEventType.NETWORK_CONNECTION, "refused"))
+    refused = conv_.span_proto(_event(EbpfEventType.NETWORK_CONNECTION, "refused"))
     assert refused is not None and refused.status.code == Status.STATUS_CODE_ERROR
     assert _attrs(refused.attributes)["error.type"] == "refused"
-    server = conv_.convert_event_to_span(_event(EbpfEventType.NETWORK_CONNECTION, direction="server"))
+    server = conv_.span_proto(_event(EbpfEventType.NETWORK_CONNECTION, direction="server"))
     assert server is not None and server.kind == Span.SPAN_KIND_SERVER
-    assert conv_.convert_event_to_span(_event(EbpfEventType.NETWORK_CONNECTION_ACTIVE)) is None
-    assert EbpfOtlpConverter([Signal.METRICS]).convert_event_to_span(_event(EbpfEventType.NETWORK_CONNECTION)) is None
+    assert conv_.span_proto(_event(EbpfEventType.NETWORK_CONNECTION_ACTIVE)) is None
+    assert EbpfOtlpConverter(signals=[Signal.METRICS]).span_proto(_event(EbpfEventType.NETWORK_CONNECTION)) is None
 
 
 def test_converter_metric_is_the_connections_bytes() -> None:
     for t in (EbpfEventType.NETWORK_CONNECTION, EbpfEventType.NETWORK_CONNECTION_ACTIVE):
-        m = EbpfOtlpConverter().convert_event_to_metric(_event(t))
+        m = EbpfOtlpConverter().metric_proto(_event(t))
         assert m is not None and m.name == "tcp.connection.io" and m.sum.is_monotonic
         values = {_attrs(dp.attributes)["network.io.direction"]: dp.as_int for dp in m.sum.data_points}
         assert values == {"transmit": 10, "receive": 20}

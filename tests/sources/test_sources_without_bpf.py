@@ -144,7 +144,7 @@ def test_a_connection_is_the_same_span_through_the_pipeline_and_the_library() ->
     assert [s for s, _r, _i in sink.items] == [Signal.TRACES, Signal.TRACES]
     library = EbpfOtlpConverter()
     for rec, (_s, _res, span) in zip(consumer.events, sink.items):
-        assert _span_fields(span) == _span_fields(library.convert_event_to_span(connection_event(rec)))
+        assert _span_fields(span) == _span_fields(library.span_proto(connection_event(rec)))
     assert sink.items[1][2].status.code == 2   # the reset connection is an error either way
 
 
