@@ -43,7 +43,7 @@ test: setup lint
 	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check receiver tests benchmarks deploy
+	$(VENV)/bin/ruff check receiver tests benchmarks deploy examples
 
 run: setup
 	@OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) deploy/scripts/run-local.py --config $(CONFIG)

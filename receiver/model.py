@@ -27,6 +27,8 @@ class Signal(str, enum.Enum):
 
 
 class EbpfEventType(str, enum.Enum):
+    """What an ``EbpfEvent`` is; the value is its name in OpenTelemetry data."""
+
     PROCESS_EXEC = "process.exec"
     PROCESS_EXIT = "process.exit"
     PROCESS_FORK = "process.fork"

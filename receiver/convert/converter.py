@@ -33,6 +33,7 @@ SPAN_RULES: dict[EbpfEventType, Callable[[EbpfEvent], SpanSpec | None]] = {
     EbpfEventType.NETWORK_CONNECTION_ACTIVE: network.connection_span,   # None: not finished yet
     EbpfEventType.NETWORK_PACKET: network.packet_span,
     EbpfEventType.SYSCALL: syscalls.syscall_span,
+    EbpfEventType.CPU_SAMPLE: samples.cpu_sample_span,
 }
 METRIC_RULES: dict[EbpfEventType, Callable[[EbpfEvent], list[Measurement]]] = {
     EbpfEventType.NETWORK_CONNECTION: network.connection_io,

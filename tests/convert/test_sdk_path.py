@@ -111,7 +111,9 @@ def test_document_positional_order_and_every_event_type(tracing: Any, metering: 
     assert span is not None
     span.end()
     sample = EbpfEvent(EbpfEventType.CPU_SAMPLE, 1234, 5678, b"", attributes={"profile.sample.count": 3})
-    assert converter.convert_event_to_span(sample) is None   # an instant: no span
+    sample_span = converter.convert_event_to_span(sample)
+    assert sample_span is not None and sample_span.attributes["profile.sample.count"] == 3
+    sample_span.end()
     assert [m.value for m in converter.convert_event_to_metric(sample)] == [3]
     assert converter.convert_event_to_metric(EbpfEvent(EbpfEventType.NETWORK_PACKET, 1, 1, b"x" * 100))[0].value == 100
     names = {m.name for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
