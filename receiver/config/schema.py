@@ -1,5 +1,5 @@
-"""Configuration: frozen dataclasses with every default in one place, loaded from YAML and the
-standard OTEL_* environment variables, validated as a whole.
+"""The configuration's schema: frozen dataclasses with every default and every limit in one
+place, validated as a whole (``validate()``); reading files and the environment is ``loader``'s.
 
 ``EbpfConfig.load(path)`` returns a validated config or raises one ``ConfigError`` listing every
 problem (unknown key, wrong type, bad duration/address/size, out-of-range value) with its key path.
@@ -9,19 +9,29 @@ Environment variables override the file, as they do for the OpenTelemetry SDKs' 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import types
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-
-from .errors import ConfigError
+from ..errors import ConfigError
+from . import loader
+from .forms import (
+    AT_LEAST_1,
+    POSITIVE,
+    Address,
+    Duration,
+    Endpoint,
+    Range,
+    Size,
+    field_problems,
+    parse_address,
+    parse_duration,
+    parse_size,
+    type_name,
+)
 
 __all__ = [
     "EbpfConfig",
@@ -44,121 +54,6 @@ __all__ = [
 ]
 
 
-class _Kind:
-    """Marker for ``Annotated`` fields whose text form needs parsing."""
-
-    def __init__(self, name: str, form: str):
-        self.name, self.form = name, form
-
-
-DURATION = _Kind("duration", 'a duration such as "500ms", "10s", "5m" or a number of seconds')
-SIZE = _Kind("size", 'a size such as "4MiB", "512KiB" or a number of bytes')
-ADDRESS = _Kind("address", 'an address "host:port" with a port from 1 to 65535')
-ENDPOINT = _Kind("endpoint", 'an endpoint "host:port" or a URL "http(s)://host[:port][/path]"')
-
-
-
-@dataclass(frozen=True)
-class Range:
-    """A numeric field's limits, declared on the field (``Annotated[int, Range(1)]``): checked by
-    ``validate()`` for every config, loaded or built in code, so a zero interval never reaches
-    a loop."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False     # the bound itself is not allowed
-    high_open: bool = False
-
-    def allows(self, v: float) -> bool:
-        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
-            return False
-        return not (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
-
-    def describe(self) -> str:
-        lo = None if self.low is None else ("greater than " if self.low_open else "at least ") + f"{self.low:g}"
-        hi = None if self.high is None else ("less than " if self.high_open else "at most ") + f"{self.high:g}"
-        return " and ".join(x for x in (lo, hi) if x)
-
-
-POSITIVE = Range(0, low_open=True)
-AT_LEAST_1 = Range(1)
-
-Duration = Annotated[float, DURATION]
-Size = Annotated[int, SIZE]
-Address = Annotated[str, ADDRESS]
-Endpoint = Annotated[str, ENDPOINT]
-
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024,
-               "mib": 1024**2, "gib": 1024**3}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``"250ms"``, ``"1m30s"``, ``"10s"`` or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:   # nan and inf are not durations
-            raise ValueError
-        return float(value)
-    text = str(value).strip()
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)", text)
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise ValueError
-    seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    if not math.isfinite(seconds):
-        raise ValueError
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from ``"4MiB"``, ``"512KiB"``, ``"1MB"`` or a plain number."""
-    if isinstance(value, bool):
-        raise ValueError
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError
-        return value
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
-
-
-def parse_address(value: Any) -> tuple[str, int]:
-    """``(host, port)`` from ``"host:port"`` or ``"[v6]:port"``."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s\[\]]*):(\d+)", str(value).strip())
-    if not m:
-        raise ValueError
-    host = m.group(1) if m.group(1) is not None else m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 0 < port < 65536:
-        raise ValueError
-    return host, port
-
-
-def _check_address(value: Any) -> str:
-    parse_address(value)
-    return str(value).strip()
-
-
-def _parse_endpoint(value: Any) -> str:
-    """``host:port``, or an http/https URL (the port may then be left out; a path is kept for
-    OTLP/HTTP)."""
-    text = str(value).strip()
-    m = re.fullmatch(r"(https?)://([^/?#]+)(/[^?#]*)?", text)
-    if m is None:
-        parse_address(text)
-    elif not re.fullmatch(r"\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+", m.group(2)):
-        parse_address(m.group(2))
-    return text
-
-
-_PARSERS = {"duration": parse_duration, "size": parse_size, "address": _check_address,
-            "endpoint": _parse_endpoint}
-
-
-# --------------------------------------------------------------------------- sections
 
 
 @dataclass(frozen=True)
@@ -481,38 +376,14 @@ class EbpfConfig:
     def load(cls, path: str | os.PathLike[str] | None = None,
              environ: typing.Mapping[str, str] | None = None) -> "EbpfConfig":
         """Reads ``path`` (YAML; ``None`` for defaults), applies OTEL_* variables, validates."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                raw = Path(path).read_bytes()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); "
-                                  "a config file is YAML") from None
-            try:
-                loaded = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-            except (ValueError, TypeError, OverflowError, RecursionError) as e:
-                # YAML that parses but cannot be built (a timestamp like 2001-13-45, nesting
-                # deeper than the stack): still a problem with the file, not a crash.
-                raise ConfigError(f"{path}: not valid YAML: {type(e).__name__}: {e}") from None
-            if loaded is None:
-                loaded = {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping of sections")
-            data = loaded
-        return cls.from_dict(data, environ)
+        return cls.from_dict(loader.read_yaml(path) if path is not None else {}, environ)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any],
                   environ: typing.Mapping[str, str] | None = None) -> "EbpfConfig":
         problems: list[str] = []
-        data = _apply_environment(data, os.environ if environ is None else environ, problems)
-        config = _build(cls, data, "", problems)
+        data = loader.apply_environment(data, os.environ if environ is None else environ, problems)
+        config = loader.build(cls, data, "", problems)
         problems.extend(config.problems())   # limits too, so every problem is named at once
         if problems:
             raise ConfigError(problems)
@@ -520,7 +391,7 @@ class EbpfConfig:
 
     def problems(self) -> list[str]:
         """Every problem of this config, each with its key path (empty: valid)."""
-        return _problems(self)
+        return field_problems(self)
 
     def validate(self) -> "EbpfConfig":
         """Raises one ``ConfigError`` listing every problem; for configs built in code as much
@@ -530,201 +401,6 @@ class EbpfConfig:
             raise ConfigError(problems)
         return self
 
-
-# --------------------------------------------------------------------------- environment
-
-
-def _parse_kv_list(text: str) -> dict[str, str]:
-    """W3C-baggage-like ``k=v,k2=v2`` (values URL-encoded), as OTEL_* list variables use."""
-    out = {}
-    for item in text.split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise ValueError(item)
-        k, v = item.split("=", 1)
-        out[urllib.parse.unquote(k.strip())] = urllib.parse.unquote(v.strip())
-    return out
-
-
-def _apply_exporter_environment(exporter: dict[str, Any], env: typing.Mapping[str, str], prefix: str,
-                                problems: list[str], merge_headers: bool = True) -> None:
-    """``<prefix>ENDPOINT``, ``PROTOCOL``, ``HEADERS``, ``TIMEOUT`` (ms), ``COMPRESSION``,
-    ``INSECURE``, ``CERTIFICATE``, ``CLIENT_CERTIFICATE``, ``CLIENT_KEY`` into ``exporter``."""
-    simple = {"ENDPOINT": "endpoint", "PROTOCOL": "protocol", "CERTIFICATE": "ca_file",
-              "CLIENT_CERTIFICATE": "cert_file", "CLIENT_KEY": "key_file",
-              "COMPRESSION": "compression"}
-    for var, key in simple.items():
-        if env.get(prefix + var):
-            exporter[key] = env[prefix + var].strip()
-    if env.get(prefix + "INSECURE"):
-        exporter["insecure"] = env[prefix + "INSECURE"].strip().lower() == "true"
-    if env.get(prefix + "TIMEOUT"):
-        try:
-            ms = float(env[prefix + "TIMEOUT"])
-            if not 0 < ms < float("inf"):
-                raise ValueError
-            exporter["timeout"] = ms / 1000.0
-        except ValueError:
-            problems.append(f"{prefix}TIMEOUT: expected a positive number of milliseconds")
-    if env.get(prefix + "HEADERS"):
-        try:
-            headers = _parse_kv_list(env[prefix + "HEADERS"])
-            exporter["headers"] = {**(exporter.get("headers") or {}), **headers} if merge_headers else headers
-        except ValueError:
-            problems.append(f"{prefix}HEADERS: expected key=value pairs separated by commas")
-
-
-def _apply_environment(data: dict[str, Any], env: typing.Mapping[str, str],
-                       problems: list[str]) -> dict[str, Any]:
-    data = dict(data)
-    exporter = dict(data.get("exporter") or {}) if isinstance(data.get("exporter", {}), dict) else data.get("exporter")
-    resource = dict(data.get("resource") or {}) if isinstance(data.get("resource", {}), dict) else data.get("resource")
-    if isinstance(exporter, dict):
-        _apply_exporter_environment(exporter, env, "OTEL_EXPORTER_OTLP_", problems)
-        # Per-signal variables, as the specification names them (PROFILES beside the three).
-        for signal in ("traces", "metrics", "logs", "profiles"):
-            section = exporter.get(signal) or {}
-            if isinstance(section, dict):
-                section = dict(section)
-                _apply_exporter_environment(section, env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_",
-                                            problems, merge_headers=False)
-                if section:
-                    exporter[signal] = section
-        data["exporter"] = exporter
-    if isinstance(resource, dict):
-        if env.get("OTEL_RESOURCE_ATTRIBUTES"):
-            try:
-                resource["attributes"] = {**(resource.get("attributes") or {}),
-                                          **_parse_kv_list(env["OTEL_RESOURCE_ATTRIBUTES"])}
-            except ValueError:
-                problems.append("OTEL_RESOURCE_ATTRIBUTES: expected key=value pairs separated by commas")
-        if env.get("OTEL_SERVICE_NAME"):
-            resource["service_name"] = env["OTEL_SERVICE_NAME"]
-        data["resource"] = resource
-    return data
-
-
-# --------------------------------------------------------------------------- typed building
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        base, *meta = typing.get_args(tp)
-        kind = next((m for m in meta if isinstance(m, _Kind)), None)
-        name = kind.form if kind else _type_name(base)
-        limits = [m.describe() for m in meta if isinstance(m, Range)]
-        return name + (f" ({', '.join(limits)})" if limits else "")
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " (or null)"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping of strings to strings"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    bad = object()
-    result: Any = bad
-    if origin is Annotated:
-        base, *meta = typing.get_args(tp)
-        kind = next((m for m in meta if isinstance(m, _Kind)), None)
-        if kind is None:
-            return _convert(base, value, key, problems)   # limits are checked by validate()
-        try:
-            result = _PARSERS[kind.name](value)
-        except (ValueError, TypeError):
-            pass
-    elif origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        sub: list[str] = []
-        result = _convert(args[0], value, key, sub)
-        if sub:
-            problems.extend(sub)
-            return None
-        return result
-    elif origin is Literal:
-        if value in typing.get_args(tp):
-            result = value
-    elif origin is list:
-        if isinstance(value, list):
-            (item_tp,) = typing.get_args(tp)
-            return [_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            result = {k: str(v) for k, v in value.items()}
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return _build(tp, value, key + ".", problems)
-    elif tp is bool:
-        if isinstance(value, bool):
-            result = value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            result = value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                if math.isfinite(value):   # nan and inf (.nan, .inf in YAML) are not settings
-                    result = float(value)
-            except OverflowError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            result = value
-    if result is bad:
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return None
-    return result
-
-
-def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls, include_extras=True)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for unknown in sorted(set(data) - names, key=str):  # YAML keys may be numbers, dates, ...
-        problems.append(f"{prefix}{unknown}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name in names & set(data):
-        before = len(problems)
-        value = _convert(hints[name], data[name], prefix + name, problems)
-        # A bad field keeps its default (the caller raises anyway); a section keeps its good
-        # fields, so their limits are checked too and every problem is named at once.
-        if len(problems) == before or dataclasses.is_dataclass(value):
-            kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _problems(obj: Any, prefix: str = "") -> list[str]:
-    """Every problem of a config section and its subsections: declared field limits first, then
-    the section's own cross-field rules (``_validate``)."""
-    out = []
-    hints = typing.get_type_hints(type(obj), include_extras=True)
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out.extend(_problems(value, f"{prefix}{f.name}."))
-            continue
-        tp = hints[f.name]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if value is None or typing.get_origin(tp) is not Annotated:
-            continue
-        for limit in (m for m in typing.get_args(tp)[1:] if isinstance(m, Range)):
-            if not limit.allows(value):
-                out.append(f"{prefix}{f.name}: must be {limit.describe()}, got {value!r}")
-    own = getattr(obj, "_validate", None)
-    if own is not None:
-        out.extend(prefix + p for p in own())
-    return out
 
 
 def reference_table(cls: Any = EbpfConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -737,5 +413,5 @@ def reference_table(cls: Any = EbpfConfig, prefix: str = "") -> list[tuple[str, 
         if dataclasses.is_dataclass(tp):
             rows.extend(reference_table(tp, f"{prefix}{f.name}."))
         else:
-            rows.append((prefix + f.name, _type_name(tp), repr(getattr(default, f.name))))
+            rows.append((prefix + f.name, type_name(tp), repr(getattr(default, f.name))))
     return rows
