@@ -49,7 +49,7 @@ def main() -> None:
     profile = profiler.stop()
     request = converter.convert_profile_to_otlp(profile)
     accepted = receiver.send(request, config)
-    print(f"profile: {len(profile.sample)} samples, {accepted} profile(s) accepted by the Collector")
+    print(f"profile: {len(profile.sample)} stacks, {accepted} profile(s) (one per process) accepted by the Collector")
 
     # The workload as a span on the same tracer, from an event.
     event = EbpfEvent(EbpfEventType.CPU_SAMPLE, os.getpid(), threading.get_native_id(), b"",

@@ -201,7 +201,7 @@ class TelemetryConfig:
     def _validate(self) -> list[str]:
         p = []
         if self.web_config_file is not None:
-            from .web_config import WebConfig
+            from ..web_config import WebConfig
 
             try:   # checked with the rest of the config: `check` reports it too
                 WebConfig.load(self.web_config_file)
