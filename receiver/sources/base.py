@@ -115,7 +115,8 @@ class BccSource(Source):
         """One ring-buffer record (``data`` is its address); must not block."""
 
     def collect(self) -> None:
-        """Periodic read of aggregated maps; runs every ``report_interval`` and on stop."""
+        """Periodic read of aggregated maps; runs every ``report_interval`` and on stop, always
+        with the program loaded."""
 
     def detach(self) -> None:
         """Anything attached outside BCC's own bookkeeping (e.g. perf events)."""

@@ -157,8 +157,6 @@ class NetworkSource(BccSource):
     # ------------------------------------------------------------------ periodic: open connections
 
     def collect(self) -> None:
-        if self.bpf is None:
-            return
         conns = self.bpf["conns"]
         now_k = time.monotonic_ns()   # the clock bpf_ktime_get_ns() reads
         grace = 0 if self._stopping else CLOSED_GRACE_NS

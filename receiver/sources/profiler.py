@@ -105,8 +105,6 @@ class ProfilerSource(BccSource):
             self._read_lost_counters()
 
     def collect(self) -> None:
-        if self.bpf is None:
-            return
         self._export(self.sampler.drain())
 
     def _export(self, profile: CpuProfile) -> None:

@@ -103,8 +103,6 @@ class SyscallsSource(BccSource):
     # ------------------------------------------------------------------ aggregates → metrics
 
     def collect(self) -> None:
-        if self.bpf is None:
-            return
         by_pid: dict[int, SyscallSeries] = {}
         hists: dict[tuple[int, int], HistPoint] = {}
 
