@@ -55,17 +55,12 @@ def _libc() -> ctypes.CDLL:
 
 
 def _probe_bpf_syscall() -> tuple[bool, str]:
-    nr = _SYSCALL_BPF.get(platform.machine())
-    if nr is None:
+    from .capabilities import bpf_map_create_errno
+
+    if platform.machine() not in _SYSCALL_BPF:
         return False, f"unknown architecture {platform.machine()}"
-    # union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries (u32 each).
-    attr = (ctypes.c_uint32 * 32)(2, 4, 4, 1)  # BPF_MAP_TYPE_ARRAY
-    libc = _libc()
-    fd = libc.syscall(nr, 0, ctypes.byref(attr), ctypes.sizeof(attr))  # BPF_MAP_CREATE
-    if fd < 0:
-        return False, os.strerror(ctypes.get_errno())
-    os.close(fd)
-    return True, "map created"
+    err = bpf_map_create_errno()
+    return (False, os.strerror(err)) if err else (True, "map created")
 
 
 def _probe_perf_event() -> tuple[bool, str]:
@@ -92,13 +87,18 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     rows: list[CheckRow] = []
     every = tuple(enabled)
 
-    root = os.geteuid() == 0
-    caps = has_bpf_capabilities()
-    rows.append(CheckRow("root or CAP_BPF+CAP_PERFMON", root or caps,
-                         "running as root" if root else ("capabilities present" if caps else "neither"),
-                         "run as root, or grant CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE", every))
+    # By capability, not uid: a container or systemd unit is uid 0 with only what it was granted.
+    from .capabilities import CAPABILITIES, bpf_denied, missing
+
+    lacking = {c.name for c in missing()}
+    for cap in CAPABILITIES:
+        ok = cap.name not in lacking
+        rows.append(CheckRow(cap.name, ok, "present" if ok else "missing",
+                             f"grant {cap.name}: {cap.why}", every if cap.required else ()))
     ok, detail = _probe_bpf_syscall()
-    rows.append(CheckRow("bpf() syscall", ok, detail,
+    denied = None if ok else bpf_denied()
+    rows.append(CheckRow("bpf() syscall", ok, denied or detail,
+                         "grant the capabilities above" if denied else
                          "kernel with CONFIG_BPF_SYSCALL=y; check kernel.unprivileged_bpf_disabled and seccomp",
                          every))
     btf = Path("/sys/kernel/btf/vmlinux").exists()

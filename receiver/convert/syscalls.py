@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,31 +55,52 @@ def _from_header(path: Path) -> dict[int, str]:
     return out
 
 
+# Since Linux 5.1 new system calls get one number on every architecture (alpha aside): 424 on.
+# BCC's built-in table (x86_64) ends at 334, so these complete it.
+_COMMON_SINCE_424 = (
+    "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree",
+    "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_open", "clone3",
+    "close_range", "openat2", "pidfd_getfd", "faccessat2", "process_madvise", "epoll_pwait2",
+    "mount_setattr", "quotactl_fd", "landlock_create_ruleset", "landlock_add_rule",
+    "landlock_restrict_self", "memfd_secret", "process_mrelease", "futex_waitv",
+    "set_mempolicy_home_node", "cachestat", "fchmodat2", "map_shadow_stack", "futex_wake",
+    "futex_wait", "futex_requeue", "statmount", "listmount", "lsm_get_self_attr",
+    "lsm_set_self_attr", "lsm_list_modules", "mseal", "setxattrat", "getxattrat", "listxattrat",
+    "removexattrat", "open_tree_attr", "file_getattr", "file_setattr")
+
+
+def _bcc_table() -> dict[int, str]:
+    """BCC's own table (``bcc.syscall``: ``ausyscall --dump`` when the audit tools are
+    installed, else its built-in x86_64 table); it raises on other architectures without
+    ausyscall."""
+    try:
+        from bcc.syscall import syscalls
+    except Exception:
+        return {}
+    return {int(nr): name.decode() if isinstance(name, bytes) else str(name)
+            for nr, name in syscalls.items()}
+
+
 def syscall_names() -> dict[int, str]:
-    """Syscall number → name for the running architecture: ``ausyscall --dump`` (the audit
-    library's table) when installed, else the architecture's ``asm/unistd*.h``; unknown
-    numbers are named ``syscall_<nr>`` by the caller."""
-    aus = shutil.which("ausyscall")
-    if aus:
-        try:
-            text = subprocess.run([aus, "--dump"], capture_output=True, text=True, timeout=5).stdout
-            out = {int(a): b for a, b in (ln.split()[:2] for ln in text.splitlines()[1:]
-                                          if len(ln.split()) >= 2 and ln.split()[0].isdigit())}
-            if out:
-                return out
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
-    machine = os.uname().machine
-    candidates = [Path("/usr/include") / _UNISTD.get(machine, ""), Path("/usr/include/asm/unistd_64.h")]
-    for p in candidates:
-        if p.is_file():
-            try:
-                out = _from_header(p)
-            except OSError:
-                continue
-            if out:
-                return out
-    return {}
+    """Syscall number → name for the running architecture. One table that needs nothing else
+    installed (the agent image has neither the audit tools nor /usr/include): BCC's, completed
+    with the numbers all architectures share since Linux 5.1. Elsewhere (no BCC table) the
+    architecture's ``asm/unistd*.h``. Unknown numbers are named ``syscall_<nr>`` by the caller."""
+    out = _bcc_table()
+    if not out:
+        machine = os.uname().machine
+        for p in (Path("/usr/include") / _UNISTD.get(machine, ""), Path("/usr/include/asm/unistd_64.h")):
+            if p.is_file():
+                try:
+                    out = _from_header(p)
+                except OSError:
+                    continue
+                if out:
+                    break
+    if out:
+        for i, name in enumerate(_COMMON_SINCE_424):
+            out.setdefault(424 + i, name)
+    return out
 
 
 def _sum_metric(name: str, description: str, points: Iterable[tuple[Mapping[str, Any], int]],

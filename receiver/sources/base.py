@@ -62,7 +62,8 @@ def load_bcc() -> Any:
 
 def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
     """Compiles and loads ``bpf/<bpf_file>`` with BCC, or raises ``SourceUnavailableError``
-    saying what is missing (BCC, the program file, kernel headers for BCC's compiler)."""
+    saying what is missing (BCC, the program file, kernel headers for BCC's compiler, a
+    capability: a permission problem is told apart from a compile error)."""
     bcc = load_bcc()
     src_dir = bpf_source_dir()
     path = src_dir / bpf_file
@@ -74,7 +75,16 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> 
             source_name, f"no kernel headers at {build}",
             "apt-get install linux-headers-amd64 (or linux-headers-$(uname -r)), then "
             "deploy/scripts/prepare-host.sh links them")
-    return bcc.BPF(text=path.read_text(), cflags=[f"-I{src_dir}", *cflags])
+    try:
+        return bcc.BPF(text=path.read_text(), cflags=[f"-I{src_dir}", *cflags])
+    except Exception as e:
+        # BCC reports a denied bpf() as "Failed to compile BPF module": tell the two apart.
+        from ..capabilities import explain_load_failure
+
+        reason = explain_load_failure(e)
+        if reason:
+            raise SourceUnavailableError(source_name, reason) from e
+        raise
 
 
 def tracepoint_has_field(tracepoint: str, field: str) -> bool:
@@ -252,12 +262,13 @@ class BccSource(Source):
     async def start(self) -> None:
         if self.bpf is not None:
             return
-        if os.geteuid() != 0:
-            import receiver.preflight as preflight
+        # uid 0 is not enough: a container or unit runs as root with only what it was granted.
+        from ..capabilities import missing
 
-            if not preflight.has_bpf_capabilities():
-                raise SourceUnavailableError(self.name, "not running as root and without CAP_BPF+CAP_PERFMON",
-                                             "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE")
+        lacking = [c.name for c in missing(required_only=True)]
+        if lacking:
+            raise SourceUnavailableError(self.name, f"the process lacks {', '.join(lacking)}",
+                                         f"run as root, or grant {' and '.join(lacking)}")
         t0 = time.monotonic()
         try:
             # Compiling takes a second or more: keep the event loop (and /healthz) responsive.
