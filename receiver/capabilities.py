@@ -16,8 +16,17 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Capability", "CAPABILITIES", "REQUIRED", "effective_caps", "has", "missing",
-           "bpf_denied", "explain_load_failure", "bpf_map_create_errno"]
+__all__ = [
+    "CAPABILITIES",
+    "REQUIRED",
+    "Capability",
+    "bpf_denied",
+    "bpf_map_create_errno",
+    "effective_caps",
+    "explain_load_failure",
+    "has",
+    "missing",
+]
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,16 @@ def agent_config(collector: Collector, sources: dict[str, Any], **sections: Any)
     return {"exporter": exporter, "sources": all_sources, **sections}
 
 
+def _decoded_kv(kv: dict[str, Any], strings: list[str]) -> tuple[str, Any]:
+    """An attribute as the Collector writes profiles: key and string values inline or as
+    string-table indices."""
+    key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
+    value = kv.get("value", {})
+    if "stringValueStrindex" in value:
+        return key, strings[value["stringValueStrindex"]]
+    return key, any_value(value)
+
+
 def profile_kernel_frames(requests: list[dict[str, Any]]) -> tuple[int, set[str]]:
     """From OTLP/JSON profile requests: how many locations are kernel frames
     (``profile.frame.type`` = kernel), and the function names of those that are named."""
@@ -272,16 +282,9 @@ def profile_kernel_frames(requests: list[dict[str, Any]]) -> tuple[int, set[str]
         strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
         attrs = d.get("attributeTable", [])
 
-        def decoded(i: int) -> tuple[str, Any]:
-            kv = attrs[i]
-            key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
-            value = kv.get("value", {})
-            if "stringValueStrindex" in value:
-                return key, strings[value["stringValueStrindex"]]
-            return key, any_value(value)
-
         for loc in d.get("locationTable", []):
-            if dict(decoded(i) for i in loc.get("attributeIndices", [])).get("profile.frame.type") != "kernel":
+            if dict(_decoded_kv(attrs[i], strings) for i in loc.get("attributeIndices", [])).get(
+                    "profile.frame.type") != "kernel":
                 continue
             total += 1
             for line in loc.get("lines", []):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import configparser
 import json
+import platform
 import shutil
 import subprocess
-import platform
 import sys
 from pathlib import Path
 
@@ -17,8 +17,15 @@ import pytest
 
 from receiver.capabilities import CAPABILITIES
 
-from .harness import (REPO, Agent, Collector, agent_config, fail_or_skip, profile_kernel_frames,
-                      wait_until)
+from .harness import (
+    REPO,
+    Agent,
+    Collector,
+    agent_config,
+    fail_or_skip,
+    profile_kernel_frames,
+    wait_until,
+)
 
 SYSTEMD_UNIT = REPO / "deploy" / "systemd" / "ebpf-otlp-receiver.service"
 SOURCES = ("process", "profiler", "network", "syscalls")
@@ -87,7 +94,7 @@ def test_without_cap_syslog_the_warning_names_it(bpf_ok: None) -> None:
             "from receiver.profiling.kallsyms import KernelSymbols\n"
             "assert not KernelSymbols().available\n")
     r = subprocess.run([*_drop("CAP_SYSLOG"), sys.executable, "-c", code], capture_output=True,
-                       text=True, timeout=60, cwd=REPO)
+                       text=True, timeout=60, cwd=REPO, check=False)
     assert r.returncode == 0, r.stderr
     assert "lacks CAP_SYSLOG" in r.stderr and "grant CAP_SYSLOG" in r.stderr, r.stderr
 
@@ -104,12 +111,12 @@ def test_denied_bpf_is_told_apart_from_a_compile_error(bpf_ok: None) -> None:
             "except SourceUnavailableError as e:\n"
             "    print('REASON', e.reason)\n")
     r = subprocess.run([*_drop("CAP_BPF", "CAP_SYS_ADMIN"), sys.executable, "-c", code],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+                       capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert "REASON permission denied" in r.stdout and "CAP_BPF" in r.stdout, r.stdout + r.stderr
     assert "Failed to compile" not in r.stdout
     # The same program compiles and loads with the capability (it is not a compile error).
     ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                        cwd=REPO)
+                        cwd=REPO, check=False)
     assert ok.returncode == 0 and "REASON" not in ok.stdout, ok.stdout + ok.stderr
 
 
@@ -124,7 +131,7 @@ def test_check_and_run_name_the_missing_capability(bpf_ok: None, tmp_path: Path)
                                   "exporter": {"endpoint": "http://127.0.0.1:9"}}))
     drop = _drop("CAP_BPF", "CAP_SYS_ADMIN")
     check = subprocess.run([*drop, sys.executable, "-m", "receiver", "check", "--config", str(config)],
-                           capture_output=True, text=True, timeout=120, cwd=REPO)
+                           capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert check.returncode != 0, check.stdout
     rows = {line.split()[0]: line for line in check.stdout.splitlines() if line.strip()}
     assert "missing" in rows["CAP_BPF"] and "ok" in rows["CAP_PERFMON"], check.stdout
@@ -154,7 +161,7 @@ def test_syscall_names_need_no_audit_tools_nor_headers(tmp_path: Path) -> None:
             "n = syscall_names(); print(json.dumps({k: n.get(k) for k in (0, 202, 232, 281, 441)}))\n")
     script = f"mount -t tmpfs none /usr/include && PATH={bindir} exec {sys.executable} -c \"$0\""
     r = subprocess.run(["unshare", "--mount", "sh", "-c", script, code], capture_output=True,
-                       text=True, timeout=60, cwd=REPO)
+                       text=True, timeout=60, cwd=REPO, check=False)
     if r.returncode and "mount" in r.stderr and "permission" in r.stderr.lower():
         fail_or_skip(f"cannot hide /usr/include here: {r.stderr}")
     assert r.returncode == 0, r.stderr

@@ -8,8 +8,8 @@ from __future__ import annotations
 import configparser
 import json
 import re
-import shutil
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any

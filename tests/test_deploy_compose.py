@@ -25,7 +25,15 @@ import yaml
 
 from receiver.config import EbpfConfig
 
-from .harness import REPO, Collector, attributes, fail_or_skip, free_port, profile_kernel_frames, wait_until
+from .harness import (
+    REPO,
+    Collector,
+    attributes,
+    fail_or_skip,
+    free_port,
+    profile_kernel_frames,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -38,7 +46,7 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> str:
     try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{what}: timed out after {timeout}s: {e.stderr}") from None
     if r.returncode:
@@ -118,7 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         subprocess.run([*s.base, *s.files, "down", "-v", "--remove-orphans", "-t", "30"], env=env,
-                       capture_output=True, timeout=300, cwd=REPO)
+                       capture_output=True, timeout=300, cwd=REPO, check=False)
         (REPO / "deploy" / "ca-certificates" / "host-ci.crt").unlink(missing_ok=True)
 
 
@@ -145,7 +153,7 @@ def _agent_bpf_prog_ids(pid: int) -> set[int]:
 
 
 def _loaded_prog_ids() -> set[int]:
-    r = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     return {p["id"] for p in json.loads(r.stdout or "[]")}
 
@@ -247,7 +255,7 @@ def _data_reaches_the_collector(stack: Stack, collector: Collector) -> None:
 
         wait_until(kernel_names, 120, 1, "a profile with named kernel frames")
     finally:
-        subprocess.run([DOCKER, "rm", "-f", workload], env=stack.env, capture_output=True, timeout=60)
+        subprocess.run([DOCKER, "rm", "-f", workload], env=stack.env, capture_output=True, timeout=60, check=False)
     # No call that blocks by design became a slow-call span (judged by number, so a name the agent
     # could not resolve does not slip through).
     excluded = set(EbpfConfig.default().sources.syscalls.slow_exclude)

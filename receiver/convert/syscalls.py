@@ -75,7 +75,7 @@ def _bcc_table() -> dict[int, str]:
     ausyscall."""
     try:
         from bcc.syscall import syscalls
-    except Exception:
+    except Exception:  # noqa: BLE001 - bcc.syscall raises a bare Exception without ausyscall
         return {}
     return {int(nr): name.decode() if isinstance(name, bytes) else str(name)
             for nr, name in syscalls.items()}
