@@ -107,6 +107,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if os.geteuid() != 0:
         fail_or_skip("the deployment test starts a Docker engine: needs root")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "COMPOSE_"))}
+    was_running = subprocess.run(["bash", str(ENGINE), "status"], capture_output=True,
+                                 timeout=60, check=False).returncode == 0
     try:
         host = subprocess.run(["bash", str(ENGINE), "start"], capture_output=True, text=True,
                               timeout=900, check=True).stdout.strip().splitlines()[-1]
@@ -128,6 +130,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         subprocess.run([*s.base, *s.files, "down", "-v", "--remove-orphans", "-t", "30"], env=env,
                        capture_output=True, timeout=300, cwd=REPO, check=False)
         (REPO / "deploy" / "ca-certificates" / "host-ci.crt").unlink(missing_ok=True)
+        if not was_running:   # what it built stays in the data root for the next run
+            subprocess.run(["bash", str(ENGINE), "stop"], capture_output=True, timeout=120, check=False)
 
 
 def _get_json(url: str) -> Any:

@@ -4,6 +4,7 @@
 # Docker on the machine and what it built (images, layers) is kept for the next run.
 #   engine.sh start    installs docker.io if missing, starts dockerd unless it answers; prints
 #                      the DOCKER_HOST to use
+#   engine.sh status   exit 0 when the engine answers
 #   engine.sh stop     stops the dockerd this script started
 #   engine.sh images COMPOSE_FILE...
 #                      makes every image the compose files name available: pulled when a
@@ -101,7 +102,8 @@ images() {
 
 case "${1:-}" in
   start) start ;;
+  status) answers ;;
   stop) stop ;;
   images) shift; images "$@" ;;
-  *) echo "usage: $0 start|stop|images COMPOSE_FILE..." >&2; exit 2 ;;
+  *) echo "usage: $0 start|status|stop|images COMPOSE_FILE..." >&2; exit 2 ;;
 esac
