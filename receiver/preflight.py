@@ -27,20 +27,11 @@ class CheckRow:
     needed_by: tuple[str, ...] = ()
 
 
-def _effective_caps() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
 def has_bpf_capabilities() -> bool:
-    caps = _effective_caps()
-    return bool(caps & (1 << CAP_SYS_ADMIN)) or (
-        bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON)))
+    """CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) in the effective set."""
+    from .capabilities import missing
+
+    return not missing(required_only=True)
 
 
 def tracefs_root() -> Path | None:
