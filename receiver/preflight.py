@@ -79,13 +79,14 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     every = tuple(enabled)
 
     # By capability, not uid: a container or systemd unit is uid 0 with only what it was granted.
-    from .capabilities import CAPABILITIES, bpf_denied, missing
+    from .capabilities import CAPABILITIES, bpf_denied, has, missing
 
     lacking = {c.name for c in missing()}
     for cap in CAPABILITIES:
         ok = cap.name not in lacking
-        rows.append(CheckRow(cap.name, ok, "present" if ok else "missing",
-                             f"grant {cap.name}: {cap.why}", every if cap.required else ()))
+        detail = ("present" if has(cap.name) else "covered by CAP_SYS_ADMIN") if ok else "missing"
+        rows.append(CheckRow(cap.name, ok, detail, f"grant {cap.name}: {cap.why}",
+                             every if cap.required else ()))
     ok, detail = _probe_bpf_syscall()
     denied = None if ok else bpf_denied()
     rows.append(CheckRow("bpf() syscall", ok, denied or detail,
