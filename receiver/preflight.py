@@ -84,7 +84,7 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     lacking = {c.name for c in missing()}
     for cap in CAPABILITIES:
         ok = cap.name not in lacking
-        detail = ("present" if has(cap.name) else "covered by CAP_SYS_ADMIN") if ok else "missing"
+        detail = ("present" if has(cap.name) else "covered by CAP_SYS_ADMIN") if ok else "not in the effective set"
         rows.append(CheckRow(cap.name, ok, detail, f"grant {cap.name}: {cap.why}",
                              every if cap.required else ()))
     ok, detail = _probe_bpf_syscall()
