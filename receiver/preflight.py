@@ -3,7 +3,6 @@ each with the fix. Probes are real (a bpf() map create, a perf_event_open), not 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,21 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     rows: list[CheckRow] = []
     every = tuple(enabled)
 
-    root = os.geteuid() == 0
-    caps = host.has_bpf_capabilities()
-    rows.append(CheckRow("root or CAP_BPF+CAP_PERFMON", root or caps,
-                         "running as root" if root else ("capabilities present" if caps else "neither"),
-                         host.FIX_PRIVILEGES, every))
+    # By capability, not uid: a container or systemd unit is uid 0 with only what it was granted.
+    from .kernel.capabilities import CAPABILITIES, bpf_denied, has, missing
+
+    lacking = {c.name for c in missing()}
+    for cap in CAPABILITIES:
+        ok = cap.name not in lacking
+        detail = ("present" if has(cap.name) else "covered by CAP_SYS_ADMIN") if ok else "not in the effective set"
+        rows.append(CheckRow(cap.name, ok, detail, f"grant {cap.name}: {cap.why}",
+                             every if cap.required else ()))
     ok, detail = host.probe_bpf_syscall()
-    rows.append(CheckRow("bpf() syscall", ok, detail,
-                         host.FIX_PRIVILEGES if detail == os.strerror(1) else host.FIX_BPF_SYSCALL, every))
+    denied = None if ok else bpf_denied()
+    rows.append(CheckRow("bpf() syscall", ok, denied or detail,
+                         "grant the capabilities above" if denied else
+                         host.FIX_BPF_SYSCALL,
+                         every))
     btf = Path("/sys/kernel/btf/vmlinux").exists()
     rows.append(CheckRow("kernel BTF (/sys/kernel/btf/vmlinux)", btf, "present" if btf else "missing",
                          "kernel with CONFIG_DEBUG_INFO_BTF=y (optional: used for fentry/fexit)", ()))

@@ -201,8 +201,10 @@ class Collector:
 class Agent:
     """``ebpf-otlp-receiver run`` as a real process, with a config written for the test."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None):
         self.workdir = workdir
+        self.wrapper = wrapper or []   # e.g. setpriv with a capability set
         self.metrics_port = free_port()
         config = dict(config)
         config.setdefault("telemetry", {})
@@ -217,7 +219,7 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(self.env)
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "receiver", "run", "--config",
+            self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "receiver", "run", "--config",
                                           str(self.config_path)], env=env, stdout=logf,
                                          stderr=subprocess.STDOUT, cwd=REPO)
         if wait_ready:
@@ -271,3 +273,34 @@ def agent_config(collector: Collector, sources: dict[str, Any], **sections: Any)
         all_sources[name] = {"enabled": True, **cfg}
     exporter = {"endpoint": collector.endpoint, "batch_timeout": "200ms", **sections.pop("exporter", {})}
     return {"exporter": exporter, "sources": all_sources, **sections}
+
+
+def _decoded_kv(kv: dict[str, Any], strings: list[str]) -> tuple[str, Any]:
+    """An attribute as the Collector writes profiles: key and string values inline or as
+    string-table indices."""
+    key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
+    value = kv.get("value", {})
+    if "stringValueStrindex" in value:
+        return key, strings[value["stringValueStrindex"]]
+    return key, any_value(value)
+
+
+def profile_kernel_frames(requests: list[dict[str, Any]]) -> tuple[int, set[str]]:
+    """From OTLP/JSON profile requests: how many locations are kernel frames
+    (``profile.frame.type`` = kernel), and the function names of those that are named."""
+    total, names = 0, set()
+    for req in requests:
+        d = req.get("dictionary", {})
+        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
+        attrs = d.get("attributeTable", [])
+
+        for loc in d.get("locationTable", []):
+            if dict(_decoded_kv(attrs[i], strings) for i in loc.get("attributeIndices", [])).get(
+                    "profile.frame.type") != "kernel":
+                continue
+            total += 1
+            for line in loc.get("lines", []):
+                name = strings[funcs[line.get("functionIndex", 0)].get("nameStrindex", 0)]
+                if name:
+                    names.add(name)
+    return total, names

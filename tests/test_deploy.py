@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from receiver.config import EbpfConfig, parse_address
+from receiver.kernel.capabilities import CAPABILITIES
 
 from .harness import REPO
 
@@ -28,6 +29,11 @@ K8S_DIR = REPO / "deploy" / "kubernetes"
 SYSTEMD_UNIT = REPO / "deploy" / "systemd" / "ebpf-otlp-receiver.service"
 PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 INSTALL_SCRIPT = "deploy/scripts/install-system-deps.sh"
+DOCKER20_ENV = REPO / "deploy" / "compose" / "docker20.env"
+README = REPO / "README.md"
+# The one capability set (receiver/kernel/capabilities.py), as Docker and Kubernetes spell it.
+CAP_SET = {c.name for c in CAPABILITIES}
+SHORT_SET = {c.removeprefix("CAP_") for c in CAP_SET}
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +98,35 @@ def test_compose_local_files_exist(compose: dict[str, Any]) -> None:
 def test_compose_agent_privileges_and_mounts(compose: dict[str, Any]) -> None:
     agent = compose["services"]["agent"]
     assert agent["pid"] == "host"
-    assert {"BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"} <= set(agent["cap_add"])
     assert not agent.get("privileged")
     mounts = {str(v).split(":")[1]: str(v) for v in agent["volumes"]}
     for target in ("/sys/kernel/tracing", "/sys/kernel/debug", "/sys/fs/cgroup", "/lib/modules",
                    "/usr/src", "/sys/kernel/btf"):
         assert target in mounts, f"agent does not mount {target}"
         assert mounts[target].endswith(":ro"), f"{target} must be mounted read-only"
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}``."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), value)
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+
+
+def test_one_capability_set_everywhere(compose: dict[str, Any]) -> None:
+    """compose (current Docker, and Docker 20.10 through its env file), the DaemonSet, the
+    systemd unit and the README state the same set as receiver/kernel/capabilities.py."""
+    cap_add = compose["services"]["agent"]["cap_add"]
+    assert {_interpolate(c, {}) for c in cap_add} == SHORT_SET
+    # Docker 20.10 rejects the BPF/PERFMON names; SYS_ADMIN stands in for both, nothing else changes.
+    docker20 = {_interpolate(c, _env_file(DOCKER20_ENV)) for c in cap_add}
+    assert docker20 == (SHORT_SET - {"BPF", "PERFMON"}) | {"SYS_ADMIN"}
+    (table,) = re.findall(r"\| capability \| why \|\n\|[-|]+\|\n((?:\|.*\|\n)+)", README.read_text())
+    readme = {row.split("|")[1].strip().strip("`") for row in table.splitlines()}
+    assert readme == CAP_SET
 
 
 def test_compose_agent_consistent_with_receiver_config(compose: dict[str, Any]) -> None:
@@ -230,7 +258,8 @@ def test_daemonset() -> None:
     (agent,) = pod["containers"]
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9464}
     assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9464}
-    assert {"BPF", "PERFMON", "SYS_RESOURCE", "SYS_PTRACE"} <= set(agent["securityContext"]["capabilities"]["add"])
+    assert set(agent["securityContext"]["capabilities"]["add"]) == SHORT_SET
+    assert agent["securityContext"]["capabilities"]["drop"] == ["ALL"]
     env = {e["name"]: e for e in agent["env"]}
     assert env["K8S_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"] == "k8s.node.name=$(K8S_NODE_NAME)"
@@ -278,7 +307,9 @@ def test_systemd_unit() -> None:
     parser.read_string(SYSTEMD_UNIT.read_text())
     service = parser["Service"]
     for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
-        assert set(service[key].split()) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_RESOURCE", "CAP_SYS_PTRACE"}
+        assert set(service[key].split()) == CAP_SET
+    # ProtectKernelLogs= would take CAP_SYSLOG out of the bounding set.
+    assert service.get("ProtectKernelLogs", "no") == "no"
     assert "run --config /etc/ebpf-otlp-receiver/config.yaml" in service["ExecStart"]
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert parser["Install"]["WantedBy"] == "multi-user.target"

@@ -12,33 +12,10 @@ out=$cache/$key
 bin=$out/otelcol-ebpf/otelcol-ebpf
 if [ -x "$bin" ]; then echo "$bin"; exit 0; fi
 
-# ocb $builder_version needs Go >= $go_min. Debian 12's golang-go (1.19) is older: then a Go
-# toolchain comes from the Go module proxy (the same place `GOTOOLCHAIN=auto` fetches it from),
-# cached beside the Collector.
-go_min=1.25.0
-go_fallback=1.25.5
-go_ok() {
-  command -v go >/dev/null || return 1
-  local v; v=$(go env GOVERSION 2>/dev/null | sed 's/^go//') || return 1
-  [ "$(printf '%s\n%s\n' "$go_min" "$v" | sort -V | head -n1)" = "$go_min" ]
-}
-if ! go_ok; then
-  case $(uname -m) in x86_64) goarch=amd64 ;; aarch64) goarch=arm64 ;; *) goarch=$(uname -m) ;; esac
-  toolchain=$cache/go$go_fallback
-  if [ ! -x "$toolchain/bin/go" ]; then
-    proxy=${GOPROXY:-https://proxy.golang.org}; proxy=${proxy%%,*}
-    url=$proxy/golang.org/toolchain/@v/v0.0.1-go$go_fallback.linux-$goarch.zip
-    echo "otelcol: no Go >= $go_min here; fetching Go $go_fallback from $url" >&2
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
-    curl -fsSL --retry 3 "$url" -o "$tmp/go.zip"
-    unzip -q "$tmp/go.zip" -d "$tmp"
-    mkdir -p "$cache"
-    rm -rf "$toolchain"
-    mv "$tmp"/golang.org/toolchain@*/ "$toolchain"
-  fi
-  export PATH=$toolchain/bin:$PATH GOTOOLCHAIN=local
-fi
+# ocb $builder_version needs Go >= 1.25 (a toolchain from the Go module proxy when the local one
+# is older, cached beside the Collector).
+. "$here/deploy/scripts/go-toolchain.sh"
+ensure_go 1.25.0 "$cache"
 gobin=$(go env GOPATH)/bin
 if ! "$gobin/builder" version 2>/dev/null | grep -q "${builder_version#v}"; then
   echo "otelcol: installing the Collector Builder $builder_version" >&2

@@ -10,13 +10,17 @@ RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificat
 # through tracepoint fields and helpers (never through struct layouts).
 HEADER_PKGS=(linux-headers-amd64)
 TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip)
+# The deployment test (tests/test_deploy_compose.py): Debian's Docker engine, debootstrap for a
+# base image where no registry answers, bpftool to list loaded BPF programs.
+DOCKER_PKGS=(docker.io debootstrap bpftool)
 
 want=("${RUNTIME_PKGS[@]}")
 case "${1:-}" in
   --test) want+=("${HEADER_PKGS[@]}" "${TEST_PKGS[@]}") ;;
   --runtime-with-headers) want+=("${HEADER_PKGS[@]}") ;;
+  --docker) want=("${DOCKER_PKGS[@]}") ;;
   --runtime|"") ;;
-  *) echo "usage: $0 [--runtime|--runtime-with-headers|--test]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--runtime|--runtime-with-headers|--test|--docker]" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -9,8 +9,6 @@ its main file, and ``common.bpf.h`` holds such calls for every program.
 from __future__ import annotations
 
 import ctypes
-import errno
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 from ..errors import SourceUnavailableError
 from . import host
+from .capabilities import explain_load_failure
 
 __all__ = ["bpf_source_dir", "load_bcc", "program_text", "compile_bpf", "tracepoint_has_field",
            "header_enum", "check_mirror"]
@@ -80,12 +79,14 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> 
     try:
         return bcc.BPF(text=program_text(bpf_file), cflags=[f"-I{src_dir}", *cflags])
     except Exception as e:
+        # BCC reports a denied bpf() as "Failed to compile BPF module": tell the two apart.
+        reason = explain_load_failure(e)
+        if reason:
+            raise SourceUnavailableError(source_name, reason, host.FIX_PRIVILEGES) from e
         ok, detail = host.probe_bpf_syscall()
         if not ok:
-            denied = detail in (os.strerror(errno.EPERM), os.strerror(errno.EACCES))
-            raise SourceUnavailableError(
-                source_name, f"the kernel refused bpf(): {detail}",
-                host.FIX_PRIVILEGES if denied else host.FIX_BPF_SYSCALL) from e
+            raise SourceUnavailableError(source_name, f"the kernel refused bpf(): {detail}",
+                                         host.FIX_BPF_SYSCALL) from e
         raise SourceUnavailableError(source_name, f"{bpf_file} failed to compile or load: {e}") from e
 
 

@@ -9,16 +9,16 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["CAP_SYS_ADMIN", "CAP_PERFMON", "CAP_BPF", "FIX_PRIVILEGES", "FIX_BCC", "FIX_HEADERS",
-           "FIX_TRACEFS", "FIX_BPF_SYSCALL", "FIX_PERF_EVENTS", "effective_caps",
+from .capabilities import CAPABILITIES, missing
+
+__all__ = ["FIX_PRIVILEGES", "FIX_BCC", "FIX_HEADERS", "FIX_TRACEFS", "FIX_BPF_SYSCALL", "FIX_PERF_EVENTS",
            "has_bpf_capabilities", "tracefs_root", "kernel_headers_dir", "probe_bpf_syscall",
            "probe_perf_event"]
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 _SYSCALL_BPF = {"x86_64": 321, "aarch64": 280}
 _SYSCALL_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
 
-FIX_PRIVILEGES = "run as root, or grant CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE"
+FIX_PRIVILEGES = "grant " + ", ".join(c.name for c in CAPABILITIES) + " (README: Capabilities)"
 FIX_BCC = "apt-get install python3-bpfcc, and make the venv see it (make setup links it)"
 FIX_HEADERS = ("apt-get install linux-headers-amd64 (or linux-headers-$(uname -r)), then "
                "deploy/scripts/prepare-host.sh links them")
@@ -29,21 +29,9 @@ FIX_PERF_EVENTS = ("a kernel with CONFIG_PERF_EVENTS; kernel.perf_event_paranoid
                    "CAP_PERFMON, or root")
 
 
-def effective_caps() -> int:
-    """This process's effective capability set (``CapEff`` of /proc/self/status)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
 def has_bpf_capabilities() -> bool:
-    caps = effective_caps()
-    return bool(caps & (1 << CAP_SYS_ADMIN)) or (
-        bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON)))
+    """CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) in the effective set."""
+    return not missing(required_only=True)
 
 
 def tracefs_root() -> Path | None:

@@ -2,8 +2,9 @@
 
 kallsyms has no sizes, so a symbol extends to the next one. Modules and BPF programs come and
 go; an address past the last known symbol re-reads the file (at most once per ``RELOAD_AFTER_S``),
-which is how newly loaded code gets its names. With ``kernel.kptr_restrict`` hiding addresses
-(all zeros) kernel frames stay unresolved; that is logged once.
+which is how newly loaded code gets its names. When the kernel hides the addresses (all zeros:
+no CAP_SYSLOG, or ``kernel.kptr_restrict`` = 2) kernel frames stay unresolved; that is logged
+once, with the cause.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class KernelSymbols:
         if not any_nonzero:
             if not self._hidden_logged:
                 self._hidden_logged = True
-                log.warning("%s shows no addresses (kernel.kptr_restrict, or not root): kernel "
-                            "frames stay unresolved, with their addresses", self._path)
+                log.warning("%s shows no addresses: %s. Kernel frames stay unresolved, with "
+                            "their addresses", self._path, hidden_addresses_cause())
             return
         symbols.sort()
         self._starts = array("Q", (a for a, _ in symbols))
@@ -110,3 +111,27 @@ class KernelSymbols:
 
     def _reload_allowed(self) -> bool:
         return len(self._starts) > 0 and time.monotonic() - self._loaded_at >= self.RELOAD_AFTER_S
+
+
+def _sysctl(name: str) -> int | None:
+    try:
+        with open(f"/proc/sys/kernel/{name}") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def hidden_addresses_cause() -> str:
+    """Why the kernel shows this process zero addresses: the kernel's kallsyms_show_value()
+    rule (kptr_restrict 2 hides them from everyone; 1 needs CAP_SYSLOG; 0 needs CAP_SYSLOG or
+    perf_event_paranoid <= 1), stated with the values read here."""
+    from ..kernel.capabilities import has
+
+    restrict, paranoid = _sysctl("kptr_restrict"), _sysctl("perf_event_paranoid")
+    if restrict is not None and restrict >= 2:
+        return f"kernel.kptr_restrict={restrict} hides them from every process; set it to 1"
+    if not has("CAP_SYSLOG"):
+        return (f"the process lacks CAP_SYSLOG, which kernel.kptr_restrict={restrict} with "
+                f"kernel.perf_event_paranoid={paranoid} requires; grant CAP_SYSLOG")
+    return (f"although CAP_SYSLOG is held (kernel.kptr_restrict={restrict}); a security module "
+            "may hide them")

@@ -15,15 +15,14 @@ import abc
 import asyncio
 import ctypes
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import SourceUnavailableError
-from ..kernel import host
 from ..kernel.bcc import check_mirror, compile_bpf
+from ..kernel.capabilities import missing
 from ..kernel.clock import KernelClock
 
 if TYPE_CHECKING:
@@ -136,9 +135,11 @@ class BccSource(Source):
     async def start(self) -> None:
         if self.bpf is not None:
             return
-        if os.geteuid() != 0 and not host.has_bpf_capabilities():
-            raise SourceUnavailableError(self.name, "not running as root and without CAP_BPF+CAP_PERFMON",
-                                         host.FIX_PRIVILEGES)
+        # uid 0 is not enough: a container or unit runs as root with only what it was granted.
+        lacking = [c.name for c in missing(required_only=True)]
+        if lacking:
+            raise SourceUnavailableError(self.name, f"the process lacks {', '.join(lacking)}",
+                                         f"grant {' and '.join(lacking)}")
         t0 = time.monotonic()
         try:
             # Compiling takes a second or more: keep the event loop (and /healthz) responsive.
