@@ -163,7 +163,7 @@ def _loaded_prog_ids() -> set[int]:
 
 
 def _syscall_names() -> dict[int, str]:
-    from receiver.convert.syscalls import syscall_names
+    from receiver.kernel.syscall_table import syscall_names
 
     return syscall_names()
 
