@@ -143,6 +143,14 @@ def run() -> int:
     print(f"  (b) empty programs    {pb:8.1f} ns   floor = {pb - pa:.1f} ns")
     print(f"  (c) syscall source    {pc:8.1f} ns   added = {pc - pa:.1f} ns "
           f"({(pc - pa) / (pb - pa):.2f}× the floor)")
+    # The spread of the rounds, so noise can be told from a regression: each round's ratio.
+    rounds = sorted((c_i - a_i) / (b_i - a_i) for a_i, b_i, c_i in zip(*(loop_ns[k] for k in variants))
+                    if b_i > a_i)
+    if rounds:
+        print(f"  per-round overhead/floor: min {rounds[0]:.2f}, median {statistics.median(rounds):.2f}, "
+              f"max {rounds[-1]:.2f} ({len(rounds)} rounds)")
+        print(f"bench: syscalls overhead_vs_floor_min={rounds[0]:.2f} ratio")
+        print(f"bench: syscalls overhead_vs_floor_max={rounds[-1]:.2f} ratio")
     print(f"bench: syscalls ns_added={c - a:.1f} ns")
     print(f"bench: syscalls floor_ns={b - a:.1f} ns")
     print(f"bench: syscalls blocking_roundtrip_vs_floor={(pc - pa) / (pb - pa):.2f} ratio")
