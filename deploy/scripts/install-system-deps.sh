@@ -10,10 +10,12 @@ RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificat
 # through tracepoint fields and helpers (never through struct layouts).
 HEADER_PKGS=(linux-headers-amd64)
 TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip)
+# The kernel matrix (tests/kernels): guest image from Debian's packages, booted under qemu.
+KERNEL_TEST_PKGS=(qemu-system-x86 debootstrap busybox-static cpio xz-utils)
 
 want=("${RUNTIME_PKGS[@]}")
 case "${1:-}" in
-  --test) want+=("${HEADER_PKGS[@]}" "${TEST_PKGS[@]}") ;;
+  --test) want+=("${HEADER_PKGS[@]}" "${TEST_PKGS[@]}" "${KERNEL_TEST_PKGS[@]}") ;;
   --runtime-with-headers) want+=("${HEADER_PKGS[@]}") ;;
   --runtime|"") ;;
   *) echo "usage: $0 [--runtime|--runtime-with-headers|--test]" >&2; exit 2 ;;
