@@ -15,17 +15,20 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["KernelFeatures", "Feature", "FEATURES", "probe", "degradations", "syscalls_cflags"]
+__all__ = ["KernelFeatures", "Feature", "FEATURES", "probe", "degradations", "syscalls_cflags",
+           "require", "check_rows"]
 
 
 @dataclass(frozen=True)
 class Feature:
     name: str
     since: str          # the upstream kernel version that added it
-    symbol: str         # a function in /proc/kallsyms that exists exactly when it does
+    symbol: str         # a function in /proc/kallsyms that exists exactly when it does,
     used_by: str        # source
     without: str        # what that source does on a kernel without it
     fix: str
+    tracepoint: str = ""    # or a tracepoint (category:name) that does
+    disables: bool = False  # the source cannot run without it
 
 
 FEATURES = (
@@ -34,11 +37,15 @@ FEATURES = (
             "a kernel >= 5.8"),
     Feature("task_storage", "5.11", "bpf_task_storage_get", "syscalls",
             "calls in flight while their thread sleeps wait in a bounded hash by thread id "
-            "(freed at thread exit; exact while fewer than max_threads threads block at once)",
+            "(freed at thread exit; exact while fewer than 32768 threads block at once)",
             "a kernel >= 5.11 keeps them in task local storage instead"),
     Feature("task_btf", "5.11", "bpf_get_current_task_btf", "syscalls",
             "not needed by the thread-id fallback (used with task_storage)",
             "a kernel >= 5.11"),
+    Feature("sock_length_tracepoints", "6.3", "", "network",
+            "cannot run: connection byte counts come from the sock:sock_send_length and "
+            "sock:sock_recv_length tracepoints (the agent uses no kprobes)",
+            "a kernel >= 6.3", tracepoint="sock:sock_send_length", disables=True),
     Feature("batch_ops", "5.6", "generic_map_lookup_batch", "network",
             "reads connection maps one key at a time (same data, more syscalls)",
             "a kernel >= 5.6"),
@@ -61,6 +68,14 @@ def _kallsyms_has(text: str, symbol: str) -> bool:
     return re.search(rf"^\S+ [tTwW] {re.escape(symbol)}$", text, re.M) is not None
 
 
+def _tracepoint_exists(name: str) -> bool:
+    from .preflight import tracefs_root
+
+    root = tracefs_root()
+    category, _, event = name.partition(":")
+    return root is None or (root / "events" / category / event).is_dir()   # no tracefs: check says so
+
+
 @functools.lru_cache(maxsize=1)
 def probe() -> KernelFeatures:
     """The running kernel's features; an unreadable kallsyms counts every feature present (the
@@ -69,7 +84,8 @@ def probe() -> KernelFeatures:
         text = Path("/proc/kallsyms").read_text()
     except OSError:
         text = ""
-    present = {f.name: (_kallsyms_has(text, f.symbol) if text else True) for f in FEATURES}
+    present = {f.name: (_tracepoint_exists(f.tracepoint) if f.tracepoint else
+                        _kallsyms_has(text, f.symbol) if text else True) for f in FEATURES}
     # Tests run the fallbacks on kernels that have the feature: EBPF_RECEIVER_WITHOUT=task_storage
     for name in filter(None, os.environ.get("EBPF_RECEIVER_WITHOUT", "").split(",")):
         present[name.strip()] = False
@@ -88,3 +104,32 @@ def syscalls_cflags(features: KernelFeatures | None = None) -> list[str]:
     features = features or probe()
     ok = features.has("task_storage") and features.has("task_btf")
     return [f"-DHAVE_TASK_STORAGE={1 if ok else 0}"]
+
+
+def check_rows(enabled: list[str]) -> list[object]:
+    """``check`` rows: each feature an enabled source uses, and what the source does without it
+    (a missing one degrades that source and is not an error, so the rows are optional)."""
+    from .preflight import CheckRow
+
+    features = probe()
+    rows = []
+    for f in FEATURES:
+        users = tuple(enabled) if f.used_by == "all" else tuple(s for s in enabled if s == f.used_by)
+        if not users or f.name == "task_btf":
+            continue
+        ok = features.has(f.name)
+        detail = "present" if ok else f"{', '.join(users)}: {f.without}"
+        needed_by = users if f.used_by == "all" or f.disables else ()
+        rows.append(CheckRow(f"BPF {f.name} (kernel >= {f.since})", ok, detail, f.fix, needed_by))
+    return rows
+
+
+def require(source: str) -> None:
+    """Raises ``SourceUnavailableError`` (reason and fix) when the kernel lacks a feature
+    ``source`` cannot run without."""
+    from .errors import SourceUnavailableError
+
+    for f in degradations(source):
+        if f.disables:
+            raise SourceUnavailableError(source, f"kernel without {f.name} (added in {f.since}): "
+                                         f"{f.without}", f.fix)

@@ -121,6 +121,9 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     rows.append(CheckRow("kernel headers for BCC", hdr, str(build) if hdr else f"{build} missing",
                          "apt-get install linux-headers-amd64; deploy/scripts/prepare-host.sh links them",
                          every))
+    from .kernel_features import check_rows as kernel_feature_rows
+
+    rows.extend(kernel_feature_rows(enabled))   # type: ignore[arg-type]
     classes = source_classes()
     needed: dict[tuple[str, str], list[str]] = {}
     optional: dict[tuple[str, str], bool] = {}

@@ -3,7 +3,8 @@
 # what the agent needs, runs the smoke suite into /mnt/out, and powers the guest off. Whatever
 # happens, the guest ends (a hung one is killed by the host at its timeout).
 export PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
-export PYTHONDONTWRITEBYTECODE=1 CI=true OTELCOL_BIN=/mnt/otelcol/otelcol
+export PYTHONDONTWRITEBYTECODE=1 CI=true
+for f in /mnt/otelcol/*; do [ -f "$f" ] && [ -x "$f" ] && export OTELCOL_BIN=$f; done   # the Collector, shared by the host
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null

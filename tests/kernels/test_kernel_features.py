@@ -78,3 +78,25 @@ def test_syscalls_fallback_counts_exactly(bpf_ok: None, without_task_storage: No
     sc.test_blocked_call_is_timed_while_another_thread_uses_its_cpu(None, collector, tmp_path, prog)
     logs = "".join(p.read_text() for p in tmp_path.glob("agent-*.log"))
     assert "kernel without task_storage (added in 5.11)" in logs
+
+
+def test_network_without_sock_length_tracepoints_is_disabled_with_reason_and_fix(
+        bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """Before 6.3 (no sock:sock_send_length) the network source cannot count bytes exactly: it
+    is disabled with the reason while the others run; ``check`` shows the row and the fix."""
+    from ..harness import Agent, agent_config
+
+    env = {"EBPF_RECEIVER_WITHOUT": "sock_length_tracepoints"}
+    agent = Agent(tmp_path, agent_config(collector, {"network": {}, "process": {}}), env=env).start()
+    try:
+        assert agent.metric_value("ebpf_receiver_source_up", source="process") == 1
+        assert agent.metric_value("ebpf_receiver_source_up", source="network") == 0
+    finally:
+        assert agent.stop() == 0
+    assert "source network disabled: kernel without sock_length_tracepoints (added in 6.3)" in agent.log()
+    check = subprocess.run([sys.executable, "-m", "receiver", "check"], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, **env})
+    assert check.returncode == 1
+    row = next(line for line in check.stdout.splitlines() if "sock_length_tracepoints" in line)
+    assert "missing" in row and "optional" not in row
+    assert "fix: a kernel >= 6.3" in check.stdout

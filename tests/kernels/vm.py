@@ -224,14 +224,21 @@ def _chroot(rootfs: Path, *cmd: str) -> None:
 
 
 def _install_venv(rootfs: Path) -> None:
-    shutil.copy("/etc/resolv.conf", rootfs / "etc/resolv.conf")
+    """The guest's venv, from wheels the host downloads with its own pip configuration (the
+    guest's Python is the same Debian 3.11, so the same wheels fit)."""
+    wheels = rootfs / "tmp/wheels"
+    host_py = REPO / ".venv/bin/python"
+    run(str(host_py if host_py.exists() else sys.executable), "-m", "pip", "download", "-q",
+        "--only-binary=:all:", "-d", str(wheels), *python_dependencies())
     for d in ("proc", "dev"):
         run("mount", "--bind", f"/{d}", str(rootfs / d))
     try:
         _chroot(rootfs, "/usr/bin/python3", "-m", "venv", "/opt/venv")
         site = "/opt/venv/lib/python3.11/site-packages"
         _chroot(rootfs, "/bin/ln", "-sfn", "/usr/lib/python3/dist-packages/bcc", f"{site}/bcc")
-        _chroot(rootfs, "/opt/venv/bin/pip", "install", "-q", "--no-cache-dir", *python_dependencies())
+        _chroot(rootfs, "/opt/venv/bin/pip", "install", "-q", "--no-index", "--find-links=/tmp/wheels",
+                *python_dependencies())
+        shutil.rmtree(wheels)
     finally:
         for d in ("dev", "proc"):
             subprocess.run(["umount", "-l", str(rootfs / d)], check=False)
@@ -283,10 +290,14 @@ def build_image(work: Path, kernels: list[Kernel], apt: Apt) -> None:
             shutil.rmtree(rootfs / "usr/src" / d.name, ignore_errors=True)
             shutil.move(d, rootfs / "usr/src" / d.name)
         shutil.rmtree(hroot)
-        build = rootfs / "usr/lib/modules" / k.release / "build"
-        build.parent.mkdir(parents=True, exist_ok=True)
-        build.unlink(missing_ok=True)
-        build.symlink_to(f"/usr/src/linux-headers-{k.release}")
+        # What the packages' postinst would link: BCC reads build (the -amd64 part) and
+        # source (the -common part, with include/linux/kconfig.h).
+        moddir = rootfs / "usr/lib/modules" / k.release
+        moddir.mkdir(parents=True, exist_ok=True)
+        common = next(p for p in k.header_pkgs if p.endswith("-common"))
+        for name, target in (("build", f"linux-headers-{k.release}"), ("source", common)):
+            (moddir / name).unlink(missing_ok=True)
+            (moddir / name).symlink_to(f"/usr/src/{target}")
     shutil.rmtree(debs)
     log("guest venv")
     _install_venv(rootfs)
@@ -346,10 +357,10 @@ def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: f
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg", "-cpu", "max"]
     shares = [("rootfs", image / "rootfs", True), ("src", REPO, True), ("otelcol", otelcol_dir, True),
               ("out", out, False)]
-    cmd = ["qemu-system-x86_64", *accel, "-m", str(memory_mb), "-smp", "1", "-nographic",
-           "-no-reboot", "-nodefaults", "-serial", f"file:{serial}",
+    cmd = ["qemu-system-x86_64", *accel, "-m", str(memory_mb), "-smp", "1", "-display", "none",
+           "-monitor", "none", "-no-reboot", "-nodefaults", "-serial", f"file:{serial}",
            "-kernel", str(kdir / "vmlinuz"), "-initrd", str(kdir / "initrd"),
-           "-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init"]
+           "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init"]
     for i, (tag, path, ro) in enumerate(shares):
         cmd += ["-fsdev", f"local,id=fs{i},path={path},security_model=none{',readonly=on' if ro else ''}",
                 "-device", f"virtio-9p-pci,fsdev=fs{i},mount_tag={tag}"]
