@@ -15,8 +15,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["KernelFeatures", "Feature", "FEATURES", "probe", "degradations", "syscalls_cflags",
-           "require", "check_rows"]
+__all__ = ["FEATURES", "Feature", "KernelFeatures", "check_rows", "degradations", "probe",
+           "require", "syscalls_cflags"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class KernelFeatures:
 
 
 def _kallsyms_has(text: str, symbol: str) -> bool:
-    return re.search(rf"^\S+ [tTwW] {re.escape(symbol)}$", text, re.M) is not None
+    return re.search(rf"^\S+ [tTwW] {re.escape(symbol)}$", text, re.MULTILINE) is not None
 
 
 def _tracepoint_exists(name: str) -> bool:

@@ -46,7 +46,7 @@ def write(out: Path, name: str, data: object) -> None:
 def run_check(out: Path) -> None:
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "receiver", "check"], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+                       cwd=REPO, timeout=300, check=False)
     write(out, "check.txt", p.stdout + p.stderr)
     write(out, "check.json", {"returncode": p.returncode, "seconds": round(time.monotonic() - t0, 1)})
     stamp(f"check: exit {p.returncode}")
@@ -90,10 +90,16 @@ def run_all_sources(out: Path) -> None:
 
 
 def run_smoke_tests(out: Path) -> None:
-    ids = [t for s in SOURCES for t in SMOKE_TESTS[s]]
+    """The sources' exact tests, except for a source this kernel cannot run (its ``check`` row
+    and the all-sources run already say why)."""
+    from receiver import kernel_features
+
+    cannot = [s for s in SOURCES if any(f.disables for f in kernel_features.degradations(s))]
+    ids = [t for s in SOURCES if s not in cannot for t in SMOKE_TESTS[s]]
+    stamp(f"smoke tests (not for {cannot}, which this kernel cannot run)" if cannot else "smoke tests")
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                         "-o", "timeout=600", f"--junitxml={out / 'junit.xml'}", *ids],
-                       cwd=REPO, capture_output=True, text=True)
+                       cwd=REPO, capture_output=True, text=True, check=False)
     write(out, "pytest.txt", p.stdout[-20000:] + p.stderr[-5000:])
     stamp(f"smoke tests: exit {p.returncode}: {p.stdout.strip().splitlines()[-1:]}")
 
@@ -108,7 +114,7 @@ def main() -> int:
     for step in (run_check, run_all_sources, run_smoke_tests):
         try:
             step(out)
-        except Exception as e:   # one step failing must not hide the others' results
+        except Exception as e:  # noqa: BLE001 -- one step failing must not hide the others' results
             stamp(f"{step.__name__} failed: {type(e).__name__}: {e}")
             write(out, f"{step.__name__}.error", f"{type(e).__name__}: {e}")
     write(out, "done", "")

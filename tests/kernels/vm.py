@@ -383,7 +383,7 @@ def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: f
 
 def main() -> int:
     if sys.argv[1:] == ["build"]:
-        image, kernels = ensure_image()
+        image, _ = ensure_image()
         print(image)
         return 0
     print("usage: python -m tests.kernels.vm build", file=sys.stderr)
