@@ -74,12 +74,11 @@ def cell(source: str, res: vm.VmResult) -> tuple[str, str]:
     tests = [results.get(t, ("missing", "not run")) for t in SMOKE_TESTS[source]]
     up = every.get("up", {}).get(source, False)
     disabled = every.get("disabled", {}).get(source)
+    lacks = "; ".join(f"no {f.tracepoint or f.name}, kernel < {f.since}" for f in missing)
     if up and all(o == "passed" for o, _ in tests):
-        if missing:
-            return "degraded", "; ".join(f"no {f.name} (< {f.since}): fallback" for f in missing)
-        return "ok", ""
-    if not up and disabled and missing:
-        return "degraded", f"disabled: {disabled[:150]}"
+        return ("degraded", f"fallback: {lacks}") if missing else ("ok", "")
+    if not up and disabled and any(f.disables and f.name in disabled for f in missing):
+        return "degraded", f"disabled: {lacks}"
     bad = [m for o, m in tests if o != "passed"]
     why = bad[0] if bad else (f"disabled: {disabled}" if disabled else "not up")
     return "failed", why
