@@ -331,10 +331,32 @@ def ensure_image() -> tuple[Path, list[Kernel]]:
 # ------------------------------------------------------------------------------- running a VM
 
 
-def kvm_works() -> bool:
-    """Only when asked (KERNEL_MATRIX_KVM=1): /dev/kvm exists on these machines but hangs stock
-    kernels in the decompressor, with no error."""
-    return os.environ.get("KERNEL_MATRIX_KVM") == "1" and os.access("/dev/kvm", os.R_OK | os.W_OK)
+def kvm_works(image: Path, kernel: Kernel, timeout: float = 20) -> bool:
+    """Whether KVM boots ``kernel`` to its first process here: /dev/kvm exists on these machines
+    but hangs stock kernels in the decompressor, with no error. One short boot (init is busybox,
+    which exits, so the kernel panics and qemu stops); the answer is cached per host kernel.
+    KERNEL_MATRIX_KVM=0 or 1 skips the probe."""
+    forced = os.environ.get("KERNEL_MATRIX_KVM")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    cached = CACHE / f"kvm-probe-{os.uname().release}-{kernel.release}"
+    if cached.exists():
+        return cached.read_text() == "yes"
+    kdir = image / "kernels" / kernel.release
+    cmd = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-display", "none",
+           "-monitor", "none", "-no-reboot", "-nodefaults", "-serial", "stdio",
+           "-kernel", str(kdir / "vmlinuz"), "-initrd", str(kdir / "initrd"),
+           "-append", "console=ttyS0 panic=-1 loglevel=7 rdinit=/bin/busybox"]
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+        ok = b"as init process" in p.stdout
+    except subprocess.TimeoutExpired:
+        ok = False
+    cached.write_text("yes" if ok else "no")
+    log(f"KVM probe with {kernel.release}: {'works' if ok else 'hangs or fails; using TCG'}")
+    return ok
 
 
 @dataclass
@@ -354,7 +376,8 @@ def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: f
     out.mkdir(parents=True, exist_ok=True)
     kdir = image / "kernels" / kernel.release
     serial = out / "serial.log"
-    accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg", "-cpu", "max"]
+    accel = (["-accel", "kvm", "-cpu", "host"] if kvm_works(image, kernel)
+             else ["-accel", "tcg", "-cpu", "max"])
     shares = [("rootfs", image / "rootfs", True), ("src", REPO, True), ("otelcol", otelcol_dir, True),
               ("out", out, False)]
     cmd = ["qemu-system-x86_64", *accel, "-m", str(memory_mb), "-smp", "1", "-display", "none",
