@@ -109,6 +109,8 @@ def vm_tools() -> None:
         fail_or_skip("busybox is missing (make test installs busybox-static)")
 
 
+# The image build (minutes, once) and every guest, each bounded by VM_TIMEOUT.
+@pytest.mark.timeout(600 + 3 * VM_TIMEOUT)
 def test_agent_on_debian_kernels(vm_tools: None, otelcol_bin: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     t0 = time.monotonic()

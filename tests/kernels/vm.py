@@ -398,6 +398,10 @@ def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: f
         proc.kill()
         qemu_out, _ = proc.communicate()
         rc = None
+    finally:   # also when the test itself is interrupted: no guest outlives its run
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     text = serial.read_text(errors="replace") if serial.exists() else ""
     if qemu_out:
         text += "\n[qemu] " + qemu_out.decode(errors="replace")
