@@ -8,10 +8,11 @@ CONFIG ?= deploy/config/local.yaml
 HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: help setup system host venv otelcol test lint run check bench proto clean
+.PHONY: help setup system host venv otelcol test test-kernels lint run check bench proto clean
 
 help:
 	@echo "make test           install everything needed, lint (ruff), then run the whole test suite"
+	@echo "make test-kernels   the agent's smoke suite on Debian's 5.10, 6.1 and 6.12 kernels (qemu)"
 	@echo "make run            local Collector + the agent pointed at it (Ctrl-C stops both)"
 	@echo "make check          preflight: what this host has and lacks for the configured sources"
 	@echo "make bench [BENCH=exporter|profiler|network|syscalls]"
@@ -44,6 +45,10 @@ test: setup lint
 
 lint: venv
 	$(VENV)/bin/ruff check receiver tests benchmarks deploy examples
+
+# Also part of `make test`; the guest image is cached in ~/.cache/ebpf-otlp-receiver.
+test-kernels: setup
+	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 run: setup
 	@OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) deploy/scripts/run-local.py --config $(CONFIG)

@@ -19,6 +19,14 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 64
 #endif
+/* HAVE_TASK_STORAGE 0: kernels before 5.11 (no task local storage, no bpf_get_current_task_btf);
+ * the source decides from receiver/kernel_features.py. */
+#ifndef HAVE_TASK_STORAGE
+#define HAVE_TASK_STORAGE 1
+#endif
+#ifndef MAX_THREADS
+#define MAX_THREADS 32768
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* The call in flight is kept per CPU while its thread runs: most calls return without the
@@ -26,7 +34,11 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
  * thread is switched out (it blocks or is preempted) sched_switch moves the call to the thread's
  * own storage, which follows it to any CPU (freed with the task). */
 BPF_PERCPU_ARRAY(inflight, struct sc_inflight, 1);
+#if HAVE_TASK_STORAGE
 BPF_TASK_STORAGE(start, struct sc_start);
+#else   /* kernel-compat: a hash by thread id, bounded; entries go at sys_exit or thread exit */
+BPF_HASH(start, u32, struct sc_start, MAX_THREADS);
+#endif
 /* Host-wide series (tgid 0) for nr < SC_MAX_NR. */
 BPF_PERCPU_ARRAY(all_calls, struct sc_all, SC_MAX_NR);
 /* Per-process series, and host-wide ones for nr >= SC_MAX_NR. */
@@ -131,6 +143,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     f->ts = 0;
     if (f->tid != (u32)bpf_get_current_pid_tgid())
         return 0;   /* not this thread's: its thread died in the call (exit_group) */
+#if HAVE_TASK_STORAGE
     struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0,
                                                  BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!st) {
@@ -140,8 +153,22 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     st->ts = ts;
     st->nr = f->nr;
     st->selected = f->selected;
+#else   /* kernel-compat */
+    u32 tid = f->tid;
+    struct sc_start v = {.ts = ts, .nr = f->nr, .selected = f->selected};
+    if (start.update(&tid, &v))
+        count_lost(SC_LOST_START_MAP_FULL);
+#endif
     return 0;
 }
+
+#if !HAVE_TASK_STORAGE   /* kernel-compat: a thread that dies inside a call frees its entry */
+RAW_TRACEPOINT_PROBE(sched_process_exit) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    start.delete(&tid);
+    return 0;
+}
+#endif
 
 RAW_TRACEPOINT_PROBE(sys_exit) {
     u64 now = bpf_ktime_get_ns();
@@ -158,13 +185,21 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         sel = f->selected;
         f->ts = 0;
     } else {
+#if HAVE_TASK_STORAGE
         struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+#else   /* kernel-compat */
+        u32 tid = (u32)pid_tgid;
+        struct sc_start *st = start.lookup(&tid);
+#endif
         if (!st || !st->ts)
             return 0;   /* entered before we attached, or a new task's first return (fork) */
         ts = st->ts;
         nr = st->nr;
         sel = st->selected;
         st->ts = 0;
+#if !HAVE_TASK_STORAGE
+        start.delete(&tid);
+#endif
     }
     u64 d = now > ts ? now - ts : 0;
     long ret = (long)ctx->args[1];

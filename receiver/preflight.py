@@ -60,6 +60,9 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     hdr = (build / "include").exists()
     rows.append(CheckRow("kernel headers for BCC", hdr, str(build) if hdr else f"{build} missing",
                          host.FIX_HEADERS, every))
+    from .kernel.features import check_rows as kernel_feature_rows
+
+    rows.extend(CheckRow(*row) for row in kernel_feature_rows(enabled))
     classes = source_classes()
     needed: dict[tuple[str, str], list[str]] = {}
     for name in enabled:

@@ -215,7 +215,9 @@ class Agent:
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait_ready: bool = True, timeout: float = 90) -> "Agent":
+    def start(self, wait_ready: bool = True, timeout: float | None = None) -> "Agent":
+        # Emulated guests (tests/kernels) compile BPF programs several times slower.
+        timeout = timeout or float(os.environ.get("EBPF_TEST_AGENT_READY_TIMEOUT", "90"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(self.env)
         with open(self.log_path, "ab") as logf:

@@ -13,10 +13,12 @@ TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip)
 # The deployment test (tests/test_deploy_compose.py): Debian's Docker engine, debootstrap for a
 # base image where no registry answers, bpftool to list loaded BPF programs.
 DOCKER_PKGS=(docker.io debootstrap bpftool)
+# The kernel matrix (tests/kernels): guest image from Debian's packages, booted under qemu.
+KERNEL_TEST_PKGS=(qemu-system-x86 debootstrap busybox-static cpio xz-utils)
 
 want=("${RUNTIME_PKGS[@]}")
 case "${1:-}" in
-  --test) want+=("${HEADER_PKGS[@]}" "${TEST_PKGS[@]}") ;;
+  --test) want+=("${HEADER_PKGS[@]}" "${TEST_PKGS[@]}" "${KERNEL_TEST_PKGS[@]}") ;;
   --runtime-with-headers) want+=("${HEADER_PKGS[@]}") ;;
   --docker) want=("${DOCKER_PKGS[@]}") ;;
   --runtime|"") ;;

@@ -93,6 +93,9 @@ class NetworkSource(BccSource):
         return [Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS]
 
     def cflags(self) -> list[str]:
+        from ..kernel import features as kernel_features
+
+        kernel_features.require(self.name)   # runs before the compile: a clear reason, not a BCC error
         c = self.config
         # 8 MiB of ring buffer: ~65 000 records, several seconds of 10 000 connection ends per
         # second while the event loop is busy exporting.

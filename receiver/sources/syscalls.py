@@ -64,7 +64,14 @@ class SyscallsSource(BccSource):
                 f"-DSLOW_SPANS={1 if self.config.slow_spans else 0}",
                 f"-DFILTER_PROCESS={1 if self.config.filter.active else 0}",
                 f"-DMAX_SERIES={int(self.config.max_series)}",
-                "-DRINGBUF_PAGES=64"]
+                "-DRINGBUF_PAGES=64", *self._kernel_compat_cflags()]
+
+    def _kernel_compat_cflags(self) -> list[str]:
+        from ..kernel import features as kernel_features
+
+        for f in kernel_features.degradations(self.name):
+            log.warning("syscalls: kernel without %s (added in %s): %s", f.name, f.since, f.without)
+        return kernel_features.syscalls_cflags()
 
     def syscall_name(self, nr: int) -> str:
         return self._names.get(nr) or f"syscall_{nr}"
