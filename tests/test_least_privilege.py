@@ -130,3 +130,16 @@ def test_bad_web_config_is_a_config_error(tmp_path: Path) -> None:
                        capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert p.returncode == 2, p.stderr
     assert "not a bcrypt hash" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bpf_capability_is_kept_where_the_kernel_checks_every_bpf_call(bpf_ok: None) -> None:
+    """Kernels before 6.5 check CAP_BPF on every bpf() call (map reads included): there the
+    drop keeps it, found by a real probe (the kernel matrix runs the agent on 5.10 and 6.1)."""
+    import os
+
+    from receiver.kernel import privileges
+
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    assert privileges.bpf_calls_need_capability() == ((major, minor) < (6, 5))
+    assert "bpf" in privileges.needed_capabilities(["syscalls"], bpf_calls_checked=True)
+    assert "bpf" not in privileges.needed_capabilities(["syscalls"], bpf_calls_checked=False)

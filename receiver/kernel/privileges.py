@@ -13,10 +13,12 @@ What the running agent still needs (nothing else):
 Not needed after load: ``CAP_BPF``, ``CAP_PERFMON``, ``CAP_SYS_ADMIN`` (loading, attaching,
 opening perf events). Ring buffers are read through their already-mapped memory and maps through
 their open file descriptors, which the kernel (6.5+) checks at creation, not per lookup; closing
-the descriptors detaches. ``CAP_SYS_RESOURCE``, ``CAP_NET_ADMIN``, ``CAP_DAC_OVERRIDE`` and the
-rest are dropped from the effective, permitted and inheritable sets, from the bounding set (so
-an exec cannot get them back, not even as root), and the ambient set is cleared; ``no_new_privs``
-is set.
+the descriptors detaches. Older kernels (5.10, 6.1: found on the kernel matrix) check CAP_BPF on
+every bpf() call, so there ``bpf_calls_need_capability()`` keeps it.
+
+``CAP_SYS_RESOURCE``, ``CAP_NET_ADMIN``, ``CAP_DAC_OVERRIDE`` and the rest are dropped from the
+effective, permitted and inheritable sets, from the bounding set (so an exec cannot get them
+back, not even as root), and the ambient set is cleared; ``no_new_privs`` is set.
 
 Capabilities belong to threads: the caller drops them in the thread it runs in, and
 ``threads_with_capabilities`` tells which other threads still have more (the service restarts
@@ -95,12 +97,63 @@ def names_of(mask: int) -> list[str]:
     return [n for i, n in enumerate(CAP_NAMES) if mask >> i & 1]
 
 
-def needed_capabilities(running_sources: list[str], kernel_stacks: bool = True) -> set[str]:
-    """What the agent still uses once its programs are loaded (see the module docstring)."""
+def needed_capabilities(running_sources: list[str], kernel_stacks: bool = True,
+                        bpf_calls_checked: bool | None = None) -> set[str]:
+    """What the agent still uses once its programs are loaded (see the module docstring). On a
+    kernel that checks the capability on every bpf() call (``bpf_calls_checked``, probed when not
+    given), CAP_BPF stays, and CAP_SYS_ADMIN where that is what grants BPF (Docker 20.10)."""
     keep = {"sys_ptrace", "dac_read_search"}
     if "profiler" in running_sources and kernel_stacks:
         keep.add("syslog")
+    if bpf_calls_checked is None:
+        bpf_calls_checked = bpf_calls_need_capability()
+    if bpf_calls_checked:
+        effective = _capget()[0]
+        keep.add("bpf" if effective >> CAP["bpf"] & 1 else "sys_admin")
     return keep
+
+
+_BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM = 0, 1
+_SYSCALL_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+def bpf_calls_need_capability() -> bool:
+    """Whether this kernel checks CAP_BPF on every bpf() call, not only when a map or program
+    is created (kernels before 6.5 do, with unprivileged BPF disabled): found by trying it. A
+    throwaway thread lowers its own effective set (capabilities belong to threads) and reads a
+    one-entry map the process created; EPERM means the agent must keep CAP_BPF to read its maps."""
+    import errno
+    import platform
+    import threading
+
+    nr = _SYSCALL_BPF.get(platform.machine())
+    if nr is None:
+        return True   # unknown: keep what reads maps
+    create = (ctypes.c_uint32 * 32)(2, 4, 4, 1)   # BPF_MAP_TYPE_ARRAY, key 4, value 4, 1 entry
+    fd = _libc.syscall(nr, _BPF_MAP_CREATE, ctypes.byref(create), ctypes.sizeof(create))
+    if fd < 0:
+        return True   # cannot even create one here: keep the capabilities as they are
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            effective, permitted, inheritable = _capget()
+            _capset(effective & ~mask({"bpf", "sys_admin", "perfmon"}), permitted, inheritable)
+            key, value = ctypes.c_uint32(0), ctypes.c_uint32(0)
+            attr = (ctypes.c_uint64 * 8)()
+            attr[0] = fd                                   # map_fd (u32, then padding)
+            attr[1] = ctypes.addressof(key)
+            attr[2] = ctypes.addressof(value)
+            ret = _libc.syscall(nr, _BPF_MAP_LOOKUP_ELEM, ctypes.byref(attr), ctypes.sizeof(attr))
+            result.append(0 if ret == 0 else ctypes.get_errno())
+        except OSError as e:
+            result.append(e.errno or errno.EPERM)
+
+    t = threading.Thread(target=probe, name="bpf-cap-probe")
+    t.start()
+    t.join()
+    os.close(fd)
+    return not result or result[0] in (errno.EPERM, errno.EACCES)
 
 
 def drop_capabilities(keep: set[str]) -> tuple[list[str], list[str]]:
