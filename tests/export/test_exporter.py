@@ -132,19 +132,8 @@ def run_export(steps: list[Step], names: list[str], **overrides: Any) -> tuple[F
 
 
 # --------------------------------------------------------------------------- fault tests
-
-def test_unavailable_three_times_then_ok_delivers_each_span_once() -> None:
-    names = [f"span-{i}" for i in range(10)]
-    srv, t = run_export([Step(grpc.StatusCode.UNAVAILABLE)] * 3 + [Step()], names)
-    assert len(srv.calls) == 4
-    assert srv.delivered_span_names() == Counter(names)
-    assert value(t, "retries", signal="traces") == 3
-    assert value(t, "requests", signal="traces", status="UNAVAILABLE") == 3
-    assert value(t, "requests", signal="traces", status="OK") == 1
-    assert value(t, "sent_items", signal="traces") == 10
-    assert all(v == 0 for v in [value(t, "dropped_items", signal="traces", reason=r)
-                                for r in ("permanent_error", "retries_exhausted", "shutdown")])
-
+# The faults both transports share are in test_fault_suite.py (run over gRPC and HTTP); here
+# only what is gRPC's own.
 
 def test_resource_exhausted_without_retry_info_is_permanent() -> None:
     srv, t = run_export([Step(grpc.StatusCode.RESOURCE_EXHAUSTED)], ["a", "b", "c"])
@@ -153,92 +142,6 @@ def test_resource_exhausted_without_retry_info_is_permanent() -> None:
     assert value(t, "retries", signal="traces") == 0
     assert value(t, "requests", signal="traces", status="RESOURCE_EXHAUSTED") == 1
     assert value(t, "sent_items", signal="traces") == 0
-
-
-def test_resource_exhausted_with_retry_info_waits_the_server_delay() -> None:
-    srv, t = run_export([Step(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay=0.2), Step()], ["a", "b"])
-    assert len(srv.calls) == 2
-    gap = srv.calls[1][0] - srv.calls[0][0]
-    assert gap >= 0.2, gap
-    assert srv.delivered_span_names() == Counter(["a", "b"])
-    assert value(t, "retries", signal="traces") == 1
-    assert value(t, "sent_items", signal="traces") == 2
-    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 0
-
-
-def test_invalid_argument_is_dropped_without_retry() -> None:
-    srv, t = run_export([Step(grpc.StatusCode.INVALID_ARGUMENT), Step()], ["a", "b", "c", "d"])
-    assert len(srv.calls) == 1
-    assert srv.accepted == []
-    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 4
-    assert value(t, "requests", signal="traces", status="INVALID_ARGUMENT") == 1
-    assert value(t, "retries", signal="traces") == 0
-
-
-def test_partial_success_counts_rejected_and_does_not_retry() -> None:
-    resp = trace_svc.ExportTraceServiceResponse(
-        partial_success=trace_svc.ExportTracePartialSuccess(rejected_spans=2, error_message="bad spans"))
-    srv, t = run_export([Step(response=resp)], [f"s{i}" for i in range(5)])
-    assert len(srv.calls) == 1
-    assert value(t, "dropped_items", signal="traces", reason="rejected") == 2
-    assert value(t, "sent_items", signal="traces") == 3
-    assert value(t, "retries", signal="traces") == 0
-
-
-def test_hanging_server_hits_deadline_then_retry_succeeds() -> None:
-    srv, t = run_export([Step(hang=1.5), Step()], ["a", "b"], timeout=0.3)
-    assert len(srv.calls) == 2
-    assert value(t, "requests", signal="traces", status="DEADLINE_EXCEEDED") == 1
-    assert value(t, "retries", signal="traces") == 1
-    assert srv.delivered_span_names() == Counter(["a", "b"])
-    assert value(t, "sent_items", signal="traces") == 2
-
-
-def test_queue_full_is_counted_and_queue_stays_within_capacity() -> None:
-    telemetry = SelfTelemetry()
-    capacity = 20
-
-    def depth() -> float:
-        return telemetry.registry.get_sample_value(f"{NS}_queue_items", {"signal": "traces"})
-
-    async def main() -> FakeTraceServer:
-        # The first request hangs so batches stay in flight while more is submitted.
-        srv = await FakeTraceServer(steps=[Step(hang=1.0)]).start()
-        exp = OtlpGrpcExporter(make_config(srv.port, queue_size=capacity, max_batch_size=5,
-                                           timeout=5.0), telemetry)
-        try:
-            await exp.start()
-            accepted = 0
-            for i in range(capacity + 7):
-                accepted += exp.submit(Signal.TRACES, RESOURCE, span(f"q{i}"))
-            assert depth() <= capacity
-            await asyncio.sleep(0.3)  # the sender has taken a batch in flight
-            for i in range(capacity + 7, capacity + 17):
-                accepted += exp.submit(Signal.TRACES, RESOURCE, span(f"q{i}"))
-                assert depth() <= capacity
-            dropped = value(telemetry, "dropped_items", signal="traces", reason="queue_full")
-            assert accepted + dropped == capacity + 17
-            assert dropped >= 7
-            await asyncio.wait_for(exp.flush(), 20)
-            assert value(telemetry, "sent_items", signal="traces") == accepted
-        finally:
-            await exp.shutdown()
-            await srv.stop()
-        return srv
-
-    srv = asyncio.run(main())
-    assert sum(srv.delivered_span_names().values()) == value(telemetry, "sent_items", signal="traces")
-
-
-def test_batch_over_max_request_bytes_is_split() -> None:
-    limit = 2048
-    names = [f"{i:03d}-" + "x" * 200 for i in range(40)]
-    srv, t = run_export([], names, max_request_bytes=limit, max_batch_size=40)
-    assert len(srv.calls) > 1
-    assert all(len(raw) <= limit for _, raw in srv.calls), [len(raw) for _, raw in srv.calls]
-    assert srv.delivered_span_names() == Counter(names)
-    assert value(t, "sent_items", signal="traces") == 40
-    assert value(t, "dropped_items", signal="traces", reason="too_large") == 0
 
 
 # --------------------------------------------------------------------------- the real Collector
@@ -280,51 +183,6 @@ def test_export_to_real_collector(collector: Any) -> None:
     assert logs[0]["resource"]["service.name"] == "export-test"
     for sig, n in (("traces", 3), ("metrics", 1), ("logs", 1)):
         assert value(telemetry, "sent_items", signal=sig) == n
-
-
-def test_retries_stop_after_max_elapsed_time() -> None:
-    retry = RetryConfig(initial_interval=0.05, max_interval=0.1, max_elapsed_time=0.4,
-                        randomization_factor=0.1)
-    srv, t = run_export([Step(grpc.StatusCode.UNAVAILABLE)] * 100, ["a", "b", "c"], retry=retry)
-    assert 2 <= len(srv.calls) < 20
-    assert srv.accepted == []
-    assert value(t, "dropped_items", signal="traces", reason="retries_exhausted") == 3
-    assert value(t, "retries", signal="traces") == len(srv.calls) - 1
-    assert value(t, "requests", signal="traces", status="UNAVAILABLE") == len(srv.calls)
-
-
-def test_shutdown_while_retrying_accounts_for_every_item() -> None:
-    telemetry = SelfTelemetry()
-    retry = RetryConfig(initial_interval=0.05, max_interval=0.1, max_elapsed_time=60.0,
-                        randomization_factor=0.1)
-
-    async def main() -> float:
-        srv = await FakeTraceServer(steps=[Step(grpc.StatusCode.UNAVAILABLE)] * 1000).start()
-        exp = OtlpGrpcExporter(make_config(srv.port, retry=retry, shutdown_timeout=0.5,
-                                           max_batch_size=10), telemetry)
-        try:
-            await exp.start()
-            for i in range(25):
-                assert exp.submit(Signal.TRACES, RESOURCE, span(f"s{i}"))
-            await asyncio.sleep(0.3)
-            t0 = time.monotonic()
-            await exp.shutdown()
-            elapsed = time.monotonic() - t0
-            assert not exp.submit(Signal.TRACES, RESOURCE, span("late"))
-        finally:
-            await exp.shutdown()
-            await srv.stop()
-        return elapsed
-
-    elapsed = asyncio.run(main())
-    # Retrying could go on for max_elapsed_time (60 s); shutdown ends it near its own 0.5 s.
-    # The bound is generous for a loaded CI runner and still far from the retry budget.
-    assert elapsed < 15.0, elapsed
-    assert value(telemetry, "sent_items", signal="traces") == 0
-    # 25 submitted before shutdown + 1 after; max_elapsed_time was far away, so all are shutdown
-    # losses, not exhausted retries.
-    assert value(telemetry, "dropped_items", signal="traces", reason="shutdown") == 26
-    assert value(telemetry, "dropped_items", signal="traces", reason="retries_exhausted") == 0
 
 
 def test_flush_does_not_wait_for_a_fuller_batch() -> None:
