@@ -110,40 +110,6 @@ def value(t: SelfTelemetry, name: str, **labels: str) -> float:
     return t.registry.get_sample_value(f"{NS}_{name}_total", labels) or 0.0
 
 
-def run_export(steps: list[Step], names: list[str], **overrides: Any) -> tuple[FakeTraceServer, SelfTelemetry]:
-    """Starts the fake server and an exporter, submits one span per name, flushes, shuts down."""
-    telemetry = SelfTelemetry()
-
-    async def main() -> FakeTraceServer:
-        srv = await FakeTraceServer(steps=list(steps)).start()
-        exp = OtlpGrpcExporter(make_config(srv.port, **overrides), telemetry)
-        try:
-            await exp.start()
-            for n in names:
-                assert exp.submit(Signal.TRACES, RESOURCE, span(n))
-            await asyncio.wait_for(exp.flush(), 20)
-            await exp.shutdown()
-        finally:
-            await exp.shutdown()
-            await srv.stop()
-        return srv
-
-    return asyncio.run(main()), telemetry
-
-
-# --------------------------------------------------------------------------- fault tests
-# The faults both transports share are in test_fault_suite.py (run over gRPC and HTTP); here
-# only what is gRPC's own.
-
-def test_resource_exhausted_without_retry_info_is_permanent() -> None:
-    srv, t = run_export([Step(grpc.StatusCode.RESOURCE_EXHAUSTED)], ["a", "b", "c"])
-    assert len(srv.calls) == 1
-    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 3
-    assert value(t, "retries", signal="traces") == 0
-    assert value(t, "requests", signal="traces", status="RESOURCE_EXHAUSTED") == 1
-    assert value(t, "sent_items", signal="traces") == 0
-
-
 # --------------------------------------------------------------------------- the real Collector
 
 def test_export_to_real_collector(collector: Any) -> None:

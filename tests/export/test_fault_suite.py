@@ -163,6 +163,16 @@ def test_retryable_three_times_then_ok_delivers_each_span_once(transport: str) -
                for r in ("permanent_error", "retries_exhausted", "shutdown"))
 
 
+def test_grpc_resource_exhausted_without_retry_info_is_permanent() -> None:
+    """gRPC's own rule: RESOURCE_EXHAUSTED is retried only when the server says when (RetryInfo)."""
+    srv, t = run_export("grpc", [Fault("throttle")], ["a", "b", "c"])
+    assert len(srv.calls) == 1
+    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 3
+    assert value(t, "retries", signal="traces") == 0
+    assert value(t, "requests", signal="traces", status="RESOURCE_EXHAUSTED") == 1
+    assert value(t, "sent_items", signal="traces") == 0
+
+
 def test_throttled_waits_the_server_delay(transport: str) -> None:
     # Retry-After carries whole seconds; the backoff's own delay (0.05 s) would be far shorter.
     srv, t = run_export(transport, [Fault("throttle", delay=1.0), Fault()], ["a", "b"])
