@@ -45,7 +45,6 @@ __all__ = ["OUTCOMES", "connection_event", "connection_span", "connection_io", "
            "exp_histogram_point", "series_metrics", "snapshot_metrics"]
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
-DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 OUTCOMES = ("ok", "refused", "failed", "reset")
 
 _KIND = {"client": "client", "server": "server"}
@@ -87,7 +86,7 @@ def connection_span(event: EbpfEvent) -> SpanSpec | None:
     if outcome != "ok":
         attrs, error = {**a, "error.type": outcome}, f"connection {outcome}"
     return SpanSpec(_NAME[direction], _KIND[direction], event.timestamp_unix_nano, event.end_unix_nano,
-                    dict(attrs), error)
+                    attrs, error)   # no copy per connection: nothing downstream changes it
 
 
 def connection_io(event: EbpfEvent) -> list[Measurement]:

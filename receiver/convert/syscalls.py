@@ -33,7 +33,6 @@ __all__ = ["calls_metric", "errors_metric", "duration_metric", "slow_syscall_eve
            "syscall_measurements", "snapshot_metrics"]
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
-DELTA = AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
 
 def _sum_metric(name: str, description: str, points: Iterable[tuple[Mapping[str, Any], int]],
                 start_ns: int, now_ns: int) -> Metric:

@@ -81,13 +81,18 @@ class FakeTraceServer:
         await self.server.stop(0)
 
     def delivered_span_names(self) -> Counter[str]:
-        names: Counter[str] = Counter()
-        for raw in self.accepted:
-            req = trace_svc.ExportTraceServiceRequest.FromString(raw)
-            for rs in req.resource_spans:
-                for ss in rs.scope_spans:
-                    names.update(s.name for s in ss.spans)
-        return names
+        return delivered_span_names(self.accepted)
+
+
+def delivered_span_names(accepted: list[bytes]) -> Counter[str]:
+    """Span names in the trace export requests a fake server accepted (raw bodies)."""
+    names: Counter[str] = Counter()
+    for raw in accepted:
+        req = trace_svc.ExportTraceServiceRequest.FromString(raw)
+        for rs in req.resource_spans:
+            for ss in rs.scope_spans:
+                names.update(s.name for s in ss.spans)
+    return names
 
 
 # --------------------------------------------------------------------------- helpers

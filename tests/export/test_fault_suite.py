@@ -23,7 +23,7 @@ from receiver.export import OtlpExporter
 from receiver.model import Signal
 from receiver.telemetry import SelfTelemetry
 
-from .test_exporter import RESOURCE, FakeTraceServer, Step, make_config, span, value
+from .test_exporter import RESOURCE, FakeTraceServer, Step, delivered_span_names, make_config, span, value
 
 
 @dataclass
@@ -99,13 +99,7 @@ class FakeHttpServer:
         await self.runner.cleanup()
 
     def delivered_span_names(self) -> Counter[str]:
-        names: Counter[str] = Counter()
-        for raw in self.accepted:
-            req = trace_svc.ExportTraceServiceRequest.FromString(raw)
-            for rs in req.resource_spans:
-                for ss in rs.scope_spans:
-                    names.update(s.name for s in ss.spans)
-        return names
+        return delivered_span_names(self.accepted)
 
 
 async def start_server(transport: str, faults: list[Fault]) -> Any:
