@@ -27,8 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Emulated guests (the kernel matrix runs under TCG) are several times slower than this host:
+# guest.sh stretches every wait by this factor rather than each test guessing its own margin.
+TIME_SCALE = float(os.environ.get("EBPF_TEST_TIME_SCALE", "1"))
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
                what: str = "condition") -> Any:
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
