@@ -16,6 +16,18 @@
 //
 // The first sample of a process not seen before sends its pid over the ring buffer so user space
 // captures its memory mappings at once (a short-lived process may be gone by the next drain).
+//
+// User stacks (UNWIND=1): a process whose mappings user space has loaded into unwind_processes
+// is walked here with the unwind tables of its files (rows from .eh_frame, see profiler.h):
+// CFA from rsp or rbp plus an offset, the return address at CFA-8, rbp restored where saved.
+// That needs no frame pointers, and names a leaf's caller. A mapping without a table (JIT code)
+// is stepped with frame pointers; a walk that leaves the mappings, meets a rule it cannot follow
+// or cannot read the stack stops there and marks the stack truncated (never a guessed frame).
+// The walk is bounded by PROF_MAX_DEPTH frames, each a binary search over at most
+// UNWIND_MAX_MAPPINGS mappings (7 steps) and over the file's rows (UNWIND_ROW_STEPS steps),
+// UNWIND_FRAMES_PER_CALL frames per program run, chained by tail calls.
+// Walked stacks are kept once per generation in ustacks<g> under a 64-bit hash; processes
+// without a table yet keep the kernel's frame-pointer walk (bpf_get_stackid).
 #include <uapi/linux/bpf_perf_event.h>
 #include "profiler.h"
 #define N_LOST PROF_N_LOST
@@ -42,6 +54,21 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
+#ifndef UNWIND
+#define UNWIND 0
+#endif
+#ifndef UNWIND_ROWS
+#define UNWIND_ROWS 1048576
+#endif
+#ifndef UNWIND_ROW_STEPS            /* ceil(log2(UNWIND_ROWS)) + 1 */
+#define UNWIND_ROW_STEPS 21
+#endif
+#ifndef UNWIND_FRAMES_PER_CALL     /* frames one walk_user_stack call walks before tail-calling itself */
+#define UNWIND_FRAMES_PER_CALL 8
+#endif
+#ifndef UNWIND_PROCESSES
+#define UNWIND_PROCESSES 1024
+#endif
 
 #define EEXIST_ 17
 #define ENOMEM_ 12
@@ -57,6 +84,187 @@ BPF_TABLE("lru_hash", u32, u8, seen_processes, MAX_PROCESSES);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 MIRROR(prof_sample);
 MIRROR(prof_new_process);
+
+#if UNWIND
+BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS);
+BPF_HASH(unwind_processes, u32, struct unwind_process, UNWIND_PROCESSES);
+BPF_ARRAY(unwind_mappings, struct unwind_mapping, UNWIND_PROCESSES * UNWIND_MAX_MAPPINGS);
+BPF_HASH(ustacks0, u64, struct unwind_stack, MAX_STACKS);
+BPF_HASH(ustacks1, u64, struct unwind_stack, MAX_STACKS);
+BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_stack, 1);
+BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
+
+static __always_inline void count_unwind(int slot) {
+    u64 *n = unwind_stats.lookup(&slot);
+    if (n)
+        (*n)++;
+}
+
+/* The mapping holding addr, or NULL. */
+static __always_inline struct unwind_mapping *find_mapping(struct unwind_process *proc, u64 addr) {
+    u32 count = proc->count;
+    if (count > UNWIND_MAX_MAPPINGS)
+        count = UNWIND_MAX_MAPPINGS;
+    u32 first = proc->slot * UNWIND_MAX_MAPPINGS;
+    u32 lo = first, hi = first + count;
+    #pragma clang loop unroll(disable)
+    for (int step = 0; step < 7; step++) {   /* 2^6 = UNWIND_MAX_MAPPINGS */
+        if (lo >= hi)
+            break;
+        u32 mid = lo + (hi - lo) / 2;
+        struct unwind_mapping *m = unwind_mappings.lookup(&mid);
+        if (!m)
+            return NULL;
+        if (m->start <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == first)
+        return NULL;
+    u32 at = lo - 1;
+    struct unwind_mapping *m = unwind_mappings.lookup(&at);
+    return m && addr < m->end ? m : NULL;
+}
+
+/* The row covering pc among rows [first, first+len), or NULL. */
+static __always_inline struct unwind_row *find_row(u32 first, u32 len, u64 pc) {
+    u32 lo = first, hi = first + len;
+    #pragma clang loop unroll(disable)
+    for (int step = 0; step < UNWIND_ROW_STEPS; step++) {
+        if (lo >= hi)
+            break;
+        u32 mid = lo + (hi - lo) / 2;
+        struct unwind_row *r = unwind_rows.lookup(&mid);
+        if (!r)
+            return NULL;
+        if (r->pc <= pc)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == first)
+        return NULL;
+    u32 at = lo - 1;
+    return unwind_rows.lookup(&at);
+}
+
+/* Where a walk is between tail calls (one per CPU: a perf-event program never nests on its CPU). */
+struct unwind_state {
+    u64 ip;
+    u64 sp;
+    u64 bp;
+    u32 n;                     /* frames in the stack so far */
+    u32 done;
+    u32 g;                     /* generation the sample counts into */
+    struct unwind_process proc;
+    struct prof_key key;
+};
+BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
+BPF_PROG_ARRAY(unwind_programs, 1);   /* [0]: walk_user_stack, tail-called until the walk ends */
+
+/* Starts a walk of the current thread's user stack when its process has tables: fills the
+ * state and scratch stack. Returns 0 when it has none (frame-pointer stack instead). */
+static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
+                                      struct unwind_state *ws, struct unwind_stack *st) {
+    struct unwind_process *proc = unwind_processes.lookup(&key->pid);
+    if (!proc)
+        return 0;
+    u64 ip, sp, bp;
+    if ((ctx->regs.cs & 3) == 3) {          /* sampled in user mode: these are the user registers */
+        ip = ctx->regs.ip;
+        sp = ctx->regs.sp;
+        bp = ctx->regs.bp;
+    } else {                                /* in the kernel: the registers saved at kernel entry */
+        struct pt_regs *u = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+        if (!u)
+            return 0;
+        if (bpf_probe_read_kernel(&ip, sizeof(ip), &u->ip) || bpf_probe_read_kernel(&sp, sizeof(sp), &u->sp) ||
+            bpf_probe_read_kernel(&bp, sizeof(bp), &u->bp))
+            return 0;
+        if (ip == 0)                        /* a kernel thread */
+            return 0;
+    }
+    ws->ip = ip;
+    ws->sp = sp;
+    ws->bp = bp;
+    ws->n = 0;
+    ws->done = 0;
+    ws->g = g;
+    ws->proc = *proc;
+    __builtin_memcpy(&ws->key, key, sizeof(*key));
+    st->len = 0;
+    st->truncated = 1;
+    return 1;
+}
+
+/* One frame: records ip, then finds the caller's ip/sp/bp. Sets done when the walk ends
+ * (truncated stays 1 unless it reached the thread's first frame). */
+static __always_inline void walk_step(struct unwind_state *ws, struct unwind_stack *st) {
+    u32 i = ws->n;
+    if (i >= PROF_MAX_DEPTH) {
+        ws->done = 1;
+        return;
+    }
+    u64 ip = ws->ip, sp = ws->sp, bp = ws->bp;
+    st->ips[i & 127] = ip;
+    ws->n = i + 1;
+    ws->done = 1;
+    /* A return address names its call: look up the byte before it. */
+    u64 at = i ? ip - 1 : ip;
+    struct unwind_mapping *m = find_mapping(&ws->proc, at);
+    if (!m)
+        return;
+    u64 ra = 0;
+    if (m->table_len == 0) {                /* no table: frame pointers */
+        if (bp == 0 || bpf_probe_read_user(&ra, sizeof(ra), (void *)(bp + 8)))
+            return;
+        sp = bp + 16;
+        if (bpf_probe_read_user(&bp, sizeof(bp), (void *)bp))
+            return;
+        count_unwind(UNWIND_STAT_FP_STEPS);
+    } else {
+        struct unwind_row *r = find_row(m->table_start, m->table_len, at - m->bias);
+        if (!r)
+            return;
+        u8 kind = r->kind;
+        if (kind == UNWIND_OUTERMOST) {
+            st->truncated = 0;
+            return;
+        }
+        if (kind != UNWIND_RSP && kind != UNWIND_RBP)
+            return;
+        u64 cfa = (kind == UNWIND_RSP ? sp : bp) + (s64)r->cfa_offset;
+        s16 rbp_offset = r->rbp_offset;
+        if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)))
+            return;
+        if (rbp_offset && bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + rbp_offset)))
+            return;
+        sp = cfa;
+    }
+    if (ra == 0) {                          /* the ABI's end of the frame chain */
+        st->truncated = 0;
+        return;
+    }
+    ws->ip = ra;
+    ws->sp = sp;
+    ws->bp = bp;
+    ws->done = 0;
+}
+
+/* A 64-bit hash of the walked stack (never 0: 0 means "no walked stack" in prof_key). */
+static __always_inline u64 hash_stack(struct unwind_stack *st) {
+    u64 h = 0xcbf29ce484222325ULL ^ st->truncated;
+    #pragma clang loop unroll(disable)
+    for (int i = 0; i < PROF_MAX_DEPTH; i++) {
+        if (i >= st->len)
+            break;
+        h = (h ^ st->ips[i & 127]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+    return h ? h : 1;
+}
+#endif
 
 static __always_inline void count_stat(int slot) {
     u64 *n = stats.lookup(&slot);
@@ -75,7 +283,8 @@ static __always_inline int stack_lost_reason(s32 err) {
 }
 
 /* Sends the whole sample over the ring buffer; counts it lost by ``reason`` if that is full. */
-static __always_inline void record_whole(struct bpf_perf_event_data *ctx, struct prof_key *key, int reason) {
+static __always_inline void record_whole(struct bpf_perf_event_data *ctx, struct prof_key *key, int reason,
+                                         struct unwind_stack *walked) {
     struct prof_sample *e = events.ringbuf_reserve(sizeof(struct prof_sample));
     if (!e) {
         count_lost(reason);
@@ -90,7 +299,12 @@ static __always_inline void record_whole(struct bpf_perf_event_data *ctx, struct
     __builtin_memcpy(e->comm, key->comm, PROF_COMM_LEN);
     long n = 0;
 #if USER_STACKS
-    n = bpf_get_stack(ctx, e->user, sizeof(e->user), BPF_F_USER_STACK);
+    if (walked) {
+        __builtin_memcpy(e->user, walked->ips, sizeof(e->user));
+        n = (walked->len & 127) * 8;
+    } else {
+        n = bpf_get_stack(ctx, e->user, sizeof(e->user), BPF_F_USER_STACK);
+    }
 #endif
     e->user_bytes = n > 0 ? n : 0;
     n = 0;
@@ -128,6 +342,50 @@ static __always_inline void notice_process(u32 tgid) {
     events.ringbuf_submit(e, 0);
 }
 
+/* Counts one sample under key (user stack: walked, or the kernel's frame-pointer walk). */
+static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
+                                         struct unwind_stack *walked) {
+    s32 uid = -1, kid = -1;
+    /* Two spelled-out branches: BCC resolves map method calls by the map's name at compile time,
+     * so the generation cannot be a map-pointer variable. */
+    if (g) {
+#if USER_STACKS
+        if (!walked)
+            uid = stacks1.get_stackid(ctx, BPF_F_USER_STACK);
+#endif
+#if KERNEL_STACKS
+        kid = stacks1.get_stackid(ctx, 0);
+#endif
+    } else {
+#if USER_STACKS
+        if (!walked)
+            uid = stacks0.get_stackid(ctx, BPF_F_USER_STACK);
+#endif
+#if KERNEL_STACKS
+        kid = stacks0.get_stackid(ctx, 0);
+#endif
+    }
+    if (refused(uid) || refused(kid)) {
+        record_whole(ctx, key, stack_lost_reason(refused(uid) ? uid : kid), walked);
+        notice_process(key->pid);
+        return;
+    }
+    if (uid == -EFAULT_ && kid < 0 && !walked)
+        count_lost(PROF_LOST_STACK_FAULT);
+    key->user_stack_id = uid < 0 ? -1 : uid;
+    key->kernel_stack_id = kid < 0 ? -1 : kid;
+
+    u64 init = 0;
+    u64 *n = g ? counts1.lookup_or_try_init(key, &init) : counts0.lookup_or_try_init(key, &init);
+    if (n) {
+        __sync_fetch_and_add(n, 1);
+        count_stat(PROF_STAT_COUNTED);
+    } else {
+        record_whole(ctx, key, PROF_LOST_COUNTS_MAP_FULL, walked);   /* its stack ids stay unused */
+    }
+    notice_process(key->pid);
+}
+
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
@@ -150,49 +408,71 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u32 gslot = PROF_SET_GENERATION;
     u32 *gen = settings.lookup(&gslot);
     u32 g = gen ? *gen : 0;
-    s32 uid = -1, kid = -1;
-    /* Two spelled-out branches: BCC resolves map method calls by the map's name at compile time,
-     * so the generation cannot be a map-pointer variable. */
-    if (g) {
-#if USER_STACKS
-        uid = stacks1.get_stackid(ctx, BPF_F_USER_STACK);
+#if UNWIND && USER_STACKS
+    u32 zero = 0;
+    struct unwind_state *ws = unwind_states.lookup(&zero);
+    struct unwind_stack *st = unwind_scratch.lookup(&zero);
+    if (ws && st && begin_walk(ctx, &key, g, ws, st))
+        unwind_programs.call(ctx, 0);   /* does not return unless the tail call failed */
+    count_unwind(UNWIND_STAT_NO_TABLE);
 #endif
-#if KERNEL_STACKS
-        kid = stacks1.get_stackid(ctx, 0);
-#endif
-    } else {
-#if USER_STACKS
-        uid = stacks0.get_stackid(ctx, BPF_F_USER_STACK);
-#endif
-#if KERNEL_STACKS
-        kid = stacks0.get_stackid(ctx, 0);
-#endif
-    }
-    if (refused(uid) || refused(kid)) {
-        record_whole(ctx, &key, stack_lost_reason(refused(uid) ? uid : kid));
-        notice_process(tgid);
-        return 0;
-    }
-    if (uid == -EFAULT_ && kid < 0)
-        count_lost(PROF_LOST_STACK_FAULT);
-    key.user_stack_id = uid < 0 ? -1 : uid;
-    key.kernel_stack_id = kid < 0 ? -1 : kid;
-
-    u64 init = 0;
-    u64 *n = g ? counts1.lookup_or_try_init(&key, &init) : counts0.lookup_or_try_init(&key, &init);
-    if (n) {
-        __sync_fetch_and_add(n, 1);
-        count_stat(PROF_STAT_COUNTED);
-    } else {
-        record_whole(ctx, &key, PROF_LOST_COUNTS_MAP_FULL);   /* its stack ids stay unused */
-    }
-    notice_process(tgid);
+    count_sample(ctx, &key, g, NULL);
     return 0;
 }
 
-/* An exec replaces the mappings: the next sample announces the process again. */
+#if UNWIND && USER_STACKS
+/* Walks UNWIND_FRAMES_PER_CALL frames, then tail-calls itself until the walk ends (at most
+ * PROF_MAX_DEPTH frames: 16 calls of 8, inside the kernel's 33), then counts the sample. Each
+ * call is verified once, so the verifier's work does not grow with the depth bound. */
+int walk_user_stack(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *ws = unwind_states.lookup(&zero);
+    struct unwind_stack *st = unwind_scratch.lookup(&zero);
+    if (!ws || !st)
+        return 0;
+    #pragma clang loop unroll(disable)
+    for (int k = 0; k < UNWIND_FRAMES_PER_CALL; k++) {
+        if (ws->done)
+            break;
+        walk_step(ws, st);
+    }
+    if (!ws->done)
+        unwind_programs.call(ctx, 0);   /* returns only at the tail-call limit: truncated */
+    u32 n = ws->n;
+    st->len = n > PROF_MAX_DEPTH ? PROF_MAX_DEPTH : n;
+    if (st->truncated)
+        count_unwind(n >= PROF_MAX_DEPTH ? UNWIND_STAT_DEPTH_LIMIT : UNWIND_STAT_TRUNCATED);
+    count_unwind(UNWIND_STAT_WALKED);
+    u64 h = hash_stack(st);
+    int err = ws->g ? ustacks1.insert(&h, st) : ustacks0.insert(&h, st);
+    if (err && err != -EEXIST_) {           /* full: send it whole */
+        record_whole(ctx, &ws->key, PROF_LOST_STACK_MAP_FULL, st);
+        notice_process(ws->key.pid);
+        return 0;
+    }
+    ws->key.user_stack_hash = h;
+    count_sample(ctx, &ws->key, ws->g, st);
+    return 0;
+}
+#endif
+
+/* An exec replaces the mappings: the next sample announces the process again (and its old
+ * mapping list must not walk the new image). */
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     seen_processes.delete(&tgid);
+#if UNWIND
+    unwind_processes.delete(&tgid);
+#endif
     return 0;
 }
+
+#if UNWIND
+/* A new task never inherits a mapping list left under its id by an exited process (pid reuse
+ * before user space forgot it); a thread's id is never a live process's id. */
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 child = args->child_pid;
+    unwind_processes.delete(&child);
+    return 0;
+}
+#endif

@@ -32,7 +32,9 @@
 
 #define PROF_MAX_DEPTH 127
 
-/* A stack id of -1 means "not captured" (disabled, or kernel stack of a sample in user mode). */
+/* A stack id of -1 means "not captured" (disabled, or kernel stack of a sample in user mode).
+ * A user stack walked with unwind tables is in ustacks<g> under user_stack_hash (then
+ * user_stack_id is -1); 0 means none. */
 struct prof_key {
     __u32 pid;                 /* tgid */
     __u32 tid;
@@ -40,7 +42,60 @@ struct prof_key {
     __s32 kernel_stack_id;
     __u64 cgroup_id;
     char comm[PROF_COMM_LEN];  /* the thread's comm */
+    __u64 user_stack_hash;
 };
+
+/* ---- In-kernel unwinding with tables made from .eh_frame (receiver/profiling/unwinder.py) ----
+ *
+ * unwind_rows holds every loaded file's rows, each file's sorted by pc in one contiguous range.
+ * unwind_processes maps a tgid to its slot of UNWIND_MAX_MAPPINGS entries in unwind_mappings:
+ * its executable mappings sorted by start, each naming its file's range (table_len 0: no
+ * table, e.g. JIT code, stepped with frame pointers). Mappings sit in an array map rather than
+ * in the process's value so the binary search looks them up by key: indexing a map value by a
+ * searched index makes the verifier track every search path apart. */
+#define UNWIND_END 0           /* no call-frame information covers this pc */
+#define UNWIND_RSP 1           /* CFA = rsp + cfa_offset */
+#define UNWIND_RBP 2           /* CFA = rbp + cfa_offset */
+#define UNWIND_UNSUPPORTED 3   /* a rule the walker does not follow (DWARF expression) */
+#define UNWIND_OUTERMOST 4     /* return address undefined: the first frame of the thread */
+
+#define UNWIND_MAX_MAPPINGS 64
+
+struct unwind_row {
+    __u64 pc;                  /* ELF virtual address where this rule starts */
+    __s32 cfa_offset;
+    __s16 rbp_offset;          /* rbp saved at CFA + rbp_offset; 0: rbp unchanged */
+    __u8 kind;                 /* UNWIND_* */
+    __u8 pad;
+};
+
+struct unwind_mapping {
+    __u64 start;
+    __u64 end;
+    __u64 bias;                /* ELF virtual address = address - bias */
+    __u32 table_start;         /* first row in unwind_rows */
+    __u32 table_len;           /* rows; 0: no table */
+};
+
+struct unwind_process {
+    __u32 slot;                /* mappings at unwind_mappings[slot * UNWIND_MAX_MAPPINGS ...] */
+    __u32 count;
+};
+
+/* A user stack walked with tables: the key of ustacks<g> is a hash of it. */
+struct unwind_stack {
+    __u32 len;                 /* addresses in ips[] */
+    __u32 truncated;           /* 1: the walk stopped before the thread's first frame */
+    __u64 ips[PROF_MAX_DEPTH];
+};
+
+/* unwind_stats[] slots (samples of processes with a table, and why walks stopped) */
+#define UNWIND_STAT_WALKED 0          /* user stacks walked with tables */
+#define UNWIND_STAT_TRUNCATED 1       /* ... that stopped early: left the mappings, no or an unsupported rule, unreadable stack */
+#define UNWIND_STAT_DEPTH_LIMIT 2     /* ... that reached PROF_MAX_DEPTH frames */
+#define UNWIND_STAT_FP_STEPS 3        /* frames stepped with frame pointers (mapping without table) */
+#define UNWIND_STAT_NO_TABLE 4        /* samples of processes with no table loaded (frame-pointer stack) */
+#define UNWIND_STATS 5
 
 /* The first sample of a process not seen before (or since its exec). */
 struct prof_new_process {

@@ -105,6 +105,7 @@ class _ScrapeTimeGauges(Collector):
         self._queue_capacity: dict[str, int] = {}
         # name → (help, label, callback giving label value → count)
         self._counters: dict[str, tuple[str, str, Callable[[], dict[str, int]]]] = {}
+        self._gauges: dict[str, tuple[str, str, Callable[[], dict[str, int]]]] = {}
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         for name, (help_text, label, fn) in sorted(self._counters.items()):
@@ -112,6 +113,11 @@ class _ScrapeTimeGauges(Collector):
             for value, count in sorted(fn().items()):
                 family.add_metric([value], count)
             yield family
+        for name, (help_text, label, fn) in sorted(self._gauges.items()):
+            gauge = GaugeMetricFamily(f"{NS}_{name}", help_text, labels=[label])
+            for value, count in sorted(fn().items()):
+                gauge.add_metric([value], count)
+            yield gauge
         depth = GaugeMetricFamily(f"{NS}_exporter_queue_items", "Items waiting in the export queue",
                                   labels=["signal"])
         cap = GaugeMetricFamily(f"{NS}_exporter_queue_capacity_items",
@@ -197,6 +203,12 @@ class SelfTelemetry:
         at scrape time (e.g. a component's own running totals); registering a name again
         replaces it."""
         self._gauges._counters[name] = (help_text, label, counts)
+
+    def watch_gauges(self, name: str, help_text: str, label: str,
+                     values: Callable[[], dict[str, int]]) -> None:
+        """A gauge family ``ebpf_receiver_<name>{label}`` read from ``values()`` at scrape time
+        (sizes and capacities of a component's maps and caches)."""
+        self._gauges._gauges[name] = (help_text, label, values)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -48,9 +48,13 @@ class Range:
         return not (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
 
     def describe(self) -> str:
-        lo = None if self.low is None else ("greater than " if self.low_open else "at least ") + f"{self.low:g}"
-        hi = None if self.high is None else ("less than " if self.high_open else "at most ") + f"{self.high:g}"
+        lo = None if self.low is None else ("greater than " if self.low_open else "at least ") + _number(self.low)
+        hi = None if self.high is None else ("less than " if self.high_open else "at most ") + _number(self.high)
         return " and ".join(x for x in (lo, hi) if x)
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 POSITIVE = Range(0, low_open=True)

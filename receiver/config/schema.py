@@ -270,6 +270,11 @@ class ProfilerSourceConfig:
     user_stacks: bool = True
     max_stacks: Annotated[int, Range(64)] = 16384
     symbol_cache_size: Annotated[int, AT_LEAST_1] = 256
+    # User stacks walked in the kernel with tables made from each binary's .eh_frame (code built
+    # without frame pointers); off: the kernel's frame-pointer walk only.
+    unwind_tables: bool = True
+    unwind_table_rows: Annotated[int, Range(4096, 1 << 24)] = 1 << 20   # 16 bytes each
+    unwind_processes: Annotated[int, Range(16, 65536)] = 1024           # 2 KiB each
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
 

@@ -46,6 +46,10 @@ FEATURES = (
             "cannot run: connection byte counts come from the sock:sock_send_length and "
             "sock:sock_recv_length tracepoints (the agent uses no kprobes)",
             "a kernel >= 6.3", tracepoint="sock:sock_send_length", disables=True),
+    Feature("task_pt_regs", "5.15", "bpf_task_pt_regs", "profiler",
+            "user stacks are walked with frame pointers only (code built without them shows "
+            "one frame): the .eh_frame walker needs the user registers of samples taken in the kernel",
+            "a kernel >= 5.15"),
     Feature("batch_ops", "5.6", "generic_map_lookup_batch", "network",
             "reads connection maps one key at a time (same data, more syscalls)",
             "a kernel >= 5.6"),

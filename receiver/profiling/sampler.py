@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import ProfilerSourceConfig
 from ..errors import SourceUnavailableError
+from ..kernel import features as kernel_features
 from ..kernel import host
 from ..kernel.bcc import check_mirror, compile_bpf, header_enum, load_bcc
 from ..kernel.filters import fill_process_filter
@@ -33,6 +34,7 @@ from ..kernel.identity import CgroupResolver
 from .demangle import Demangler
 from .model import CpuProfile, Frame, StackSample
 from .symbolize import Symbolizer
+from .unwinder import UnwindProcess, UnwindRow, UnwindTables
 
 __all__ = ["BPF_FILE", "LOST_REASONS", "CpuSampler"]
 
@@ -45,13 +47,16 @@ MAX_PROCESSES = 8192          # seen_processes LRU in the kernel
 RINGBUF_PAGES = 256           # 1 MiB: new-process notices and whole samples
 MIN_WHOLE_KEYS = 4096        # distinct whole samples kept per interval, at least
 PROGRAM = b"on_cpu_sample"
+WALK_PROGRAM = b"walk_user_stack"     # tail-called by PROGRAM for processes with unwind tables
 # Programs that read the old generation before the flip finish within microseconds (they run
 # with interrupts off); this is a wide margin.
 GENERATION_SETTLE_S = 0.005
+RELOAD_AFTER_S = 60.0         # least time between two reloads of a process's unwind tables
 
 # Slots of the program's ``lost`` and ``stats`` per-CPU arrays (bpf/profiler.h).
 LOST_REASONS = header_enum("profiler.h", "PROF_LOST")
 STAT_NAMES = header_enum("profiler.h", "PROF_STAT")
+UNWIND_STAT_NAMES = header_enum("profiler.h", "UNWIND_STAT")
 SET_GENERATION = 0
 REC_NEW_PROCESS, REC_SAMPLE = 1, 2
 
@@ -61,7 +66,15 @@ class ProfKey(ctypes.Structure):
 
     _fields_ = [("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
                 ("user_stack_id", ctypes.c_int32), ("kernel_stack_id", ctypes.c_int32),
-                ("cgroup_id", ctypes.c_uint64), ("comm", ctypes.c_char * COMM_LEN)]
+                ("cgroup_id", ctypes.c_uint64), ("comm", ctypes.c_char * COMM_LEN),
+                ("user_stack_hash", ctypes.c_uint64)]
+
+
+class UnwindStack(ctypes.Structure):
+    """Mirror of ``struct unwind_stack`` (a user stack walked with unwind tables)."""
+
+    _fields_ = [("len", ctypes.c_uint32), ("truncated", ctypes.c_uint32),
+                ("ips", ctypes.c_uint64 * MAX_STACK_DEPTH)]
 
 
 class NewProcess(ctypes.Structure):
@@ -116,12 +129,26 @@ class CpuSampler:
         self.whole_lost = 0                        # … beyond _max_whole distinct ones: dropped
         self._stack_leaf: Any = None               # one reusable stack-map lookup buffer
         self._drain_lock = threading.Lock()
+        self.unwinder: UnwindTables | None = None
+        self.truncated_samples = 0                 # samples whose walked user stack stopped early
+        self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
 
     # ------------------------------------------------------------------ load / attach
 
+    @property
+    def unwinding(self) -> bool:
+        """Whether user stacks are walked with unwind tables here (config, and a kernel with
+        bpf_task_pt_regs for samples taken in the kernel)."""
+        return (self.config.unwind_tables and self.config.user_stacks
+                and kernel_features.probe().has("task_pt_regs"))
+
     def cflags(self) -> list[str]:
         c = self.config
-        return [f"-DMAX_KEYS={int(c.max_stacks)}", f"-DMAX_STACKS={int(c.max_stacks)}",
+        rows = int(c.unwind_table_rows)
+        unwind = [f"-DUNWIND={1 if self.unwinding else 0}", f"-DUNWIND_ROWS={rows}",
+                  f"-DUNWIND_ROW_STEPS={rows.bit_length() + 1}",
+                  f"-DUNWIND_PROCESSES={int(c.unwind_processes)}"]
+        return [*unwind, f"-DMAX_KEYS={int(c.max_stacks)}", f"-DMAX_STACKS={int(c.max_stacks)}",
                 f"-DMAX_PROCESSES={MAX_PROCESSES}",
                 f"-DUSER_STACKS={1 if c.user_stacks else 0}",
                 f"-DKERNEL_STACKS={1 if c.kernel_stacks else 0}",
@@ -148,9 +175,17 @@ class CpuSampler:
         """Fills the filter maps, then attaches the perf events (so filtering holds from the
         first sample)."""
         self.bpf = bpf
-        for map_name, part, mirror in (("counts0", "Key", ProfKey), ("mirror_prof_sample", "Leaf", WholeSample),
-                                       ("mirror_prof_new_process", "Leaf", NewProcess)):
+        mirrors = [("counts0", "Key", ProfKey), ("mirror_prof_sample", "Leaf", WholeSample),
+                   ("mirror_prof_new_process", "Leaf", NewProcess)]
+        if self.unwinding:
+            mirrors += [("ustacks0", "Leaf", UnwindStack), ("unwind_rows", "Leaf", UnwindRow),
+                        ("unwind_processes", "Leaf", UnwindProcess)]
+        for map_name, part, mirror in mirrors:
             check_mirror(bpf, map_name, part, mirror, self.source_name)
+        if self.unwinding:
+            self._ustack_leaf = UnwindStack()
+            self.unwinder = UnwindTables(bpf, self.symbolizer, int(self.config.unwind_table_rows),
+                                         int(self.config.unwind_processes)).start()
         self._stack_leaf = bpf["stacks0"].Leaf()
         f = self.config.filter
         if f.active:
@@ -159,6 +194,9 @@ class CpuSampler:
         self._generation_start_ns = time.time_ns()
         bcc = load_bcc()
         try:
+            if self.unwinding:
+                walker = bpf.load_func(WALK_PROGRAM, bcc.BPF.PERF_EVENT)
+                bpf["unwind_programs"][ctypes.c_int(0)] = ctypes.c_int(walker.fd)
             bpf.load_func(PROGRAM, bcc.BPF.PERF_EVENT)
         except Exception as e:
             raise SourceUnavailableError(self.source_name, f"the kernel rejected the profiler program: {e}") from e
@@ -172,6 +210,8 @@ class CpuSampler:
 
     def detach(self) -> None:
         """Closes the perf events: no sample after this returns. Safe to call twice."""
+        if self.unwinder is not None:
+            self.unwinder.stop()
         if self._attached and self.bpf is not None:
             bcc = load_bcc()
             self._attached = False
@@ -194,6 +234,8 @@ class CpuSampler:
         self.symbolizer.note_process(pid)
         self._process_names[pid] = _executable_name(pid)
         self._exited.discard(pid)
+        if self.unwinder is not None:
+            self.unwinder.request(pid)
 
     def _count_whole(self, rec: WholeSample) -> None:
         key = (rec.pid, rec.tid, rec.comm, rec.cgroup_id,
@@ -229,16 +271,40 @@ class CpuSampler:
 
         counts = list(bpf[f"counts{old}"].items_lookup_and_delete_batch())
         stacks = self._take_stacks(bpf[f"stacks{old}"], counts)
+        walked = self._take_walked(bpf[f"ustacks{old}"], counts) if self.unwinder is not None else {}
         whole, self._whole = self._whole, {}
         frames_of: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Frame, ...]] = {}
+        truncated_pids = set()
         for k, v in counts:
+            if k.user_stack_hash:
+                user, truncated = walked.get(k.user_stack_hash, ((), False))
+                if truncated:
+                    self.truncated_samples += int(v)
+                    truncated_pids.add(k.pid)
+            else:
+                user = stacks.get(k.user_stack_id, ())
             self._add_sample(profile, frames_of, k.pid, k.tid, k.comm, k.cgroup_id,
-                             stacks.get(k.user_stack_id, ()), stacks.get(k.kernel_stack_id, ()), int(v))
+                             user, stacks.get(k.kernel_stack_id, ()), int(v))
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
         self.demangler.apply(profile)
         self._forget_exited()
+        self._reload_truncated(truncated_pids)
         return profile
+
+    def _reload_truncated(self, pids: set[int]) -> None:
+        """Processes whose walks stopped early may have mapped code since their mappings were
+        captured (dlopen): capture them again and reload, at most once a minute per process."""
+        if self.unwinder is None:
+            return
+        now = time.monotonic()
+        for pid in pids:
+            if now - self._reloaded_at.get(pid, float("-inf")) >= RELOAD_AFTER_S and os.path.exists(f"/proc/{pid}"):
+                self._reloaded_at[pid] = now
+                self.symbolizer.note_process(pid)
+                self.unwinder.request(pid)
+        if len(self._reloaded_at) > 4 * MAX_PROCESSES:
+            self._reloaded_at = {p: t for p, t in self._reloaded_at.items() if now - t < RELOAD_AFTER_S}
 
     def _add_sample(self, profile: CpuProfile,
                     frames_of: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Frame, ...]],
@@ -282,6 +348,35 @@ class CpuSampler:
             lib.bpf_delete_elem(fd, ctypes.byref(left))
         return out
 
+    def _take_walked(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, tuple[tuple[int, ...], bool]]:
+        """Reads and deletes every walked user stack the drained counts name (hash → addresses,
+        truncated), then any left over."""
+        from bcc.libbcc import lib
+
+        fd = table.map_fd
+        leaf = self._ustack_leaf
+        out: dict[int, tuple[tuple[int, ...], bool]] = {}
+        key = ctypes.c_uint64()
+        for h in {k.user_stack_hash for k, _ in counts} - {0}:
+            key.value = h
+            if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
+                n = min(leaf.len, MAX_STACK_DEPTH)
+                ips = array.array("Q", bytes(leaf.ips)[: n * 8])
+                out[h] = (tuple(ips), bool(leaf.truncated))
+            lib.bpf_delete_elem(fd, ctypes.byref(key))
+        for left in list(table.keys()):
+            lib.bpf_delete_elem(fd, ctypes.byref(left))
+        return out
+
+    def unwind_stats(self) -> dict[str, int]:
+        """The kernel walker's counters (UNWIND_STAT_*), summed over CPUs; empty when off."""
+        if self.unwinder is None or self.bpf is None:
+            return {}
+        try:
+            return dict(zip(UNWIND_STAT_NAMES, self._per_cpu_totals("unwind_stats", len(UNWIND_STAT_NAMES))))
+        except Exception:   # noqa: BLE001 -- closed meanwhile (scraped during shutdown)
+            return {}
+
     def _forget_exited(self) -> None:
         """Frees what is kept for processes found gone at the previous drain: their last
         samples (counted in the generation active then) have now been read."""
@@ -289,6 +384,8 @@ class CpuSampler:
         self._exited = set()
         seen = self.bpf["seen_processes"]
         for pid in gone:
+            if self.unwinder is not None:
+                self.unwinder.forget(pid)
             self.symbolizer.forget(pid)
             self._process_names.pop(pid, None)
             try:

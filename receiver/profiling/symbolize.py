@@ -219,6 +219,17 @@ class Symbolizer:
                 self._drop_frame_caches()
             return tuple(frames)
 
+    def executable_regions(self, pid: int) -> list[tuple[int, int, int | None, str, str, bool]]:
+        """The executable mappings captured for ``pid`` (none when it was never noted): (start,
+        end, load bias or None, path, build id, anonymous), sorted by start. The unwinder
+        builds its tables from these, so unwinding and naming agree on every mapping."""
+        with self._lock:
+            proc = self._processes.get(pid)
+            if proc is None:
+                return []
+            return [(r.start, r.end, r.bias if r.symbols is not None else None, r.mapping.path,
+                     r.mapping.build_id, r.anonymous) for r in proc.regions]
+
     def forget(self, pid: int) -> None:
         """Drops what is known about ``pid`` (after its last samples were symbolized)."""
         with self._lock:

@@ -32,6 +32,21 @@ _RECORD_SIZES = {REC_NEW_PROCESS: ctypes.sizeof(NewProcess), REC_SAMPLE: ctypes.
 log = logging.getLogger(__name__)
 
 
+def _user_stack_counts(sampler: CpuSampler) -> dict[str, int]:
+    if sampler.bpf is None or sampler.unwinder is None:
+        return {}
+    k = sampler.unwind_stats()
+    return {"walked": k.get("walked", 0), "truncated": k.get("truncated", 0),
+            "depth_limit": k.get("depth_limit", 0), "frame_pointers": k.get("no_table", 0)}
+
+
+def _row_gauges(sampler: CpuSampler) -> dict[str, int]:
+    if sampler.unwinder is None:
+        return {}
+    g = sampler.unwinder.gauges()
+    return {"used": g["rows_used"], "capacity": g["rows_capacity"]}
+
+
 class ProfilerSource(BccSource):
     name = "profiler"
     bpf_file = "profiler.bpf.c"
@@ -52,6 +67,23 @@ class ProfilerSource(BccSource):
             "from the symbol cache, evicted from it, or unreadable", "event",
             lambda: {"parsed": stats.file_cache_misses, "cache_hit": stats.file_cache_hits,
                      "evicted": stats.file_cache_evictions, "error": stats.file_errors})
+        sampler = self.sampler
+        ctx.telemetry.watch_counters(
+            "profiler_user_stacks", "Samples by how their user stack was walked: with unwind tables "
+            "(walked; of those, truncated where the walk left the known mappings, met a rule it cannot "
+            "follow or could not read the stack, and depth_limit at 127 frames), or with frame pointers "
+            "only (frame_pointers: the process has no tables loaded yet)", "result",
+            lambda: _user_stack_counts(sampler))
+        ctx.telemetry.watch_counters(
+            "profiler_unwind_tables", "Unwind tables (from .eh_frame) by event: built and loaded, "
+            "evicted to make room, not loaded (no_cfi, unreadable, full: no room in unwind_table_rows), "
+            "processes and mappings beyond unwind_processes/64 (walked with frame pointers), "
+            "queue_full, error", "event",
+            lambda: dict(sampler.unwinder.stats) if sampler.unwinder is not None else {})
+        ctx.telemetry.watch_gauges(
+            "profiler_unwind_table_rows", "Rows of the kernel's unwind table array: used and capacity "
+            "(16 bytes each)", "state",
+            lambda: _row_gauges(sampler))
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:

@@ -1,0 +1,357 @@
+"""Unwind tables for the profiler's in-kernel stack walker: which rows of ``unwind_rows`` belong
+to which file, and which files each process has mapped where (``unwind_processes``).
+
+A worker thread does the work, off the event loop: for a newly noticed process it takes the
+executable mappings the symbolizer captured, builds each file's table once per build id
+(``unwind_table``), writes it into one free range of the kernel's row array, and then publishes
+the process's mapping list. Tables stay loaded while a process uses them and afterwards until
+their rows are needed (least recently used first), so a binary that starts again costs nothing.
+Everything that does not fit (rows, processes, mappings beyond ``UNWIND_MAX_MAPPINGS``) and every
+file without usable call-frame information is counted; such code is walked with frame pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import stat
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from .symbolize import Symbolizer
+from .unwind_table import ROW, UnwindTableError, build_table
+
+__all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
+
+log = logging.getLogger(__name__)
+
+MAX_MAPPINGS = 64            # UNWIND_MAX_MAPPINGS in bpf/profiler.h
+MAX_FAILED_FILES = 4096      # files remembered as having no usable table
+QUEUE_SIZE = 4096
+
+
+class UnwindRow(ctypes.Structure):
+    """Mirror of ``struct unwind_row``."""
+
+    _fields_ = [("pc", ctypes.c_uint64), ("cfa_offset", ctypes.c_int32),
+                ("rbp_offset", ctypes.c_int16), ("kind", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class UnwindMapping(ctypes.Structure):
+    """Mirror of ``struct unwind_mapping``."""
+
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("bias", ctypes.c_uint64),
+                ("table_start", ctypes.c_uint32), ("table_len", ctypes.c_uint32)]
+
+
+class UnwindProcess(ctypes.Structure):
+    """Mirror of ``struct unwind_process``: the process's mappings are
+    ``unwind_mappings[slot * MAX_MAPPINGS ...][:count]``."""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("count", ctypes.c_uint32)]
+
+
+assert ROW.size == ctypes.sizeof(UnwindRow)
+
+
+class RowAllocator:
+    """First-fit ranges of the row array; freed ranges merge with their neighbours."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)]   # (start, length), sorted
+
+    @property
+    def free_rows(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def allocate(self, n: int) -> int | None:
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + n, length - n)
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        self._free.append((start, n))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for s, length in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((s, length))
+        self._free = merged
+
+
+@dataclass(slots=True)
+class _Loaded:
+    start: int
+    rows: int
+    users: int = 0
+
+
+class UnwindTables:
+    """Keeps ``unwind_rows``/``unwind_processes`` of one loaded profiler program in step with the
+    processes the profiler has noticed. ``request``/``forget`` only queue work; one worker
+    thread applies it in order."""
+
+    def __init__(self, bpf: object, symbolizer: Symbolizer, capacity: int, max_processes: int) -> None:
+        self._rows = bpf["unwind_rows"]            # type: ignore[index]
+        self._procs = bpf["unwind_processes"]      # type: ignore[index]
+        self._mappings = bpf["unwind_mappings"]    # type: ignore[index]
+        self._free_slots = list(range(max_processes - 1, -1, -1))
+        self._slot_of: dict[int, int] = {}
+        self._symbolizer = symbolizer
+        self._allocator = RowAllocator(capacity)
+        self._max_processes = max_processes
+        self._loaded: OrderedDict[Hashable, _Loaded] = OrderedDict()   # LRU: unused ones first out
+        self._failed: OrderedDict[Hashable, str] = OrderedDict()
+        self._process_files: dict[int, list[Hashable]] = {}
+        self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue(QUEUE_SIZE)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.stats: Counter[str] = Counter()       # monotonic counters, read by self-metrics
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> UnwindTables:
+        self._thread = threading.Thread(target=self._run, name="unwind-tables", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+            self._thread = None
+
+    def request(self, pid: int) -> None:
+        """Load tables for ``pid`` (noticed, or exec'd): queued, never blocks the caller."""
+        self._put("load", pid)
+
+    def forget(self, pid: int) -> None:
+        """``pid`` is gone: drop its mapping list and release its tables."""
+        self._put("forget", pid)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """For tests and tools: whether the queue drained within ``timeout`` seconds."""
+        done = threading.Event()
+        self._put("mark", 0, done)
+        return done.wait(timeout)
+
+    def gauges(self) -> dict[str, int]:
+        with self._lock:
+            return {"rows_used": self._allocator.capacity - self._allocator.free_rows,
+                    "rows_capacity": self._allocator.capacity,
+                    "tables_loaded": len(self._loaded),
+                    "processes": len(self._process_files)}
+
+    def _put(self, what: str, pid: int, done: threading.Event | None = None) -> None:
+        try:
+            self._queue.put_nowait((what, pid, done))  # type: ignore[arg-type]
+        except queue.Full:
+            self.stats["queue_full"] += 1
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            what, pid, done = item  # type: ignore[misc]
+            try:
+                if what == "load":
+                    self._load(pid)
+                elif what == "forget":
+                    self._forget(pid)
+            except Exception:   # noqa: BLE001 -- one process's trouble must not stop the worker
+                self.stats["errors"] += 1
+                log.exception("unwind tables for pid %d", pid)
+            if done is not None:
+                done.set()
+
+    # ------------------------------------------------------------------ work
+
+    def _load(self, pid: int) -> None:
+        regions = self._symbolizer.executable_regions(pid)
+        if not regions:
+            return
+        self._forget(pid)
+        if not self._free_slots:
+            self.stats["processes_over_limit"] += 1
+            return
+        entries: list[tuple[int, int, int, int, int]] = []
+        keys: list[Hashable] = []
+        for start, end, bias, path, build_id, anonymous in regions:
+            if anonymous or bias is None or not path.startswith("/"):
+                entries.append((start, end, 0, 0, 0))   # JIT code, [vdso]: frame pointers there
+                continue
+            loaded = self._table_for(pid, start, end, path, build_id)
+            if loaded is None:
+                entries.append((start, end, 0, 0, 0))
+                continue
+            key, table = loaded
+            keys.append(key)
+            entries.append((start, end, bias & (2**64 - 1), table.start, table.rows))
+        if len(entries) > MAX_MAPPINGS:
+            self.stats["mappings_over_limit"] += len(entries) - MAX_MAPPINGS
+            # Keep the mappings with tables (and the lowest addresses among the rest).
+            entries.sort(key=lambda e: (e[4] == 0, e[0]))
+            entries = entries[:MAX_MAPPINGS]
+        entries.sort()
+        if not _still_mapped(pid, regions):
+            # It exec'd (or unmapped code) since the mappings were captured: publishing them now
+            # would walk the new image with the old tables. Its next sample announces it again.
+            self.stats["stale_mappings"] += 1
+            return
+        slot = self._free_slots.pop()
+        n = len(entries)
+        first_key = slot * MAX_MAPPINGS
+        keys_arr = (ctypes.c_uint32 * n)(*range(first_key, first_key + n))
+        values = (UnwindMapping * n)(*(UnwindMapping(*e) for e in entries))
+        try:
+            self._mappings.items_update_batch(keys_arr, values)
+        except Exception:   # noqa: BLE001 -- kernels without batch ops
+            for i in range(n):
+                self._mappings[keys_arr[i]] = values[i]
+        with self._lock:
+            for key in keys:
+                self._loaded[key].users += 1
+                self._loaded.move_to_end(key)
+            self._process_files[pid] = keys
+            self._slot_of[pid] = slot
+        try:
+            self._procs[self._procs.Key(pid)] = UnwindProcess(slot, n)
+        except Exception as e:   # noqa: BLE001 -- full map: the process keeps frame pointers
+            self.stats["processes_over_limit"] += 1
+            log.debug("unwind_processes[%d]: %s", pid, e)
+            self._forget(pid)
+            return
+        self.stats["processes_loaded"] += 1
+
+    def _forget(self, pid: int) -> None:
+        with self._lock:
+            keys = self._process_files.pop(pid, None)
+            if keys is None:
+                return
+            for key in keys:
+                loaded = self._loaded.get(key)
+                if loaded is not None:
+                    loaded.users -= 1
+            slot = self._slot_of.pop(pid)
+        try:
+            del self._procs[self._procs.Key(pid)]
+        except KeyError:
+            pass
+        # The slot is reused only after the kernel's entry is gone (a sample in flight may still
+        # read the old mappings, which describe the old process: at worst a truncated walk).
+        self._free_slots.append(slot)
+
+    def _table_for(self, pid: int, start: int, end: int, path: str,
+                   build_id: str) -> tuple[Hashable, _Loaded] | None:
+        fd = _open_mapped(pid, start, end, path)
+        if fd is None:
+            self.stats["files_unreadable"] += 1
+            return None
+        try:
+            st = os.fstat(fd)
+            key: Hashable = build_id or (st.st_dev, st.st_ino, st.st_mtime_ns)
+            with self._lock:
+                loaded = self._loaded.get(key)
+            if loaded is not None:
+                return key, loaded
+            if key in self._failed:
+                return None
+            try:
+                table = build_table(fd)
+            except UnwindTableError as e:
+                self._remember_failed(key, str(e))
+                self.stats["files_without_cfi"] += 1
+                log.debug("no unwind table for %s: %s", path, e)
+                return None
+        finally:
+            os.close(fd)
+        loaded = self._store(key, table.rows)
+        if loaded is None:
+            self.stats["tables_full"] += 1
+            return None
+        self.stats["tables_built"] += 1
+        self.stats["rows_written"] += len(table)
+        return key, loaded
+
+    def _remember_failed(self, key: Hashable, reason: str) -> None:
+        self._failed[key] = reason
+        while len(self._failed) > MAX_FAILED_FILES:
+            self._failed.popitem(last=False)
+
+    def _store(self, key: Hashable, rows: bytes) -> _Loaded | None:
+        """Writes rows into a free range, evicting unused tables (oldest first) to make room."""
+        n = len(rows) // ROW.size
+        with self._lock:
+            first = self._allocator.allocate(n)
+            while first is None:
+                unused = next((k for k, t in self._loaded.items() if t.users <= 0), None)
+                if unused is None:
+                    return None
+                gone = self._loaded.pop(unused)
+                self._allocator.release(gone.start, gone.rows)
+                self.stats["tables_evicted"] += 1
+                first = self._allocator.allocate(n)
+        keys = (ctypes.c_uint32 * n)(*range(first, first + n))
+        values = (UnwindRow * n).from_buffer_copy(rows)
+        try:
+            self._rows.items_update_batch(keys, values)
+        except Exception:   # noqa: BLE001 -- kernels without batch ops: one row at a time
+            for i in range(n):
+                self._rows[keys[i]] = values[i]
+        loaded = _Loaded(first, n)
+        with self._lock:
+            self._loaded[key] = loaded
+        return loaded
+
+
+def _still_mapped(pid: int, regions: list[tuple[int, int, int | None, str, str, bool]]) -> bool:
+    """Whether every captured executable mapping is still mapped as it was."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    now = set()
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) >= 5 and "x" in fields[1]:
+            now.add((fields[0], fields[5].removesuffix(" (deleted)") if len(fields) == 6 else ""))
+    for start, end, _, path, _, anonymous in regions:
+        if (f"{start:x}-{end:x}", "" if anonymous and not path.startswith("/") else path) not in now \
+                and not anonymous:
+            return False
+    return True
+
+
+def _open_mapped(pid: int, start: int, end: int, path: str) -> int | None:
+    """The very file mapped at [start, end) (through map_files), else the path in the process's
+    root; None when neither is a readable regular file."""
+    candidates = [(f"/proc/{pid}/map_files/{start:x}-{end:x}", True)]
+    if path.startswith("/"):
+        candidates.append((f"/proc/{pid}/root{path}", False))
+    for candidate, follow in candidates:
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+        try:
+            fd = os.open(candidate, flags)
+        except OSError:
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+    return None

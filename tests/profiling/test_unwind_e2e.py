@@ -1,0 +1,355 @@
+"""User stacks of code built as distributions build it (``-O2``, no frame pointers), walked in
+the kernel with unwind tables from ``.eh_frame``: real BPF, real binaries, and ``perf record
+--call-graph dwarf`` on the same process as the yardstick.
+
+Each test starts its workload, lets the profiler load the process's tables (the first samples
+of a process are walked with frame pointers until then), drops what was counted so far, and
+then measures."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import compile_c, wait_until
+
+pytestmark = [pytest.mark.bpf]
+
+FREQUENCY = 99
+CHAIN = ["hot", "f8", "f7", "f6", "f5", "f4", "f3", "f2", "f1", "main"]
+
+CHAIN_SOURCE = r"""
+#include <stdlib.h>
+#include <time.h>
+static volatile unsigned long sink;
+#define NI __attribute__((noinline, noclone))
+NI void hot(unsigned n) { for (unsigned i = 0; i < n; i++) sink += i * 7; }   /* a leaf: no frame */
+NI void f8(unsigned n) { hot(n); sink++; }
+NI void f7(unsigned n) { f8(n); sink++; }
+NI void f6(unsigned n) { f7(n); sink++; }
+NI void f5(unsigned n) { f6(n); sink++; }
+NI void f4(unsigned n) { f5(n); sink++; }
+NI void f3(unsigned n) { f4(n); sink++; }
+NI void f2(unsigned n) { f3(n); sink++; }
+NI void f1(unsigned n) { f2(n); sink++; }
+void nocfi_mid(unsigned n);
+int main(int argc, char **argv) {
+    time_t end = time(NULL) + atoi(argv[1]);
+    while (time(NULL) < end) {
+        if (argc > 2)
+            nocfi_mid(100000);
+        else
+            f1(100000);
+    }
+    return 0;
+}
+"""
+
+# Built without call-frame information: a walk that reaches it must stop there.
+NOCFI_SOURCE = r"""
+void hot(unsigned n);
+extern volatile unsigned long nocfi_sink;
+volatile unsigned long nocfi_sink;
+__attribute__((noinline)) void nocfi_mid(unsigned n) { hot(n); nocfi_sink++; }
+"""
+
+CXX_SOURCE = r"""
+#include <cstdlib>
+#include <ctime>
+static volatile unsigned long sink;
+namespace shapes {
+struct Worker {
+    virtual ~Worker() = default;
+    virtual unsigned long spin(unsigned n) const;
+};
+__attribute__((noinline)) unsigned long Worker::spin(unsigned n) const {
+    unsigned long s = 0;
+    for (unsigned i = 0; i < n; i++) { s += i * i; sink = s; }
+    return s;
+}
+template <int N> struct Level {
+    __attribute__((noinline)) static unsigned long go(const Worker &w, unsigned n) {
+        unsigned long r = Level<N - 1>::go(w, n);
+        sink += r;
+        return r + 1;
+    }
+};
+template <> struct Level<0> {
+    __attribute__((noinline)) static unsigned long go(const Worker &w, unsigned n) {
+        unsigned long r = w.spin(n);
+        sink += r;
+        return r + 1;
+    }
+};
+}  // namespace shapes
+int main(int argc, char **argv) {
+    shapes::Worker *w = new shapes::Worker();
+    std::time_t end = std::time(nullptr) + std::atoi(argv[1]);
+    while (std::time(nullptr) < end)
+        shapes::Level<6>::go(*w, 100000);
+    delete w;
+    return 0;
+}
+"""
+
+LIB_SOURCE = r"""
+static volatile unsigned long sink;
+#define NI __attribute__((noinline, noclone))
+NI static void lib_hot(unsigned n) { for (unsigned i = 0; i < n; i++) sink += i ^ 5; }
+NI static void lib_c(unsigned n) { lib_hot(n); sink++; }
+NI static void lib_b(unsigned n) { lib_c(n); sink++; }
+NI void lib_a(unsigned n) { lib_b(n); sink++; }
+"""
+
+LIB_MAIN_SOURCE = r"""
+#include <stdlib.h>
+#include <time.h>
+void lib_a(unsigned n);
+int main(int argc, char **argv) {
+    time_t end = time(NULL) + atoi(argv[1]);
+    while (time(NULL) < end)
+        lib_a(100000);
+    return 0;
+}
+"""
+
+DISTRO_FLAGS = ("-O2", "-fomit-frame-pointer", "-fasynchronous-unwind-tables")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("unwind")
+    out: dict[str, Path] = {}
+    nocfi = d / "nocfi.o"
+    (d / "nocfi.c").write_text(NOCFI_SOURCE)
+    subprocess.run(["gcc", "-O2", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables",
+                    "-fno-unwind-tables", "-c", "-o", str(nocfi), str(d / "nocfi.c")], check=True)
+    out["chain"] = compile_c(CHAIN_SOURCE, d / "chain_o2", *DISTRO_FLAGS, str(nocfi))
+    stripped = d / "chain_o2_stripped"
+    shutil.copy(out["chain"], stripped)
+    subprocess.run(["strip", "--strip-debug", str(stripped)], check=True)
+    out["chain_stripped"] = stripped
+    out["cxx"] = compile_c(CXX_SOURCE, d / "shapes_o2", *DISTRO_FLAGS, cxx=True)
+    lib = d / "libdeep.so"
+    (d / "libdeep.c").write_text(LIB_SOURCE)
+    subprocess.run(["gcc", *DISTRO_FLAGS, "-fPIC", "-shared", "-o", str(lib), str(d / "libdeep.c")], check=True)
+    (d / "lib_main.c").write_text(LIB_MAIN_SOURCE)
+    out["lib_main"] = d / "lib_main"
+    subprocess.run(["gcc", *DISTRO_FLAGS, "-o", str(out["lib_main"]), str(d / "lib_main.c"), f"-L{d}",
+                    "-ldeep", f"-Wl,-rpath,{d}"], check=True)
+    return out
+
+
+class Profiled:
+    """A CpuSampler filtered to one process, with its ring buffer read in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        from receiver.config import ProcessFilter, ProfilerSourceConfig
+        from receiver.profiling.sampler import CpuSampler
+
+        self.pid = pid
+        self.sampler = CpuSampler(ProfilerSourceConfig(
+            preset="development", frequency=FREQUENCY, report_interval=2.0,
+            filter=ProcessFilter(pids=[pid])))
+        bpf = self.sampler.load()
+        self.sampler.bind(bpf)
+        bpf["events"].open_ring_buffer(lambda _c, data, _s: self.sampler.on_record(data))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.sampler.bpf.ring_buffer_poll(50)
+
+    def warm(self) -> None:
+        """Until the process's tables are in the kernel; then forget what was counted so far."""
+        unwinder = self.sampler.unwinder
+        assert unwinder is not None, "unwind tables are off on this kernel"
+        wait_until(lambda: unwinder.stats["processes_loaded"] >= 1 and unwinder.wait_idle(5), 60,
+                   0.2, "the process's unwind tables")
+        self.sampler.drain()
+
+    def measure(self, seconds: float) -> Any:
+        time.sleep(seconds)
+        return self.sampler.drain()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sampler.close()
+
+
+@contextmanager
+def profiled(*argv: str, **popen: Any) -> Iterator[tuple[subprocess.Popen[bytes], Profiled]]:
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, **popen)
+    prof = None
+    try:
+        prof = Profiled(proc.pid)
+        yield proc, prof
+    finally:
+        if prof is not None:
+            prof.close()
+        proc.kill()
+        proc.wait()
+
+
+def user_frames(sample: Any) -> list[Any]:
+    return [f for f in sample.frames if f.frame_type != "kernel"]
+
+
+def hot_samples(profile: Any, leaf: str) -> list[tuple[list[str], int]]:
+    out = []
+    for s in profile.samples:
+        names = [f.function for f in user_frames(s)]
+        if names and names[0] == leaf:
+            out.append((names, s.count))
+    return out
+
+
+def share_with_chain(samples: list[tuple[list[str], int]], chain: list[str]) -> float:
+    total = sum(n for _, n in samples)
+    exact = sum(n for names, n in samples if names[:len(chain)] == chain)
+    return exact / total if total else 0.0
+
+
+def test_o2_chain_is_walked_whole_including_the_leafs_caller(bpf_ok: None, built: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    with profiled(str(built["chain"]), "60") as (_, prof):
+        prof.warm()
+        profile = prof.measure(4)
+        kernel_stats = prof.sampler.unwind_stats()
+        truncated = prof.sampler.truncated_samples
+    hot = hot_samples(profile, "hot")
+    assert sum(n for _, n in hot) >= 100, profile.samples[:5]
+    share = share_with_chain(hot, CHAIN)
+    assert share >= 0.95, collections.Counter(tuple(n) for n, _ in hot).most_common(3)
+    # The chain goes on through libc to _start, where the table marks the end: not truncated.
+    assert truncated == 0 and kernel_stats["walked"] > 0 and kernel_stats["truncated"] == 0, kernel_stats
+    # pprof readers see the same: go tool pprof -traces on the written file
+    from receiver.profiling.pprof import write_pprof
+
+    path = tmp_path / "cpu.pb.gz"
+    write_pprof(profile, path)
+    assert pprof_traces_share(path, tmp_path, CHAIN) >= 0.95
+
+
+def pprof_traces_share(path: Path, tmp_path: Path, chain: list[str]) -> float:
+    """Share of the samples whose leaf is chain[0] that ``go tool pprof -traces`` shows with
+    exactly ``chain`` from the leaf up."""
+    env = {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"),
+           "GOTOOLCHAIN": "local"}
+    p = subprocess.run(["go", "tool", "pprof", "-traces", "-symbolize=none", str(path)],
+                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    total = exact = 0.0
+    for block in re.split(r"^-+\+-+$", p.stdout, flags=re.M)[1:]:
+        lines = [ln for ln in block.strip().splitlines() if ln.strip()]
+        first = next((i for i, ln in enumerate(lines) if re.match(r"^\s*[\d.]+(ms|s)\s+\S", ln)), None)
+        if first is None:       # the labels of a sample come before its value line
+            continue
+        value_text, leaf = lines[first].split(None, 1)
+        frames = [leaf.strip()] + [ln.strip() for ln in lines[first + 1:]]
+        if frames[0] != chain[0]:
+            continue
+        value = float(value_text.rstrip("ms")) * (1 if value_text.endswith("ms") else 1000)
+        total += value
+        exact += value if frames[:len(chain)] == chain else 0
+    assert total > 0, p.stdout[:2000]
+    return exact / total
+
+
+def test_stripped_binary_walks_the_same_depth(bpf_ok: None, built: dict[str, Path]) -> None:
+    with profiled(str(built["chain_stripped"]), "60") as (_, prof):
+        prof.warm()
+        profile = prof.measure(3)
+    depths = collections.Counter()
+    for s in profile.samples:
+        depths[len(user_frames(s))] += s.count
+    # hot + f8..f1 + main + __libc_start_call_main + __libc_start_main + _start
+    assert depths.most_common(1)[0][0] == 13, depths
+
+
+def test_cxx_o2_methods_and_templates(bpf_ok: None, built: dict[str, Path]) -> None:
+    with profiled(str(built["cxx"]), "60") as (_, prof):
+        prof.warm()
+        profile = prof.measure(3)
+    samples = [([f.function for f in user_frames(s)], s.count) for s in profile.samples]
+    spin = [(names, n) for names, n in samples if names and "Worker::spin" in names[0]]
+    assert sum(n for _, n in spin) >= 50, samples[:5]
+    expected = [f"Level<{i}>::go" for i in range(7)] + ["main"]
+    good = sum(n for names, n in spin
+               if len(names) > len(expected) and all(e in names[i + 1] for i, e in enumerate(expected)))
+    assert good / sum(n for _, n in spin) >= 0.95, spin[:3]
+
+
+def test_shared_library_without_frame_pointers(bpf_ok: None, built: dict[str, Path]) -> None:
+    with profiled(str(built["lib_main"]), "60") as (_, prof):
+        prof.warm()
+        profile = prof.measure(3)
+    hot = hot_samples(profile, "lib_hot")
+    assert sum(n for _, n in hot) >= 50, profile.samples[:5]
+    assert share_with_chain(hot, ["lib_hot", "lib_c", "lib_b", "lib_a", "main"]) >= 0.95, hot[:3]
+    paths = {f.mapping.path for names_s in profile.samples for f in user_frames(names_s)[:1] if f.mapping}
+    assert any(p.endswith("libdeep.so") for p in paths), paths
+
+
+def test_code_without_cfi_stops_the_walk_and_is_counted(bpf_ok: None, built: dict[str, Path]) -> None:
+    """No bogus frame: the walk stops in the function without call-frame information, and the
+    stack is counted as truncated."""
+    with profiled(str(built["chain"]), "60", "nocfi") as (_, prof):
+        prof.warm()
+        profile = prof.measure(3)
+        kernel_stats = prof.sampler.unwind_stats()
+        truncated = prof.sampler.truncated_samples
+    hot = hot_samples(profile, "hot")
+    assert sum(n for _, n in hot) >= 50
+    for names, _ in hot:
+        assert names[:2] == ["hot", "nocfi_mid"] and len(names) == 2, names
+    assert truncated >= sum(n for _, n in hot) and kernel_stats["truncated"] > 0, kernel_stats
+
+
+def perf_dwarf_depth(pid: int, seconds: float, tmp_path: Path) -> float:
+    """Mean user-stack depth that ``perf record --call-graph dwarf`` sees in ``pid``."""
+    data = tmp_path / "perf.data"
+    subprocess.run(["perf", "record", "-q", "-F", str(FREQUENCY), "--call-graph", "dwarf", "-p", str(pid),
+                    "-o", str(data), "--", "sleep", str(seconds)], check=True, capture_output=True,
+                   timeout=seconds + 120)
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "ip"], check=True,
+                            capture_output=True, text=True, timeout=300).stdout
+    depths = []
+    for block in script.split("\n\n"):
+        ips = [int(x, 16) for x in block.split() if re.fullmatch(r"[0-9a-f]+", x)]
+        user = [ip for ip in ips if ip < 0x0000_8000_0000_0000]
+        if user:
+            depths.append(len(user))
+    assert depths, script[:2000]
+    return sum(depths) / len(depths)
+
+
+def test_stripped_system_binary_depth_matches_perf_dwarf(bpf_ok: None, tmp_path: Path) -> None:
+    if not shutil.which("perf"):
+        pytest.fail("perf is not installed (make setup installs Debian's linux-perf)")
+    data = tmp_path / "random.bin"
+    data.write_bytes(os.urandom(96 << 20))
+    with profiled("xz", "-9", "-T1", "-c", str(data)) as (proc, prof):
+        prof.warm()
+        theirs: list[float] = []
+        perf = threading.Thread(target=lambda: theirs.append(perf_dwarf_depth(proc.pid, 4, tmp_path)))
+        perf.start()
+        profile = prof.measure(4)
+        perf.join()
+    total = sum(s.count for s in profile.samples)
+    ours = sum(len(user_frames(s)) * s.count for s in profile.samples) / total
+    assert theirs and ours >= 0.9 * theirs[0], (ours, theirs)
