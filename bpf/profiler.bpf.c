@@ -207,13 +207,15 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
         return;
     }
     u64 ip = ws->ip, sp = ws->sp, bp = ws->bp;
-    st->ips[i & 127] = ip;
-    ws->n = i + 1;
     ws->done = 1;
     /* A return address names its call: look up the byte before it. */
     u64 at = i ? ip - 1 : ip;
     struct unwind_mapping *m = find_mapping(&ws->proc, at);
-    if (!m)
+    if (!m && i)                            /* a caller outside every mapping: not a frame */
+        return;
+    st->ips[i & 127] = ip;
+    ws->n = i + 1;
+    if (!m || m->table_start == UNWIND_STOP)   /* code whose table could not be loaded */
         return;
     u64 ra = 0;
     if (m->table_len == 0) {                /* no table: frame pointers */

@@ -60,6 +60,7 @@ struct prof_key {
 #define UNWIND_OUTERMOST 4     /* return address undefined: the first frame of the thread */
 
 #define UNWIND_MAX_MAPPINGS 64
+#define UNWIND_STOP 0xffffffff /* table_start of a mapping whose table did not fit: walks stop there */
 
 struct unwind_row {
     __u64 pc;                  /* ELF virtual address where this rule starts */

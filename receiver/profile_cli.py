@@ -117,6 +117,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if any(profiler.lost.values()):
         print("note: samples lost in the kernel: " + ", ".join(
             f"{n} {reason}" for reason, n in profiler.lost.items() if n), file=sys.stderr)
+    walked = profiler.unwind_stats.get("walked", 0)
+    if walked:
+        print(f"user stacks: {walked} walked with unwind tables, {profiler.truncated_samples} of the "
+              f"profiled samples truncated (the walk stopped before the thread's first frame), "
+              f"{profiler.unwind_stats.get('no_table', 0)} with frame pointers only (tables not yet "
+              "loaded)", file=sys.stderr)
     if profiler.samples_over_bound:
         print(f"note: {profiler.samples_over_bound} samples of stacks beyond the "
               f"{profiler.max_unique_stacks} distinct ones kept are not in the files", file=sys.stderr)

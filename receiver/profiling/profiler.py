@@ -45,6 +45,8 @@ class EbpfCpuProfiler:
         self.max_unique_stacks = max(16 * self.config.max_stacks, 65536)
         self.samples_over_bound = 0
         self.lost: dict[str, int] = {}   # kernel-side losses by reason, set by stop_profile()
+        self.truncated_samples = 0       # samples whose walked user stack stopped early (stop_profile)
+        self.unwind_stats: dict[str, int] = {}   # the kernel walker's counters (stop_profile)
 
     @property
     def running(self) -> bool:
@@ -126,6 +128,8 @@ class EbpfCpuProfiler:
             self.sampler.bpf.ring_buffer_consume()   # notices of processes sampled last
             self._merge(self.sampler.drain())
             self.lost = dict(zip(LOST_REASONS, self.sampler.lost_totals()))
+            self.truncated_samples = self.sampler.truncated_samples
+            self.unwind_stats = self.sampler.unwind_stats()
         finally:
             self.sampler.close()
         end = time.time_ns()

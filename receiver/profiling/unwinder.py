@@ -30,6 +30,7 @@ __all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "Ro
 log = logging.getLogger(__name__)
 
 MAX_MAPPINGS = 64            # UNWIND_MAX_MAPPINGS in bpf/profiler.h
+STOP = 0xFFFFFFFF            # UNWIND_STOP: table_start of a file whose table did not fit
 MAX_FAILED_FILES = 4096      # files remembered as having no usable table
 QUEUE_SIZE = 4096
 
@@ -183,10 +184,11 @@ class UnwindTables:
     # ------------------------------------------------------------------ work
 
     def _load(self, pid: int) -> None:
+        """Builds the process's mapping list and switches its kernel entry to it in one update
+        (a reload never leaves a gap in which its samples fall back to frame pointers)."""
         regions = self._symbolizer.executable_regions(pid)
         if not regions:
             return
-        self._forget(pid)
         if not self._free_slots:
             self.stats["processes_over_limit"] += 1
             return
@@ -198,9 +200,13 @@ class UnwindTables:
                 continue
             loaded = self._table_for(pid, start, end, path, build_id)
             if loaded is None:
-                entries.append((start, end, 0, 0, 0))
+                entries.append((start, end, 0, 0, 0))   # no CFI, unreadable: frame pointers
                 continue
-            key, table = loaded
+            if loaded == "full":
+                # Frame pointers would guess in code built without them: walks stop here.
+                entries.append((start, end, 0, STOP, 0))
+                continue
+            key, table = loaded  # type: ignore[misc]
             keys.append(key)
             entries.append((start, end, bias & (2**64 - 1), table.start, table.rows))
         if len(entries) > MAX_MAPPINGS:
@@ -213,6 +219,7 @@ class UnwindTables:
             # It exec'd (or unmapped code) since the mappings were captured: publishing them now
             # would walk the new image with the old tables. Its next sample announces it again.
             self.stats["stale_mappings"] += 1
+            self._unpin(keys)
             return
         slot = self._free_slots.pop()
         n = len(entries)
@@ -224,31 +231,38 @@ class UnwindTables:
         except Exception:   # noqa: BLE001 -- kernels without batch ops
             for i in range(n):
                 self._mappings[keys_arr[i]] = values[i]
-        with self._lock:
-            for key in keys:
-                self._loaded[key].users += 1
-                self._loaded.move_to_end(key)
-            self._process_files[pid] = keys
-            self._slot_of[pid] = slot
         try:
             self._procs[self._procs.Key(pid)] = UnwindProcess(slot, n)
         except Exception as e:   # noqa: BLE001 -- full map: the process keeps frame pointers
             self.stats["processes_over_limit"] += 1
             log.debug("unwind_processes[%d]: %s", pid, e)
-            self._forget(pid)
+            self._unpin(keys)
+            self._free_slots.append(slot)
             return
+        with self._lock:
+            old_keys = self._process_files.get(pid)
+            old_slot = self._slot_of.get(pid)
+            self._process_files[pid] = keys     # pinned by _table_for, released by _forget
+            self._slot_of[pid] = slot
+        if old_keys is not None and old_slot is not None:
+            self._unpin(old_keys)
+            self._free_slots.append(old_slot)
         self.stats["processes_loaded"] += 1
+
+    def _unpin(self, keys: list[Hashable]) -> None:
+        with self._lock:
+            for key in keys:
+                loaded = self._loaded.get(key)
+                if loaded is not None:
+                    loaded.users -= 1
 
     def _forget(self, pid: int) -> None:
         with self._lock:
             keys = self._process_files.pop(pid, None)
             if keys is None:
                 return
-            for key in keys:
-                loaded = self._loaded.get(key)
-                if loaded is not None:
-                    loaded.users -= 1
             slot = self._slot_of.pop(pid)
+        self._unpin(keys)
         try:
             del self._procs[self._procs.Key(pid)]
         except KeyError:
@@ -258,7 +272,9 @@ class UnwindTables:
         self._free_slots.append(slot)
 
     def _table_for(self, pid: int, start: int, end: int, path: str,
-                   build_id: str) -> tuple[Hashable, _Loaded] | None:
+                   build_id: str) -> tuple[Hashable, _Loaded] | str | None:
+        """The file's loaded table; "full" when it has one that does not fit; None when it has
+        none (or cannot be read)."""
         fd = _open_mapped(pid, start, end, path)
         if fd is None:
             self.stats["files_unreadable"] += 1
@@ -268,6 +284,9 @@ class UnwindTables:
             key: Hashable = build_id or (st.st_dev, st.st_ino, st.st_mtime_ns)
             with self._lock:
                 loaded = self._loaded.get(key)
+                if loaded is not None:          # pinned until the process is forgotten
+                    loaded.users += 1
+                    self._loaded.move_to_end(key)
             if loaded is not None:
                 return key, loaded
             if key in self._failed:
@@ -284,7 +303,7 @@ class UnwindTables:
         loaded = self._store(key, table.rows)
         if loaded is None:
             self.stats["tables_full"] += 1
-            return None
+            return "full"
         self.stats["tables_built"] += 1
         self.stats["rows_written"] += len(table)
         return key, loaded
@@ -314,7 +333,7 @@ class UnwindTables:
         except Exception:   # noqa: BLE001 -- kernels without batch ops: one row at a time
             for i in range(n):
                 self._rows[keys[i]] = values[i]
-        loaded = _Loaded(first, n)
+        loaded = _Loaded(first, n, users=1)     # pinned by the load that built it
         with self._lock:
             self._loaded[key] = loaded
         return loaded

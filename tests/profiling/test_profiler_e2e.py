@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,6 +255,8 @@ def test_cli_writes_pprof_folded_and_svg(bpf_ok: None, burner: Path, tmp_path: P
         proc.wait()
     assert cli.returncode == 0, cli.stderr
     assert "samples" in cli.stderr
+    assert re.search(r"user stacks: [1-9]\d* walked with unwind tables, 0 of the profiled samples truncated",
+                     cli.stderr), cli.stderr
     top = subprocess.run(["go", "tool", "pprof", "-top", "-symbolize=none", str(out)],
                          check=False, capture_output=True, text=True, env=_go_env(tmp_path),
                          timeout=120)

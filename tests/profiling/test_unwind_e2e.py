@@ -154,14 +154,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 class Profiled:
     """A CpuSampler filtered to one process, with its ring buffer read in a thread."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, **config: Any) -> None:
         from receiver.config import ProcessFilter, ProfilerSourceConfig
         from receiver.profiling.sampler import CpuSampler
 
         self.pid = pid
         self.sampler = CpuSampler(ProfilerSourceConfig(
             preset="development", frequency=FREQUENCY, report_interval=2.0,
-            filter=ProcessFilter(pids=[pid])))
+            filter=ProcessFilter(pids=[pid]), **config))
         bpf = self.sampler.load()
         self.sampler.bind(bpf)
         bpf["events"].open_ring_buffer(lambda _c, data, _s: self.sampler.on_record(data))
@@ -192,11 +192,11 @@ class Profiled:
 
 
 @contextmanager
-def profiled(*argv: str, **popen: Any) -> Iterator[tuple[subprocess.Popen[bytes], Profiled]]:
-    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, **popen)
+def profiled(*argv: str, **config: Any) -> Iterator[tuple[subprocess.Popen[bytes], Profiled]]:
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL)
     prof = None
     try:
-        prof = Profiled(proc.pid)
+        prof = Profiled(proc.pid, **config)
         yield proc, prof
     finally:
         if prof is not None:
@@ -318,6 +318,22 @@ def test_code_without_cfi_stops_the_walk_and_is_counted(bpf_ok: None, built: dic
     for names, _ in hot:
         assert names[:2] == ["hot", "nocfi_mid"] and len(names) == 2, names
     assert truncated >= sum(n for _, n in hot) and kernel_stats["truncated"] > 0, kernel_stats
+
+
+def test_a_table_that_does_not_fit_stops_the_walk_there(bpf_ok: None, built: dict[str, Path]) -> None:
+    """With room for the program's own table but not libc's, walks reach main and stop in libc
+    (truncated, counted) instead of guessing with frame pointers in code built without them."""
+    with profiled(str(built["chain"]), "60", unwind_table_rows=4096) as (_, prof):
+        prof.warm()
+        profile = prof.measure(3)
+        full = prof.sampler.unwinder.stats["tables_full"]
+        truncated = prof.sampler.truncated_samples
+    hot = hot_samples(profile, "hot")
+    assert sum(n for _, n in hot) >= 50
+    assert full >= 1
+    for names, _ in hot:
+        assert names[:len(CHAIN)] == CHAIN and names[len(CHAIN):] == ["__libc_start_call_main"], names
+    assert truncated >= sum(n for _, n in hot)
 
 
 def perf_dwarf_depth(pid: int, seconds: float, tmp_path: Path) -> float:

@@ -1,0 +1,106 @@
+"""Unwind tables from readelf's interpreted call-frame information, and the row allocator."""
+
+from __future__ import annotations
+
+from receiver.profiling.unwind_table import (
+    END,
+    OUTERMOST,
+    RBP,
+    RSP,
+    UNSUPPORTED,
+    parse_frames_interp,
+    table_of_path,
+)
+from receiver.profiling.unwinder import RowAllocator
+
+# readelf --debug-dump=frames-interp, trimmed: a CIE, an FDE without instructions (the CIE's
+# rules hold), a PLT-style expression, a function that saves rbp and uses it as CFA, _start,
+# a gap between functions, and the same function again in .debug_frame.
+TEXT = """\
+Contents of the .eh_frame section:
+
+
+00000000 0000000000000014 00000000 CIE "zR" cf=1 df=-8 ra=16
+   LOC           CFA      ra
+0000000000000000 rsp+8    c-8
+
+00000018 0000000000000024 0000001c FDE cie=00000000 pc=0000000000001000..0000000000001010
+   LOC           CFA      ra
+0000000000001000 rsp+16   c-8
+0000000000001006 rsp+24   c-8
+0000000000001008 exp      c-8
+
+00000040 0000000000000014 00000044 FDE cie=00000000 pc=0000000000001010..0000000000001020
+
+00000058 000000000000001c 0000005c FDE cie=00000000 pc=0000000000001100..0000000000001140
+   LOC           CFA      rbp   ra
+0000000000001100 rsp+8    u     c-8
+0000000000001101 rsp+16   c-16  c-8
+0000000000001104 rbp+16   c-16  c-8
+000000000000113f rsp+8    c-16  c-8
+
+00000078 0000000000000010 0000007c FDE cie=00000000 pc=0000000000001200..0000000000001226
+   LOC           CFA      ra
+0000000000001200 rsp+8    u
+
+Contents of the .debug_frame section:
+
+00000000 0000000000000014 ffffffff CIE "" cf=1 df=-8 ra=16
+   LOC           CFA      ra
+0000000000000000 rsp+8    c-8
+
+00000018 0000000000000024 00000000 FDE cie=00000000 pc=0000000000001100..0000000000001140
+   LOC           CFA      ra
+0000000000001100 rsp+64   c-8
+
+00000040 0000000000000024 00000000 FDE cie=00000000 pc=0000000000002000..0000000000002010
+   LOC           CFA      ra
+0000000000002000 rsp+8    c-8
+0000000000002004 rsp+32   c-8
+"""
+
+
+def test_rows_follow_the_interpreted_rules() -> None:
+    t = parse_frames_interp(TEXT)
+    assert t.lookup(0x1000)[1:] == (16, 0, RSP)
+    assert t.lookup(0x1007)[1:] == (24, 0, RSP)
+    assert t.lookup(0x1009)[3] == UNSUPPORTED           # a DWARF expression: the walk stops
+    assert t.lookup(0x1015)[1:] == (8, 0, RSP)          # no instructions: the CIE's rule
+    assert t.lookup(0x1050)[3] == END                   # between functions
+    assert t.lookup(0x1100)[1:] == (8, 0, RSP)
+    assert t.lookup(0x1102)[1:] == (16, -16, RSP)       # rbp saved at CFA-16
+    assert t.lookup(0x1120)[1:] == (16, -16, RBP)       # CFA from rbp
+    assert t.lookup(0x113f)[1:] == (8, -16, RSP)
+    assert t.lookup(0x1210)[3] == OUTERMOST             # return address undefined: _start
+    assert t.lookup(0x1230)[3] == END
+    assert t.lookup(0x0fff) is None
+    assert t.unsupported == 1
+    # .eh_frame wins where both describe the code; .debug_frame adds only what it alone has.
+    assert t.lookup(0x1100)[1:] == (8, 0, RSP)
+    assert t.lookup(0x2000)[1:] == (8, 0, RSP) and t.lookup(0x2005)[1:] == (32, 0, RSP)
+    assert t.lookup(0x2010)[3] == END
+
+
+def test_real_libc_table() -> None:
+    from receiver.profiling.unwind_table import ROW
+
+    t = table_of_path("/usr/lib/x86_64-linux-gnu/libc.so.6")
+    rows = [ROW.unpack_from(t.rows, i * ROW.size) for i in range(len(t))]
+    assert len(rows) > 10_000
+    assert all(a[0] < b[0] for a, b in zip(rows, rows[1:]))            # sorted, one row per pc
+    kinds = [r[3] for r in rows]
+    assert kinds.count(RSP) > 0.8 * len(rows) and OUTERMOST in kinds   # clone3/_start end threads
+    assert kinds.count(UNSUPPORTED) < 10
+
+
+def test_allocator_first_fit_and_merging() -> None:
+    a = RowAllocator(100)
+    x, y, z = a.allocate(30), a.allocate(30), a.allocate(30)
+    assert (x, y, z) == (0, 30, 60) and a.allocate(20) is None
+    a.release(30, 30)
+    assert a.allocate(40) is None
+    a.release(0, 30)
+    assert a.allocate(60) == 0          # the two freed neighbours merged
+    a.release(0, 60)
+    a.release(60, 30)
+    assert a.free_rows == 100 and a.allocate(100) == 0
