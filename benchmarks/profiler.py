@@ -1,25 +1,34 @@
-"""The CPU profiler's cost: the agent's own CPU time (utime+stime from /proc/PID/stat) while it
-profiles every process at 99 Hz and both cores are busy with many distinct stacks, as a share of
-one core; and the agent's peak RSS (VmHWM). Target: below 1 % of a core.
+"""The CPU profiler's cost and depth: the agent's own CPU time (utime+stime from /proc/PID/stat)
+while it profiles every process at 99 Hz and both cores are busy with many distinct stacks, as a
+share of one core (target: below 1 %); the BPF time per sample (``kernel.bpf_stats_enabled``,
+run time over run count of ``on_cpu_sample``, which includes the tail-called stack walker); the
+mean user-stack depth against ``perf record --call-graph dwarf`` on the same process over the
+same seconds (target: at least 0.95); and the agent's peak RSS (VmHWM).
 
 The agent is the real one (``python -m receiver run`` with only the profiler source, preset
 development, the default 10 s report interval) exporting to a real Collector. The load is two
-processes, one per core, recursing to random depths through 64 functions, so thousands of
-distinct stacks arrive per interval and every drain symbolizes new ones."""
+processes, one per core, built as distributions build (``-O2``, no frame pointers), recursing to
+random depths through 64 functions, so thousands of distinct stacks arrive per interval, every
+drain symbolizes new ones, and every stack is walked with unwind tables."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ._support import compile_c, otelcol_bin
 
 MEASURE_S = 30.0
+PERF_S = 8.0          # perf --call-graph dwarf beside the agent, inside the measured window
+KERNEL_HALF = 0x0000_8000_0000_0000
 WARMUP_S = 12.0       # past the first drain, which parses the ELF files once
 N_FUNCTIONS = 64
 
@@ -33,6 +42,7 @@ def _load_source() -> str:
 __attribute__((noinline)) void f{i}(unsigned d) {{
     for (int k = 0; k < 2000; k++) sink += k ^ d;
     if (d) table[next_rand() % {N_FUNCTIONS}](d - 1);
+    sink++;   /* not a tail call: each level keeps its frame */
 }}""")
     table = ", ".join(f"f{i}" for i in range(N_FUNCTIONS))
     return "\n".join([
@@ -68,28 +78,77 @@ def _status_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
+def _bpf_prog_stats(name: str) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over loaded programs called ``name`` (bpftool)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    progs = [p for p in json.loads(out) if p.get("name") == name]
+    return sum(p.get("run_time_ns", 0) for p in progs), sum(p.get("run_cnt", 0) for p in progs)
+
+
+def _perf_dwarf_depth(pid: int, seconds: float, workdir: Path, out: list[float]) -> None:
+    data = workdir / "perf.data"
+    subprocess.run(["perf", "record", "-q", "-F", "99", "--call-graph", "dwarf", "-p", str(pid),
+                    "-o", str(data), "--", "sleep", str(seconds)], check=True, capture_output=True)
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "ip"], check=True,
+                            capture_output=True, text=True).stdout
+    depths = [n for n in (sum(1 for x in block.split() if re.fullmatch(r"[0-9a-f]+", x)
+                              and int(x, 16) < KERNEL_HALF) for block in script.split("\n\n")) if n]
+    out.append(sum(depths) / len(depths) if depths else float("nan"))
+
+
+def _our_depth(pprof_dir: Path, pid: int, since_ns: int) -> float:
+    from receiver.profiling.model import KERNEL_MAPPING_PATH
+    from receiver.profiling.pprof import from_pprof, read_pprof
+
+    total = frames = 0
+    for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):
+        profile = from_pprof(read_pprof(path))
+        if profile.start_unix_nano < since_ns:
+            continue
+        for s in profile.samples:
+            if s.pid != pid:
+                continue
+            user = [f for f in s.frames if not (f.mapping and f.mapping.path == KERNEL_MAPPING_PATH)
+                    and f.frame_type != "kernel"]
+            total += s.count
+            frames += len(user) * s.count
+    return frames / total if total else float("nan")
+
+
 def run() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.harness import Agent, Collector, agent_config
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-"))
-    load_bin = compile_c(_load_source(), workdir / "stacks_load",
-                         "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer")
+    load_bin = compile_c(_load_source(), workdir / "stacks_load", "-O2", "-fomit-frame-pointer")
 
     collector = Collector(otelcol_bin(), workdir).start()
     loads = [subprocess.Popen([str(load_bin), str(int(WARMUP_S + MEASURE_S + 60)), str(i)])
              for i in range(2)]
-    agent = Agent(workdir, agent_config(collector, {"profiler": {"preset": "development"}}))
+    pprof_dir = workdir / "pprof"
+    agent = Agent(workdir, agent_config(collector, {"profiler": {"preset": "development",
+                                                                 "pprof_dir": str(pprof_dir)}}))
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
     try:
         agent.start()
         assert agent.proc is not None
         pid = agent.proc.pid
         time.sleep(WARMUP_S)
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+        bpf0 = _bpf_prog_stats("on_cpu_sample")
         c0, t0 = _cpu_seconds(pid), time.monotonic()
+        since_ns = time.time_ns()
         samples0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
+        theirs: list[float] = []
+        perf = threading.Thread(target=_perf_dwarf_depth, args=(loads[0].pid, PERF_S, workdir, theirs))
+        perf.start()
         time.sleep(MEASURE_S)
         c1, t1 = _cpu_seconds(pid), time.monotonic()
+        bpf1 = _bpf_prog_stats("on_cpu_sample")
+        perf.join()
         samples1 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
+        walked = agent.metric_value("ebpf_receiver_profiler_user_stacks_total", result="walked")
+        truncated = agent.metric_value("ebpf_receiver_profiler_user_stacks_total", result="truncated")
         lost = {r: agent.metric_value("ebpf_receiver_source_events_lost_total", source="profiler", reason=r)
                 for r in ("counts_map_full", "stack_collision", "stack_map_full", "stack_fault",
                           "ringbuf_full")}
@@ -97,6 +156,7 @@ def run() -> int:
         rss, rss_now = _status_mb(pid, "VmHWM"), _status_mb(pid, "VmRSS")
         rc = agent.stop()
     finally:
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_before)
         for p in loads:
             p.kill()
             p.wait()
@@ -105,6 +165,10 @@ def run() -> int:
             agent.proc.wait()
         collector.stop()
     share = (c1 - c0) / (t1 - t0) * 100
+    ours = _our_depth(pprof_dir, loads[0].pid, since_ns)
+    depth_ratio = ours / theirs[0] if theirs else float("nan")
+    runs = bpf1[1] - bpf0[1]
+    ns_per_sample = (bpf1[0] - bpf0[0]) / runs if runs else float("nan")
     shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"profiler: agent at 99 Hz, all processes, 2 cores busy with {N_FUNCTIONS}-function random-depth "
@@ -114,6 +178,12 @@ def run() -> int:
           f"profiles sent {sent:.0f}; lost {', '.join(f'{k}={v:.0f}' for k, v in lost.items() if v) or 'none'}")
     print(f"  peak RSS       {rss:6.1f} MB   (BCC compiles with LLVM in-process at start); "
           f"RSS at the end {rss_now:.1f} MB; agent exit code {rc}")
+    print(f"  BPF per sample {ns_per_sample:6.0f} ns  ({runs} runs of on_cpu_sample with its tail-called "
+          f"walker; user stacks walked with tables {walked:.0f}, truncated {truncated:.0f})")
+    print(f"  user depth     {ours:6.2f} frames (ours) vs {theirs[0] if theirs else float('nan'):.2f} "
+          f"(perf --call-graph dwarf, same process, {PERF_S:.0f} s)")
     print(f"bench: profiler cpu_share={share:.2f} %")
+    print(f"bench: profiler bpf_ns_per_sample={ns_per_sample:.0f} ns")
+    print(f"bench: profiler depth_vs_perf_dwarf={depth_ratio:.2f} ratio")
     print(f"bench: profiler rss={rss:.1f} MB")
     return 0 if rc == 0 and samples1 > samples0 else 1

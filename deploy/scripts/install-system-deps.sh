@@ -9,7 +9,7 @@ RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificat
 # still provide the generic headers BCC needs, because our BPF code reads kernel data only
 # through tracepoint fields and helpers (never through struct layouts).
 HEADER_PKGS=(linux-headers-amd64)
-TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip linux-perf)
+TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip linux-perf bpftool)
 # The deployment test (tests/test_deploy_compose.py): Debian's Docker engine, debootstrap for a
 # base image where no registry answers, bpftool to list loaded BPF programs.
 DOCKER_PKGS=(docker.io debootstrap bpftool)

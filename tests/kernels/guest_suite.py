@@ -33,6 +33,17 @@ SMOKE_TESTS = {
     "profiler": ["tests/profiling/test_profiler_e2e.py::test_sidecar_exports_profiles_to_the_collector"],
 }
 SOURCES = tuple(SMOKE_TESTS)
+# Tests of a feature the source uses where the kernel has it (feature → source, tests).
+FEATURE_TESTS = {
+    "task_pt_regs": ("profiler", ["tests/profiling/test_unwind_e2e.py::test_shared_library_without_frame_pointers"]),
+}
+
+
+def smoke_tests(source: str, features: object) -> list[str]:
+    """The exact tests that prove ``source`` on a kernel with ``features`` (a KernelFeatures)."""
+    extra = [t for name, (s, tests) in FEATURE_TESTS.items()
+             if s == source and features.has(name) for t in tests]  # type: ignore[attr-defined]
+    return SMOKE_TESTS[source] + extra
 
 
 def stamp(msg: str) -> None:
@@ -95,7 +106,8 @@ def run_smoke_tests(out: Path) -> None:
     from receiver.kernel import features as kernel_features
 
     cannot = [s for s in SOURCES if any(f.disables for f in kernel_features.degradations(s))]
-    ids = [t for s in SOURCES if s not in cannot for t in SMOKE_TESTS[s]]
+    feats = kernel_features.probe()
+    ids = [t for s in SOURCES if s not in cannot for t in smoke_tests(s, feats)]
     stamp(f"smoke tests (not for {cannot}, which this kernel cannot run)" if cannot else "smoke tests")
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                         "-o", "timeout=600", f"--junitxml={out / 'junit.xml'}", *ids],

@@ -21,7 +21,7 @@ import pytest
 
 from ..harness import REPO, fail_or_skip
 from . import vm
-from .guest_suite import SMOKE_TESTS, SOURCES
+from .guest_suite import SOURCES, smoke_tests
 
 pytestmark = [pytest.mark.kernels]
 
@@ -71,7 +71,7 @@ def cell(source: str, res: vm.VmResult) -> tuple[str, str]:
     feats = kernel_features.KernelFeatures(**info["features"])
     missing = kernel_features.degradations(source, feats)
     results = _junit(out / "junit.xml")
-    tests = [results.get(t, ("missing", "not run")) for t in SMOKE_TESTS[source]]
+    tests = [results.get(t, ("missing", "not run")) for t in smoke_tests(source, feats)]
     up = every.get("up", {}).get(source, False)
     disabled = every.get("disabled", {}).get(source)
     lacks = "; ".join(f"no {f.tracepoint or f.name}, kernel < {f.since}" for f in missing)
