@@ -195,8 +195,8 @@ class UnwindTables:
         entries: list[tuple[int, int, int, int, int]] = []
         keys: list[Hashable] = []
         for start, end, bias, path, build_id, anonymous in regions:
-            if anonymous or bias is None or not path.startswith("/"):
-                entries.append((start, end, 0, 0, 0))   # JIT code, [vdso]: frame pointers there
+            if anonymous or bias is None or not (path.startswith("/") or path == "[vdso]"):
+                entries.append((start, end, 0, 0, 0))   # JIT code: frame pointers there
                 continue
             loaded = self._table_for(pid, start, end, path, build_id)
             if loaded is None:
@@ -275,7 +275,7 @@ class UnwindTables:
                    build_id: str) -> tuple[Hashable, _Loaded] | str | None:
         """The file's loaded table; "full" when it has one that does not fit; None when it has
         none (or cannot be read)."""
-        fd = _open_mapped(pid, start, end, path)
+        fd = _vdso_fd(pid, start, end) if path == "[vdso]" else _open_mapped(pid, start, end, path)
         if fd is None:
             self.stats["files_unreadable"] += 1
             return None
@@ -356,6 +356,22 @@ def _still_mapped(pid: int, regions: list[tuple[int, int, int | None, str, str, 
                 and not anonymous:
             return False
     return True
+
+
+def _vdso_fd(pid: int, start: int, end: int) -> int | None:
+    """The process's vdso image (an ELF file in its memory, with .eh_frame) in a memfd, so
+    readelf reads it like a file; identical images share one table (same build id)."""
+    try:
+        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            image = os.pread(mem, end - start, start)
+        finally:
+            os.close(mem)
+    except (OSError, OverflowError):
+        return None
+    fd = os.memfd_create("vdso", os.MFD_CLOEXEC)
+    os.write(fd, image)
+    return fd
 
 
 def _open_mapped(pid: int, start: int, end: int, path: str) -> int | None:

@@ -44,11 +44,20 @@ NI void f3(unsigned n) { f4(n); sink++; }
 NI void f2(unsigned n) { f3(n); sink++; }
 NI void f1(unsigned n) { f2(n); sink++; }
 void nocfi_mid(unsigned n);
+NI void clocky(void) {
+    struct timespec t;
+    for (int i = 0; i < 100000; i++) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        sink += t.tv_nsec;
+    }
+}
 int main(int argc, char **argv) {
     time_t end = time(NULL) + atoi(argv[1]);
     while (time(NULL) < end) {
-        if (argc > 2)
+        if (argc > 2 && argv[2][0] == 'n')
             nocfi_mid(100000);
+        else if (argc > 2)
+            clocky();
         else
             f1(100000);
     }
@@ -352,6 +361,26 @@ def test_a_table_that_does_not_fit_stops_the_walk_there(bpf_ok: None, built: dic
     for names, _ in hot:
         assert names[:len(CHAIN)] == CHAIN and names[len(CHAIN):] == ["__libc_start_call_main"], names
     assert truncated >= sum(n for _, n in hot)
+
+
+def test_vdso_frames_are_walked_with_the_vdsos_own_table(bpf_ok: None, built: dict[str, Path]) -> None:
+    """clock_gettime runs in the vdso (or enters the kernel from it): its table comes from the
+    vdso image in the process's memory, so the walk goes on to clocky and main."""
+    with profiled(str(built["chain"]), "60", "clock") as (_, prof):
+        prof.warm()
+        profile = prof.measure(3)
+        truncated = prof.sampler.truncated_samples
+    total = in_vdso = through = 0
+    for s in profile.samples:
+        user = user_frames(s)
+        total += s.count
+        if user and user[0].mapping is not None and user[0].mapping.path == "[vdso]":
+            in_vdso += s.count
+            names = [f.function for f in user]
+            if "clocky" in names and "main" in names:
+                through += s.count
+    assert in_vdso >= 20, total
+    assert through / in_vdso >= 0.95 and truncated <= 0.05 * total, (through, in_vdso, truncated)
 
 
 def perf_dwarf_depth(pid: int, seconds: float, tmp_path: Path) -> float:
