@@ -355,7 +355,9 @@ def _otlp_samples(collector: Collector) -> Iterator[tuple[list[str], dict[str, A
 
 def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, collector: Collector,
                                                    tmp_path: Path) -> None:
-    proc = subprocess.Popen([str(burner), "ratio", "120"], stdout=subprocess.DEVNULL)
+    # Runs until killed: in an emulated guest (the kernel matrix) the agent's start alone can take
+    # minutes, and a burner that ended meanwhile would leave nothing to sample.
+    proc = subprocess.Popen([str(burner), "ratio", "3600"], stdout=subprocess.DEVNULL)
     try:
         cfg = {"preset": "development", "report_interval": "2s", "filter": {"pids": [proc.pid]},
                "pprof_dir": str(tmp_path / "pprof")}
@@ -365,7 +367,16 @@ def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, c
                 got = [x for x in _otlp_samples(collector) if x[1].get("process.pid") == proc.pid]
                 return got if sum(c for names, _, c, _ in got if set(names) & set(BURNERS)) >= 100 else []
 
-            samples = wait_until(burner_samples, 60, 0.5, "burner samples in profiles.jsonl")
+            try:
+                samples = wait_until(burner_samples, 60, 0.5, "burner samples in profiles.jsonl")
+            except AssertionError as e:   # say what the agent saw (the kernel matrix keeps only this)
+                got = [x for x in _otlp_samples(collector) if x[1].get("process.pid") == proc.pid]
+                raise AssertionError(
+                    f"{e}; burner alive: {proc.poll() is None}; burner samples at the Collector: "
+                    f"{sum(c for _, _, c, _ in got)} in {len(got)} stacks; agent: received "
+                    f"{agent.metric_value('ebpf_receiver_source_events_received_total', source='profiler')}, "
+                    f"sent {agent.metric_value('ebpf_receiver_exporter_sent_items_total', signal='profiles')}; "
+                    f"agent log tail:\n{agent.log()[-3000:]}") from None
             assert agent.metric_value("ebpf_receiver_source_up", source="profiler") == 1
             # Symbolization shows in the self-metrics: frames named, and the burner's files parsed.
             assert agent.metric_value("ebpf_receiver_profiler_frames_total", result="resolved") > 0

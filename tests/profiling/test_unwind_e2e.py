@@ -27,6 +27,9 @@ from ..harness import compile_c, wait_until
 pytestmark = [pytest.mark.bpf]
 
 FREQUENCY = 99
+# Workloads run until killed: in an emulated guest (the kernel matrix) compiling the program
+# alone can take minutes, and a workload that ended meanwhile would leave nothing to sample.
+RUN_S = "3600"
 CHAIN = ["hot", "f8", "f7", "f6", "f5", "f4", "f3", "f2", "f1", "main"]
 
 CHAIN_SOURCE = r"""
@@ -253,7 +256,7 @@ def share_with_chain(samples: list[tuple[list[str], int]], chain: list[str]) -> 
 
 def test_o2_chain_is_walked_whole_including_the_leafs_caller(bpf_ok: None, built: dict[str, Path],
                                                               tmp_path: Path) -> None:
-    with profiled(str(built["chain"]), "60") as (_, prof):
+    with profiled(str(built["chain"]), RUN_S) as (_, prof):
         prof.warm()
         profile = prof.measure(4)
         kernel_stats = prof.sampler.unwind_stats()
@@ -298,7 +301,7 @@ def pprof_traces_share(path: Path, tmp_path: Path, chain: list[str]) -> float:
 
 
 def test_stripped_binary_walks_the_same_depth(bpf_ok: None, built: dict[str, Path]) -> None:
-    with profiled(str(built["chain_stripped"]), "60") as (_, prof):
+    with profiled(str(built["chain_stripped"]), RUN_S) as (_, prof):
         prof.warm()
         profile = prof.measure(3)
     depths = collections.Counter()
@@ -309,7 +312,7 @@ def test_stripped_binary_walks_the_same_depth(bpf_ok: None, built: dict[str, Pat
 
 
 def test_cxx_o2_methods_and_templates(bpf_ok: None, built: dict[str, Path]) -> None:
-    with profiled(str(built["cxx"]), "60") as (_, prof):
+    with profiled(str(built["cxx"]), RUN_S) as (_, prof):
         prof.warm()
         profile = prof.measure(3)
     samples = [([f.function for f in user_frames(s)], s.count) for s in profile.samples]
@@ -322,7 +325,7 @@ def test_cxx_o2_methods_and_templates(bpf_ok: None, built: dict[str, Path]) -> N
 
 
 def test_shared_library_without_frame_pointers(bpf_ok: None, built: dict[str, Path]) -> None:
-    with profiled(str(built["lib_main"]), "60") as (_, prof):
+    with profiled(str(built["lib_main"]), RUN_S) as (_, prof):
         prof.warm()
         profile = prof.measure(3)
     hot = hot_samples(profile, "lib_hot")
@@ -335,7 +338,7 @@ def test_shared_library_without_frame_pointers(bpf_ok: None, built: dict[str, Pa
 def test_code_without_cfi_stops_the_walk_and_is_counted(bpf_ok: None, built: dict[str, Path]) -> None:
     """No bogus frame: the walk stops in the function without call-frame information, and the
     stack is counted as truncated."""
-    with profiled(str(built["chain"]), "60", "nocfi") as (_, prof):
+    with profiled(str(built["chain"]), RUN_S, "nocfi") as (_, prof):
         prof.warm()
         profile = prof.measure(3)
         kernel_stats = prof.sampler.unwind_stats()
@@ -350,7 +353,7 @@ def test_code_without_cfi_stops_the_walk_and_is_counted(bpf_ok: None, built: dic
 def test_a_table_that_does_not_fit_stops_the_walk_there(bpf_ok: None, built: dict[str, Path]) -> None:
     """With room for the program's own table but not libc's, walks reach main and stop in libc
     (truncated, counted) instead of guessing with frame pointers in code built without them."""
-    with profiled(str(built["chain"]), "60", unwind_table_rows=4096) as (_, prof):
+    with profiled(str(built["chain"]), RUN_S, unwind_table_rows=4096) as (_, prof):
         prof.warm()
         profile = prof.measure(3)
         full = prof.sampler.unwinder.stats["tables_full"]
@@ -366,7 +369,7 @@ def test_a_table_that_does_not_fit_stops_the_walk_there(bpf_ok: None, built: dic
 def test_vdso_frames_are_walked_with_the_vdsos_own_table(bpf_ok: None, built: dict[str, Path]) -> None:
     """clock_gettime runs in the vdso (or enters the kernel from it): its table comes from the
     vdso image in the process's memory, so the walk goes on to clocky and main."""
-    with profiled(str(built["chain"]), "60", "clock") as (_, prof):
+    with profiled(str(built["chain"]), RUN_S, "clock") as (_, prof):
         prof.warm()
         profile = prof.measure(3)
         truncated = prof.sampler.truncated_samples
