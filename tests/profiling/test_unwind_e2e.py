@@ -12,6 +12,7 @@ import collections
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -125,13 +126,20 @@ NI void lib_a(unsigned n) { lib_b(n); sink++; }
 """
 
 LIB_MAIN_SOURCE = r"""
+#include <signal.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 void lib_a(unsigned n);
+static volatile sig_atomic_t go;
+static void on_usr1(int sig) { (void)sig; go = 1; }
 int main(int argc, char **argv) {
+    signal(SIGUSR1, on_usr1);
     time_t end = time(NULL) + atoi(argv[1]);
-    while (time(NULL) < end)
+    while (time(NULL) < end && !go)
         lib_a(100000);
+    if (argc > 3)                   /* on SIGUSR1: become another program, same pid */
+        execv(argv[2], argv + 2);
     return 0;
 }
 """
@@ -384,6 +392,25 @@ def test_vdso_frames_are_walked_with_the_vdsos_own_table(bpf_ok: None, built: di
                 through += s.count
     assert in_vdso >= 20, total
     assert through / in_vdso >= 0.95 and truncated <= 0.05 * total, (through, in_vdso, truncated)
+
+
+def test_exec_into_another_program_reloads_its_tables(bpf_ok: None, built: dict[str, Path]) -> None:
+    """The exec clears the old mapping list in the kernel; the new image is announced, loaded,
+    and walked with its own tables (never the old program's)."""
+    with profiled(str(built["lib_main"]), RUN_S, str(built["chain"]), RUN_S) as (proc, prof):
+        prof.warm()
+        assert prof.sampler.unwinder.stats["processes_loaded"] == 1
+        proc.send_signal(signal.SIGUSR1)
+        unwinder = prof.sampler.unwinder
+        wait_until(lambda: unwinder.stats["processes_loaded"] >= 2 and unwinder.wait_idle(5), 60, 0.2,
+                   "the tables of the exec'd program")
+        prof.sampler.drain()
+        profile = prof.measure(3)
+    hot = hot_samples(profile, "hot")
+    assert sum(n for _, n in hot) >= 50, profile.samples[:3]
+    assert share_with_chain(hot, CHAIN) >= 0.95, hot[:3]
+    names = {f.function for s in profile.samples for f in user_frames(s)}
+    assert not any(n.startswith("lib_") for n in names), names
 
 
 def perf_dwarf_depth(pid: int, seconds: float, tmp_path: Path) -> float:
