@@ -345,3 +345,29 @@ def read_symtab_fd(fd: int) -> SymbolTable:
         return _symbol_table(_parse(_fd_reader(fd), symtab_only=True)[2])
     except _MALFORMED as e:
         raise ElfError(f"malformed ELF: {e}") from None
+
+
+def section_sizes(fd: int, names: tuple[bytes, ...]) -> dict[bytes, int]:
+    """Sizes of the named sections of an open file (the unwinder checks ``.eh_frame`` and
+    ``.debug_frame`` before asking readelf to interpret them)."""
+    read = _fd_reader(fd)
+    try:
+        lay = _layout(read(0, 16))
+        (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum,
+         shstrndx) = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))
+        sections = _sections(read, lay, shoff, shnum, shentsize)
+        if shstrndx == _SHN_XINDEX and sections:
+            shstrndx = sections[0].link
+        if not 0 <= shstrndx < len(sections):
+            return {}
+        strtab = sections[shstrndx]
+        blob = read(strtab.offset, strtab.size)
+    except _MALFORMED as e:
+        raise ElfError(f"malformed ELF: {e}") from None
+    out: dict[bytes, int] = {}
+    for s in sections:
+        end = blob.find(b"\0", s.name)
+        name = blob[s.name:end if end >= 0 else None]
+        if name in names:
+            out[name] = out.get(name, 0) + s.size
+    return out

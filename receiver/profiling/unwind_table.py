@@ -126,8 +126,10 @@ def parse_frames_interp(lines: str | Iterable[str]) -> UnwindTable:
     come); ``.eh_frame`` wins where both sections describe the same code (it is what the loader
     and C++ unwinding use)."""
     rows = _Rows()
+    rules: dict[tuple[str, str, str], tuple[int, int, int]] = {}
     cie_initial: dict[str, tuple[int, int, int]] = {}
     columns: list[str] = []
+    at = [0, 0, 0]
     priority = -1
     fde_start = fde_end = -1
     fde_rows = 0
@@ -170,6 +172,7 @@ def parse_frames_interp(lines: str | Iterable[str]) -> UnwindTable:
             continue
         if fields[0] == "LOC":
             columns = fields[1:]
+            at = [columns.index(c) + 1 if c in columns else 0 for c in ("CFA", "rbp", "ra")]
             continue
         if len(fields) != len(columns) + 1 or (not in_cie and fde_start < 0) or priority < 0:
             continue
@@ -177,8 +180,10 @@ def parse_frames_interp(lines: str | Iterable[str]) -> UnwindTable:
             loc = int(fields[0], 16)
         except ValueError:
             continue
-        values = dict(zip(columns, fields[1:]))
-        row = _row(values.get("CFA", ""), values.get("rbp", "u"), values.get("ra", "u"))
+        rule = (fields[at[0]] if at[0] else "", fields[at[1]] if at[1] else "u", fields[at[2]] if at[2] else "u")
+        row = rules.get(rule)
+        if row is None:                 # a few hundred distinct rules in a large library
+            row = rules[rule] = _row(*rule)
         if in_cie:
             cie_initial[cie_offset] = row
         elif fde_start <= loc < fde_end:

@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from .elf import ElfError, section_sizes
 from .symbolize import Symbolizer
 from .unwind_table import ROW, UnwindTableError, build_table
 
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 MAX_MAPPINGS = 64            # UNWIND_MAX_MAPPINGS in bpf/profiler.h
 STOP = 0xFFFFFFFF            # UNWIND_STOP: table_start of a file whose table did not fit
 MAX_FAILED_FILES = 4096      # files remembered as having no usable table
+# A file's CFI may use at most this share of the row array: one huge library (libLLVM's
+# .eh_frame runs to a million rows) must not evict everything else or stall the worker.
+MAX_TABLE_SHARE = 0.25
+CFI_BYTES_PER_ROW = 4        # .eh_frame bytes per row: libc 5.4, libpython 4.6 (an estimate before readelf)
+_CFI_SECTIONS = (b".eh_frame", b".debug_frame")
 QUEUE_SIZE = 4096
 
 
@@ -291,6 +297,15 @@ class UnwindTables:
                 return key, loaded
             if key in self._failed:
                 return None
+            limit = int(self._allocator.capacity * MAX_TABLE_SHARE)
+            try:
+                cfi_bytes = max(section_sizes(fd, _CFI_SECTIONS).values(), default=0)
+            except ElfError:
+                cfi_bytes = 0
+            if cfi_bytes // CFI_BYTES_PER_ROW > limit:
+                self._remember_failed(key, "too large")
+                self.stats["tables_too_large"] += 1
+                return "full"
             try:
                 table = build_table(fd)
             except UnwindTableError as e:
@@ -316,8 +331,14 @@ class UnwindTables:
     def _store(self, key: Hashable, rows: bytes) -> _Loaded | None:
         """Writes rows into a free range, evicting unused tables (oldest first) to make room."""
         n = len(rows) // ROW.size
+        if n > self._allocator.capacity * MAX_TABLE_SHARE:
+            self.stats["tables_too_large"] += 1
+            return None
         with self._lock:
             first = self._allocator.allocate(n)
+            evictable = sum(t.rows for t in self._loaded.values() if t.users <= 0)
+            if first is None and self._allocator.free_rows + evictable < n:
+                return None                     # evicting could not make room: keep what is loaded
             while first is None:
                 unused = next((k for k, t in self._loaded.items() if t.users <= 0), None)
                 if unused is None:
