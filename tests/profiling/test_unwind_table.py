@@ -104,3 +104,44 @@ def test_allocator_first_fit_and_merging() -> None:
     a.release(0, 60)
     a.release(60, 30)
     assert a.free_rows == 100 and a.allocate(100) == 0
+
+
+class _FakeMap(dict):
+    """Enough of a BCC table for UnwindTables' row writes."""
+
+    def items_update_batch(self, keys, values) -> None:   # noqa: ANN001
+        for k, v in zip(keys, values):
+            self[int(k)] = v
+
+
+def _tables(capacity: int):   # noqa: ANN202
+    from receiver.profiling.symbolize import Symbolizer
+    from receiver.profiling.unwinder import UnwindTables
+
+    maps = {"unwind_rows": _FakeMap(), "unwind_processes": _FakeMap(), "unwind_mappings": _FakeMap()}
+    return UnwindTables(maps, Symbolizer(), capacity, 16)
+
+
+def _rows(n: int) -> bytes:
+    from receiver.profiling.unwind_table import ROW
+
+    return b"".join(ROW.pack(0x1000 + i, 8, 0, RSP) for i in range(n))
+
+
+def test_tables_in_use_are_never_evicted_and_unused_ones_make_room() -> None:
+    t = _tables(400)
+    for name in "abcd":                   # each pinned by the load that built it
+        assert t._store(name, _rows(100)) is not None
+    assert t._store("e", _rows(50)) is None and t.stats["tables_evicted"] == 0   # all in use
+    t._unpin(["b"])                       # b's process is gone: b stays loaded until room is needed
+    t._unpin(["a"])
+    t._loaded.move_to_end("a")            # a was used more recently than b
+    e = t._store("e", _rows(50))
+    assert e is not None and e.start == 100 and "b" not in t._loaded and "a" in t._loaded
+    assert t.stats["tables_evicted"] == 1
+
+
+def test_a_table_over_a_quarter_of_the_array_is_refused() -> None:
+    t = _tables(100)
+    assert t._store("big", _rows(26)) is None and t.stats["tables_too_large"] == 1
+    assert t._store("ok", _rows(25)) is not None
