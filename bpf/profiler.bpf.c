@@ -164,12 +164,10 @@ BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
 BPF_PROG_ARRAY(unwind_programs, 1);   /* [0]: walk_user_stack, tail-called until the walk ends */
 
 /* Starts a walk of the current thread's user stack when its process has tables: fills the
- * state and scratch stack. Returns 0 when it has none (frame-pointer stack instead). */
+ * state and scratch stack. Returns 1 then, 0 when its process has none (frame-pointer stack
+ * instead), -1 when there is no user stack (a kernel thread). */
 static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
                                       struct unwind_state *ws, struct unwind_stack *st) {
-    struct unwind_process *proc = unwind_processes.lookup(&key->pid);
-    if (!proc)
-        return 0;
     u64 ip, sp, bp;
     if ((ctx->regs.cs & 3) == 3) {          /* sampled in user mode: these are the user registers */
         ip = ctx->regs.ip;
@@ -178,13 +176,16 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
     } else {                                /* in the kernel: the registers saved at kernel entry */
         struct pt_regs *u = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
         if (!u)
-            return 0;
+            return -1;
         if (bpf_probe_read_kernel(&ip, sizeof(ip), &u->ip) || bpf_probe_read_kernel(&sp, sizeof(sp), &u->sp) ||
             bpf_probe_read_kernel(&bp, sizeof(bp), &u->bp))
-            return 0;
+            return -1;
         if (ip == 0)                        /* a kernel thread */
-            return 0;
+            return -1;
     }
+    struct unwind_process *proc = unwind_processes.lookup(&key->pid);
+    if (!proc)
+        return 0;
     ws->ip = ip;
     ws->sp = sp;
     ws->bp = bp;
@@ -414,9 +415,11 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     u32 zero = 0;
     struct unwind_state *ws = unwind_states.lookup(&zero);
     struct unwind_stack *st = unwind_scratch.lookup(&zero);
-    if (ws && st && begin_walk(ctx, &key, g, ws, st))
+    int begun = ws && st ? begin_walk(ctx, &key, g, ws, st) : 0;
+    if (begun > 0)
         unwind_programs.call(ctx, 0);   /* does not return unless the tail call failed */
-    count_unwind(UNWIND_STAT_NO_TABLE);
+    if (begun == 0)
+        count_unwind(UNWIND_STAT_NO_TABLE);
 #endif
     count_sample(ctx, &key, g, NULL);
     return 0;

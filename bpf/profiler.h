@@ -95,7 +95,7 @@ struct unwind_stack {
 #define UNWIND_STAT_TRUNCATED 1       /* ... that stopped early: left the mappings, no or an unsupported rule, unreadable stack */
 #define UNWIND_STAT_DEPTH_LIMIT 2     /* ... that reached PROF_MAX_DEPTH frames */
 #define UNWIND_STAT_FP_STEPS 3        /* frames stepped with frame pointers (mapping without table) */
-#define UNWIND_STAT_NO_TABLE 4        /* samples of processes with no table loaded (frame-pointer stack) */
+#define UNWIND_STAT_NO_TABLE 4        /* samples with a user stack in processes with no table loaded (frame-pointer stack) */
 #define UNWIND_STATS 5
 
 /* The first sample of a process not seen before (or since its exec). */

@@ -178,7 +178,10 @@ class UnwindTables:
             what, pid, done = item  # type: ignore[misc]
             try:
                 if what == "load":
-                    self._load(pid)
+                    if self._load(pid, build_all=False):
+                        self._put("load_rest", pid)
+                elif what == "load_rest":
+                    self._load(pid, build_all=True)
                 elif what == "forget":
                     self._forget(pid)
             except Exception:   # noqa: BLE001 -- one process's trouble must not stop the worker
@@ -189,22 +192,34 @@ class UnwindTables:
 
     # ------------------------------------------------------------------ work
 
-    def _load(self, pid: int) -> None:
+    def _load(self, pid: int, build_all: bool) -> bool:
         """Builds the process's mapping list and switches its kernel entry to it in one update
-        (a reload never leaves a gap in which its samples fall back to frame pointers)."""
+        (a reload never leaves a gap in which its samples fall back to frame pointers).
+
+        In two passes, so one process with a hundred libraries does not keep every other one
+        waiting: first with the tables already loaded plus the program's own (walks stop in the
+        files still missing), queued again behind the others for the rest. Returns whether
+        files were left for that second pass."""
         regions = self._symbolizer.executable_regions(pid)
         if not regions:
-            return
+            return False
         if not self._free_slots:
             self.stats["processes_over_limit"] += 1
-            return
+            return False
+        program = min((r[0] for r in regions if r[3].startswith("/")), default=None)
         entries: list[tuple[int, int, int, int, int]] = []
         keys: list[Hashable] = []
+        pending = False
         for start, end, bias, path, build_id, anonymous in regions:
             if anonymous or bias is None or not (path.startswith("/") or path == "[vdso]"):
                 entries.append((start, end, 0, 0, 0))   # JIT code: frame pointers there
                 continue
-            loaded = self._table_for(pid, start, end, path, build_id)
+            loaded = self._table_for(pid, start, end, path, build_id,
+                                     build=build_all or start == program)
+            if loaded == "pending":
+                pending = True
+                entries.append((start, end, 0, STOP, 0))
+                continue
             if loaded is None:
                 entries.append((start, end, 0, 0, 0))   # no CFI, unreadable: frame pointers
                 continue
@@ -226,7 +241,7 @@ class UnwindTables:
             # would walk the new image with the old tables. Its next sample announces it again.
             self.stats["stale_mappings"] += 1
             self._unpin(keys)
-            return
+            return False
         slot = self._free_slots.pop()
         n = len(entries)
         first_key = slot * MAX_MAPPINGS
@@ -244,7 +259,7 @@ class UnwindTables:
             log.debug("unwind_processes[%d]: %s", pid, e)
             self._unpin(keys)
             self._free_slots.append(slot)
-            return
+            return False
         with self._lock:
             old_keys = self._process_files.get(pid)
             old_slot = self._slot_of.get(pid)
@@ -253,7 +268,8 @@ class UnwindTables:
         if old_keys is not None and old_slot is not None:
             self._unpin(old_keys)
             self._free_slots.append(old_slot)
-        self.stats["processes_loaded"] += 1
+        self.stats["processes_loaded" if not pending else "processes_first_pass"] += 1
+        return pending
 
     def _unpin(self, keys: list[Hashable]) -> None:
         with self._lock:
@@ -277,10 +293,10 @@ class UnwindTables:
         # read the old mappings, which describe the old process: at worst a truncated walk).
         self._free_slots.append(slot)
 
-    def _table_for(self, pid: int, start: int, end: int, path: str,
-                   build_id: str) -> tuple[Hashable, _Loaded] | str | None:
+    def _table_for(self, pid: int, start: int, end: int, path: str, build_id: str,
+                   build: bool = True) -> tuple[Hashable, _Loaded] | str | None:
         """The file's loaded table; "full" when it has one that does not fit; None when it has
-        none (or cannot be read)."""
+        none (or cannot be read); "pending" when it is not loaded yet and ``build`` is off."""
         fd = _vdso_fd(pid, start, end) if path == "[vdso]" else _open_mapped(pid, start, end, path)
         if fd is None:
             self.stats["files_unreadable"] += 1
@@ -295,8 +311,10 @@ class UnwindTables:
                     self._loaded.move_to_end(key)
             if loaded is not None:
                 return key, loaded
-            if key in self._failed:
-                return None
+            if key in self._failed:     # too large: stop there; no CFI: frame pointers
+                return "full" if self._failed[key] == "too large" else None
+            if not build:
+                return "pending"
             limit = int(self._allocator.capacity * MAX_TABLE_SHARE)
             try:
                 cfi_bytes = max(section_sizes(fd, _CFI_SECTIONS).values(), default=0)
