@@ -218,6 +218,17 @@ class Profiled:
         wait_until(lambda: unwinder.stats["processes_loaded"] >= 1 and unwinder.wait_idle(5), 60,
                    0.2, "the process's unwind tables")
         self.sampler.drain()
+        self._kernel_base = self.sampler.unwind_stats()
+        self._truncated_base = self.sampler.truncated_samples
+
+    def kernel_stats(self) -> dict[str, int]:
+        """The kernel walker's counters since ``warm``."""
+        now = self.sampler.unwind_stats()
+        return {k: v - self._kernel_base.get(k, 0) for k, v in now.items()}
+
+    def truncated(self) -> int:
+        """Drained samples with truncated user stacks since ``warm``."""
+        return self.sampler.truncated_samples - self._truncated_base
 
     def measure(self, seconds: float) -> Any:
         time.sleep(seconds)
@@ -267,8 +278,8 @@ def test_o2_chain_is_walked_whole_including_the_leafs_caller(bpf_ok: None, built
     with profiled(str(built["chain"]), RUN_S) as (_, prof):
         prof.warm()
         profile = prof.measure(4)
-        kernel_stats = prof.sampler.unwind_stats()
-        truncated = prof.sampler.truncated_samples
+        kernel_stats = prof.kernel_stats()
+        truncated = prof.truncated()
     hot = hot_samples(profile, "hot")
     assert sum(n for _, n in hot) >= 100, profile.samples[:5]
     share = share_with_chain(hot, CHAIN)
@@ -349,8 +360,8 @@ def test_code_without_cfi_stops_the_walk_and_is_counted(bpf_ok: None, built: dic
     with profiled(str(built["chain"]), RUN_S, "nocfi") as (_, prof):
         prof.warm()
         profile = prof.measure(3)
-        kernel_stats = prof.sampler.unwind_stats()
-        truncated = prof.sampler.truncated_samples
+        kernel_stats = prof.kernel_stats()
+        truncated = prof.truncated()
     hot = hot_samples(profile, "hot")
     assert sum(n for _, n in hot) >= 50
     for names, _ in hot:
@@ -366,7 +377,7 @@ def test_a_table_that_does_not_fit_stops_the_walk_there(bpf_ok: None, built: dic
         profile = prof.measure(3)
         stats = prof.sampler.unwinder.stats
         full = stats["tables_full"] + stats["tables_too_large"]
-        truncated = prof.sampler.truncated_samples
+        truncated = prof.truncated()
     hot = hot_samples(profile, "hot")
     assert sum(n for _, n in hot) >= 50
     assert full >= 1
@@ -381,7 +392,7 @@ def test_vdso_frames_are_walked_with_the_vdsos_own_table(bpf_ok: None, built: di
     with profiled(str(built["chain"]), RUN_S, "clock") as (_, prof):
         prof.warm()
         profile = prof.measure(3)
-        truncated = prof.sampler.truncated_samples
+        truncated = prof.truncated()
     total = in_vdso = through = 0
     for s in profile.samples:
         user = user_frames(s)
