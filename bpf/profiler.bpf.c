@@ -100,11 +100,11 @@ static __always_inline void count_unwind(int slot) {
         (*n)++;
 }
 
-/* The mapping holding addr, or NULL. */
+/* The mapping holding addr, or NULL. find_mapping and find_row are the same binary search over
+ * two maps: BCC binds map.lookup() to a map by name at compile time and refuses map calls in
+ * macros, so it is spelled out twice. */
 static __always_inline struct unwind_mapping *find_mapping(struct unwind_process *proc, u64 addr) {
-    u32 count = proc->count;
-    if (count > UNWIND_MAX_MAPPINGS)
-        count = UNWIND_MAX_MAPPINGS;
+    u32 count = proc->count < UNWIND_MAX_MAPPINGS ? proc->count : UNWIND_MAX_MAPPINGS;
     u32 first = proc->slot * UNWIND_MAX_MAPPINGS;
     u32 lo = first, hi = first + count;
     #pragma clang loop unroll(disable)

@@ -31,7 +31,7 @@ from .elf import ElfError, ElfFile, SymbolTable, parse_elf_bytes, read_elf_fd, r
 from .kallsyms import KernelSymbols
 from .model import Frame, Mapping
 
-__all__ = ["Symbolizer", "SymbolizerStats", "REFRESH_AFTER_S"]
+__all__ = ["Symbolizer", "SymbolizerStats", "REFRESH_AFTER_S", "vdso_image"]
 
 log = logging.getLogger(__name__)
 
@@ -442,13 +442,8 @@ class Symbolizer:
 
     def _vdso(self, pid: int, start: int, end: int) -> ElfFile | None:
         """The vdso is an ELF image in the process's memory; identical images share one parse."""
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                image = os.pread(fd, end - start, start)
-            finally:
-                os.close(fd)
-        except (OSError, OverflowError):
+        image = vdso_image(pid, start, end)
+        if image is None:
             return None
         return self._files.get(("[vdso]", image), lambda: parse_elf_bytes(image))
 
@@ -478,6 +473,18 @@ class Symbolizer:
             os.close(fd)
         proc.perf_map = _PerfMap(text)
         proc.perf_map_signature = signature
+
+
+def vdso_image(pid: int, start: int, end: int) -> bytes | None:
+    """The vdso mapped at [start, end) in ``pid``: an ELF image in the process's memory."""
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+    except (OSError, OverflowError):
+        return None
 
 
 def _cached_stack(addrs: Sequence[int], leaf_frames: dict[int, Frame], return_frames: dict[int, Frame],

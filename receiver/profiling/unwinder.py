@@ -23,7 +23,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .elf import ElfError, section_sizes
-from .symbolize import Symbolizer
+from .symbolize import Symbolizer, vdso_image
 from .unwind_table import ROW, UnwindTableError, build_table
 
 __all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
@@ -398,15 +398,10 @@ def _still_mapped(pid: int, regions: list[tuple[int, int, int | None, str, str, 
 
 
 def _vdso_fd(pid: int, start: int, end: int) -> int | None:
-    """The process's vdso image (an ELF file in its memory, with .eh_frame) in a memfd, so
-    readelf reads it like a file; identical images share one table (same build id)."""
-    try:
-        mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            image = os.pread(mem, end - start, start)
-        finally:
-            os.close(mem)
-    except (OSError, OverflowError):
+    """The process's vdso image (with its .eh_frame) in a memfd, so readelf reads it like a
+    file; identical images share one table (same build id)."""
+    image = vdso_image(pid, start, end)
+    if image is None:
         return None
     fd = os.memfd_create("vdso", os.MFD_CLOEXEC)
     os.write(fd, image)
