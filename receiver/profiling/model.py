@@ -37,8 +37,10 @@ class Frame:
 
     address: int                      # virtual address in the process (or the kernel)
     function: str = ""
-    frame_type: str = "native"        # profile.frame.type: "kernel" or "native"
+    frame_type: str = "native"        # profile.frame.type: "kernel", "native" or "cpython"
     mapping: Mapping | None = None
+    file: str = ""                    # source file (Python frames: co_filename)
+    line: int = 0                     # source line, 0 when unknown
 
     @property
     def resolved(self) -> bool:
@@ -48,6 +50,8 @@ class Frame:
         """A name for folded stacks and flame graphs: the function, or file+offset."""
         if self.function:
             return self.function
+        if self.frame_type == "cpython":
+            return f"<python code 0x{self.address:x}>"
         if self.mapping is not None:
             base = self.mapping.path.rsplit("/", 1)[-1] or self.mapping.path
             return f"{base}+0x{self.mapping.file_address(self.address):x}"
