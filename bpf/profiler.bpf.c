@@ -529,7 +529,7 @@ static __always_inline void notice_code(u32 pid, u64 code) {
     e->kind = PROF_REC_PY_CODE;
     e->pid = pid;
     e->code = code;
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    events.ringbuf_submit(e, 0);            /* read now: the process may exit soon */
 }
 
 /* Records one frame (code object, instruction offset) and moves to the previous one; a shim

@@ -161,7 +161,7 @@ def find_interpreter(pid: int, regions: Sequence[tuple[int, int, int | None, str
     ``UnsupportedPython`` for a version without a layout."""
     seen: set[str] = set()
     for start, end, bias, path, build_id, anonymous in regions:
-        if anonymous or bias is None or path in seen or "python" not in path.rsplit("/", 1)[-1]:
+        if anonymous or bias is None or path in seen or not path.startswith("/"):
             continue
         seen.add(path)
         symbols = _symbols(pid, start, end, path, build_id, symbol_cache)
@@ -184,8 +184,8 @@ def find_interpreter(pid: int, regions: Sequence[tuple[int, int, int | None, str
 
 def _symbols(pid: int, start: int, end: int, path: str, build_id: str,
              cache: OrderedDict[Hashable, dict[bytes, int]]) -> dict[bytes, int]:
-    key: Hashable = build_id or None
-    if key is not None and key in cache:
+    key: Hashable = build_id or path     # every mapped file is looked at once per build
+    if key in cache:
         cache.move_to_end(key)
         return cache[key]
     found: dict[bytes, int] = {}
@@ -201,10 +201,9 @@ def _symbols(pid: int, start: int, end: int, path: str, build_id: str,
             continue
         finally:
             os.close(fd)
-    if key is not None:
-        cache[key] = found
-        while len(cache) > MAX_FILES:
-            cache.popitem(last=False)
+    cache[key] = found
+    while len(cache) > MAX_FILES:
+        cache.popitem(last=False)
     return found
 
 
@@ -410,13 +409,15 @@ class PythonProcesses:
             return
         if interp is None:
             return
+        # Known here before the kernel walks it: its first code notices follow at once.
+        self._interpreters[pid] = interp
         try:
             self._map[self._map.Key(pid)] = interp.kernel_entry(_pid_namespace(pid))
         except Exception as e:   # noqa: BLE001 -- full map: the process keeps native frames only
+            self._interpreters.pop(pid, None)
             self.stats["processes_over_limit"] += 1
             log.debug("py_processes[%d]: %s", pid, e)
             return
-        self._interpreters[pid] = interp
         self.stats["processes_loaded"] += 1
 
     def forget(self, pid: int) -> None:
@@ -455,6 +456,8 @@ class PythonProcesses:
             interp = self._interpreters.get(pid)
             if interp is not None:
                 self.codes.learn(pid, code, interp)
+            else:
+                self.stats["codes_of_unknown_process"] += 1
 
     def frames(self, pid: int, py: Sequence[tuple[int, int]]) -> list[tuple[Frame, bool]]:
         """The recorded (code, lasti) frames, innermost first, as (frame, last of its eval call).
