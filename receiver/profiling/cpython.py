@@ -25,6 +25,7 @@ import os
 import queue
 import struct
 import threading
+from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
@@ -266,15 +267,18 @@ class _Code:
     qualname: str
     filename: str
     firstlineno: int
-    lines: tuple[tuple[int, int, int], ...]
+    lines: tuple[tuple[int, int, int], ...]    # (start byte, end byte, line), contiguous from 0
 
     def line_at(self, lasti: int) -> int:
         if lasti == LASTI_UNKNOWN:
             return self.firstlineno
-        for start, end, line in self.lines:
-            if start <= lasti < end:
-                return line if line >= 0 else self.firstlineno
+        i = bisect_right(self.lines, (lasti, _BIG, _BIG)) - 1
+        if i >= 0 and lasti < self.lines[i][1] and self.lines[i][2] >= 0:
+            return self.lines[i][2]
         return self.firstlineno
+
+
+_BIG = 1 << 62
 
 
 class CodeNames:
@@ -373,6 +377,7 @@ class PythonProcesses:
         self._interpreters: dict[int, Interpreter] = {}
         self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
         self.codes = CodeNames(max_codes)
+        self._frames: dict[tuple[int, int, int], Frame] = {}   # (pid, code, lasti) → frame
         self.stats: Counter[str] = Counter()
         self._queue: queue.Queue[tuple[int, int, threading.Event | None] | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
@@ -427,6 +432,8 @@ class PythonProcesses:
             except KeyError:
                 pass
         self.codes.forget(pid)
+        if self._frames:
+            self._frames = {k: f for k, f in list(self._frames.items()) if k[0] != pid}
 
     def notice_code(self, pid: int, code: int) -> None:
         """The kernel saw ``code`` in ``pid``'s stacks first now: name it soon (never blocks)."""
@@ -465,18 +472,27 @@ class PythonProcesses:
         keeps its address (function "") and is counted."""
         interp = self._interpreters.get(pid)
         out = []
+        cache = self._frames
+        unresolved = 0
         for code, lasti in py:
-            known, named = self.codes.known(pid, code)
-            if not known and interp is not None:
-                named = self.codes.learn(pid, code, interp)
             entry = bool(lasti & LASTI_ENTRY)
-            if named is None:
-                self.stats["frames_unresolved"] += 1
-                out.append((Frame(code, "", "cpython"), entry))
-                continue
-            self.stats["frames_resolved"] += 1
-            out.append((Frame(0, named.qualname, "cpython", None, named.filename,
-                              named.line_at(lasti & ~LASTI_ENTRY)), entry))
+            frame = cache.get((pid, code, lasti))
+            if frame is None:
+                known, named = self.codes.known(pid, code)
+                if not known and interp is not None:
+                    named = self.codes.learn(pid, code, interp)
+                if named is None:               # not cached: it may be readable next time
+                    unresolved += 1
+                    out.append((Frame(code, "", "cpython"), entry))
+                    continue
+                frame = Frame(0, named.qualname, "cpython", None, named.filename,
+                              named.line_at(lasti & ~LASTI_ENTRY))
+                if len(cache) >= MAX_CODES * 4:
+                    cache.clear()
+                cache[(pid, code, lasti)] = frame
+            out.append((frame, entry))
+        self.stats["frames_unresolved"] += unresolved
+        self.stats["frames_resolved"] += len(out) - unresolved
         return out
 
 
