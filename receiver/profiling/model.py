@@ -41,6 +41,16 @@ class Frame:
     mapping: Mapping | None = None
     file: str = ""                    # source file (Python frames: co_filename)
     line: int = 0                     # source line, 0 when unknown
+    _hash: int = field(default=0, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        """Computed once: frames are cached and reused across drains, and every writer keys its
+        tables by them."""
+        h = self._hash
+        if not h:
+            h = hash((self.address, self.function, self.frame_type, self.mapping, self.file, self.line)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def resolved(self) -> bool:
