@@ -186,4 +186,145 @@ def run() -> int:
     print(f"bench: profiler bpf_ns_per_sample={ns_per_sample:.0f} ns")
     print(f"bench: profiler depth_vs_perf_dwarf={depth_ratio:.2f} ratio")
     print(f"bench: profiler rss={rss:.1f} MB")
-    return 0 if rc == 0 and samples1 > samples0 else 1
+    py_ok = _python_bench()
+    return 0 if rc == 0 and samples1 > samples0 and py_ok else 1
+
+
+# ---------------------------------------------------------------------------- CPython frames
+
+PY_MEASURE_S = 20.0
+PY_WARMUP_S = 12.0
+PY_CHAIN = ["level5", "level4", "level3", "level2", "level1", "<module>"]
+
+# One process: hot_a/hot_b under a fixed chain of six Python functions (the chain share is
+# measured on it). The other: random-depth recursion through 32 Python functions (many stacks).
+PY_CHAIN_SOURCE = """\
+import sys, time
+def hot_a(n):
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+def hot_b(n):
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+def level5(n):
+    hot_a(3 * n)
+    hot_b(n)
+def level4(n): level5(n)
+def level3(n): level4(n)
+def level2(n): level3(n)
+def level1(n): level2(n)
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    level1(20000)
+"""
+PY_RANDOM_SOURCE = "import random, sys, time\n" + "".join(
+    f"def f{i}(d):\n    s = 0\n    for k in range(300):\n        s += k ^ d\n"
+    f"    if d:\n        FUNCS[random.randrange(32)](d - 1)\n    return s\n" for i in range(32)) + (
+    "FUNCS = [" + ", ".join(f"f{i}" for i in range(32)) + "]\n"
+    "end = time.time() + float(sys.argv[1])\n"
+    "while time.time() < end:\n    FUNCS[random.randrange(32)](random.randrange(24))\n")
+
+
+def _python_run(workdir: Path, python_frames: bool) -> dict[str, float]:
+    """The agent profiling two busy CPython processes (Debian's /usr/bin/python3), with Python
+    frames on or off: its CPU share, BPF ns per sample, and the chain share (on)."""
+    from tests.harness import Agent, Collector, agent_config
+
+    run_dir = workdir / ("py-on" if python_frames else "py-off")
+    run_dir.mkdir()
+    (run_dir / "chain.py").write_text(PY_CHAIN_SOURCE)
+    (run_dir / "random_stacks.py").write_text(PY_RANDOM_SOURCE)
+    collector = Collector(otelcol_bin(), run_dir).start()
+    seconds = str(int(PY_WARMUP_S + PY_MEASURE_S + 60))
+    loads = [subprocess.Popen(["/usr/bin/python3", str(run_dir / name), seconds])
+             for name in ("chain.py", "random_stacks.py")]
+    pprof_dir = run_dir / "pprof"
+    # Only the two loads: what Python frames cost per sample, apart from whatever else the host
+    # runs (a busy host's new processes queue for unwind tables ahead of the loads).
+    agent = Agent(run_dir, agent_config(collector, {"profiler": {
+        "preset": "development", "pprof_dir": str(pprof_dir), "python_frames": python_frames,
+        "filter": {"pids": [p.pid for p in loads]}}}))
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    try:
+        agent.start()
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and agent.metric_value(
+                "ebpf_receiver_profiler_unwind_tables_total", event="processes_loaded") < 2:
+            time.sleep(0.5)
+        time.sleep(PY_WARMUP_S)
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+        bpf0 = _bpf_prog_stats("on_cpu_sample")
+        n0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
+        c0, t0 = _cpu_seconds(pid), time.monotonic()
+        since_ns = time.time_ns()
+        time.sleep(PY_MEASURE_S)
+        c1, t1 = _cpu_seconds(pid), time.monotonic()
+        bpf1 = _bpf_prog_stats("on_cpu_sample")
+        n1 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
+        unresolved = agent.metric_value("ebpf_receiver_profiler_python_frames_total", result="unresolved") \
+            if python_frames else 0.0
+        rc = agent.stop()
+    finally:
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_before)
+        for p in loads:
+            p.kill()
+            p.wait()
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait()
+        collector.stop()
+    counted = n1 - n0
+    # All BPF time (filtered samples of other processes included) over the loads' samples: an
+    # upper bound of one load sample's cost.
+    return {"share": (c1 - c0) / (t1 - t0) * 100, "rc": rc,
+            "ns": (bpf1[0] - bpf0[0]) / counted if counted else float("nan"), "runs": counted,
+            "chain": _chain_share(pprof_dir, loads[0].pid, since_ns) if python_frames else float("nan"),
+            "unresolved": unresolved or 0.0}
+
+
+def _chain_share(pprof_dir: Path, pid: int, since_ns: int) -> float:
+    """Of the chain process's samples whose innermost Python frame is hot_a or hot_b: the share
+    showing the whole Python chain above it."""
+    from receiver.profiling.pprof import from_pprof, read_pprof
+
+    total = whole = 0
+    for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):
+        profile = from_pprof(read_pprof(path))
+        if profile.start_unix_nano < since_ns:
+            continue
+        for s in profile.samples:
+            py = [f.function for f in s.frames if f.frame_type == "cpython"]
+            if s.pid != pid or not py or py[0] not in ("hot_a", "hot_b"):
+                continue
+            total += s.count
+            whole += s.count if py[1:] == PY_CHAIN else 0
+    return whole / total * 100 if total else float("nan")
+
+
+def _python_bench() -> bool:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-py-"))
+    try:
+        on = _python_run(workdir, True)
+        off = _python_run(workdir, False)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"profiler, CPython: agent at 99 Hz filtered to 2 processes keeping both cores busy with "
+          f"/usr/bin/python3 (a fixed 6-function chain; random-depth recursion through 32 functions); "
+          f"{PY_MEASURE_S:.0f} s measured "
+          f"after {PY_WARMUP_S:.0f} s warm-up, with Python frames on, then off")
+    print(f"  agent CPU      on {on['share']:.2f} %  off {off['share']:.2f} % of one core")
+    print(f"  BPF per sample on {on['ns']:.0f} ns  off {off['ns']:.0f} ns  ({on['runs']:.0f} / {off['runs']:.0f} "
+          f"samples of the loads; all BPF time over them, an upper bound)")
+    print(f"  whole Python chain in {on['chain']:.1f} % of hot samples; unresolved frames {on['unresolved']:.0f}")
+    print(f"bench: profiler python_cpu_share={on['share']:.2f} %")
+    print(f"bench: profiler python_off_cpu_share={off['share']:.2f} %")
+    print(f"bench: profiler python_bpf_ns_per_sample={on['ns']:.0f} ns")
+    print(f"bench: profiler python_off_bpf_ns_per_sample={off['ns']:.0f} ns")
+    print(f"bench: profiler python_chain_share={on['chain']:.1f} %")
+    return on["rc"] == 0 and off["rc"] == 0

@@ -69,6 +69,9 @@
 #ifndef UNWIND_PROCESSES
 #define UNWIND_PROCESSES 1024
 #endif
+#ifndef PY_CODES_SEEN             /* (process, code object) pairs already announced */
+#define PY_CODES_SEEN 65536
+#endif
 
 #define EEXIST_ 17
 #define ENOMEM_ 12
@@ -159,9 +162,14 @@ struct unwind_state {
     u32 g;                     /* generation the sample counts into */
     struct unwind_process proc;
     struct prof_key key;
+#if PY_MAX_FRAMES
+    u64 py_frame;              /* next _PyInterpreterFrame to record; 0: none */
+    struct py_process py;
+#endif
 };
 BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
-BPF_PROG_ARRAY(unwind_programs, 1);   /* [0]: walk_user_stack, tail-called until the walk ends */
+/* [0]: walk_user_stack, tail-called until the walk ends; [1]: walk_python_stack, after it */
+BPF_PROG_ARRAY(unwind_programs, 2);
 
 /* Starts a walk of the current thread's user stack when its process has tables: fills the
  * state and scratch stack. Returns 1 then, 0 when its process has none (frame-pointer stack
@@ -196,6 +204,10 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
     __builtin_memcpy(&ws->key, key, sizeof(*key));
     st->len = 0;
     st->truncated = 1;
+#if PY_MAX_FRAMES
+    st->py_len = 0;
+    st->py_truncated = 0;
+#endif
     return 1;
 }
 
@@ -265,6 +277,17 @@ static __always_inline u64 hash_stack(struct unwind_stack *st) {
         h = (h ^ st->ips[i & 127]) * 0x100000001b3ULL;
         h ^= h >> 29;
     }
+#if PY_MAX_FRAMES
+    h ^= (u64)st->py_truncated << 32 | st->py_len;
+    #pragma clang loop unroll(disable)
+    for (int i = 0; i < PY_MAX_FRAMES; i++) {
+        if (i >= st->py_len)
+            break;
+        h = (h ^ st->py_code[i & (PY_MAX_FRAMES - 1)]) * 0x100000001b3ULL;
+        h = (h ^ st->py_lasti[i & (PY_MAX_FRAMES - 1)]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+#endif
     return h ? h : 1;
 }
 #endif
@@ -426,6 +449,159 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
 }
 
 #if UNWIND && USER_STACKS
+/* Ends a walk: keeps the stack once in ustacks<g> under its hash and counts the sample. */
+static __always_inline void finish_walk(struct bpf_perf_event_data *ctx, struct unwind_state *ws,
+                                        struct unwind_stack *st) {
+    u64 h = hash_stack(st);
+    int err = ws->g ? ustacks1.insert(&h, st) : ustacks0.insert(&h, st);
+    if (err && err != -EEXIST_) {           /* full: send it whole (without its Python frames) */
+        record_whole(ctx, &ws->key, PROF_LOST_STACK_MAP_FULL, st);
+        notice_process(ws->key.pid);
+        return;
+    }
+    ws->key.user_stack_hash = h;
+    count_sample(ctx, &ws->key, ws->g, st);
+}
+#endif
+
+#if UNWIND && USER_STACKS && PY_MAX_FRAMES
+BPF_HASH(py_processes, u32, struct py_process, UNWIND_PROCESSES);
+BPF_PERCPU_ARRAY(py_stats, u64, PY_STATS);
+struct py_code_key {
+    u32 pid;
+    u32 pad;
+    u64 code;
+};
+/* Code objects already announced to user space (per process); an evicted one is announced again. */
+BPF_TABLE("lru_hash", struct py_code_key, u8, py_codes_seen, PY_CODES_SEEN);
+MIRROR(prof_py_code);
+
+static __always_inline void count_py(int slot) {
+    u64 *n = py_stats.lookup(&slot);
+    if (n)
+        (*n)++;
+}
+
+/* The current _PyInterpreterFrame of the sampled thread (0: not a Python thread, or idle):
+ * its thread state is found in the first interpreter's list by native thread id. */
+static __always_inline u64 py_thread_frame(struct unwind_state *ws) {
+    struct py_process *py = &ws->py;
+    u64 tid = ws->key.tid;
+    if (py->pidns_ino) {                    /* thread ids as the process's namespace numbers them */
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(py->pidns_dev, py->pidns_ino, &ns, sizeof(ns)) == 0)
+            tid = ns.pid;
+    }
+    u64 interp = 0, ts = 0, frame = 0;
+    if (bpf_probe_read_user(&interp, sizeof(interp), (void *)py->interpreters_head) || !interp)
+        return 0;
+    if (bpf_probe_read_user(&ts, sizeof(ts), (void *)(interp + py->threads_head)))
+        return 0;
+    #pragma clang loop unroll(disable)
+    for (int i = 0; i < PY_MAX_THREADS; i++) {
+        if (!ts)
+            return 0;
+        u64 native = 0;
+        if (bpf_probe_read_user(&native, sizeof(native), (void *)(ts + py->ts_native_thread_id)))
+            return 0;
+        if (native == tid)
+            break;
+        if (bpf_probe_read_user(&ts, sizeof(ts), (void *)(ts + py->ts_next)))
+            return 0;
+    }
+    if (!ts || bpf_probe_read_user(&frame, sizeof(frame), (void *)(ts + py->ts_frame)) || !frame)
+        return 0;
+    if (py->frame_in_cframe != PY_NO_OFFSET &&
+        bpf_probe_read_user(&frame, sizeof(frame), (void *)(frame + py->frame_in_cframe)))
+        return 0;
+    return frame;
+}
+
+/* Announces a code object the first time this process's stacks name it. */
+static __always_inline void notice_code(u32 pid, u64 code) {
+    struct py_code_key k = {.pid = pid, .code = code};
+    if (py_codes_seen.lookup(&k))
+        return;
+    u8 one = 1;
+    py_codes_seen.update(&k, &one);
+    struct prof_py_code *e = events.ringbuf_reserve(sizeof(struct prof_py_code));
+    if (!e) {
+        py_codes_seen.delete(&k);           /* announced with a later sample */
+        return;
+    }
+    e->kind = PROF_REC_PY_CODE;
+    e->pid = pid;
+    e->code = code;
+    events.ringbuf_submit(e, 0);            /* read now: the process may exit soon */
+}
+
+/* Records one frame (code object, instruction offset) and moves to the previous one; a shim
+ * frame (3.12+) is not recorded but marks the frame before it as its eval call's first. */
+static __always_inline void py_step(struct unwind_state *ws, struct unwind_stack *st) {
+    struct py_process *py = &ws->py;
+    u64 f = ws->py_frame;
+    u64 code = 0, instr = 0, previous = 0;
+    u8 entry = 0;
+    ws->py_frame = 0;
+    if (bpf_probe_read_user(&code, sizeof(code), (void *)(f + py->fr_code)) ||
+        bpf_probe_read_user(&instr, sizeof(instr), (void *)(f + py->fr_instr)) ||
+        bpf_probe_read_user(&previous, sizeof(previous), (void *)(f + py->fr_previous)) ||
+        bpf_probe_read_user(&entry, sizeof(entry), (void *)(f + py->fr_entry))) {
+        st->py_truncated = 1;
+        return;
+    }
+    u32 n = st->py_len;
+    if (py->entry_kind == PY_ENTRY_SHIM && entry == py->entry_value) {
+        if (n > 0 && n <= PY_MAX_FRAMES)
+            st->py_lasti[(n - 1) & (PY_MAX_FRAMES - 1)] |= PY_LASTI_ENTRY;
+        ws->py_frame = previous;
+        return;
+    }
+    if (n >= PY_MAX_FRAMES) {
+        st->py_truncated = 1;
+        return;
+    }
+    u64 first = code + py->code_adaptive;
+    u32 lasti = instr >= first && instr - first < PY_LASTI_UNKNOWN ? (u32)(instr - first) : PY_LASTI_UNKNOWN;
+    if (py->entry_kind == PY_ENTRY_FLAG && entry)
+        lasti |= PY_LASTI_ENTRY;
+    st->py_code[n & (PY_MAX_FRAMES - 1)] = code;
+    st->py_lasti[n & (PY_MAX_FRAMES - 1)] = lasti;
+    st->py_len = n + 1;
+    count_py(PY_STAT_FRAMES);
+    notice_code(ws->key.pid, code);
+    ws->py_frame = previous;
+}
+
+/* Walks PY_FRAMES_PER_CALL Python frames per call, tail-calling itself, then ends the walk. */
+int walk_python_stack(struct bpf_perf_event_data *ctx) {
+    u32 zero = 0;
+    struct unwind_state *ws = unwind_states.lookup(&zero);
+    struct unwind_stack *st = unwind_scratch.lookup(&zero);
+    if (!ws || !st)
+        return 0;
+    if (ws->py_frame == 1) {                /* first call: find the thread's current frame */
+        ws->py_frame = py_thread_frame(ws);
+        count_py(ws->py_frame ? PY_STAT_WALKED : PY_STAT_NO_THREAD);
+    }
+    #pragma clang loop unroll(disable)
+    for (int k = 0; k < PY_FRAMES_PER_CALL; k++) {
+        if (!ws->py_frame)
+            break;
+        py_step(ws, st);
+    }
+    if (ws->py_frame)
+        unwind_programs.call(ctx, 1);       /* returns only at the tail-call limit */
+    if (ws->py_frame)
+        st->py_truncated = 1;
+    if (st->py_truncated)
+        count_py(PY_STAT_TRUNCATED);
+    finish_walk(ctx, ws, st);
+    return 0;
+}
+#endif
+
+#if UNWIND && USER_STACKS
 /* Walks UNWIND_FRAMES_PER_CALL frames, then tail-calls itself until the walk ends (at most
  * PROF_MAX_DEPTH frames: 16 calls of 8, inside the kernel's 33), then counts the sample. Each
  * call is verified once, so the verifier's work does not grow with the depth bound. */
@@ -448,15 +624,15 @@ int walk_user_stack(struct bpf_perf_event_data *ctx) {
     if (st->truncated)
         count_unwind(n >= PROF_MAX_DEPTH ? UNWIND_STAT_DEPTH_LIMIT : UNWIND_STAT_TRUNCATED);
     count_unwind(UNWIND_STAT_WALKED);
-    u64 h = hash_stack(st);
-    int err = ws->g ? ustacks1.insert(&h, st) : ustacks0.insert(&h, st);
-    if (err && err != -EEXIST_) {           /* full: send it whole */
-        record_whole(ctx, &ws->key, PROF_LOST_STACK_MAP_FULL, st);
-        notice_process(ws->key.pid);
-        return 0;
+#if PY_MAX_FRAMES
+    struct py_process *py = py_processes.lookup(&ws->key.pid);
+    if (py) {                               /* a CPython process: its Python frames next */
+        __builtin_memcpy(&ws->py, py, sizeof(*py));
+        ws->py_frame = 1;                   /* "find the thread's frame first" */
+        unwind_programs.call(ctx, 1);
     }
-    ws->key.user_stack_hash = h;
-    count_sample(ctx, &ws->key, ws->g, st);
+#endif
+    finish_walk(ctx, ws, st);
     return 0;
 }
 #endif
@@ -469,6 +645,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 #if UNWIND
     unwind_processes.delete(&tgid);
 #endif
+#if UNWIND && USER_STACKS && PY_MAX_FRAMES
+    py_processes.delete(&tgid);
+#endif
     return 0;
 }
 
@@ -478,6 +657,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 child = args->child_pid;
     unwind_processes.delete(&child);
+#if USER_STACKS && PY_MAX_FRAMES
+    py_processes.delete(&child);
+#endif
     return 0;
 }
 #endif

@@ -29,6 +29,7 @@
 /* Ring-buffer record kinds (the first field of each record) */
 #define PROF_REC_NEW_PROCESS 1
 #define PROF_REC_SAMPLE 2
+#define PROF_REC_PY_CODE 3         /* a code object a process's stacks name for the first time */
 
 #define PROF_MAX_DEPTH 127
 
@@ -83,11 +84,62 @@ struct unwind_process {
     __u32 count;
 };
 
+/* ---- CPython frames (receiver/profiling/cpython.py) ----
+ *
+ * For a process running CPython, py_processes[tgid] says where its interpreter list is and the
+ * version's offsets (a table in user space: 3.11, 3.12, 3.13 differ only in numbers). The walk
+ * finds the sampled thread's PyThreadState in the first interpreter's thread list by its
+ * native thread id, then follows current frame -> previous, recording each frame's code object
+ * and instruction offset. User space names code objects and places each run of frames that one
+ * C-level _PyEval_EvalFrameDefault call evaluates at that native frame. */
+#ifndef PY_MAX_FRAMES
+#define PY_MAX_FRAMES 0            /* 0: Python frames off; sampler.py passes 64 */
+#endif
+#define PY_FRAMES_PER_CALL 16      /* Python frames one walk_python_stack call walks */
+#define PY_MAX_THREADS 64          /* thread states searched for the sampled thread */
+#define PY_ENTRY_FLAG 1            /* entry_kind: a nonzero byte marks an eval call's first frame (3.11) */
+#define PY_ENTRY_SHIM 2            /* entry_kind: a frame with byte == entry_value is a C-stack shim (3.12+) */
+#define PY_NO_OFFSET 0xffff        /* frame_in_cframe when the thread state points at the frame itself */
+#define PY_LASTI_ENTRY 0x80000000  /* py_lasti[i]: frame i is the first of its eval call */
+#define PY_LASTI_UNKNOWN 0x7fffffff
+
+struct py_process {
+    __u64 interpreters_head;   /* address of _PyRuntime.interpreters.head */
+    __u64 pidns_dev;           /* the process's pid namespace (thread ids as it sees them) */
+    __u64 pidns_ino;
+    __u16 threads_head;        /* PyInterpreterState.threads.head */
+    __u16 ts_next;             /* PyThreadState.next */
+    __u16 ts_native_thread_id; /* PyThreadState.native_thread_id */
+    __u16 ts_frame;            /* PyThreadState.cframe (3.11, 3.12) or .current_frame (3.13) */
+    __u16 frame_in_cframe;     /* _PyCFrame.current_frame, or PY_NO_OFFSET */
+    __u16 fr_code;             /* _PyInterpreterFrame.f_code / f_executable */
+    __u16 fr_instr;            /* .prev_instr / .instr_ptr */
+    __u16 fr_previous;         /* .previous */
+    __u16 fr_entry;            /* .is_entry (3.11) or .owner (3.12+) */
+    __u16 code_adaptive;       /* PyCodeObject.co_code_adaptive: instruction 0 */
+    __u8 entry_kind;           /* PY_ENTRY_* */
+    __u8 entry_value;          /* the shim's owner value (FRAME_OWNED_BY_CSTACK) */
+    __u8 pad[6];
+};
+
+/* py_stats[] slots */
+#define PY_STAT_WALKED 0           /* samples of CPython processes whose thread state was found */
+#define PY_STAT_NO_THREAD 1        /* ... whose sampled thread has no thread state (not a Python thread) */
+#define PY_STAT_TRUNCATED 2        /* ... whose frame chain was longer than PY_MAX_FRAMES or unreadable */
+#define PY_STAT_FRAMES 3           /* Python frames recorded */
+#define PY_STATS 4
+
 /* A user stack walked with tables: the key of ustacks<g> is a hash of it. */
 struct unwind_stack {
     __u32 len;                 /* addresses in ips[] */
     __u32 truncated;           /* 1: the walk stopped before the thread's first frame */
     __u64 ips[PROF_MAX_DEPTH];
+#if PY_MAX_FRAMES
+    __u32 py_len;              /* Python frames, innermost first */
+    __u32 py_truncated;
+    __u64 py_code[PY_MAX_FRAMES];     /* PyCodeObject addresses */
+    __u32 py_lasti[PY_MAX_FRAMES];    /* byte offset of the instruction | PY_LASTI_ENTRY */
+#endif
 };
 
 /* unwind_stats[] slots (samples of processes with a table, and why walks stopped) */
@@ -102,6 +154,14 @@ struct unwind_stack {
 struct prof_new_process {
     __u32 kind;                /* PROF_REC_NEW_PROCESS */
     __u32 pid;
+};
+
+/* A code object first seen in a process's Python frames: user space reads its names at once,
+ * while the process lives (a short-lived process is gone by the next drain). */
+struct prof_py_code {
+    __u32 kind;                /* PROF_REC_PY_CODE */
+    __u32 pid;
+    __u64 code;
 };
 
 /* One sample the maps could not hold (hash-bucket collision, full stack or counts map), with

@@ -123,6 +123,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
               f"profiled samples truncated (the walk stopped before the thread's first frame), "
               f"{profiler.unwind_stats.get('no_table', 0)} with frame pointers only (tables not yet "
               "loaded)", file=sys.stderr)
+    py = profiler.python_stats
+    if py.get("walked"):
+        print(f"python: {py['walked']} samples of CPython threads walked, {py.get('frames_resolved', 0)} Python "
+              f"frames named, {py.get('frames_unresolved', 0)} not (code object unreadable), "
+              f"{py.get('misaligned_samples', 0)} samples with Python runs and eval frames out of step",
+              file=sys.stderr)
     if profiler.samples_over_bound:
         print(f"note: {profiler.samples_over_bound} samples of stacks beyond the "
               f"{profiler.max_unique_stacks} distinct ones kept are not in the files", file=sys.stderr)

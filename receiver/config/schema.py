@@ -275,6 +275,9 @@ class ProfilerSourceConfig:
     unwind_tables: bool = True
     unwind_table_rows: Annotated[int, Range(4096, 1 << 24)] = 1 << 20   # 16 bytes each
     unwind_processes: Annotated[int, Range(16, 65536)] = 1024           # 2 KiB each
+    # CPython frames (function, file, line) in user stacks of Python processes; needs
+    # unwind_tables (the Python walk follows the native one).
+    python_frames: bool = True
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
 

@@ -8,6 +8,8 @@ per process; each sample carries ``thread.id``, ``thread.name``, ``process.pid``
 ``process.executable.name`` and ``container.id`` (where known) as the eBPF profiler's do. Locations
 carry ``profile.frame.type``; mappings carry ``process.executable.build_id.gnu``. An unresolved
 frame is a location with its address and mapping and no line, for the backend to symbolize.
+A Python frame (``cpython``) is a location without mapping whose line names the function (its
+qualified name and file) and the line number.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class ProfilesDictionaryBuilder:
         self._strings: dict[str, int] = {"": 0}
         self._attributes: dict[tuple[str, str | int], int] = {}
         self._mappings: dict[Mapping, int] = {}
-        self._functions: dict[str, int] = {}
-        self._locations: dict[tuple[int, int, int, str], int] = {}
+        self._functions: dict[tuple[str, str], int] = {}
+        self._locations: dict[tuple[int, int, int, str, int], int] = {}
         self._frames: dict[Frame, int] = {}     # fast path: a frame already seen
         self._stacks: dict[tuple[int, ...], int] = {(): 0}
 
@@ -82,12 +84,13 @@ class ProfilesDictionaryBuilder:
                 filename_strindex=self.string(m.path), attribute_indices=attrs)
         return i
 
-    def function(self, name: str) -> int:
-        i = self._functions.get(name)
+    def function(self, name: str, filename: str = "") -> int:
+        i = self._functions.get((name, filename))
         if i is None:
-            i = self._functions[name] = len(self.dictionary.function_table)
+            i = self._functions[(name, filename)] = len(self.dictionary.function_table)
             s = self.string(name)
-            self.dictionary.function_table.add(name_strindex=s, system_name_strindex=s)
+            self.dictionary.function_table.add(name_strindex=s, system_name_strindex=s,
+                                               filename_strindex=self.string(filename))
         return i
 
     def location(self, frame: Frame) -> int:
@@ -95,16 +98,17 @@ class ProfilesDictionaryBuilder:
         if i is not None:
             return i
         key = (self.mapping(frame_mapping(frame)), frame.address,
-               self.function(frame.function) if frame.function else 0, frame.frame_type)
+               self.function(frame.function, frame.file) if frame.function else 0, frame.frame_type,
+               frame.line)
         i = self._locations.get(key)
         if i is None:
             i = self._locations[key] = len(self.dictionary.location_table)
-            mapping_index, address, function_index, frame_type = key
+            mapping_index, address, function_index, frame_type, line = key
             loc = self.dictionary.location_table.add(
                 mapping_index=mapping_index, address=address,
                 attribute_indices=[self.attribute("profile.frame.type", frame_type)])
             if function_index:
-                loc.lines.add(function_index=function_index)
+                loc.lines.add(function_index=function_index, line=line)
         self._frames[frame] = i
         return i
 

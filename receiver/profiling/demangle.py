@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .model import CpuProfile, Frame
 
@@ -85,5 +86,5 @@ class Demangler:
             return frame
         out = renamed.get(frame)
         if out is None:
-            out = renamed[frame] = Frame(frame.address, new, frame.frame_type, frame.mapping)
+            out = renamed[frame] = replace(frame, function=new, _hash=0)
         return out

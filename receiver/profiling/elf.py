@@ -371,3 +371,32 @@ def section_sizes(fd: int, names: tuple[bytes, ...]) -> dict[bytes, int]:
         if name in names:
             out[name] = out.get(name, 0) + s.size
     return out
+
+
+def dynamic_symbols_fd(fd: int, names: set[bytes]) -> dict[bytes, int]:
+    """Addresses (ELF virtual) of the named ``.dynsym`` symbols of any type (data too: the
+    CPython profiler looks for ``_PyRuntime``), read from an open file."""
+    read = _fd_reader(fd)
+    try:
+        lay = _layout(read(0, 16))
+        (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum,
+         _) = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))
+        sections = _sections(read, lay, shoff, shnum, shentsize)
+        found: dict[bytes, int] = {}
+        for table in sections:
+            if table.type != _SHT_DYNSYM or table.link >= len(sections):
+                continue
+            strtab_sec = sections[table.link]
+            strtab = _exactly(read, strtab_sec.offset, strtab_sec.size)
+            raw = _exactly(read, table.offset, table.size // lay.sym.size * lay.sym.size)
+            for f in lay.sym.iter_unpack(raw):
+                st_name, st_value, st_shndx = (f[0], f[4], f[3]) if lay.is64 else (f[0], f[1], f[5])
+                if st_value == 0 or st_shndx == _SHN_UNDEF:
+                    continue
+                nul = strtab.find(b"\0", st_name)
+                name = strtab[st_name:nul if nul >= 0 else len(strtab)]
+                if name in names:
+                    found[name] = st_value
+        return found
+    except _MALFORMED as e:
+        raise ElfError(f"malformed ELF: {e}") from None

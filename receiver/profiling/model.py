@@ -37,8 +37,20 @@ class Frame:
 
     address: int                      # virtual address in the process (or the kernel)
     function: str = ""
-    frame_type: str = "native"        # profile.frame.type: "kernel" or "native"
+    frame_type: str = "native"        # profile.frame.type: "kernel", "native" or "cpython"
     mapping: Mapping | None = None
+    file: str = ""                    # source file (Python frames: co_filename)
+    line: int = 0                     # source line, 0 when unknown
+    _hash: int = field(default=0, compare=False, repr=False)
+
+    def __hash__(self) -> int:
+        """Computed once: frames are cached and reused across drains, and every writer keys its
+        tables by them."""
+        h = self._hash
+        if not h:
+            h = hash((self.address, self.function, self.frame_type, self.mapping, self.file, self.line)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def resolved(self) -> bool:
@@ -48,6 +60,8 @@ class Frame:
         """A name for folded stacks and flame graphs: the function, or file+offset."""
         if self.function:
             return self.function
+        if self.frame_type == "cpython":
+            return f"<python code 0x{self.address:x}>"
         if self.mapping is not None:
             base = self.mapping.path.rsplit("/", 1)[-1] or self.mapping.path
             return f"{base}+0x{self.mapping.file_address(self.address):x}"

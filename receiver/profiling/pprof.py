@@ -5,7 +5,9 @@ time by default and raw counts with ``-sample_index=samples``. Each distinct ``F
 location; an unresolved frame is a location with its address and mapping but no line, so pprof
 shows the address and can symbolize it later from the mapping's file and build id. Thread and
 process identity ride on per-sample labels (OpenTelemetry attribute names), so ``from_pprof``
-restores the model and ``go tool pprof -tags`` shows them.
+restores the model and ``go tool pprof -tags`` shows them. A Python frame is an ordinary
+location (no mapping) with one line: function = qualified name and file, line = line number;
+``from_pprof`` reads such a location back as a ``cpython`` frame.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
         period_type=profile_pb2.ValueType(type=s("cpu"), unit=s("nanoseconds")),
         period=period, time_nanos=profile.start_unix_nano, duration_nanos=profile.duration_ns)
     mapping_ids: dict[Mapping, int] = {}
-    function_ids: dict[str, int] = {}
+    function_ids: dict[tuple[str, str], int] = {}
     location_ids: dict[Frame, int] = {}
     resolved_mappings: set[int] = set()
 
@@ -86,12 +88,12 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
         mid = mapping_id(frame_mapping(frame))
         loc = out.location.add(id=lid, mapping_id=mid, address=frame.address)
         if frame.function:
-            fid = function_ids.get(frame.function)
+            fid = function_ids.get((frame.function, frame.file))
             if fid is None:
-                fid = function_ids[frame.function] = len(function_ids) + 1
+                fid = function_ids[(frame.function, frame.file)] = len(function_ids) + 1
                 name = s(frame.function)
-                out.function.add(id=fid, name=name, system_name=name)
-            loc.line.add(function_id=fid)
+                out.function.add(id=fid, name=name, system_name=name, filename=s(frame.file))
+            loc.line.add(function_id=fid, line=frame.line)
             if mid:
                 resolved_mappings.add(mid)
         return lid
@@ -119,15 +121,18 @@ def from_pprof(pprof: profile_pb2.Profile) -> CpuProfile:
     strings = pprof.string_table
     mappings = {m.id: Mapping(m.memory_start, m.memory_limit, m.file_offset,
                               strings[m.filename], strings[m.build_id]) for m in pprof.mapping}
-    functions = {f.id: strings[f.name] or strings[f.system_name] for f in pprof.function}
+    functions = {f.id: (strings[f.name] or strings[f.system_name], strings[f.filename])
+                 for f in pprof.function}
     locations: dict[int, list[Frame]] = {}
     for loc in pprof.location:
         mapping = mappings.get(loc.mapping_id)
         kind = "kernel" if mapping is not None and mapping.path.startswith("[kernel") else "native"
         if mapping == KERNEL_MAPPING:
             mapping = None
-        names = [functions.get(line.function_id, "") for line in loc.line] or [""]
-        locations[loc.id] = [Frame(loc.address, name, kind, mapping) for name in names]
+        lines = [(*functions.get(line.function_id, ("", "")), line.line) for line in loc.line] or [("", "", 0)]
+        locations[loc.id] = [
+            Frame(loc.address, name, "cpython" if mapping is None and kind == "native" and file
+                  else kind, mapping, file, line) for name, file, line in lines]
     period = pprof.period or 1
     count_of = _sample_counter(pprof, period)
     samples = []

@@ -47,6 +47,7 @@ class EbpfCpuProfiler:
         self.lost: dict[str, int] = {}   # kernel-side losses by reason, set by stop_profile()
         self.truncated_samples = 0       # samples whose walked user stack stopped early (stop_profile)
         self.unwind_stats: dict[str, int] = {}   # the kernel walker's counters (stop_profile)
+        self.python_stats: dict[str, int] = {}   # CPython frame counters (stop_profile)
 
     @property
     def running(self) -> bool:
@@ -130,6 +131,7 @@ class EbpfCpuProfiler:
             self.lost = dict(zip(LOST_REASONS, self.sampler.lost_totals()))
             self.truncated_samples = self.sampler.truncated_samples
             self.unwind_stats = self.sampler.unwind_stats()
+            self.python_stats = self.sampler.python_stats()
         finally:
             self.sampler.close()
         end = time.time_ns()

@@ -31,6 +31,7 @@ from ..kernel import host
 from ..kernel.bcc import check_mirror, compile_bpf, header_enum, load_bcc
 from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
+from . import cpython
 from .demangle import Demangler
 from .model import CpuProfile, Frame, StackSample
 from .symbolize import Symbolizer
@@ -48,6 +49,7 @@ RINGBUF_PAGES = 256           # 1 MiB: new-process notices and whole samples
 MIN_WHOLE_KEYS = 4096        # distinct whole samples kept per interval, at least
 PROGRAM = b"on_cpu_sample"
 WALK_PROGRAM = b"walk_user_stack"     # tail-called by PROGRAM for processes with unwind tables
+PYTHON_PROGRAM = b"walk_python_stack"  # tail-called by WALK_PROGRAM for CPython processes
 # Programs that read the old generation before the flip finish within microseconds (they run
 # with interrupts off); this is a wide margin.
 GENERATION_SETTLE_S = 0.005
@@ -57,8 +59,9 @@ RELOAD_AFTER_S = 60.0         # least time between two reloads of a process's un
 LOST_REASONS = header_enum("profiler.h", "PROF_LOST")
 STAT_NAMES = header_enum("profiler.h", "PROF_STAT")
 UNWIND_STAT_NAMES = header_enum("profiler.h", "UNWIND_STAT")
+PY_STAT_NAMES = header_enum("profiler.h", "PY_STAT")
 SET_GENERATION = 0
-REC_NEW_PROCESS, REC_SAMPLE = 1, 2
+REC_NEW_PROCESS, REC_SAMPLE, REC_PY_CODE = 1, 2, 3
 
 
 class ProfKey(ctypes.Structure):
@@ -75,6 +78,20 @@ class UnwindStack(ctypes.Structure):
 
     _fields_ = [("len", ctypes.c_uint32), ("truncated", ctypes.c_uint32),
                 ("ips", ctypes.c_uint64 * MAX_STACK_DEPTH)]
+
+
+class PyUnwindStack(ctypes.Structure):
+    """Mirror of ``struct unwind_stack`` with Python frames (PY_MAX_FRAMES > 0)."""
+
+    _fields_ = [*UnwindStack._fields_, ("py_len", ctypes.c_uint32), ("py_truncated", ctypes.c_uint32),
+                ("py_code", ctypes.c_uint64 * cpython.MAX_FRAMES),
+                ("py_lasti", ctypes.c_uint32 * cpython.MAX_FRAMES)]
+
+
+class PyCode(ctypes.Structure):
+    """Mirror of ``struct prof_py_code``."""
+
+    _fields_ = [("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("code", ctypes.c_uint64)]
 
 
 class NewProcess(ctypes.Structure):
@@ -95,6 +112,12 @@ class WholeSample(ctypes.Structure):
 
 # A drained count: (pid, tid, comm, cgroup id, user addresses, kernel addresses) → samples
 WholeKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...]]
+# Python frames of a walked stack: (code object address, instruction offset | entry flag)
+PyFrames = tuple[tuple[int, int], ...]
+# What one symbolized stack depends on: (pid, user addresses, kernel addresses, Python frames)
+FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], PyFrames]
+# A walked user stack: (addresses, truncated, Python frames)
+Walked = tuple[tuple[int, ...], bool, PyFrames]
 
 
 def _executable_name(pid: int) -> str:
@@ -131,6 +154,9 @@ class CpuSampler:
         self._drain_lock = threading.Lock()
         self.unwinder: UnwindTables | None = None
         self.truncated_samples = 0                 # samples whose walked user stack stopped early
+        self.python: cpython.PythonProcesses | None = None
+        self.python_misaligned = 0                 # samples whose Python runs and eval frames differ
+        self.python_truncated = 0                  # walked stacks whose Python chain was cut short
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
 
     # ------------------------------------------------------------------ load / attach
@@ -142,12 +168,18 @@ class CpuSampler:
         return (self.config.unwind_tables and self.config.user_stacks
                 and kernel_features.probe().has("task_pt_regs"))
 
+    @property
+    def python_frames(self) -> bool:
+        """Whether CPython frames are walked (they follow the table walk)."""
+        return self.config.python_frames and self.unwinding
+
     def cflags(self) -> list[str]:
         c = self.config
         rows = int(c.unwind_table_rows)
         unwind = [f"-DUNWIND={1 if self.unwinding else 0}", f"-DUNWIND_ROWS={rows}",
                   f"-DUNWIND_ROW_STEPS={rows.bit_length() + 1}",
-                  f"-DUNWIND_PROCESSES={int(c.unwind_processes)}"]
+                  f"-DUNWIND_PROCESSES={int(c.unwind_processes)}",
+                  f"-DPY_MAX_FRAMES={cpython.MAX_FRAMES if self.python_frames else 0}"]
         return [*unwind, f"-DMAX_KEYS={int(c.max_stacks)}", f"-DMAX_STACKS={int(c.max_stacks)}",
                 f"-DMAX_PROCESSES={MAX_PROCESSES}",
                 f"-DUSER_STACKS={1 if c.user_stacks else 0}",
@@ -178,14 +210,18 @@ class CpuSampler:
         mirrors = [("counts0", "Key", ProfKey), ("mirror_prof_sample", "Leaf", WholeSample),
                    ("mirror_prof_new_process", "Leaf", NewProcess)]
         if self.unwinding:
-            mirrors += [("ustacks0", "Leaf", UnwindStack), ("unwind_rows", "Leaf", UnwindRow),
-                        ("unwind_processes", "Leaf", UnwindProcess)]
+            mirrors += [("ustacks0", "Leaf", PyUnwindStack if self.python_frames else UnwindStack),
+                        ("unwind_rows", "Leaf", UnwindRow), ("unwind_processes", "Leaf", UnwindProcess)]
+        if self.python_frames:
+            mirrors += [("py_processes", "Leaf", cpython.PyProcess), ("mirror_prof_py_code", "Leaf", PyCode)]
         for map_name, part, mirror in mirrors:
             check_mirror(bpf, map_name, part, mirror, self.source_name)
+        if self.python_frames:
+            self.python = cpython.PythonProcesses(bpf).start()
         if self.unwinding:
-            self._ustack_leaf = UnwindStack()
+            self._ustack_leaf = PyUnwindStack() if self.python_frames else UnwindStack()
             self.unwinder = UnwindTables(bpf, self.symbolizer, int(self.config.unwind_table_rows),
-                                         int(self.config.unwind_processes)).start()
+                                         int(self.config.unwind_processes), self.python).start()
         self._stack_leaf = bpf["stacks0"].Leaf()
         f = self.config.filter
         if f.active:
@@ -197,6 +233,9 @@ class CpuSampler:
             if self.unwinding:
                 walker = bpf.load_func(WALK_PROGRAM, bcc.BPF.PERF_EVENT)
                 bpf["unwind_programs"][ctypes.c_int(0)] = ctypes.c_int(walker.fd)
+            if self.python_frames:
+                python = bpf.load_func(PYTHON_PROGRAM, bcc.BPF.PERF_EVENT)
+                bpf["unwind_programs"][ctypes.c_int(1)] = ctypes.c_int(python.fd)
             bpf.load_func(PROGRAM, bcc.BPF.PERF_EVENT)
         except Exception as e:
             raise SourceUnavailableError(self.source_name, f"the kernel rejected the profiler program: {e}") from e
@@ -212,6 +251,8 @@ class CpuSampler:
         """Closes the perf events: no sample after this returns. Safe to call twice."""
         if self.unwinder is not None:
             self.unwinder.stop()
+        if self.python is not None:
+            self.python.stop()
         if self._attached and self.bpf is not None:
             bcc = load_bcc()
             self._attached = False
@@ -226,6 +267,10 @@ class CpuSampler:
             self._note_process(NewProcess.from_address(data).pid)
         elif kind == REC_SAMPLE:
             self._count_whole(WholeSample.from_address(data))
+        elif kind == REC_PY_CODE:
+            if self.python is not None:
+                rec = PyCode.from_address(data)
+                self.python.notice_code(rec.pid, rec.code)
         else:
             raise ValueError(f"unknown ring-buffer record kind {kind}")
 
@@ -273,18 +318,19 @@ class CpuSampler:
         stacks = self._take_stacks(bpf[f"stacks{old}"], counts)
         walked = self._take_walked(bpf[f"ustacks{old}"], counts) if self.unwinder is not None else {}
         whole, self._whole = self._whole, {}
-        frames_of: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Frame, ...]] = {}
+        frames_of: dict[FramesKey, tuple[Frame, ...]] = {}
         truncated_pids = set()
         for k, v in counts:
+            py: PyFrames = ()
             if k.user_stack_hash:
-                user, truncated = walked.get(k.user_stack_hash, ((), False))
+                user, truncated, py = walked.get(k.user_stack_hash, ((), False, ()))
                 if truncated:
                     self.truncated_samples += int(v)
                     truncated_pids.add(k.pid)
             else:
                 user = stacks.get(k.user_stack_id, ())
             self._add_sample(profile, frames_of, k.pid, k.tid, k.comm, k.cgroup_id,
-                             user, stacks.get(k.kernel_stack_id, ()), int(v))
+                             user, stacks.get(k.kernel_stack_id, ()), int(v), py)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
         self.demangler.apply(profile)
@@ -306,15 +352,19 @@ class CpuSampler:
         if len(self._reloaded_at) > 4 * MAX_PROCESSES:
             self._reloaded_at = {p: t for p, t in self._reloaded_at.items() if now - t < RELOAD_AFTER_S}
 
-    def _add_sample(self, profile: CpuProfile,
-                    frames_of: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[Frame, ...]],
+    def _add_sample(self, profile: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
                     pid: int, tid: int, comm: bytes, cgroup_id: int,
-                    user: tuple[int, ...], kernel: tuple[int, ...], count: int) -> None:
+                    user: tuple[int, ...], kernel: tuple[int, ...], count: int, py: PyFrames = ()) -> None:
         """Symbolizes (once per process and stack within a drain) and appends one sample."""
-        fk = (pid, user, kernel)
+        fk = (pid, user, kernel, py)
         frames = frames_of.get(fk)
         if frames is None:
-            frames = frames_of[fk] = self.symbolizer.symbolize(pid, user, kernel)
+            frames = self.symbolizer.symbolize(pid, user, kernel)
+            if py and self.python is not None:
+                frames, aligned = cpython.interleave(frames, self.python.frames(pid, py))
+                if not aligned:
+                    self.python_misaligned += count
+            frames_of[fk] = frames
         name = self._process_names.get(pid)
         if name is None:   # its notice was lost, or it was announced before we bound
             name = self._process_names[pid] = _executable_name(pid)
@@ -348,21 +398,29 @@ class CpuSampler:
             lib.bpf_delete_elem(fd, ctypes.byref(left))
         return out
 
-    def _take_walked(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, tuple[tuple[int, ...], bool]]:
+    def _take_walked(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, Walked]:
         """Reads and deletes every walked user stack the drained counts name (hash → addresses,
-        truncated), then any left over."""
+        truncated, Python frames as (code object, instruction offset | entry flag)), then any
+        left over."""
         from bcc.libbcc import lib
 
         fd = table.map_fd
         leaf = self._ustack_leaf
-        out: dict[int, tuple[tuple[int, ...], bool]] = {}
+        out: dict[int, Walked] = {}
         key = ctypes.c_uint64()
+        python = self.python is not None
         for h in {k.user_stack_hash for k, _ in counts} - {0}:
             key.value = h
             if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
                 n = min(leaf.len, MAX_STACK_DEPTH)
                 ips = array.array("Q", bytes(leaf.ips)[: n * 8])
-                out[h] = (tuple(ips), bool(leaf.truncated))
+                py: PyFrames = ()
+                if python and leaf.py_len:
+                    m = min(leaf.py_len, cpython.MAX_FRAMES)
+                    py = tuple(zip(leaf.py_code[:m], leaf.py_lasti[:m], strict=True))
+                    if leaf.py_truncated:
+                        self.python_truncated += 1
+                out[h] = (tuple(ips), bool(leaf.truncated), py)
             lib.bpf_delete_elem(fd, ctypes.byref(key))
         for left in list(table.keys()):
             lib.bpf_delete_elem(fd, ctypes.byref(left))
@@ -376,6 +434,21 @@ class CpuSampler:
             return dict(zip(UNWIND_STAT_NAMES, self._per_cpu_totals("unwind_stats", len(UNWIND_STAT_NAMES))))
         except Exception:   # noqa: BLE001 -- closed meanwhile (scraped during shutdown)
             return {}
+
+    def python_stats(self) -> dict[str, int]:
+        """CPython frame counters: the kernel walk's (PY_STAT_*, summed over CPUs) and user
+        space's (processes loaded, code objects read, frames resolved/unresolved, ...)."""
+        if self.python is None or self.bpf is None:
+            return {}
+        try:
+            out = dict(zip(PY_STAT_NAMES, self._per_cpu_totals("py_stats", len(PY_STAT_NAMES))))
+        except Exception:   # noqa: BLE001 -- closed meanwhile (scraped during shutdown)
+            out = {}
+        out.update(self.python.stats)
+        out.update(self.python.codes.stats)
+        out["misaligned_samples"] = self.python_misaligned
+        out["truncated_stacks"] = self.python_truncated
+        return out
 
     def _forget_exited(self) -> None:
         """Frees what is kept for processes found gone at the previous drain: their last

@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from .cpython import PythonProcesses
 from .elf import ElfError, section_sizes
 from .symbolize import Symbolizer, vdso_image
 from .unwind_table import ROW, UnwindTableError, build_table
@@ -39,6 +40,7 @@ MAX_TABLE_SHARE = 0.25
 CFI_BYTES_PER_ROW = 4        # .eh_frame bytes per row: libc 5.4, libpython 4.6 (an estimate before readelf)
 _CFI_SECTIONS = (b".eh_frame", b".debug_frame")
 QUEUE_SIZE = 4096
+MAX_RETRIES = 3              # re-captures of a process whose mappings changed while loading
 
 
 class UnwindRow(ctypes.Structure):
@@ -110,7 +112,10 @@ class UnwindTables:
     processes the profiler has noticed. ``request``/``forget`` only queue work; one worker
     thread applies it in order."""
 
-    def __init__(self, bpf: object, symbolizer: Symbolizer, capacity: int, max_processes: int) -> None:
+    def __init__(self, bpf: object, symbolizer: Symbolizer, capacity: int, max_processes: int,
+                 python: PythonProcesses | None = None) -> None:
+        """``python``: told of every process loaded or forgotten here (CPython frames)."""
+        self._python = python
         self._rows = bpf["unwind_rows"]            # type: ignore[index]
         self._procs = bpf["unwind_processes"]      # type: ignore[index]
         self._mappings = bpf["unwind_mappings"]    # type: ignore[index]
@@ -122,6 +127,7 @@ class UnwindTables:
         self._loaded: OrderedDict[Hashable, _Loaded] = OrderedDict()   # LRU: unused ones first out
         self._failed: OrderedDict[Hashable, str] = OrderedDict()
         self._process_files: dict[int, list[Hashable]] = {}
+        self._retries: dict[int, int] = {}        # pid → re-captures after stale mappings
         self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -238,10 +244,17 @@ class UnwindTables:
         entries.sort()
         if not _still_mapped(pid, regions):
             # It exec'd (or unmapped code) since the mappings were captured: publishing them now
-            # would walk the new image with the old tables. Its next sample announces it again.
+            # would walk the new image with the old tables. Capture them again and retry (a
+            # starting interpreter maps its extension modules just after its first samples).
             self.stats["stale_mappings"] += 1
             self._unpin(keys)
+            retries = self._retries.get(pid, 0)
+            if retries < MAX_RETRIES and os.path.exists(f"/proc/{pid}"):
+                self._retries[pid] = retries + 1
+                self._symbolizer.note_process(pid)
+                self._put("load", pid)
             return False
+        self._retries.pop(pid, None)
         slot = self._free_slots.pop()
         n = len(entries)
         first_key = slot * MAX_MAPPINGS
@@ -269,6 +282,8 @@ class UnwindTables:
             self._unpin(old_keys)
             self._free_slots.append(old_slot)
         self.stats["processes_loaded" if not pending else "processes_first_pass"] += 1
+        if self._python is not None:
+            self._python.load(pid, regions)
         return pending
 
     def _unpin(self, keys: list[Hashable]) -> None:
@@ -279,6 +294,9 @@ class UnwindTables:
                     loaded.users -= 1
 
     def _forget(self, pid: int) -> None:
+        if self._python is not None:
+            self._python.forget(pid)
+        self._retries.pop(pid, None)
         with self._lock:
             keys = self._process_files.pop(pid, None)
             if keys is None:
@@ -389,9 +407,12 @@ def _still_mapped(pid: int, regions: list[tuple[int, int, int | None, str, str, 
     for line in text.splitlines():
         fields = line.split(None, 5)
         if len(fields) >= 5 and "x" in fields[1]:
-            now.add((fields[0], fields[5].removesuffix(" (deleted)") if len(fields) == 6 else ""))
+            # Parsed, not compared as text: maps pads addresses to 8 digits (non-PIE executables).
+            start_text, _, end_text = fields[0].partition("-")
+            now.add((int(start_text, 16), int(end_text, 16),
+                     fields[5].removesuffix(" (deleted)") if len(fields) == 6 else ""))
     for start, end, _, path, _, anonymous in regions:
-        if (f"{start:x}-{end:x}", "" if anonymous and not path.startswith("/") else path) not in now \
+        if (start, end, "" if anonymous and not path.startswith("/") else path) not in now \
                 and not anonymous:
             return False
     return True

@@ -18,16 +18,19 @@ from ..profiling.pprof import write_pprof
 from ..profiling.sampler import (
     LOST_REASONS,
     REC_NEW_PROCESS,
+    REC_PY_CODE,
     REC_SAMPLE,
     CpuSampler,
     NewProcess,
+    PyCode,
     WholeSample,
 )
 from .base import BccSource, Requirement
 
 __all__ = ["ProfilerSource"]
 
-_RECORD_SIZES = {REC_NEW_PROCESS: ctypes.sizeof(NewProcess), REC_SAMPLE: ctypes.sizeof(WholeSample)}
+_RECORD_SIZES = {REC_NEW_PROCESS: ctypes.sizeof(NewProcess), REC_SAMPLE: ctypes.sizeof(WholeSample),
+                 REC_PY_CODE: ctypes.sizeof(PyCode)}
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,28 @@ def _user_stack_counts(sampler: CpuSampler) -> dict[str, int]:
     k = sampler.unwind_stats()
     return {"walked": k.get("walked", 0), "truncated": k.get("truncated", 0),
             "depth_limit": k.get("depth_limit", 0), "frame_pointers": k.get("no_table", 0)}
+
+
+def _python_stacks(sampler: CpuSampler) -> dict[str, int]:
+    p = sampler.python_stats()
+    if not p:
+        return {}
+    return {"walked": p.get("walked", 0), "no_thread": p.get("no_thread", 0),
+            "truncated": p.get("truncated", 0), "misaligned": p.get("misaligned_samples", 0)}
+
+
+def _python_frames(sampler: CpuSampler) -> dict[str, int]:
+    p = sampler.python_stats()
+    if not p:
+        return {}
+    return {"recorded": p.get("frames", 0), "resolved": p.get("frames_resolved", 0),
+            "unresolved": p.get("frames_unresolved", 0)}
+
+
+def _python_events(sampler: CpuSampler) -> dict[str, int]:
+    if sampler.python is None:
+        return {}
+    return {**sampler.python.stats, **sampler.python.codes.stats}
 
 
 def _row_gauges(sampler: CpuSampler) -> dict[str, int]:
@@ -80,6 +105,20 @@ class ProfilerSource(BccSource):
             "processes and mappings beyond unwind_processes/64 (walked with frame pointers), "
             "queue_full, error", "event",
             lambda: dict(sampler.unwinder.stats) if sampler.unwinder is not None else {})
+        ctx.telemetry.watch_counters(
+            "profiler_python_stacks", "Samples of CPython processes by their Python walk: walked (the "
+            "thread's state found), no_thread (not a Python thread), truncated (chain beyond 64 frames "
+            "or unreadable), misaligned (Python runs and _PyEval_EvalFrameDefault frames differ in "
+            "number: a truncated native walk)", "result",
+            lambda: _python_stacks(sampler))
+        ctx.telemetry.watch_counters(
+            "profiler_python_frames", "Python frames: recorded in the kernel, and named at drain "
+            "(resolved) or not (unresolved: the code object could not be read; kept by address)",
+            "result", lambda: _python_frames(sampler))
+        ctx.telemetry.watch_counters(
+            "profiler_python", "CPython interpreters and code objects by event: processes_loaded, "
+            "unsupported_versions, unreadable, processes_over_limit, codes_read, codes_unreadable, "
+            "queue_full", "event", lambda: _python_events(sampler))
         ctx.telemetry.watch_gauges(
             "profiler_unwind_table_rows", "Rows of the kernel's unwind table array: used and capacity "
             "(16 bytes each)", "state",

@@ -197,9 +197,9 @@ class Profiled:
         from receiver.profiling.sampler import CpuSampler
 
         self.pid = pid
+        config.setdefault("filter", ProcessFilter(pids=[pid]))   # or the caller's (by name)
         self.sampler = CpuSampler(ProfilerSourceConfig(
-            preset="development", frequency=FREQUENCY, report_interval=2.0,
-            filter=ProcessFilter(pids=[pid]), **config))
+            preset="development", frequency=FREQUENCY, report_interval=2.0, **config))
         bpf = self.sampler.load()
         self.sampler.bind(bpf)
         bpf["events"].open_ring_buffer(lambda _c, data, _s: self.sampler.on_record(data))

@@ -1,0 +1,311 @@
+"""CPython frames in CPU profiles: real BPF, real interpreters (Debian's stripped, statically
+linked /usr/bin/python3.11 and pyenv's shared-libpython 3.11 build), real workloads.
+
+Each test starts its workload, lets the profiler load the process's unwind tables and
+interpreter entry, drops what was counted so far, then measures (``Profiled`` of the unwind
+tests)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import Agent, Collector, agent_config, wait_until
+from .test_unwind_e2e import Profiled, profiled
+
+pytestmark = [pytest.mark.bpf]
+
+DEBIAN = "/usr/bin/python3"
+PYENV = "/root/.pyenv/versions/3.11.7/bin/python3.11"
+EVAL = "_PyEval_EvalFrameDefault"
+
+# hot_a runs three times as long as hot_b, both under a chain of six Python functions.
+SPLIT_SOURCE = """\
+import sys, time
+
+
+def hot_a(n):
+    s = 0
+    for i in range(n):
+        s += i * i  # LINE hot_a
+    return s
+
+
+def hot_b(n):
+    s = 0
+    for i in range(n):
+        s += i * i  # LINE hot_b
+    return s
+
+
+def level5(n):
+    hot_a(3 * n)  # CALL hot_a
+    hot_b(n)  # CALL hot_b
+
+
+def level4(n):
+    level5(n)  # CALL level5
+
+
+def level3(n):
+    level4(n)  # CALL level4
+
+
+def level2(n):
+    level3(n)  # CALL level3
+
+
+def level1(n):
+    level2(n)  # CALL level2
+
+
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    level1(20000)  # CALL level1
+"""
+
+# Native code under Python (hashlib and zlib on big buffers, the GIL released), and native code
+# calling back into Python (sorted with a Python key function).
+NATIVE_SOURCE = """\
+import hashlib, sys, time, zlib
+
+DATA = bytes(range(256)) * (1 << 14)
+
+
+def do_hash():
+    h = hashlib.sha256()
+    for _ in range(4):
+        h.update(DATA)
+    return h.digest()
+
+
+def do_zlib():
+    return zlib.compress(DATA, 9)
+
+
+def key(x):
+    s = 0
+    for i in range(200):
+        s += i ^ x
+    return -s
+
+
+def do_sort():
+    return sorted(range(2000), key=key)
+
+
+def outer(f):
+    return f()
+
+
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    outer(do_hash)
+    outer(do_zlib)
+    outer(do_sort)
+"""
+
+
+def _lines(source: str) -> dict[str, int]:
+    """Line numbers of the ``# LINE name`` / ``# CALL name`` markers."""
+    out = {}
+    for i, text in enumerate(source.splitlines(), 1):
+        m = re.search(r"# (LINE|CALL) (\w+)", text)
+        if m:
+            out[f"{m[1]} {m[2]}"] = i
+    return out
+
+
+def _interpreter(path: str) -> str:
+    if not Path(path).exists():
+        pytest.fail(f"{path} is not installed")
+    return path
+
+
+def _warm_python(prof: Profiled) -> None:
+    prof.warm()
+    python = prof.sampler.python
+    assert python is not None, "Python frames are off"
+    wait_until(lambda: python.stats["processes_loaded"] >= 1, 30, 0.2, "the interpreter entry")
+    prof.sampler.drain()
+
+
+def _python(frames: Any) -> list[Any]:
+    return [f for f in frames if f.frame_type == "cpython"]
+
+
+@pytest.mark.parametrize("interpreter", [DEBIAN, PYENV], ids=["debian", "pyenv"])
+def test_split_and_whole_python_chain(bpf_ok: None, interpreter: str, tmp_path: Path) -> None:
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SOURCE)
+    lines = _lines(SPLIT_SOURCE)
+    with profiled(_interpreter(interpreter), str(script), "60") as (_, prof):
+        _warm_python(prof)
+        profile = prof.measure(5)
+        stats = prof.sampler.python_stats()
+    hot = collections.Counter()
+    whole = 0
+    for s in profile.samples:
+        py = _python(s.frames)
+        if not py or py[0].function not in ("hot_a", "hot_b"):
+            continue
+        leaf = py[0].function
+        hot[leaf] += s.count
+        expected = [(leaf, lines[f"LINE {leaf}"] - 2, lines[f"LINE {leaf}"]),   # loop header or body
+                    ("level5", lines[f"CALL {leaf}"]), ("level4", lines["CALL level5"]),
+                    ("level3", lines["CALL level4"]), ("level2", lines["CALL level3"]),
+                    ("level1", lines["CALL level2"]), ("<module>", lines["CALL level1"])]
+        got = [(f.function, f.line) for f in py]
+        ok = (len(got) == len(expected) and got[0][0] == leaf and expected[0][1] <= got[0][1] <= expected[0][2]
+              and got[1:] == expected[1:] and all(f.file == str(script) for f in py))
+        # The Python run sits just above the eval loop's native frame that evaluates it.
+        at = s.frames.index(py[-1])
+        ok = ok and at + 1 < len(s.frames) and s.frames[at + 1].function == EVAL
+        whole += s.count if ok else 0
+    total = hot["hot_a"] + hot["hot_b"]
+    assert total >= 300, (hot, stats)
+    share = hot["hot_a"] / total
+    assert 0.75 - 0.07 <= share <= 0.75 + 0.07, (hot, stats)     # 3:1, within sampling noise
+    assert whole / total >= 0.95, (whole, total, stats)
+    assert stats.get("frames_unresolved", 0) == 0 and stats["walked"] > 0, stats
+
+
+def test_native_code_under_python_and_python_called_from_native(bpf_ok: None, tmp_path: Path) -> None:
+    script = tmp_path / "native.py"
+    script.write_text(NATIVE_SOURCE)
+    with profiled(_interpreter(DEBIAN), str(script), "60") as (_, prof):
+        _warm_python(prof)
+        profile = prof.measure(6)
+    under = collections.Counter()      # caller → samples with native frames above its Python frames
+    good = collections.Counter()
+    callbacks = good_callbacks = 0
+    for s in profile.samples:
+        user = [f for f in s.frames if f.frame_type != "kernel"]
+        py = _python(user)
+        if not py:
+            continue
+        first = user.index(py[0])
+        names = [f.function for f in py]
+        if py[0].function in ("do_hash", "do_zlib") and first > 0:
+            under[py[0].function] += s.count
+            if names == [py[0].function, "outer", "<module>"] and user[first + 3].function == EVAL:
+                good[py[0].function] += s.count
+        if py[0].function == "key":
+            # key → eval loop → sorted's native code → do_sort → outer → <module> → eval loop
+            callbacks += s.count
+            after = [f.function for f in user[first:]]
+            i = after.index("do_sort") if "do_sort" in after else -1
+            between = user[first + 2:first + i]
+            if (i > 2 and after[1] == EVAL and between and all(f.frame_type == "native" for f in between)
+                    and after[i:i + 3] == ["do_sort", "outer", "<module>"] and after[i + 3] == EVAL):
+                good_callbacks += s.count
+    assert under["do_hash"] >= 30 and under["do_zlib"] >= 30, under
+    for fn in ("do_hash", "do_zlib"):
+        assert good[fn] / under[fn] >= 0.9, (fn, good, under)
+    assert callbacks >= 20 and good_callbacks / callbacks >= 0.9, (good_callbacks, callbacks)
+
+
+def test_short_lived_process_is_named(bpf_ok: None, tmp_path: Path) -> None:
+    """A process that exits before the drain still has its Python frames named: code objects are
+    read when the kernel first reports them."""
+    exe = tmp_path / "pyshort"              # a comm of its own, for the filter
+    shutil.copy("/usr/bin/python3.11", exe)
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SOURCE)
+    from receiver.config import ProcessFilter
+
+    prof = Profiled(0, filter=ProcessFilter(process_names=["pyshort"]))
+    try:
+        started = time.monotonic()
+        subprocess.run([str(exe), str(script), "3"], check=True, timeout=60)
+        assert time.monotonic() - started < 10
+        assert prof.sampler.python is not None and prof.sampler.python.wait_idle(5)
+        profile = prof.sampler.drain()
+        stats = prof.sampler.python_stats()
+    finally:
+        prof.close()
+    py_frames = [f for s in profile.samples for f in _python(s.frames) for _ in range(s.count)]
+    assert len(py_frames) >= 100, len(py_frames)
+    named = [f for f in py_frames if f.function and f.file == str(script)]
+    assert len(named) / len(py_frames) >= 0.95, (collections.Counter(f.function for f in py_frames), stats)
+    assert {"hot_a", "hot_b", "level1", "<module>"} <= {f.function for f in named}
+
+
+def test_pprof_shows_python_functions_with_lines(bpf_ok: None, tmp_path: Path) -> None:
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SOURCE)
+    with profiled(_interpreter(DEBIAN), str(script), "60") as (_, prof):
+        _warm_python(prof)
+        profile = prof.measure(3)
+    from receiver.profiling.pprof import from_pprof, read_pprof, write_pprof
+
+    path = tmp_path / "cpu.pb.gz"
+    write_pprof(profile, path)
+    back = {(f.function, f.file, f.frame_type) for s in from_pprof(read_pprof(path)).samples for f in s.frames}
+    assert ("hot_a", str(script), "cpython") in back
+    env = {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"), "GOTOOLCHAIN": "local"}
+    p = subprocess.run(["go", "tool", "pprof", "-top", "-lines", "-cum", "-symbolize=none", str(path)],
+                       capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    line = _lines(SPLIT_SOURCE)["CALL level1"]
+    assert re.search(rf"<module> .*split\.py:{line}\b", p.stdout), p.stdout[:3000]
+    assert re.search(r"\blevel5 .*split\.py:\d+", p.stdout), p.stdout[:3000]
+
+
+def test_collector_receives_cpython_frames(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SOURCE)
+    proc = subprocess.Popen([DEBIAN, str(script), "120"], stdout=subprocess.DEVNULL)
+    try:
+        cfg = {"preset": "development", "report_interval": "2s", "filter": {"pids": [proc.pid]}}
+        agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
+        try:
+            def python_frames() -> list[tuple[str, str, int]]:
+                got = [f for f in _otlp_python_frames(collector)]
+                return got if sum(1 for name, _, _ in got if name == "hot_a") >= 20 else []
+
+            frames = wait_until(python_frames, 90, 0.5, "cpython frames in profiles.jsonl")
+            assert agent.metric_value("ebpf_receiver_profiler_python_frames_total", result="resolved") > 0
+        finally:
+            assert agent.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = _lines(SPLIT_SOURCE)
+    assert ("level5", str(script), lines["CALL hot_a"]) in frames
+    assert ("<module>", str(script), lines["CALL level1"]) in frames
+
+
+def _otlp_python_frames(collector: Collector) -> list[tuple[str, str, int]]:
+    """(function, file, line) of every location the Collector wrote with profile.frame.type
+    cpython, decoded through each request's dictionary."""
+    out = []
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
+        attrs = d.get("attributeTable", [])
+        for loc in d.get("locationTable", []):
+            kinds = set()
+            for i in loc.get("attributeIndices", []):
+                kv = attrs[i]
+                key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
+                value = kv.get("value", {})
+                value = strings[value["stringValueStrindex"]] if "stringValueStrindex" in value \
+                    else value.get("stringValue")
+                if key == "profile.frame.type":
+                    kinds.add(value)
+            if kinds != {"cpython"}:
+                continue
+            for line in loc.get("lines", []):
+                f = funcs[line.get("functionIndex", 0)]
+                out.append((strings[f.get("nameStrindex", 0)], strings[f.get("filenameStrindex", 0)],
+                            int(line.get("line", 0))))
+    return out
