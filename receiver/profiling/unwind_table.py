@@ -26,8 +26,8 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ROW", "UnwindTable", "UnwindTableError", "build_table", "parse_frames_interp", "table_of_path",
-           "END", "RSP", "RBP", "UNSUPPORTED", "OUTERMOST"]
+__all__ = ["ROW", "ReadelfMissingError", "UnwindTable", "UnwindTableError", "build_table",
+           "parse_frames_interp", "table_of_path", "END", "RSP", "RBP", "UNSUPPORTED", "OUTERMOST"]
 
 # Row kinds (struct unwind_row.kind in bpf/profiler.h)
 END, RSP, RBP, UNSUPPORTED, OUTERMOST = 0, 1, 2, 3, 4
@@ -43,6 +43,10 @@ _SAVED = re.compile(r"^c([+-]\d+)$")
 
 class UnwindTableError(Exception):
     """The file's call-frame information could not be read."""
+
+
+class ReadelfMissingError(UnwindTableError):
+    """No readelf on this host: no file gets a table (walks use frame pointers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,8 @@ def build_table(fd: int) -> UnwindTable:
     try:
         proc = subprocess.Popen(["readelf", "--wide", "--debug-dump=frames-interp", f"/proc/self/fd/{fd}"],
                                 pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise ReadelfMissingError("readelf is not installed (Debian's binutils)") from None
     except OSError as e:
         raise UnwindTableError(f"readelf: {e}") from None
     timer = threading.Timer(READELF_TIMEOUT_S, proc.kill)

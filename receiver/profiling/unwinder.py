@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .cpython import PythonProcesses
 from .elf import ElfError, section_sizes
 from .symbolize import Symbolizer, vdso_image
-from .unwind_table import ROW, UnwindTableError, build_table
+from .unwind_table import ROW, ReadelfMissingError, UnwindTableError, build_table
 
 __all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
 
@@ -344,6 +344,11 @@ class UnwindTables:
                 return "full"
             try:
                 table = build_table(fd)
+            except ReadelfMissingError as e:
+                if not self.stats["readelf_missing"]:
+                    log.warning("profiler: %s: user stacks are walked with frame pointers only", e)
+                self.stats["readelf_missing"] += 1
+                return None
             except UnwindTableError as e:
                 self._remember_failed(key, str(e))
                 self.stats["files_without_cfi"] += 1
