@@ -78,10 +78,26 @@ def _status_mb(pid: int, field: str) -> float:
     return float("nan")
 
 
-def _bpf_prog_stats(name: str) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) summed over loaded programs called ``name`` (bpftool)."""
+def _prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs ``pid`` holds open (its fds' ``prog_id`` in /proc/PID/fdinfo)."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        m = re.search(r"^prog_id:\s*(\d+)", text, re.M)
+        if m:
+            ids.add(int(m[1]))
+    return ids
+
+
+def _bpf_prog_stats(name: str, owner: int | None = None) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over loaded programs called ``name`` (bpftool); only those
+    process ``owner`` holds when given (other profilers on the host load the same program)."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    progs = [p for p in json.loads(out) if p.get("name") == name]
+    ids = _prog_ids(owner) if owner is not None else None
+    progs = [p for p in json.loads(out) if p.get("name") == name and (ids is None or p.get("id") in ids)]
     return sum(p.get("run_time_ns", 0) for p in progs), sum(p.get("run_cnt", 0) for p in progs)
 
 
@@ -135,7 +151,7 @@ def run() -> int:
         pid = agent.proc.pid
         time.sleep(WARMUP_S)
         Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
-        bpf0 = _bpf_prog_stats("on_cpu_sample")
+        bpf0 = _bpf_prog_stats("on_cpu_sample", pid)
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         since_ns = time.time_ns()
         samples0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
@@ -144,7 +160,7 @@ def run() -> int:
         perf.start()
         time.sleep(MEASURE_S)
         c1, t1 = _cpu_seconds(pid), time.monotonic()
-        bpf1 = _bpf_prog_stats("on_cpu_sample")
+        bpf1 = _bpf_prog_stats("on_cpu_sample", pid)
         perf.join()
         samples1 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
         walked = agent.metric_value("ebpf_receiver_profiler_user_stacks_total", result="walked")
@@ -192,7 +208,7 @@ def run() -> int:
 
 # ---------------------------------------------------------------------------- CPython frames
 
-PY_MEASURE_S = 20.0
+PY_MEASURE_S = 40.0
 PY_WARMUP_S = 12.0
 PY_CHAIN = ["level5", "level4", "level3", "level2", "level1", "<module>"]
 
@@ -259,13 +275,13 @@ def _python_run(workdir: Path, python_frames: bool) -> dict[str, float]:
             time.sleep(0.5)
         time.sleep(PY_WARMUP_S)
         Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
-        bpf0 = _bpf_prog_stats("on_cpu_sample")
+        bpf0 = _bpf_prog_stats("on_cpu_sample", pid)
         n0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         since_ns = time.time_ns()
         time.sleep(PY_MEASURE_S)
         c1, t1 = _cpu_seconds(pid), time.monotonic()
-        bpf1 = _bpf_prog_stats("on_cpu_sample")
+        bpf1 = _bpf_prog_stats("on_cpu_sample", pid)
         n1 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
         unresolved = agent.metric_value("ebpf_receiver_profiler_python_frames_total", result="unresolved") \
             if python_frames else 0.0

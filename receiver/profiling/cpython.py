@@ -426,11 +426,14 @@ class PythonProcesses:
         self.stats["processes_loaded"] += 1
 
     def forget(self, pid: int) -> None:
-        if self._interpreters.pop(pid, None) is not None:
-            try:
-                del self._map[self._map.Key(pid)]
-            except KeyError:
-                pass
+        """``pid`` is gone: its entry, code names and frames go (nothing to do for processes
+        that never ran CPython: code objects are named only for known interpreters)."""
+        if self._interpreters.pop(pid, None) is None:
+            return
+        try:
+            del self._map[self._map.Key(pid)]
+        except KeyError:
+            pass
         self.codes.forget(pid)
         if self._frames:
             self._frames = {k: f for k, f in list(self._frames.items()) if k[0] != pid}
