@@ -177,7 +177,10 @@ BPF_PROG_ARRAY(unwind_programs, 2);
 static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
                                       struct unwind_state *ws, struct unwind_stack *st) {
     u64 ip, sp, bp;
-    if ((ctx->regs.cs & 3) == 3) {          /* sampled in user mode: these are the user registers */
+    /* Sampled in user mode (the ip in the lower half) these are the user registers. Not cs:
+     * it is an unsigned long before 6.9 and a u16 in a union since, and a perf-event program
+     * may only load whole registers from its context. */
+    if ((s64)ctx->regs.ip >= 0) {
         ip = ctx->regs.ip;
         sp = ctx->regs.sp;
         bp = ctx->regs.bp;

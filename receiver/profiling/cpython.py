@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import struct
 import threading
 from bisect import bisect_right
@@ -32,6 +31,7 @@ from dataclasses import dataclass, replace
 
 from .elf import ElfError, dynamic_symbols_fd
 from .model import Frame
+from .worker import QueueWorker
 
 __all__ = ["Layout", "LAYOUTS", "PyProcess", "Interpreter", "find_interpreter", "CodeNames",
            "PythonProcesses", "interleave", "parse_linetable", "EVAL_FUNCTIONS", "MAX_FRAMES"]
@@ -379,22 +379,14 @@ class PythonProcesses:
         self.codes = CodeNames(max_codes)
         self._frames: dict[tuple[int, int, int], Frame] = {}   # (pid, code, lasti) → frame
         self.stats: Counter[str] = Counter()
-        self._queue: queue.Queue[tuple[int, int, threading.Event | None] | None] = queue.Queue(QUEUE_SIZE)
-        self._thread: threading.Thread | None = None
+        self._worker = QueueWorker("cpython-codes", self._learn, QUEUE_SIZE, self.stats)
 
     def start(self) -> PythonProcesses:
-        self._thread = threading.Thread(target=self._run, name="cpython-codes", daemon=True)
-        self._thread.start()
+        self._worker.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                pass
-            self._thread.join(timeout)
-            self._thread = None
+        self._worker.stop(timeout)
 
     @property
     def processes(self) -> int:
@@ -440,34 +432,19 @@ class PythonProcesses:
 
     def notice_code(self, pid: int, code: int) -> None:
         """The kernel saw ``code`` in ``pid``'s stacks first now: name it soon (never blocks)."""
-        try:
-            self._queue.put_nowait((pid, code, None))
-        except queue.Full:
-            self.stats["queue_full"] += 1
+        self._worker.put((pid, code))
 
     def wait_idle(self, timeout: float) -> bool:
         """For tests: whether the code objects queued so far were read within ``timeout``."""
-        done = threading.Event()
-        try:
-            self._queue.put((0, 0, done), timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
+        return self._worker.wait_idle(timeout)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            pid, code, done = item
-            if done is not None:
-                done.set()
-                continue
-            interp = self._interpreters.get(pid)
-            if interp is not None:
-                self.codes.learn(pid, code, interp)
-            else:
-                self.stats["codes_of_unknown_process"] += 1
+    def _learn(self, item: tuple[int, int]) -> None:
+        pid, code = item
+        interp = self._interpreters.get(pid)
+        if interp is not None:
+            self.codes.learn(pid, code, interp)
+        else:
+            self.stats["codes_of_unknown_process"] += 1
 
     def frames(self, pid: int, py: Sequence[tuple[int, int]]) -> list[tuple[Frame, bool]]:
         """The recorded (code, lasti) frames, innermost first, as (frame, last of its eval call).

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import stat
 import threading
 from collections import Counter, OrderedDict
@@ -26,6 +25,7 @@ from .cpython import PythonProcesses
 from .elf import ElfError, section_sizes
 from .symbolize import Symbolizer, vdso_image
 from .unwind_table import ROW, ReadelfMissingError, UnwindTableError, build_table
+from .worker import QueueWorker
 
 __all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
 
@@ -128,26 +128,18 @@ class UnwindTables:
         self._failed: OrderedDict[Hashable, str] = OrderedDict()
         self._process_files: dict[int, list[Hashable]] = {}
         self._retries: dict[int, int] = {}        # pid → re-captures after stale mappings
-        self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue(QUEUE_SIZE)
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()       # monotonic counters, read by self-metrics
+        self._worker = QueueWorker("unwind-tables", self._apply, QUEUE_SIZE, self.stats)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> UnwindTables:
-        self._thread = threading.Thread(target=self._run, name="unwind-tables", daemon=True)
-        self._thread.start()
+        self._worker.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._thread is not None:
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                pass
-            self._thread.join(timeout)
-            self._thread = None
+        self._worker.stop(timeout)
 
     def request(self, pid: int) -> None:
         """Load tables for ``pid`` (noticed, or exec'd): queued, never blocks the caller."""
@@ -159,9 +151,7 @@ class UnwindTables:
 
     def wait_idle(self, timeout: float) -> bool:
         """For tests and tools: whether the queue drained within ``timeout`` seconds."""
-        done = threading.Event()
-        self._put("mark", 0, done)
-        return done.wait(timeout)
+        return self._worker.wait_idle(timeout)
 
     def gauges(self) -> dict[str, int]:
         with self._lock:
@@ -170,31 +160,18 @@ class UnwindTables:
                     "tables_loaded": len(self._loaded),
                     "processes": len(self._process_files)}
 
-    def _put(self, what: str, pid: int, done: threading.Event | None = None) -> None:
-        try:
-            self._queue.put_nowait((what, pid, done))  # type: ignore[arg-type]
-        except queue.Full:
-            self.stats["queue_full"] += 1
+    def _put(self, what: str, pid: int) -> None:
+        self._worker.put((what, pid))
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            what, pid, done = item  # type: ignore[misc]
-            try:
-                if what == "load":
-                    if self._load(pid, build_all=False):
-                        self._put("load_rest", pid)
-                elif what == "load_rest":
-                    self._load(pid, build_all=True)
-                elif what == "forget":
-                    self._forget(pid)
-            except Exception:   # noqa: BLE001 -- one process's trouble must not stop the worker
-                self.stats["errors"] += 1
-                log.exception("unwind tables for pid %d", pid)
-            if done is not None:
-                done.set()
+    def _apply(self, item: tuple[str, int]) -> None:
+        what, pid = item
+        if what == "load":
+            if self._load(pid, build_all=False):
+                self._put("load_rest", pid)
+        elif what == "load_rest":
+            self._load(pid, build_all=True)
+        elif what == "forget":
+            self._forget(pid)
 
     # ------------------------------------------------------------------ work
 
