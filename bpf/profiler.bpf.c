@@ -271,23 +271,33 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
 }
 
 /* A 64-bit hash of the walked stack (never 0: 0 means "no walked stack" in prof_key). */
+/* Hides a value's range from the compiler, so the mask that follows stays in the program: the
+ * compiler drops "i & 127" where it knows i < 127 and walks a pointer instead, whose bound
+ * older verifiers (6.1) then cannot prove. */
+#define barrier_var(v) asm volatile("" : "+r"(v))
+
 static __always_inline u64 hash_stack(struct unwind_stack *st) {
     u64 h = 0xcbf29ce484222325ULL ^ st->truncated;
     #pragma clang loop unroll(disable)
-    for (int i = 0; i < PROF_MAX_DEPTH; i++) {
+    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
         if (i >= st->len)
             break;
-        h = (h ^ st->ips[i & 127]) * 0x100000001b3ULL;
+        u32 at = i;
+        barrier_var(at);
+        h = (h ^ st->ips[at & 127]) * 0x100000001b3ULL;
         h ^= h >> 29;
     }
 #if PY_MAX_FRAMES
     h ^= (u64)st->py_truncated << 32 | st->py_len;
     #pragma clang loop unroll(disable)
-    for (int i = 0; i < PY_MAX_FRAMES; i++) {
+    for (u32 i = 0; i < PY_MAX_FRAMES; i++) {
         if (i >= st->py_len)
             break;
-        h = (h ^ st->py_code[i & (PY_MAX_FRAMES - 1)]) * 0x100000001b3ULL;
-        h = (h ^ st->py_lasti[i & (PY_MAX_FRAMES - 1)]) * 0x100000001b3ULL;
+        u32 at = i;
+        barrier_var(at);
+        at &= PY_MAX_FRAMES - 1;
+        h = (h ^ st->py_code[at]) * 0x100000001b3ULL;
+        h = (h ^ st->py_lasti[at]) * 0x100000001b3ULL;
         h ^= h >> 29;
     }
 #endif
