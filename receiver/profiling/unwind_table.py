@@ -194,11 +194,11 @@ def parse_frames_interp(lines: str | Iterable[str]) -> UnwindTable:
 
 
 def build_table(fd: int) -> UnwindTable:
-    """The unwind table of the ELF file open at ``fd`` (read through ``/dev/fd``, so the file a
+    """The unwind table of the ELF file open at ``fd`` (read through ``/proc/self/fd``, so the file a
     process mapped is read, whatever its mount namespace or deletion). readelf's output is
     parsed as it streams (several MB for a large library), never held whole."""
     try:
-        proc = subprocess.Popen(["readelf", "--wide", "--debug-dump=frames-interp", f"/dev/fd/{fd}"],
+        proc = subprocess.Popen(["readelf", "--wide", "--debug-dump=frames-interp", f"/proc/self/fd/{fd}"],
                                 pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     except OSError as e:
         raise UnwindTableError(f"readelf: {e}") from None
