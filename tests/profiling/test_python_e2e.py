@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.bpf]
 
 DEBIAN = "/usr/bin/python3"
 PYENV = "/root/.pyenv/versions/3.11.7/bin/python3.11"
+PYENV_312 = "/root/.pyenv/versions/3.12.1/bin/python3.12"   # offsets from the table
+PYENV_313 = "/root/.pyenv/versions/3.13.0/bin/python3.13"   # offsets from _Py_DebugOffsets
 EVAL = "_PyEval_EvalFrameDefault"
 
 # hot_a runs three times as long as hot_b, both under a chain of six Python functions.
@@ -47,7 +49,8 @@ def hot_b(n):
 
 
 def level5(n):
-    hot_a(3 * n)  # CALL hot_a
+    for _ in range(3):  # the same work three times: ints of the same sizes cost the same
+        hot_a(n)  # CALL hot_a
     hot_b(n)  # CALL hot_b
 
 
@@ -142,7 +145,8 @@ def _python(frames: Any) -> list[Any]:
     return [f for f in frames if f.frame_type == "cpython"]
 
 
-@pytest.mark.parametrize("interpreter", [DEBIAN, PYENV], ids=["debian", "pyenv"])
+@pytest.mark.parametrize("interpreter", [DEBIAN, PYENV, PYENV_312, PYENV_313],
+                         ids=["debian", "pyenv", "pyenv-3.12", "pyenv-3.13"])
 def test_split_and_whole_python_chain(bpf_ok: None, interpreter: str, tmp_path: Path) -> None:
     script = tmp_path / "split.py"
     script.write_text(SPLIT_SOURCE)
