@@ -347,17 +347,23 @@ def read_symtab_fd(fd: int) -> SymbolTable:
         raise ElfError(f"malformed ELF: {e}") from None
 
 
+def _section_table(read: Read) -> tuple[_Layout, list[_Section], int]:
+    """Layout, section headers and the section-name table's index of one image."""
+    lay = _layout(read(0, 16))
+    (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum,
+     shstrndx) = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))
+    sections = _sections(read, lay, shoff, shnum, shentsize)
+    if shstrndx == _SHN_XINDEX and sections:
+        shstrndx = sections[0].link
+    return lay, sections, shstrndx
+
+
 def section_sizes(fd: int, names: tuple[bytes, ...]) -> dict[bytes, int]:
     """Sizes of the named sections of an open file (the unwinder checks ``.eh_frame`` and
     ``.debug_frame`` before asking readelf to interpret them)."""
     read = _fd_reader(fd)
     try:
-        lay = _layout(read(0, 16))
-        (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum,
-         shstrndx) = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))
-        sections = _sections(read, lay, shoff, shnum, shentsize)
-        if shstrndx == _SHN_XINDEX and sections:
-            shstrndx = sections[0].link
+        _, sections, shstrndx = _section_table(read)
         if not 0 <= shstrndx < len(sections):
             return {}
         strtab = sections[shstrndx]
@@ -378,10 +384,7 @@ def dynamic_symbols_fd(fd: int, names: set[bytes]) -> dict[bytes, int]:
     CPython profiler looks for ``_PyRuntime``), read from an open file."""
     read = _fd_reader(fd)
     try:
-        lay = _layout(read(0, 16))
-        (_, _, _, _, _, shoff, _, _, _, _, shentsize, shnum,
-         _) = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))
-        sections = _sections(read, lay, shoff, shnum, shentsize)
+        lay, sections, _ = _section_table(read)
         found: dict[bytes, int] = {}
         for table in sections:
             if table.type != _SHT_DYNSYM or table.link >= len(sections):
