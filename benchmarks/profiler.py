@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from ._support import compile_c, otelcol_bin
 
@@ -89,6 +90,18 @@ def _prog_ids(pid: int) -> set[int]:
         if m:
             ids.add(int(m[1]))
     return ids
+
+
+def _tear_down(stats_before: str, loads: list[subprocess.Popen[bytes]], agent: Any, collector: Any) -> None:
+    """Ends a phase whatever happened: bpf_stats as it was, the loads, the agent, the Collector."""
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_before)
+    for p in loads:
+        p.kill()
+        p.wait()
+    if agent.proc is not None and agent.proc.poll() is None:
+        agent.proc.kill()
+        agent.proc.wait()
+    collector.stop()
 
 
 def _bpf_prog_stats(name: str, owner: int | None = None) -> tuple[int, int]:
@@ -172,14 +185,7 @@ def run() -> int:
         rss, rss_now = _status_mb(pid, "VmHWM"), _status_mb(pid, "VmRSS")
         rc = agent.stop()
     finally:
-        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_before)
-        for p in loads:
-            p.kill()
-            p.wait()
-        if agent.proc is not None and agent.proc.poll() is None:
-            agent.proc.kill()
-            agent.proc.wait()
-        collector.stop()
+        _tear_down(stats_before, loads, agent, collector)
     share = (c1 - c0) / (t1 - t0) * 100
     ours = _our_depth(pprof_dir, loads[0].pid, since_ns)
     depth_ratio = ours / theirs[0] if theirs else float("nan")
@@ -287,14 +293,7 @@ def _python_run(workdir: Path, python_frames: bool) -> dict[str, float]:
             if python_frames else 0.0
         rc = agent.stop()
     finally:
-        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_before)
-        for p in loads:
-            p.kill()
-            p.wait()
-        if agent.proc is not None and agent.proc.poll() is None:
-            agent.proc.kill()
-            agent.proc.wait()
-        collector.stop()
+        _tear_down(stats_before, loads, agent, collector)
     counted = n1 - n0
     # All BPF time (filtered samples of other processes included) over the loads' samples: an
     # upper bound of one load sample's cost.
