@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("exporter", "profiler", "network", "syscalls")
+NAMES = ("exporter", "profiler", "network", "syscalls", "memory")
 
 
 def main(argv: list[str]) -> int:

@@ -3,6 +3,7 @@ each with the fix. Probes are real (a bpf() map create, a perf_event_open), not 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,10 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     tfs = host.tracefs_root()
     rows.append(CheckRow("tracefs mounted", tfs is not None, str(tfs) if tfs else "not mounted",
                          host.FIX_TRACEFS, every))
-    try:
-        import bcc  # noqa: F401
-
+    # Found, not imported: importing bcc maps its compiler (~100 MB) into this process.
+    if importlib.util.find_spec("bcc") is not None:
         rows.append(CheckRow("BCC Python module", True, "importable", "", every))
-    except ImportError:
+    else:
         rows.append(CheckRow("BCC Python module", False, "not importable", host.FIX_BCC, every))
     build = host.kernel_headers_dir()
     hdr = (build / "include").exists()
