@@ -104,7 +104,7 @@ def test_denied_bpf_is_told_apart_from_a_compile_error(bpf_ok: None) -> None:
     """Root without CAP_BPF (and CAP_SYS_ADMIN, which would cover it): loading says permission
     was denied and names CAP_BPF, not "Failed to compile BPF module"."""
     code = ("from receiver.errors import SourceUnavailableError\n"
-            "from receiver.kernel.bcc import compile_bpf\n"
+            "from receiver.kernel.loader import compile_bpf\n"
             "try:\n"
             "    compile_bpf('process', 'process.bpf.c', ['-DHAS_GROUP_DEAD=1', '-DRINGBUF_PAGES=8',\n"
             "                '-DMAX_INFLIGHT_EXECS=64', '-DMAX_TRACKED_EXITS=64'])\n"

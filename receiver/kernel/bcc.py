@@ -1,5 +1,6 @@
-"""BCC as the agent uses it: compile and load ``bpf/<name>.bpf.c``, read tracepoint layouts of the
-running kernel, and check the Python mirrors of the programs' structs against BCC's view.
+"""BCC as the loader process uses it (``kernel.loader``; the agent never imports ``bcc``): compile
+and load ``bpf/<name>.bpf.c``; and for the agent, tracepoint layouts of the running kernel and the
+check of the Python mirrors of the programs' structs against BCC's view of them.
 
 ``#include "x.bpf.h"`` lines are inlined before compiling (with ``#line`` markers, so compiler
 messages name the right file and line): BCC rewrites map calls such as ``lost.lookup()`` only in
@@ -18,7 +19,7 @@ from ..errors import SourceUnavailableError
 from . import host
 from .capabilities import explain_load_failure
 
-__all__ = ["bpf_source_dir", "load_bcc", "program_text", "compile_bpf", "tracepoint_has_field",
+__all__ = ["bpf_source_dir", "load_bcc", "program_text", "compile_in_process", "tracepoint_has_field",
            "header_enum", "check_mirror"]
 
 _INLINE = re.compile(r'^#include\s+"([\w.-]+\.bpf\.h)"\s*$', re.M)
@@ -65,9 +66,9 @@ def program_text(bpf_file: str) -> str:
     return _INLINE.sub(inline, text)
 
 
-def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
-    """Compiles and loads ``bpf/<bpf_file>`` with BCC, or raises ``SourceUnavailableError``
-    saying what is missing: BCC, the program file, kernel headers for BCC's compiler, or the
+def compile_in_process(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
+    """Compiles and loads ``bpf/<bpf_file>`` with BCC in this process (the loader's), or raises
+    ``SourceUnavailableError`` saying what is missing: BCC, the program file, kernel headers for BCC's compiler, or the
     privilege to call bpf() (told apart from a compile error by a real bpf() probe)."""
     bcc = load_bcc()
     src_dir = bpf_source_dir()
@@ -125,8 +126,8 @@ def _layout(cls: Any) -> dict[str, tuple[int, int]]:
 
 def check_mirror(bpf: Any, map_name: str, part: str, mirror: Any, source_name: str) -> None:
     """Compares a ctypes mirror with BCC's view of the struct that ``map_name``'s key or leaf
-    (``part``) has: same size, and each mirrored field at the same offset with the same size.
-    A mismatch means the ``.h`` and the Python side disagree: fail loudly instead of decoding
+    (``part``) has, as the loader described it: same size, and each mirrored field at the same
+    offset with the same size. A mismatch means the ``.h`` and the Python side disagree: fail loudly instead of decoding
     garbage."""
     theirs = getattr(bpf[map_name], part)
     problems = []

@@ -28,9 +28,11 @@ from ..config import ProfilerSourceConfig
 from ..errors import SourceUnavailableError
 from ..kernel import features as kernel_features
 from ..kernel import host
-from ..kernel.bcc import check_mirror, compile_bpf, header_enum, load_bcc
+from ..kernel.bcc import check_mirror, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
+from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, lib
+from ..kernel.loader import Program, compile_bpf
 from . import cpython
 from .demangle import Demangler
 from .model import CpuProfile, Frame, StackSample
@@ -195,9 +197,16 @@ class CpuSampler:
         return max(1, RINGBUF_PAGES * 4096 // (2 * cpus * ctypes.sizeof(WholeSample)))
 
     def load(self) -> Any:
-        """Compiles the program (for callers without a ``BccSource``); ``bind()`` it next."""
+        """Compiles the program and loads its perf-event programs, the tail-called walkers stored
+        in ``unwind_programs`` (for callers without a ``BccSource`` too); ``bind()`` it next."""
+        programs: list[Program] = []
+        if self.unwinding:
+            programs.append((WALK_PROGRAM.decode(), "PERF_EVENT", ("unwind_programs", 0)))
+        if self.python_frames:
+            programs.append((PYTHON_PROGRAM.decode(), "PERF_EVENT", ("unwind_programs", 1)))
+        programs.append((PROGRAM.decode(), "PERF_EVENT", None))
         try:
-            return compile_bpf(self.source_name, BPF_FILE, self.cflags())
+            return compile_bpf(self.source_name, BPF_FILE, self.cflags(), programs)
         except SourceUnavailableError:
             raise
         except Exception as e:
@@ -228,20 +237,8 @@ class CpuSampler:
             fill_process_filter(bpf, f, self.source_name)
         self._generation = 0
         self._generation_start_ns = time.time_ns()
-        bcc = load_bcc()
-        try:
-            if self.unwinding:
-                walker = bpf.load_func(WALK_PROGRAM, bcc.BPF.PERF_EVENT)
-                bpf["unwind_programs"][ctypes.c_int(0)] = ctypes.c_int(walker.fd)
-            if self.python_frames:
-                python = bpf.load_func(PYTHON_PROGRAM, bcc.BPF.PERF_EVENT)
-                bpf["unwind_programs"][ctypes.c_int(1)] = ctypes.c_int(python.fd)
-            bpf.load_func(PROGRAM, bcc.BPF.PERF_EVENT)
-        except Exception as e:
-            raise SourceUnavailableError(self.source_name, f"the kernel rejected the profiler program: {e}") from e
-        try:
-            bpf.attach_perf_event(ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
-                                  fn_name=PROGRAM, sample_freq=self.frequency, cpu=-1)
+        try:   # the loader loaded the programs (and filled unwind_programs); attached here
+            bpf.attach_perf_event(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, PROGRAM, self.frequency)
         except Exception as e:
             raise SourceUnavailableError(
                 self.source_name, f"cannot open software cpu-clock perf events: {e}", host.FIX_PERF_EVENTS) from e
@@ -254,9 +251,8 @@ class CpuSampler:
         if self.python is not None:
             self.python.stop()
         if self._attached and self.bpf is not None:
-            bcc = load_bcc()
             self._attached = False
-            self.bpf.detach_perf_event(ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK)
+            self.bpf.detach_perf_event(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK)
 
     # ------------------------------------------------------------------ ring-buffer records
 
@@ -376,9 +372,8 @@ class CpuSampler:
     def _take_stacks(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, tuple[int, ...]]:
         """Reads and deletes every stack the drained counts name, then any stack left over
         (one whose count could not be stored)."""
-        from bcc.libbcc import lib
-
         fd = table.map_fd
+        lookup, delete = lib().bpf_map_lookup_elem, lib().bpf_map_delete_elem
         leaf = self._stack_leaf
         ids = {k.user_stack_id for k, _ in counts} | {k.kernel_stack_id for k, _ in counts}
         ids.discard(-1)
@@ -386,32 +381,31 @@ class CpuSampler:
         key = ctypes.c_uint32()
         for sid in ids:
             key.value = sid
-            if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
+            if lookup(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
                 ips = array.array("Q", bytes(leaf))   # 8x faster than iterating the ctypes array
                 try:
                     ips = ips[: ips.index(0)]
                 except ValueError:
                     pass
                 out[sid] = tuple(ips)
-            lib.bpf_delete_elem(fd, ctypes.byref(key))
+            delete(fd, ctypes.byref(key))
         for left in list(table.keys()):
-            lib.bpf_delete_elem(fd, ctypes.byref(left))
+            delete(fd, ctypes.byref(left))
         return out
 
     def _take_walked(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, Walked]:
         """Reads and deletes every walked user stack the drained counts name (hash → addresses,
         truncated, Python frames as (code object, instruction offset | entry flag)), then any
         left over."""
-        from bcc.libbcc import lib
-
         fd = table.map_fd
+        lookup, delete = lib().bpf_map_lookup_elem, lib().bpf_map_delete_elem
         leaf = self._ustack_leaf
         out: dict[int, Walked] = {}
         key = ctypes.c_uint64()
         python = self.python is not None
         for h in {k.user_stack_hash for k, _ in counts} - {0}:
             key.value = h
-            if lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
+            if lookup(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
                 n = min(leaf.len, MAX_STACK_DEPTH)
                 ips = array.array("Q", bytes(leaf.ips)[: n * 8])
                 py: PyFrames = ()
@@ -421,9 +415,9 @@ class CpuSampler:
                     if leaf.py_truncated:
                         self.python_truncated += 1
                 out[h] = (tuple(ips), bool(leaf.truncated), py)
-            lib.bpf_delete_elem(fd, ctypes.byref(key))
+            delete(fd, ctypes.byref(key))
         for left in list(table.keys()):
-            lib.bpf_delete_elem(fd, ctypes.byref(left))
+            delete(fd, ctypes.byref(left))
         return out
 
     def unwind_stats(self) -> dict[str, int]:

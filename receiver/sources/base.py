@@ -1,4 +1,4 @@
-"""What every BPF source shares: compile and attach with BCC, read the ring buffer on the event
+"""What every BPF source shares: compile and attach with BCC (in a loader process), read the ring buffer on the event
 loop, count kernel-side losses, run a periodic collection, detach on stop.
 
 A source decodes and aggregates what its program sees and hands typed records to its consumer
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import SourceUnavailableError
-from ..kernel.bcc import check_mirror, compile_bpf
+from ..kernel.bcc import check_mirror
 from ..kernel.capabilities import missing
 from ..kernel.clock import KernelClock
+from ..kernel.loader import compile_bpf
 
 if TYPE_CHECKING:
     from ..config import EbpfConfig

@@ -1,0 +1,405 @@
+"""Maps, ring buffers and perf events of BPF programs that a loader process compiled and loaded
+(``kernel.loader``), used through file descriptors with Debian's ``libbpf.so.1`` (``libbpf1``,
+which ``libbpfcc`` depends on) over ctypes. The agent never imports ``bcc``: that maps BCC's
+compiler (libLLVM, libclang-cpp, ~100 MB) into the process for good.
+
+``BpfObject`` offers the part of BCC's ``BPF`` API the sources use (``obj["map"]`` tables with
+``Key``/``Leaf`` ctypes types decoded as BCC decodes them, ``open_ring_buffer``,
+``ring_buffer_consume``, per-CPU perf events, ``cleanup``), so source code reads as before.
+Closing its descriptors detaches and unloads everything: nothing else holds them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+from collections.abc import Callable, Iterator
+from functools import cache
+from typing import Any
+
+__all__ = ["lib", "BpfObject", "Table", "decode_type", "possible_cpus", "online_cpus", "MapSpec"]
+
+# enum bpf_map_type (uapi/linux/bpf.h)
+HASH, ARRAY, PROG_ARRAY, PERF_EVENT_ARRAY, PERCPU_HASH, PERCPU_ARRAY, STACK_TRACE = 1, 2, 3, 4, 5, 6, 7
+LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE, RINGBUF = 9, 10, 11, 27
+_ARRAYS = {ARRAY, PROG_ARRAY, PERF_EVENT_ARRAY, PERCPU_ARRAY}
+_PERCPU = {PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH}
+# Class names as BCC's (tests and logs name them).
+_CLASS_NAMES = {HASH: "HashTable", ARRAY: "Array", PROG_ARRAY: "ProgArray", PERF_EVENT_ARRAY: "PerfEventArray",
+                PERCPU_HASH: "PerCpuHash", PERCPU_ARRAY: "PerCpuArray", STACK_TRACE: "StackTrace",
+                LRU_HASH: "LruHash", LRU_PERCPU_HASH: "LruPerCpuHash", LPM_TRIE: "LpmTrie", RINGBUF: "RingBuf"}
+BATCH_CHUNK = 4096        # entries per batch call: bounds the buffers whatever max_entries is
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_VP, _U32P = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
+
+
+@cache
+def lib() -> Any:
+    """``libbpf.so.1`` with the prototypes used here; ``OSError`` when it is not installed."""
+    so = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    for name, res, args in (
+            ("bpf_map_lookup_elem", ctypes.c_int, [ctypes.c_int, _VP, _VP]),
+            ("bpf_map_update_elem", ctypes.c_int, [ctypes.c_int, _VP, _VP, ctypes.c_uint64]),
+            ("bpf_map_delete_elem", ctypes.c_int, [ctypes.c_int, _VP]),
+            ("bpf_map_get_next_key", ctypes.c_int, [ctypes.c_int, _VP, _VP]),
+            ("bpf_map_lookup_batch", ctypes.c_int, [ctypes.c_int, _VP, _VP, _VP, _VP, _U32P, _VP]),
+            ("bpf_map_lookup_and_delete_batch", ctypes.c_int, [ctypes.c_int, _VP, _VP, _VP, _VP, _U32P, _VP]),
+            ("ring_buffer__new", _VP, [ctypes.c_int, _SAMPLE_FN, _VP, _VP]),
+            ("ring_buffer__add", ctypes.c_int, [_VP, ctypes.c_int, _SAMPLE_FN, _VP]),
+            ("ring_buffer__poll", ctypes.c_int, [_VP, ctypes.c_int]),
+            ("ring_buffer__consume", ctypes.c_int, [_VP]),
+            ("ring_buffer__free", None, [_VP])):
+        fn = getattr(so, name)
+        fn.restype, fn.argtypes = res, args
+    return so
+
+
+def _cpus(path: str) -> list[int]:
+    out: list[int] = []
+    for part in open(path).read().strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+@cache
+def possible_cpus() -> int:
+    """Slots of a per-CPU map value (the kernel copies one per possible CPU)."""
+    return len(_cpus("/sys/devices/system/cpu/possible"))
+
+
+def online_cpus() -> list[int]:
+    return _cpus("/sys/devices/system/cpu/online")
+
+
+# ------------------------------------------------------------------ BCC's type descriptions
+
+_CTYPES = {"_Bool": ctypes.c_bool, "char": ctypes.c_char, "wchar_t": ctypes.c_wchar,
+           "unsigned char": ctypes.c_ubyte, "short": ctypes.c_short, "unsigned short": ctypes.c_ushort,
+           "int": ctypes.c_int, "unsigned int": ctypes.c_uint, "long": ctypes.c_long,
+           "unsigned long": ctypes.c_ulong, "long long": ctypes.c_longlong,
+           "unsigned long long": ctypes.c_ulonglong, "float": ctypes.c_float, "double": ctypes.c_double,
+           "long double": ctypes.c_longdouble, "__int128": ctypes.c_int64 * 2,
+           "unsigned __int128": ctypes.c_uint64 * 2}
+
+
+def decode_type(desc: Any) -> Any:
+    """The ctypes type of a BCC key/leaf description (JSON from libbcc's ``bpf_table_*_desc``),
+    built exactly as ``bcc.BPF._decode_table_type`` builds it."""
+    if isinstance(desc, str):
+        return _CTYPES[desc]
+    anon: list[str] = []
+    fields: list[tuple[Any, ...]] = []
+    for t in desc[1]:
+        if len(t) == 2:
+            fields.append((t[0], decode_type(t[1])))
+        elif len(t) == 3 and isinstance(t[2], list):
+            fields.append((t[0], decode_type(t[1]) * t[2][0]))
+        elif len(t) == 3 and isinstance(t[2], int):
+            fields.append((t[0], decode_type(t[1]), t[2]))
+        elif len(t) == 3 and t[2] in ("union", "struct", "struct_packed"):
+            name = t[0] or f"__anon{len(anon)}"
+            if not t[0]:
+                anon.append(name)
+            fields.append((name, decode_type(t)))
+        else:
+            raise ValueError(f"cannot decode BCC type {t!r}")
+    kind = desc[2] if len(desc) > 2 else "struct"
+    base = ctypes.Union if kind == "union" else ctypes.Structure
+    attrs: dict[str, Any] = {"_anonymous_": anon, "_fields_": fields}
+    if kind == "struct_packed":
+        attrs["_pack_"] = 1
+    return type(str(desc[0]), (base,), attrs)
+
+
+def _raw(size: int) -> Any:
+    return ctypes.c_ubyte * size
+
+
+# ------------------------------------------------------------------ maps
+
+MapSpec = dict[str, Any]   # name, type, key_size, value_size, max_entries, key_desc, leaf_desc
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+class Table:
+    """One map by fd, with BCC's ``Table`` manners: ``t[key]`` (``KeyError`` when absent),
+    ``t[key] = leaf``, ``del t[key]``, ``keys()``, ``items()``, batch reads; per-CPU maps read as
+    one value per possible CPU."""
+
+    def __init__(self, owner: "BpfObject", spec: MapSpec, fd: int):
+        self._owner = owner
+        self.name: str = spec["name"]
+        self.map_fd = fd
+        self.map_type: int = spec["type"]
+        self.max_entries: int = spec["max_entries"]
+        self.Key = self._decoded(spec.get("key_desc"), spec["key_size"])
+        self.sLeaf = self._decoded(spec.get("leaf_desc"), spec["value_size"])
+        self.Leaf = self.sLeaf
+        self._percpu_narrow = False
+        if self.map_type in _PERCPU:
+            n = possible_cpus()
+            if ctypes.sizeof(self.sLeaf) % 8 == 0:
+                self.Leaf = self.sLeaf * n
+            else:   # as BCC: 4-byte ints widened to the kernel's 8-byte per-CPU slots
+                wide = {ctypes.c_uint: ctypes.c_uint64, ctypes.c_int: ctypes.c_int64}.get(self.sLeaf)
+                self.Leaf = (wide or _raw((ctypes.sizeof(self.sLeaf) + 7) // 8 * 8)) * n
+                self._percpu_narrow = True
+
+    @staticmethod
+    def _decoded(desc: Any, size: int) -> Any:
+        try:
+            t = decode_type(desc) if desc else None
+        except (ValueError, KeyError):
+            t = None
+        if t is None or ctypes.sizeof(t) != size:
+            return _raw(size)
+        return t
+
+    def _value(self, leaf: Any) -> Any:
+        if not self._percpu_narrow:
+            return leaf
+        n = len(leaf)
+        out = (self.sLeaf * n)()
+        for i in range(n):
+            out[i] = leaf[i]
+        return out
+
+    def __getitem__(self, key: Any) -> Any:
+        leaf = self.Leaf()
+        ret = lib().bpf_map_lookup_elem(self.map_fd, ctypes.byref(key), ctypes.byref(leaf))
+        if ret < 0:
+            raise KeyError(key)
+        return self._value(leaf)
+
+    def __setitem__(self, key: Any, leaf: Any) -> None:
+        _check(lib().bpf_map_update_elem(self.map_fd, ctypes.byref(key), ctypes.byref(leaf), 0),
+               f"update of map {self.name}")
+
+    def __delitem__(self, key: Any) -> None:
+        if lib().bpf_map_delete_elem(self.map_fd, ctypes.byref(key)) < 0:
+            raise KeyError(key)
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    def keys(self) -> Iterator[Any]:
+        """Every key (``bpf_map_get_next_key``); arrays yield every index."""
+        get_next = lib().bpf_map_get_next_key
+        prev = None
+        while True:
+            key = self.Key()
+            if get_next(self.map_fd, None if prev is None else ctypes.byref(prev), ctypes.byref(key)) < 0:
+                return
+            yield key
+            prev = key
+
+    __iter__ = keys
+
+    def items(self) -> list[tuple[Any, Any]]:
+        out = []
+        for k in self.keys():
+            try:
+                out.append((k, self[k]))
+            except KeyError:   # deleted meanwhile
+                continue
+        return out
+
+    def values(self) -> list[Any]:
+        return [v for _, v in self.items()]
+
+    def clear(self) -> None:
+        """Hash maps: every entry deleted; arrays: every slot zeroed (they cannot delete)."""
+        if self.map_type in _ARRAYS:
+            zero = self.Leaf()
+            for k in list(self.keys()):
+                self[k] = zero
+            return
+        for k in list(self.keys()):
+            try:
+                del self[k]
+            except KeyError:
+                pass
+
+    def items_lookup_batch(self) -> Iterator[tuple[Any, Any]]:
+        return self._batch(lib().bpf_map_lookup_batch)
+
+    def items_lookup_and_delete_batch(self) -> Iterator[tuple[Any, Any]]:
+        return self._batch(lib().bpf_map_lookup_and_delete_batch)
+
+    def _batch(self, fn: Any) -> Iterator[tuple[Any, Any]]:
+        """All entries in batches of at most ``BATCH_CHUNK`` (kernel 5.6+); raises ``OSError``
+        where the kernel or map type has no batch operations."""
+        chunk = max(1, min(self.max_entries, BATCH_CHUNK))
+        token_size = max(ctypes.sizeof(self.Key), 8)
+        token_in, token_out = ctypes.create_string_buffer(token_size), ctypes.create_string_buffer(token_size)
+        count = ctypes.c_uint32()
+        first, done, total = True, False, 0
+        while not done and total < self.max_entries:
+            keys, values = (self.Key * chunk)(), (self.Leaf * chunk)()
+            count.value = chunk
+            ret = fn(self.map_fd, None if first else token_in, token_out, keys, values, ctypes.byref(count), None)
+            if ret < 0 and -ret != errno.ENOENT:
+                raise OSError(-ret, f"batch read of map {self.name}: {os.strerror(-ret)}")
+            done = ret < 0 or count.value == 0
+            n = count.value
+            total += n
+            ctypes.memmove(token_in, token_out, token_size)
+            first = False
+            for i in range(n):
+                yield keys[i], self._value(values[i])
+
+    def open_ring_buffer(self, callback: Callable[[Any, int, int], Any]) -> None:
+        self._owner._add_ring_buffer(self.map_fd, callback)
+
+
+_TABLE_CLASSES = {t: type(name, (Table,), {}) for t, name in _CLASS_NAMES.items()}
+
+
+class BpfObject:
+    """Programs, maps and attachments handed over by a loader, as descriptors this process
+    owns; ``cleanup()`` closes them all (detaching and unloading) and is safe twice."""
+
+    def __init__(self, maps: list[tuple[MapSpec, int]], programs: dict[str, int], attachments: list[int]):
+        self.tables = {spec["name"]: _TABLE_CLASSES.get(spec["type"], Table)(self, spec, fd) for spec, fd in maps}
+        self.programs = dict(programs)
+        self._attachments = list(attachments)
+        self._perf_events: dict[tuple[int, int], list[int]] = {}
+        self._ringbuf: int | None = None
+        self._callbacks: list[Any] = []
+        self.loader_info: dict[str, Any] = {}
+
+    def __getitem__(self, name: str | bytes) -> Table:
+        key = name.decode() if isinstance(name, bytes) else name
+        return self.tables[key]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tables
+
+    def prog_fd(self, name: str | bytes) -> int:
+        return self.programs[name.decode() if isinstance(name, bytes) else name]
+
+    # ------------------------------------------------------------------ ring buffers
+
+    def _add_ring_buffer(self, map_fd: int, callback: Callable[[Any, int, int], Any]) -> None:
+        def sample(ctx: Any, data: int, size: int) -> int:
+            ret = callback(ctx, data, size)
+            return int(ret) if ret is not None else 0
+
+        fn = _SAMPLE_FN(sample)
+        self._callbacks.append(fn)   # ctypes callbacks must outlive libbpf's use of them
+        if self._ringbuf is None:
+            rb = lib().ring_buffer__new(map_fd, fn, None, None)
+            if not rb:
+                err = ctypes.get_errno()
+                raise OSError(err, f"cannot open the ring buffer: {os.strerror(err)}")
+            self._ringbuf = rb
+        else:
+            _check(lib().ring_buffer__add(self._ringbuf, map_fd, fn, None), "ring_buffer__add")
+
+    def ring_buffer_consume(self) -> None:
+        if self._ringbuf is not None:
+            _check(lib().ring_buffer__consume(self._ringbuf), "ring_buffer__consume")
+
+    def ring_buffer_poll(self, timeout_ms: int = -1) -> None:
+        if self._ringbuf is not None:
+            _check(lib().ring_buffer__poll(self._ringbuf, timeout_ms), "ring_buffer__poll")
+
+    # ------------------------------------------------------------------ perf events
+
+    def attach_perf_event(self, ev_type: int, ev_config: int, fn_name: str | bytes, sample_freq: int) -> None:
+        """One perf event per online CPU running program ``fn_name`` at ``sample_freq`` Hz (as
+        BCC's ``attach_perf_event`` with ``cpu=-1``); all or none."""
+        prog = self.prog_fd(fn_name)
+        fds: list[int] = []
+        try:
+            for cpu in online_cpus():
+                fds.append(perf_event_open_bpf(ev_type, ev_config, sample_freq, cpu, prog))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._perf_events.setdefault((ev_type, ev_config), []).extend(fds)
+
+    def detach_perf_event(self, ev_type: int, ev_config: int) -> None:
+        for fd in self._perf_events.pop((ev_type, ev_config), []):
+            os.close(fd)
+
+    # ------------------------------------------------------------------ teardown
+
+    def cleanup(self) -> None:
+        if self._ringbuf is not None:
+            lib().ring_buffer__free(self._ringbuf)
+            self._ringbuf = None
+        fds = [fd for group in self._perf_events.values() for fd in group] + self._attachments
+        fds += list(self.programs.values()) + [t.map_fd for t in self.tables.values()]
+        self._perf_events, self._attachments, self.programs, self.tables = {}, [], {}, {}
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+# ------------------------------------------------------------------ perf_event_open
+
+PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK = 1, 0
+_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "ppc64le": 319, "s390x": 331}
+_PERF_FLAG_FD_CLOEXEC = 8
+_IOC_ENABLE, _IOC_SET_BPF = 0x2400, 0x40042408
+_ATTR_SIZE = 112              # PERF_ATTR_SIZE_VER5: every kernel since 4.x takes it
+_FREQ_BIT = 1 << 10           # perf_event_attr.freq, in the flags word at offset 40
+
+
+def perf_event_open_bpf(ev_type: int, ev_config: int, sample_freq: int, cpu: int, prog_fd: int) -> int:
+    """A perf event on ``cpu`` sampling at ``sample_freq`` Hz that runs ``prog_fd``, enabled (the
+    calls libbcc's ``bpf_attach_perf_event`` makes)."""
+    nr = _PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"perf_event_open: unknown syscall number on {platform.machine()}")
+    attr = (ctypes.c_ubyte * _ATTR_SIZE)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = ev_type
+    ctypes.c_uint32.from_buffer(attr, 4).value = _ATTR_SIZE
+    ctypes.c_uint64.from_buffer(attr, 8).value = ev_config
+    ctypes.c_uint64.from_buffer(attr, 16).value = sample_freq
+    ctypes.c_uint64.from_buffer(attr, 40).value = _FREQ_BIT
+    libc = _libc()
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.byref(attr), ctypes.c_long(-1), ctypes.c_long(cpu),
+                      ctypes.c_long(-1), ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open on cpu {cpu}: {os.strerror(err)}")
+    try:
+        for req, arg in ((_IOC_SET_BPF, prog_fd), (_IOC_ENABLE, 0)):
+            if libc.ioctl(fd, req, arg) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"perf event ioctl on cpu {cpu}: {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_long]
+    libc.ioctl.restype = ctypes.c_int
+    return libc

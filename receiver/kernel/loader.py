@@ -1,0 +1,232 @@
+"""Compile and load a BPF program in a short-lived loader process, and take over its descriptors.
+
+BCC's compiler (libbcc with libLLVM and libclang-cpp) costs ~100 MB of RSS in every process that
+imports ``bcc``, and it is only needed until the programs are in the kernel. So the agent runs
+``python -m receiver.kernel.loader`` per program: the loader compiles and loads with BCC (which
+attaches the ``TRACEPOINT_PROBE``/``RAW_TRACEPOINT_PROBE`` programs), loads any extra programs it
+is asked for (e.g. tail calls, stored into their program array), then sends a JSON description
+of every map (types as BCC describes them) and every map, program and attachment descriptor over
+a Unix socket (``SCM_RIGHTS``) and exits with ``os._exit``: BCC's cleanup would detach what the
+agent now holds (its detach disables the shared perf events). A failure travels back as the
+``SourceUnavailableError`` the loader raised, with its reason and fix.
+
+The agent side (``compile_bpf``) returns a ``libbpf.BpfObject``; it never imports ``bcc``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SourceUnavailableError
+from .libbpf import BpfObject
+
+__all__ = ["compile_bpf", "Program"]
+
+log = logging.getLogger(__name__)
+
+# (function name, BCC program type name such as "PERF_EVENT", (program array map, index) or None)
+Program = tuple[str, str, "tuple[str, int] | None"]
+_LEN = struct.Struct("!I")
+_FDS_PER_MESSAGE = 200        # SCM_MAX_FD is 253
+LOADER_TIMEOUT_S = float(os.environ.get("EBPF_RECEIVER_LOADER_TIMEOUT", "600"))
+FIX_LIBBPF = "apt-get install libbpf1 (python3-bpfcc depends on it)"
+# Imports receiver.kernel without the package's __init__ (the public API pulls in gRPC and
+# protobuf, which the loader does not need).
+_BOOT = ("import sys, types; p = types.ModuleType('receiver'); p.__path__ = [sys.argv[1]]; "
+         "sys.modules['receiver'] = p; from receiver.kernel.loader import serve; serve(int(sys.argv[2]))")
+
+
+def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
+                programs: Sequence[Program] = ()) -> BpfObject:
+    """Compiles and loads ``bpf/<bpf_file>`` in a loader process and returns the handed-over
+    object, or raises ``SourceUnavailableError`` saying what is missing (BCC, the program file,
+    kernel headers, the privilege to call bpf(), libbpf) or how the compile or load failed."""
+    from .libbpf import lib
+
+    try:
+        lib()
+    except OSError as e:
+        raise SourceUnavailableError(source_name, f"libbpf.so.1 cannot be loaded: {e}", FIX_LIBBPF) from None
+    request = {"source": source_name, "bpf_file": bpf_file, "cflags": list(cflags),
+               "programs": [[n, t, list(a) if a else None] for n, t, a in programs]}
+    t0 = time.monotonic()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    package_dir = str(Path(__file__).resolve().parents[1])
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _BOOT, package_dir, str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+    except OSError as e:
+        ours.close()
+        theirs.close()
+        raise SourceUnavailableError(source_name, f"cannot start the loader process: {e}") from e
+    theirs.close()
+    try:
+        ours.settimeout(LOADER_TIMEOUT_S)
+        _send(ours, request)
+        reply, fds = _receive(ours)
+    except (OSError, ValueError, EOFError) as e:
+        proc.kill()
+        rc = proc.wait()
+        raise SourceUnavailableError(source_name, f"the loader process failed (exit status {rc}) before "
+                                     f"handing over {bpf_file}: {e}") from None
+    finally:
+        ours.close()
+    proc.wait()
+    if not reply.get("ok"):
+        for fd in fds:
+            os.close(fd)
+        err = reply.get("error", {})
+        raise SourceUnavailableError(err.get("source", source_name), err.get("reason", "the loader failed"),
+                                     err.get("fix", ""))
+    maps, names = reply["maps"], reply["programs"]
+    if len(fds) != len(maps) + len(names) + reply["attachments"]:
+        for fd in fds:
+            os.close(fd)
+        raise SourceUnavailableError(source_name, "the loader handed over a wrong number of descriptors")
+    obj = BpfObject(list(zip(maps, fds, strict=False)), dict(zip(names, fds[len(maps):], strict=False)),
+                    fds[len(maps) + len(names):])
+    obj.loader_info = {"pid": proc.pid, "seconds": time.monotonic() - t0, "peak_mb": reply.get("peak_mb", 0.0)}
+    log.info("source %s: %s compiled and loaded by loader process %d in %.1fs (loader peak RSS %.0f MB)",
+             source_name, bpf_file, proc.pid, obj.loader_info["seconds"], obj.loader_info["peak_mb"])
+    return obj
+
+
+# ------------------------------------------------------------------ framing
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Length-prefixed JSON, then the descriptors in messages of one byte each."""
+    data = json.dumps(msg).encode()
+    sock.sendall(_LEN.pack(len(data)) + data)
+    for i in range(0, len(fds), _FDS_PER_MESSAGE):
+        socket.send_fds(sock, [b"F"], list(fds[i:i + _FDS_PER_MESSAGE]))
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    # Never reads past the JSON: a plain recv of a byte carrying descriptors would drop them.
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("the loader closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    (n,) = _LEN.unpack(_exactly(sock, _LEN.size))
+    msg = json.loads(_exactly(sock, n))
+    want = len(msg.get("maps", ())) + len(msg.get("programs", ())) + msg.get("attachments", 0)
+    fds: list[int] = []
+    try:
+        while len(fds) < want:
+            data, got, _flags, _addr = socket.recv_fds(sock, 1, _FDS_PER_MESSAGE)
+            if not data:
+                raise EOFError(f"the loader closed the connection after {len(fds)} of {want} descriptors")
+            fds.extend(got)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return msg, fds
+
+
+# ------------------------------------------------------------------ the loader process
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _describe_maps(bpf: Any) -> list[tuple[dict[str, Any], int]]:
+    """Every map of the module: its description (as BCC keeps it) and descriptor."""
+    import ctypes
+
+    from bcc.libbcc import lib
+
+    fns = {"bpf_num_tables": (ctypes.c_size_t, [ctypes.c_void_p]),
+           "bpf_table_name": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_size_t])}
+    for name in ("fd", "type", "max_entries", "key_size", "leaf_size"):
+        fns[f"bpf_table_{name}_id"] = (ctypes.c_longlong if "size" in name or name == "max_entries"
+                                       else ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t])
+    for name in ("key_desc", "leaf_desc"):
+        fns[f"bpf_table_{name}_id"] = (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_size_t])
+    for fn, (res, args) in fns.items():
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    out = []
+    for i in range(lib.bpf_num_tables(bpf.module)):
+        key_desc = (lib.bpf_table_key_desc_id(bpf.module, i) or b"").decode()
+        leaf_desc = (lib.bpf_table_leaf_desc_id(bpf.module, i) or b"").decode()
+        spec = {"name": lib.bpf_table_name(bpf.module, i).decode(), "type": lib.bpf_table_type_id(bpf.module, i),
+                "key_size": lib.bpf_table_key_size_id(bpf.module, i),
+                "value_size": lib.bpf_table_leaf_size_id(bpf.module, i),
+                "max_entries": lib.bpf_table_max_entries_id(bpf.module, i),
+                "key_desc": json.loads(key_desc) if key_desc else None,
+                "leaf_desc": json.loads(leaf_desc) if leaf_desc else None}
+        fd = lib.bpf_table_fd_id(bpf.module, i)
+        if fd >= 0:
+            out.append((spec, fd))
+    return out
+
+
+def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    import ctypes
+
+    from .bcc import compile_in_process, load_bcc
+
+    source = req["source"]
+    bpf = compile_in_process(source, req["bpf_file"], req["cflags"])
+    bcc = load_bcc()
+    for name, prog_type, array in req["programs"]:
+        try:
+            fn = bpf.load_func(name.encode(), getattr(bcc.BPF, prog_type))
+        except Exception as e:
+            raise SourceUnavailableError(source, f"the kernel rejected the {source} program {name}: {e}") from e
+        if array:
+            bpf[array[0]][ctypes.c_int(array[1])] = ctypes.c_int(fn.fd)
+    maps = _describe_maps(bpf)
+    programs = {k.decode(): f.fd for k, f in bpf.funcs.items()}
+    attachments = [*bpf.tracepoint_fds.values(), *bpf.raw_tracepoint_fds.values()]
+    msg = {"ok": True, "maps": [s for s, _ in maps], "programs": list(programs),
+           "attachments": len(attachments), "peak_mb": _peak_mb()}
+    return msg, [fd for _, fd in maps] + list(programs.values()) + attachments
+
+
+def serve(fd: int) -> None:
+    """The loader process: one request, one reply, then ``os._exit`` without BCC's cleanup."""
+    logging.basicConfig(level=logging.WARNING, format="loader: %(levelname)s %(message)s")
+    sock = socket.socket(fileno=fd)
+    rc = 0
+    try:
+        (n,) = _LEN.unpack(_exactly(sock, _LEN.size))
+        req = json.loads(_exactly(sock, n))
+        try:
+            msg, fds = _load(req)
+        except SourceUnavailableError as e:
+            msg, fds = {"ok": False, "error": {"source": e.source, "reason": e.reason, "fix": e.fix}}, []
+        except Exception as e:   # noqa: BLE001 -- whatever it was, the agent must hear it
+            msg, fds = {"ok": False, "error": {"source": req.get("source", "bcc"),
+                                               "reason": f"{type(e).__name__}: {e}"}}, []
+        _send(sock, msg, fds)
+    except BaseException:   # noqa: BLE001 -- nothing to tell the agent anymore; it sees EOF
+        logging.getLogger(__name__).exception("loader failed")
+        rc = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
