@@ -47,6 +47,7 @@ def lib() -> Any:
             ("bpf_map_get_next_key", ctypes.c_int, [ctypes.c_int, _VP, _VP]),
             ("bpf_map_lookup_batch", ctypes.c_int, [ctypes.c_int, _VP, _VP, _VP, _VP, _U32P, _VP]),
             ("bpf_map_lookup_and_delete_batch", ctypes.c_int, [ctypes.c_int, _VP, _VP, _VP, _VP, _U32P, _VP]),
+            ("bpf_map_update_batch", ctypes.c_int, [ctypes.c_int, _VP, _VP, _U32P, _VP]),
             ("ring_buffer__new", _VP, [ctypes.c_int, _SAMPLE_FN, _VP, _VP]),
             ("ring_buffer__add", ctypes.c_int, [_VP, ctypes.c_int, _SAMPLE_FN, _VP]),
             ("ring_buffer__poll", ctypes.c_int, [_VP, ctypes.c_int]),
@@ -59,7 +60,9 @@ def lib() -> Any:
 
 def _cpus(path: str) -> list[int]:
     out: list[int] = []
-    for part in open(path).read().strip().split(","):
+    with open(path) as f:
+        text = f.read()
+    for part in text.strip().split(","):
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
@@ -174,7 +177,11 @@ class Table:
             out[i] = leaf[i]
         return out
 
+    def _key(self, key: Any) -> Any:
+        return self.Key(key) if isinstance(key, int) else key   # BCC takes array indices as ints
+
     def __getitem__(self, key: Any) -> Any:
+        key = self._key(key)
         leaf = self.Leaf()
         ret = lib().bpf_map_lookup_elem(self.map_fd, ctypes.byref(key), ctypes.byref(leaf))
         if ret < 0:
@@ -182,10 +189,12 @@ class Table:
         return self._value(leaf)
 
     def __setitem__(self, key: Any, leaf: Any) -> None:
+        key = self._key(key)
         _check(lib().bpf_map_update_elem(self.map_fd, ctypes.byref(key), ctypes.byref(leaf), 0),
                f"update of map {self.name}")
 
     def __delitem__(self, key: Any) -> None:
+        key = self._key(key)
         if lib().bpf_map_delete_elem(self.map_fd, ctypes.byref(key)) < 0:
             raise KeyError(key)
 
@@ -242,6 +251,12 @@ class Table:
 
     def items_lookup_and_delete_batch(self) -> Iterator[tuple[Any, Any]]:
         return self._batch(lib().bpf_map_lookup_and_delete_batch)
+
+    def items_update_batch(self, keys: Any, values: Any) -> None:
+        """Writes ctypes arrays of keys and values in one call (kernel 5.6+; ``OSError`` without)."""
+        count = ctypes.c_uint32(len(keys))
+        _check(lib().bpf_map_update_batch(self.map_fd, keys, values, ctypes.byref(count), None),
+               f"batch update of map {self.name}")
 
     def _batch(self, fn: Any) -> Iterator[tuple[Any, Any]]:
         """All entries in batches of at most ``BATCH_CHUNK`` (kernel 5.6+); raises ``OSError``
