@@ -9,6 +9,7 @@ once, with the cause.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from array import array
@@ -34,7 +35,7 @@ class KernelSymbols:
                  notes_path: str = "/sys/kernel/notes") -> None:
         self._path = kallsyms_path
         self._starts = array("Q")
-        self._offsets = array("Q", [0])
+        self._offsets = array("I", [0])
         self._names = b""
         self._loaded_at = float("-inf")
         self._hidden_logged = False
@@ -59,39 +60,17 @@ class KernelSymbols:
         """(Re)reads kallsyms; keeps the previous table when that fails."""
         self._loaded_at = time.monotonic()
         try:
-            with open(self._path, "rb") as f:
-                data = f.read()
+            starts, offsets, names = _read_text_symbols(self._path)
         except OSError as e:
             log.warning("cannot read %s (%s): kernel frames stay unresolved", self._path, e)
             return
-        symbols: list[tuple[int, bytes]] = []
-        any_nonzero = False
-        for line in data.splitlines():
-            fields = line.split(None, 3)
-            if len(fields) < 3 or len(fields[1]) != 1 or fields[1][0] not in _TEXT_TYPES:
-                continue
-            try:
-                address = int(fields[0], 16)
-            except ValueError:
-                continue
-            if address:
-                any_nonzero = True
-                symbols.append((address, fields[2]))
-        if not any_nonzero:
+        if not starts:
             if not self._hidden_logged:
                 self._hidden_logged = True
                 log.warning("%s shows no addresses: %s. Kernel frames stay unresolved, with "
                             "their addresses", self._path, hidden_addresses_cause())
             return
-        symbols.sort()
-        self._starts = array("Q", (a for a, _ in symbols))
-        offsets = array("Q", [0])
-        total = 0
-        for _, name in symbols:
-            total += len(name)
-            offsets.append(total)
-        self._offsets = offsets
-        self._names = b"".join(name for _, name in symbols)
+        self._starts, self._offsets, self._names = starts, offsets, names
         # file_offset == start: the frame's "file address" is the kernel address itself, which is
         # what System.map/kallsyms-based tools symbolize with.
         start = self._starts[0]
@@ -111,6 +90,44 @@ class KernelSymbols:
 
     def _reload_allowed(self) -> bool:
         return len(self._starts) > 0 and time.monotonic() - self._loaded_at >= self.RELOAD_AFTER_S
+
+
+def _read_text_symbols(path: str) -> tuple[array, array, bytes]:
+    """(starts, name offsets, names blob) of the text symbols with an address, sorted.
+
+    Streamed line by line into arrays: reading the 5 MB file whole and splitting it into
+    Python objects cost ~30 MB for a moment (the profiler's peak RSS). kallsyms is sorted but
+    for a few runs (modules, BPF); those are merged by index, so no per-symbol tuple is made."""
+    starts, offsets, blob = array("Q"), array("I", [0]), bytearray()
+    with open(path, "rb") as f:
+        for line in f:
+            fields = line.split(None, 3)
+            if len(fields) < 3 or len(fields[1]) != 1 or fields[1][0] not in _TEXT_TYPES:
+                continue
+            try:
+                address = int(fields[0], 16)
+            except ValueError:
+                continue
+            if address:
+                starts.append(address)
+                blob += fields[2].rstrip(b"\n")
+                offsets.append(len(blob))
+    runs = [0] + [i for i in range(1, len(starts)) if starts[i] < starts[i - 1]] + [len(starts)]
+    order = heapq.merge(*(range(a, b) for a, b in zip(runs, runs[1:], strict=False)),
+                        key=starts.__getitem__)
+    out_starts, out_offsets, out_blob = array("Q"), array("I", [0]), bytearray()
+    for i in order:          # one name per address: the greatest, as a sort by (address, name) gave
+        name = blob[offsets[i]:offsets[i + 1]]
+        if out_starts and out_starts[-1] == starts[i]:
+            if name > out_blob[out_offsets[-2]:]:
+                del out_blob[out_offsets[-2]:]
+                out_blob += name
+                out_offsets[-1] = len(out_blob)
+            continue
+        out_starts.append(starts[i])
+        out_blob += name
+        out_offsets.append(len(out_blob))
+    return out_starts, out_offsets, bytes(out_blob)
 
 
 def _sysctl(name: str) -> int | None:
