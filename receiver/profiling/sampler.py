@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import ctypes
 import errno
+import functools
 import logging
 import os
 import struct
@@ -131,6 +132,16 @@ class PyUnwindStack(ctypes.Structure):
     _fields_ = [*UnwindStack._fields_, ("py_len", ctypes.c_uint32), ("py_truncated", ctypes.c_uint32),
                 ("py_code", ctypes.c_uint64 * cpython.MAX_FRAMES),
                 ("py_lasti", ctypes.c_uint32 * cpython.MAX_FRAMES)]
+
+
+_PY_LEN_AT, _PY_TRUNCATED_AT = PyUnwindStack.py_len.offset, PyUnwindStack.py_truncated.offset
+_PY_CODE_AT, _PY_LASTI_AT = PyUnwindStack.py_code.offset, PyUnwindStack.py_lasti.offset
+
+
+@functools.cache
+def _py_structs(n: int) -> tuple[struct.Struct, struct.Struct]:
+    """Decoders of n code-object addresses and n instruction offsets (n ≤ cpython.MAX_FRAMES)."""
+    return struct.Struct(f"<{n}Q"), struct.Struct(f"<{n}I")
 
 
 class PyCode(ctypes.Structure):
@@ -486,15 +497,14 @@ class CpuSampler:
         return out
 
     def _python_frames(self, values: Any, base: int) -> PyFrames:
-        layout = PyUnwindStack
-        m = min(_U32.unpack_from(values, base + layout.py_len.offset)[0], cpython.MAX_FRAMES)
+        m = min(_U32.unpack_from(values, base + _PY_LEN_AT)[0], cpython.MAX_FRAMES)
         if not m:
             return ()
-        if _U32.unpack_from(values, base + layout.py_truncated.offset)[0]:
+        if _U32.unpack_from(values, base + _PY_TRUNCATED_AT)[0]:
             self.python_truncated += 1
-        codes = _unpack_u64s(values, base + layout.py_code.offset, m)
-        lasti = struct.unpack_from(f"<{m}I", values, base + layout.py_lasti.offset)
-        return tuple(zip(codes, lasti, strict=True))
+        codes, lasti = _py_structs(m)
+        return tuple(zip(codes.unpack_from(values, base + _PY_CODE_AT),
+                         lasti.unpack_from(values, base + _PY_LASTI_AT)))
 
     def _walked_buffers(self, value_size: int) -> tuple[Any, Any]:
         """Key and value buffers for WALKED_BATCH entries, allocated once (about 0.5 MiB)."""
