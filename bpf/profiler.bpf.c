@@ -152,6 +152,51 @@ static __always_inline struct unwind_row *find_row(u32 first, u32 len, u64 pc) {
     return unwind_rows.lookup(&at);
 }
 
+BPF_PERCPU_ARRAY(unwind_cache, struct unwind_cache_entry, UNWIND_CACHE_SIZE);
+
+/* The rule for the address at (a sampled pc, or a return address - 1) in the walked process:
+ * its kind (UNWIND_* or UNWIND_RULE_*) and offsets, from the per-CPU cache or the searches. */
+static __always_inline u8 find_rule(struct unwind_process *proc, u64 at, s32 *cfa_offset, s16 *rbp_offset) {
+    u32 idx = (u32)(at ^ (at >> 17) ^ (u64)proc->epoch * 0x9e3779b1ULL) & (UNWIND_CACHE_SIZE - 1);
+    struct unwind_cache_entry *c = unwind_cache.lookup(&idx);
+    if (c && c->pc == at && c->epoch == proc->epoch) {
+        *cfa_offset = c->cfa_offset;
+        *rbp_offset = c->rbp_offset;
+        return c->kind;
+    }
+    count_unwind(UNWIND_STAT_RULE_SEARCHES);
+    u8 kind;
+    s32 cfa = 0;
+    s16 rbp = 0;
+    struct unwind_mapping *m = find_mapping(proc, at);
+    if (!m) {
+        kind = UNWIND_RULE_NO_MAPPING;
+    } else if (m->table_start == UNWIND_STOP) {
+        kind = UNWIND_RULE_STOP;
+    } else if (m->table_len == 0) {
+        kind = UNWIND_RULE_FRAME_POINTER;
+    } else {
+        struct unwind_row *r = find_row(m->table_start, m->table_len, at - m->bias);
+        if (r) {
+            kind = r->kind;
+            cfa = r->cfa_offset;
+            rbp = r->rbp_offset;
+        } else {
+            kind = UNWIND_RULE_NO_ROW;
+        }
+    }
+    if (c) {
+        c->pc = at;
+        c->epoch = proc->epoch;
+        c->cfa_offset = cfa;
+        c->rbp_offset = rbp;
+        c->kind = kind;
+    }
+    *cfa_offset = cfa;
+    *rbp_offset = rbp;
+    return kind;
+}
+
 /* Where a walk is between tail calls (one per CPU: a perf-event program never nests on its CPU). */
 struct unwind_state {
     u64 ip;
@@ -226,15 +271,15 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
     ws->done = 1;
     /* A return address names its call: look up the byte before it. */
     u64 at = i ? ip - 1 : ip;
-    struct unwind_mapping *m = find_mapping(&ws->proc, at);
-    if (!m && i)                            /* a caller outside every mapping: not a frame */
+    s32 cfa_offset;
+    s16 rbp_offset;
+    u8 kind = find_rule(&ws->proc, at, &cfa_offset, &rbp_offset);
+    if (kind == UNWIND_RULE_NO_MAPPING && i)   /* a caller outside every mapping: not a frame */
         return;
     st->ips[i & 127] = ip;
     ws->n = i + 1;
-    if (!m || m->table_start == UNWIND_STOP)   /* code whose table could not be loaded */
-        return;
     u64 ra = 0;
-    if (m->table_len == 0) {                /* no table: frame pointers */
+    if (kind == UNWIND_RULE_FRAME_POINTER) {   /* no table: frame pointers */
         if (bp == 0 || bpf_probe_read_user(&ra, sizeof(ra), (void *)(bp + 8)))
             return;
         sp = bp + 16;
@@ -242,18 +287,15 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
             return;
         count_unwind(UNWIND_STAT_FP_STEPS);
     } else {
-        struct unwind_row *r = find_row(m->table_start, m->table_len, at - m->bias);
-        if (!r)
-            return;
-        u8 kind = r->kind;
         if (kind == UNWIND_OUTERMOST) {
             st->truncated = 0;
             return;
         }
+        /* anything else ends the walk here: no mapping (the sampled pc), a table that did not
+         * load, no row, no CFI, or a rule the walker does not follow */
         if (kind != UNWIND_RSP && kind != UNWIND_RBP)
             return;
-        u64 cfa = (kind == UNWIND_RSP ? sp : bp) + (s64)r->cfa_offset;
-        s16 rbp_offset = r->rbp_offset;
+        u64 cfa = (kind == UNWIND_RSP ? sp : bp) + (s64)cfa_offset;
         if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)))
             return;
         if (rbp_offset && bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + rbp_offset)))
@@ -385,6 +427,8 @@ static __always_inline void notice_process(u32 tgid) {
 static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
                                          struct unwind_stack *walked) {
     s32 uid = -1, kid = -1;
+    /* Sampled in user mode (the ip in the lower half) there is no kernel stack to ask for. */
+    int in_kernel = (s64)ctx->regs.ip < 0;
     /* Two spelled-out branches: BCC resolves map method calls by the map's name at compile time,
      * so the generation cannot be a map-pointer variable. */
     if (g) {
@@ -393,7 +437,8 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
             uid = stacks1.get_stackid(ctx, BPF_F_USER_STACK);
 #endif
 #if KERNEL_STACKS
-        kid = stacks1.get_stackid(ctx, 0);
+        if (in_kernel)
+            kid = stacks1.get_stackid(ctx, 0);
 #endif
     } else {
 #if USER_STACKS
@@ -401,7 +446,8 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
             uid = stacks0.get_stackid(ctx, BPF_F_USER_STACK);
 #endif
 #if KERNEL_STACKS
-        kid = stacks0.get_stackid(ctx, 0);
+        if (in_kernel)
+            kid = stacks0.get_stackid(ctx, 0);
 #endif
     }
     if (refused(uid) || refused(kid)) {

@@ -82,6 +82,26 @@ struct unwind_mapping {
 struct unwind_process {
     __u32 slot;                /* mappings at unwind_mappings[slot * UNWIND_MAX_MAPPINGS ...] */
     __u32 count;
+    __u32 epoch;               /* new (never 0) each time user space writes the process's mappings */
+    __u32 pad;
+};
+
+/* A per-CPU cache of rules found by the two binary searches, by address and process epoch: a
+ * hot loop's return addresses repeat from sample to sample, and a hit costs one lookup instead
+ * of up to UNWIND_ROW_STEPS + 8. A new epoch (the process's mappings rewritten) misses. */
+#define UNWIND_CACHE_SIZE 4096         /* entries per CPU (power of two), 24 bytes each */
+#define UNWIND_RULE_NO_MAPPING 0x80    /* kinds only the cache holds: the address is in no mapping */
+#define UNWIND_RULE_STOP 0x81          /* ... in a mapping whose table could not be loaded */
+#define UNWIND_RULE_FRAME_POINTER 0x82 /* ... in a mapping without a table (JIT, no CFI) */
+#define UNWIND_RULE_NO_ROW 0x83        /* ... before its table's first row */
+
+struct unwind_cache_entry {
+    __u64 pc;
+    __u32 epoch;
+    __s32 cfa_offset;
+    __s16 rbp_offset;
+    __u8 kind;                 /* UNWIND_* or UNWIND_RULE_* */
+    __u8 pad[5];
 };
 
 /* ---- CPython frames (receiver/profiling/cpython.py) ----
@@ -148,7 +168,8 @@ struct unwind_stack {
 #define UNWIND_STAT_DEPTH_LIMIT 2     /* ... that reached PROF_MAX_DEPTH frames */
 #define UNWIND_STAT_FP_STEPS 3        /* frames stepped with frame pointers (mapping without table) */
 #define UNWIND_STAT_NO_TABLE 4        /* samples with a user stack in processes with no table loaded (frame-pointer stack) */
-#define UNWIND_STATS 5
+#define UNWIND_STAT_RULE_SEARCHES 5   /* frames whose rule was not in the per-CPU cache (binary searches) */
+#define UNWIND_STATS 6
 
 /* The first sample of a process not seen before (or since its exec). */
 struct prof_new_process {

@@ -55,6 +55,7 @@ class ProfilesDictionaryBuilder:
         self._locations: dict[tuple[int, int, int, str, int], int] = {}
         self._frames: dict[Frame, int] = {}     # fast path: a frame already seen
         self._stacks: dict[tuple[int, ...], int] = {(): 0}
+        self._sample_attributes: dict[tuple[int, str, int, str, str], tuple[int, ...]] = {}
 
     def string(self, s: str) -> int:
         i = self._strings.get(s)
@@ -113,7 +114,10 @@ class ProfilesDictionaryBuilder:
         return i
 
     def stack(self, frames: Iterable[Frame]) -> int:
-        key = tuple(self.location(f) for f in frames)
+        # Location indices start at 1 (0 is the null entry), so a miss in the fast path is falsy.
+        known = self._frames.get
+        location = self.location
+        key = tuple([known(f) or location(f) for f in frames])
         i = self._stacks.get(key)
         if i is None:
             i = self._stacks[key] = len(self.dictionary.stack_table)
@@ -121,7 +125,15 @@ class ProfilesDictionaryBuilder:
         return i
 
     def sample_attributes(self, sample: StackSample) -> tuple[int, ...]:
-        """thread.id, thread.name, process.pid, process.executable.name, container.id."""
+        """thread.id, thread.name, process.pid, process.executable.name, container.id (built once
+        per thread: a drain has many samples of each)."""
+        key = (sample.tid, sample.thread_name, sample.pid, sample.process_name, sample.container_id)
+        attrs = self._sample_attributes.get(key)
+        if attrs is None:
+            attrs = self._sample_attributes[key] = self._build_sample_attributes(sample)
+        return attrs
+
+    def _build_sample_attributes(self, sample: StackSample) -> tuple[int, ...]:
         attrs = [self.attribute("thread.id", sample.tid)]
         if sample.thread_name:
             attrs.append(self.attribute("thread.name", sample.thread_name))
@@ -153,9 +165,13 @@ def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
     period_type = pb.ValueType(type_strindex=builder.string("cpu"),
                                unit_strindex=builder.string("nanoseconds"))
     by_process: dict[int, tuple[StackSample, dict[tuple[int, tuple[int, ...]], int]]] = {}
+    stack, attributes = builder.stack, builder.sample_attributes
     for sample in profile.samples:
-        _first, counts = by_process.setdefault(sample.pid, (sample, {}))
-        key = (builder.stack(sample.frames), builder.sample_attributes(sample))
+        entry = by_process.get(sample.pid)
+        if entry is None:
+            entry = by_process[sample.pid] = (sample, {})
+        counts = entry[1]
+        key = (stack(sample.frames), attributes(sample))
         counts[key] = counts.get(key, 0) + sample.count
     for pid, (first, counts) in by_process.items():
         resource = (resource_for(pid) if resource_for else None) or _process_resource(first)

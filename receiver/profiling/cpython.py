@@ -500,13 +500,14 @@ def interleave(frames: Sequence[Frame], python: Sequence[tuple[Frame, bool]]) ->
     if not groups:
         return tuple(frames), True
     out: list[Frame] = []
-    g = 0
+    g = evals = 0
     for frame in frames:
-        if g < len(groups) and frame.function in EVAL_FUNCTIONS and frame.frame_type == "native":
-            out.extend(groups[g])
-            g += 1
+        if frame.function in EVAL_FUNCTIONS and frame.frame_type == "native":
+            evals += 1
+            if g < len(groups):
+                out.extend(groups[g])
+                g += 1
         out.append(frame)
-    evals = sum(1 for f in frames if f.function in EVAL_FUNCTIONS and f.frame_type == "native")
     for rest in groups[g:]:
         out.extend(rest)
     return tuple(out), evals == len(groups)

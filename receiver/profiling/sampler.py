@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
+import functools
 import logging
 import os
+import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,46 @@ class ProfKey(ctypes.Structure):
                 ("user_stack_hash", ctypes.c_uint64)]
 
 
+WALKED_BATCH = 256   # walked stacks read per bpf() call at a drain
+COUNTS_BATCH = 1024  # counts read per bpf() call at a drain
+_PROF_KEY = struct.Struct("<IIiiQ16sQ")   # struct prof_key (checked against ProfKey at bind)
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def _unpack_u64s(buf: Any, offset: int, n: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"<{n}Q", buf, offset)
+
+
+def _lookup_and_delete_all(fd: int, key_size: int, value_size: int,
+                           buffers: tuple[Any, Any]) -> Iterator[tuple[Any, Any, int]]:
+    """Empties a hash map with BPF_MAP_LOOKUP_AND_DELETE_BATCH, yielding (keys, values, count)
+    per call in the given buffers (overwritten by the next call: consume before iterating on).
+    Stops at the end of the map, or when a call makes no progress (a map written meanwhile)."""
+    keys, values = buffers
+    batch = len(keys) // key_size
+    token = ctypes.c_uint64(0)   # a hash map's batch position (a bucket index)
+    count = ctypes.c_uint32(0)
+    first = True
+    lookup_and_delete = lib().bpf_map_lookup_and_delete_batch
+    while True:
+        count.value = batch
+        res = lookup_and_delete(fd, None if first else ctypes.byref(token), ctypes.byref(token),
+                                keys, values, ctypes.byref(count), None)
+        first = False
+        if count.value:
+            yield keys, values, count.value
+        if res < 0:              # libbpf returns -errno
+            if -res != errno.ENOENT:
+                raise OSError(-res, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(-res)}")
+            return
+        if count.value == 0:
+            return
+
+
+assert _PROF_KEY.size == ctypes.sizeof(ProfKey) and ProfKey.user_stack_hash.offset == 40
+
+
 class UnwindStack(ctypes.Structure):
     """Mirror of ``struct unwind_stack`` (a user stack walked with unwind tables)."""
 
@@ -88,6 +132,16 @@ class PyUnwindStack(ctypes.Structure):
     _fields_ = [*UnwindStack._fields_, ("py_len", ctypes.c_uint32), ("py_truncated", ctypes.c_uint32),
                 ("py_code", ctypes.c_uint64 * cpython.MAX_FRAMES),
                 ("py_lasti", ctypes.c_uint32 * cpython.MAX_FRAMES)]
+
+
+_PY_LEN_AT, _PY_TRUNCATED_AT = PyUnwindStack.py_len.offset, PyUnwindStack.py_truncated.offset
+_PY_CODE_AT, _PY_LASTI_AT = PyUnwindStack.py_code.offset, PyUnwindStack.py_lasti.offset
+
+
+@functools.cache
+def _py_structs(n: int) -> tuple[struct.Struct, struct.Struct]:
+    """Decoders of n code-object addresses and n instruction offsets (n ≤ cpython.MAX_FRAMES)."""
+    return struct.Struct(f"<{n}Q"), struct.Struct(f"<{n}I")
 
 
 class PyCode(ctypes.Structure):
@@ -120,6 +174,8 @@ PyFrames = tuple[tuple[int, int], ...]
 FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], PyFrames]
 # A walked user stack: (addresses, truncated, Python frames)
 Walked = tuple[tuple[int, ...], bool, PyFrames]
+# A drained count: pid, tid, user stack id, kernel stack id, cgroup id, comm, user stack hash, n
+Count = tuple[int, int, int, int, int, bytes, int, int]
 
 
 def _executable_name(pid: int) -> str:
@@ -153,6 +209,8 @@ class CpuSampler:
         self._max_whole = max(config.max_stacks, MIN_WHOLE_KEYS)
         self.whole_lost = 0                        # … beyond _max_whole distinct ones: dropped
         self._stack_leaf: Any = None               # one reusable stack-map lookup buffer
+        self._walked_bufs: tuple[Any, Any] | None = None   # batch buffers for the walked stacks
+        self._counts_bufs: tuple[Any, Any] | None = None   # and for the counts
         self._drain_lock = threading.Lock()
         self.unwinder: UnwindTables | None = None
         self.truncated_samples = 0                 # samples whose walked user stack stopped early
@@ -310,23 +368,23 @@ class CpuSampler:
         self._generation_start_ns = now
         time.sleep(GENERATION_SETTLE_S)
 
-        counts = list(bpf[f"counts{old}"].items_lookup_and_delete_batch())
+        counts = self._take_counts(bpf[f"counts{old}"])
         stacks = self._take_stacks(bpf[f"stacks{old}"], counts)
-        walked = self._take_walked(bpf[f"ustacks{old}"], counts) if self.unwinder is not None else {}
+        walked = self._take_walked(bpf[f"ustacks{old}"]) if self.unwinder is not None else {}
         whole, self._whole = self._whole, {}
         frames_of: dict[FramesKey, tuple[Frame, ...]] = {}
         truncated_pids = set()
-        for k, v in counts:
+        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, user_stack_hash, n in counts:
             py: PyFrames = ()
-            if k.user_stack_hash:
-                user, truncated, py = walked.get(k.user_stack_hash, ((), False, ()))
+            if user_stack_hash:
+                user, truncated, py = walked.get(user_stack_hash, ((), False, ()))
                 if truncated:
-                    self.truncated_samples += int(v)
-                    truncated_pids.add(k.pid)
+                    self.truncated_samples += n
+                    truncated_pids.add(pid)
             else:
-                user = stacks.get(k.user_stack_id, ())
-            self._add_sample(profile, frames_of, k.pid, k.tid, k.comm, k.cgroup_id,
-                             user, stacks.get(k.kernel_stack_id, ()), int(v), py)
+                user = stacks.get(user_stack_id, ())
+            self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
+                             user, stacks.get(kernel_stack_id, ()), n, py)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
         self.demangler.apply(profile)
@@ -369,13 +427,29 @@ class CpuSampler:
             thread_name=comm.decode("utf-8", "replace"), process_name=name,
             container_id=self.cgroups.container_id(cgroup_id), cgroup_id=cgroup_id))
 
-    def _take_stacks(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, tuple[int, ...]]:
+    def _take_counts(self, table: Any) -> list[Count]:
+        """Reads and deletes the drained generation's counts, COUNTS_BATCH per bpf() call, as
+        plain tuples (BCC's batch read allocates ctypes arrays for the whole map and makes an
+        object per key and value)."""
+        if self._counts_bufs is None:
+            self._counts_bufs = (ctypes.create_string_buffer(_PROF_KEY.size * COUNTS_BATCH),
+                                 ctypes.create_string_buffer(8 * COUNTS_BATCH))
+        out: list[Count] = []
+        key_size = _PROF_KEY.size
+        for keys, values, n in _lookup_and_delete_all(table.map_fd, key_size, 8, self._counts_bufs):
+            for i in range(n):
+                pid, tid, uid, kid, cgroup_id, comm, uhash = _PROF_KEY.unpack_from(keys, i * key_size)
+                out.append((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
+                            _U64.unpack_from(values, i * 8)[0]))
+        return out
+
+    def _take_stacks(self, table: Any, counts: list[Count]) -> dict[int, tuple[int, ...]]:
         """Reads and deletes every stack the drained counts name, then any stack left over
         (one whose count could not be stored)."""
         fd = table.map_fd
         lookup, delete = lib().bpf_map_lookup_elem, lib().bpf_map_delete_elem
         leaf = self._stack_leaf
-        ids = {k.user_stack_id for k, _ in counts} | {k.kernel_stack_id for k, _ in counts}
+        ids = {c[2] for c in counts} | {c[3] for c in counts}
         ids.discard(-1)
         out: dict[int, tuple[int, ...]] = {}
         key = ctypes.c_uint32()
@@ -393,32 +467,44 @@ class CpuSampler:
             delete(fd, ctypes.byref(left))
         return out
 
-    def _take_walked(self, table: Any, counts: list[tuple[Any, Any]]) -> dict[int, Walked]:
-        """Reads and deletes every walked user stack the drained counts name (hash → addresses,
-        truncated, Python frames as (code object, instruction offset | entry flag)), then any
-        left over."""
-        fd = table.map_fd
-        lookup, delete = lib().bpf_map_lookup_elem, lib().bpf_map_delete_elem
-        leaf = self._ustack_leaf
+    def _take_walked(self, table: Any) -> dict[int, Walked]:
+        """Reads and deletes the whole walked-stack map of the drained generation (hash →
+        addresses, truncated, Python frames as (code object, instruction offset | entry flag)),
+        WALKED_BATCH entries per bpf() call: a lookup and a delete per stack cost two system
+        calls and two ctypes round trips each, the largest part of a drain's map reading."""
+        layout = type(self._ustack_leaf)
+        size = ctypes.sizeof(layout)
+        len_at, truncated_at, ips_at = layout.len.offset, layout.truncated.offset, layout.ips.offset
+        python = self.python is not None and layout is PyUnwindStack
         out: dict[int, Walked] = {}
-        key = ctypes.c_uint64()
-        python = self.python is not None
-        for h in {k.user_stack_hash for k, _ in counts} - {0}:
-            key.value = h
-            if lookup(fd, ctypes.byref(key), ctypes.byref(leaf)) == 0:
-                n = min(leaf.len, MAX_STACK_DEPTH)
-                ips = array.array("Q", bytes(leaf.ips)[: n * 8])
+        for keys, values, n in _lookup_and_delete_all(table.map_fd, 8, size, self._walked_buffers(size)):
+            for i in range(n):
+                base = i * size
+                depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
+                ips = _unpack_u64s(values, base + ips_at, depth)
                 py: PyFrames = ()
-                if python and leaf.py_len:
-                    m = min(leaf.py_len, cpython.MAX_FRAMES)
-                    py = tuple(zip(leaf.py_code[:m], leaf.py_lasti[:m], strict=True))
-                    if leaf.py_truncated:
-                        self.python_truncated += 1
-                out[h] = (tuple(ips), bool(leaf.truncated), py)
-            delete(fd, ctypes.byref(key))
-        for left in list(table.keys()):
-            delete(fd, ctypes.byref(left))
+                if python:
+                    py = self._python_frames(values, base)
+                truncated = bool(_U32.unpack_from(values, base + truncated_at)[0])
+                out[_U64.unpack_from(keys, i * 8)[0]] = (ips, truncated, py)
         return out
+
+    def _python_frames(self, values: Any, base: int) -> PyFrames:
+        m = min(_U32.unpack_from(values, base + _PY_LEN_AT)[0], cpython.MAX_FRAMES)
+        if not m:
+            return ()
+        if _U32.unpack_from(values, base + _PY_TRUNCATED_AT)[0]:
+            self.python_truncated += 1
+        codes, lasti = _py_structs(m)
+        return tuple(zip(codes.unpack_from(values, base + _PY_CODE_AT),
+                         lasti.unpack_from(values, base + _PY_LASTI_AT)))
+
+    def _walked_buffers(self, value_size: int) -> tuple[Any, Any]:
+        """Key and value buffers for WALKED_BATCH entries, allocated once (about 0.5 MiB)."""
+        if self._walked_bufs is None:
+            self._walked_bufs = (ctypes.create_string_buffer(8 * WALKED_BATCH),
+                                 ctypes.create_string_buffer(value_size * WALKED_BATCH))
+        return self._walked_bufs
 
     def unwind_stats(self) -> dict[str, int]:
         """The kernel walker's counters (UNWIND_STAT_*), summed over CPUs; empty when off."""

@@ -61,7 +61,8 @@ class UnwindProcess(ctypes.Structure):
     """Mirror of ``struct unwind_process``: the process's mappings are
     ``unwind_mappings[slot * MAX_MAPPINGS ...][:count]``."""
 
-    _fields_ = [("slot", ctypes.c_uint32), ("count", ctypes.c_uint32)]
+    _fields_ = [("slot", ctypes.c_uint32), ("count", ctypes.c_uint32), ("epoch", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
 
 
 assert ROW.size == ctypes.sizeof(UnwindRow)
@@ -120,6 +121,7 @@ class UnwindTables:
         self._procs = bpf["unwind_processes"]      # type: ignore[index]
         self._mappings = bpf["unwind_mappings"]    # type: ignore[index]
         self._free_slots = list(range(max_processes - 1, -1, -1))
+        self._epoch = 0                   # last epoch given to a process (UnwindProcess.epoch)
         self._slot_of: dict[int, int] = {}
         self._symbolizer = symbolizer
         self._allocator = RowAllocator(capacity)
@@ -243,7 +245,8 @@ class UnwindTables:
             for i in range(n):
                 self._mappings[keys_arr[i]] = values[i]
         try:
-            self._procs[self._procs.Key(pid)] = UnwindProcess(slot, n)
+            self._epoch = self._epoch % 0xFFFFFFFF + 1   # never 0: the kernel's cache starts zeroed
+            self._procs[self._procs.Key(pid)] = UnwindProcess(slot, n, self._epoch)
         except Exception as e:   # noqa: BLE001 -- full map: the process keeps frame pointers
             self.stats["processes_over_limit"] += 1
             log.debug("unwind_processes[%d]: %s", pid, e)
