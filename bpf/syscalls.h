@@ -56,13 +56,12 @@ struct sc_start {
     __u32 selected;    /* the process is selected by the filter */
 };
 
-/* The call in flight on a CPU: its thread and start (ts 0: none). */
+/* The call in flight on a CPU: its start (ts 0: none), always the current thread's (a thread
+ * switched out takes its call along). */
 struct sc_inflight {
     __u64 ts;
-    __u32 tid;
     __u32 nr;
     __u32 selected;
-    __u32 pad;
 };
 
 struct sc_slow_event {
