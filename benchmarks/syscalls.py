@@ -196,6 +196,9 @@ def run() -> int:
               "as the empty programs show):")
         for variant, handlers in prog_ns.items():
             print(f"  {variant:5s} " + ", ".join(f"{h} {ns:.1f} ns" for h, ns in handlers.items()))
+        per_call = {v: h.get("sys_enter", 0.0) + h.get("sys_exit", 0.0) for v, h in prog_ns.items()}
+        if len(per_call) == 2:
+            print(f"bench: syscalls program_ns_above_empty={per_call['ours'] - per_call['empty']:.1f} ns")
     if foreign:
         print("note: other processes had BPF programs on syscall tracepoints during the run "
               f"(pid: tracepoints): {'; '.join(f'{pid}: {tps}' for pid, tps in sorted(foreign))}; "
