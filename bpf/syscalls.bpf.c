@@ -48,6 +48,12 @@ BPF_PERCPU_HASH(hist, struct sc_hist_key, u64, MAX_SERIES * 32);
 /* tgid → comm of a selected process, taken at its first counted call: names its series even
  * when it is gone from /proc by the time they are read. */
 BPF_HASH(series_comm, u32, struct filter_comm_key, MAX_SERIES);
+#if FILTER_PROCESS
+/* Bumped whenever a filter decision may have changed: a comm change (exec, prctl, /proc),
+ * a cgroup move, the filter maps filled from user space. Cached decisions of an older
+ * generation are taken again. */
+BPF_ARRAY(sel_gen, u64, 1);
+#endif
 /* slow_skip[nr] = 1: no span for slow calls of this syscall (filled from user space). */
 BPF_ARRAY(slow_skip, u8, SC_MAX_NR);
 MIRROR(sc_slow_event);
@@ -120,7 +126,12 @@ static __always_inline void account_all(u32 nr, u64 d, long ret, u32 slot) {
 RAW_TRACEPOINT_PROBE(sched_switch) {
     u32 zero = 0;
     struct sc_inflight *f = inflight.lookup(&zero);
-    if (!f || !f->ts)
+    if (!f)
+        return 0;
+#if FILTER_PROCESS
+    f->sel_key = 0;   /* the next thread here is filtered afresh */
+#endif
+    if (!f->ts)
         return 0;
     u64 ts = f->ts;
     f->ts = 0;
@@ -153,12 +164,39 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     if (!f)
         return 0;
 #if FILTER_PROCESS   /* known at load: no map lookup per call without a filter */
-    f->selected = selected_current(bpf_get_current_pid_tgid() >> 32);
+    u64 *gen = sel_gen.lookup(&zero);
+    u64 key = gen ? *gen + 1 : 0;   /* read before deciding: a bump meanwhile re-decides */
+    if (!key || f->sel_key != key) {
+        f->selected = selected_current(bpf_get_current_pid_tgid() >> 32);
+        f->sel_key = key;
+    }
 #endif
     f->nr = (u32)id;
     f->ts = bpf_ktime_get_ns();
     return 0;
 }
+
+#if FILTER_PROCESS
+static __always_inline void selection_may_change(void) {
+    u32 zero = 0;
+    u64 *gen = sel_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+}
+
+/* Fires before the new comm is copied in: a thread entering a call on another CPU in between
+ * could cache its old name's decision until it is switched out (a /proc/PID/comm write by
+ * another process; a thread renaming itself or exec'ing is in that call then). */
+RAW_TRACEPOINT_PROBE(task_rename) {
+    selection_may_change();
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(cgroup_attach_task) {   /* after the move */
+    selection_may_change();
+    return 0;
+}
+#endif
 
 #if !HAVE_TASK_STORAGE   /* kernel-compat: a thread that dies inside a call frees its entry */
 RAW_TRACEPOINT_PROBE(sched_process_exit) {

@@ -62,6 +62,9 @@ struct sc_inflight {
     __u64 ts;
     __u32 nr;
     __u32 selected;
+    /* With a process filter: the filter's decision for the thread on this CPU is kept until
+     * it is switched out, while sel_key equals the generation in sel_gen + 1 (0: none). */
+    __u64 sel_key;
 };
 
 struct sc_slow_event {
