@@ -1,7 +1,11 @@
 """Nanoseconds added per syscall on a tight getppid loop: (a) no BPF, (b) empty
 raw_syscalls sys_enter/sys_exit programs (the floor the tracepoints themselves cost), (c) our
-syscall source. Reports (c − a) / (b − a); target ≤ 1.5. Rounds are interleaved and the median
-taken, so drift on a shared machine hits all three alike.
+syscall source. Reports (c − a) / (b − a); target ≤ 1.5. Rounds are interleaved (a, then b and
+c in alternating order) and each round gives its own ratio; the figure is their median, printed
+with min and max of each column, so drift on a shared machine hits all three alike and noise can
+be told from a regression. Other processes' BPF programs on syscall tracepoints slow every
+variant (even (a)); the benchmark names them when bpftool can. Then bpf_stats rounds time the
+programs themselves (empty, ours, ours with a process filter that selects nothing).
 
 Our source keeps a call that does not block in a per-CPU slot and moves it to the thread's
 storage only when the thread is switched out (a sched_switch program), so blocking calls and
@@ -12,10 +16,17 @@ round trip), same three variants."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ._support import compile_c
 
@@ -80,6 +91,7 @@ ROUND_TRIPS = 100_000
 
 CALLS = 2_000_000
 ROUNDS = 7
+STATS_ROUNDS = 3
 
 
 def _ns_per_call(binary: Path, n: int = CALLS) -> float:
@@ -119,18 +131,59 @@ def run() -> int:
         loop_ns[variant].append(_ns_per_call(binary))
         pingpong_ns[variant].append(_ns_per_call(pingpong, ROUND_TRIPS))
 
+    async def floor() -> None:
+        empty = BPF(text=EMPTY_BPF)
+        await asyncio.to_thread(both, "empty")
+        empty.cleanup()
+
+    async def ours(source: SyscallsSource) -> None:
+        await source.start()
+        await asyncio.to_thread(both, "ours")
+        await source.stop()
+
     async def measure() -> None:
         source = SyscallsSource(ctx)
-        for _ in range(ROUNDS):
+        for i in range(ROUNDS):
             both("none")
-            empty = BPF(text=EMPTY_BPF)
-            await asyncio.to_thread(both, "empty")
-            empty.cleanup()
-            await source.start()
-            await asyncio.to_thread(both, "ours")
-            await source.stop()
+            if i % 2:
+                await ours(source)
+                await floor()
+            else:
+                await floor()
+                await ours(source)
 
+    # Time inside the programs only (bpf_stats), which load on the shared machine and other
+    # processes' programs hardly move: where the added cost is spent, per handler.
+    prog_ns: dict[str, dict[str, list[float]]] = {}
+
+    def record(variant: str, handlers: dict[str, float]) -> None:
+        for h, ns in handlers.items():
+            prog_ns.setdefault(variant, {}).setdefault(h, []).append(ns)
+
+    async def program_time() -> None:
+        # With a process filter that selects nothing here: what every unselected call pays.
+        filtered_ctx = SourceContext(EbpfConfig.from_dict(
+            {"sources": {"syscalls": {"enabled": True, "slow_spans": True,
+                                      "filter": {"process_names": ["no-such-process"]}}}}, environ={}),
+            pipeline, telemetry, KernelClock())
+        with _bpf_stats():
+            for _ in range(STATS_ROUNDS):
+                empty = BPF(text=EMPTY_BPF)
+                record("empty", _ns_per_run(empty, binary))
+                empty.cleanup()
+                for variant, c in (("ours", ctx), ("ours, filter", filtered_ctx)):
+                    source = SyscallsSource(c)
+                    await source.start()
+                    record(variant, await asyncio.to_thread(_ns_per_run, source.bpf, binary))
+                    await source.stop()
+
+    foreign = _foreign_syscall_programs()
     asyncio.run(measure())
+    try:
+        asyncio.run(program_time())
+    except OSError as e:   # BPF_ENABLE_STATS needs kernel 5.8 and CAP_SYS_ADMIN
+        print(f"(no per-program time: {e})")
+    foreign |= _foreign_syscall_programs()
     a, b, c = (statistics.median(loop_ns[k]) for k in variants)
     pa, pb, pc = (statistics.median(pingpong_ns[k]) for k in variants)
     print(f"syscalls: getppid ns/call, median of {ROUNDS} rounds × {CALLS} calls")
@@ -141,18 +194,100 @@ def run() -> int:
           f"median of {ROUNDS} rounds × {ROUND_TRIPS}")
     print(f"  (a) no BPF            {pa:8.1f} ns")
     print(f"  (b) empty programs    {pb:8.1f} ns   floor = {pb - pa:.1f} ns")
-    print(f"  (c) syscall source    {pc:8.1f} ns   added = {pc - pa:.1f} ns "
-          f"({(pc - pa) / (pb - pa):.2f}× the floor)")
-    # The spread of the rounds, so noise can be told from a regression: each round's ratio.
-    rounds = sorted((c_i - a_i) / (b_i - a_i) for a_i, b_i, c_i in zip(*(loop_ns[k] for k in variants))
-                    if b_i > a_i)
-    if rounds:
-        print(f"  per-round overhead/floor: min {rounds[0]:.2f}, median {statistics.median(rounds):.2f}, "
-              f"max {rounds[-1]:.2f} ({len(rounds)} rounds)")
-        print(f"bench: syscalls overhead_vs_floor_min={rounds[0]:.2f} ratio")
-        print(f"bench: syscalls overhead_vs_floor_max={rounds[-1]:.2f} ratio")
+    blocking = (pc - pa) / (pb - pa) if pb > pa else float("nan")   # nan: no floor above the noise
+    print(f"  (c) syscall source    {pc:8.1f} ns   added = {pc - pa:.1f} ns ({blocking:.2f}× the floor)")
+    # The spread of the rounds, so noise can be told from a regression: each round's own figures.
+    rounds = [(b_i - a_i, c_i - a_i) for a_i, b_i, c_i in zip(*(loop_ns[k] for k in variants))]
+    ratios = [added / fl for fl, added in rounds if fl > 0]
+    print(f"per round (getppid), min / median / max of {ROUNDS} rounds:")
+    print(f"  floor ns added        {_spread([fl for fl, _ in rounds], '.1f')}")
+    print(f"  source ns added       {_spread([added for _, added in rounds], '.1f')}")
+    print(f"  source / floor        {_spread(ratios, '.2f')}"
+          + (f" ({len(rounds) - len(ratios)} round(s) without a floor left out)" if len(ratios) < len(rounds) else ""))
+    if prog_ns:
+        print(f"time inside the programs per run, median of {STATS_ROUNDS} rounds (bpf_stats; includes the "
+              "stats' own clock reads, as the empty programs show):")
+        for variant, handlers in prog_ns.items():
+            print(f"  {variant:12s} " + ", ".join(f"{h} {statistics.median(v):.1f} ns" for h, v in handlers.items()))
+        # Per round: sys_enter + sys_exit above the empty programs' of the same round.
+        above = {v: [e + x - ee - ex for e, x, ee, ex in zip(
+            h.get("sys_enter", []), h.get("sys_exit", []),
+            prog_ns["empty"]["sys_enter"], prog_ns["empty"]["sys_exit"])]
+            for v, h in prog_ns.items() if v != "empty"}
+        for variant, figure in (("ours", "program_ns_above_empty"),
+                                ("ours, filter", "program_ns_above_empty_filtered")):
+            if above.get(variant):
+                print(f"  {variant:12s} above empty per call: {_spread(above[variant], '.1f')} ns")
+                print(f"bench: syscalls {figure}={statistics.median(above[variant]):.1f} ns")
+    if foreign:
+        print("note: other processes had BPF programs on syscall tracepoints during the run "
+              f"(pid: tracepoints): {'; '.join(f'{pid}: {tps}' for pid, tps in sorted(foreign))}; "
+              "every variant pays for them, so the figures are noisier than on an idle machine")
+    ratio = statistics.median(ratios) if ratios else float("nan")
+    if ratios:
+        print(f"bench: syscalls overhead_vs_floor_min={min(ratios):.2f} ratio")
+        print(f"bench: syscalls overhead_vs_floor_max={max(ratios):.2f} ratio")
     print(f"bench: syscalls ns_added={c - a:.1f} ns")
     print(f"bench: syscalls floor_ns={b - a:.1f} ns")
-    print(f"bench: syscalls blocking_roundtrip_vs_floor={(pc - pa) / (pb - pa):.2f} ratio")
-    print(f"bench: syscalls overhead_vs_floor={(c - a) / (b - a):.2f} ratio")
+    print(f"bench: syscalls blocking_roundtrip_vs_floor={blocking:.2f} ratio")
+    print(f"bench: syscalls overhead_vs_floor={ratio:.2f} ratio")
     return 0
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "no rounds"
+    return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+@contextlib.contextmanager
+def _bpf_stats() -> Iterator[None]:
+    """Run-time stats for all BPF programs while the block runs: ``BPF_ENABLE_STATS`` holds them
+    on by a file descriptor, so the sysctl and other users of it are left alone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr_bpf = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
+    attr = (ctypes.c_uint32 * 32)()   # union bpf_attr: enable_stats.type = BPF_STATS_RUN_TIME (0)
+    fd = libc.syscall(nr_bpf, 32, ctypes.byref(attr), ctypes.sizeof(attr))   # BPF_ENABLE_STATS
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ns_per_run(bpf: Any, binary: Path) -> dict[str, float]:
+    """Mean run time of each of ``bpf``'s programs over one getppid loop, from its fdinfo."""
+    def counters() -> dict[str, tuple[int, int]]:
+        out = {}
+        for name, fn in bpf.funcs.items():
+            info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
+                        if ":" in line)
+            short = name.decode().rsplit("__", 1)[-1]
+            out[short] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+        return out
+
+    before = counters()
+    _ns_per_call(binary)
+    after = counters()
+    return {h: (t - before[h][1]) / (n - before[h][0]) for h, (n, t) in after.items() if n > before[h][0]}
+
+
+def _foreign_syscall_programs() -> set[tuple[int, str]]:
+    """Other processes' BPF programs on syscall tracepoints (they slow every variant), by
+    ``bpftool perf show``; empty without bpftool."""
+    bpftool = shutil.which("bpftool")
+    if not bpftool:
+        return set()
+    out = subprocess.run([bpftool, "-j", "perf", "show"], capture_output=True, text=True)
+    try:
+        rows = json.loads(out.stdout or "[]")
+    except ValueError:
+        return set()
+    by_pid: dict[int, set[str]] = {}
+    for r in rows:
+        tp = str(r.get("tracepoint", ""))
+        if r.get("pid") != os.getpid() and tp.startswith(("sys_enter", "sys_exit")):
+            by_pid.setdefault(int(r["pid"]), set()).add(tp)
+    return {(pid, ",".join(sorted(tps))) for pid, tps in by_pid.items()}

@@ -48,6 +48,12 @@ BPF_PERCPU_HASH(hist, struct sc_hist_key, u64, MAX_SERIES * 32);
 /* tgid → comm of a selected process, taken at its first counted call: names its series even
  * when it is gone from /proc by the time they are read. */
 BPF_HASH(series_comm, u32, struct filter_comm_key, MAX_SERIES);
+#if FILTER_PROCESS
+/* Bumped whenever a filter decision may have changed: a comm change (exec, prctl, /proc),
+ * a cgroup move, the filter maps filled from user space. Cached decisions of an older
+ * generation are taken again. */
+BPF_ARRAY(sel_gen, u64, 1);
+#endif
 /* slow_skip[nr] = 1: no span for slow calls of this syscall (filled from user space). */
 BPF_ARRAY(slow_skip, u8, SC_MAX_NR);
 MIRROR(sc_slow_event);
@@ -112,38 +118,24 @@ static __always_inline void account_all(u32 nr, u64 d, long ret, u32 slot) {
         count_error(0, nr, ret);
 }
 
-RAW_TRACEPOINT_PROBE(sys_enter) {
-    long id = (long)ctx->args[1];
-    if (id < 0)
-        return 0;
+/* Runs in the thread being switched out (current is still prev): a call it has in flight on
+ * this CPU moves to its task storage. Every thread leaves a CPU through here, so a slot with a
+ * start is always the current thread's own call: sys_enter and sys_exit need not read the
+ * thread id. BCC attaches programs in name order, sched_switch before sys_enter, so no slot
+ * set by one thread is found by another (at stop the maps are read before detaching). */
+RAW_TRACEPOINT_PROBE(sched_switch) {
     u32 zero = 0;
     struct sc_inflight *f = inflight.lookup(&zero);
     if (!f)
         return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 sel = 0;
-#if FILTER_PROCESS   /* known at load: no map lookup per call without a filter */
-    sel = selected_current(pid_tgid >> 32);
+#if FILTER_PROCESS
+    f->sel_key = 0;   /* the next thread here is filtered afresh */
 #endif
-    f->tid = (u32)pid_tgid;
-    f->nr = (u32)id;
-    f->selected = sel;
-    f->ts = bpf_ktime_get_ns();
-    return 0;
-}
-
-/* Runs in the thread being switched out (current is still prev): a call it has in flight on
- * this CPU moves to its task storage. */
-RAW_TRACEPOINT_PROBE(sched_switch) {
-    u32 zero = 0;
-    struct sc_inflight *f = inflight.lookup(&zero);
-    if (!f || !f->ts)
+    if (!f->ts)
         return 0;
     u64 ts = f->ts;
     f->ts = 0;
-    if (f->tid != (u32)bpf_get_current_pid_tgid())
-        return 0;   /* not this thread's: its thread died in the call (exit_group) */
-#if HAVE_TASK_STORAGE
+#if HAVE_TASK_STORAGE   /* a thread that dies in its call (exit_group) frees this with itself */
     struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0,
                                                  BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!st) {
@@ -154,7 +146,7 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     st->nr = f->nr;
     st->selected = f->selected;
 #else   /* kernel-compat */
-    u32 tid = f->tid;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
     struct sc_start v = {.ts = ts, .nr = f->nr, .selected = f->selected};
     if (start.update(&tid, &v))
         count_lost(SC_LOST_START_MAP_FULL);
@@ -162,24 +154,71 @@ RAW_TRACEPOINT_PROBE(sched_switch) {
     return 0;
 }
 
+/* The hot path: one per-CPU slot, one time read; no thread id (see sched_switch). */
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    long id = (long)ctx->args[1];
+    if (id < 0)
+        return 0;
+    u32 zero = 0;
+    struct sc_inflight *f = inflight.lookup(&zero);
+    if (!f)
+        return 0;
+#if FILTER_PROCESS   /* known at load: no map lookup per call without a filter */
+    u64 *gen = sel_gen.lookup(&zero);
+    u64 key = gen ? *gen + 1 : 0;   /* read before deciding: a bump meanwhile re-decides */
+    if (!key || f->sel_key != key) {
+        f->selected = selected_current(bpf_get_current_pid_tgid() >> 32);
+        f->sel_key = key;
+    }
+#endif
+    f->nr = (u32)id;
+    f->ts = bpf_ktime_get_ns();
+    return 0;
+}
+
+#if FILTER_PROCESS
+static __always_inline void selection_may_change(void) {
+    u32 zero = 0;
+    u64 *gen = sel_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+}
+
+/* Fires before the new comm is copied in: a thread entering a call on another CPU in between
+ * could cache its old name's decision until it is switched out (a /proc/PID/comm write by
+ * another process; a thread renaming itself or exec'ing is in that call then). */
+RAW_TRACEPOINT_PROBE(task_rename) {
+    selection_may_change();
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(cgroup_attach_task) {   /* after the move */
+    selection_may_change();
+    return 0;
+}
+#endif
+
 #if !HAVE_TASK_STORAGE   /* kernel-compat: a thread that dies inside a call frees its entry */
 RAW_TRACEPOINT_PROBE(sched_process_exit) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     start.delete(&tid);
+    u32 zero = 0;   /* and its exit_group in flight here, which its last switch would move */
+    struct sc_inflight *f = inflight.lookup(&zero);
+    if (f)
+        f->ts = 0;
     return 0;
 }
 #endif
 
 RAW_TRACEPOINT_PROBE(sys_exit) {
     u64 now = bpf_ktime_get_ns();
-    u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 zero = 0;
     struct sc_inflight *f = inflight.lookup(&zero);
     if (!f)
         return 0;
     u64 ts;
     u32 nr, sel;
-    if (f->ts && f->tid == (u32)pid_tgid) {   /* the thread stayed on this CPU: the fast path */
+    if (f->ts) {   /* the thread stayed on this CPU: the fast path */
         ts = f->ts;
         nr = f->nr;
         sel = f->selected;
@@ -188,7 +227,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
 #if HAVE_TASK_STORAGE
         struct sc_start *st = start.task_storage_get(bpf_get_current_task_btf(), 0, 0);
 #else   /* kernel-compat */
-        u32 tid = (u32)pid_tgid;
+        u32 tid = (u32)bpf_get_current_pid_tgid();
         struct sc_start *st = start.lookup(&tid);
 #endif
         if (!st || !st->ts)
@@ -206,7 +245,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
     u32 slot = d ? log2_u64(d) : 0;
     account_all(nr, d, ret, slot);
     if (sel)
-        account(pid_tgid >> 32, nr, d, ret, slot);
+        account(bpf_get_current_pid_tgid() >> 32, nr, d, ret, slot);
 #if SLOW_SPANS
     if (d > SLOW_THRESHOLD_NS) {
         u32 skip_idx = nr;
@@ -221,6 +260,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         e->start_ns = ts;
         e->end_ns = now;
         e->ret = ret;
+        u64 pid_tgid = bpf_get_current_pid_tgid();
         e->pid = pid_tgid >> 32;
         e->tid = (u32)pid_tgid;
         e->nr = nr;

@@ -56,13 +56,15 @@ struct sc_start {
     __u32 selected;    /* the process is selected by the filter */
 };
 
-/* The call in flight on a CPU: its thread and start (ts 0: none). */
+/* The call in flight on a CPU: its start (ts 0: none), always the current thread's (a thread
+ * switched out takes its call along). */
 struct sc_inflight {
     __u64 ts;
-    __u32 tid;
     __u32 nr;
     __u32 selected;
-    __u32 pad;
+    /* With a process filter: the filter's decision for the thread on this CPU is kept until
+     * it is switched out, while sel_key equals the generation in sel_gen + 1 (0: none). */
+    __u64 sel_key;
 };
 
 struct sc_slow_event {

@@ -55,9 +55,13 @@ class SyscallsSource(BccSource):
         self._names = syscall_names()
         self._start_unix_ns = time.time_ns()
 
+    # With a process filter: its cached decisions are taken again after these.
+    FILTER_TRACEPOINTS = ("task:task_rename", "cgroup:cgroup_attach_task")
+
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
-        return [Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS]
+        tps = cls.TRACEPOINTS + (cls.FILTER_TRACEPOINTS if config.sources.syscalls.filter.active else ())
+        return [Requirement("tracepoint", tp) for tp in tps]
 
     def cflags(self) -> list[str]:
         return [f"-DSLOW_THRESHOLD_NS={int(self.config.slow_threshold * 1e9)}ULL",
@@ -83,6 +87,9 @@ class SyscallsSource(BccSource):
         if not f.active:
             return
         fill_process_filter(bpf, f, self.name)
+        # Decisions cached while the maps were empty are taken again.
+        gen = bpf["sel_gen"]
+        gen[ctypes.c_int(0)] = ctypes.c_uint64(gen[ctypes.c_int(0)].value + 1)
         self._start_unix_ns = time.time_ns()
 
     def _configure_slow_exclude(self, bpf: Any) -> None:

@@ -69,6 +69,28 @@ def test_syscalls_fallback_program_has_no_task_storage(bpf_ok: None, without_tas
 
 
 @pytest.mark.bpf
+def test_syscalls_fallback_frees_the_entries_of_threads_that_exit(bpf_ok: None, without_task_storage: None) -> None:
+    """A thread ends inside exit_group, and its last switch must not park that call in the
+    thread-id hash: 300 processes that exit leave no entries behind (the hash would fill)."""
+    from receiver.sources.base import compile_bpf
+
+    kernel_features.probe.cache_clear()
+    try:
+        bpf = compile_bpf("syscalls", "syscalls.bpf.c", kernel_features.syscalls_cflags())
+    finally:
+        kernel_features.probe.cache_clear()
+    try:
+        before = len(bpf["start"].items())
+        for _ in range(300):
+            subprocess.run(["/bin/true"], check=True)
+        after = len(bpf["start"].items())
+        # Threads elsewhere on the host may block in calls meanwhile: a few, not one per exit.
+        assert after - before < 100, (before, after)
+    finally:
+        bpf.cleanup()
+
+
+@pytest.mark.bpf
 @pytest.mark.collector
 def test_syscalls_fallback_counts_exactly(bpf_ok: None, without_task_storage: None,
                                           collector: Collector, tmp_path: Path) -> None:

@@ -23,11 +23,13 @@ PROG = "sctest_prog"   # its comm: what the filter selects
 
 SOURCE = r"""
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <time.h>
@@ -72,6 +74,27 @@ int main(int argc, char **argv) {
         printf("%ld %lld\n", calls,
                (t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
         return rc == 0 ? 0 : 1;
+    }
+    if (argc > 1 && (strcmp(argv[1], "rename") == 0 || strcmp(argv[1], "move") == 0)) {
+        /* rename NAME BEFORE AFTER | move CGROUP_PROCS BEFORE AFTER: uname calls before and
+         * after taking that name or moving into that cgroup, without leaving the CPU on
+         * purpose (the filter's decision must follow at once, not at the next switch). */
+        struct utsname u;
+        int before = atoi(argv[3]), after = atoi(argv[4]);
+        for (int i = 0; i < before; i++)
+            syscall(SYS_uname, &u);
+        if (argv[1][0] == 'r') {
+            if (prctl(PR_SET_NAME, argv[2]))
+                return 5;
+        } else {
+            char pid[32];
+            int fd = open(argv[2], O_WRONLY), len = snprintf(pid, sizeof pid, "%d", getpid());
+            if (fd < 0 || write(fd, pid, len) != len || close(fd))
+                return 6;
+        }
+        for (int i = 0; i < after; i++)
+            syscall(SYS_uname, &u);
+        return 0;
     }
     int n = atoi(argv[2]), n_fail = atoi(argv[3]);
     struct utsname u;
@@ -247,6 +270,29 @@ def test_cgroup_filter_selects_processes_in_that_cgroup(bpf_ok: None, collector:
     c = wait_until(lambda: calls(inside.pid), 20, 0.2, "the uname series of the process in the cgroup")
     assert int(c["asInt"]) == N
     assert calls(outside.pid) is None   # same program, outside the cgroup: no series of its own
+
+
+def test_filter_follows_a_rename_and_a_cgroup_move_at_once(bpf_ok: None, collector: Collector, tmp_path: Path,
+                                                           prog: Path, cgroup: tuple[str, Path]) -> None:
+    """The filter's decision is kept per CPU until the thread is switched out; a comm change
+    or a cgroup move must end it at once: exactly the calls after it are the process's."""
+    name, directory = cgroup
+    renamed = "sctest_renamed"
+    agent = _agent(collector, tmp_path, filter={"process_names": [renamed], "cgroups": [name]})
+    try:
+        runs = {}
+        for mode, target in (("rename", renamed), ("move", str(directory / "cgroup.procs"))):
+            proc = subprocess.Popen([str(prog), mode, target, str(N), str(N + 1)])
+            assert proc.wait() == 0
+            runs[mode] = proc.pid
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+    for mode, pid in runs.items():
+        c = wait_until(lambda pid=pid: _latest(collector.metric_points("syscall.calls", pid),
+                                               **{"syscall.name": "uname"}),
+                       20, 0.2, f"the uname series of the process after its {mode}")
+        assert int(c["asInt"]) == N + 1, mode
 
 
 def test_blocked_call_is_timed_while_another_thread_uses_its_cpu(bpf_ok: None, collector: Collector,
