@@ -61,6 +61,7 @@ class ProcessResources:
         self.cgroups = cgroups or CgroupResolver()
         # pid → (resource, executable path it was built with, comm values seen for it)
         self._cache: OrderedDict[int, tuple[Resource, str | None, set[str]]] = OrderedDict()
+        self.evictions = 0   # least recently used entries dropped at max_entries
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -83,6 +84,7 @@ class ProcessResources:
         self._cache.move_to_end(pid)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
+            self.evictions += 1
         return res
 
     def _same_program(self, pid: int, exe: str | None, executable_path: str | None, comm: str,

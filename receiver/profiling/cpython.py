@@ -289,6 +289,14 @@ class CodeNames:
         self._codes: OrderedDict[tuple[int, int], _Code | None] = OrderedDict()
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()
+        self.evictions = 0                      # least recently used codes dropped at the bound
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    @property
+    def limit(self) -> int:
+        return self._max
 
     def learn(self, pid: int, code: int, interp: Interpreter) -> _Code | None:
         """Reads (once) and returns the code object's names; None when it cannot be read."""
@@ -307,6 +315,7 @@ class CodeNames:
             self._codes[key] = named
             while len(self._codes) > self._max:
                 self._codes.popitem(last=False)
+                self.evictions += 1
         return named
 
     def known(self, pid: int, code: int) -> tuple[bool, _Code | None]:
@@ -378,6 +387,8 @@ class PythonProcesses:
         self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
         self.codes = CodeNames(max_codes)
         self._frames: dict[tuple[int, int, int], Frame] = {}   # (pid, code, lasti) → frame
+        self.max_frames = 4 * max_codes
+        self.frame_evictions = 0                # frames dropped when the cache was cleared at its bound
         self.stats: Counter[str] = Counter()
         self._worker = QueueWorker("cpython-codes", self._learn, QUEUE_SIZE, self.stats)
 
@@ -391,6 +402,10 @@ class PythonProcesses:
     @property
     def processes(self) -> int:
         return len(self._interpreters)
+
+    @property
+    def cached_frames(self) -> int:
+        return len(self._frames)
 
     def load(self, pid: int, regions: Sequence[tuple[int, int, int | None, str, str, bool]]) -> None:
         """A noticed process: if it runs CPython, publish where its interpreter state is."""
@@ -467,7 +482,8 @@ class PythonProcesses:
                     continue
                 frame = Frame(0, named.qualname, "cpython", None, named.filename,
                               named.line_at(lasti & ~LASTI_ENTRY))
-                if len(cache) >= MAX_CODES * 4:
+                if len(cache) >= self.max_frames:
+                    self.frame_evictions += len(cache)
                     cache.clear()
                 cache[(pid, code, lasti)] = frame
             out.append((frame, entry))
