@@ -62,6 +62,14 @@ def test_cache_label_values_are_a_fixed_set() -> None:
     assert t.caches() == {CACHES[0]: (3, 10, 2)}
 
 
+def test_readme_documents_every_cache() -> None:
+    from .harness import REPO
+
+    readme = (REPO / "README.md").read_text().split("### Caches", 1)[1].split("\n## ", 1)[0]
+    documented = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")}
+    assert documented == set(CACHES)
+
+
 @pytest.mark.bpf
 @pytest.mark.collector
 def test_caches_stay_within_their_limits_under_real_events(bpf_ok: None, collector: Collector,
