@@ -4,6 +4,7 @@ real events of real BPF programs."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -60,6 +61,28 @@ def test_cache_label_values_are_a_fixed_set() -> None:
         t.watch_cache("per_pid_12345", lambda: 0, 1)
     t.watch_cache(CACHES[0], lambda: 3, 10, lambda: 2)
     assert t.caches() == {CACHES[0]: (3, 10, 2)}
+
+
+def test_entries_of_gone_processes_are_swept_after_two_looks() -> None:
+    """A record read after its process's exit (no exit event follows) makes an entry: swept."""
+    from receiver.pipeline import ProcessResources
+
+    resources = ProcessResources({"host.name": "h"})
+    resources.SWEEP_INTERVAL = 0
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        resources.get(child.pid, "sleep")
+        resources.get(os.getpid(), "python")
+        child.kill()
+        child.wait()
+        resources.get(child.pid, "sleep")   # the late record
+        resources.sweep()
+        assert len(resources) == 2, "one look is not enough: its last records may still come"
+        resources.sweep()
+        assert len(resources) == 1 and resources.get(os.getpid(), "python") is resources.get(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_readme_documents_every_cache() -> None:
