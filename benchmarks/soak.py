@@ -11,9 +11,12 @@ same for the Python frames.
 Prints, besides the RSS curve and the cache gauges at the end (to attribute growth):
   rss_peak_mb     the agent's VmHWM at the end
   rss_end_mb      VmRSS at the end
-  rss_growth_pct  (VmRSS at the end - VmRSS at minute 2) / VmRSS at minute 2 x 100; minutes
-                  counted from the moment all four sources were up (for runs shorter than 4
-                  minutes the baseline is the middle of the run)
+  rss_growth_pct  (RSS at the end - RSS at minute 2) / RSS at minute 2 x 100, where minutes
+                  count from the moment all four sources were up, RSS at minute 2 is the median
+                  of the VmRSS samples (every 5 s) from minute 1.5 to 2.5 and RSS at the end the
+                  median of the last minute's samples: a median, so that one drain or export
+                  batch in flight does not decide it (for runs shorter than 4 minutes the
+                  baseline is the middle of the run)
   startup_s       from launching the agent to all four ``ebpf_receiver_source_up`` being 1
 """
 
@@ -61,10 +64,37 @@ int main(int argc, char **argv) {
 }
 """
 
+# SOAK_TRACEMALLOC=1: the agent traces its Python allocations and writes the 25 lines that grew
+# most since minute 2 to tracemalloc.txt in the work directory, every minute (slower; to attribute
+# growth, not to measure it).
+TRACEMALLOC = os.environ.get("SOAK_TRACEMALLOC") == "1"
+SITECUSTOMIZE = """
+import os, threading, time, tracemalloc
+tracemalloc.start(4)
+def _dump():
+    time.sleep(120)
+    base = tracemalloc.take_snapshot()
+    while True:
+        time.sleep(60)
+        top = tracemalloc.take_snapshot().compare_to(base, "traceback")[:25]
+        with open(os.environ["SOAK_TRACEMALLOC_OUT"], "w") as f:
+            for stat in top:
+                f.write(f"{stat.size_diff / 1024:10.1f} KiB {stat.count_diff:+8d}\\n")
+                for line in stat.traceback.format()[-8:]:
+                    f.write(f"        {line}\\n")
+threading.Thread(target=_dump, daemon=True, name="soak-tracemalloc").start()
+"""
+
 PYTHON_SPIN = ("import time\n"
                "def f(n):\n    return sum(i * i for i in range(n))\n"
                "t = time.monotonic()\n"
                "while time.monotonic() - t < 0.3:\n    f(10000)\n")
+
+
+def _median(values: list[int]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -174,7 +204,12 @@ def run() -> int:
     collector = Collector(otelcol_bin(), workdir, config=workdir / "otelcol.yaml").start()
     config = {"exporter": {"endpoint": collector.endpoint},
               "sources": {name: {"enabled": True} for name in SOURCES}}
-    agent = Agent(workdir, config)
+    env = {}
+    if TRACEMALLOC:
+        (workdir / "site").mkdir()
+        (workdir / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        env = {"PYTHONPATH": str(workdir / "site"), "SOAK_TRACEMALLOC_OUT": str(workdir / "tracemalloc.txt")}
+    agent = Agent(workdir, config, env=env)
     load = Load(workdir, spin_object)
     loader = threading.Thread(target=load.run, name="soak-load", daemon=True)
     samples: list[tuple[float, int]] = []   # (seconds since all sources up, VmRSS kB)
@@ -219,9 +254,10 @@ def run() -> int:
         stop_rc = agent.stop() if agent.proc is not None else 1
         collector.stop()
     baseline_at = 120.0 if MINUTES >= 4 else MINUTES * 30
-    base = min(samples, key=lambda s: abs(s[0] - baseline_at))
-    end_rss = samples[-1][1]
-    growth = (end_rss - base[1]) / base[1] * 100
+    base_rss = _median([rss for t, rss in samples if abs(t - baseline_at) <= 30])
+    last = samples[-1][0]
+    end_rss = _median([rss for t, rss in samples if t >= last - 60])
+    growth = (end_rss - base_rss) / base_rss * 100
     entries = final.get("ebpf_receiver_cache_entries", {})
     limits = final.get("ebpf_receiver_cache_limit_entries", {})
     evicted = final.get("ebpf_receiver_cache_evictions_total", {})
@@ -233,12 +269,16 @@ def run() -> int:
     dropped = final.get("ebpf_receiver_exporter_dropped_items_total", {})
     sent = final.get("ebpf_receiver_exporter_sent_items_total", {})
     print(f"soak: sent {sent}; lost in the kernel {lost}; dropped {dropped}")
-    print(f"soak: baseline VmRSS {base[1] / 1024:.1f} MB at t={base[0]:.0f} s, end {end_rss / 1024:.1f} MB "
-          f"at t={samples[-1][0]:.0f} s")
+    print(f"soak: median VmRSS {base_rss / 1024:.1f} MB at t={baseline_at:.0f}±30 s, {end_rss / 1024:.1f} MB "
+          f"over the last minute (t={last - 60:.0f} to {last:.0f} s); single samples then: "
+          f"{min(samples, key=lambda s: abs(s[0] - baseline_at))[1] / 1024:.1f} and {samples[-1][1] / 1024:.1f} MB")
     print(f"bench: soak rss_peak_mb={status['VmHWM'] / 1024:.1f} MB")
     print(f"bench: soak rss_end_mb={end_rss / 1024:.1f} MB")
     print(f"bench: soak rss_growth_pct={growth:.2f} %")
     print(f"bench: soak startup_s={startup:.2f} s")
+    if TRACEMALLOC and (workdir / "tracemalloc.txt").exists():
+        print("soak: Python allocations grown since minute 2 (tracemalloc):")
+        print((workdir / "tracemalloc.txt").read_text())
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if rc == 0 and stop_rc == 0 else 1
 
