@@ -108,13 +108,13 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def _families(text: str) -> dict[str, dict[str, float]]:
-    """metric name → {its cache, source or signal label → value summed over other labels}."""
+    """metric name → {its cache, source, signal and reason labels joined by "/" → value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, dict[str, float]] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            label = next((s.labels[k] for k in ("cache", "source", "signal") if k in s.labels), "")
+            label = "/".join(s.labels[k] for k in ("cache", "source", "signal", "reason") if k in s.labels)
             out.setdefault(s.name, {})[label] = out.setdefault(s.name, {}).get(label, 0) + s.value
     return out
 
@@ -268,7 +268,8 @@ def run() -> int:
     lost = final.get("ebpf_receiver_source_events_lost_total", {})
     dropped = final.get("ebpf_receiver_exporter_dropped_items_total", {})
     sent = final.get("ebpf_receiver_exporter_sent_items_total", {})
-    print(f"soak: sent {sent}; lost in the kernel {lost}; dropped {dropped}")
+    print(f"soak: sent {sent}; lost in the kernel {({k: v for k, v in lost.items() if v} or 'none')}; "
+          f"dropped by the exporter {({k: v for k, v in dropped.items() if v} or 'none')}")
     print(f"soak: median VmRSS {base_rss / 1024:.1f} MB at t={baseline_at:.0f}±30 s, {end_rss / 1024:.1f} MB "
           f"over the last minute (t={last - 60:.0f} to {last:.0f} s); single samples then: "
           f"{min(samples, key=lambda s: abs(s[0] - baseline_at))[1] / 1024:.1f} and {samples[-1][1] / 1024:.1f} MB")
