@@ -15,7 +15,7 @@ help:
 	@echo "make test-kernels   the agent's smoke suite on Debian's 5.10, 6.1 and 6.12 kernels (qemu)"
 	@echo "make run            local Collector + the agent pointed at it (Ctrl-C stops both)"
 	@echo "make check          preflight: what this host has and lacks for the configured sources"
-	@echo "make bench [BENCH=exporter|profiler|network|syscalls|memory]"
+	@echo "make bench [BENCH=exporter|profiler|network|syscalls|memory|soak]  (soak: SOAK_MINUTES=10, not in the default set)"
 
 setup: system host venv otelcol
 

@@ -99,6 +99,10 @@ class ConnectionMetrics:
         self._open: dict[tuple[int, int], tuple[SeriesKey, tuple[int, ...], int]] = {}
         self._generation = 0
 
+    def open_connections(self) -> int:
+        """Still-open connections whose counts so far were added (at most the kernel's map)."""
+        return len(self._open)
+
     def key(self, pid: int, direction: str, net_type: str, peer_addr: str, peer_port: int) -> SeriesKey:
         if self.peer_attributes:
             return (pid, direction, net_type, peer_addr, peer_port)

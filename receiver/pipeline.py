@@ -10,6 +10,7 @@ Once handed over, a record belongs to the pipeline. Nothing here blocks: sinks q
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,6 +53,7 @@ class ProcessResources:
     check per new name (up to ``_MAX_COMMS`` per entry)."""
 
     _MAX_COMMS = 16
+    SWEEP_INTERVAL = 10.0   # seconds between two looks for entries of processes that are gone
 
     def __init__(self, host_attributes: Mapping[str, Any], max_entries: int = 4096,
                  cgroups: CgroupResolver | None = None):
@@ -61,6 +63,9 @@ class ProcessResources:
         self.cgroups = cgroups or CgroupResolver()
         # pid → (resource, executable path it was built with, comm values seen for it)
         self._cache: OrderedDict[int, tuple[Resource, str | None, set[str]]] = OrderedDict()
+        self.evictions = 0   # least recently used entries dropped at max_entries
+        self._swept_at = time.monotonic()
+        self._gone: set[int] = set()   # pids found gone at the last sweep
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -83,6 +88,7 @@ class ProcessResources:
         self._cache.move_to_end(pid)
         if len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
+            self.evictions += 1
         return res
 
     def _same_program(self, pid: int, exe: str | None, executable_path: str | None, comm: str,
@@ -103,6 +109,20 @@ class ProcessResources:
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
+
+    def sweep(self) -> None:
+        """Forgets the entries of processes found gone at two sweeps in a row. A record read
+        after its process's exit (a late profile sample, slow call or connection) makes an entry
+        that no exit event will drop; without this such entries fill the cache to its bound.
+        Two sweeps: records of the last seconds of a process still find its identity."""
+        now = time.monotonic()
+        if now - self._swept_at < self.SWEEP_INTERVAL:
+            return
+        self._swept_at = now
+        gone = {pid for pid in self._cache if not os.path.exists(f"/proc/{pid}")}
+        for pid in gone & self._gone:
+            del self._cache[pid]
+        self._gone = gone - self._gone
 
 
 class Pipeline:
@@ -135,6 +155,7 @@ class Pipeline:
                 self.sink.submit(Signal.METRICS, resource, m)
         for pid in snapshot.finished_pids:
             self.resources.forget(pid)
+        self.resources.sweep()
 
     def consume_profile(self, profile: CpuProfile) -> None:
         if not profile.samples:
@@ -145,6 +166,7 @@ class Pipeline:
         for request in profile_requests(profile, lambda pid: self.resources.get(pid, names.get(pid, "")),
                                         self.config.exporter.max_request_bytes):
             self.sink.submit_request(Signal.PROFILES, request)
+        self.resources.sweep()
 
     # ------------------------------------------------------------------ per record type
 

@@ -17,7 +17,7 @@ from .config import EbpfConfig, parse_address
 from .errors import ReceiverError, SourceUnavailableError
 from .export.exporter import OtlpExporter
 from .kernel.clock import KernelClock
-from .kernel.identity import detect_host_attributes
+from .kernel.identity import CgroupResolver, detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
 from .sources import Source, SourceContext, source_classes
 from .telemetry import SelfTelemetry, TelemetryServer
@@ -35,7 +35,14 @@ class Service:
         self.least_privilege = least_privilege  # drop capabilities once the programs are loaded
         self.telemetry = telemetry or SelfTelemetry()
         self.exporter = OtlpExporter(config.exporter, self.telemetry)
-        self.pipeline = Pipeline(config, self.exporter, ProcessResources(detect_host_attributes(config.resource)))
+        caches = config.caches
+        resources = ProcessResources(detect_host_attributes(config.resource), caches.process_resources,
+                                     CgroupResolver(max_entries=caches.cgroups))
+        self.telemetry.watch_cache("process_resources", resources.__len__, caches.process_resources,
+                                   lambda: resources.evictions)
+        self.telemetry.watch_cache("cgroups", resources.cgroups.__len__, caches.cgroups,
+                                   lambda: resources.cgroups.evictions)
+        self.pipeline = Pipeline(config, self.exporter, resources)
         self.context = SourceContext(config, self.pipeline, self.telemetry, KernelClock())
         self.sources: list[Source] = []
         self.failed: dict[str, str] = {}

@@ -25,7 +25,7 @@ from ._version import __version__
 from .errors import ReceiverError
 from .web_config import WebConfig
 
-__all__ = ["SelfTelemetry", "TelemetryServer", "ExportHealth", "DROP_REASONS"]
+__all__ = ["SelfTelemetry", "TelemetryServer", "ExportHealth", "DROP_REASONS", "CACHES"]
 
 log = logging.getLogger(__name__)
 NS = "ebpf_receiver"
@@ -35,6 +35,10 @@ SIGNALS = ("traces", "metrics", "logs", "profiles")
 # rate(...) sees 0 rather than nothing.
 DROP_REASONS = ("queue_full", "permanent_error", "retries_exhausted", "rejected", "shutdown",
                 "too_large", "internal_error", "disk_full")
+# Every user-space cache that grows with the host: the `cache` label's only values (README, "Caches").
+CACHES = ("process_resources", "cgroups", "process_pids", "symbol_files", "symbol_processes",
+          "symbol_frames", "demangled_names", "profile_stacks", "unwind_processes",
+          "python_codes", "python_frames", "network_series", "network_open_connections")
 # gRPC codes that say something about one request's data, not whether the Collector is reachable.
 # Outcomes that say "this data", not "export is broken": gRPC status names, and OTLP/HTTP's
 # 400 (bad data) and 413 (too large).
@@ -106,6 +110,25 @@ class _ScrapeTimeGauges(Collector):
         # name → (help, label, callback giving label value → count)
         self._counters: dict[str, tuple[str, str, Callable[[], dict[str, int]]]] = {}
         self._gauges: dict[str, tuple[str, str, Callable[[], dict[str, int]]]] = {}
+        # cache name → (entries now, limit, evictions so far)
+        self._caches: dict[str, tuple[Callable[[], int], int, Callable[[], int]]] = {}
+
+    def _cache_families(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        entries = GaugeMetricFamily(f"{NS}_cache_entries", "Entries in each user-space cache that "
+                                    "grows with the host", labels=["cache"])
+        limit = GaugeMetricFamily(f"{NS}_cache_limit_entries", "Configured bound of each cache",
+                                  labels=["cache"])
+        evicted = CounterMetricFamily(f"{NS}_cache_evictions", "Entries dropped to keep each "
+                                      "cache within its bound", labels=["cache"])
+        for name, (size, bound, evictions) in sorted(self._caches.items()):
+            try:
+                n, e = size(), evictions()
+            except Exception:   # noqa: BLE001 -- a component closing while scraped
+                continue
+            entries.add_metric([name], n)
+            limit.add_metric([name], bound)
+            evicted.add_metric([name], e)
+        return entries, limit, evicted
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         for name, (help_text, label, fn) in sorted(self._counters.items()):
@@ -118,6 +141,7 @@ class _ScrapeTimeGauges(Collector):
             for value, count in sorted(fn().items()):
                 gauge.add_metric([value], count)
             yield gauge
+        yield from self._cache_families()
         depth = GaugeMetricFamily(f"{NS}_exporter_queue_items", "Items waiting in the export queue",
                                   labels=["signal"])
         cap = GaugeMetricFamily(f"{NS}_exporter_queue_capacity_items",
@@ -209,6 +233,20 @@ class SelfTelemetry:
         """A gauge family ``ebpf_receiver_<name>{label}`` read from ``values()`` at scrape time
         (sizes and capacities of a component's maps and caches)."""
         self._gauges._gauges[name] = (help_text, label, values)
+
+    def watch_cache(self, name: str, entries: Callable[[], int], limit: int,
+                    evictions: Callable[[], int] = lambda: 0) -> None:
+        """``ebpf_receiver_cache_entries{cache=name}``, its ``…_limit_entries`` and
+        ``…_evictions_total``, read at scrape time; ``name`` must be one of ``CACHES`` so the
+        label set stays fixed. Registering a name again replaces it."""
+        if name not in CACHES:
+            raise ValueError(f"unknown cache {name!r}: add it to telemetry.CACHES")
+        self._gauges._caches[name] = (entries, int(limit), evictions)
+
+    def caches(self) -> dict[str, tuple[int, int, int]]:
+        """(entries, limit, evictions) per watched cache, e.g. for the shutdown log and benchmarks."""
+        return {name: (size(), bound, ev()) for name, (size, bound, ev)
+                in sorted(self._gauges._caches.items())}
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -10,6 +10,7 @@ Environment variables override the file, as they do for the OpenTelemetry SDKs' 
 from .forms import Range, parse_address, parse_duration, parse_size
 from .schema import (
     PROFILER_PRESETS,
+    CachesConfig,
     EbpfConfig,
     ExporterConfig,
     NetworkSourceConfig,
@@ -28,5 +29,5 @@ from .schema import (
 
 __all__ = ["EbpfConfig", "ExporterConfig", "SignalExporterConfig", "OtlpProtocol", "RetryConfig",
            "TelemetryConfig", "ResourceConfig", "ProcessFilter", "SourcesConfig", "ProcessSourceConfig",
-           "ProfilerSourceConfig", "NetworkSourceConfig", "SyscallsSourceConfig", "PROFILER_PRESETS",
+           "ProfilerSourceConfig", "NetworkSourceConfig", "SyscallsSourceConfig", "CachesConfig", "PROFILER_PRESETS",
            "Range", "parse_duration", "parse_size", "parse_address", "reference_table"]

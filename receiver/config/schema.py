@@ -46,6 +46,7 @@ __all__ = [
     "ProfilerSourceConfig",
     "NetworkSourceConfig",
     "SyscallsSourceConfig",
+    "CachesConfig",
     "PROFILER_PRESETS",
     "parse_duration",
     "parse_size",
@@ -354,6 +355,24 @@ class SyscallsSourceConfig:
         return p
 
 
+_CACHE_BOUND = Range(16, 1 << 24)
+
+
+@dataclass(frozen=True)
+class CachesConfig:
+    """Bounds of the user-space caches that grow with the host and have no key of their own
+    elsewhere (entries; the least recently used go first). Each is reported as
+    ``ebpf_receiver_cache_entries{cache=KEY}`` with its limit and evictions."""
+
+    process_resources: Annotated[int, _CACHE_BOUND] = 4096   # pid → OTLP resource
+    cgroups: Annotated[int, _CACHE_BOUND] = 8192             # cgroup id → path (container.id)
+    process_pids: Annotated[int, _CACHE_BOUND] = 16384       # process source: pid → parent, comm
+    symbol_processes: Annotated[int, _CACHE_BOUND] = 4096    # profiler: mappings per process
+    symbol_frames: Annotated[int, _CACHE_BOUND] = 65536      # profiler: address → named frame
+    demangled_names: Annotated[int, _CACHE_BOUND] = 65536    # profiler: C++/Rust names
+    python_codes: Annotated[int, _CACHE_BOUND] = 16384       # profiler: CPython code objects
+
+
 @dataclass(frozen=True)
 class SourcesConfig:
     process: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
@@ -373,6 +392,7 @@ class EbpfConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     resource: ResourceConfig = field(default_factory=ResourceConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    caches: CachesConfig = field(default_factory=CachesConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod

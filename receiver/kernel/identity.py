@@ -121,6 +121,10 @@ class CgroupResolver:
         self.rescan_interval = rescan_interval
         self._ids: dict[int, str] = {}
         self._last_scan = -rescan_interval
+        self.evictions = 0   # directories left out of scans at the bound, summed over scans
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
     def _scan(self) -> None:
         self._last_scan = time.monotonic()
@@ -128,12 +132,13 @@ class CgroupResolver:
             return
         ids: dict[int, str] = {}
         for dirpath, _dirs, _files in os.walk(self.root):
+            if len(ids) >= self.max_entries:
+                self.evictions += 1   # walked on only to count what the bound leaves out
+                continue
             try:
                 ids[os.stat(dirpath).st_ino] = dirpath[len(self.root):] or "/"
             except OSError:
                 continue
-            if len(ids) >= self.max_entries:
-                break
         self._ids = ids
 
     def path(self, cgroup_id: int) -> str | None:

@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 import threading
+from array import array
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
@@ -262,23 +263,37 @@ def parse_linetable(table: bytes, firstlineno: int) -> list[tuple[int, int, int]
     return out
 
 
-@dataclass(frozen=True, slots=True)
 class _Code:
-    qualname: str
-    filename: str
-    firstlineno: int
-    lines: tuple[tuple[int, int, int], ...]    # (start byte, end byte, line), contiguous from 0
+    """A code object's names and line table. The ranges of the table are contiguous from 0, so
+    they are kept as two flat arrays (start byte, line) and the end of the last one: a tuple per
+    range cost about 100 bytes, and up to ``MAX_CODES`` codes are kept."""
+
+    __slots__ = ("qualname", "filename", "firstlineno", "_starts", "_lines", "_end")
+
+    def __init__(self, qualname: str, filename: str, firstlineno: int,
+                 lines: Sequence[tuple[int, int, int]]) -> None:
+        self.qualname, self.filename, self.firstlineno = qualname, filename, firstlineno
+        self._starts = array("q", (start for start, _end, _line in lines))
+        self._lines = array("i", (line for _start, _end, line in lines))
+        self._end = lines[-1][1] if lines else 0
+
+    @property
+    def lines(self) -> list[tuple[int, int, int]]:
+        """(start byte, end byte, line) ranges, as ``parse_linetable`` gave them."""
+        ends = [*self._starts[1:], self._end]
+        return list(zip(self._starts, ends, self._lines))
 
     def line_at(self, lasti: int) -> int:
         if lasti == LASTI_UNKNOWN:
             return self.firstlineno
-        i = bisect_right(self.lines, (lasti, _BIG, _BIG)) - 1
-        if i >= 0 and lasti < self.lines[i][1] and self.lines[i][2] >= 0:
-            return self.lines[i][2]
-        return self.firstlineno
+        i = bisect_right(self._starts, lasti) - 1
+        if i < 0:
+            return self.firstlineno
+        end = self._starts[i + 1] if i + 1 < len(self._starts) else self._end
+        line = self._lines[i]
+        return line if lasti < end and line >= 0 else self.firstlineno
 
 
-_BIG = 1 << 62
 
 
 class CodeNames:
@@ -289,6 +304,14 @@ class CodeNames:
         self._codes: OrderedDict[tuple[int, int], _Code | None] = OrderedDict()
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()
+        self.evictions = 0                      # least recently used codes dropped at the bound
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    @property
+    def limit(self) -> int:
+        return self._max
 
     def learn(self, pid: int, code: int, interp: Interpreter) -> _Code | None:
         """Reads (once) and returns the code object's names; None when it cannot be read."""
@@ -307,6 +330,7 @@ class CodeNames:
             self._codes[key] = named
             while len(self._codes) > self._max:
                 self._codes.popitem(last=False)
+                self.evictions += 1
         return named
 
     def known(self, pid: int, code: int) -> tuple[bool, _Code | None]:
@@ -378,6 +402,8 @@ class PythonProcesses:
         self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
         self.codes = CodeNames(max_codes)
         self._frames: dict[tuple[int, int, int], Frame] = {}   # (pid, code, lasti) → frame
+        self.max_frames = 4 * max_codes
+        self.frame_evictions = 0                # frames dropped when the cache was cleared at its bound
         self.stats: Counter[str] = Counter()
         self._worker = QueueWorker("cpython-codes", self._learn, QUEUE_SIZE, self.stats)
 
@@ -391,6 +417,10 @@ class PythonProcesses:
     @property
     def processes(self) -> int:
         return len(self._interpreters)
+
+    @property
+    def cached_frames(self) -> int:
+        return len(self._frames)
 
     def load(self, pid: int, regions: Sequence[tuple[int, int, int | None, str, str, bool]]) -> None:
         """A noticed process: if it runs CPython, publish where its interpreter state is."""
@@ -467,7 +497,8 @@ class PythonProcesses:
                     continue
                 frame = Frame(0, named.qualname, "cpython", None, named.filename,
                               named.line_at(lasti & ~LASTI_ENTRY))
-                if len(cache) >= MAX_CODES * 4:
+                if len(cache) >= self.max_frames:
+                    self.frame_evictions += len(cache)
                     cache.clear()
                 cache[(pid, code, lasti)] = frame
             out.append((frame, entry))

@@ -34,6 +34,14 @@ class Demangler:
         self._timeout = timeout
         self._cache: OrderedDict[str, str] = OrderedDict()
         self._warned = False
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    @property
+    def limit(self) -> int:
+        return self._max_entries
 
     def names(self, mangled: Iterable[str]) -> dict[str, str]:
         """Readable form of each mangled name (the name itself where it cannot be demangled)."""
@@ -44,6 +52,7 @@ class Demangler:
                 self._cache[name] = readable
             while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
+                self.evictions += 1
         out = {}
         for n in wanted:
             readable = self._cache.get(n, n)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import ProfilerSourceConfig
+from ..config import CachesConfig, ProfilerSourceConfig
 from ..errors import SourceUnavailableError
 from ..kernel import features as kernel_features
 from ..kernel import host
@@ -192,14 +192,18 @@ def _executable_name(pid: int) -> str:
 class CpuSampler:
     """One loaded profiler program and what user space keeps for it (symbols, process names)."""
 
-    def __init__(self, config: ProfilerSourceConfig, source_name: str = "profiler"):
+    def __init__(self, config: ProfilerSourceConfig, source_name: str = "profiler",
+                 caches: CachesConfig | None = None):
+        caches = caches or CachesConfig()
         self.config = config
         self.source_name = source_name
         self.frequency = config.sample_frequency
         self.bpf: Any = None
-        self.symbolizer = Symbolizer(max_files=config.symbol_cache_size, max_processes=4096)
-        self.demangler = Demangler()
-        self.cgroups = CgroupResolver()
+        self.symbolizer = Symbolizer(max_files=config.symbol_cache_size, max_processes=caches.symbol_processes,
+                                     max_cached_frames=caches.symbol_frames)
+        self.demangler = Demangler(max_entries=caches.demangled_names)
+        self.cgroups = CgroupResolver(max_entries=caches.cgroups)
+        self.python_codes = caches.python_codes
         self._attached = False
         self._generation = 0
         self._generation_start_ns = time.time_ns()
@@ -284,7 +288,7 @@ class CpuSampler:
         for map_name, part, mirror in mirrors:
             check_mirror(bpf, map_name, part, mirror, self.source_name)
         if self.python_frames:
-            self.python = cpython.PythonProcesses(bpf).start()
+            self.python = cpython.PythonProcesses(bpf, self.python_codes).start()
         if self.unwinding:
             self._ustack_leaf = PyUnwindStack() if self.python_frames else UnwindStack()
             self.unwinder = UnwindTables(bpf, self.symbolizer, int(self.config.unwind_table_rows),

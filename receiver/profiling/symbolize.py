@@ -56,6 +56,7 @@ class SymbolizerStats:
     file_cache_evictions: int = 0
     file_errors: int = 0              # files that were not readable ELF
     process_evictions: int = 0        # processes dropped by the max_processes bound
+    frame_evictions: int = 0          # cached frames dropped at the max_cached_frames bound
     maps_reads: int = 0               # /proc/PID/maps reads (first sight and refreshes)
 
 
@@ -70,6 +71,9 @@ class _FileCache:
         self._stats = stats
         self._files: OrderedDict[Hashable, ElfFile | None] = OrderedDict()
         self._by_identity: dict[Hashable, Hashable] = {}
+
+    def __len__(self) -> int:
+        return len(self._files)
 
     def get(self, identity: Hashable, read: Callable[[], ElfFile]) -> ElfFile | None:
         key = self._by_identity.get(identity)
@@ -235,6 +239,13 @@ class Symbolizer:
         with self._lock:
             self._forget(pid)
 
+    def cache_sizes(self) -> dict[str, tuple[int, int, int]]:
+        """(entries, limit, evictions) of the file, process and frame caches, for self-metrics."""
+        s = self.stats
+        return {"symbol_files": (len(self._files), self._files._max, s.file_cache_evictions),
+                "symbol_processes": (len(self._processes), self._max_processes, s.process_evictions),
+                "symbol_frames": (self._cached_frames, self._max_cached_frames, s.frame_evictions)}
+
     # -- kernel -----------------------------------------------------------------------------
 
     def _kernel_frames(self, addrs: Sequence[int], out: list[Frame]) -> None:
@@ -316,6 +327,7 @@ class Symbolizer:
         return proc.alive and time.monotonic() - proc.refreshed_at >= REFRESH_AFTER_S
 
     def _drop_frame_caches(self) -> None:
+        self.stats.frame_evictions += self._cached_frames
         for proc in self._processes.values():
             proc.leaf_frames.clear()
             proc.return_frames.clear()

@@ -87,6 +87,11 @@ class NetworkSource(BccSource):
         self._start_unix_ns = time.time_ns()
         self._stopping = False
         self._hand_on = ctx.consumer.consume_event
+        metrics = self._metrics   # beyond max_attribute_sets: the overflow series, not evictions
+        ctx.telemetry.watch_cache("network_series", lambda: len(metrics.series),
+                                  self.config.max_attribute_sets + 1)
+        ctx.telemetry.watch_cache("network_open_connections", metrics.open_connections,
+                                  self.config.max_connections)
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:

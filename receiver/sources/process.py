@@ -67,8 +67,11 @@ class ProcessSource(BccSource):
         self.config = ctx.config.sources.process
         self.report_interval = 5.0
         self._parents: OrderedDict[int, int] = OrderedDict()  # pid → ppid from forks, bounded
-        self._max_parents = 16384
+        self._max_parents = ctx.config.caches.process_pids
         self._comms: OrderedDict[int, str] = OrderedDict()    # pid → comm, for OOM victims
+        self._evictions = 0   # entries dropped at the bound (their exit was never seen)
+        ctx.telemetry.watch_cache("process_pids", lambda: max(len(self._parents), len(self._comms)),
+                                  self._max_parents, lambda: self._evictions)
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
@@ -86,6 +89,7 @@ class ProcessSource(BccSource):
         table.move_to_end(pid)
         if len(table) > self._max_parents:
             table.popitem(last=False)
+            self._evictions += 1
 
     def handle_event(self, data: int, size: int) -> None:
         hdr = ProcEvent.from_address(data)

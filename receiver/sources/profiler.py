@@ -17,6 +17,7 @@ from ..profiling.model import CpuProfile
 from ..profiling.pprof import write_pprof
 from ..profiling.sampler import (
     LOST_REASONS,
+    MIN_WHOLE_KEYS,
     REC_NEW_PROCESS,
     REC_PY_CODE,
     REC_SAMPLE,
@@ -72,6 +73,30 @@ def _row_gauges(sampler: CpuSampler) -> dict[str, int]:
     return {"used": g["rows_used"], "capacity": g["rows_capacity"]}
 
 
+def _watch_caches(telemetry: Any, sampler: CpuSampler, config: Any, caches: Any) -> None:
+    """The profiler's caches as ``ebpf_receiver_cache_*`` series (the unwinder and CPython ones
+    exist only once the program is loaded: 0 until then)."""
+    symbolizer, demangler = sampler.symbolizer, sampler.demangler
+    for name in ("symbol_files", "symbol_processes", "symbol_frames"):
+        telemetry.watch_cache(name, lambda n=name: symbolizer.cache_sizes()[n][0],
+                              symbolizer.cache_sizes()[name][1],
+                              lambda n=name: symbolizer.cache_sizes()[n][2])
+    telemetry.watch_cache("demangled_names", demangler.__len__, demangler.limit,
+                          lambda: demangler.evictions)
+    # Samples refused beyond the bound are also counted as lost (stack_collision).
+    telemetry.watch_cache("profile_stacks", lambda: len(sampler._whole), max(config.max_stacks, MIN_WHOLE_KEYS),
+                          lambda: sampler.whole_lost)
+    telemetry.watch_cache("unwind_processes",
+                          lambda: sampler.unwinder.gauges()["processes"] if sampler.unwinder else 0,
+                          config.unwind_processes)
+    telemetry.watch_cache("python_codes", lambda: len(sampler.python.codes) if sampler.python else 0,
+                          caches.python_codes,
+                          lambda: sampler.python.codes.evictions if sampler.python else 0)
+    telemetry.watch_cache("python_frames", lambda: sampler.python.cached_frames if sampler.python else 0,
+                          4 * caches.python_codes,
+                          lambda: sampler.python.frame_evictions if sampler.python else 0)
+
+
 class ProfilerSource(BccSource):
     name = "profiler"
     bpf_file = "profiler.bpf.c"
@@ -81,7 +106,7 @@ class ProfilerSource(BccSource):
         super().__init__(ctx)
         self.config = ctx.config.sources.profiler
         self.report_interval = float(self.config.report_interval)
-        self.sampler = CpuSampler(self.config, self.name)
+        self.sampler = CpuSampler(self.config, self.name, ctx.config.caches)
         stats = self.sampler.symbolizer.stats
         ctx.telemetry.watch_counters(
             "profiler_frames", "Stack frames symbolized, by result (unresolved ones keep address, "
@@ -119,6 +144,7 @@ class ProfilerSource(BccSource):
             "profiler_python", "CPython interpreters and code objects by event: processes_loaded, "
             "unsupported_versions, unreadable, processes_over_limit, codes_read, codes_unreadable, "
             "queue_full", "event", lambda: _python_events(sampler))
+        _watch_caches(ctx.telemetry, sampler, self.config, ctx.config.caches)
         ctx.telemetry.watch_gauges(
             "profiler_unwind_table_rows", "Rows of the kernel's unwind table array: used and capacity "
             "(16 bytes each)", "state",
