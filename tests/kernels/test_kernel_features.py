@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,8 +54,9 @@ def without_task_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EBPF_RECEIVER_WITHOUT", "task_storage,task_btf")   # the agent inherits it
 
 
-@pytest.mark.bpf
-def test_syscalls_fallback_program_has_no_task_storage(bpf_ok: None, without_task_storage: None) -> None:
+@pytest.fixture
+def fallback_syscalls(bpf_ok: None, without_task_storage: None) -> Iterator[Any]:
+    """The syscalls program as loaded where task storage is missing (5.10)."""
     from receiver.sources.base import compile_bpf
 
     kernel_features.probe.cache_clear()
@@ -62,32 +65,27 @@ def test_syscalls_fallback_program_has_no_task_storage(bpf_ok: None, without_tas
     finally:
         kernel_features.probe.cache_clear()
     try:
-        assert type(bpf["start"]).__name__ == "HashTable"
-        assert bpf["start"].max_entries == 32768
+        yield bpf
     finally:
         bpf.cleanup()
 
 
 @pytest.mark.bpf
-def test_syscalls_fallback_frees_the_entries_of_threads_that_exit(bpf_ok: None, without_task_storage: None) -> None:
+def test_syscalls_fallback_program_has_no_task_storage(fallback_syscalls: Any) -> None:
+    assert type(fallback_syscalls["start"]).__name__ == "HashTable"
+    assert fallback_syscalls["start"].max_entries == 32768
+
+
+@pytest.mark.bpf
+def test_syscalls_fallback_frees_the_entries_of_threads_that_exit(fallback_syscalls: Any) -> None:
     """A thread ends inside exit_group, and its last switch must not park that call in the
     thread-id hash: 300 processes that exit leave no entries behind (the hash would fill)."""
-    from receiver.sources.base import compile_bpf
-
-    kernel_features.probe.cache_clear()
-    try:
-        bpf = compile_bpf("syscalls", "syscalls.bpf.c", kernel_features.syscalls_cflags())
-    finally:
-        kernel_features.probe.cache_clear()
-    try:
-        before = len(bpf["start"].items())
-        for _ in range(300):
-            subprocess.run(["/bin/true"], check=True)
-        after = len(bpf["start"].items())
-        # Threads elsewhere on the host may block in calls meanwhile: a few, not one per exit.
-        assert after - before < 100, (before, after)
-    finally:
-        bpf.cleanup()
+    before = len(fallback_syscalls["start"].items())
+    for _ in range(300):
+        subprocess.run(["/bin/true"], check=True)
+    after = len(fallback_syscalls["start"].items())
+    # Threads elsewhere on the host may block in calls meanwhile: a few, not one per exit.
+    assert after - before < 100, (before, after)
 
 
 @pytest.mark.bpf
