@@ -273,7 +273,7 @@ class _Code:
                  lines: Iterable[tuple[int, int, int]]) -> None:
         """``lines``: (start byte, end byte, line) ranges, sorted, as ``parse_linetable`` gives."""
         self.qualname, self.filename, self.firstlineno = qualname, filename, firstlineno
-        self._starts, self._ends, self._lines = array("q"), array("q"), array("q")
+        self._starts, self._ends, self._lines = array("i"), array("i"), array("i")
         for start, end, line in lines:
             self._starts.append(start)
             self._ends.append(end)
