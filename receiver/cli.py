@@ -47,6 +47,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Files the agent writes (pprof files, ...) are never writable by group or others.
     os.umask(os.umask(0o022) | 0o022)
     _setup_logging(args.log_level or config.log_level)
+    from .kernel import heap
+
+    heap.limit_arenas(2)   # before gRPC and the workers start threads (issue 16: RSS)
     from .service import Service
 
     runner: Callable[..., object] = asyncio.run

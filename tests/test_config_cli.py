@@ -140,6 +140,7 @@ def test_bpf_sources_are_found() -> None:
      "exporter.retry.randomization_factor: must be at least 0 and less than 1"),
     ({"sources": {"profiler": {"preset": "debug", "frequency": 0}}},
      "sources.profiler.frequency: must be at least 1 and at most 1000"),
+    ({"sources": {"network": {"ring_buffer_pages": 3}}}, "sources.network.ring_buffer_pages: must be a power of two"),
 ])
 def test_limits_declared_on_fields_reject_zero_and_out_of_range(section: dict, problem: str) -> None:
     """A zero interval or timeout never reaches a loop: the limit is on the field."""

@@ -314,9 +314,15 @@ class NetworkSourceConfig:
     peer_attributes: bool = False
     max_attribute_sets: Annotated[int, AT_LEAST_1] = 2000
     max_connections: Annotated[int, Range(16)] = 65536
+    # Finished connections wait here while the event loop is busy: 4 MiB holds 32 768 records
+    # (128 bytes each), 3.3 s of 10 000 connection ends per second. Resident twice (the kernel
+    # maps the data area twice), so 4 MiB costs 8 MB of RSS. Losses: ringbuf_full.
+    ring_buffer_pages: Annotated[int, Range(1, 1 << 18)] = 1024
 
     def _validate(self) -> list[str]:
         p = []
+        if self.ring_buffer_pages & (self.ring_buffer_pages - 1):
+            p.append("ring_buffer_pages: must be a power of two")
         if any(not 0 < port < 65536 for port in self.ports):
             p.append("ports: each port must be from 1 to 65535")
         import ipaddress

@@ -27,7 +27,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from .elf import ElfError, dynamic_symbols_fd
@@ -264,36 +264,32 @@ def parse_linetable(table: bytes, firstlineno: int) -> list[tuple[int, int, int]
 
 
 class _Code:
-    """A code object's names and line table. The ranges of the table are contiguous from 0, so
-    they are kept as two flat arrays (start byte, line) and the end of the last one: a tuple per
-    range cost about 100 bytes, and up to ``MAX_CODES`` codes are kept."""
+    """A code object's names and its location table as three arrays (a tuple of 3-tuples per
+    range cost ~100 bytes a range: 4.6 MB for a few hundred code objects)."""
 
-    __slots__ = ("qualname", "filename", "firstlineno", "_starts", "_lines", "_end")
+    __slots__ = ("qualname", "filename", "firstlineno", "_starts", "_ends", "_lines")
 
     def __init__(self, qualname: str, filename: str, firstlineno: int,
-                 lines: Sequence[tuple[int, int, int]]) -> None:
+                 lines: Iterable[tuple[int, int, int]]) -> None:
+        """``lines``: (start byte, end byte, line) ranges, sorted, as ``parse_linetable`` gives."""
         self.qualname, self.filename, self.firstlineno = qualname, filename, firstlineno
-        self._starts = array("q", (start for start, _end, _line in lines))
-        self._lines = array("i", (line for _start, _end, line in lines))
-        self._end = lines[-1][1] if lines else 0
+        self._starts, self._ends, self._lines = array("i"), array("i"), array("i")
+        for start, end, line in lines:
+            self._starts.append(start)
+            self._ends.append(end)
+            self._lines.append(line)
 
     @property
-    def lines(self) -> list[tuple[int, int, int]]:
-        """(start byte, end byte, line) ranges, as ``parse_linetable`` gave them."""
-        ends = [*self._starts[1:], self._end]
-        return list(zip(self._starts, ends, self._lines))
+    def lines(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(zip(self._starts, self._ends, self._lines, strict=True))
 
     def line_at(self, lasti: int) -> int:
         if lasti == LASTI_UNKNOWN:
             return self.firstlineno
         i = bisect_right(self._starts, lasti) - 1
-        if i < 0:
-            return self.firstlineno
-        end = self._starts[i + 1] if i + 1 < len(self._starts) else self._end
-        line = self._lines[i]
-        return line if lasti < end and line >= 0 else self.firstlineno
-
-
+        if i >= 0 and lasti < self._ends[i] and self._lines[i] >= 0:
+            return self._lines[i]
+        return self.firstlineno
 
 
 class CodeNames:
@@ -366,7 +362,7 @@ def _read_code(pid: int, code: int, interp: Interpreter) -> _Code | None:
             raise ValueError("implausible co_linetable")
         table = read(linetable + 32, size) if size else b""         # PyBytesObject.ob_sval
         return _Code(_read_str(read, qualname, lay), _read_str(read, filename, lay), firstlineno,
-                     tuple(parse_linetable(table, firstlineno)))
+                     parse_linetable(table, firstlineno))
     finally:
         os.close(fd)
 

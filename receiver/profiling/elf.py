@@ -157,7 +157,7 @@ class _Found:
         bits = max(n.bit_length(), 1)
         mask = (1 << bits) - 1
         order = sorted(start << bits | i for i, start in enumerate(self.starts))
-        starts, ends, offsets, names = array("Q"), array("Q"), array("Q", [0]), bytearray()
+        starts, ends, offsets, names = array("Q"), array("Q"), array("I", [0]), bytearray()
         chosen = -1
         for packed in order:
             i = packed & mask

@@ -102,9 +102,7 @@ class NetworkSource(BccSource):
 
         kernel_features.require(self.name)   # runs before the compile: a clear reason, not a BCC error
         c = self.config
-        # 8 MiB of ring buffer: ~65 000 records, several seconds of 10 000 connection ends per
-        # second while the event loop is busy exporting.
-        return [f"-DMAX_CONNECTIONS={int(c.max_connections)}", "-DRINGBUF_PAGES=2048",
+        return [f"-DMAX_CONNECTIONS={int(c.max_connections)}", f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
                 f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_ADDRESSES={1 if c.addresses else 0}",
                 f"-DFILTER_PROCESS={1 if c.filter.active else 0}", f"-DSELF_TGID={os.getpid()}"]
 
