@@ -133,6 +133,7 @@ class UnwindTables:
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()       # monotonic counters, read by self-metrics
         self._worker = QueueWorker("unwind-tables", self._apply, QUEUE_SIZE, self.stats)
+        self._stopped = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,6 +142,9 @@ class UnwindTables:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Ends the worker. A table still being built when the timeout passes is dropped at its
+        next map write: the maps' descriptors are closed right after this returns."""
+        self._stopped.set()
         self._worker.stop(timeout)
 
     def request(self, pid: int) -> None:
@@ -167,6 +171,8 @@ class UnwindTables:
 
     def _apply(self, item: tuple[str, int]) -> None:
         what, pid = item
+        if self._stopped.is_set():
+            return
         if what == "load":
             if self._load(pid, build_all=False):
                 self._put("load_rest", pid)
@@ -234,6 +240,9 @@ class UnwindTables:
                 self._put("load", pid)
             return False
         self._retries.pop(pid, None)
+        if self._stopped.is_set():
+            self._unpin(keys)
+            return False
         slot = self._free_slots.pop()
         n = len(entries)
         first_key = slot * MAX_MAPPINGS
@@ -368,6 +377,10 @@ class UnwindTables:
                 self._allocator.release(gone.start, gone.rows)
                 self.stats["tables_evicted"] += 1
                 first = self._allocator.allocate(n)
+        if self._stopped.is_set():     # stopping: the map may be closed any moment
+            with self._lock:
+                self._allocator.release(first, n)
+            return None
         keys = (ctypes.c_uint32 * n)(*range(first, first + n))
         values = (UnwindRow * n).from_buffer_copy(rows)
         try:
