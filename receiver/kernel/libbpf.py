@@ -382,6 +382,33 @@ _ATTR_SIZE = 112              # PERF_ATTR_SIZE_VER5: every kernel since 4.x take
 _FREQ_BIT = 1 << 10           # perf_event_attr.freq, in the flags word at offset 40
 
 
+def drain_hash_map(fd: int, key_size: int, buffers: tuple[Any, Any]) -> Iterator[tuple[Any, Any, int]]:
+    """Empties a hash map with BPF_MAP_LOOKUP_AND_DELETE_BATCH into caller-kept raw buffers
+    (``Table.items_lookup_and_delete_batch`` makes a ctypes object per entry, too slow for the
+    profiler's drain), yielding (keys, values, count) per call; the next call overwrites them,
+    so consume each before iterating on.
+    Stops at the end of the map, or when a call makes no progress (a map written meanwhile)."""
+    keys, values = buffers
+    batch = len(keys) // key_size
+    token = ctypes.c_uint64(0)   # a hash map's batch position (a bucket index)
+    count = ctypes.c_uint32(0)
+    first = True
+    lookup_and_delete = lib().bpf_map_lookup_and_delete_batch
+    while True:
+        count.value = batch
+        res = lookup_and_delete(fd, None if first else ctypes.byref(token), ctypes.byref(token),
+                                keys, values, ctypes.byref(count), None)
+        first = False
+        if count.value:
+            yield keys, values, count.value
+        if res < 0:              # libbpf returns -errno
+            if -res != errno.ENOENT:
+                raise OSError(-res, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(-res)}")
+            return
+        if count.value == 0:
+            return
+
+
 def perf_event_open_bpf(ev_type: int, ev_config: int, sample_freq: int, cpu: int, prog_fd: int) -> int:
     """A perf event on ``cpu`` sampling at ``sample_freq`` Hz that runs ``prog_fd``, enabled (the
     calls libbcc's ``bpf_attach_perf_event`` makes)."""

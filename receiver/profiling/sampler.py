@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import array
 import ctypes
-import errno
 import functools
 import logging
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from ..kernel import host
 from ..kernel.bcc import check_mirror, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
-from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, lib
+from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, drain_hash_map, lib
 from ..kernel.loader import Program, compile_bpf
 from . import cpython
 from .demangle import Demangler
@@ -88,32 +86,6 @@ _U64 = struct.Struct("<Q")
 
 def _unpack_u64s(buf: Any, offset: int, n: int) -> tuple[int, ...]:
     return struct.unpack_from(f"<{n}Q", buf, offset)
-
-
-def _lookup_and_delete_all(fd: int, key_size: int, value_size: int,
-                           buffers: tuple[Any, Any]) -> Iterator[tuple[Any, Any, int]]:
-    """Empties a hash map with BPF_MAP_LOOKUP_AND_DELETE_BATCH, yielding (keys, values, count)
-    per call in the given buffers (overwritten by the next call: consume before iterating on).
-    Stops at the end of the map, or when a call makes no progress (a map written meanwhile)."""
-    keys, values = buffers
-    batch = len(keys) // key_size
-    token = ctypes.c_uint64(0)   # a hash map's batch position (a bucket index)
-    count = ctypes.c_uint32(0)
-    first = True
-    lookup_and_delete = lib().bpf_map_lookup_and_delete_batch
-    while True:
-        count.value = batch
-        res = lookup_and_delete(fd, None if first else ctypes.byref(token), ctypes.byref(token),
-                                keys, values, ctypes.byref(count), None)
-        first = False
-        if count.value:
-            yield keys, values, count.value
-        if res < 0:              # libbpf returns -errno
-            if -res != errno.ENOENT:
-                raise OSError(-res, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(-res)}")
-            return
-        if count.value == 0:
-            return
 
 
 assert _PROF_KEY.size == ctypes.sizeof(ProfKey) and ProfKey.user_stack_hash.offset == 40
@@ -440,7 +412,7 @@ class CpuSampler:
                                  ctypes.create_string_buffer(8 * COUNTS_BATCH))
         out: list[Count] = []
         key_size = _PROF_KEY.size
-        for keys, values, n in _lookup_and_delete_all(table.map_fd, key_size, 8, self._counts_bufs):
+        for keys, values, n in drain_hash_map(table.map_fd, key_size, self._counts_bufs):
             for i in range(n):
                 pid, tid, uid, kid, cgroup_id, comm, uhash = _PROF_KEY.unpack_from(keys, i * key_size)
                 out.append((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
@@ -481,7 +453,7 @@ class CpuSampler:
         len_at, truncated_at, ips_at = layout.len.offset, layout.truncated.offset, layout.ips.offset
         python = self.python is not None and layout is PyUnwindStack
         out: dict[int, Walked] = {}
-        for keys, values, n in _lookup_and_delete_all(table.map_fd, 8, size, self._walked_buffers(size)):
+        for keys, values, n in drain_hash_map(table.map_fd, 8, self._walked_buffers(size)):
             for i in range(n):
                 base = i * size
                 depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
