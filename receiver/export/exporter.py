@@ -159,8 +159,8 @@ class OtlpExporter:
             return False
         q.entries.append((resource, item))
         q.queued += 1
-        if q.queued >= self.config.max_batch_size:
-            q.wakeup.set()
+        if q.queued == 1 or q.queued >= self.config.max_batch_size:
+            q.wakeup.set()   # the first item starts the batch timer; a full batch goes now
         return True
 
     def submit_request(self, signal: Signal, request: Any) -> bool:
@@ -266,7 +266,10 @@ class OtlpExporter:
             if not q.entries:
                 if self._stopping.is_set():
                     return
-                await self._wait(q.wakeup)
+                # Nothing queued: sleep until an item, a flush or the shutdown wakes us (a timed
+                # wait here woke the event loop every batch_timeout per signal on an idle host).
+                q.wakeup.clear()
+                await q.wakeup.wait()
                 continue
             if (q.queued < self.config.max_batch_size and not self._stopping.is_set()
                     and not self._flushing and not isinstance(q.entries[0], _Whole)):
