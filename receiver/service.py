@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .config import EbpfConfig, parse_address
 from .errors import ReceiverError, SourceUnavailableError
 from .export.exporter import OtlpExporter
+from .kernel import heap
 from .kernel.clock import KernelClock
 from .kernel.identity import CgroupResolver, detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
@@ -91,6 +92,7 @@ class Service:
         if self.http:
             self.http.ready = True
         log.info("running sources: %s", ", ".join(s.name for s in self.sources))
+        heap.freeze_startup_objects()
 
     def _drop_privileges(self) -> None:
         """Keeps only the capabilities the running sources still use (receiver/kernel/privileges.py),

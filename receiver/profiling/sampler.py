@@ -344,6 +344,8 @@ class CpuSampler:
         self._generation_start_ns = now
         time.sleep(GENERATION_SETTLE_S)
 
+        if self.config.kernel_stacks:
+            self.symbolizer.load_kernel_symbols()
         counts = self._take_counts(bpf[f"counts{old}"])
         stacks = self._take_stacks(bpf[f"stacks{old}"], counts)
         walked = self._take_walked(bpf[f"ustacks{old}"]) if self.unwinder is not None else {}

@@ -248,6 +248,14 @@ class Symbolizer:
 
     # -- kernel -----------------------------------------------------------------------------
 
+    def load_kernel_symbols(self) -> None:
+        """Reads kallsyms now, not at the first kernel frame: the profiler calls this in its
+        first drain, so the ~0.1 s read is part of its start-up, not of a later interval that
+        happens to see the first sample taken in the kernel."""
+        with self._lock:
+            if self._kernel is None:
+                self._kernel = KernelSymbols()
+
     def _kernel_frames(self, addrs: Sequence[int], out: list[Frame]) -> None:
         if self._kernel is None:
             self._kernel = KernelSymbols()
