@@ -178,8 +178,9 @@ def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
         otlp = pb.Profile(sample_type=samples_type, period_type=period_type,
                           period=profile.period_ns, time_unix_nano=profile.start_unix_nano,
                           duration_nano=profile.duration_ns, profile_id=os.urandom(16))
-        otlp.samples.extend(pb.Sample(stack_index=stack, attribute_indices=attrs, values=[count])
-                            for (stack, attrs), count in counts.items())
+        add = otlp.samples.add    # in place: extend() with new Samples built each one twice
+        for (stack, attrs), count in counts.items():
+            add(stack_index=stack, attribute_indices=attrs, values=[count])
         request.resource_profiles.add(resource=resource).scope_profiles.add(
             scope=SCOPE, profiles=[otlp])
     return request
