@@ -27,7 +27,7 @@ from typing import Any
 
 from ._support import compile_c, otelcol_bin
 
-MEASURE_S = 30.0
+MEASURE_INTERVALS = 3  # report intervals (10 s each) measured, from drain to drain
 PERF_S = 8.0          # perf --call-graph dwarf beside the agent, inside the measured window
 KERNEL_HALF = 0x0000_8000_0000_0000
 WARMUP_S = 12.0       # past the first drain, which parses the ELF files once
@@ -63,6 +63,16 @@ __attribute__((noinline)) void f{i}(unsigned d) {{
         "    return 0;",
         "}",
     ])
+
+
+def _next_pprof(pprof_dir: Path, have: int, timeout: float = 60.0 + 10.0 * MEASURE_INTERVALS) -> None:
+    """Until the agent has written more than ``have`` pprof files (one per drain), polling the
+    directory: scraping /metrics that often would cost the agent the CPU being measured."""
+    deadline = time.monotonic() + timeout
+    while len(list(pprof_dir.glob("cpu-*.pb.gz"))) <= have:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no pprof file past {have} in {pprof_dir} within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -152,7 +162,7 @@ def run() -> int:
     load_bin = compile_c(_load_source(), workdir / "stacks_load", "-O2", "-fomit-frame-pointer")
 
     collector = Collector(otelcol_bin(), workdir).start()
-    loads = [subprocess.Popen([str(load_bin), str(int(WARMUP_S + MEASURE_S + 60)), str(i)])
+    loads = [subprocess.Popen([str(load_bin), str(int(WARMUP_S + 10 * MEASURE_INTERVALS + 80)), str(i)])
              for i in range(2)]
     pprof_dir = workdir / "pprof"
     # All four sources, so the RSS figure is the agent's as deployed (issue 16); the load makes
@@ -169,10 +179,13 @@ def run() -> int:
         _bpf_prog_stats("on_cpu_sample", pid)   # bpftool's own binaries get their tables now
         time.sleep(WARMUP_S)
         bpf0 = _bpf_prog_stats("on_cpu_sample", pid)
+        samples0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
+        # The window runs from one interval's pprof file to the one MEASURE_INTERVALS later, so
+        # it always holds that many drains (a fixed 30 s held three or four, by phase).
+        _next_pprof(pprof_dir, len(list(pprof_dir.glob("cpu-*.pb.gz"))))
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         since_ns = time.time_ns()
-        samples0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
-        time.sleep(MEASURE_S)
+        _next_pprof(pprof_dir, len(list(pprof_dir.glob("cpu-*.pb.gz"))) + MEASURE_INTERVALS - 1)
         c1, t1 = _cpu_seconds(pid), time.monotonic()
         bpf1 = _bpf_prog_stats("on_cpu_sample", pid)
         samples1 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
@@ -198,7 +211,8 @@ def run() -> int:
     shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"profiler: agent at 99 Hz, all processes, 2 cores busy with {N_FUNCTIONS}-function random-depth "
-          f"recursion; {t1 - t0:.0f} s measured after {WARMUP_S:.0f} s warm-up")
+          f"recursion; {t1 - t0:.1f} s measured ({MEASURE_INTERVALS} report intervals, drain to drain) "
+          f"after {WARMUP_S:.0f} s warm-up")
     print(f"  agent CPU      {c1 - c0:6.2f} s  = {share:.2f} % of one core")
     print(f"  samples drained {samples1 - samples0:6.0f}  ({(samples1 - samples0) / (t1 - t0):.0f}/s); "
           f"profiles sent {sent:.0f}; lost {', '.join(f'{k}={v:.0f}' for k, v in lost.items() if v) or 'none'}")
