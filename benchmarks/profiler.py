@@ -179,10 +179,10 @@ def run() -> int:
         _bpf_prog_stats("on_cpu_sample", pid)   # bpftool's own binaries get their tables now
         time.sleep(WARMUP_S)
         bpf0 = _bpf_prog_stats("on_cpu_sample", pid)
-        samples0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
         # The window runs from one interval's pprof file to the one MEASURE_INTERVALS later, so
         # it always holds that many drains (a fixed 30 s held three or four, by phase).
         _next_pprof(pprof_dir, len(list(pprof_dir.glob("cpu-*.pb.gz"))))
+        samples0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         since_ns = time.time_ns()
         _next_pprof(pprof_dir, len(list(pprof_dir.glob("cpu-*.pb.gz"))) + MEASURE_INTERVALS - 1)

@@ -253,13 +253,15 @@ class Symbolizer:
         first drain, so the ~0.1 s read is part of its start-up, not of a later interval that
         happens to see the first sample taken in the kernel."""
         with self._lock:
-            if self._kernel is None:
-                self._kernel = KernelSymbols()
+            self._kernel_symbols()
 
-    def _kernel_frames(self, addrs: Sequence[int], out: list[Frame]) -> None:
+    def _kernel_symbols(self) -> KernelSymbols:
         if self._kernel is None:
             self._kernel = KernelSymbols()
-        kernel = self._kernel
+        return self._kernel
+
+    def _kernel_frames(self, addrs: Sequence[int], out: list[Frame]) -> None:
+        kernel = self._kernel_symbols()
         _cached_stack(addrs, self._kernel_leaf, self._kernel_return,
                       lambda addr, is_return: self._kernel_frame(kernel, addr, is_return), out)
 
