@@ -420,7 +420,9 @@ static __always_inline void notice_process(u32 tgid) {
     }
     e->kind = PROF_REC_NEW_PROCESS;
     e->pid = tgid;
-    events.ringbuf_submit(e, 0);
+    /* Forced: a wake-up on commit is only sent when the consumer has read everything before it,
+     * and whole samples are left unread on purpose. The process may exit soon. */
+    events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
 /* Counts one sample under key (user stack: walked, or the kernel's frame-pointer walk). */
@@ -591,7 +593,7 @@ static __always_inline void notice_code(u32 pid, u64 code) {
     e->kind = PROF_REC_PY_CODE;
     e->pid = pid;
     e->code = code;
-    events.ringbuf_submit(e, 0);            /* read now: the process may exit soon */
+    events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);   /* read now (see notice_process) */
 }
 
 /* Records one frame (code object, instruction offset) and moves to the previous one; a shim

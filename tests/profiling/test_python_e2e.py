@@ -247,6 +247,53 @@ def test_short_lived_process_is_named(bpf_ok: None, tmp_path: Path) -> None:
     assert {"hot_a", "hot_b", "level1", "<module>"} <= {f.function for f in named}
 
 
+def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole samples (stack maps full) are left unread on purpose, and the ring buffer wakes its
+    reader on a plain commit only when everything before was read. The notices that must be read
+    while a process lives (new process, new code object) force the wake-up: a short-lived Python
+    process started behind unread whole samples still has its code objects named."""
+    from receiver.config import ProcessFilter
+    from receiver.profiling.sampler import CpuSampler
+
+    # Whole samples never wake the reader by themselves here (the agent wakes it every few).
+    monkeypatch.setattr(CpuSampler, "_wake_every", staticmethod(lambda: 1 << 30))
+    filler, short = tmp_path / "pyfill", tmp_path / "pyshort"
+    for exe in (filler, short):
+        shutil.copy("/usr/bin/python3.11", exe)
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_SOURCE)
+    fill = subprocess.Popen([str(filler), str(script), "3600"], stdout=subprocess.DEVNULL)
+    prof = None
+    try:
+        prof = Profiled(0, filter=ProcessFilter(process_names=["pyfill", "pyshort"]), max_stacks=64)
+        sampler = prof.sampler
+        # The filler's distinct stacks fill the 64-entry maps: later samples go whole, unread.
+        wait_until(lambda: sampler.stats()["recorded"] >= 20, 120, 0.2, "whole samples")
+        assert sampler.python is not None
+        learned: collections.Counter[tuple[int, bool]] = collections.Counter()
+        learn = type(sampler.python.codes).learn
+
+        def spy(self: Any, pid: int, code: int, interp: Any) -> Any:
+            named = learn(self, pid, code, interp)
+            learned[(pid, named is not None)] += 1
+            return named
+
+        monkeypatch.setattr(type(sampler.python.codes), "learn", spy)
+        proc = subprocess.Popen([str(short), str(script), "3"], stdout=subprocess.DEVNULL)
+        assert proc.wait(60) == 0
+        assert sampler.python.wait_idle(5)
+        whole = sampler.stats()["recorded"]
+    finally:
+        if prof is not None:
+            prof.close()
+        fill.kill()
+        fill.wait()
+    assert whole >= 100, whole            # the reader was never woken by whole samples
+    # Its code objects (<module>, level1-5, hot_a, hot_b) read while it lived, none after.
+    assert learned[(proc.pid, True)] >= 8 and learned[(proc.pid, False)] == 0, learned
+
+
 def test_pprof_shows_python_functions_with_lines(bpf_ok: None, tmp_path: Path) -> None:
     script = tmp_path / "split.py"
     script.write_text(SPLIT_SOURCE)
