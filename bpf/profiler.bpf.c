@@ -427,7 +427,7 @@ static __always_inline void notice_process(u32 tgid) {
 
 /* Counts one sample under key (user stack: walked, or the kernel's frame-pointer walk). */
 static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
-                                         struct unwind_stack *walked) {
+                                         struct unwind_stack *walked, int fresh) {
     s32 uid = -1, kid = -1;
     /* Sampled in user mode (the ip in the lower half) there is no kernel stack to ask for. */
     int in_kernel = (s64)ctx->regs.ip < 0;
@@ -462,15 +462,33 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
     key->user_stack_id = uid < 0 ? -1 : uid;
     key->kernel_stack_id = kid < 0 ? -1 : kid;
 
-    u64 init = 0;
-    u64 *n = g ? counts1.lookup_or_try_init(key, &init) : counts0.lookup_or_try_init(key, &init);
+    /* Hash-map operations are most of a sample's cost (their buckets are cold after 10 ms of
+     * someone else's work), so each is spent only where needed: a key holding a stack stored
+     * just now cannot be in the map yet, so it is inserted without a lookup first; an insert
+     * that loses a race with another CPU adds to the winner's count. */
+    u64 *n = fresh ? NULL : g ? counts1.lookup(key) : counts0.lookup(key);
+    int err = 0;
     if (n) {
         __sync_fetch_and_add(n, 1);
-        count_stat(PROF_STAT_COUNTED);
     } else {
-        record_whole(ctx, key, PROF_LOST_COUNTS_MAP_FULL, walked);   /* its stack ids stay unused */
+        u64 one = 1;
+        err = g ? counts1.insert(key, &one) : counts0.insert(key, &one);
+        if (err == -EEXIST_) {
+            n = g ? counts1.lookup(key) : counts0.lookup(key);
+            if (n) {
+                __sync_fetch_and_add(n, 1);
+                err = 0;
+            }
+        }
     }
-    notice_process(key->pid);
+    if (!err)
+        count_stat(PROF_STAT_COUNTED);
+    else
+        record_whole(ctx, key, PROF_LOST_COUNTS_MAP_FULL, walked);   /* its stack ids stay unused */
+    /* A walked stack's process has tables, which user space loads only for a process it was
+     * told about (and forgets with it): nothing to announce. */
+    if (!walked)
+        notice_process(key->pid);
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
@@ -505,7 +523,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     if (begun == 0)
         count_unwind(UNWIND_STAT_NO_TABLE);
 #endif
-    count_sample(ctx, &key, g, NULL);
+    count_sample(ctx, &key, g, NULL, 0);
     return 0;
 }
 
@@ -521,7 +539,7 @@ static __always_inline void finish_walk(struct bpf_perf_event_data *ctx, struct 
         return;
     }
     ws->key.user_stack_hash = h;
-    count_sample(ctx, &ws->key, ws->g, st);
+    count_sample(ctx, &ws->key, ws->g, st, err == 0);   /* a new stack: a new key */
 }
 #endif
 
