@@ -158,15 +158,16 @@ def _start_reference(collector: Any, workdir: Path) -> tuple[subprocess.Popen[by
     script = Path(__file__).resolve().parents[1] / "deploy" / "scripts" / "build-otel-ebpf-profiler.sh"
     built = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     if built.returncode != 0:
-        return None, "not built: " + built.stderr.strip().splitlines()[-1]
+        lines = built.stderr.strip().splitlines()
+        return None, "not built: " + (lines[-1] if lines else f"exit code {built.returncode}")
     argv = [built.stdout.strip(), "-samples-per-second", "99", "-collection-agent",
             f"127.0.0.1:{collector.port}", "-disable-tls"]
     how = "as is"
     if not _has_cap_sys_resource():
         argv.insert(0, str(compile_c(RLIMIT_SHIM_SOURCE, workdir / "rlimit_shim", "-O2")))
         how = "setrlimit answered by a seccomp shim (no CAP_SYS_RESOURCE here)"
-    log = (workdir / "otel-ebpf-profiler.log").open("wb")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), how
+    with (workdir / "otel-ebpf-profiler.log").open("wb") as log:   # the child keeps its own copy
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), how
 
 
 def _stop_reference(ref: subprocess.Popen[bytes] | None) -> None:

@@ -289,7 +289,7 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
             prof.close()
         fill.kill()
         fill.wait()
-    assert whole >= 100, whole            # the reader was never woken by whole samples
+    assert whole >= 100, whole            # the short process ran behind many unread whole samples
     # Its code objects (<module>, level1-5, hot_a, hot_b) read while it lived, none after.
     assert learned[(proc.pid, True)] >= 8 and learned[(proc.pid, False)] == 0, learned
 
