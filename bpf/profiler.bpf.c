@@ -26,8 +26,10 @@
 // The walk is bounded by PROF_MAX_DEPTH frames, each a binary search over at most
 // UNWIND_MAX_MAPPINGS mappings (7 steps) and over the file's rows (UNWIND_ROW_STEPS steps),
 // UNWIND_FRAMES_PER_CALL frames per program run, chained by tail calls.
-// Walked stacks are kept once per generation in ustacks<g> under a 64-bit hash; processes
-// without a table yet keep the kernel's frame-pointer walk (bpf_get_stackid).
+// A walked sample is counted in walked<g>, keyed like counts<g> with a 64-bit hash of the stack
+// in place of a stack id, its value the stack and its count: one hash-map operation per sample,
+// where a stack map and a counts map would take two on cold buckets. Processes without a table
+// yet keep the kernel's frame-pointer walk (bpf_get_stackid) and counts<g>.
 #include <uapi/linux/bpf_perf_event.h>
 #include "profiler.h"
 #define N_LOST PROF_N_LOST
@@ -92,8 +94,8 @@ MIRROR(prof_new_process);
 BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS);
 BPF_HASH(unwind_processes, u32, struct unwind_process, UNWIND_PROCESSES);
 BPF_ARRAY(unwind_mappings, struct unwind_mapping, UNWIND_PROCESSES * UNWIND_MAX_MAPPINGS);
-BPF_HASH(ustacks0, u64, struct unwind_stack, MAX_STACKS);
-BPF_HASH(ustacks1, u64, struct unwind_stack, MAX_STACKS);
+BPF_HASH(walked0, struct prof_key, struct unwind_stack, MAX_KEYS);
+BPF_HASH(walked1, struct prof_key, struct unwind_stack, MAX_KEYS);
 BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_stack, 1);
 BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
 
@@ -425,9 +427,26 @@ static __always_inline void notice_process(u32 tgid) {
     events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
 }
 
-/* Counts one sample under key (user stack: walked, or the kernel's frame-pointer walk). */
-static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g,
-                                         struct unwind_stack *walked, int fresh) {
+/* Adds one to key's count: a lookup, and an insert only for a key not counted yet (an insert
+ * that loses a race with another CPU adds to the winner's count). Returns 0, or the insert's
+ * error (the map is full). Spelled out per map: BCC binds map calls by name, not in macros. */
+static __always_inline int add_count(u32 g, struct prof_key *key) {
+    u64 *n = g ? counts1.lookup(key) : counts0.lookup(key);
+    if (n) {
+        __sync_fetch_and_add(n, 1);
+        return 0;
+    }
+    u64 one = 1;
+    int err = g ? counts1.insert(key, &one) : counts0.insert(key, &one);
+    if (err == -EEXIST_ && (n = g ? counts1.lookup(key) : counts0.lookup(key))) {
+        __sync_fetch_and_add(n, 1);
+        err = 0;
+    }
+    return err;
+}
+
+/* Counts one sample whose user stack is the kernel's frame-pointer walk. */
+static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct prof_key *key, u32 g) {
     s32 uid = -1, kid = -1;
     /* Sampled in user mode (the ip in the lower half) there is no kernel stack to ask for. */
     int in_kernel = (s64)ctx->regs.ip < 0;
@@ -435,8 +454,7 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
      * so the generation cannot be a map-pointer variable. */
     if (g) {
 #if USER_STACKS
-        if (!walked)
-            uid = stacks1.get_stackid(ctx, BPF_F_USER_STACK);
+        uid = stacks1.get_stackid(ctx, BPF_F_USER_STACK);
 #endif
 #if KERNEL_STACKS
         if (in_kernel)
@@ -444,8 +462,7 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
 #endif
     } else {
 #if USER_STACKS
-        if (!walked)
-            uid = stacks0.get_stackid(ctx, BPF_F_USER_STACK);
+        uid = stacks0.get_stackid(ctx, BPF_F_USER_STACK);
 #endif
 #if KERNEL_STACKS
         if (in_kernel)
@@ -453,42 +470,19 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
 #endif
     }
     if (refused(uid) || refused(kid)) {
-        record_whole(ctx, key, stack_lost_reason(refused(uid) ? uid : kid), walked);
+        record_whole(ctx, key, stack_lost_reason(refused(uid) ? uid : kid), NULL);
         notice_process(key->pid);
         return;
     }
-    if (uid == -EFAULT_ && kid < 0 && !walked)
+    if (uid == -EFAULT_ && kid < 0)
         count_lost(PROF_LOST_STACK_FAULT);
     key->user_stack_id = uid < 0 ? -1 : uid;
     key->kernel_stack_id = kid < 0 ? -1 : kid;
-
-    /* Hash-map operations are most of a sample's cost (their buckets are cold after 10 ms of
-     * someone else's work), so each is spent only where needed: a key holding a stack stored
-     * just now cannot be in the map yet, so it is inserted without a lookup first; an insert
-     * that loses a race with another CPU adds to the winner's count. */
-    u64 *n = fresh ? NULL : g ? counts1.lookup(key) : counts0.lookup(key);
-    int err = 0;
-    if (n) {
-        __sync_fetch_and_add(n, 1);
-    } else {
-        u64 one = 1;
-        err = g ? counts1.insert(key, &one) : counts0.insert(key, &one);
-        if (err == -EEXIST_) {
-            n = g ? counts1.lookup(key) : counts0.lookup(key);
-            if (n) {
-                __sync_fetch_and_add(n, 1);
-                err = 0;
-            }
-        }
-    }
-    if (!err)
+    if (!add_count(g, key))
         count_stat(PROF_STAT_COUNTED);
     else
-        record_whole(ctx, key, PROF_LOST_COUNTS_MAP_FULL, walked);   /* its stack ids stay unused */
-    /* A walked stack's process has tables, which user space loads only for a process it was
-     * told about (and forgets with it): nothing to announce. */
-    if (!walked)
-        notice_process(key->pid);
+        record_whole(ctx, key, PROF_LOST_COUNTS_MAP_FULL, NULL);   /* its stack ids stay unused */
+    notice_process(key->pid);
 }
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx) {
@@ -523,23 +517,49 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     if (begun == 0)
         count_unwind(UNWIND_STAT_NO_TABLE);
 #endif
-    count_sample(ctx, &key, g, NULL, 0);
+    count_sample(ctx, &key, g);
     return 0;
 }
 
 #if UNWIND && USER_STACKS
-/* Ends a walk: keeps the stack once in ustacks<g> under its hash and counts the sample. */
+/* add_count for walked<g>: a key not counted yet is inserted with its stack. */
+static __always_inline int add_walked(u32 g, struct prof_key *key, struct unwind_stack *st) {
+    struct unwind_stack *v = g ? walked1.lookup(key) : walked0.lookup(key);
+    if (v) {
+        __sync_fetch_and_add(&v->count, 1);
+        return 0;
+    }
+    st->count = 1;
+    int err = g ? walked1.insert(key, st) : walked0.insert(key, st);
+    if (err == -EEXIST_ && (v = g ? walked1.lookup(key) : walked0.lookup(key))) {
+        __sync_fetch_and_add(&v->count, 1);
+        err = 0;
+    }
+    return err;
+}
+
+/* Ends a walk: counts the sample in walked<g> under its key, the stack's hash in place of a
+ * user stack id (a walked process has tables, which user space loads only for a process it was
+ * told about: nothing to announce). */
 static __always_inline void finish_walk(struct bpf_perf_event_data *ctx, struct unwind_state *ws,
                                         struct unwind_stack *st) {
-    u64 h = hash_stack(st);
-    int err = ws->g ? ustacks1.insert(&h, st) : ustacks0.insert(&h, st);
-    if (err && err != -EEXIST_) {           /* full: send it whole (without its Python frames) */
-        record_whole(ctx, &ws->key, PROF_LOST_STACK_MAP_FULL, st);
-        notice_process(ws->key.pid);
+    struct prof_key *key = &ws->key;
+    s32 kid = -1;
+#if KERNEL_STACKS
+    if ((s64)ctx->regs.ip < 0)
+        kid = ws->g ? stacks1.get_stackid(ctx, 0) : stacks0.get_stackid(ctx, 0);
+#endif
+    if (refused(kid)) {
+        record_whole(ctx, key, stack_lost_reason(kid), st);
         return;
     }
-    ws->key.user_stack_hash = h;
-    count_sample(ctx, &ws->key, ws->g, st, err == 0);   /* a new stack: a new key */
+    key->user_stack_id = -1;
+    key->kernel_stack_id = kid < 0 ? -1 : kid;
+    key->user_stack_hash = hash_stack(st);
+    if (!add_walked(ws->g, key, st))
+        count_stat(PROF_STAT_COUNTED);
+    else   /* full: sent whole (without its Python frames) */
+        record_whole(ctx, key, PROF_LOST_COUNTS_MAP_FULL, st);
 }
 #endif
 

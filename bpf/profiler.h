@@ -19,7 +19,7 @@
 
 /* lost[] slots */
 /* The first three: samples the maps could not take that the full ring buffer could not take either */
-#define PROF_LOST_COUNTS_MAP_FULL 0   /* the counts map is full */
+#define PROF_LOST_COUNTS_MAP_FULL 0   /* a counts map (counts or walked) is full */
 #define PROF_LOST_STACK_COLLISION 1   /* -EEXIST: another stack holds the hash bucket */
 #define PROF_LOST_STACK_MAP_FULL 2    /* -ENOMEM: the stack map is full */
 #define PROF_LOST_STACK_FAULT 3       /* -EFAULT with no kernel stack either: a sample without frames */
@@ -34,8 +34,8 @@
 #define PROF_MAX_DEPTH 127
 
 /* A stack id of -1 means "not captured" (disabled, or kernel stack of a sample in user mode).
- * A user stack walked with unwind tables is in ustacks<g> under user_stack_hash (then
- * user_stack_id is -1); 0 means none. */
+ * A sample whose user stack was walked with unwind tables is counted in walked<g>, its key's
+ * user_stack_hash a hash of that stack (user_stack_id -1) and its value the stack; 0: none. */
 struct prof_key {
     __u32 pid;                 /* tgid */
     __u32 tid;
@@ -149,8 +149,9 @@ struct py_process {
 #define PY_STAT_FRAMES 3           /* Python frames recorded */
 #define PY_STATS 4
 
-/* A user stack walked with tables: the key of ustacks<g> is a hash of it. */
+/* A user stack walked with tables, and (as a walked<g> value) its key's count. */
 struct unwind_stack {
+    __u64 count;               /* samples of its key (in walked<g>; set at insert) */
     __u32 len;                 /* addresses in ips[] */
     __u32 truncated;           /* 1: the walk stopped before the thread's first frame */
     __u64 ips[PROF_MAX_DEPTH];

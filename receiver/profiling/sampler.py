@@ -94,7 +94,7 @@ assert _PROF_KEY.size == ctypes.sizeof(ProfKey) and ProfKey.user_stack_hash.offs
 class UnwindStack(ctypes.Structure):
     """Mirror of ``struct unwind_stack`` (a user stack walked with unwind tables)."""
 
-    _fields_ = [("len", ctypes.c_uint32), ("truncated", ctypes.c_uint32),
+    _fields_ = [("count", ctypes.c_uint64), ("len", ctypes.c_uint32), ("truncated", ctypes.c_uint32),
                 ("ips", ctypes.c_uint64 * MAX_STACK_DEPTH)]
 
 
@@ -253,7 +253,8 @@ class CpuSampler:
         mirrors = [("counts0", "Key", ProfKey), ("mirror_prof_sample", "Leaf", WholeSample),
                    ("mirror_prof_new_process", "Leaf", NewProcess)]
         if self.unwinding:
-            mirrors += [("ustacks0", "Leaf", PyUnwindStack if self.python_frames else UnwindStack),
+            mirrors += [("walked0", "Key", ProfKey),
+                        ("walked0", "Leaf", PyUnwindStack if self.python_frames else UnwindStack),
                         ("unwind_rows", "Leaf", UnwindRow), ("unwind_processes", "Leaf", UnwindProcess)]
         if self.python_frames:
             mirrors += [("py_processes", "Leaf", cpython.PyProcess), ("mirror_prof_py_code", "Leaf", PyCode)]
@@ -347,20 +348,18 @@ class CpuSampler:
         if self.config.kernel_stacks:
             self.symbolizer.load_kernel_symbols()
         counts = self._take_counts(bpf[f"counts{old}"])
-        stacks = self._take_stacks(bpf[f"stacks{old}"], counts)
-        walked = self._take_walked(bpf[f"ustacks{old}"]) if self.unwinder is not None else {}
+        walked = self._take_walked(bpf[f"walked{old}"]) if self.unwinder is not None else []
+        stacks = self._take_stacks(bpf[f"stacks{old}"], counts, walked)
         whole, self._whole = self._whole, {}
         frames_of: dict[FramesKey, tuple[Frame, ...]] = {}
         truncated_pids = set()
-        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, user_stack_hash, n in counts:
-            py: PyFrames = ()
-            if user_stack_hash:
-                user, truncated, py = walked.get(user_stack_hash, ((), False, ()))
-                if truncated:
-                    self.truncated_samples += n
-                    truncated_pids.add(pid)
-            else:
-                user = stacks.get(user_stack_id, ())
+        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, _, n in counts:
+            self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
+                             stacks.get(user_stack_id, ()), stacks.get(kernel_stack_id, ()), n)
+        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n), (user, truncated, py) in walked:
+            if truncated:
+                self.truncated_samples += n
+                truncated_pids.add(pid)
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
                              user, stacks.get(kernel_stack_id, ()), n, py)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
@@ -421,13 +420,14 @@ class CpuSampler:
                             _U64.unpack_from(values, i * 8)[0]))
         return out
 
-    def _take_stacks(self, table: Any, counts: list[Count]) -> dict[int, tuple[int, ...]]:
+    def _take_stacks(self, table: Any, counts: list[Count],
+                     walked: list[tuple[Count, Walked]]) -> dict[int, tuple[int, ...]]:
         """Reads and deletes every stack the drained counts name, then any stack left over
         (one whose count could not be stored)."""
         fd = table.map_fd
         lookup, delete = lib().bpf_map_lookup_elem, lib().bpf_map_delete_elem
         leaf = self._stack_leaf
-        ids = {c[2] for c in counts} | {c[3] for c in counts}
+        ids = {c[2] for c in counts} | {c[3] for c in counts} | {c[3] for c, _ in walked}
         ids.discard(-1)
         out: dict[int, tuple[int, ...]] = {}
         key = ctypes.c_uint32()
@@ -445,26 +445,32 @@ class CpuSampler:
             delete(fd, ctypes.byref(left))
         return out
 
-    def _take_walked(self, table: Any) -> dict[int, Walked]:
-        """Reads and deletes the whole walked-stack map of the drained generation (hash →
-        addresses, truncated, Python frames as (code object, instruction offset | entry flag)),
-        WALKED_BATCH entries per bpf() call: a lookup and a delete per stack cost two system
-        calls and two ctypes round trips each, the largest part of a drain's map reading."""
+    def _take_walked(self, table: Any) -> list[tuple[Count, Walked]]:
+        """Reads and deletes the drained generation's walked samples: each key (as a count)
+        with its stack (addresses, truncated, Python frames as (code object, instruction offset
+        | entry flag)), WALKED_BATCH entries per bpf() call. A stack shared by several keys
+        (threads) is decoded once, by its hash."""
         layout = type(self._ustack_leaf)
         size = ctypes.sizeof(layout)
+        count_at = layout.count.offset
         len_at, truncated_at, ips_at = layout.len.offset, layout.truncated.offset, layout.ips.offset
         python = self.python is not None and layout is PyUnwindStack
-        out: dict[int, Walked] = {}
-        for keys, values, n in drain_hash_map(table.map_fd, 8, self._walked_buffers(size)):
+        key_size = _PROF_KEY.size
+        decoded: dict[int, Walked] = {}
+        out: list[tuple[Count, Walked]] = []
+        for keys, values, n in drain_hash_map(table.map_fd, key_size, self._walked_buffers(key_size, size)):
             for i in range(n):
                 base = i * size
-                depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
-                ips = _unpack_u64s(values, base + ips_at, depth)
-                py: PyFrames = ()
-                if python:
-                    py = self._python_frames(values, base)
-                truncated = bool(_U32.unpack_from(values, base + truncated_at)[0])
-                out[_U64.unpack_from(keys, i * 8)[0]] = (ips, truncated, py)
+                pid, tid, uid, kid, cgroup_id, comm, uhash = _PROF_KEY.unpack_from(keys, i * key_size)
+                stack = decoded.get(uhash)
+                if stack is None:
+                    depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
+                    ips = _unpack_u64s(values, base + ips_at, depth)
+                    py: PyFrames = self._python_frames(values, base) if python else ()
+                    truncated = bool(_U32.unpack_from(values, base + truncated_at)[0])
+                    stack = decoded[uhash] = (ips, truncated, py)
+                out.append(((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
+                             _U64.unpack_from(values, base + count_at)[0]), stack))
         return out
 
     def _python_frames(self, values: Any, base: int) -> PyFrames:
@@ -477,10 +483,10 @@ class CpuSampler:
         return tuple(zip(codes.unpack_from(values, base + _PY_CODE_AT),
                          lasti.unpack_from(values, base + _PY_LASTI_AT)))
 
-    def _walked_buffers(self, value_size: int) -> tuple[Any, Any]:
+    def _walked_buffers(self, key_size: int, value_size: int) -> tuple[Any, Any]:
         """Key and value buffers for WALKED_BATCH entries, allocated once (about 0.5 MiB)."""
         if self._walked_bufs is None:
-            self._walked_bufs = (ctypes.create_string_buffer(8 * WALKED_BATCH),
+            self._walked_bufs = (ctypes.create_string_buffer(key_size * WALKED_BATCH),
                                  ctypes.create_string_buffer(value_size * WALKED_BATCH))
         return self._walked_bufs
 
