@@ -98,6 +98,9 @@ BPF_HASH(walked0, struct prof_key, struct unwind_stack, MAX_KEYS);
 BPF_HASH(walked1, struct prof_key, struct unwind_stack, MAX_KEYS);
 BPF_PERCPU_ARRAY(unwind_scratch, struct unwind_stack, 1);
 BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
+#if PY_MAX_FRAMES
+BPF_HASH(py_processes, u32, struct py_process, UNWIND_PROCESSES);
+#endif
 
 static __always_inline void count_unwind(int slot) {
     u64 *n = unwind_stats.lookup(&slot);
@@ -211,10 +214,28 @@ struct unwind_state {
     struct prof_key key;
 #if PY_MAX_FRAMES
     u64 py_frame;              /* next _PyInterpreterFrame to record; 0: none */
+    u32 python;                /* the process runs CPython: py holds its layout */
     struct py_process py;
 #endif
 };
 BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
+
+/* The last sampled process's unwind_processes (and py_processes) entries, per CPU: a CPU runs
+ * the same process sample after sample, and two cold hash lookups per sample cost more than the
+ * whole walk of a short stack. Valid while both table versions are those it was read under. */
+struct process_cache {
+    u32 pid;
+    u32 user_version;
+    u32 kernel_version;
+    u32 valid;
+    u32 walked;                /* an unwind_processes entry: proc */
+    u32 python;                /* a py_processes entry: py */
+    struct unwind_process proc;
+#if PY_MAX_FRAMES
+    struct py_process py;
+#endif
+};
+BPF_PERCPU_ARRAY(process_cache, struct process_cache, 1);
 /* [0]: walk_user_stack, tail-called until the walk ends; [1]: walk_python_stack, after it */
 BPF_PROG_ARRAY(unwind_programs, 2);
 
@@ -241,8 +262,36 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
         if (ip == 0)                        /* a kernel thread */
             return -1;
     }
-    struct unwind_process *proc = unwind_processes.lookup(&key->pid);
-    if (!proc)
+    u32 zero = 0;
+    struct process_cache *pc = process_cache.lookup(&zero);
+    if (!pc)
+        return 0;
+    u32 slot = PROF_SET_TABLES_USER;
+    u32 *user = settings.lookup(&slot);
+    slot = PROF_SET_TABLES_KERNEL;
+    u32 *kernel = settings.lookup(&slot);
+    u32 user_version = user ? *user : 0, kernel_version = kernel ? *kernel : 0;
+    if (!pc->valid || pc->pid != key->pid || pc->user_version != user_version ||
+        pc->kernel_version != kernel_version) {
+        /* the versions were read first: a change from here on renews them, and the next
+         * sample reads the entries again */
+        pc->valid = 0;
+        struct unwind_process *proc = unwind_processes.lookup(&key->pid);
+        pc->walked = proc != NULL;
+        if (proc)
+            pc->proc = *proc;
+#if PY_MAX_FRAMES
+        struct py_process *py = py_processes.lookup(&key->pid);
+        pc->python = py != NULL;
+        if (py)
+            __builtin_memcpy(&pc->py, py, sizeof(*py));
+#endif
+        pc->pid = key->pid;
+        pc->user_version = user_version;
+        pc->kernel_version = kernel_version;
+        pc->valid = 1;
+    }
+    if (!pc->walked)
         return 0;
     ws->ip = ip;
     ws->sp = sp;
@@ -250,8 +299,13 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
     ws->n = 0;
     ws->done = 0;
     ws->g = g;
-    ws->proc = *proc;
+    ws->proc = pc->proc;
     __builtin_memcpy(&ws->key, key, sizeof(*key));
+#if PY_MAX_FRAMES
+    ws->python = pc->python;
+    if (pc->python)
+        __builtin_memcpy(&ws->py, &pc->py, sizeof(ws->py));
+#endif
     st->len = 0;
     st->truncated = 1;
 #if PY_MAX_FRAMES
@@ -564,7 +618,6 @@ static __always_inline void finish_walk(struct bpf_perf_event_data *ctx, struct 
 #endif
 
 #if UNWIND && USER_STACKS && PY_MAX_FRAMES
-BPF_HASH(py_processes, u32, struct py_process, UNWIND_PROCESSES);
 BPF_PERCPU_ARRAY(py_stats, u64, PY_STATS);
 struct py_code_key {
     u32 pid;
@@ -724,9 +777,7 @@ int walk_user_stack(struct bpf_perf_event_data *ctx) {
         count_unwind(n >= PROF_MAX_DEPTH ? UNWIND_STAT_DEPTH_LIMIT : UNWIND_STAT_TRUNCATED);
     count_unwind(UNWIND_STAT_WALKED);
 #if PY_MAX_FRAMES
-    struct py_process *py = py_processes.lookup(&ws->key.pid);
-    if (py) {                               /* a CPython process: its Python frames next */
-        __builtin_memcpy(&ws->py, py, sizeof(*py));
+    if (ws->python) {                       /* a CPython process: its Python frames next */
         ws->py_frame = 1;                   /* "find the thread's frame first" */
         unwind_programs.call(ctx, 1);
     }
@@ -736,16 +787,26 @@ int walk_user_stack(struct bpf_perf_event_data *ctx) {
 }
 #endif
 
+/* Renews the kernel's version of the process tables (see process_cache): an entry is gone. */
+static __always_inline void tables_changed(void) {
+    u32 slot = PROF_SET_TABLES_KERNEL;
+    u32 *v = settings.lookup(&slot);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
 /* An exec replaces the mappings: the next sample announces the process again (and its old
  * mapping list must not walk the new image). */
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     seen_processes.delete(&tgid);
 #if UNWIND
-    unwind_processes.delete(&tgid);
+    int gone = unwind_processes.delete(&tgid) == 0;
+#if USER_STACKS && PY_MAX_FRAMES
+    gone |= py_processes.delete(&tgid) == 0;
 #endif
-#if UNWIND && USER_STACKS && PY_MAX_FRAMES
-    py_processes.delete(&tgid);
+    if (gone)
+        tables_changed();
 #endif
     return 0;
 }
@@ -755,10 +816,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
  * before user space forgot it); a thread's id is never a live process's id. */
 TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 child = args->child_pid;
-    unwind_processes.delete(&child);
+    int gone = unwind_processes.delete(&child) == 0;
 #if USER_STACKS && PY_MAX_FRAMES
-    py_processes.delete(&child);
+    gone |= py_processes.delete(&child) == 0;
 #endif
+    if (gone)
+        tables_changed();
     return 0;
 }
 #endif

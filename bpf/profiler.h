@@ -6,7 +6,12 @@
 
 /* settings[] slots */
 #define PROF_SET_GENERATION 0     /* which counts/stacks pair the program writes: 0 or 1 */
-#define PROF_SETTINGS 1
+/* Versions of unwind_processes/py_processes, new after each change: user space's (one writer,
+ * the unwinder's thread) and the kernel's (exec and fork, atomically). A per-CPU copy of the last
+ * sampled process's entries is used while both are unchanged (see process_cache). */
+#define PROF_SET_TABLES_USER 1
+#define PROF_SET_TABLES_KERNEL 2
+#define PROF_SETTINGS 3
 
 /* stats[] slots: every sample lands in exactly one */
 #define PROF_STAT_COUNTED 0       /* counted in the active counts map */

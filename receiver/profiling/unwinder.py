@@ -27,6 +27,8 @@ from .symbolize import Symbolizer, vdso_image
 from .unwind_table import ROW, ReadelfMissingError, UnwindTableError, build_table
 from .worker import QueueWorker
 
+SET_TABLES_USER = 1   # settings[] slot of user space's process-tables version (bpf/profiler.h)
+
 __all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ class UnwindTables:
         self._python = python
         self._rows = bpf["unwind_rows"]            # type: ignore[index]
         self._procs = bpf["unwind_processes"]      # type: ignore[index]
+        self._settings = bpf["settings"]           # type: ignore[index]
+        self._tables_version = 0                   # settings[SET_TABLES_USER]: renewed per change
         self._mappings = bpf["unwind_mappings"]    # type: ignore[index]
         self._free_slots = list(range(max_processes - 1, -1, -1))
         self._epoch = 0                   # last epoch given to a process (UnwindProcess.epoch)
@@ -262,6 +266,10 @@ class UnwindTables:
             self._unpin(keys)
             self._free_slots.append(slot)
             return False
+        if self._python is not None:
+            self._python.load(pid, regions)
+        # Before the old slot can be reused: no CPU walks with a cached copy of the old entry.
+        self._tables_changed()
         with self._lock:
             old_keys = self._process_files.get(pid)
             old_slot = self._slot_of.get(pid)
@@ -271,9 +279,14 @@ class UnwindTables:
             self._unpin(old_keys)
             self._free_slots.append(old_slot)
         self.stats["processes_loaded" if not pending else "processes_first_pass"] += 1
-        if self._python is not None:
-            self._python.load(pid, regions)
         return pending
+
+    def _tables_changed(self) -> None:
+        """Renews user space's version of unwind_processes/py_processes, after writing them: each
+        CPU's cached copy of its last process's entries (bpf/profiler.bpf.c, process_cache) is
+        then read again. Only this worker thread writes those maps, so a plain write suffices."""
+        self._tables_version = self._tables_version % 0xFFFFFFFF + 1
+        self._settings[ctypes.c_int(SET_TABLES_USER)] = ctypes.c_uint32(self._tables_version)
 
     def _unpin(self, keys: list[Hashable]) -> None:
         with self._lock:
@@ -296,6 +309,7 @@ class UnwindTables:
             del self._procs[self._procs.Key(pid)]
         except KeyError:
             pass
+        self._tables_changed()
         # The slot is reused only after the kernel's entry is gone (a sample in flight may still
         # read the old mappings, which describe the old process: at worst a truncated walk).
         self._free_slots.append(slot)

@@ -428,6 +428,27 @@ def test_exec_into_another_program_reloads_its_tables(bpf_ok: None, built: dict[
     assert not any(n.startswith("lib_") for n in names), names
 
 
+def test_exec_drops_every_cpus_cached_copy_of_the_old_tables(bpf_ok: None, built: dict[str, Path]) -> None:
+    """Each CPU keeps a copy of its last sampled process's table entries; an exec must drop it
+    with the entries. With the new image's tables held back, its samples keep frame pointers:
+    none is walked with the old program's mappings."""
+    with profiled(str(built["lib_main"]), RUN_S, str(built["chain"]), RUN_S) as (proc, prof):
+        prof.warm()
+        unwinder = prof.sampler.unwinder
+        time.sleep(1)
+        assert prof.kernel_stats()["walked"] >= 50, prof.kernel_stats()   # copies cached, in use
+        unwinder.request = lambda pid: None          # type: ignore[method-assign]  # no new tables
+        proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: any(r[3].endswith("chain_o2") for r in prof.sampler.symbolizer.executable_regions(proc.pid)),
+                   30, 0.1, "the exec'd program announced")
+        before = prof.kernel_stats()
+        time.sleep(3)
+        after = prof.kernel_stats()
+    walked = after["walked"] - before["walked"]
+    fallback = after["no_table"] - before["no_table"]
+    assert fallback >= 100 and walked == 0, (walked, fallback)
+
+
 def perf_dwarf_depth(pid: int, seconds: float, tmp_path: Path) -> float:
     """Mean user-stack depth that ``perf record --call-graph dwarf`` sees in ``pid``."""
     data = tmp_path / "perf.data"

@@ -118,7 +118,8 @@ def _tables(capacity: int):   # noqa: ANN202
     from receiver.profiling.symbolize import Symbolizer
     from receiver.profiling.unwinder import UnwindTables
 
-    maps = {"unwind_rows": _FakeMap(), "unwind_processes": _FakeMap(), "unwind_mappings": _FakeMap()}
+    maps = {"unwind_rows": _FakeMap(), "unwind_processes": _FakeMap(), "unwind_mappings": _FakeMap(),
+            "settings": _FakeMap()}
     return UnwindTables(maps, Symbolizer(), capacity, 16)
 
 
