@@ -221,8 +221,9 @@ struct unwind_state {
 BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
 
 /* The last sampled process's unwind_processes (and py_processes) entries, per CPU: a CPU runs
- * the same process sample after sample, and two cold hash lookups per sample cost more than the
- * whole walk of a short stack. Valid while both table versions are those it was read under. */
+ * the same process sample after sample, so two hash lookups per sample are spared (measured: 6 %
+ * of the program's time on a steady load, 2.5 % on one where every stack is new). Valid while
+ * both table versions are those it was read under. */
 struct process_cache {
     u32 pid;
     u32 user_version;
