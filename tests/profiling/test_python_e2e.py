@@ -273,12 +273,12 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
         # The filler's distinct stacks fill the 64-entry maps: later samples go whole, unread.
         wait_until(lambda: sampler.stats()["recorded"] >= 20, 120, 0.2, "whole samples")
         assert sampler.python is not None
-        learned: collections.Counter[tuple[int, bool]] = collections.Counter()
+        learned: collections.Counter[tuple[int, str | None]] = collections.Counter()
         learn = type(sampler.python.codes).learn
 
         def spy(self: Any, pid: int, code: int, interp: Any) -> Any:
             named = learn(self, pid, code, interp)
-            learned[(pid, named is not None)] += 1
+            learned[(pid, named.qualname if named is not None else None)] += 1
             return named
 
         monkeypatch.setattr(type(sampler.python.codes), "learn", spy)
@@ -292,8 +292,10 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
         fill.kill()
         fill.wait()
     assert whole >= 100, whole            # the short process ran behind many unread whole samples
-    # Its code objects (<module>, level1-5, hot_a, hot_b) read while it lived, none after.
-    assert learned[(proc.pid, True)] >= 8 and learned[(proc.pid, False)] == 0, learned
+    # The script's code objects were read while it lived. (One first run in the interpreter's
+    # shutdown, in its last milliseconds, may come too late to read: CI of af1cb20 saw two.)
+    named = {name for (pid, name) in learned if pid == proc.pid and name is not None}
+    assert {"<module>", "level1", "level2", "level3", "level4", "level5", "hot_a", "hot_b"} <= named, learned
 
 
 def test_pprof_shows_python_functions_with_lines(bpf_ok: None, tmp_path: Path) -> None:
