@@ -23,6 +23,8 @@
 // That needs no frame pointers, and names a leaf's caller. A mapping without a table (JIT code)
 // is stepped with frame pointers; a walk that leaves the mappings, meets a rule it cannot follow
 // or cannot read the stack stops there and marks the stack truncated (never a guessed frame).
+// The stack is read in windows of up to UNWIND_WINDOW bytes, each ending at most at its page's end
+// (a read crossing into an unmapped page would fail whole): one read serves the frames in it.
 // The walk is bounded by PROF_MAX_DEPTH frames, each a binary search over at most
 // UNWIND_MAX_MAPPINGS mappings (7 steps) and over the file's rows (UNWIND_ROW_STEPS steps),
 // UNWIND_FRAMES_PER_CALL frames per program run, chained by tail calls.
@@ -75,6 +77,10 @@
 #define PY_CODES_SEEN 65536
 #endif
 
+#ifndef UNWIND_WINDOW             /* bytes of stack one read brings in (power of two) */
+#define UNWIND_WINDOW 1024
+#endif
+
 #define EEXIST_ 17
 #define ENOMEM_ 12
 #define EFAULT_ 14
@@ -101,6 +107,11 @@ BPF_PERCPU_ARRAY(unwind_stats, u64, UNWIND_STATS);
 #if PY_MAX_FRAMES
 BPF_HASH(py_processes, u32, struct py_process, UNWIND_PROCESSES);
 #endif
+
+/* Hides a value's range from the compiler, so the mask that follows stays in the program: the
+ * compiler drops "i & 127" where it knows i < 127 and walks a pointer instead, whose bound
+ * older verifiers (6.1) then cannot prove. */
+#define barrier_var(v) asm volatile("" : "+r"(v))
 
 static __always_inline void count_unwind(int slot) {
     u64 *n = unwind_stats.lookup(&slot);
@@ -217,8 +228,40 @@ struct unwind_state {
     u32 python;                /* the process runs CPython: py holds its layout */
     struct py_process py;
 #endif
+    u64 win_base;              /* user address of win[0] */
+    u32 win_len;               /* bytes of win read (0: none) */
+    u32 pad2;
+    u8 win[UNWIND_WINDOW];     /* the stack from win_base to at most its page's end */
 };
 BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
+
+/* Reads the 8 bytes at addr on the walked stack: from the window when they are in it, else
+ * after reading a new window from addr up to its page's end (at most UNWIND_WINDOW bytes). A
+ * walk reads upwards, frame after frame, so one read serves many frames. */
+static __always_inline int read_stack(struct unwind_state *ws, u64 addr, u64 *out) {
+    u64 off = addr - ws->win_base;
+    if (off > UNWIND_WINDOW - 8 || off + 8 > ws->win_len) {
+        u64 len = 4096 - (addr & 4095);
+        if (len > UNWIND_WINDOW)
+            len = UNWIND_WINDOW;
+        if (len < 8) {              /* the 8 bytes cross a page: read them alone */
+            ws->win_len = 0;
+            return bpf_probe_read_user(out, 8, (void *)addr);
+        }
+        if (bpf_probe_read_user(ws->win, len, (void *)addr)) {
+            ws->win_len = 0;
+            return -1;
+        }
+        ws->win_base = addr;
+        ws->win_len = len;
+        off = 0;
+    }
+    barrier_var(off);
+    if (off > UNWIND_WINDOW - 8)
+        return -1;
+    __builtin_memcpy(out, &ws->win[off], 8);
+    return 0;
+}
 
 /* The last sampled process's unwind_processes (and py_processes) entries, per CPU: a CPU runs
  * the same process sample after sample, so two hash lookups per sample are spared (measured: 6 %
@@ -299,6 +342,7 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
     ws->bp = bp;
     ws->n = 0;
     ws->done = 0;
+    ws->win_len = 0;
     ws->g = g;
     ws->proc = pc->proc;
     __builtin_memcpy(&ws->key, key, sizeof(*key));
@@ -337,11 +381,12 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
     ws->n = i + 1;
     u64 ra = 0;
     if (kind == UNWIND_RULE_FRAME_POINTER) {   /* no table: frame pointers */
-        if (bp == 0 || bpf_probe_read_user(&ra, sizeof(ra), (void *)(bp + 8)))
+        /* lower address first: the window reads upwards */
+        u64 saved = 0;
+        if (bp == 0 || read_stack(ws, bp, &saved) || read_stack(ws, bp + 8, &ra))
             return;
         sp = bp + 16;
-        if (bpf_probe_read_user(&bp, sizeof(bp), (void *)bp))
-            return;
+        bp = saved;
         count_unwind(UNWIND_STAT_FP_STEPS);
     } else {
         if (kind == UNWIND_OUTERMOST) {
@@ -353,9 +398,10 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
         if (kind != UNWIND_RSP && kind != UNWIND_RBP)
             return;
         u64 cfa = (kind == UNWIND_RSP ? sp : bp) + (s64)cfa_offset;
-        if (bpf_probe_read_user(&ra, sizeof(ra), (void *)(cfa - 8)))
+        /* the saved rbp lies below the return address: read it first (the window reads upwards) */
+        if (rbp_offset && read_stack(ws, cfa + rbp_offset, &bp))
             return;
-        if (rbp_offset && bpf_probe_read_user(&bp, sizeof(bp), (void *)(cfa + rbp_offset)))
+        if (read_stack(ws, cfa - 8, &ra))
             return;
         sp = cfa;
     }
@@ -370,10 +416,6 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
 }
 
 /* A 64-bit hash of the walked stack (never 0: 0 means "no walked stack" in prof_key). */
-/* Hides a value's range from the compiler, so the mask that follows stays in the program: the
- * compiler drops "i & 127" where it knows i < 127 and walks a pointer instead, whose bound
- * older verifiers (6.1) then cannot prove. */
-#define barrier_var(v) asm volatile("" : "+r"(v))
 
 static __always_inline u64 hash_stack(struct unwind_stack *st) {
     u64 h = 0xcbf29ce484222325ULL ^ st->truncated;
