@@ -268,10 +268,9 @@ static __always_inline int read_stack(struct unwind_state *ws, u64 addr, u64 *ou
  * of the program's time on a steady load, 2.5 % on one where every stack is new). Valid while
  * both table versions are those it was read under. */
 struct process_cache {
-    u32 pid;
+    u32 pid;                   /* 0: empty (pid 0, the idle task, is never walked) */
     u32 user_version;
     u32 kernel_version;
-    u32 valid;
     u32 walked;                /* an unwind_processes entry: proc */
     u32 python;                /* a py_processes entry: py */
     struct unwind_process proc;
@@ -315,11 +314,10 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
     slot = PROF_SET_TABLES_KERNEL;
     u32 *kernel = settings.lookup(&slot);
     u32 user_version = user ? *user : 0, kernel_version = kernel ? *kernel : 0;
-    if (!pc->valid || pc->pid != key->pid || pc->user_version != user_version ||
+    if (pc->pid != key->pid || pc->user_version != user_version ||
         pc->kernel_version != kernel_version) {
         /* the versions were read first: a change from here on renews them, and the next
          * sample reads the entries again */
-        pc->valid = 0;
         struct unwind_process *proc = unwind_processes.lookup(&key->pid);
         pc->walked = proc != NULL;
         if (proc)
@@ -333,7 +331,6 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
         pc->pid = key->pid;
         pc->user_version = user_version;
         pc->kernel_version = kernel_version;
-        pc->valid = 1;
     }
     if (!pc->walked)
         return 0;

@@ -64,7 +64,7 @@ LOST_REASONS = header_enum("profiler.h", "PROF_LOST")
 STAT_NAMES = header_enum("profiler.h", "PROF_STAT")
 UNWIND_STAT_NAMES = header_enum("profiler.h", "UNWIND_STAT")
 PY_STAT_NAMES = header_enum("profiler.h", "PY_STAT")
-SET_GENERATION = 0
+SET_GENERATION = header_enum("profiler.h", "PROF_SET").index("generation")   # settings[] slot
 REC_NEW_PROCESS, REC_SAMPLE, REC_PY_CODE = 1, 2, 3
 
 

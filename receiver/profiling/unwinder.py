@@ -21,13 +21,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from ..kernel.bcc import header_enum
 from .cpython import PythonProcesses
 from .elf import ElfError, section_sizes
 from .symbolize import Symbolizer, vdso_image
 from .unwind_table import ROW, ReadelfMissingError, UnwindTableError, build_table
 from .worker import QueueWorker
 
-SET_TABLES_USER = 1   # settings[] slot of user space's process-tables version (bpf/profiler.h)
+# settings[] slot of user space's process-tables version
+SET_TABLES_USER = header_enum("profiler.h", "PROF_SET").index("tables_user")
 
 __all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
 
