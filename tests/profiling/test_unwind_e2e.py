@@ -34,6 +34,7 @@ RUN_S = "3600"
 CHAIN = ["hot", "f8", "f7", "f6", "f5", "f4", "f3", "f2", "f1", "main"]
 
 CHAIN_SOURCE = r"""
+#include <alloca.h>
 #include <stdlib.h>
 #include <time.h>
 static volatile unsigned long sink;
@@ -47,6 +48,20 @@ NI void f4(unsigned n) { f5(n); sink++; }
 NI void f3(unsigned n) { f4(n); sink++; }
 NI void f2(unsigned n) { f3(n); sink++; }
 NI void f1(unsigned n) { f2(n); sink++; }
+/* Frames of 600 bytes under a shift that moves them across page boundaries call after call:
+ * the walk reads the stack in windows that end at a page's end, and these frames' return
+ * addresses fall in every place relative to them (in a window, past its page's end, in the next
+ * window). */
+NI void g4(unsigned n) { volatile char pad[600]; pad[n % 600] = 1; hot(n); sink += pad[7]; }
+NI void g3(unsigned n) { volatile char pad[600]; pad[n % 600] = 1; g4(n); sink += pad[7]; }
+NI void g2(unsigned n) { volatile char pad[600]; pad[n % 600] = 1; g3(n); sink += pad[7]; }
+NI void g1(unsigned n) { volatile char pad[600]; pad[n % 600] = 1; g2(n); sink += pad[7]; }
+NI void shifted(unsigned n, unsigned shift) {
+    volatile char *p = alloca(shift);
+    p[0] = 1;
+    g1(n);
+    sink += p[0];
+}
 void nocfi_mid(unsigned n);
 NI void clocky(void) {
     struct timespec t;
@@ -60,6 +75,9 @@ int main(int argc, char **argv) {
     while (time(NULL) < end) {
         if (argc > 2 && argv[2][0] == 'n')
             nocfi_mid(100000);
+        else if (argc > 2 && argv[2][0] == 'b')
+            for (unsigned k = 0; k < 64; k++)
+                shifted(20000, 16 + k * 64);
         else if (argc > 2)
             clocky();
         else
@@ -317,6 +335,22 @@ def pprof_traces_share(path: Path, tmp_path: Path, chain: list[str]) -> float:
         exact += value if frames[:len(chain)] == chain else 0
     assert total > 0, p.stdout[:2000]
     return exact / total
+
+
+def test_frames_spread_over_pages_are_walked_whole(bpf_ok: None, built: dict[str, Path]) -> None:
+    # The walk reads the stack in windows that end at a page's end; 600-byte frames shifted by
+    # 16 to 4 048 bytes from call to call put return addresses everywhere relative to those
+    # windows and pages. A window read past what it holds would name garbage.
+    with profiled(str(built["chain"]), RUN_S, "b") as (_, prof):
+        prof.warm()
+        profile = prof.measure(4)
+        kernel_stats = prof.kernel_stats()
+        truncated = prof.truncated()
+    hot = hot_samples(profile, "hot")
+    assert sum(n for _, n in hot) >= 100, profile.samples[:5]
+    chain = ["hot", "g4", "g3", "g2", "g1", "shifted", "main"]
+    assert share_with_chain(hot, chain) >= 0.95, collections.Counter(tuple(n) for n, _ in hot).most_common(3)
+    assert truncated == 0 and kernel_stats["walked"] > 0 and kernel_stats["truncated"] == 0, kernel_stats
 
 
 def test_stripped_binary_walks_the_same_depth(bpf_ok: None, built: dict[str, Path]) -> None:
