@@ -413,7 +413,6 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
 }
 
 /* A 64-bit hash of the walked stack (never 0: 0 means "no walked stack" in prof_key). */
-
 static __always_inline u64 hash_stack(struct unwind_stack *st) {
     u64 h = 0xcbf29ce484222325ULL ^ st->truncated;
     #pragma clang loop unroll(disable)
