@@ -272,6 +272,15 @@ def profiled(*argv: str, **config: Any) -> Iterator[tuple[subprocess.Popen[bytes
         proc.wait()
 
 
+def walk(program: Path, *args: str, seconds: float = 3.0, **config: Any) -> tuple[Any, dict[str, int], int]:
+    """Runs ``program`` profiled alone until its tables are loaded, then for ``seconds``: the
+    profile, the kernel walker's counters and the truncated samples of those seconds."""
+    with profiled(str(program), RUN_S, *args, **config) as (_, prof):
+        prof.warm()
+        profile = prof.measure(seconds)
+        return profile, prof.kernel_stats(), prof.truncated()
+
+
 def user_frames(sample: Any) -> list[Any]:
     return [f for f in sample.frames if f.frame_type != "kernel"]
 
@@ -293,11 +302,7 @@ def share_with_chain(samples: list[tuple[list[str], int]], chain: list[str]) -> 
 
 def test_o2_chain_is_walked_whole_including_the_leafs_caller(bpf_ok: None, built: dict[str, Path],
                                                               tmp_path: Path) -> None:
-    with profiled(str(built["chain"]), RUN_S) as (_, prof):
-        prof.warm()
-        profile = prof.measure(4)
-        kernel_stats = prof.kernel_stats()
-        truncated = prof.truncated()
+    profile, kernel_stats, truncated = walk(built["chain"], seconds=4)
     hot = hot_samples(profile, "hot")
     assert sum(n for _, n in hot) >= 100, profile.samples[:5]
     share = share_with_chain(hot, CHAIN)
@@ -341,11 +346,7 @@ def test_frames_spread_over_pages_are_walked_whole(bpf_ok: None, built: dict[str
     # The walk reads the stack in windows that end at a page's end; 600-byte frames shifted by
     # 16 to 4 048 bytes from call to call put return addresses everywhere relative to those
     # windows and pages. A window read past what it holds would name garbage.
-    with profiled(str(built["chain"]), RUN_S, "b") as (_, prof):
-        prof.warm()
-        profile = prof.measure(4)
-        kernel_stats = prof.kernel_stats()
-        truncated = prof.truncated()
+    profile, kernel_stats, truncated = walk(built["chain"], "b", seconds=4)
     hot = hot_samples(profile, "hot")
     assert sum(n for _, n in hot) >= 100, profile.samples[:5]
     chain = ["hot", "g4", "g3", "g2", "g1", "shifted", "main"]
@@ -354,9 +355,7 @@ def test_frames_spread_over_pages_are_walked_whole(bpf_ok: None, built: dict[str
 
 
 def test_stripped_binary_walks_the_same_depth(bpf_ok: None, built: dict[str, Path]) -> None:
-    with profiled(str(built["chain_stripped"]), RUN_S) as (_, prof):
-        prof.warm()
-        profile = prof.measure(3)
+    profile, _, _ = walk(built["chain_stripped"])
     depths = collections.Counter()
     for s in profile.samples:
         depths[len(user_frames(s))] += s.count
@@ -365,9 +364,7 @@ def test_stripped_binary_walks_the_same_depth(bpf_ok: None, built: dict[str, Pat
 
 
 def test_cxx_o2_methods_and_templates(bpf_ok: None, built: dict[str, Path]) -> None:
-    with profiled(str(built["cxx"]), RUN_S) as (_, prof):
-        prof.warm()
-        profile = prof.measure(3)
+    profile, _, _ = walk(built["cxx"])
     samples = [([f.function for f in user_frames(s)], s.count) for s in profile.samples]
     spin = [(names, n) for names, n in samples if names and "Worker::spin" in names[0]]
     assert sum(n for _, n in spin) >= 50, samples[:5]
@@ -378,9 +375,7 @@ def test_cxx_o2_methods_and_templates(bpf_ok: None, built: dict[str, Path]) -> N
 
 
 def test_shared_library_without_frame_pointers(bpf_ok: None, built: dict[str, Path]) -> None:
-    with profiled(str(built["lib_main"]), RUN_S) as (_, prof):
-        prof.warm()
-        profile = prof.measure(3)
+    profile, _, _ = walk(built["lib_main"])
     hot = hot_samples(profile, "lib_hot")
     assert sum(n for _, n in hot) >= 50, profile.samples[:5]
     assert share_with_chain(hot, ["lib_hot", "lib_c", "lib_b", "lib_a", "main"]) >= 0.95, hot[:3]
@@ -391,11 +386,7 @@ def test_shared_library_without_frame_pointers(bpf_ok: None, built: dict[str, Pa
 def test_code_without_cfi_stops_the_walk_and_is_counted(bpf_ok: None, built: dict[str, Path]) -> None:
     """No bogus frame: the walk stops in the function without call-frame information, and the
     stack is counted as truncated."""
-    with profiled(str(built["chain"]), RUN_S, "nocfi") as (_, prof):
-        prof.warm()
-        profile = prof.measure(3)
-        kernel_stats = prof.kernel_stats()
-        truncated = prof.truncated()
+    profile, kernel_stats, truncated = walk(built["chain"], "nocfi")
     hot = hot_samples(profile, "hot")
     assert sum(n for _, n in hot) >= 50
     for names, _ in hot:
