@@ -1,5 +1,6 @@
-"""The configuration reference table for the README: ``python -m receiver.config_doc`` prints it,
-``python -m receiver.config_doc --update README.md`` replaces the table in the file."""
+"""The configuration reference table of docs/configuration.md: ``python -m receiver.config_doc``
+prints it, ``python -m receiver.config_doc --update docs/configuration.md`` replaces the table in
+the file."""
 
 import sys
 from pathlib import Path
