@@ -8,13 +8,14 @@ CONFIG ?= deploy/config/local.yaml
 HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: help setup system host venv otelcol test test-kernels lint run check bench proto clean
+.PHONY: help setup system host venv otelcol test test-unit test-kernels lint run check bench proto clean
 
 help:
-	@echo "make test           install everything needed, lint (ruff), then run the whole test suite"
+	@echo "make test-unit      lint, then the unit tier (pytest -m unit): no root, BPF, servers or Go; < 2 min"
+	@echo "make test           install everything needed, lint (ruff), then run the whole test suite (CI runs this)"
 	@echo "make test-kernels   the agent's smoke suite on Debian's 5.10, 6.1 and 6.12 kernels (qemu)"
 	@echo "make run            local Collector + the agent pointed at it (Ctrl-C stops both)"
-	@echo "make check          preflight: what this host has and lacks for the configured sources"
+	@echo "make check          preflight: what this host has and lacks for the configured sources (reads only)"
 	@echo "make bench [BENCH=exporter|profiler|network|syscalls|memory|soak]  (soak: SOAK_MINUTES=10, not in the default set)"
 
 setup: system host venv otelcol
@@ -43,6 +44,13 @@ otelcol:
 test: setup lint
 	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
+# The tier for every commit: tests/conftest.py marks `unit` every test that needs no root, BPF,
+# Collector, Prometheus, docker, qemu or Go. Run by root, it drops every capability first
+# (setpriv), so a unit test that secretly needs one fails here instead of passing.
+UNPRIVILEGED := $(if $(filter 0,$(shell id -u)),setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all --bounding-set=-all --)
+test-unit: venv lint
+	$(UNPRIVILEGED) $(PY) -m pytest -m unit $(PYTEST_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check receiver tests benchmarks deploy examples
 
@@ -53,7 +61,8 @@ test-kernels: setup
 run: setup
 	@OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) deploy/scripts/run-local.py --config $(CONFIG)
 
-check: system host venv
+# Reads the host only (installs nothing, mounts nothing): the project venv is all it makes.
+check: venv
 	$(VENV)/bin/ebpf-otlp-receiver check --config $(CONFIG)
 
 bench: setup

@@ -45,12 +45,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def in_ci() -> bool:
+    """``CI`` set to true, 1 or yes (any case): .ci/run exports CI=true."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 def fail_or_skip(reason: str) -> None:
-    """Outside CI a missing prerequisite skips with its reason; in CI (``CI=true``) it fails:
-    the BPF, Collector and Go tests must run there."""
+    """Outside CI a missing prerequisite skips with its reason; in CI (see ``in_ci``) it fails:
+    the BPF, Collector and Go tests must run there. (tests/conftest.py also turns any other
+    skip into a failure in CI.)"""
     import pytest
 
-    if os.environ.get("CI") == "true":
+    if in_ci():
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
 

@@ -20,7 +20,7 @@ import yaml
 from receiver.config import EbpfConfig, parse_address
 from receiver.kernel.capabilities import CAPABILITIES
 
-from .harness import REPO
+from .harness import REPO, fail_or_skip
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -165,14 +165,15 @@ def test_compose_matches_compose_spec_schema(compose: dict[str, Any]) -> None:
 
 def test_prometheus_scrapes_agent() -> None:
     data = yaml.safe_load(PROMETHEUS.read_text())
-    promtool = shutil.which("promtool")
-    if promtool:
-        result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)],
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
     targets = [t for job in data["scrape_configs"] for sc in job.get("static_configs", [])
                for t in sc["targets"]]
     assert "agent:9464" in targets
+    promtool = shutil.which("promtool")
+    if not promtool:
+        fail_or_skip("promtool is not installed (Debian's prometheus package has it; make test installs it)")
+    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -314,10 +315,11 @@ def test_systemd_unit() -> None:
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert parser["Install"]["WantedBy"] == "multi-user.target"
     analyze = shutil.which("systemd-analyze")
-    if analyze:
-        # Unknown keys and bad values are reported; the missing installed binary is expected here.
-        result = subprocess.run([analyze, "verify", str(SYSTEMD_UNIT)], capture_output=True, text=True,
-                                timeout=60)
-        problems = [line for line in (result.stdout + result.stderr).splitlines()
-                    if re.search(r"unknown|invalid|failed to parse|bad|ignoring", line, re.IGNORECASE)]
-        assert not problems, problems
+    if not analyze:
+        fail_or_skip("systemd-analyze is not installed (Debian's systemd package; make test installs it)")
+    # Unknown keys and bad values are reported; the missing installed binary is expected here.
+    result = subprocess.run([analyze, "verify", str(SYSTEMD_UNIT)], capture_output=True, text=True,
+                            timeout=60)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if re.search(r"unknown|invalid|failed to parse|bad|ignoring", line, re.IGNORECASE)]
+    assert not problems, problems
