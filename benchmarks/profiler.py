@@ -232,7 +232,7 @@ def _perf_dwarf_depth(pid: int, seconds: float, workdir: Path, out: list[float])
 
 def _our_depth(pprof_dir: Path, pid: int, since_ns: int) -> float:
     from receiver.profiling.model import KERNEL_MAPPING_PATH
-    from receiver.profiling.pprof import from_pprof, read_pprof
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
 
     total = frames = 0
     for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):
@@ -454,7 +454,7 @@ def _python_run(workdir: Path, python_frames: bool) -> dict[str, float]:
 def _chain_share(pprof_dir: Path, pid: int, since_ns: int) -> float:
     """Of the chain process's samples whose innermost Python frame is hot_a or hot_b: the share
     showing the whole Python chain above it."""
-    from receiver.profiling.pprof import from_pprof, read_pprof
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
 
     total = whole = 0
     for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):

@@ -1,4 +1,5 @@
-/* Records and map keys profiler.bpf.c shares with receiver/profiling/sampler.py (ctypes mirror). */
+/* Records, map keys and constants that bpf/profiler.bpf.c (with profiler_native.bpf.h and
+ * runtimes/<name>.bpf.h) shares with user space: receiver/profiling/abi.py is their one mirror. */
 #ifndef EBPF_RECEIVER_PROFILER_H
 #define EBPF_RECEIVER_PROFILER_H
 
@@ -6,7 +7,7 @@
 
 /* settings[] slots */
 #define PROF_SET_GENERATION 0     /* which counts/stacks pair the program writes: 0 or 1 */
-/* Versions of unwind_processes/py_processes, new after each change: user space's (one writer,
+/* Versions of unwind_processes/runtime_processes, new after each change: user space's (one writer,
  * the unwinder's thread) and the kernel's (exec and fork, atomically). A per-CPU copy of the last
  * sampled process's entries is used while both are unchanged (see process_cache). */
 #define PROF_SET_TABLES_USER 1
@@ -34,9 +35,10 @@
 /* Ring-buffer record kinds (the first field of each record) */
 #define PROF_REC_NEW_PROCESS 1
 #define PROF_REC_SAMPLE 2
-#define PROF_REC_PY_CODE 3         /* a code object a process's stacks name for the first time */
+#define PROF_REC_RUNTIME_FRAME 3   /* a runtime frame id a process's stacks name for the first time */
 
 #define PROF_MAX_DEPTH 127
+#define PROF_DEPTH_MASK 127        /* PROF_MAX_DEPTH + 1 is a power of two: i & mask bounds an index */
 
 /* A stack id of -1 means "not captured" (disabled, or kernel stack of a sample in user mode).
  * A sample whose user stack was walked with unwind tables is counted in walked<g>, its key's
@@ -51,7 +53,7 @@ struct prof_key {
     __u64 user_stack_hash;
 };
 
-/* ---- In-kernel unwinding with tables made from .eh_frame (receiver/profiling/unwinder.py) ----
+/* ---- In-kernel unwinding with tables made from .eh_frame (receiver/profiling/unwind/) ----
  *
  * unwind_rows holds every loaded file's rows, each file's sorted by pc in one contiguous range.
  * unwind_processes maps a tgid to its slot of UNWIND_MAX_MAPPINGS entries in unwind_mappings:
@@ -66,6 +68,7 @@ struct prof_key {
 #define UNWIND_OUTERMOST 4     /* return address undefined: the first frame of the thread */
 
 #define UNWIND_MAX_MAPPINGS 64
+#define UNWIND_MAPPING_STEPS 7 /* binary-search steps over UNWIND_MAX_MAPPINGS: log2(64) + 1 */
 #define UNWIND_STOP 0xffffffff /* table_start of a mapping whose table did not fit: walks stop there */
 
 struct unwind_row {
@@ -109,50 +112,29 @@ struct unwind_cache_entry {
     __u8 pad[5];
 };
 
-/* ---- CPython frames (receiver/profiling/cpython.py) ----
+/* ---- Runtimes: interpreted or JIT-compiled code the native walk cannot name ----
+ * (receiver/profiling/runtimes/; each runtime's walker is bpf/runtimes/<name>.bpf.h.)
  *
- * For a process running CPython, py_processes[tgid] says where its interpreter list is and the
- * version's offsets (a table in user space: 3.11, 3.12, 3.13 differ only in numbers). The walk
- * finds the sampled thread's PyThreadState in the first interpreter's thread list by its
- * native thread id, then follows current frame -> previous, recording each frame's code object
- * and instruction offset. User space names code objects and places each run of frames that one
- * C-level _PyEval_EvalFrameDefault call evaluates at that native frame. */
-#ifndef PY_MAX_FRAMES
-#define PY_MAX_FRAMES 0            /* 0: Python frames off; sampler.py passes 64 */
+ * runtime_processes[tgid] says which runtime a process runs, as the slot of that runtime's walker
+ * in unwind_programs (1 .. RUNTIME_SLOTS - 1; slot 0 is the native walker), and holds the
+ * runtime's per-process data (where its state is, the version's offsets) in a layout the runtime's
+ * header defines. After the native walk, a sample of such a process tail-calls that walker, which
+ * records the runtime's frames as (id, aux) pairs: for CPython (code object, instruction offset).
+ * User space names them and places them among the native frames. */
+#ifndef RUNTIME_MAX_FRAMES
+#define RUNTIME_MAX_FRAMES 0       /* 0: no runtime walker compiled in; sampler.py passes 64 */
 #endif
-#define PY_FRAMES_PER_CALL 16      /* Python frames one walk_python_stack call walks */
-#define PY_MAX_THREADS 64          /* thread states searched for the sampled thread */
-#define PY_ENTRY_FLAG 1            /* entry_kind: a nonzero byte marks an eval call's first frame (3.11) */
-#define PY_ENTRY_SHIM 2            /* entry_kind: a frame with byte == entry_value is a C-stack shim (3.12+) */
-#define PY_NO_OFFSET 0xffff        /* frame_in_cframe when the thread state points at the frame itself */
-#define PY_LASTI_ENTRY 0x80000000  /* py_lasti[i]: frame i is the first of its eval call */
-#define PY_LASTI_UNKNOWN 0x7fffffff
+#define UNWIND_NATIVE_SLOT 0       /* unwind_programs slot of walk_user_stack */
+#define RUNTIME_SLOTS 8            /* unwind_programs slots: the native walker and up to 7 runtimes */
+#define RUNTIME_DATA_BYTES 64      /* per-process data a runtime may keep in runtime_processes */
+#define RUNTIME_AUX_LAST 0x80000000   /* rt_aux[i]: frame i ends its group (e.g. one eval call's frames) */
+#define RUNTIME_CURSOR_START 1     /* unwind_state.rt_cursor before the walker's first call */
 
-struct py_process {
-    __u64 interpreters_head;   /* address of _PyRuntime.interpreters.head */
-    __u64 pidns_dev;           /* the process's pid namespace (thread ids as it sees them) */
-    __u64 pidns_ino;
-    __u16 threads_head;        /* PyInterpreterState.threads.head */
-    __u16 ts_next;             /* PyThreadState.next */
-    __u16 ts_native_thread_id; /* PyThreadState.native_thread_id */
-    __u16 ts_frame;            /* PyThreadState.cframe (3.11, 3.12) or .current_frame (3.13) */
-    __u16 frame_in_cframe;     /* _PyCFrame.current_frame, or PY_NO_OFFSET */
-    __u16 fr_code;             /* _PyInterpreterFrame.f_code / f_executable */
-    __u16 fr_instr;            /* .prev_instr / .instr_ptr */
-    __u16 fr_previous;         /* .previous */
-    __u16 fr_entry;            /* .is_entry (3.11) or .owner (3.12+) */
-    __u16 code_adaptive;       /* PyCodeObject.co_code_adaptive: instruction 0 */
-    __u8 entry_kind;           /* PY_ENTRY_* */
-    __u8 entry_value;          /* the shim's owner value (FRAME_OWNED_BY_CSTACK) */
-    __u8 pad[6];
+struct runtime_process {
+    __u32 runtime;             /* the walker's unwind_programs slot; 0: none */
+    __u32 pad;
+    __u64 data[RUNTIME_DATA_BYTES / 8];
 };
-
-/* py_stats[] slots */
-#define PY_STAT_WALKED 0           /* samples of CPython processes whose thread state was found */
-#define PY_STAT_NO_THREAD 1        /* ... whose sampled thread has no thread state (not a Python thread) */
-#define PY_STAT_TRUNCATED 2        /* ... whose frame chain was longer than PY_MAX_FRAMES or unreadable */
-#define PY_STAT_FRAMES 3           /* Python frames recorded */
-#define PY_STATS 4
 
 /* A user stack walked with tables, and (as a walked<g> value) its key's count. */
 struct unwind_stack {
@@ -160,11 +142,13 @@ struct unwind_stack {
     __u32 len;                 /* addresses in ips[] */
     __u32 truncated;           /* 1: the walk stopped before the thread's first frame */
     __u64 ips[PROF_MAX_DEPTH];
-#if PY_MAX_FRAMES
-    __u32 py_len;              /* Python frames, innermost first */
-    __u32 py_truncated;
-    __u64 py_code[PY_MAX_FRAMES];     /* PyCodeObject addresses */
-    __u32 py_lasti[PY_MAX_FRAMES];    /* byte offset of the instruction | PY_LASTI_ENTRY */
+#if RUNTIME_MAX_FRAMES
+    __u32 rt_len;              /* runtime frames, innermost first */
+    __u32 rt_truncated;        /* 1: the runtime's frame chain was cut short */
+    __u32 rt_runtime;          /* whose frames: the runtime's unwind_programs slot */
+    __u32 rt_pad;
+    __u64 rt_id[RUNTIME_MAX_FRAMES];  /* what names the frame (CPython: its code object's address) */
+    __u32 rt_aux[RUNTIME_MAX_FRAMES]; /* where in it (CPython: instruction offset) | RUNTIME_AUX_LAST */
 #endif
 };
 
@@ -183,12 +167,14 @@ struct prof_new_process {
     __u32 pid;
 };
 
-/* A code object first seen in a process's Python frames: user space reads its names at once,
- * while the process lives (a short-lived process is gone by the next drain). */
-struct prof_py_code {
-    __u32 kind;                /* PROF_REC_PY_CODE */
+/* A runtime frame id first seen in a process's stacks: user space names it at once, while the
+ * process lives (a short-lived process is gone by the next drain). */
+struct prof_runtime_frame {
+    __u32 kind;                /* PROF_REC_RUNTIME_FRAME */
     __u32 pid;
-    __u64 code;
+    __u64 id;
+    __u32 runtime;             /* the runtime's unwind_programs slot */
+    __u32 pad;
 };
 
 /* One sample the maps could not hold (hash-bucket collision, full stack or counts map), with

@@ -6,7 +6,7 @@ from .convert.converter import EbpfOtlpConverter
 from .errors import ConfigError, ConversionError, ExportError, ReceiverError, SourceUnavailableError
 from .export.send import send, send_async
 from .model import EbpfEvent, EbpfEventType, Signal
-from .profiling.profiler import EbpfCpuProfiler
+from .profiling.cpu_profiler import EbpfCpuProfiler
 
 __all__ = ["__version__", "EbpfConfig", "EbpfCpuProfiler", "EbpfEvent", "EbpfEventType",
            "EbpfOtlpConverter", "Signal", "send", "send_async", "ReceiverError", "ConfigError",

@@ -80,9 +80,9 @@ def _progress(text: str, final: bool = False) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .kernel.host import has_bpf_capabilities
-    from .profiling.flamegraph import to_folded, write_flamegraph_svg
-    from .profiling.pprof import write_pprof
-    from .profiling.profiler import EbpfCpuProfiler
+    from .profiling.cpu_profiler import EbpfCpuProfiler
+    from .profiling.output.flamegraph import to_folded, write_flamegraph_svg
+    from .profiling.output.pprof import write_pprof
 
     section = {"preset": "development", "frequency": args.frequency, "report_interval": "5s",
                "filter": {"pids": args.pid or []}}

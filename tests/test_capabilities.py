@@ -91,7 +91,7 @@ def test_systemd_capability_set_runs_every_source_and_names_kernel_frames(
 @pytest.mark.bpf
 def test_without_cap_syslog_the_warning_names_it(bpf_ok: None) -> None:
     code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
-            "from receiver.profiling.kallsyms import KernelSymbols\n"
+            "from receiver.profiling.symbols.kallsyms import KernelSymbols\n"
             "assert not KernelSymbols().available\n")
     r = subprocess.run([*_drop("CAP_SYSLOG"), sys.executable, "-c", code], capture_output=True,
                        text=True, timeout=60, cwd=REPO, check=False)

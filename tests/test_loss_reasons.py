@@ -1,5 +1,5 @@
 """Loss reasons come from one place, each program's header (``<PREFIX>_LOST_<NAME>``): the
-sources read them from there, the README's self-metrics table names exactly those, and the metric's
+sources read them from there, the self-metrics table of docs/operations.md names exactly those, and the metric's
 help text invents none."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ HEADERS = {"process": ("process.h", "PROC_LOST"), "syscalls": ("syscalls.h", "SC
 
 
 def _readme_reasons() -> dict[str, list[str]]:
-    row = next(line for line in (REPO / "README.md").read_text().splitlines()
+    row = next(line for line in (REPO / "docs" / "operations.md").read_text().splitlines()
                if line.startswith("| `ebpf_receiver_source_events_lost_total`"))
     text = re.sub(r"\([^)]*\)", "", row.split("by reason:", 1)[1])   # drop the explanations
     out = {}

@@ -26,7 +26,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .._version import __version__
 from ..profiling.model import CpuProfile, Frame, Mapping, StackSample
-from ..profiling.pprof import frame_mapping, from_pprof
+from ..profiling.output.pprof import frame_mapping, from_pprof
 from ..proto import profile_pb2
 from .attributes import to_key_values
 

@@ -10,6 +10,7 @@ its main file, and ``common.bpf.h`` holds such calls for every program.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,13 +21,19 @@ from . import host
 from .capabilities import explain_load_failure
 
 __all__ = ["bpf_source_dir", "load_bcc", "program_text", "compile_in_process", "tracepoint_has_field",
-           "header_enum", "check_mirror"]
+           "header_enum", "header_defines", "check_mirror"]
 
-_INLINE = re.compile(r'^#include\s+"([\w.-]+\.bpf\.h)"\s*$', re.M)
+_INLINE = re.compile(r'^#include\s+"([\w.-]+(?:/[\w.-]+)*\.bpf\.h)"\s*$', re.M)
+# The line of a program where the headers its caller names are inlined (the profiler's runtime walkers).
+INCLUDES_MARK = "/* RUNTIME WALKERS */"
 
 
 def bpf_source_dir() -> Path:
-    """Where the BPF C files are: ``receiver/bpf`` in an installed wheel, ``bpf/`` in a checkout."""
+    """Where the BPF C files are: ``receiver/bpf`` in an installed wheel, ``bpf/`` in a checkout, or
+    ``$EBPF_RECEIVER_BPF_DIR`` when set (tests that add a walker to a copy of the tree)."""
+    override = os.environ.get("EBPF_RECEIVER_BPF_DIR")
+    if override:
+        return Path(override)
     try:
         import receiver.bpf as pkg
 
@@ -47,12 +54,20 @@ def load_bcc() -> Any:
     return bcc
 
 
-def program_text(bpf_file: str) -> str:
-    """The program's C text with its ``*.bpf.h`` includes inlined (each once)."""
+def program_text(bpf_file: str, includes: Sequence[str] = ()) -> str:
+    """The program's C text with its ``*.bpf.h`` includes inlined (each once), and ``includes``
+    (``bpf/``-relative ``*.bpf.h`` paths) inlined in place of its ``INCLUDES_MARK`` line."""
     src_dir = bpf_source_dir()
     path = src_dir / bpf_file
     text = path.read_text()
     seen: set[str] = set()
+    if includes:
+        if text.count(INCLUDES_MARK) != 1:
+            raise ValueError(f"{bpf_file} has no single {INCLUDES_MARK} line for {', '.join(includes)}")
+        for name in includes:
+            if not _INLINE.fullmatch(f'#include "{name}"') or ".." in name.split("/"):
+                raise ValueError(f"not a bpf/ header: {name!r}")
+        text = text.replace(INCLUDES_MARK, "".join(f'#include "{name}"\n' for name in includes).rstrip("\n"))
 
     def inline(m: re.Match[str]) -> str:
         name = m.group(1)
@@ -66,7 +81,8 @@ def program_text(bpf_file: str) -> str:
     return _INLINE.sub(inline, text)
 
 
-def compile_in_process(source_name: str, bpf_file: str, cflags: Sequence[str] = ()) -> Any:
+def compile_in_process(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
+                       includes: Sequence[str] = ()) -> Any:
     """Compiles and loads ``bpf/<bpf_file>`` with BCC in this process (the loader's), or raises
     ``SourceUnavailableError`` saying what is missing: BCC, the program file, kernel headers for BCC's compiler, or the
     privilege to call bpf() (told apart from a compile error by a real bpf() probe)."""
@@ -78,7 +94,7 @@ def compile_in_process(source_name: str, bpf_file: str, cflags: Sequence[str] = 
     if not (build / "include").exists():
         raise SourceUnavailableError(source_name, f"no kernel headers at {build}", host.FIX_HEADERS)
     try:
-        return bcc.BPF(text=program_text(bpf_file), cflags=[f"-I{src_dir}", *cflags])
+        return bcc.BPF(text=program_text(bpf_file, includes), cflags=[f"-I{src_dir}", *cflags])
     except Exception as e:
         # BCC reports a denied bpf() as "Failed to compile BPF module": tell the two apart.
         reason = explain_load_failure(e)
@@ -118,6 +134,14 @@ def header_enum(header: str, prefix: str) -> tuple[str, ...]:
     if list(sorted(found)) != list(range(len(found))):
         raise ValueError(f"{header}: {prefix}_* values are not 0..{len(found) - 1}")
     return names
+
+
+def header_defines(header: str) -> dict[str, int]:
+    """Every ``#define NAME <integer>`` of a ``bpf/`` header (decimal or hex), by name: user space
+    takes the constants it shares with a program from the program's own header."""
+    text = (bpf_source_dir() / header).read_text()
+    pattern = r"^#define\s+(\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*(?:/\*.*\*/)?\s*$"
+    return {name: int(value, 0) for name, value in re.findall(pattern, text, re.M)}
 
 
 def _layout(cls: Any) -> dict[str, tuple[int, int]]:

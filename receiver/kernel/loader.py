@@ -47,8 +47,9 @@ _BOOT = ("import sys, types; p = types.ModuleType('receiver'); p.__path__ = [sys
 
 
 def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
-                programs: Sequence[Program] = ()) -> BpfObject:
-    """Compiles and loads ``bpf/<bpf_file>`` in a loader process and returns the handed-over
+                programs: Sequence[Program] = (), includes: Sequence[str] = ()) -> BpfObject:
+    """Compiles and loads ``bpf/<bpf_file>`` (with ``includes``, ``bpf/`` headers inlined at its
+    ``RUNTIME WALKERS`` line: see ``program_text``) in a loader process and returns the handed-over
     object, or raises ``SourceUnavailableError`` saying what is missing (BCC, the program file,
     kernel headers, the privilege to call bpf(), libbpf) or how the compile or load failed."""
     from .libbpf import lib
@@ -57,7 +58,7 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
         lib()
     except OSError as e:
         raise SourceUnavailableError(source_name, f"libbpf.so.1 cannot be loaded: {e}", FIX_LIBBPF) from None
-    request = {"source": source_name, "bpf_file": bpf_file, "cflags": list(cflags),
+    request = {"source": source_name, "bpf_file": bpf_file, "cflags": list(cflags), "includes": list(includes),
                "programs": [[n, t, list(a) if a else None] for n, t, a in programs]}
     t0 = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -186,7 +187,7 @@ def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     from .bcc import compile_in_process, load_bcc
 
     source = req["source"]
-    bpf = compile_in_process(source, req["bpf_file"], req["cflags"])
+    bpf = compile_in_process(source, req["bpf_file"], req["cflags"], req.get("includes", ()))
     bcc = load_bcc()
     for name, prog_type, array in req["programs"]:
         try:

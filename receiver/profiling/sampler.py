@@ -30,56 +30,57 @@ from ..config import CachesConfig, ProfilerSourceConfig
 from ..errors import SourceUnavailableError
 from ..kernel import features as kernel_features
 from ..kernel import host
-from ..kernel.bcc import check_mirror, header_enum
+from ..kernel.bcc import check_mirror
 from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
 from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, drain_hash_map, lib
 from ..kernel.loader import Program, compile_bpf
-from . import cpython
-from .demangle import Demangler
+from .abi import (
+    LOST_REASONS,
+    MAX_STACK_DEPTH,
+    PROF_KEY,
+    REC_NEW_PROCESS,
+    REC_RUNTIME_FRAME,
+    REC_SAMPLE,
+    RUNTIME_MAX_FRAMES,
+    SET_GENERATION,
+    STAT_NAMES,
+    UNWIND_NATIVE_SLOT,
+    UNWIND_STAT_NAMES,
+    NewProcess,
+    ProfKey,
+    RuntimeFrameNotice,
+    RuntimeProcess,
+    RuntimeUnwindStack,
+    UnwindMapping,
+    UnwindProcess,
+    UnwindRow,
+    UnwindStack,
+    WholeSample,
+)
 from .model import CpuProfile, Frame, StackSample
-from .symbolize import Symbolizer
-from .unwinder import UnwindProcess, UnwindRow, UnwindTables
+from .runtimes import RUNTIMES, Runtime, Runtimes, slot_of
+from .symbols.demangle import Demangler
+from .symbols.symbolizer import Symbolizer
+from .unwind.table_store import UnwindTables
 
 __all__ = ["BPF_FILE", "LOST_REASONS", "CpuSampler"]
 
 log = logging.getLogger(__name__)
 
 BPF_FILE = "profiler.bpf.c"
-COMM_LEN = 16
-MAX_STACK_DEPTH = 127
 MAX_PROCESSES = 8192          # seen_processes LRU in the kernel
 RINGBUF_PAGES = 256           # 1 MiB: new-process notices and whole samples
 MIN_WHOLE_KEYS = 4096        # distinct whole samples kept per interval, at least
 PROGRAM = b"on_cpu_sample"
 WALK_PROGRAM = b"walk_user_stack"     # tail-called by PROGRAM for processes with unwind tables
-PYTHON_PROGRAM = b"walk_python_stack"  # tail-called by WALK_PROGRAM for CPython processes
 # Programs that read the old generation before the flip finish within microseconds (they run
 # with interrupts off); this is a wide margin.
 GENERATION_SETTLE_S = 0.005
 RELOAD_AFTER_S = 60.0         # least time between two reloads of a process's unwind tables
 
-# Slots of the program's ``lost`` and ``stats`` per-CPU arrays (bpf/profiler.h).
-LOST_REASONS = header_enum("profiler.h", "PROF_LOST")
-STAT_NAMES = header_enum("profiler.h", "PROF_STAT")
-UNWIND_STAT_NAMES = header_enum("profiler.h", "UNWIND_STAT")
-PY_STAT_NAMES = header_enum("profiler.h", "PY_STAT")
-SET_GENERATION = header_enum("profiler.h", "PROF_SET").index("generation")   # settings[] slot
-REC_NEW_PROCESS, REC_SAMPLE, REC_PY_CODE = 1, 2, 3
-
-
-class ProfKey(ctypes.Structure):
-    """Mirror of ``struct prof_key``."""
-
-    _fields_ = [("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
-                ("user_stack_id", ctypes.c_int32), ("kernel_stack_id", ctypes.c_int32),
-                ("cgroup_id", ctypes.c_uint64), ("comm", ctypes.c_char * COMM_LEN),
-                ("user_stack_hash", ctypes.c_uint64)]
-
-
 WALKED_BATCH = 256   # walked stacks read per bpf() call at a drain
 COUNTS_BATCH = 1024  # counts read per bpf() call at a drain
-_PROF_KEY = struct.Struct("<IIiiQ16sQ")   # struct prof_key (checked against ProfKey at bind)
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -88,64 +89,26 @@ def _unpack_u64s(buf: Any, offset: int, n: int) -> tuple[int, ...]:
     return struct.unpack_from(f"<{n}Q", buf, offset)
 
 
-assert _PROF_KEY.size == ctypes.sizeof(ProfKey) and ProfKey.user_stack_hash.offset == 40
-
-
-class UnwindStack(ctypes.Structure):
-    """Mirror of ``struct unwind_stack`` (a user stack walked with unwind tables)."""
-
-    _fields_ = [("count", ctypes.c_uint64), ("len", ctypes.c_uint32), ("truncated", ctypes.c_uint32),
-                ("ips", ctypes.c_uint64 * MAX_STACK_DEPTH)]
-
-
-class PyUnwindStack(ctypes.Structure):
-    """Mirror of ``struct unwind_stack`` with Python frames (PY_MAX_FRAMES > 0)."""
-
-    _fields_ = [*UnwindStack._fields_, ("py_len", ctypes.c_uint32), ("py_truncated", ctypes.c_uint32),
-                ("py_code", ctypes.c_uint64 * cpython.MAX_FRAMES),
-                ("py_lasti", ctypes.c_uint32 * cpython.MAX_FRAMES)]
-
-
-_PY_LEN_AT, _PY_TRUNCATED_AT = PyUnwindStack.py_len.offset, PyUnwindStack.py_truncated.offset
-_PY_CODE_AT, _PY_LASTI_AT = PyUnwindStack.py_code.offset, PyUnwindStack.py_lasti.offset
+_RT_LEN_AT, _RT_TRUNCATED_AT = RuntimeUnwindStack.rt_len.offset, RuntimeUnwindStack.rt_truncated.offset
+_RT_RUNTIME_AT = RuntimeUnwindStack.rt_runtime.offset
+_RT_ID_AT, _RT_AUX_AT = RuntimeUnwindStack.rt_id.offset, RuntimeUnwindStack.rt_aux.offset
 
 
 @functools.cache
-def _py_structs(n: int) -> tuple[struct.Struct, struct.Struct]:
-    """Decoders of n code-object addresses and n instruction offsets (n ≤ cpython.MAX_FRAMES)."""
+def _rt_structs(n: int) -> tuple[struct.Struct, struct.Struct]:
+    """Decoders of n frame ids and n aux values (n ≤ RUNTIME_MAX_FRAMES)."""
     return struct.Struct(f"<{n}Q"), struct.Struct(f"<{n}I")
-
-
-class PyCode(ctypes.Structure):
-    """Mirror of ``struct prof_py_code``."""
-
-    _fields_ = [("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("code", ctypes.c_uint64)]
-
-
-class NewProcess(ctypes.Structure):
-    """Mirror of ``struct prof_new_process``."""
-
-    _fields_ = [("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32)]
-
-
-class WholeSample(ctypes.Structure):
-    """Mirror of ``struct prof_sample`` (a sample with its stacks, sent over the ring buffer)."""
-
-    _fields_ = [("kind", ctypes.c_uint32), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
-                ("user_bytes", ctypes.c_uint32), ("kernel_bytes", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64),
-                ("comm", ctypes.c_char * COMM_LEN),
-                ("user", ctypes.c_uint64 * MAX_STACK_DEPTH), ("kernel", ctypes.c_uint64 * MAX_STACK_DEPTH)]
 
 
 # A drained count: (pid, tid, comm, cgroup id, user addresses, kernel addresses) → samples
 WholeKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...]]
-# Python frames of a walked stack: (code object address, instruction offset | entry flag)
-PyFrames = tuple[tuple[int, int], ...]
-# What one symbolized stack depends on: (pid, user addresses, kernel addresses, Python frames)
-FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], PyFrames]
-# A walked user stack: (addresses, truncated, Python frames)
-Walked = tuple[tuple[int, ...], bool, PyFrames]
+# Runtime frames of a walked stack: (the runtime's slot, ((id, aux), ...)); (0, ()) for none
+RtFrames = tuple[int, tuple[tuple[int, int], ...]]
+NO_RT_FRAMES: RtFrames = (0, ())
+# What one symbolized stack depends on: (pid, user addresses, kernel addresses, runtime frames)
+FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], RtFrames]
+# A walked user stack: (addresses, truncated, runtime frames)
+Walked = tuple[tuple[int, ...], bool, RtFrames]
 # A drained count: pid, tid, user stack id, kernel stack id, cgroup id, comm, user stack hash, n
 Count = tuple[int, int, int, int, int, bytes, int, int]
 
@@ -175,7 +138,7 @@ class CpuSampler:
                                      max_cached_frames=caches.symbol_frames)
         self.demangler = Demangler(max_entries=caches.demangled_names)
         self.cgroups = CgroupResolver(max_entries=caches.cgroups)
-        self.python_codes = caches.python_codes
+        self.caches = caches
         self._attached = False
         self._generation = 0
         self._generation_start_ns = time.time_ns()
@@ -190,9 +153,7 @@ class CpuSampler:
         self._drain_lock = threading.Lock()
         self.unwinder: UnwindTables | None = None
         self.truncated_samples = 0                 # samples whose walked user stack stopped early
-        self.python: cpython.PythonProcesses | None = None
-        self.python_misaligned = 0                 # samples whose Python runs and eval frames differ
-        self.python_truncated = 0                  # walked stacks whose Python chain was cut short
+        self.runtimes: Runtimes | None = None      # the enabled runtimes, once bound
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
 
     # ------------------------------------------------------------------ load / attach
@@ -205,17 +166,27 @@ class CpuSampler:
                 and kernel_features.probe().has("task_pt_regs"))
 
     @property
+    def enabled_runtimes(self) -> list[tuple[int, type[Runtime]]]:
+        """(slot, runtime) of each runtime whose frames are walked: the configuration turns it on,
+        and it follows the table walk."""
+        if not self.unwinding:
+            return []
+        return [(slot_of(RUNTIMES, cls), cls) for cls in RUNTIMES if cls.enabled(self.config)]
+
+    @property
     def python_frames(self) -> bool:
-        """Whether CPython frames are walked (they follow the table walk)."""
-        return self.config.python_frames and self.unwinding
+        """Whether CPython frames are walked."""
+        return any(cls.name == "cpython" for _, cls in self.enabled_runtimes)
 
     def cflags(self) -> list[str]:
         c = self.config
         rows = int(c.unwind_table_rows)
+        runtimes = self.enabled_runtimes
         unwind = [f"-DUNWIND={1 if self.unwinding else 0}", f"-DUNWIND_ROWS={rows}",
                   f"-DUNWIND_ROW_STEPS={rows.bit_length() + 1}",
                   f"-DUNWIND_PROCESSES={int(c.unwind_processes)}",
-                  f"-DPY_MAX_FRAMES={cpython.MAX_FRAMES if self.python_frames else 0}"]
+                  f"-DRUNTIME_MAX_FRAMES={RUNTIME_MAX_FRAMES if runtimes else 0}",
+                  *(flag for _, cls in runtimes for flag in cls.cflags(c))]
         return [*unwind, f"-DMAX_KEYS={int(c.max_stacks)}", f"-DMAX_STACKS={int(c.max_stacks)}",
                 f"-DMAX_PROCESSES={MAX_PROCESSES}",
                 f"-DUSER_STACKS={1 if c.user_stacks else 0}",
@@ -235,12 +206,14 @@ class CpuSampler:
         in ``unwind_programs`` (for callers without a ``BccSource`` too); ``bind()`` it next."""
         programs: list[Program] = []
         if self.unwinding:
-            programs.append((WALK_PROGRAM.decode(), "PERF_EVENT", ("unwind_programs", 0)))
-        if self.python_frames:
-            programs.append((PYTHON_PROGRAM.decode(), "PERF_EVENT", ("unwind_programs", 1)))
+            programs.append((WALK_PROGRAM.decode(), "PERF_EVENT", ("unwind_programs", UNWIND_NATIVE_SLOT)))
+        runtimes = self.enabled_runtimes
+        for slot, cls in runtimes:
+            programs.append((cls.program, "PERF_EVENT", ("unwind_programs", slot)))
         programs.append((PROGRAM.decode(), "PERF_EVENT", None))
         try:
-            return compile_bpf(self.source_name, BPF_FILE, self.cflags(), programs)
+            return compile_bpf(self.source_name, BPF_FILE, self.cflags(), programs,
+                               includes=[cls.bpf_header for _, cls in runtimes])
         except SourceUnavailableError:
             raise
         except Exception as e:
@@ -252,20 +225,24 @@ class CpuSampler:
         self.bpf = bpf
         mirrors = [("counts0", "Key", ProfKey), ("mirror_prof_sample", "Leaf", WholeSample),
                    ("mirror_prof_new_process", "Leaf", NewProcess)]
+        runtimes = self.enabled_runtimes
         if self.unwinding:
             mirrors += [("walked0", "Key", ProfKey),
-                        ("walked0", "Leaf", PyUnwindStack if self.python_frames else UnwindStack),
-                        ("unwind_rows", "Leaf", UnwindRow), ("unwind_processes", "Leaf", UnwindProcess)]
-        if self.python_frames:
-            mirrors += [("py_processes", "Leaf", cpython.PyProcess), ("mirror_prof_py_code", "Leaf", PyCode)]
+                        ("walked0", "Leaf", RuntimeUnwindStack if runtimes else UnwindStack),
+                        ("unwind_rows", "Leaf", UnwindRow), ("unwind_processes", "Leaf", UnwindProcess),
+                        ("unwind_mappings", "Leaf", UnwindMapping)]
+        if runtimes:
+            mirrors += [("runtime_processes", "Leaf", RuntimeProcess),
+                        ("mirror_prof_runtime_frame", "Leaf", RuntimeFrameNotice)]
+            mirrors += [m for _, cls in runtimes for m in cls.mirrors]
         for map_name, part, mirror in mirrors:
             check_mirror(bpf, map_name, part, mirror, self.source_name)
-        if self.python_frames:
-            self.python = cpython.PythonProcesses(bpf, self.python_codes).start()
+        if runtimes:
+            self.runtimes = Runtimes(bpf, runtimes, self.caches).start()
         if self.unwinding:
-            self._ustack_leaf = PyUnwindStack() if self.python_frames else UnwindStack()
+            self._ustack_leaf = RuntimeUnwindStack() if runtimes else UnwindStack()
             self.unwinder = UnwindTables(bpf, self.symbolizer, int(self.config.unwind_table_rows),
-                                         int(self.config.unwind_processes), self.python).start()
+                                         int(self.config.unwind_processes), self.runtimes).start()
         self._stack_leaf = bpf["stacks0"].Leaf()
         f = self.config.filter
         if f.active:
@@ -283,8 +260,8 @@ class CpuSampler:
         """Closes the perf events: no sample after this returns. Safe to call twice."""
         if self.unwinder is not None:
             self.unwinder.stop()
-        if self.python is not None:
-            self.python.stop()
+        if self.runtimes is not None:
+            self.runtimes.stop()
         if self._attached and self.bpf is not None:
             self._attached = False
             self.bpf.detach_perf_event(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK)
@@ -292,16 +269,16 @@ class CpuSampler:
     # ------------------------------------------------------------------ ring-buffer records
 
     def on_record(self, data: int) -> None:
-        """One ring-buffer record: a new process, or a sample sent whole."""
+        """One ring-buffer record: a new process, a sample sent whole, or a runtime frame id."""
         kind = ctypes.c_uint32.from_address(data).value
         if kind == REC_NEW_PROCESS:
             self._note_process(NewProcess.from_address(data).pid)
         elif kind == REC_SAMPLE:
             self._count_whole(WholeSample.from_address(data))
-        elif kind == REC_PY_CODE:
-            if self.python is not None:
-                rec = PyCode.from_address(data)
-                self.python.notice_code(rec.pid, rec.code)
+        elif kind == REC_RUNTIME_FRAME:
+            if self.runtimes is not None:
+                rec = RuntimeFrameNotice.from_address(data)
+                self.runtimes.notice(rec.runtime, rec.pid, rec.id)
         else:
             raise ValueError(f"unknown ring-buffer record kind {kind}")
 
@@ -356,12 +333,12 @@ class CpuSampler:
         for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, _, n in counts:
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
                              stacks.get(user_stack_id, ()), stacks.get(kernel_stack_id, ()), n)
-        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n), (user, truncated, py) in walked:
+        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n), (user, truncated, rt) in walked:
             if truncated:
                 self.truncated_samples += n
                 truncated_pids.add(pid)
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
-                             user, stacks.get(kernel_stack_id, ()), n, py)
+                             user, stacks.get(kernel_stack_id, ()), n, rt)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
         self.demangler.apply(profile)
@@ -385,16 +362,15 @@ class CpuSampler:
 
     def _add_sample(self, profile: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
                     pid: int, tid: int, comm: bytes, cgroup_id: int,
-                    user: tuple[int, ...], kernel: tuple[int, ...], count: int, py: PyFrames = ()) -> None:
+                    user: tuple[int, ...], kernel: tuple[int, ...], count: int,
+                    rt: RtFrames = NO_RT_FRAMES) -> None:
         """Symbolizes (once per process and stack within a drain) and appends one sample."""
-        fk = (pid, user, kernel, py)
+        fk = (pid, user, kernel, rt)
         frames = frames_of.get(fk)
         if frames is None:
             frames = self.symbolizer.symbolize(pid, user, kernel)
-            if py and self.python is not None:
-                frames, aligned = cpython.interleave(frames, self.python.frames(pid, py))
-                if not aligned:
-                    self.python_misaligned += count
+            if rt[1] and self.runtimes is not None:
+                frames = self.runtimes.place(rt[0], pid, frames, rt[1], count)
             frames_of[fk] = frames
         name = self._process_names.get(pid)
         if name is None:   # its notice was lost, or it was announced before we bound
@@ -409,13 +385,13 @@ class CpuSampler:
         plain tuples (BCC's batch read allocates ctypes arrays for the whole map and makes an
         object per key and value)."""
         if self._counts_bufs is None:
-            self._counts_bufs = (ctypes.create_string_buffer(_PROF_KEY.size * COUNTS_BATCH),
+            self._counts_bufs = (ctypes.create_string_buffer(PROF_KEY.size * COUNTS_BATCH),
                                  ctypes.create_string_buffer(8 * COUNTS_BATCH))
         out: list[Count] = []
-        key_size = _PROF_KEY.size
+        key_size = PROF_KEY.size
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._counts_bufs):
             for i in range(n):
-                pid, tid, uid, kid, cgroup_id, comm, uhash = _PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, uid, kid, cgroup_id, comm, uhash = PROF_KEY.unpack_from(keys, i * key_size)
                 out.append((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
                             _U64.unpack_from(values, i * 8)[0]))
         return out
@@ -447,41 +423,43 @@ class CpuSampler:
 
     def _take_walked(self, table: Any) -> list[tuple[Count, Walked]]:
         """Reads and deletes the drained generation's walked samples: each key (as a count)
-        with its stack (addresses, truncated, Python frames as (code object, instruction offset
-        | entry flag)), WALKED_BATCH entries per bpf() call. A stack shared by several keys
-        (threads) is decoded once, by its hash."""
+        with its stack (addresses, truncated, runtime frames as (id, aux)), WALKED_BATCH entries
+        per bpf() call. A stack shared by several keys (threads) is decoded once, by its hash."""
         layout = type(self._ustack_leaf)
         size = ctypes.sizeof(layout)
         count_at = layout.count.offset
         len_at, truncated_at, ips_at = layout.len.offset, layout.truncated.offset, layout.ips.offset
-        python = self.python is not None and layout is PyUnwindStack
-        key_size = _PROF_KEY.size
+        with_runtimes = self.runtimes is not None and layout is RuntimeUnwindStack
+        key_size = PROF_KEY.size
         decoded: dict[int, Walked] = {}
         out: list[tuple[Count, Walked]] = []
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._walked_buffers(key_size, size)):
             for i in range(n):
                 base = i * size
-                pid, tid, uid, kid, cgroup_id, comm, uhash = _PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, uid, kid, cgroup_id, comm, uhash = PROF_KEY.unpack_from(keys, i * key_size)
                 stack = decoded.get(uhash)
                 if stack is None:
                     depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
                     ips = _unpack_u64s(values, base + ips_at, depth)
-                    py: PyFrames = self._python_frames(values, base) if python else ()
+                    rt = self._runtime_frames(values, base) if with_runtimes else NO_RT_FRAMES
                     truncated = bool(_U32.unpack_from(values, base + truncated_at)[0])
-                    stack = decoded[uhash] = (ips, truncated, py)
+                    stack = decoded[uhash] = (ips, truncated, rt)
                 out.append(((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
                              _U64.unpack_from(values, base + count_at)[0]), stack))
         return out
 
-    def _python_frames(self, values: Any, base: int) -> PyFrames:
-        m = min(_U32.unpack_from(values, base + _PY_LEN_AT)[0], cpython.MAX_FRAMES)
+    def _runtime_frames(self, values: Any, base: int) -> RtFrames:
+        m = min(_U32.unpack_from(values, base + _RT_LEN_AT)[0], RUNTIME_MAX_FRAMES)
         if not m:
-            return ()
-        if _U32.unpack_from(values, base + _PY_TRUNCATED_AT)[0]:
-            self.python_truncated += 1
-        codes, lasti = _py_structs(m)
-        return tuple(zip(codes.unpack_from(values, base + _PY_CODE_AT),
-                         lasti.unpack_from(values, base + _PY_LASTI_AT)))
+            return NO_RT_FRAMES
+        slot = _U32.unpack_from(values, base + _RT_RUNTIME_AT)[0]
+        if _U32.unpack_from(values, base + _RT_TRUNCATED_AT)[0] and self.runtimes is not None:
+            rt = self.runtimes.by_slot.get(slot)
+            if rt is not None:
+                rt.truncated_stacks += 1
+        ids, aux = _rt_structs(m)
+        return slot, tuple(zip(ids.unpack_from(values, base + _RT_ID_AT),
+                               aux.unpack_from(values, base + _RT_AUX_AT)))
 
     def _walked_buffers(self, key_size: int, value_size: int) -> tuple[Any, Any]:
         """Key and value buffers for WALKED_BATCH entries, allocated once (about 0.5 MiB)."""
@@ -499,20 +477,19 @@ class CpuSampler:
         except Exception:   # noqa: BLE001 -- closed meanwhile (scraped during shutdown)
             return {}
 
+    def runtime(self, name: str) -> Runtime | None:
+        """The running runtime called ``name`` (e.g. "cpython"), or None: off, or not loaded."""
+        return self.runtimes.named(name) if self.runtimes is not None else None
+
+    def runtime_stats(self, name: str) -> dict[str, int]:
+        """A runtime's counters: its walker's (summed over CPUs) and user space's (processes
+        loaded, frames named or not, ...); empty when it is not running."""
+        rt = self.runtime(name) if self.bpf is not None else None
+        return rt.all_stats() if rt is not None else {}
+
     def python_stats(self) -> dict[str, int]:
-        """CPython frame counters: the kernel walk's (PY_STAT_*, summed over CPUs) and user
-        space's (processes loaded, code objects read, frames resolved/unresolved, ...)."""
-        if self.python is None or self.bpf is None:
-            return {}
-        try:
-            out = dict(zip(PY_STAT_NAMES, self._per_cpu_totals("py_stats", len(PY_STAT_NAMES))))
-        except Exception:   # noqa: BLE001 -- closed meanwhile (scraped during shutdown)
-            out = {}
-        out.update(self.python.stats)
-        out.update(self.python.codes.stats)
-        out["misaligned_samples"] = self.python_misaligned
-        out["truncated_stacks"] = self.python_truncated
-        return out
+        """CPython's counters (``runtime_stats("cpython")``)."""
+        return self.runtime_stats("cpython")
 
     def _forget_exited(self) -> None:
         """Frees what is kept for processes found gone at the previous drain: their last

@@ -14,25 +14,14 @@ from typing import Any
 
 from ..config import EbpfConfig
 from ..kernel import heap
+from ..profiling.abi import LOST_REASONS, RECORD_SIZES
 from ..profiling.model import CpuProfile
-from ..profiling.pprof import write_pprof
-from ..profiling.sampler import (
-    LOST_REASONS,
-    MIN_WHOLE_KEYS,
-    REC_NEW_PROCESS,
-    REC_PY_CODE,
-    REC_SAMPLE,
-    CpuSampler,
-    NewProcess,
-    PyCode,
-    WholeSample,
-)
+from ..profiling.output.pprof import write_pprof
+from ..profiling.runtimes import RUNTIMES
+from ..profiling.sampler import MIN_WHOLE_KEYS, CpuSampler
 from .base import BccSource, Requirement
 
 __all__ = ["ProfilerSource"]
-
-_RECORD_SIZES = {REC_NEW_PROCESS: ctypes.sizeof(NewProcess), REC_SAMPLE: ctypes.sizeof(WholeSample),
-                 REC_PY_CODE: ctypes.sizeof(PyCode)}
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +34,6 @@ def _user_stack_counts(sampler: CpuSampler) -> dict[str, int]:
             "depth_limit": k.get("depth_limit", 0), "frame_pointers": k.get("no_table", 0)}
 
 
-def _python_stacks(sampler: CpuSampler) -> dict[str, int]:
-    p = sampler.python_stats()
-    if not p:
-        return {}
-    return {"walked": p.get("walked", 0), "no_thread": p.get("no_thread", 0),
-            "truncated": p.get("truncated", 0), "misaligned": p.get("misaligned_samples", 0)}
-
-
-def _python_frames(sampler: CpuSampler) -> dict[str, int]:
-    p = sampler.python_stats()
-    if not p:
-        return {}
-    return {"recorded": p.get("frames", 0), "resolved": p.get("frames_resolved", 0),
-            "unresolved": p.get("frames_unresolved", 0)}
-
-
-def _python_events(sampler: CpuSampler) -> dict[str, int]:
-    if sampler.python is None:
-        return {}
-    return {**sampler.python.stats, **sampler.python.codes.stats}
-
-
 def _row_gauges(sampler: CpuSampler) -> dict[str, int]:
     if sampler.unwinder is None:
         return {}
@@ -75,8 +42,8 @@ def _row_gauges(sampler: CpuSampler) -> dict[str, int]:
 
 
 def _watch_caches(telemetry: Any, sampler: CpuSampler, config: Any, caches: Any) -> None:
-    """The profiler's caches as ``ebpf_receiver_cache_*`` series (the unwinder and CPython ones
-    exist only once the program is loaded: 0 until then)."""
+    """The profiler's caches as ``ebpf_receiver_cache_*`` series (the unwinder's exists only once
+    the program is loaded: 0 until then; each runtime registers its own in ``Runtime.watch``)."""
     symbolizer, demangler = sampler.symbolizer, sampler.demangler
     for name in ("symbol_files", "symbol_processes", "symbol_frames"):
         telemetry.watch_cache(name, lambda n=name: symbolizer.cache_sizes()[n][0],
@@ -90,12 +57,6 @@ def _watch_caches(telemetry: Any, sampler: CpuSampler, config: Any, caches: Any)
     telemetry.watch_cache("unwind_processes",
                           lambda: sampler.unwinder.gauges()["processes"] if sampler.unwinder else 0,
                           config.unwind_processes)
-    telemetry.watch_cache("python_codes", lambda: len(sampler.python.codes) if sampler.python else 0,
-                          caches.python_codes,
-                          lambda: sampler.python.codes.evictions if sampler.python else 0)
-    telemetry.watch_cache("python_frames", lambda: sampler.python.cached_frames if sampler.python else 0,
-                          4 * caches.python_codes,
-                          lambda: sampler.python.frame_evictions if sampler.python else 0)
 
 
 class ProfilerSource(BccSource):
@@ -131,20 +92,8 @@ class ProfilerSource(BccSource):
             "processes and mappings beyond unwind_processes/64 (walked with frame pointers), "
             "queue_full, error", "event",
             lambda: dict(sampler.unwinder.stats) if sampler.unwinder is not None else {})
-        ctx.telemetry.watch_counters(
-            "profiler_python_stacks", "Samples of CPython processes by their Python walk: walked (the "
-            "thread's state found), no_thread (not a Python thread), truncated (chain beyond 64 frames "
-            "or unreadable), misaligned (Python runs and _PyEval_EvalFrameDefault frames differ in "
-            "number: a truncated native walk)", "result",
-            lambda: _python_stacks(sampler))
-        ctx.telemetry.watch_counters(
-            "profiler_python_frames", "Python frames: recorded in the kernel, and named at drain "
-            "(resolved) or not (unresolved: the code object could not be read; kept by address)",
-            "result", lambda: _python_frames(sampler))
-        ctx.telemetry.watch_counters(
-            "profiler_python", "CPython interpreters and code objects by event: processes_loaded, "
-            "unsupported_versions, unreadable, processes_over_limit, codes_read, codes_unreadable, "
-            "queue_full", "event", lambda: _python_events(sampler))
+        for runtime in RUNTIMES:   # each runtime's counters and caches (0 while it is off)
+            runtime.watch(ctx.telemetry, lambda name=runtime.name: sampler.runtime(name), ctx.config.caches)
         _watch_caches(ctx.telemetry, sampler, self.config, ctx.config.caches)
         ctx.telemetry.watch_gauges(
             "profiler_unwind_table_rows", "Rows of the kernel's unwind table array: used and capacity "
@@ -167,7 +116,7 @@ class ProfilerSource(BccSource):
 
     def handle_event(self, data: int, size: int) -> None:
         kind = ctypes.c_uint32.from_address(data).value if size >= 4 else 0
-        need = _RECORD_SIZES.get(kind)
+        need = RECORD_SIZES.get(kind)
         if need is None or size < need:
             self.count_lost("decode_error")
             return

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from receiver.profiling import cpython
 from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample
+from receiver.profiling.runtimes import cpython
 
 INTERPRETERS = {
     "debian-3.11": ("/usr/bin/python3.11", (3, 11)),
@@ -75,7 +75,7 @@ def _child(path: str, tmp_path: Path) -> tuple[subprocess.Popen[str], list[int]]
 
 @pytest.mark.parametrize("name", list(INTERPRETERS))
 def test_live_interpreter_layout_and_code_objects(name: str, tmp_path: Path) -> None:
-    from receiver.profiling.symbolize import Symbolizer
+    from receiver.profiling.symbols.symbolizer import Symbolizer
 
     path, version = INTERPRETERS[name]
     proc, codes = _child(path, tmp_path)
@@ -155,7 +155,7 @@ def test_otlp_python_frames_have_type_file_and_line() -> None:
 
 
 def test_pprof_round_trip_keeps_python_frames() -> None:
-    from receiver.profiling.pprof import from_pprof, to_pprof
+    from receiver.profiling.output.pprof import from_pprof, to_pprof
 
     back = from_pprof(to_pprof(_profile()))
     assert back.samples[0].frames[0] == Frame(0, "Box.run", "cpython", None, "/app/box.py", 42)

@@ -7,8 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from receiver.profiling.demangle import Demangler
 from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample
+from receiver.profiling.symbols.demangle import Demangler
 
 from ..harness import compile_c
 
@@ -59,7 +59,7 @@ def test_without_cplusfilt_names_stay_as_they_are() -> None:
 
 def test_profiled_cpp_program_has_readable_names(bpf_ok: None, tmp_path: Path) -> None:
     from receiver.config import ProcessFilter, ProfilerSourceConfig
-    from receiver.profiling.profiler import EbpfCpuProfiler
+    from receiver.profiling.cpu_profiler import EbpfCpuProfiler
 
     binary = compile_c(CPP_BURNER, tmp_path / "cart_burner", "-O1", "-fno-omit-frame-pointer",
                        cxx=True)

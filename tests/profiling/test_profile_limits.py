@@ -48,7 +48,7 @@ def test_large_interval_is_split_by_process_under_the_limit() -> None:
 def test_library_session_keeps_a_bounded_number_of_stacks() -> None:
     """EbpfCpuProfiler keeps the whole session, but no more than max_unique_stacks distinct
     (thread, stack) keys; samples beyond are counted, not kept."""
-    from receiver.profiling.profiler import EbpfCpuProfiler
+    from receiver.profiling.cpu_profiler import EbpfCpuProfiler
 
     profiler = EbpfCpuProfiler()
     profiler.max_unique_stacks = 10

@@ -28,9 +28,9 @@ from receiver.convert.converter import EbpfOtlpConverter
 from receiver.convert.profiles import BUILD_ID, profile_to_otlp
 from receiver.export import OtlpGrpcExporter
 from receiver.model import Signal
-from receiver.profiling.flamegraph import to_folded, write_flamegraph_svg
 from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample
-from receiver.profiling.pprof import from_pprof, read_pprof, to_pprof, write_pprof
+from receiver.profiling.output.flamegraph import to_folded, write_flamegraph_svg
+from receiver.profiling.output.pprof import from_pprof, read_pprof, to_pprof, write_pprof
 from receiver.telemetry import SelfTelemetry
 
 from ..harness import Collector, attributes, fail_or_skip, wait_until

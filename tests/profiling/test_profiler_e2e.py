@@ -137,7 +137,7 @@ def _run_profiled(burner: Path, mode: str, seconds: float,
                   **config: Any) -> tuple[Any, float, int, dict[str, int]]:
     """Runs the burner under the profiler (filtered to its pid); returns the profile, the
     burner's CPU seconds, its pid and the kernel's sample tallies."""
-    from receiver.profiling.profiler import EbpfCpuProfiler
+    from receiver.profiling.cpu_profiler import EbpfCpuProfiler
 
     proc = subprocess.Popen([str(burner), mode, str(seconds), "wait"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -214,8 +214,8 @@ def test_stacks_the_stack_map_refuses_are_still_counted(bpf_ok: None, burner: Pa
 
 def test_short_lived_process_is_symbolized(bpf_ok: None, burner: Path, tmp_path: Path) -> None:
     """The process exits long before the drain; its mappings were captured on its first sample."""
-    from receiver.profiling.pprof import from_pprof
-    from receiver.profiling.profiler import EbpfCpuProfiler
+    from receiver.profiling.cpu_profiler import EbpfCpuProfiler
+    from receiver.profiling.output.pprof import from_pprof
 
     short = tmp_path / "prof_short"
     shutil.copy(burner, short)
@@ -295,7 +295,7 @@ def test_cli_ctrl_c_ends_early_and_still_writes(bpf_ok: None, burner: Path, tmp_
         proc.kill()
         proc.wait()
     assert "stopped by Ctrl-C" in err_path.read_text()
-    from receiver.profiling.pprof import from_pprof, read_pprof
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
 
     names = {f.function for s in from_pprof(read_pprof(out)).samples for f in s.frames}
     assert {"burn_a", "burn_b"} <= names
@@ -399,7 +399,7 @@ def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, c
                 counts[fn] += count
     assert counts["burn_a"] and counts["burn_b"], counts
     # pprof_dir: one file per interval, each readable
-    from receiver.profiling.pprof import from_pprof, read_pprof
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
 
     files = sorted((tmp_path / "pprof").glob("cpu-*.pb.gz"))
     assert files, "no pprof written to pprof_dir"

@@ -135,7 +135,7 @@ def _interpreter(path: str) -> str:
 
 def _warm_python(prof: Profiled) -> None:
     prof.warm()
-    python = prof.sampler.python
+    python = prof.sampler.runtime("cpython")
     assert python is not None, "Python frames are off"
     wait_until(lambda: python.stats["processes_loaded"] >= 1, 30, 0.2, "the interpreter entry")
     prof.sampler.drain()
@@ -237,7 +237,7 @@ def test_short_lived_process_is_named(bpf_ok: None, tmp_path: Path) -> None:
         started = time.monotonic()
         subprocess.run([str(exe), str(script), "3"], check=True, timeout=60)
         assert time.monotonic() - started < 10
-        assert prof.sampler.python is not None and prof.sampler.python.wait_idle(5)
+        assert prof.sampler.runtime("cpython") is not None and prof.sampler.runtime("cpython").wait_idle(5)
         profile = prof.sampler.drain()
         stats = prof.sampler.python_stats()
     finally:
@@ -272,19 +272,19 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
         sampler = prof.sampler
         # The filler's distinct stacks fill the 64-entry maps: later samples go whole, unread.
         wait_until(lambda: sampler.stats()["recorded"] >= 20, 120, 0.2, "whole samples")
-        assert sampler.python is not None
+        assert sampler.runtime("cpython") is not None
         learned: collections.Counter[tuple[int, str | None]] = collections.Counter()
-        learn = type(sampler.python.codes).learn
+        learn = type(sampler.runtime("cpython").codes).learn
 
         def spy(self: Any, pid: int, code: int, interp: Any) -> Any:
             named = learn(self, pid, code, interp)
             learned[(pid, named.qualname if named is not None else None)] += 1
             return named
 
-        monkeypatch.setattr(type(sampler.python.codes), "learn", spy)
+        monkeypatch.setattr(type(sampler.runtime("cpython").codes), "learn", spy)
         proc = subprocess.Popen([str(short), str(script), "3"], stdout=subprocess.DEVNULL)
         assert proc.wait(60) == 0
-        assert sampler.python.wait_idle(5)
+        assert sampler.runtime("cpython").wait_idle(5)
         whole = sampler.stats()["recorded"]
     finally:
         if prof is not None:
@@ -304,7 +304,7 @@ def test_pprof_shows_python_functions_with_lines(bpf_ok: None, tmp_path: Path) -
     with profiled(_interpreter(DEBIAN), str(script), "60") as (_, prof):
         _warm_python(prof)
         profile = prof.measure(3)
-    from receiver.profiling.pprof import from_pprof, read_pprof, write_pprof
+    from receiver.profiling.output.pprof import from_pprof, read_pprof, write_pprof
 
     path = tmp_path / "cpu.pb.gz"
     write_pprof(profile, path)

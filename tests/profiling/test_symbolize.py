@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from receiver.profiling import symbolize as symbolize_module
-from receiver.profiling.elf import ElfError, parse_elf_bytes
-from receiver.profiling.kallsyms import KernelSymbols
 from receiver.profiling.model import KERNEL_MAPPING_PATH, Frame
-from receiver.profiling.symbolize import Symbolizer
+from receiver.profiling.symbols import symbolizer as symbolize_module
+from receiver.profiling.symbols.elf import ElfError, parse_elf_bytes
+from receiver.profiling.symbols.kallsyms import KernelSymbols
+from receiver.profiling.symbols.symbolizer import Symbolizer
 
 from ..harness import fail_or_skip
 

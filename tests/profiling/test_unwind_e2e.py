@@ -310,7 +310,7 @@ def test_o2_chain_is_walked_whole_including_the_leafs_caller(bpf_ok: None, built
     # The chain goes on through libc to _start, where the table marks the end: not truncated.
     assert truncated == 0 and kernel_stats["walked"] > 0 and kernel_stats["truncated"] == 0, kernel_stats
     # pprof readers see the same: go tool pprof -traces on the written file
-    from receiver.profiling.pprof import write_pprof
+    from receiver.profiling.output.pprof import write_pprof
 
     path = tmp_path / "cpu.pb.gz"
     write_pprof(profile, path)

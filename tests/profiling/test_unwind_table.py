@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from receiver.profiling.unwind_table import (
+from receiver.profiling.unwind.cfi_table import (
     END,
     OUTERMOST,
     RBP,
@@ -11,7 +11,7 @@ from receiver.profiling.unwind_table import (
     parse_frames_interp,
     table_of_path,
 )
-from receiver.profiling.unwinder import RowAllocator
+from receiver.profiling.unwind.table_store import RowAllocator
 
 # readelf --debug-dump=frames-interp, trimmed: a CIE, an FDE without instructions (the CIE's
 # rules hold), a PLT-style expression, a function that saves rbp and uses it as CFA, _start,
@@ -82,7 +82,7 @@ def test_rows_follow_the_interpreted_rules() -> None:
 
 
 def test_real_libc_table() -> None:
-    from receiver.profiling.unwind_table import ROW
+    from receiver.profiling.unwind.cfi_table import ROW
 
     t = table_of_path("/usr/lib/x86_64-linux-gnu/libc.so.6")
     rows = [ROW.unpack_from(t.rows, i * ROW.size) for i in range(len(t))]
@@ -115,8 +115,8 @@ class _FakeMap(dict):
 
 
 def _tables(capacity: int):   # noqa: ANN202
-    from receiver.profiling.symbolize import Symbolizer
-    from receiver.profiling.unwinder import UnwindTables
+    from receiver.profiling.symbols.symbolizer import Symbolizer
+    from receiver.profiling.unwind.table_store import UnwindTables
 
     maps = {"unwind_rows": _FakeMap(), "unwind_processes": _FakeMap(), "unwind_mappings": _FakeMap(),
             "settings": _FakeMap()}
@@ -124,7 +124,7 @@ def _tables(capacity: int):   # noqa: ANN202
 
 
 def _rows(n: int) -> bytes:
-    from receiver.profiling.unwind_table import ROW
+    from receiver.profiling.unwind.cfi_table import ROW
 
     return b"".join(ROW.pack(0x1000 + i, 8, 0, RSP) for i in range(n))
 

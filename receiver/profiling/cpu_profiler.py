@@ -15,9 +15,10 @@ from typing import Any, Self
 
 from ..config import EbpfConfig, ProfilerSourceConfig
 from ..proto import profile_pb2
+from .abi import LOST_REASONS
 from .model import CpuProfile, Frame, StackSample
-from .pprof import to_pprof
-from .sampler import LOST_REASONS, CpuSampler
+from .output.pprof import to_pprof
+from .sampler import CpuSampler
 
 __all__ = ["EbpfCpuProfiler"]
 
@@ -47,7 +48,12 @@ class EbpfCpuProfiler:
         self.lost: dict[str, int] = {}   # kernel-side losses by reason, set by stop_profile()
         self.truncated_samples = 0       # samples whose walked user stack stopped early (stop_profile)
         self.unwind_stats: dict[str, int] = {}   # the kernel walker's counters (stop_profile)
-        self.python_stats: dict[str, int] = {}   # CPython frame counters (stop_profile)
+        self.runtime_stats: dict[str, dict[str, int]] = {}   # each running runtime's counters (stop_profile)
+
+    @property
+    def python_stats(self) -> dict[str, int]:
+        """CPython's counters at stop (``runtime_stats["cpython"]``; empty when it did not run)."""
+        return self.runtime_stats.get("cpython", {})
 
     @property
     def running(self) -> bool:
@@ -131,7 +137,7 @@ class EbpfCpuProfiler:
             self.lost = dict(zip(LOST_REASONS, self.sampler.lost_totals()))
             self.truncated_samples = self.sampler.truncated_samples
             self.unwind_stats = self.sampler.unwind_stats()
-            self.python_stats = self.sampler.python_stats()
+            self.runtime_stats = {rt.name: rt.all_stats() for rt in self.sampler.runtimes or ()}
         finally:
             self.sampler.close()
         end = time.time_ns()

@@ -27,9 +27,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
+from ..model import Frame, Mapping
 from .elf import ElfError, ElfFile, SymbolTable, parse_elf_bytes, read_elf_fd, read_symtab_fd
 from .kallsyms import KernelSymbols
-from .model import Frame, Mapping
 
 __all__ = ["Symbolizer", "SymbolizerStats", "REFRESH_AFTER_S", "vdso_image"]
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from itertools import chain
 from operator import attrgetter
 
-from .model import CpuProfile, Frame
+from ..model import CpuProfile, Frame
 
 __all__ = ["Demangler", "is_mangled"]
 

@@ -16,8 +16,8 @@ import gzip
 from collections.abc import Callable
 from pathlib import Path
 
-from ..proto import profile_pb2
-from .model import KERNEL_MAPPING_PATH, CpuProfile, Frame, Mapping, StackSample
+from ...proto import profile_pb2
+from ..model import KERNEL_MAPPING_PATH, CpuProfile, Frame, Mapping, StackSample
 
 __all__ = ["to_pprof", "from_pprof", "write_pprof", "read_pprof", "frame_mapping", "KERNEL_MAPPING"]
 

@@ -1,9 +1,10 @@
 """CPython frames in CPU profiles: which processes run CPython, where their interpreter state is
 (``py_processes`` for the kernel's walk), and what the recorded code objects are called.
 
-The kernel walk (``walk_python_stack`` in bpf/profiler.bpf.c) records, per Python frame, the
-address of its code object and its instruction offset, and marks where each C-level
-``_PyEval_EvalFrameDefault`` call's frames end. Here:
+A runtime of the profiler (``Runtime``, runtimes/base.py). The kernel walk (``walk_cpython`` in
+bpf/runtimes/cpython.bpf.h) records, per Python frame, the address of its code object and its
+instruction offset, and marks where each C-level ``_PyEval_EvalFrameDefault`` call's frames end.
+Here:
 
 * ``find_interpreter`` finds ``_PyRuntime`` (exported in ``.dynsym``, also in Debian's stripped
   ``/usr/bin/python3.11``), ``Py_Version`` and ``PyCode_Type`` in the process's executable or
@@ -15,6 +16,8 @@ address of its code object and its instruction offset, and marks where each C-le
   (process, code object) in an LRU, and maps an instruction offset to its line.
 * ``interleave`` puts each eval call's Python frames on top of that call's native
   ``_PyEval_EvalFrameDefault`` frame, so a stack reads native → Python → native.
+* ``CPython`` is the runtime: it recognises a process, hands the kernel its ``PyProcess``, reads
+  announced code objects on its own thread, and names recorded frames at drain time.
 """
 
 from __future__ import annotations
@@ -27,23 +30,30 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
-from .elf import ElfError, dynamic_symbols_fd
-from .model import Frame
-from .worker import QueueWorker
+from ...config import CachesConfig, ProfilerSourceConfig
+from ...kernel.bcc import header_defines, header_enum
+from ..abi import RUNTIME_AUX_LAST, RUNTIME_MAX_FRAMES
+from ..model import Frame
+from ..symbols.elf import ElfError, dynamic_symbols_fd
+from ..work_queue import QueueWorker
+from .base import RecordedFrames, Region, Runtime
 
 __all__ = ["Layout", "LAYOUTS", "PyProcess", "Interpreter", "find_interpreter", "CodeNames",
-           "PythonProcesses", "interleave", "parse_linetable", "EVAL_FUNCTIONS", "MAX_FRAMES"]
+           "CPython", "interleave", "parse_linetable", "EVAL_FUNCTIONS", "MAX_FRAMES"]
 
 log = logging.getLogger(__name__)
 
-MAX_FRAMES = 64                # PY_MAX_FRAMES passed to the BPF program
-LASTI_ENTRY = 0x80000000       # PY_LASTI_ENTRY
-LASTI_UNKNOWN = 0x7FFFFFFF     # PY_LASTI_UNKNOWN
-ENTRY_FLAG, ENTRY_SHIM = 1, 2  # PY_ENTRY_*
-NO_OFFSET = 0xFFFF             # PY_NO_OFFSET
+BPF_HEADER = "runtimes/cpython.bpf.h"
+_D = header_defines(BPF_HEADER)
+MAX_FRAMES = RUNTIME_MAX_FRAMES          # Python frames a walked stack holds
+LASTI_ENTRY = RUNTIME_AUX_LAST           # a recorded frame ends its eval call's group
+LASTI_UNKNOWN = _D["PY_LASTI_UNKNOWN"]
+ENTRY_FLAG, ENTRY_SHIM = _D["PY_ENTRY_FLAG"], _D["PY_ENTRY_SHIM"]
+NO_OFFSET = _D["PY_NO_OFFSET"]
 EVAL_FUNCTIONS = frozenset({"_PyEval_EvalFrameDefault"})
 MAX_CODES = 16384              # code objects kept named, all processes together
 MAX_FILES = 1024               # interpreter binaries whose symbols are cached
@@ -115,7 +125,7 @@ def layout_from_debug_offsets(blob: bytes, base: Layout) -> Layout:
 
 
 class PyProcess(ctypes.Structure):
-    """Mirror of ``struct py_process``."""
+    """Mirror of ``struct py_process`` (bpf/runtimes/cpython.bpf.h): the runtime's per-process data."""
 
     _fields_ = [("interpreters_head", ctypes.c_uint64), ("pidns_dev", ctypes.c_uint64),
                 ("pidns_ino", ctypes.c_uint64), ("threads_head", ctypes.c_uint16),
@@ -156,7 +166,7 @@ def _read_mem(pid: int, address: int, size: int) -> bytes:
         os.close(fd)
 
 
-def find_interpreter(pid: int, regions: Sequence[tuple[int, int, int | None, str, str, bool]],
+def find_interpreter(pid: int, regions: Sequence[Region],
                      symbol_cache: OrderedDict[Hashable, dict[bytes, int]]) -> Interpreter | None:
     """The CPython interpreter of ``pid`` from its executable mappings (the symbolizer's
     ``executable_regions``), or None when none exports ``_PyRuntime``. Raises
@@ -385,25 +395,38 @@ def _read_str(read, address: int, lay: Layout) -> str:  # type: ignore[no-untype
 # ---------------------------------------------------------------------------- processes
 
 
-class PythonProcesses:
-    """The CPython processes the profiler knows: their ``py_processes`` entries and code names.
+class CPython(Runtime):
+    """CPython 3.11+ processes: their ``runtime_processes`` data, code names and frames.
 
-    ``load``/``forget`` run on the unwinder's worker thread; ``notice_code`` (from the ring
+    ``recognise``/``forget`` run on the unwinder's worker thread; ``notice`` (from the ring
     buffer) queues work for this class's own thread, which reads code objects while their
     process lives; ``frames`` runs at drain time."""
 
-    def __init__(self, bpf: object, max_codes: int = MAX_CODES) -> None:
-        self._map = bpf["py_processes"]           # type: ignore[index]
+    name = "cpython"
+    frame_type = "cpython"
+    bpf_header = BPF_HEADER
+    program = "walk_cpython"
+    stats_map = "py_stats"
+    stat_names = header_enum(BPF_HEADER, "PY_STAT")
+    mirrors = (("mirror_py_process", "Leaf", PyProcess),)
+    caches = ("python_codes", "python_frames")
+
+    def __init__(self, bpf: Any, caches: CachesConfig | None = None) -> None:
+        super().__init__(bpf, caches or CachesConfig())
+        max_codes = (caches or CachesConfig()).python_codes
         self._interpreters: dict[int, Interpreter] = {}
         self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
         self.codes = CodeNames(max_codes)
         self._frames: dict[tuple[int, int, int], Frame] = {}   # (pid, code, lasti) → frame
         self.max_frames = 4 * max_codes
         self.frame_evictions = 0                # frames dropped when the cache was cleared at its bound
-        self.stats: Counter[str] = Counter()
         self._worker = QueueWorker("cpython-codes", self._learn, QUEUE_SIZE, self.stats)
 
-    def start(self) -> PythonProcesses:
+    @classmethod
+    def enabled(cls, config: ProfilerSourceConfig) -> bool:
+        return bool(config.python_frames)
+
+    def start(self) -> CPython:
         self._worker.start()
         return self
 
@@ -418,47 +441,36 @@ class PythonProcesses:
     def cached_frames(self) -> int:
         return len(self._frames)
 
-    def load(self, pid: int, regions: Sequence[tuple[int, int, int | None, str, str, bool]]) -> None:
-        """A noticed process: if it runs CPython, publish where its interpreter state is."""
+    def recognise(self, pid: int, regions: Sequence[Region]) -> bytes | None:
+        """A noticed process: if it runs CPython, where its interpreter state is."""
         try:
             interp = find_interpreter(pid, regions, self._symbols)
         except UnsupportedPython as e:
             self.stats["unsupported_versions"] += 1
             log.debug("pid %d: %s has no layout here", pid, e)
-            return
+            return None
         except (OSError, struct.error) as e:
             self.stats["unreadable"] += 1
             log.debug("pid %d: %s", pid, e)
-            return
+            return None
         if interp is None:
-            return
+            return None
         # Known here before the kernel walks it: its first code notices follow at once.
         self._interpreters[pid] = interp
-        try:
-            self._map[self._map.Key(pid)] = interp.kernel_entry(_pid_namespace(pid))
-        except Exception as e:   # noqa: BLE001 -- full map: the process keeps native frames only
-            self._interpreters.pop(pid, None)
-            self.stats["processes_over_limit"] += 1
-            log.debug("py_processes[%d]: %s", pid, e)
-            return
-        self.stats["processes_loaded"] += 1
+        return bytes(interp.kernel_entry(_pid_namespace(pid)))
 
     def forget(self, pid: int) -> None:
-        """``pid`` is gone: its entry, code names and frames go (nothing to do for processes
-        that never ran CPython: code objects are named only for known interpreters)."""
+        """``pid`` is gone: its code names and frames go (nothing to do for processes that never
+        ran CPython: code objects are named only for known interpreters)."""
         if self._interpreters.pop(pid, None) is None:
             return
-        try:
-            del self._map[self._map.Key(pid)]
-        except KeyError:
-            pass
         self.codes.forget(pid)
         if self._frames:
             self._frames = {k: f for k, f in list(self._frames.items()) if k[0] != pid}
 
-    def notice_code(self, pid: int, code: int) -> None:
-        """The kernel saw ``code`` in ``pid``'s stacks first now: name it soon (never blocks)."""
-        self._worker.put((pid, code))
+    def notice(self, pid: int, frame_id: int) -> None:
+        """The kernel saw code object ``frame_id`` in ``pid``'s stacks first now: name it soon."""
+        self._worker.put((pid, frame_id))
 
     def wait_idle(self, timeout: float) -> bool:
         """For tests: whether the code objects queued so far were read within ``timeout``."""
@@ -472,7 +484,7 @@ class PythonProcesses:
         else:
             self.stats["codes_of_unknown_process"] += 1
 
-    def frames(self, pid: int, py: Sequence[tuple[int, int]]) -> list[tuple[Frame, bool]]:
+    def frames(self, pid: int, recorded: RecordedFrames) -> list[tuple[Frame, bool]]:
         """The recorded (code, lasti) frames, innermost first, as (frame, last of its eval call).
         A code object not named yet is read now if its process lives; one that cannot be named
         keeps its address (function "") and is counted."""
@@ -480,7 +492,7 @@ class PythonProcesses:
         out = []
         cache = self._frames
         unresolved = 0
-        for code, lasti in py:
+        for code, lasti in recorded:
             entry = bool(lasti & LASTI_ENTRY)
             frame = cache.get((pid, code, lasti))
             if frame is None:
@@ -489,9 +501,9 @@ class PythonProcesses:
                     named = self.codes.learn(pid, code, interp)
                 if named is None:               # not cached: it may be readable next time
                     unresolved += 1
-                    out.append((Frame(code, "", "cpython"), entry))
+                    out.append((Frame(code, "", self.frame_type), entry))
                     continue
-                frame = Frame(0, named.qualname, "cpython", None, named.filename,
+                frame = Frame(0, named.qualname, self.frame_type, None, named.filename,
                               named.line_at(lasti & ~LASTI_ENTRY))
                 if len(cache) >= self.max_frames:
                     self.frame_evictions += len(cache)
@@ -501,6 +513,54 @@ class PythonProcesses:
         self.stats["frames_unresolved"] += unresolved
         self.stats["frames_resolved"] += len(out) - unresolved
         return out
+
+    def place(self, native: Sequence[Frame], frames: Sequence[tuple[Frame, bool]]) -> tuple[tuple[Frame, ...], bool]:
+        return interleave(native, frames)
+
+    def counters(self) -> dict[str, int]:
+        return {**self.stats, **self.codes.stats}
+
+    @classmethod
+    def watch(cls, telemetry: Any, runtime: Callable[[], Runtime | None], caches: CachesConfig) -> None:
+        def stats() -> dict[str, int]:
+            rt = runtime()
+            return rt.all_stats() if rt is not None else {}
+
+        def python() -> CPython | None:
+            rt = runtime()
+            return rt if isinstance(rt, CPython) else None
+
+        def stacks() -> dict[str, int]:
+            p = stats()
+            return {"walked": p.get("walked", 0), "no_thread": p.get("no_thread", 0),
+                    "truncated": p.get("truncated", 0), "misaligned": p.get("misaligned_samples", 0)} if p else {}
+
+        def frames() -> dict[str, int]:
+            p = stats()
+            return {"recorded": p.get("frames", 0), "resolved": p.get("frames_resolved", 0),
+                    "unresolved": p.get("frames_unresolved", 0)} if p else {}
+
+        def events() -> dict[str, int]:
+            rt = runtime()
+            return rt.counters() if rt is not None else {}
+
+        telemetry.watch_counters(
+            "profiler_python_stacks", "Samples of CPython processes by their Python walk: walked (the "
+            "thread's state found), no_thread (not a Python thread), truncated (chain beyond 64 frames "
+            "or unreadable), misaligned (Python runs and _PyEval_EvalFrameDefault frames differ in "
+            "number: a truncated native walk)", "result", stacks)
+        telemetry.watch_counters(
+            "profiler_python_frames", "Python frames: recorded in the kernel, and named at drain "
+            "(resolved) or not (unresolved: the code object could not be read; kept by address)",
+            "result", frames)
+        telemetry.watch_counters(
+            "profiler_python", "CPython interpreters and code objects by event: processes_loaded, "
+            "unsupported_versions, unreadable, processes_over_limit, codes_read, codes_unreadable, "
+            "queue_full", "event", events)
+        telemetry.watch_cache("python_codes", lambda: len(p.codes) if (p := python()) else 0,
+                              caches.python_codes, lambda: p.codes.evictions if (p := python()) else 0)
+        telemetry.watch_cache("python_frames", lambda: p.cached_frames if (p := python()) else 0,
+                              4 * caches.python_codes, lambda: p.frame_evictions if (p := python()) else 0)
 
 
 def _pid_namespace(pid: int) -> tuple[int, int]:

@@ -21,22 +21,19 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ..kernel.bcc import header_enum
-from .cpython import PythonProcesses
-from .elf import ElfError, section_sizes
-from .symbolize import Symbolizer, vdso_image
-from .unwind_table import ROW, ReadelfMissingError, UnwindTableError, build_table
-from .worker import QueueWorker
+from ..abi import ROW, SET_TABLES_USER, UNWIND_MAX_MAPPINGS, UNWIND_STOP, UnwindMapping, UnwindProcess, UnwindRow
+from ..runtimes import Runtimes
+from ..symbols.elf import ElfError, section_sizes
+from ..symbols.symbolizer import Symbolizer, vdso_image
+from ..work_queue import QueueWorker
+from .cfi_table import ReadelfMissingError, UnwindTableError, build_table
 
-# settings[] slot of user space's process-tables version
-SET_TABLES_USER = header_enum("profiler.h", "PROF_SET").index("tables_user")
-
-__all__ = ["MAX_MAPPINGS", "UnwindMapping", "UnwindProcess", "UnwindTables", "RowAllocator"]
+__all__ = ["MAX_MAPPINGS", "UnwindTables", "RowAllocator"]
 
 log = logging.getLogger(__name__)
 
-MAX_MAPPINGS = 64            # UNWIND_MAX_MAPPINGS in bpf/profiler.h
-STOP = 0xFFFFFFFF            # UNWIND_STOP: table_start of a file whose table did not fit
+MAX_MAPPINGS = UNWIND_MAX_MAPPINGS   # a process's mappings the kernel walk can know
+STOP = UNWIND_STOP           # table_start of a file whose table did not fit
 MAX_FAILED_FILES = 4096      # files remembered as having no usable table
 # A file's CFI may use at most this share of the row array: one huge library (libLLVM's
 # .eh_frame runs to a million rows) must not evict everything else or stall the worker.
@@ -45,31 +42,6 @@ CFI_BYTES_PER_ROW = 4        # .eh_frame bytes per row: libc 5.4, libpython 4.6 
 _CFI_SECTIONS = (b".eh_frame", b".debug_frame")
 QUEUE_SIZE = 4096
 MAX_RETRIES = 3              # re-captures of a process whose mappings changed while loading
-
-
-class UnwindRow(ctypes.Structure):
-    """Mirror of ``struct unwind_row``."""
-
-    _fields_ = [("pc", ctypes.c_uint64), ("cfa_offset", ctypes.c_int32),
-                ("rbp_offset", ctypes.c_int16), ("kind", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
-
-
-class UnwindMapping(ctypes.Structure):
-    """Mirror of ``struct unwind_mapping``."""
-
-    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("bias", ctypes.c_uint64),
-                ("table_start", ctypes.c_uint32), ("table_len", ctypes.c_uint32)]
-
-
-class UnwindProcess(ctypes.Structure):
-    """Mirror of ``struct unwind_process``: the process's mappings are
-    ``unwind_mappings[slot * MAX_MAPPINGS ...][:count]``."""
-
-    _fields_ = [("slot", ctypes.c_uint32), ("count", ctypes.c_uint32), ("epoch", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
-
-
-assert ROW.size == ctypes.sizeof(UnwindRow)
 
 
 class RowAllocator:
@@ -118,9 +90,9 @@ class UnwindTables:
     thread applies it in order."""
 
     def __init__(self, bpf: object, symbolizer: Symbolizer, capacity: int, max_processes: int,
-                 python: PythonProcesses | None = None) -> None:
-        """``python``: told of every process loaded or forgotten here (CPython frames)."""
-        self._python = python
+                 runtimes: Runtimes | None = None) -> None:
+        """``runtimes``: told of every process loaded or forgotten here (runtime frames)."""
+        self._runtimes = runtimes
         self._rows = bpf["unwind_rows"]            # type: ignore[index]
         self._procs = bpf["unwind_processes"]      # type: ignore[index]
         self._settings = bpf["settings"]           # type: ignore[index]
@@ -268,8 +240,8 @@ class UnwindTables:
             self._unpin(keys)
             self._free_slots.append(slot)
             return False
-        if self._python is not None:
-            self._python.load(pid, regions)
+        if self._runtimes is not None:
+            self._runtimes.load(pid, regions)
         # Before the old slot can be reused: no CPU walks with a cached copy of the old entry.
         self._tables_changed()
         with self._lock:
@@ -284,7 +256,7 @@ class UnwindTables:
         return pending
 
     def _tables_changed(self) -> None:
-        """Renews user space's version of unwind_processes/py_processes, after writing them: each
+        """Renews user space's version of unwind_processes/runtime_processes, after writing them: each
         CPU's cached copy of its last process's entries (bpf/profiler.bpf.c, process_cache) is
         then read again. Only this worker thread writes those maps, so a plain write suffices."""
         self._tables_version = self._tables_version % 0xFFFFFFFF + 1
@@ -298,8 +270,8 @@ class UnwindTables:
                     loaded.users -= 1
 
     def _forget(self, pid: int) -> None:
-        if self._python is not None:
-            self._python.forget(pid)
+        if self._runtimes is not None:
+            self._runtimes.forget(pid)
         self._retries.pop(pid, None)
         with self._lock:
             keys = self._process_files.pop(pid, None)

@@ -15,8 +15,8 @@ import time
 from array import array
 from bisect import bisect_right
 
+from ..model import KERNEL_MAPPING_PATH, Mapping
 from .elf import build_id_from_notes
-from .model import KERNEL_MAPPING_PATH, Mapping
 
 __all__ = ["KernelSymbols"]
 
@@ -142,7 +142,7 @@ def hidden_addresses_cause() -> str:
     """Why the kernel shows this process zero addresses: the kernel's kallsyms_show_value()
     rule (kptr_restrict 2 hides them from everyone; 1 needs CAP_SYSLOG; 0 needs CAP_SYSLOG or
     perf_event_paranoid <= 1), stated with the values read here."""
-    from ..kernel.capabilities import has
+    from ...kernel.capabilities import has
 
     restrict, paranoid = _sysctl("kptr_restrict"), _sysctl("perf_event_paranoid")
     if restrict is not None and restrict >= 2:

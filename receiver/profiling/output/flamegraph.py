@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from .model import CpuProfile, Frame, StackSample
+from ..model import CpuProfile, Frame, StackSample
 
 __all__ = ["to_folded", "parse_folded", "write_flamegraph_svg", "KERNEL_SUFFIX"]
 

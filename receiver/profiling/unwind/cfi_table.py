@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import subprocess
 import threading
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..abi import ROW, ROW_END, ROW_OUTERMOST, ROW_RBP, ROW_RSP, ROW_UNSUPPORTED
+
 __all__ = ["ROW", "ReadelfMissingError", "UnwindTable", "UnwindTableError", "build_table",
            "parse_frames_interp", "table_of_path", "END", "RSP", "RBP", "UNSUPPORTED", "OUTERMOST"]
 
-# Row kinds (struct unwind_row.kind in bpf/profiler.h)
-END, RSP, RBP, UNSUPPORTED, OUTERMOST = 0, 1, 2, 3, 4
+# Row kinds (struct unwind_row.kind: UNWIND_* in bpf/profiler.h)
+END, RSP, RBP, UNSUPPORTED, OUTERMOST = ROW_END, ROW_RSP, ROW_RBP, ROW_UNSUPPORTED, ROW_OUTERMOST
 
-# struct unwind_row { u64 pc; s32 cfa_offset; s16 rbp_offset; u8 kind; u8 pad; }
-ROW = struct.Struct("<QihBx")
 READELF_TIMEOUT_S = 60
 _S16 = range(-(1 << 15), 1 << 15)
 _S32 = range(-(1 << 31), 1 << 31)

@@ -1,0 +1,1 @@
+"""Writers of a ``CpuProfile``: pprof files and folded stacks / flame graphs."""
