@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +53,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _needs_host(item) is None:
             item.add_marker(pytest.mark.unit)
+    # The kernel matrix last: its guest image builds in the background meanwhile (below).
+    items.sort(key=lambda item: item.get_closest_marker("kernels") is not None)
+
+
+# ------------------------------------------------------------- the kernel matrix's image
+#
+# A session that will run the kernel matrix starts building its guest image (minutes on a fresh
+# machine: debootstrap, three kernels, a venv) in the background at once, niced, while the rest
+# of the suite runs; the matrix test then finds the image built, or waits on the builder's lock
+# (tests/kernels/vm.py). Its output goes to out/kernel-image-build.log.
+
+_image_builder: subprocess.Popen[bytes] | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _image_builder
+    if (os.environ.get("KERNEL_MATRIX_PREBUILD", "1") == "0" or os.geteuid() != 0
+            or session.config.option.collectonly):
+        return
+    if not any(item.get_closest_marker("kernels") for item in session.items):
+        return
+    if not all(shutil.which(t) for t in ("qemu-system-x86_64", "debootstrap", "cpio")):
+        return   # the matrix test says what is missing
+    log = REPO / "out" / "kernel-image-build.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "wb") as f:
+        _image_builder = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "tests.kernels.vm", "build"],
+                                          cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A session that ends first (interrupted, -x) stops the build; the next build resumes it.
+    if _image_builder is not None and _image_builder.poll() is None:
+        os.killpg(_image_builder.pid, signal.SIGTERM)   # debootstrap and dpkg too
+        try:
+            _image_builder.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(_image_builder.pid, signal.SIGKILL)
+            _image_builder.wait()
 
 
 # ------------------------------------------------------------------------- skips under CI

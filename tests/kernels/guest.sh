@@ -3,7 +3,7 @@
 # what the agent needs, runs the smoke suite into /mnt/out, and powers the guest off. Whatever
 # happens, the guest ends (a hung one is killed by the host at its timeout).
 export PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
-export PYTHONDONTWRITEBYTECODE=1 CI=true EBPF_TEST_AGENT_READY_TIMEOUT=400 EBPF_TEST_TIME_SCALE=3
+export PYTHONDONTWRITEBYTECODE=1 CI=true EBPF_TEST_AGENT_READY_TIMEOUT=400 EBPF_TEST_TIME_SCALE=5
 for f in /mnt/otelcol/*; do [ -f "$f" ] && [ -x "$f" ] && export OTELCOL_BIN=$f; done   # the Collector, shared by the host
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -16,7 +16,7 @@ ip link set lo up
 hostname kernel-matrix
 echo "guest: $(uname -r) up after $(cut -d' ' -f1 /proc/uptime)s"
 cd /mnt/src
-timeout 1500 python3 tests/kernels/guest_suite.py /mnt/out
+timeout 2100 python3 tests/kernels/guest_suite.py /mnt/out
 echo "guest: suite exit $? after $(cut -d' ' -f1 /proc/uptime)s"
 sync
 echo o > /proc/sysrq-trigger

@@ -110,7 +110,7 @@ def run_smoke_tests(out: Path) -> None:
     ids = [t for s in SOURCES if s not in cannot for t in smoke_tests(s, feats)]
     stamp(f"smoke tests (not for {cannot}, which this kernel cannot run)" if cannot else "smoke tests")
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                        "-o", "timeout=600", f"--junitxml={out / 'junit.xml'}", *ids],
+                        "-o", "timeout=900", f"--junitxml={out / 'junit.xml'}", *ids],
                        cwd=REPO, capture_output=True, text=True, check=False)
     write(out, "pytest.txt", p.stdout[-20000:] + p.stderr[-5000:])
     stamp(f"smoke tests: exit {p.returncode}: {p.stdout.strip().splitlines()[-1:]}")

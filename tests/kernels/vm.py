@@ -16,11 +16,18 @@ Which kernels: whatever ``linux-image-amd64`` depends on in bullseye, bookworm a
 bookworm-backports at build time (looked up with a private apt configuration; the host's own apt
 state is not touched).
 
+Built once, with its parts in parallel: debootstrap (its .debs kept in ``debootstrap-debs/``),
+each kernel's download, initramfs and headers (the kernel .debs kept in ``kernel-debs/``), and
+the wheels of the guest venv. Builders take ``image.lock``: the host suite starts a build in the
+background at the start of a session that runs the matrix (tests/conftest.py), and the matrix
+test waits for it.
+
 Run ``python -m tests.kernels.vm build`` to build (or find) the image and print its directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
@@ -31,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +92,14 @@ class Apt:
                 "-o", "Dir::State::status=/dev/null", "-o", "APT::Get::List-Cleanup=0",
                 "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root", "-q"]
 
-    def update(self) -> None:
+    def update(self, max_age: float = 3600) -> None:
+        """Indexes younger than ``max_age`` seconds are kept (a background build just fetched
+        them, or an earlier run within the hour)."""
+        stamp = self.root / "updated"
+        if stamp.exists() and time.time() - stamp.stat().st_mtime < max_age:
+            return
         run("apt-get", *self.opts(), "update", stdout=subprocess.DEVNULL)
+        stamp.touch()
 
     def show(self, spec: str) -> dict[str, str]:
         text = run("apt-cache", *self.opts(), "show", "--no-all-versions", spec,
@@ -132,7 +146,8 @@ def python_dependencies() -> list[str]:
 def image_key(kernels: list[Kernel]) -> str:
     """What the image is made of: the build steps, the packages, the Python dependencies."""
     h = hashlib.sha256()
-    for fn in (build_image, _build_initrd, _modules_closure, _install_venv, _slim):
+    for fn in (build_image, _debootstrap, _build_kernel, _build_initrd, _modules_closure,
+               _install_venv, _slim):
         h.update(inspect.getsource(fn).encode())
     h.update(INIT.encode())
     h.update(json.dumps([GUEST_SUITE, GUEST_PACKAGES, [k.__dict__ for k in kernels],
@@ -223,13 +238,19 @@ def _chroot(rootfs: Path, *cmd: str) -> None:
     run("chroot", str(rootfs), *cmd, env=env)
 
 
-def _install_venv(rootfs: Path) -> None:
-    """The guest's venv, from wheels the host downloads with its own pip configuration (the
-    guest's Python is the same Debian 3.11, so the same wheels fit)."""
-    wheels = rootfs / "tmp/wheels"
+def _download_wheels(wheels: Path) -> None:
+    """The guest venv's wheels, downloaded with the host's own pip configuration (the guest's
+    Python is the same Debian 3.11, so the same wheels fit)."""
     host_py = REPO / ".venv/bin/python"
     run(str(host_py if host_py.exists() else sys.executable), "-m", "pip", "download", "-q",
         "--only-binary=:all:", "-d", str(wheels), *python_dependencies())
+
+
+def _install_venv(rootfs: Path, downloaded: Path) -> None:
+    """The guest's venv, from the wheels ``_download_wheels`` put in ``downloaded``."""
+    wheels = rootfs / "tmp/wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    shutil.copytree(downloaded, wheels)
     for d in ("proc", "dev"):
         run("mount", "--bind", f"/{d}", str(rootfs / d))
     try:
@@ -251,45 +272,77 @@ def _slim(rootfs: Path) -> None:
     (rootfs / "var/cache/apt").mkdir(parents=True, exist_ok=True)
 
 
+def _debootstrap(work: Path) -> None:
+    rootfs = work / "rootfs"
+    if (work / "debootstrap.done").exists():   # an interrupted build resumes after it
+        return
+    t0 = time.monotonic()
+    log(f"debootstrap {GUEST_SUITE} into {rootfs}")
+    shutil.rmtree(rootfs, ignore_errors=True)
+    debs = CACHE / "debootstrap-debs"   # kept: a new image key does not download them again
+    debs.mkdir(parents=True, exist_ok=True)
+    run("debootstrap", "--variant=minbase", f"--include={','.join(GUEST_PACKAGES)}",
+        f"--cache-dir={debs}", GUEST_SUITE, str(rootfs), MIRROR, stdout=subprocess.DEVNULL)
+    (work / "debootstrap.done").touch()
+    log(f"debootstrap done in {time.monotonic() - t0:.0f}s")
+
+
+def _build_kernel(work: Path, k: Kernel, apt: Apt, busybox: Path) -> Path:
+    """``kernels/<release>/{vmlinuz,initrd}``, and the kernel's headers' ``/usr/src`` trees
+    staged under ``headers/<release>`` (moved into the root filesystem once it exists)."""
+    t0 = time.monotonic()
+    debs = CACHE / "kernel-debs" / k.release   # kept: a new image key does not download them again
+    debs.mkdir(parents=True, exist_ok=True)
+    pkgs = (k.image_pkg, *k.header_pkgs)   # one source package: one version
+
+    def deb(pkg: str) -> list[Path]:
+        return sorted(debs.glob(f"{pkg}_{k.version}_*.deb"))
+
+    want = [p for p in pkgs if not deb(p)]
+    if want:
+        apt.download(debs, [f"{p}/{k.suite}" for p in want])
+    kdir = work / "kernels" / k.release
+    shutil.rmtree(kdir, ignore_errors=True)
+    kdir.mkdir(parents=True)
+    kroot = work / f"kroot-{k.release}"
+    shutil.rmtree(kroot, ignore_errors=True)
+    for path in deb(k.image_pkg):
+        run("dpkg-deb", "-x", str(path), str(kroot))
+    shutil.copy(kroot / "boot" / f"vmlinuz-{k.release}", kdir / "vmlinuz")
+    _build_initrd(kroot, k.release, kdir / "initrd", busybox)
+    shutil.rmtree(kroot)
+    # Only /usr/src from the headers: extracting into the root would replace the merged-/usr
+    # symlink /lib with a directory.
+    hroot = work / "headers" / k.release
+    shutil.rmtree(hroot, ignore_errors=True)
+    hroot.mkdir(parents=True)
+    for pkg in k.header_pkgs:
+        for path in deb(pkg):
+            run("dpkg-deb", "-x", str(path), str(hroot))
+    log(f"kernel {k.release} in {time.monotonic() - t0:.0f}s")
+    return hroot / "usr/src"
+
+
 def build_image(work: Path, kernels: list[Kernel], apt: Apt) -> None:
     busybox = Path("/bin/busybox")
     if not busybox.is_file():
         raise RuntimeError("busybox-static is not installed (make test installs it)")
     rootfs = work / "rootfs"
     t0 = time.monotonic()
-    if not (work / "debootstrap.done").exists():   # an interrupted build resumes after it
-        log(f"debootstrap {GUEST_SUITE} into {rootfs}")
-        shutil.rmtree(rootfs, ignore_errors=True)
-        run("debootstrap", "--variant=minbase", f"--include={','.join(GUEST_PACKAGES)}", GUEST_SUITE,
-            str(rootfs), MIRROR, stdout=subprocess.DEVNULL)
-        (work / "debootstrap.done").touch()
-        log(f"debootstrap done in {time.monotonic() - t0:.0f}s")
-    debs = work / "debs"
-    debs.mkdir(exist_ok=True)
-    apt.download(debs, [f"{p}/{k.suite}" for k in kernels for p in (k.image_pkg, *k.header_pkgs)])
     shutil.rmtree(work / "kernels", ignore_errors=True)
-    for k in kernels:
-        kdir = work / "kernels" / k.release
-        kdir.mkdir(parents=True)
-        kroot = work / "kroot"
-        shutil.rmtree(kroot, ignore_errors=True)
-        for deb in debs.glob(f"{k.image_pkg}_*.deb"):
-            run("dpkg-deb", "-x", str(deb), str(kroot))
-        vmlinuz = kroot / "boot" / f"vmlinuz-{k.release}"
-        shutil.copy(vmlinuz, kdir / "vmlinuz")
-        _build_initrd(kroot, k.release, kdir / "initrd", busybox)
-        shutil.rmtree(kroot)
-        # Only /usr/src from the headers: extracting into the root would replace the merged-/usr
-        # symlink /lib with a directory.
-        hroot = work / "hroot"
-        shutil.rmtree(hroot, ignore_errors=True)
-        for pkg in k.header_pkgs:
-            for deb in debs.glob(f"{pkg}_*.deb"):
-                run("dpkg-deb", "-x", str(deb), str(hroot))
-        for d in (hroot / "usr/src").iterdir():
+    wheels = work / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    # Everything that needs no root filesystem runs beside debootstrap.
+    with ThreadPoolExecutor(2 + len(kernels)) as pool:
+        jobs = [pool.submit(_debootstrap, work), pool.submit(_download_wheels, wheels)]
+        kjobs = [pool.submit(_build_kernel, work, k, apt, busybox) for k in kernels]
+        for job in jobs:
+            job.result()
+        srcs = [job.result() for job in kjobs]
+    for k, src in zip(kernels, srcs):
+        for d in src.iterdir():
             shutil.rmtree(rootfs / "usr/src" / d.name, ignore_errors=True)
             shutil.move(d, rootfs / "usr/src" / d.name)
-        shutil.rmtree(hroot)
         # What the packages' postinst would link: BCC reads build (the -amd64 part) and
         # source (the -common part, with include/linux/kconfig.h).
         moddir = rootfs / "usr/lib/modules" / k.release
@@ -298,9 +351,10 @@ def build_image(work: Path, kernels: list[Kernel], apt: Apt) -> None:
         for name, target in (("build", f"linux-headers-{k.release}"), ("source", common)):
             (moddir / name).unlink(missing_ok=True)
             (moddir / name).symlink_to(f"/usr/src/{target}")
-    shutil.rmtree(debs)
+    shutil.rmtree(work / "headers")
     log("guest venv")
-    _install_venv(rootfs)
+    _install_venv(rootfs, wheels)
+    shutil.rmtree(wheels)
     for d in ("mnt/src", "mnt/out", "mnt/otelcol"):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
     _slim(rootfs)
@@ -309,23 +363,33 @@ def build_image(work: Path, kernels: list[Kernel], apt: Apt) -> None:
 
 
 def ensure_image() -> tuple[Path, list[Kernel]]:
-    """The cached image for today's kernels, built when missing; older images are removed."""
+    """The cached image for today's kernels, built when missing; older images are removed.
+    One builder at a time (``image.lock``): a second caller waits and finds the image."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    apt = Apt(CACHE / "kernel-apt")
-    apt.update()
-    kernels = resolve_kernels(apt)
-    image = CACHE / f"kernel-image-{image_key(kernels)}"
-    if (image / "kernels.json").is_file():
+    with open(CACHE / "image.lock", "w") as lock:
+        t0 = time.monotonic()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if time.monotonic() - t0 > 1:
+            log(f"waited {time.monotonic() - t0:.0f}s for another build of the image")
+        apt = Apt(CACHE / "kernel-apt")
+        apt.update()
+        kernels = resolve_kernels(apt)
+        image = CACHE / f"kernel-image-{image_key(kernels)}"
+        if (image / "kernels.json").is_file():
+            return image, kernels
+        log("kernels: " + ", ".join(f"{k.suite} {k.release} ({k.version})" for k in kernels))
+        work = image.with_name(image.name + ".partial")
+        work.mkdir(exist_ok=True)
+        build_image(work, kernels, apt)
+        work.rename(image)
+        for old in CACHE.glob("kernel-image-*"):
+            if old != image:
+                shutil.rmtree(old, ignore_errors=True)
+        releases = {k.release for k in kernels}
+        for old in (CACHE / "kernel-debs").iterdir():
+            if old.name not in releases:
+                shutil.rmtree(old, ignore_errors=True)
         return image, kernels
-    log("kernels: " + ", ".join(f"{k.suite} {k.release} ({k.version})" for k in kernels))
-    work = image.with_name(image.name + ".partial")
-    work.mkdir(exist_ok=True)
-    build_image(work, kernels, apt)
-    work.rename(image)
-    for old in CACHE.glob("kernel-image-*"):
-        if old != image:
-            shutil.rmtree(old, ignore_errors=True)
-    return image, kernels
 
 
 # ------------------------------------------------------------------------------- running a VM
@@ -334,14 +398,15 @@ def ensure_image() -> tuple[Path, list[Kernel]]:
 def kvm_works(image: Path, kernel: Kernel, timeout: float = 20) -> bool:
     """Whether KVM boots ``kernel`` to its first process here: /dev/kvm exists on these machines
     but hangs stock kernels in the decompressor, with no error. One short boot (init is busybox,
-    which exits, so the kernel panics and qemu stops); the answer is cached per host kernel.
+    which exits, so the kernel panics and qemu stops); the answer is cached per host kernel
+    (whether KVM works is the host's property: one probe, with the first kernel that asks).
     KERNEL_MATRIX_KVM=0 or 1 skips the probe."""
     forced = os.environ.get("KERNEL_MATRIX_KVM")
     if forced in ("0", "1"):
         return forced == "1"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    cached = CACHE / f"kvm-probe-{os.uname().release}-{kernel.release}"
+    cached = CACHE / f"kvm-probe-{os.uname().release}"
     if cached.exists():
         return cached.read_text() == "yes"
     kdir = image / "kernels" / kernel.release
@@ -410,7 +475,8 @@ def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: f
 
 def main() -> int:
     if sys.argv[1:] == ["build"]:
-        image, _ = ensure_image()
+        image, kernels = ensure_image()
+        kvm_works(image, kernels[0])   # probed here, not while the matrix waits
         print(image)
         return 0
     print("usage: python -m tests.kernels.vm build", file=sys.stderr)
