@@ -173,11 +173,6 @@ class CpuSampler:
             return []
         return [(slot_of(RUNTIMES, cls), cls) for cls in RUNTIMES if cls.enabled(self.config)]
 
-    @property
-    def python_frames(self) -> bool:
-        """Whether CPython frames are walked."""
-        return any(cls.name == "cpython" for _, cls in self.enabled_runtimes)
-
     def cflags(self) -> list[str]:
         c = self.config
         rows = int(c.unwind_table_rows)
@@ -486,10 +481,6 @@ class CpuSampler:
         loaded, frames named or not, ...); empty when it is not running."""
         rt = self.runtime(name) if self.bpf is not None else None
         return rt.all_stats() if rt is not None else {}
-
-    def python_stats(self) -> dict[str, int]:
-        """CPython's counters (``runtime_stats("cpython")``)."""
-        return self.runtime_stats("cpython")
 
     def _forget_exited(self) -> None:
         """Frees what is kept for processes found gone at the previous drain: their last

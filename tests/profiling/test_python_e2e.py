@@ -158,7 +158,7 @@ def test_split_and_whole_python_chain(bpf_ok: None, interpreter: str, tmp_path: 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and sum(s.count for s in samples) < 400:
             samples += prof.measure(2).samples
-        stats = prof.sampler.python_stats()
+        stats = prof.sampler.runtime_stats("cpython")
     hot = collections.Counter()
     whole = 0
     for s in samples:
@@ -239,7 +239,7 @@ def test_short_lived_process_is_named(bpf_ok: None, tmp_path: Path) -> None:
         assert time.monotonic() - started < 10
         assert prof.sampler.runtime("cpython") is not None and prof.sampler.runtime("cpython").wait_idle(5)
         profile = prof.sampler.drain()
-        stats = prof.sampler.python_stats()
+        stats = prof.sampler.runtime_stats("cpython")
     finally:
         prof.close()
     py_frames = [f for s in profile.samples for f in _python(s.frames) for _ in range(s.count)]
