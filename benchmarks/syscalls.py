@@ -169,12 +169,12 @@ def run() -> int:
         with _bpf_stats():
             for _ in range(STATS_ROUNDS):
                 empty = BPF(text=EMPTY_BPF)
-                record("empty", _ns_per_run(empty, binary))
+                record("empty", _ns_per_run(_bcc_program_fds(empty), binary))
                 empty.cleanup()
                 for variant, c in (("ours", ctx), ("ours, filter", filtered_ctx)):
                     source = SyscallsSource(c)
                     await source.start()
-                    record(variant, await asyncio.to_thread(_ns_per_run, source.bpf, binary))
+                    record(variant, await asyncio.to_thread(_ns_per_run, source.bpf.programs, binary))
                     await source.stop()
 
     foreign = _foreign_syscall_programs()
@@ -257,14 +257,22 @@ def _bpf_stats() -> Iterator[None]:
         os.close(fd)
 
 
-def _ns_per_run(bpf: Any, binary: Path) -> dict[str, float]:
-    """Mean run time of each of ``bpf``'s programs over one getppid loop, from its fdinfo."""
+def _bcc_program_fds(bpf: Any) -> dict[str, int]:
+    """Program name → descriptor of a ``bcc.BPF`` loaded in this process (the empty programs).
+    The source's programs come from its loader process, held by a ``libbpf.BpfObject`` whose
+    ``programs`` is already that mapping."""
+    return {name.decode(): fn.fd for name, fn in bpf.funcs.items()}
+
+
+def _ns_per_run(programs: dict[str, int], binary: Path) -> dict[str, float]:
+    """Mean run time of each program (name → descriptor) over one getppid loop, from its fdinfo;
+    handlers by their short name (``tracepoint__raw_syscalls__sys_enter`` → ``sys_enter``)."""
     def counters() -> dict[str, tuple[int, int]]:
         out = {}
-        for name, fn in bpf.funcs.items():
-            info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines()
+        for name, fd in programs.items():
+            info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
                         if ":" in line)
-            short = name.decode().rsplit("__", 1)[-1]
+            short = name.rsplit("__", 1)[-1]
             out[short] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
         return out
 
