@@ -6,7 +6,10 @@ Collector runs with a config that only counts (debug exporter, sampled to near-s
 file exporter does not set the pace. Ours runs twice, over OTLP/gRPC and over OTLP/HTTP
 (http/protobuf, aiohttp), same queue and batching. Every run must deliver all N spans or the
 benchmark fails. Targets: ours ≥ 100000 spans/s and a CPU-per-span advantage ≥ 5× over the SDK;
-HTTP ≥ 70 % of gRPC's spans/s."""
+HTTP ≥ 70 % of gRPC's spans/s.
+
+Smoke mode (``--smoke``): 2 000 spans each (200 to warm up), every run still required to deliver
+them all; a few seconds."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ N = 100_000
 BATCH = int(os.environ.get("BENCH_EXPORTER_BATCH", "2048"))  # ours: max_batch_size (512..8192)
 CHUNK = 1000          # ours: spans submitted between yields to the event loop
 WARMUP = 2_000        # spans sent by each side before timing (channel up, code paths warm)
+SMOKE_N, SMOKE_WARMUP = 2_000, 200
 # Same on both sides; "none" is the SDK exporter's default (ours defaults to gzip).
 COMPRESSION = os.environ.get("BENCH_EXPORTER_COMPRESSION", "none")
 
@@ -45,7 +49,7 @@ class _ErrorCounter(logging.Handler):
 
 # ---------------------------------------------------------------------------------------- ours
 
-def _run_ours(endpoint: str, n: int, protocol: str = "grpc") -> dict[str, float]:
+def _run_ours(endpoint: str, n: int, protocol: str = "grpc", warmup: int = WARMUP) -> dict[str, float]:
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
     from opentelemetry.proto.resource.v1.resource_pb2 import Resource
     from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -95,7 +99,7 @@ def _run_ours(endpoint: str, n: int, protocol: str = "grpc") -> dict[str, float]
                 await asyncio.sleep(0)  # what a real source does between ring-buffer polls
             await exporter.flush()
 
-        await send(WARMUP)
+        await send(warmup)
         base = telemetry.exported_items.labels("traces")._value.get()
         w0, c0 = time.perf_counter(), time.process_time()
         await send(n)
@@ -110,7 +114,7 @@ def _run_ours(endpoint: str, n: int, protocol: str = "grpc") -> dict[str, float]
 
 # ----------------------------------------------------------------------------------------- SDK
 
-def _run_sdk(endpoint: str, n: int) -> dict[str, float]:
+def _run_sdk(endpoint: str, n: int, warmup: int = WARMUP) -> dict[str, float]:
     import grpc
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -134,7 +138,7 @@ def _run_sdk(endpoint: str, n: int) -> dict[str, float]:
     compression = grpc.Compression.Gzip if COMPRESSION == "gzip" else grpc.Compression.NoCompression
     exporter = CountingExporter(endpoint=endpoint, insecure=True, compression=compression)
     # Queue big enough that nothing is dropped: the SDK drops spans on a full queue.
-    processor = BatchSpanProcessor(exporter, max_queue_size=n + WARMUP)
+    processor = BatchSpanProcessor(exporter, max_queue_size=n + warmup)
     provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
     provider.add_span_processor(processor)
     tracer = provider.get_tracer("bench")
@@ -147,7 +151,7 @@ def _run_sdk(endpoint: str, n: int) -> dict[str, float]:
         return provider.force_flush(60_000)
 
     try:
-        send(WARMUP)
+        send(warmup)
         base_ok = CountingExporter.ok
         w0, c0 = time.perf_counter(), time.process_time()
         flushed = send(n)
@@ -162,37 +166,38 @@ def _run_sdk(endpoint: str, n: int) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------- run
 
-def run() -> int:
+def run(smoke: bool = False) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.harness import Collector
 
+    n, warmup = (SMOKE_N, SMOKE_WARMUP) if smoke else (N, WARMUP)
     workdir = Path(tempfile.mkdtemp(prefix="bench-exporter-"))
     config = workdir / "otelcol.yaml"
     config.write_text(COLLECTOR_YAML)
     collector = Collector(otelcol_bin(), workdir, config=config).start()
     try:
-        ours = _run_ours(collector.endpoint, N)
-        http = _run_ours(collector.http_endpoint, N, "http/protobuf")
-        sdk = _run_sdk(f"127.0.0.1:{collector.port}", N)
+        ours = _run_ours(collector.endpoint, n, warmup=warmup)
+        http = _run_ours(collector.http_endpoint, n, "http/protobuf", warmup)
+        sdk = _run_sdk(f"127.0.0.1:{collector.port}", n, warmup)
     finally:
         collector.stop()
     shutil.rmtree(workdir, ignore_errors=True)
 
     ok = True
     for label, run in (("ours (gRPC)", ours), ("ours (HTTP)", http)):
-        if run["sent"] != N or run["dropped"]:
-            print(f"exporter: {label} delivered {run['sent']:.0f} of {N} (dropped {run['dropped']:.0f})",
+        if run["sent"] != n or run["dropped"]:
+            print(f"exporter: {label} delivered {run['sent']:.0f} of {n} (dropped {run['dropped']:.0f})",
                   file=sys.stderr)
             ok = False
-    if sdk["sent"] != N or not sdk["flushed"] or sdk["errors"] or sdk["failed"]:
-        print(f"exporter: SDK delivered {sdk['sent']:.0f} of {N} (force_flush={bool(sdk['flushed'])}, "
+    if sdk["sent"] != n or not sdk["flushed"] or sdk["errors"] or sdk["failed"]:
+        print(f"exporter: SDK delivered {sdk['sent']:.0f} of {n} (force_flush={bool(sdk['flushed'])}, "
               f"{sdk['errors']:.0f} warnings/errors logged, {sdk['failed']:.0f} failed)", file=sys.stderr)
         ok = False
 
     def row(label: str, fmt: str, a: float, h: float, b: float) -> None:
         print(f"  {label:<28}{fmt.format(a):>16}{fmt.format(h):>16}{fmt.format(b):>16}")
 
-    print(f"exporter: {N} spans, 3 attributes each, to the real Collector (debug exporter, sampled); "
+    print(f"exporter: {n} spans, 3 attributes each, to the real Collector (debug exporter, sampled); "
           f"compression {COMPRESSION}; ours max_batch_size={BATCH}, SDK BatchSpanProcessor "
           f"max_export_batch_size=512 (default)")
     print(f"  {'':<28}{'ours gRPC':>16}{'ours HTTP':>16}{'SDK gRPC':>16}")
@@ -200,14 +205,14 @@ def run() -> int:
     row("requests", "{:.0f}", ours["requests"], http["requests"], float("nan"))
     row("wall s", "{:.3f}", ours["wall"], http["wall"], sdk["wall"])
     row("CPU s", "{:.3f}", ours["cpu"], http["cpu"], sdk["cpu"])
-    row("spans / wall s", "{:,.0f}", N / ours["wall"], N / http["wall"], N / sdk["wall"])
-    row("spans / CPU s", "{:,.0f}", N / ours["cpu"], N / http["cpu"], N / sdk["cpu"])
-    row("µs CPU / span", "{:.2f}", 1e6 * ours["cpu"] / N, 1e6 * http["cpu"] / N, 1e6 * sdk["cpu"] / N)
-    ratio = (N / ours["cpu"]) / (N / sdk["cpu"])
-    print(f"bench: exporter cpu_s_per_100k_ours={ours['cpu'] * 100_000 / N:.3f} s")
-    print(f"bench: exporter cpu_s_per_100k_sdk={sdk['cpu'] * 100_000 / N:.3f} s")
-    print(f"bench: exporter spans_per_s={N / ours['wall']:.0f} spans/s")
+    row("spans / wall s", "{:,.0f}", n / ours["wall"], n / http["wall"], n / sdk["wall"])
+    row("spans / CPU s", "{:,.0f}", n / ours["cpu"], n / http["cpu"], n / sdk["cpu"])
+    row("µs CPU / span", "{:.2f}", 1e6 * ours["cpu"] / n, 1e6 * http["cpu"] / n, 1e6 * sdk["cpu"] / n)
+    ratio = (n / ours["cpu"]) / (n / sdk["cpu"])
+    print(f"bench: exporter cpu_s_per_100k_ours={ours['cpu'] * 100_000 / n:.3f} s")
+    print(f"bench: exporter cpu_s_per_100k_sdk={sdk['cpu'] * 100_000 / n:.3f} s")
+    print(f"bench: exporter spans_per_s={n / ours['wall']:.0f} spans/s")
     print(f"bench: exporter ratio_vs_sdk={ratio:.2f} ratio")
-    print(f"bench: exporter http_spans_per_s={N / http['wall']:.0f} spans/s")
+    print(f"bench: exporter http_spans_per_s={n / http['wall']:.0f} spans/s")
     print(f"bench: exporter http_vs_grpc={ours['wall'] / http['wall']:.2f} ratio")
     return 0 if ok else 1

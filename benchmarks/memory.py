@@ -2,7 +2,9 @@
 development) exporting to a real Collector. Prints start-up time (process start to /readyz, all
 sources attached), peak RSS (VmHWM) and RSS after ``SETTLE_S``, ``/proc/PID/smaps_rollup``, the
 largest mappings by RSS (grouped by file; anonymous memory as one row) and whether BCC's compiler
-(libbcc, libLLVM, libclang-cpp) is mapped. The loaders' own peaks come from the agent's log."""
+(libbcc, libLLVM, libclang-cpp) is mapped. The loaders' own peaks come from the agent's log.
+
+Smoke mode (``--smoke``): the same, with 3 s instead of ``SETTLE_S`` after ready."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 from ._support import otelcol_bin
 
 SETTLE_S = 25.0
+SMOKE_SETTLE_S = 3.0
 ALL_FOUR = {"profiler": {"preset": "development"}, "process": {}, "network": {}, "syscalls": {}}
 
 
@@ -52,10 +55,11 @@ def report(pid: int, label: str) -> None:
     print(f"  compiler libraries mapped: {', '.join(compiler) or 'none'}")
 
 
-def run() -> int:
+def run(smoke: bool = False) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.harness import Agent, Collector, agent_config
 
+    settle = SMOKE_SETTLE_S if smoke else SETTLE_S
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     collector = Collector(otelcol_bin(), workdir).start()
     agent = Agent(workdir, agent_config(collector, ALL_FOUR))
@@ -67,8 +71,8 @@ def run() -> int:
         pid = agent.proc.pid
         print(f"memory: agent with all four sources; ready (all attached) after {ready:.2f} s")
         report(pid, "at ready")
-        time.sleep(SETTLE_S)
-        report(pid, f"after {SETTLE_S:.0f} s")
+        time.sleep(settle)
+        report(pid, f"after {settle:.0f} s")
         hwm, rss = _status_mb(pid, "VmHWM"), _status_mb(pid, "VmRSS")
         rc = agent.stop()
         loaders = re.findall(r"source (\w+): .*loader peak RSS ([\d.]+) MB", agent.log())

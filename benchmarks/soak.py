@@ -18,6 +18,9 @@ Prints, besides the RSS curve and the cache gauges at the end (to attribute grow
                   batch in flight does not decide it (for runs shorter than 4 minutes the
                   baseline is the middle of the run)
   startup_s       from launching the agent to all four ``ebpf_receiver_source_up`` being 1
+
+Smoke mode (``--smoke``): the same agent and churn for 15 s (``SOAK_MINUTES`` is ignored), RSS
+sampled every second; the growth's baseline is then the middle of the run.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ._support import compile_c, discarding_collector_yaml, otelcol_bin
 
 MINUTES = float(os.environ.get("SOAK_MINUTES", "10"))
 SAMPLE_EVERY = 5.0               # seconds between RSS samples
+SMOKE_MINUTES, SMOKE_SAMPLE_EVERY = 0.25, 1.0
 EXECS_PER_S = 20
 CONNECTIONS_PER_S = 50
 NEW_BINARY_EVERY = 2.0           # seconds
@@ -192,9 +196,10 @@ class Load:
         self.listener.close()
 
 
-def run() -> int:
+def run(smoke: bool = False) -> int:
     from tests.harness import Agent, Collector
 
+    minutes, sample_every = (SMOKE_MINUTES, SMOKE_SAMPLE_EVERY) if smoke else (MINUTES, SAMPLE_EVERY)
     workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     spin_object = workdir / "spin.o"
     compile_c(SPIN_C, workdir / "spin-check", "-O2", "-fomit-frame-pointer")   # compiles at all
@@ -232,17 +237,17 @@ def run() -> int:
                 raise AssertionError(f"sources not all up after 180 s: {up}; {agent.log()[-3000:]}")
             time.sleep(0.1)
         startup = time.monotonic() - launched
-        print(f"soak: all four sources up after {startup:.2f} s; load for {MINUTES:g} min", flush=True)
+        print(f"soak: all four sources up after {startup:.2f} s; load for {minutes:g} min", flush=True)
         loader.start()
         t_up = time.monotonic()
-        end = t_up + MINUTES * 60
+        end = t_up + minutes * 60
         while time.monotonic() < end:
             rss = _status(pid)["VmRSS"]
             t = time.monotonic() - t_up
             samples.append((t, rss))
-            if len(samples) % 12 == 1:
+            if len(samples) % round(60 / sample_every) == 1:
                 print(f"  t={t:6.0f} s  rss={rss / 1024:7.1f} MB  load={load.counts}", flush=True)
-            time.sleep(SAMPLE_EVERY)
+            time.sleep(sample_every)
         load.close()
         loader.join(30)
         status = _status(pid)
@@ -253,7 +258,7 @@ def run() -> int:
         load.close()
         stop_rc = agent.stop() if agent.proc is not None else 1
         collector.stop()
-    baseline_at = 120.0 if MINUTES >= 4 else MINUTES * 30
+    baseline_at = 120.0 if minutes >= 4 else minutes * 30
     base_rss = _median([rss for t, rss in samples if abs(t - baseline_at) <= 30])
     last = samples[-1][0]
     end_rss = _median([rss for t, rss in samples if t >= last - 60])
