@@ -3,7 +3,10 @@
 Start order: self-telemetry, sources (a source that cannot run is disabled with its reason; the
 others go on; what they read waits in the export queues), then every capability no longer
 needed is dropped (receiver/kernel/privileges.py), then the exporter starts, so its threads never hold
-more. Stop order is the reverse: sources detach and hand over what they
+more. Capabilities belong to threads: threads the sources start meanwhile (the profiler's
+workers) are held before they run and drop their own set with the event-loop thread's drop
+(``privileges.StartupThreads``); the loader's compile threads, which need the set, end before it.
+Stop order is the reverse: sources detach and hand over what they
 read, then the exporter flushes within ``shutdown_timeout``, then the telemetry server closes.
 """
 
@@ -11,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from .config import EbpfConfig, parse_address
 from .errors import ReceiverError, SourceUnavailableError
 from .export.exporter import OtlpExporter
-from .kernel import heap
+from .kernel import heap, privileges
 from .kernel.clock import KernelClock
 from .kernel.identity import CgroupResolver, detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
@@ -27,6 +32,20 @@ from .web_config import WebConfig
 __all__ = ["Service"]
 
 log = logging.getLogger(__name__)
+
+
+class _Loader(ThreadPoolExecutor):
+    """The default executor while sources start: its threads compile and load BPF programs, so
+    they run at once with the start-up capabilities (not held by ``StartupThreads``), and all
+    have ended before the drop."""
+
+    def __init__(self, gate: privileges.StartupThreads) -> None:
+        super().__init__(thread_name_prefix="loader")
+        self._gate = gate
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._gate.privileged():
+            return super().submit(fn, *args, **kwargs)
 
 
 class Service:
@@ -60,7 +79,26 @@ class Service:
             self.http.start()
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         loop = asyncio.get_running_loop()
-        loader = ThreadPoolExecutor(thread_name_prefix="loader")  # compiles; ends after load
+        gate = privileges.StartupThreads()
+        if self.least_privilege:
+            gate.hold()   # threads the sources start wait for the drop (see the module docstring)
+        try:
+            await self._start_sources(loop, gate)
+            if self.least_privilege:
+                self._drop_privileges(gate)
+        finally:
+            gate.release(None)   # not dropped (failed start, or least_privilege off): run as is
+        # After the drop, so the threads gRPC starts inherit the reduced capabilities; what
+        # the sources read meanwhile waits in the queues.
+        await self.exporter.start()
+        if self.http:
+            self.http.ready = True
+        log.info("running sources: %s", ", ".join(s.name for s in self.sources))
+        heap.freeze_startup_objects()
+
+    async def _start_sources(self, loop: asyncio.AbstractEventLoop,
+                             gate: privileges.StartupThreads) -> None:
+        loader = _Loader(gate)  # compiles; ends after load
         loop.set_default_executor(loader)
         classes = source_classes()
         for name in self.config.sources.enabled():
@@ -83,36 +121,33 @@ class Service:
                                 "; ".join(f"{n}: {r}" for n, r in self.failed.items()) +
                                 " (run `ebpf-otlp-receiver check` for what is missing)")
         loader.shutdown(wait=True)
+        # Created now, its threads start on first use: after the drop, with the reduced set.
         loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="worker"))
-        if self.least_privilege:
-            self._drop_privileges()
-        # After the drop, so the threads gRPC starts inherit the reduced capabilities; what
-        # the sources read meanwhile waits in the queues.
-        await self.exporter.start()
-        if self.http:
-            self.http.ready = True
-        log.info("running sources: %s", ", ".join(s.name for s in self.sources))
-        heap.freeze_startup_objects()
 
-    def _drop_privileges(self) -> None:
-        """Keeps only the capabilities the running sources still use (receiver/kernel/privileges.py),
-        then restarts the threads we own so they hold no more than the main thread."""
-        from .kernel import privileges
-
-        keep = privileges.needed_capabilities([s.name for s in self.sources],
-                                              self.config.sources.profiler.kernel_stacks)
+    def _drop_privileges(self, gate: privileges.StartupThreads) -> None:
+        """Keeps only the capabilities the running sources still use (receiver/kernel/privileges.py)
+        in every thread: this one, the threads held since the sources started (each drops its
+        own), the telemetry server's (restarted); then checks every thread of the process."""
+        with gate.privileged():   # the CAP_BPF probe runs a thread and waits for it
+            keep = privileges.needed_capabilities([s.name for s in self.sources],
+                                                  self.config.sources.profiler.kernel_stacks)
         try:
             kept, dropped = privileges.drop_capabilities(keep)
         except OSError as e:
             log.warning("could not drop capabilities: %s", e)
             return
+        failed = gate.release(set(kept))
         if self.http:
             self.http.restart_thread()
-        left = privileges.threads_with_capabilities(privileges.mask(set(kept)))
-        log.info("capabilities after start: kept %s; dropped %d others",
-                 ", ".join(kept) or "none", len(dropped))
+        # The telemetry server's previous thread and its requests get a moment to end.
+        left = privileges.threads_with_capabilities(wait=2.0)
+        log.info("capabilities after start: kept %s; dropped %d others%s",
+                 ", ".join(kept) or "none", len(dropped), "" if left else ", in every thread")
+        if failed:
+            log.warning("threads started during start-up could not drop capabilities: %s",
+                        "; ".join(failed))
         if left:
-            log.warning("threads still holding dropped capabilities: %s", ", ".join(left))
+            log.warning("threads still holding dropped capabilities: %s", "; ".join(left))
 
     async def _beat(self) -> None:
         while True:

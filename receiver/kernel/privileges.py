@@ -20,18 +20,27 @@ every bpf() call, so there ``bpf_calls_need_capability()`` keeps it.
 effective, permitted and inheritable sets, from the bounding set (so an exec cannot get them
 back, not even as root), and the ambient set is cleared; ``no_new_privs`` is set.
 
-Capabilities belong to threads: the caller drops them in the thread it runs in, and
-``threads_with_capabilities`` tells which other threads still have more (the service restarts
-the ones it owns after the drop, so they inherit the reduced set)."""
+Capabilities belong to threads: capset() and PR_CAPBSET_DROP change only the calling thread, and
+a new thread gets the sets of the thread that starts it. So the caller drops them in the thread it
+runs in; threads the event-loop thread starts while the start-up set is still held (the
+profiler's table and code workers, started when it attaches) are held by ``StartupThreads``
+before they run anything and each drops its own set when the gate opens; threads started after
+the drop inherit the reduced set; ``threads_with_capabilities`` tells which threads still hold
+more than the caller (the service also restarts the telemetry server's thread)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
     "CAP_NAMES",
+    "StartupThreads",
     "capabilities_of",
     "drop_capabilities",
     "needed_capabilities",
@@ -185,15 +194,127 @@ def capabilities_of(pid: int | str, tid: int | str | None = None) -> dict[str, i
     return out
 
 
-def threads_with_capabilities(allowed: int) -> list[str]:
-    """Names of this process's threads whose effective or permitted set has more than ``allowed``."""
-    out = []
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            caps = capabilities_of("self", task.name)
-            name = (task / "comm").read_text().strip()
-        except OSError:
-            continue   # ended meanwhile
-        if (caps.get("CapEff", 0) | caps.get("CapPrm", 0)) & ~allowed:
-            out.append(f"{name}({task.name})")
+_SETS = ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd")
+
+
+def _excess(caps: dict[str, int], reference: dict[str, int]) -> int:
+    """The capabilities ``caps`` holds, in any of its sets, beyond the same set of ``reference``."""
+    out = 0
+    for k in _SETS:
+        out |= caps.get(k, 0) & ~reference.get(k, 0)
     return out
+
+
+def threads_with_capabilities(wait: float = 0.0) -> list[str]:
+    """This process's threads that hold a capability, in any set (effective, permitted,
+    inheritable, ambient, bounding), that the calling thread does not, as ``name(tid): caps``.
+    A thread still so after ``wait`` seconds is listed (one that is ending, such as a server
+    thread just replaced, gets that long to end)."""
+    me = capabilities_of("self", threading.get_native_id())
+    deadline = time.monotonic() + wait
+    while True:
+        out = []
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                caps = capabilities_of("self", task.name)
+                name = (task / "comm").read_text().strip()
+            except OSError:
+                continue   # ended meanwhile
+            extra = _excess(caps, me)
+            if extra:
+                out.append(f"{name}({task.name}): {', '.join(names_of(extra))}")
+        if not out or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.05)
+
+
+class StartupThreads:
+    """Holds the threads the event-loop thread starts while the agent still has its start-up
+    capabilities: such a thread would otherwise keep the whole set for its life (and pass it to
+    what it starts or execs, e.g. the unwinder's readelf). While ``hold()`` is in force, a thread
+    started from the holding thread starts, but waits before running anything; ``release(keep)``
+    makes each drop its own set to ``keep`` (as ``drop_capabilities``) and then run, and returns
+    once every one has (or ``timeout`` passed: the ones that had not are named).
+
+    Threads started inside ``privileged()`` are not held: the loader's compile threads and the
+    CAP_BPF probe, which need the capabilities and are waited for (a held thread the holding
+    thread waits for would never run). Threads started by other threads are not held either (the
+    telemetry server's request threads: it is restarted after the drop)."""
+
+    def __init__(self) -> None:
+        self._owner: int | None = None
+        self._original: Callable[[threading.Thread], None] | None = None
+        self._open = threading.Event()
+        self._keep: set[str] | None = None
+        self._held: list[tuple[str, threading.Event, list[BaseException]]] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def hold(self) -> None:
+        if self._original is not None:
+            return
+        self._owner = threading.get_ident()
+        original = threading.Thread.start
+        self._original = original
+        gate = self
+
+        def start(thread: threading.Thread) -> None:
+            if (threading.get_ident() == gate._owner and not getattr(gate._local, "privileged", False)
+                    and not gate._open.is_set()):
+                gate._wrap(thread)
+            original(thread)
+
+        threading.Thread.start = start  # type: ignore[method-assign]
+
+    @contextmanager
+    def privileged(self) -> Iterator[None]:
+        """Threads the holding thread starts within run at once, with the start-up set."""
+        before = getattr(self._local, "privileged", False)
+        self._local.privileged = True
+        try:
+            yield
+        finally:
+            self._local.privileged = before
+
+    def _wrap(self, thread: threading.Thread) -> None:
+        run = thread.run
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def run_after_drop() -> None:
+            self._open.wait()
+            try:
+                if self._keep is not None:
+                    drop_capabilities(self._keep)
+            except BaseException as e:   # noqa: BLE001 -- reported by release(); still run
+                errors.append(e)
+            finally:
+                done.set()
+            run()
+
+        thread.run = run_after_drop  # type: ignore[method-assign]
+        with self._lock:
+            self._held.append((thread.name, done, errors))
+
+    def release(self, keep: set[str] | None, timeout: float = 10.0) -> list[str]:
+        """Stops holding new threads; the held ones drop to ``keep`` (None: keep what they
+        have, e.g. when the drop itself failed) in their own thread, then run. Returns the held
+        threads that did not drop, with why. Only the first call counts."""
+        if self._open.is_set():
+            return []
+        if self._original is not None:
+            threading.Thread.start = self._original  # type: ignore[method-assign]
+            self._original = None
+        self._keep = keep
+        self._open.set()
+        with self._lock:
+            held, self._held = self._held, []
+        deadline = time.monotonic() + timeout
+        failed = []
+        for name, done, errors in held:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                failed.append(f"{name}: did not drop within {timeout:.0f}s")
+            elif errors:
+                failed.append(f"{name}: {errors[0]}")
+        return failed
+
