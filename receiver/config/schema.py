@@ -245,12 +245,14 @@ class ProcessFilter:
 @dataclass(frozen=True)
 class ProcessSourceConfig:
     """exec/exit/fork/OOM-kill events as logs. ``command_line`` may carry secrets: ``redacted``
-    (default) masks values of secret-looking arguments, ``full`` sends argv as is, ``off`` omits it."""
+    (default) masks values of secret-looking arguments, ``full`` sends argv as is, ``off`` omits it.
+    ``max_args``: arguments exported, at most the 20 the kernel side captures (``PROC_MAX_ARGS``
+    in bpf/process.h)."""
 
     enabled: bool = True
     command_line: Literal["off", "redacted", "full"] = "redacted"
     fork_events: bool = True
-    max_args: Annotated[int, Range(1, 64)] = 20
+    max_args: Annotated[int, Range(1, 20)] = 20      # high: PROC_MAX_ARGS (a test holds them equal)
 
     def _validate(self) -> list[str]:
         return []
