@@ -425,3 +425,50 @@ def test_ready_made_requests_take_their_items_in_the_queue_and_are_sent_whole(tr
     sizes = [len(trace_svc.ExportTraceServiceRequest.FromString(raw).resource_spans[0].scope_spans[0].spans)
              for raw in srv.accepted]
     assert sizes == [12, 8]
+
+
+# --------------------------------------------------------------------------- gRPC only
+
+def run_grpc_steps(steps: list[Step], names: list[str]) -> tuple[FakeTraceServer, SelfTelemetry]:
+    """As run_export, with any gRPC status the server should answer."""
+    telemetry = SelfTelemetry()
+
+    async def main() -> FakeTraceServer:
+        srv = await FakeTraceServer(steps=list(steps)).start()
+        exp = OtlpExporter(config("grpc", srv.port), telemetry)
+        try:
+            await exp.start()
+            for n in names:
+                assert exp.submit(Signal.TRACES, RESOURCE, span(n))
+            await asyncio.wait_for(exp.flush(), 20)
+        finally:
+            await exp.shutdown()
+            await srv.stop()
+        return srv
+
+    return asyncio.run(main()), telemetry
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                                  grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS])
+def test_grpc_retryable_codes_returned_by_the_server(code: grpc.StatusCode) -> None:
+    """The OTLP/gRPC retryable codes the suite above does not reach (UNAVAILABLE, a client-side
+    DEADLINE_EXCEEDED and RESOURCE_EXHAUSTED with RetryInfo are covered there)."""
+    srv, t = run_grpc_steps([Step(code), Step(code), Step()], ["a", "b"])
+    assert len(srv.calls) == 3
+    assert value(t, "requests", signal="traces", status=code.name) == 2
+    assert value(t, "retries", signal="traces") == 2
+    assert srv.delivered_span_names() == Counter(["a", "b"])
+    assert value(t, "sent_items", signal="traces") == 2
+    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 0
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                                  grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION])
+def test_grpc_other_codes_are_permanent(code: grpc.StatusCode) -> None:
+    srv, t = run_grpc_steps([Step(code), Step()], ["a", "b"])
+    assert len(srv.calls) == 1
+    assert value(t, "requests", signal="traces", status=code.name) == 1
+    assert value(t, "dropped_items", signal="traces", reason="permanent_error") == 2
+    assert value(t, "retries", signal="traces") == 0
