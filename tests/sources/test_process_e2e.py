@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def test_exec_and_exit_records_are_exact(bpf_ok: None, collector: Collector, tmp
     # Identity on each record and its resource.
     e = execs[0]
     assert e["attrs"]["process.command_line"] == "/bin/true"
-    assert e["attrs"]["process.parent_pid"] > 0
+    # subprocess.run forks every /bin/true (and the sh below) from this test process: its pid
+    # is the parent of each, exactly (a tid, 0, the child's own pid or pid 1 would all fail).
+    assert {r["attrs"]["process.parent_pid"] for r in execs} == {os.getpid()}
     assert e["resource"]["process.pid"] == e["attrs"]["process.pid"]
     for key in ("host.name", "os.type", "service.name"):
         assert key in e["resource"], key
@@ -51,6 +54,7 @@ def test_exec_and_exit_records_are_exact(bpf_ok: None, collector: Collector, tmp
     sh_exec = [r for r in recs if r.get("eventName") == "process.exec"
                and r["attrs"].get("process.command_line") == "/bin/sh -c exit 3"]
     assert len(sh_exec) == 1
+    assert sh_exec[0]["attrs"]["process.parent_pid"] == os.getpid()
     sh_pid = sh_exec[0]["attrs"]["process.pid"]
     sh_exit = [r for r in recs if r.get("eventName") == "process.exit" and r["attrs"]["process.pid"] == sh_pid]
     assert [r["attrs"]["process.exit.code"] for r in sh_exit] == [3]
