@@ -36,6 +36,8 @@ class DiskQueue:
         """Creates the directory (owner only) and takes up what a previous run left; returns
         the number of items found."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.directory.stat().st_mode & 0o077:   # made beforehand, wider: mkdir left it so
+            self.directory.chmod(0o700)
         found = []
         for p in self.directory.iterdir():
             m = _NAME.fullmatch(p.name)
