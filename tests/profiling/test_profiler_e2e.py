@@ -2,7 +2,9 @@
 
 The program burns CPU in ``burn_a`` and ``burn_b`` in a 2:1 ratio of its own thread CPU time
 (measured with CLOCK_THREAD_CPUTIME_ID, so a busy shared machine does not skew the truth), or
-makes getppid() calls in a tight loop, and prints its CPU time (getrusage) when done."""
+makes getppid() calls in a tight loop, and prints its CPU time (getrusage) when done. Modes
+ending in ``-cpu`` run for that much process CPU time rather than wall-clock time, so a loaded
+runner stretches them but does not shrink the samples they give."""
 
 from __future__ import annotations
 
@@ -99,14 +101,15 @@ int main(int argc, char **argv) {
         if (read(0, &c, 1) != 1)
             return 3;
     }
-    double t0 = clock_s(CLOCK_MONOTONIC);
-    if (strcmp(argv[1], "ratio") == 0) {
-        while (clock_s(CLOCK_MONOTONIC) - t0 < seconds) {
+    clockid_t clock = strstr(argv[1], "-cpu") ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC;
+    double t0 = clock_s(clock);
+    if (strncmp(argv[1], "ratio", 5) == 0) {
+        while (clock_s(clock) - t0 < seconds) {
             burn_a(0.002);
             burn_b(0.001);
         }
-    } else if (strcmp(argv[1], "stacks") == 0) {
-        while (clock_s(CLOCK_MONOTONIC) - t0 < seconds)
+    } else if (strncmp(argv[1], "stacks", 6) == 0) {
+        while (clock_s(clock) - t0 < seconds)
             deep(24 + (state & 15));
     } else {
         syscall_loop(seconds);
@@ -126,11 +129,24 @@ def burner(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer")
 
 
-def _config(max_stacks: int = 16384, **filter_: Any) -> Any:
+def _config(max_stacks: int = 16384, report_interval: float = 2.0, **filter_: Any) -> Any:
     from receiver.config import ProcessFilter, ProfilerSourceConfig
 
-    return ProfilerSourceConfig(preset="development", frequency=FREQUENCY, report_interval=2.0,
+    return ProfilerSourceConfig(preset="development", frequency=FREQUENCY, report_interval=report_interval,
                                 max_stacks=max_stacks, filter=ProcessFilter(**filter_))
+
+
+def _assert_every_sample_counted(total: int, cpu_s: float, stats: dict[str, int]) -> None:
+    """The profile holds exactly the samples the kernel took of the burner (the filter selects
+    only it, and every sample lands in one of the kernel's tallies): load cannot move this.
+    Against the burner's CPU time only a sanity band: the timer samples whatever runs when it
+    fires, so on a loaded runner the count is a sampling of the CPU time, not a measure; its
+    spread is below sqrt(expected), and 5 of those plus 10 % is a margin no load crosses, while
+    samples counted twice or a wrong period (2x, 1/2x) still land outside it."""
+    assert stats["dropped"] == 0 and total == stats["counted"] + stats["recorded"], (total, stats)
+    expected = FREQUENCY * cpu_s
+    margin = 0.10 * expected + 5 * expected ** 0.5
+    assert abs(total - expected) <= margin, f"{total} samples for {cpu_s:.2f} CPU-s at {FREQUENCY} Hz"
 
 
 def _run_profiled(burner: Path, mode: str, seconds: float,
@@ -145,7 +161,7 @@ def _run_profiled(burner: Path, mode: str, seconds: float,
     stats: dict[str, int] = {}
     try:
         profiler.start()
-        out, _ = proc.communicate("g", timeout=seconds + 60)
+        out, _ = proc.communicate("g", timeout=10 * seconds + 120)   # -cpu modes stretch under load
         stats = profiler.sampler.stats()
     finally:
         if proc.poll() is None:
@@ -161,16 +177,15 @@ def _names(sample: Any) -> set[str]:
 
 
 def test_accuracy_two_functions_two_to_one(bpf_ok: None, burner: Path) -> None:
-    profile, cpu_s, pid, _ = _run_profiled(burner, "ratio", 6.0)
+    profile, cpu_s, pid, stats = _run_profiled(burner, "ratio", 6.0)
     mine = [s for s in profile.samples if s.pid == pid]
     total = sum(s.count for s in mine)
     assert total, "no samples of the burner"
     a = sum(s.count for s in mine if "burn_a" in _names(s))
     b = sum(s.count for s in mine if "burn_b" in _names(s))
-    expected = FREQUENCY * cpu_s
     assert (a + b) / total >= 0.90, f"{a}+{b} of {total} samples in the burners"
     assert b and abs(a / b - 2.0) <= 0.15 * 2.0, f"burn_a:burn_b = {a}:{b}"
-    assert abs(total - expected) <= 0.10 * expected, f"{total} samples for {cpu_s:.2f} CPU-s at {FREQUENCY} Hz"
+    _assert_every_sample_counted(total, cpu_s, stats)
     # Frames are leaf first, callers after: main calls the burners.
     stack = next(s for s in mine if s.frames and s.frames[0].function == "burn_a")
     assert [f.function for f in stack.frames[:2]] == ["burn_a", "main"]
@@ -195,13 +210,17 @@ def test_syscalls_show_kernel_frames_beneath_user_frames(bpf_ok: None, burner: P
 
 def test_stacks_the_stack_map_refuses_are_still_counted(bpf_ok: None, burner: Path) -> None:
     """A stack map of 64 against thousands of distinct stacks: the refused samples come whole
-    over the ring buffer, so the count still matches the CPU time and the stacks are right."""
-    profile, cpu_s, pid, stats = _run_profiled(burner, "stacks", 4.0, max_stacks=64)
+    over the ring buffer, so the count still matches the CPU time and the stacks are right.
+
+    The maps are drained only at the end (a 60 s report interval against a run of 4 CPU-s):
+    past the first 64 stacks every sample is refused, however slowly a loaded runner lets the
+    burner go. (With the 2 s interval, each drain made room for 64 more, and the fewer samples
+    a loaded runner gave per interval, the fewer were refused: CI saw 24 of 170.)"""
+    profile, cpu_s, pid, stats = _run_profiled(burner, "stacks-cpu", 4.0, max_stacks=64, report_interval=60.0)
     mine = [s for s in profile.samples if s.pid == pid]
     total = sum(s.count for s in mine)
-    assert stats["recorded"] >= 0.3 * total, stats
-    expected = FREQUENCY * cpu_s
-    assert abs(total - expected) <= 0.10 * expected, f"{total} samples for {cpu_s:.2f} CPU-s ({stats})"
+    assert stats["recorded"] >= 0.5 * total, stats   # about 400 samples, at most ~64 stacks fit
+    _assert_every_sample_counted(total, cpu_s, stats)
     deep = [s for s in mine if s.frames and s.frames[0].function in ("deep", "deeper")]
     assert sum(s.count for s in deep) >= 0.8 * total
     def whole(s: Any) -> bool:   # the recursion, then main (a sample in a function's
@@ -221,7 +240,8 @@ def test_short_lived_process_is_symbolized(bpf_ok: None, burner: Path, tmp_path:
     shutil.copy(burner, short)
     profiler = EbpfCpuProfiler(_config(process_names=["prof_short"])).start()
     try:
-        proc = subprocess.Popen([str(short), "ratio", "0.3"], stdout=subprocess.DEVNULL)
+        # 0.3 s of CPU time, however long a loaded runner makes that take: about 30 samples.
+        proc = subprocess.Popen([str(short), "ratio-cpu", "0.3"], stdout=subprocess.DEVNULL)
         proc_pid = proc.pid
         assert proc.wait(30) == 0
         time.sleep(0.3)   # gone well before stop_profile() drains
@@ -230,7 +250,7 @@ def test_short_lived_process_is_symbolized(bpf_ok: None, burner: Path, tmp_path:
     mine = [s for s in profile.samples if s.process_name == "prof_short" and s.pid == proc_pid]
     total = sum(s.count for s in mine)
     named = sum(s.count for s in mine if _names(s) & set(BURNERS))
-    assert total >= 10, f"{total} samples of a 0.3 s burner"
+    assert total >= 10, f"{total} samples of a 0.3 CPU-s burner"
     assert named / total >= 0.8, f"only {named} of {total} samples symbolized to the burners"
 
 
@@ -256,13 +276,29 @@ def test_cli_writes_pprof_folded_and_svg(bpf_ok: None, burner: Path, tmp_path: P
     assert cli.returncode == 0, cli.stderr
     assert "samples" in cli.stderr
     # Walked with unwind tables; truncated only while libc's table was still loading (the
-    # program's own comes first), a few samples at the start.
+    # program's own comes first). The CLI does not wait for tables, and how many samples fall
+    # before libc's arrives depends on the runner's load (CI saw 20 of 82), so the check is
+    # where walks stopped, not how many: every burner stack reaches either _start (through
+    # libc's table: it did load and was used) or stops exactly where the program's own code
+    # returns into libc (before its table arrived). A walk that stops inside the program, or a libc table that never
+    # loads, fails. (That walks stay whole once the tables are in is test_unwind_e2e's.)
     m = re.search(r"(\d+) samples in .*\nuser stacks: ([1-9]\d*) walked with unwind tables, (\d+) of the "
-                  r"profiled samples truncated", cli.stderr)
-    assert m and int(m.group(3)) <= 0.1 * int(m.group(1)), cli.stderr
+                  r"profiled samples truncated .*?, (\d+) with frame pointers only", cli.stderr)
+    assert m, cli.stderr
+    roots: collections.Counter[str] = collections.Counter()
+    for line in folded.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        frames = stack.split(";")[1:]   # after the process name, root first
+        if "main" in frames and set(frames) & set(BURNERS):
+            roots[frames[0] if frames[0] == "_start" else ";".join(frames[:frames.index("main") + 1])] += int(count)
+    assert roots["_start"] > 0, (roots, cli.stderr)
+    assert set(roots) <= {"_start", "__libc_start_call_main;main"}, (roots, cli.stderr)
+    # Those stopped at libc are samples the CLI reported as truncated or as walked with frame
+    # pointers only (libc keeps none): the report accounts for every one.
+    assert roots["__libc_start_call_main;main"] <= int(m.group(3)) + int(m.group(4)), (roots, cli.stderr)
     top = subprocess.run(["go", "tool", "pprof", "-top", "-symbolize=none", str(out)],
                          check=False, capture_output=True, text=True, env=_go_env(tmp_path),
-                         timeout=120)
+                         timeout=600)   # go may build the tool first; a loaded runner is slow at it
     assert top.returncode == 0, top.stderr
     assert "burn_a" in top.stdout and "burn_b" in top.stdout, top.stdout
     folded_text = folded.read_text()
