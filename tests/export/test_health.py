@@ -40,13 +40,13 @@ def get(url: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------- /healthz
 
 def test_healthz_fails_when_the_heartbeat_stops_and_recovers_with_it() -> None:
-    srv = TelemetryServer(SelfTelemetry(), "127.0.0.1", 0, heartbeat_timeout=0.3)
+    srv = TelemetryServer(SelfTelemetry(), "127.0.0.1", 0, heartbeat_timeout=10.0)
     srv.start()
     try:
         url = f"http://127.0.0.1:{srv.port}/healthz"
         srv.beat()
         assert get(url) == (200, "ok\n")
-        time.sleep(0.5)
+        srv._last_beat -= 11.0   # the last beat 11 s ago, without waiting for it
         code, body = get(url)
         assert code == 503 and body.startswith("event loop stalled for "), (code, body)
         srv.beat()
@@ -57,12 +57,13 @@ def test_healthz_fails_when_the_heartbeat_stops_and_recovers_with_it() -> None:
 
 def test_a_blocked_event_loop_shows_on_the_services_healthz() -> None:
     """The service's own heartbeat task (one beat a second) keeps /healthz at 200 while the
-    loop runs; a loop blocked for longer than heartbeat_timeout turns it 503, seen from another
-    thread as a kubelet would; once unblocked it is 200 again."""
+    loop runs (heartbeat_timeout 2.5 s: 1.5 s of margin for a loaded runner); a loop blocked
+    for longer turns it 503, seen from another thread as a kubelet would; once unblocked it is
+    200 again."""
     from receiver.service import Service
 
     service = Service(EbpfConfig.from_dict({}, environ={}), least_privilege=False)
-    service.http = TelemetryServer(service.telemetry, "127.0.0.1", 0, heartbeat_timeout=1.5)
+    service.http = TelemetryServer(service.telemetry, "127.0.0.1", 0, heartbeat_timeout=2.5)
     service.http.start()
     url = f"http://127.0.0.1:{service.http.port}/healthz"
     seen_while_blocked: list[int] = []
@@ -75,12 +76,12 @@ def test_a_blocked_event_loop_shows_on_the_services_healthz() -> None:
     async def main() -> tuple[int, int]:
         beat = asyncio.get_running_loop().create_task(service._beat())
         try:
-            await asyncio.sleep(1.7)    # past heartbeat_timeout: only the beats keep it healthy
+            await asyncio.sleep(2.7)    # past heartbeat_timeout: only the beats keep it healthy
             before = (await asyncio.to_thread(get, url))[0]
             stop = threading.Event()
             poller = threading.Thread(target=poll, args=(stop,))
             poller.start()
-            time.sleep(2.0)             # blocks the event loop: no beats
+            time.sleep(3.5)             # blocks the event loop: no beats
             stop.set()
             poller.join()
             await asyncio.sleep(0.1)    # the heartbeat task runs again
