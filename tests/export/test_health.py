@@ -190,7 +190,7 @@ def test_bad_data_rejections_never_make_the_agent_unready(transport: str, answer
             await exp.start()
             t0 = time.monotonic()
             i = 0
-            while time.monotonic() - t0 < 3 * GRACE:
+            while i < 5 or time.monotonic() - t0 < 3 * GRACE:   # a slow runner: 5 still
                 assert exp.submit(Signal.TRACES, RESOURCE, span(f"bad{i}"))
                 i += 1
                 await asyncio.wait_for(exp.flush(), 20)
