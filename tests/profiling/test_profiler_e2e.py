@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import REPO, Agent, Collector, agent_config, any_value, compile_c, wait_until
+from ..harness import REPO, Agent, Collector, agent_config, any_value, compile_c, go_env, wait_until
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
@@ -254,15 +254,11 @@ def test_short_lived_process_is_symbolized(bpf_ok: None, burner: Path, tmp_path:
     assert named / total >= 0.8, f"only {named} of {total} samples symbolized to the burners"
 
 
-def _go_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"),
-            "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
-
-
 def test_cli_writes_pprof_folded_and_svg(bpf_ok: None, burner: Path, tmp_path: Path) -> None:
     if not shutil.which("go"):
         pytest.fail("go is not installed (go tool pprof reads our pprof)")
-    proc = subprocess.Popen([str(burner), "ratio", "60"], stdout=subprocess.DEVNULL)
+    # Killed below; long enough to outlast a slow BPF compile on a loaded runner (the CLI loads first).
+    proc = subprocess.Popen([str(burner), "ratio", "600"], stdout=subprocess.DEVNULL)
     out, folded, svg = tmp_path / "cpu.pb.gz", tmp_path / "cpu.folded", tmp_path / "cpu.svg"
     try:
         cli = subprocess.run([sys.executable, "-m", "receiver", "profile", "--duration", "3s",
@@ -297,8 +293,8 @@ def test_cli_writes_pprof_folded_and_svg(bpf_ok: None, burner: Path, tmp_path: P
     # pointers only (libc keeps none): the report accounts for every one.
     assert roots["__libc_start_call_main;main"] <= int(m.group(3)) + int(m.group(4)), (roots, cli.stderr)
     top = subprocess.run(["go", "tool", "pprof", "-top", "-symbolize=none", str(out)],
-                         check=False, capture_output=True, text=True, env=_go_env(tmp_path),
-                         timeout=600)   # go may build the tool first; a loaded runner is slow at it
+                         check=False, capture_output=True, text=True, env=go_env(tmp_path),
+                         timeout=240)   # the first use builds the tool (go_env keeps it for the next)
     assert top.returncode == 0, top.stderr
     assert "burn_a" in top.stdout and "burn_b" in top.stdout, top.stdout
     folded_text = folded.read_text()

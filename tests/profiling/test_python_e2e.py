@@ -8,7 +8,6 @@ tests)."""
 from __future__ import annotations
 
 import collections
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import Agent, Collector, agent_config, wait_until
+from ..harness import Agent, Collector, agent_config, go_env, wait_until
 from .test_unwind_e2e import Profiled, profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -310,9 +309,8 @@ def test_pprof_shows_python_functions_with_lines(bpf_ok: None, tmp_path: Path) -
     write_pprof(profile, path)
     back = {(f.function, f.file, f.frame_type) for s in from_pprof(read_pprof(path)).samples for f in s.frames}
     assert ("hot_a", str(script), "cpython") in back
-    env = {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"), "GOTOOLCHAIN": "local"}
     p = subprocess.run(["go", "tool", "pprof", "-top", "-lines", "-cum", "-symbolize=none", str(path)],
-                       capture_output=True, text=True, env=env, timeout=120, check=False)
+                       capture_output=True, text=True, env=go_env(tmp_path), timeout=240, check=False)
     assert p.returncode == 0, p.stderr
     line = _lines(SPLIT_SOURCE)["CALL level1"]
     assert re.search(rf"<module> .*split\.py:{line}\b", p.stdout), p.stdout[:3000]

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import compile_c, wait_until
+from ..harness import compile_c, go_env, wait_until
 
 pytestmark = [pytest.mark.bpf]
 
@@ -320,10 +320,8 @@ def test_o2_chain_is_walked_whole_including_the_leafs_caller(bpf_ok: None, built
 def pprof_traces_share(path: Path, tmp_path: Path, chain: list[str]) -> float:
     """Share of the samples whose leaf is chain[0] that ``go tool pprof -traces`` shows with
     exactly ``chain`` from the leaf up."""
-    env = {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"),
-           "GOTOOLCHAIN": "local"}
     p = subprocess.run(["go", "tool", "pprof", "-traces", "-symbolize=none", str(path)],
-                       capture_output=True, text=True, env=env, timeout=120, check=False)
+                       capture_output=True, text=True, env=go_env(tmp_path), timeout=240, check=False)
     assert p.returncode == 0, p.stderr
     total = exact = 0.0
     for block in re.split(r"^-+\+-+$", p.stdout, flags=re.M)[1:]:
