@@ -119,6 +119,21 @@ def transport(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+async def deliver(exp: OtlpExporter, names: list[str], *servers: Any) -> None:
+    """Starts ``exp``, submits one span per name, flushes, then shuts it down and stops
+    ``servers`` (fake servers, proxies) whatever happened."""
+    try:
+        await exp.start()
+        for n in names:
+            assert exp.submit(Signal.TRACES, RESOURCE, span(n))
+        await asyncio.wait_for(exp.flush(), 20)
+        await exp.shutdown()
+    finally:
+        await exp.shutdown()
+        for s in servers:
+            await s.stop()
+
+
 def run_export(transport: str, faults: list[Fault], names: list[str],
                **overrides: Any) -> tuple[Any, SelfTelemetry]:
     """Starts the fake server and an exporter, submits one span per name, flushes, shuts down."""
@@ -126,16 +141,7 @@ def run_export(transport: str, faults: list[Fault], names: list[str],
 
     async def main() -> Any:
         srv = await start_server(transport, faults)
-        exp = OtlpExporter(config(transport, srv.port, **overrides), telemetry)
-        try:
-            await exp.start()
-            for n in names:
-                assert exp.submit(Signal.TRACES, RESOURCE, span(n))
-            await asyncio.wait_for(exp.flush(), 20)
-            await exp.shutdown()
-        finally:
-            await exp.shutdown()
-            await srv.stop()
+        await deliver(OtlpExporter(config(transport, srv.port, **overrides), telemetry), names, srv)
         return srv
 
     return asyncio.run(main()), telemetry
@@ -435,15 +441,7 @@ def run_grpc_steps(steps: list[Step], names: list[str]) -> tuple[FakeTraceServer
 
     async def main() -> FakeTraceServer:
         srv = await FakeTraceServer(steps=list(steps)).start()
-        exp = OtlpExporter(config("grpc", srv.port), telemetry)
-        try:
-            await exp.start()
-            for n in names:
-                assert exp.submit(Signal.TRACES, RESOURCE, span(n))
-            await asyncio.wait_for(exp.flush(), 20)
-        finally:
-            await exp.shutdown()
-            await srv.stop()
+        await deliver(OtlpExporter(config("grpc", srv.port), telemetry), names, srv)
         return srv
 
     return asyncio.run(main()), telemetry

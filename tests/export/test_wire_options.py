@@ -19,7 +19,7 @@ from receiver.model import Signal
 from receiver.telemetry import SelfTelemetry
 
 from .test_exporter import RESOURCE, FakeTraceServer, Step, span, value
-from .test_fault_suite import config, start_server
+from .test_fault_suite import config, deliver, start_server
 
 
 class ByteCountingProxy:
@@ -88,14 +88,7 @@ def test_grpc_headers_from_the_environment_go_as_metadata_on_every_attempt() -> 
         exporter = EbpfConfig.from_dict({"exporter": {
             "endpoint": f"http://127.0.0.1:{srv.port}", "batch_timeout": "50ms",
             "retry": {"initial_interval": "50ms", "max_interval": "100ms"}}}, environ=env).exporter
-        exp = OtlpExporter(exporter, telemetry)
-        try:
-            await exp.start()
-            assert exp.submit(Signal.TRACES, RESOURCE, span("h"))
-            await asyncio.wait_for(exp.flush(), 20)
-        finally:
-            await exp.shutdown()
-            await srv.stop()
+        await deliver(OtlpExporter(exporter, telemetry), ["h"], srv)
         return srv
 
     srv = asyncio.run(main())
@@ -120,16 +113,8 @@ def test_gzip_shrinks_the_bytes_on_the_connection(transport: str) -> None:
     async def main(compression: str) -> None:
         srv = await start_server(transport, [])
         proxy = await ByteCountingProxy(srv.port).start()
-        exp = OtlpExporter(config(transport, proxy.port, compression=compression), SelfTelemetry())
-        try:
-            await exp.start()
-            for n in names:
-                assert exp.submit(Signal.TRACES, RESOURCE, span(n))
-            await asyncio.wait_for(exp.flush(), 20)
-        finally:
-            await exp.shutdown()
-            await proxy.stop()
-            await srv.stop()
+        await deliver(OtlpExporter(config(transport, proxy.port, compression=compression), SelfTelemetry()),
+                      names, proxy, srv)
         got = srv.delivered_span_names()
         assert sorted(got) == sorted(names) and max(got.values()) == 1
         sent[compression] = proxy.upstream
@@ -157,15 +142,9 @@ def test_no_request_holds_more_than_max_batch_size_items(transport: str) -> None
 
     async def main() -> Any:
         srv = await start_server(transport, [])
-        exp = OtlpExporter(config(transport, srv.port, max_batch_size=10, batch_timeout=30.0), telemetry)
-        try:
-            await exp.start()
-            for i in range(25):   # queued at once, before the sender runs
-                assert exp.submit(Signal.TRACES, RESOURCE, span(f"b{i}"))
-            await asyncio.wait_for(exp.flush(), 20)
-        finally:
-            await exp.shutdown()
-            await srv.stop()
+        # submitted at once, before the sender runs
+        await deliver(OtlpExporter(config(transport, srv.port, max_batch_size=10, batch_timeout=30.0), telemetry),
+                      [f"b{i}" for i in range(25)], srv)
         return srv
 
     srv = asyncio.run(main())
