@@ -231,7 +231,9 @@ def _data_reaches_the_collector(stack: Stack, collector: Collector) -> None:
     # A workload in a container of its own: its execs carry its container.id.
     workload = stack.docker(
         "run", "-d", "--rm", "debian:bookworm-slim", "sh", "-c",
-        "while :; do dd if=/dev/zero of=/dev/null bs=64k count=20000 2>/dev/null; sleep 0.2; done").strip()
+        # `sleep 1 | cat`: cat's read() of the pipe blocks until sleep exits, a slow call that is
+        # not excluded (a span), while sleep's own clock_nanosleep is as slow and excluded.
+        "while :; do dd if=/dev/zero of=/dev/null bs=64k count=20000 2>/dev/null; sleep 1 | cat; done").strip()
     try:
         # Wait for the workload's own `dd`: the container's first exec is the runtime's (seen as
         # /dev/fd/N) and may arrive in a batch of its own, before any dd (CI of 711bfe8).
@@ -260,13 +262,47 @@ def _data_reaches_the_collector(stack: Stack, collector: Collector) -> None:
             return profile_kernel_frames(collector.requests("profiles"))[1]
 
         wait_until(kernel_names, 120, 1, "a profile with named kernel frames")
+
+        # Slow spans are there where expected: the workload's cat waited about 1 s in read()
+        # (at least slow_threshold, 10 ms, unless cat took 0.99 s to start: no load does that).
+        threshold_ns = EbpfConfig.default().sources.syscalls.slow_threshold * 1e9
+        cat_reads = wait_until(lambda: _workload_spans(collector, workload, "cat", "read"), 120, 1,
+                               "a slow-call span of the workload's cat blocked in read()")
+        durations = [int(s["endTimeUnixNano"]) - int(s["startTimeUnixNano"]) for s in cat_reads]
+        assert all(d >= threshold_ns for d in durations), durations
+        # ... and the workload's sleep spent about 1 s per call in clock_nanosleep, excluded by
+        # default: the host-wide histogram shows such calls (max past half a second), and none of
+        # them from the workload's sleep processes is a span.
+        def slow_excluded_calls() -> float:
+            return max((float(dp.get("max", 0)) for m in collector.metrics()
+                        if m.get("name") == "syscall.duration" and "process.pid" not in m["resource"]
+                        for dp in m.get("exponentialHistogram", {}).get("dataPoints", [])
+                        if attributes(dp.get("attributes")).get("syscall.name") == "clock_nanosleep"),
+                       default=0.0) >= 0.5e9
+
+        wait_until(slow_excluded_calls, 120, 1, "host-wide clock_nanosleep calls past 0.5 s")
+        sleeps = [s["name"] for s in _workload_spans(collector, workload, "sleep")]
+        assert "clock_nanosleep" not in sleeps and "nanosleep" not in sleeps, sleeps
     finally:
         subprocess.run([DOCKER, "rm", "-f", workload], env=stack.env, capture_output=True, timeout=60, check=False)
     # No call that blocks by design became a slow-call span (judged by number, so a name the agent
-    # could not resolve does not slip through).
+    # could not resolve does not slip through); slow-call spans of other calls are there (above).
     excluded = set(EbpfConfig.default().sources.syscalls.slow_exclude)
     table = _syscall_names()
     slow = [s for s in collector.spans() if "syscall.nr" in s["attrs"]]
+    assert slow, "no slow-call spans at all"
     bad = [(s["name"], s["attrs"]["syscall.nr"]) for s in slow
            if table.get(int(s["attrs"]["syscall.nr"])) in excluded or s["name"] in excluded]
     assert not bad, f"{len(bad)} slow-call spans of excluded calls, e.g. {bad[:5]}"
+
+
+def _workload_spans(collector: Collector, container: str, program: str,
+                    name: str | None = None) -> list[dict[str, Any]]:
+    """Slow-call spans (named ``name``, if given) of the processes that exec'd ``program`` in
+    ``container`` (pids from their exec logs: a short-lived process's span may carry no
+    container.id of its own)."""
+    pids = {r["attrs"].get("process.pid") for r in collector.log_records()
+            if r.get("eventName") == "process.exec" and r["resource"].get("container.id") == container
+            and str(r["attrs"].get("process.executable.path")).endswith("/" + program)}
+    return [s for s in collector.spans() if "syscall.nr" in s["attrs"] and s["attrs"].get("process.pid") in pids
+            and (name is None or s["name"] == name)]
