@@ -96,9 +96,11 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
         raise SourceUnavailableError(source_name, "the loader handed over a wrong number of descriptors")
     obj = BpfObject(list(zip(maps, fds, strict=False)), dict(zip(names, fds[len(maps):], strict=False)),
                     fds[len(maps) + len(names):])
-    obj.loader_info = {"pid": proc.pid, "seconds": time.monotonic() - t0, "peak_mb": reply.get("peak_mb", 0.0)}
-    log.info("source %s: %s compiled and loaded by loader process %d in %.1fs (loader peak RSS %.0f MB)",
-             source_name, bpf_file, proc.pid, obj.loader_info["seconds"], obj.loader_info["peak_mb"])
+    obj.loader_info = {"pid": proc.pid, "seconds": time.monotonic() - t0, "peak_mb": reply.get("peak_mb", 0.0),
+                       "steps": reply.get("seconds", {})}
+    log.info("source %s: %s compiled and loaded by loader process %d in %.1fs (%s; loader peak RSS %.0f MB)",
+             source_name, bpf_file, proc.pid, obj.loader_info["seconds"],
+             ", ".join(f"{k} {v:.1f}s" for k, v in obj.loader_info["steps"].items()), obj.loader_info["peak_mb"])
     return obj
 
 
@@ -187,20 +189,24 @@ def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     from .bcc import compile_in_process, load_bcc
 
     source = req["source"]
+    t0 = time.monotonic()
     bpf = compile_in_process(source, req["bpf_file"], req["cflags"], req.get("includes", ()))
+    timing = {"compile": round(time.monotonic() - t0, 2)}
     bcc = load_bcc()
     for name, prog_type, array in req["programs"]:
+        t0 = time.monotonic()
         try:
             fn = bpf.load_func(name.encode(), getattr(bcc.BPF, prog_type))
         except Exception as e:
             raise SourceUnavailableError(source, f"the kernel rejected the {source} program {name}: {e}") from e
+        timing[name] = round(time.monotonic() - t0, 2)
         if array:
             bpf[array[0]][ctypes.c_int(array[1])] = ctypes.c_int(fn.fd)
     maps = _describe_maps(bpf)
     programs = {k.decode(): f.fd for k, f in bpf.funcs.items()}
     attachments = [*bpf.tracepoint_fds.values(), *bpf.raw_tracepoint_fds.values()]
     msg = {"ok": True, "maps": [s for s, _ in maps], "programs": list(programs),
-           "attachments": len(attachments), "peak_mb": _peak_mb()}
+           "attachments": len(attachments), "peak_mb": _peak_mb(), "seconds": timing}
     return msg, [fd for _, fd in maps] + list(programs.values()) + attachments
 
 
