@@ -126,6 +126,11 @@ class CgroupResolver:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __bool__(self) -> bool:
+        # Not its len(): an empty resolver (none scanned yet) is still one to ask ("cgroups or
+        # CgroupResolver()" would drop it, "if cgroups" would never ask it, so never scan).
+        return True
+
     def _scan(self) -> None:
         self._last_scan = time.monotonic()
         if not self.root:
@@ -173,7 +178,7 @@ def process_attributes(pid: int, comm: str = "", executable_path: str | None = N
     ppid = parent_pid(pid)
     if ppid is not None:
         attrs["process.parent_pid"] = ppid
-    cid = container_id_of_pid(pid) or (cgroups.container_id(cgroup_id) if cgroups else None)
+    cid = container_id_of_pid(pid) or (cgroups.container_id(cgroup_id) if cgroups is not None else None)
     if cid:
         attrs["container.id"] = cid
     return attrs
