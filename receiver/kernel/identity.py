@@ -16,7 +16,8 @@ from typing import Any
 from ..config import ResourceConfig
 
 __all__ = ["detect_host_attributes", "process_attributes", "container_id_from_cgroup_path",
-           "container_id_of_pid", "parent_pid", "CgroupResolver", "find_cgroup2_root", "cgroup_id_of"]
+           "k8s_pod_uid_from_cgroup_path", "container_attributes", "container_id_of_pid", "parent_pid",
+           "CgroupResolver", "find_cgroup2_root", "cgroup_id_of"]
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm32", "ppc64le": "ppc64", "s390x": "s390x"}
 
@@ -57,21 +58,47 @@ def detect_host_attributes(config: ResourceConfig) -> dict[str, Any]:
 _CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?(?:/|$)")
 
 
+# The pod's cgroup as the kubelet makes it, under a path naming kubepods: pod<uid> (cgroupfs
+# driver: /kubepods/besteffort/pod<uid>/<id>) or kubepods-<qos>-pod<uid, "-" as "_">.slice
+# (systemd driver). The uid is a UUID, or 32 hex digits for a static pod (a hash).
+_POD_UID = re.compile(r"(?:^|/)(?:[\w.-]*-)?pod([0-9a-f]{8}([-_])[0-9a-f]{4}\2[0-9a-f]{4}\2[0-9a-f]{4}\2"
+                      r"[0-9a-f]{12}|[0-9a-f]{32})(?:\.slice)?(?=/|$)")
+
+
 def container_id_from_cgroup_path(path: str) -> str | None:
     found = _CONTAINER_ID.findall(path)
     return found[-1] if found else None
 
 
-def container_id_of_pid(pid: int) -> str | None:
+def k8s_pod_uid_from_cgroup_path(path: str) -> str | None:
+    """``k8s.pod.uid`` of a path the kubelet made (either cgroup driver), with its dashes."""
+    if "kubepods" not in path:
+        return None
+    found = _POD_UID.findall(path)
+    return found[-1][0].replace("_", "-") if found else None
+
+
+def container_attributes(path: str) -> dict[str, str]:
+    """``container.id`` and ``k8s.pod.uid``, those a cgroup path tells."""
+    attrs = {"container.id": container_id_from_cgroup_path(path), "k8s.pod.uid": k8s_pod_uid_from_cgroup_path(path)}
+    return {k: v for k, v in attrs.items() if v}
+
+
+def _container_attributes_of_pid(pid: int) -> dict[str, str]:
+    """From the first line of /proc/PID/cgroup (one per hierarchy) that tells any."""
     try:
         text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
-        return None
+        return {}
     for line in text.splitlines():
-        cid = container_id_from_cgroup_path(line.split(":", 2)[-1])
-        if cid:
-            return cid
-    return None
+        attrs = container_attributes(line.split(":", 2)[-1])
+        if attrs:
+            return attrs
+    return {}
+
+
+def container_id_of_pid(pid: int) -> str | None:
+    return _container_attributes_of_pid(pid).get("container.id")
 
 
 def parent_pid(pid: int) -> int | None:
@@ -159,11 +186,15 @@ class CgroupResolver:
         p = self.path(cgroup_id)
         return container_id_from_cgroup_path(p) if p else None
 
+    def container_attributes(self, cgroup_id: int) -> dict[str, str]:
+        p = self.path(cgroup_id)
+        return container_attributes(p) if p else {}
+
 
 def process_attributes(pid: int, comm: str = "", executable_path: str | None = None,
                        cgroup_id: int = 0, cgroups: CgroupResolver | None = None) -> dict[str, Any]:
-    """``process.*`` and ``container.id`` of a live (or just gone) process: what the event
-    carried, completed by what /proc still tells."""
+    """``process.*``, ``container.id`` and ``k8s.pod.uid`` of a live (or just gone) process: what
+    the event carried, completed by what /proc still tells."""
     attrs: dict[str, Any] = {"process.pid": pid}
     if executable_path is None:
         try:
@@ -178,7 +209,6 @@ def process_attributes(pid: int, comm: str = "", executable_path: str | None = N
     ppid = parent_pid(pid)
     if ppid is not None:
         attrs["process.parent_pid"] = ppid
-    cid = container_id_of_pid(pid) or (cgroups.container_id(cgroup_id) if cgroups is not None else None)
-    if cid:
-        attrs["container.id"] = cid
+    attrs.update(_container_attributes_of_pid(pid)
+                 or (cgroups.container_attributes(cgroup_id) if cgroups is not None else {}))
     return attrs
