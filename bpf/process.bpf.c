@@ -208,6 +208,12 @@ TRACEPOINT_PROBE(oom, mark_victim) {
     e->pid = args->pid;        /* the victim, not the task that triggered the OOM killer */
     e->tid = args->pid;
     __builtin_memset(e->comm, 0, sizeof(e->comm));
+#if HAS_OOM_COMM
+    /* The victim's own comm, where the tracepoint has it (newer kernels): the victim may have
+     * started before the agent, whose exec records are the only other place to learn it. */
+    unsigned short off = args->data_loc_comm & 0xFFFF;
+    bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), (void *)args + off);
+#endif
     events.ringbuf_submit(e, 0);
     return 0;
 }

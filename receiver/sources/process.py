@@ -79,7 +79,8 @@ class ProcessSource(BccSource):
 
     def cflags(self) -> list[str]:
         group_dead = tracepoint_has_field("sched:sched_process_exit", "group_dead")
-        return [f"-DHAS_GROUP_DEAD={int(group_dead)}",
+        oom_comm = tracepoint_has_field("oom:mark_victim", "comm")
+        return [f"-DHAS_GROUP_DEAD={int(group_dead)}", f"-DHAS_OOM_COMM={int(oom_comm)}",
                 "-DRINGBUF_PAGES=256",          # 1 MiB
                 "-DMAX_INFLIGHT_EXECS=4096",
                 "-DMAX_TRACKED_EXITS=16384"]
