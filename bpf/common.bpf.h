@@ -14,6 +14,17 @@
 #ifndef FILTER_PROCESS
 #define FILTER_PROCESS 0
 #endif
+
+/* bpf_probe_read_user(_str) under other names: for every call it sees by those names, BCC's
+ * rewriter reads and indexes all of /proc/kallsyms (to fall back to bpf_probe_read on kernels
+ * before 5.5, which the agent does not support). That was half of the profiler's compile time,
+ * and the kernel matrix's emulated guests pay it about fifty times over. */
+static long (*probe_read_user)(void *dst, __u32 size, const void *unsafe_ptr) =
+    (void *)BPF_FUNC_probe_read_user;
+static long (*probe_read_user_str)(void *dst, __u32 size, const void *unsafe_ptr) =
+    (void *)BPF_FUNC_probe_read_user_str;
+#define bpf_probe_read_user probe_read_user
+#define bpf_probe_read_user_str probe_read_user_str
 #define FILTER_COMM_LEN 16
 
 BPF_PERCPU_ARRAY(lost, u64, N_LOST);
