@@ -154,7 +154,7 @@ class OtlpExporter:
         if self._closed:
             self.telemetry.dropped_items.labels(signal.value, "shutdown").inc()
             return False
-        if q.depth >= q.capacity:  # a batch being sent still holds its slots
+        if q.depth >= q.capacity and not self._make_room_on_disk(q):  # a batch being sent still holds its slots
             self.telemetry.dropped_items.labels(signal.value, "queue_full").inc()
             return False
         q.entries.append((resource, item))
@@ -172,7 +172,8 @@ class OtlpExporter:
         if self._closed:
             self.telemetry.dropped_items.labels(signal.value, "shutdown").inc(n)
             return False
-        if q.depth + max(n, 1) > q.capacity:
+        if q.depth + max(n, 1) > q.capacity and not (max(n, 1) <= q.capacity
+                                                      and self._make_room_on_disk(q)):
             self.telemetry.dropped_items.labels(signal.value, "queue_full").inc(n)
             return False
         q.entries.append(_Whole(request, n))
@@ -220,6 +221,19 @@ class OtlpExporter:
             log.warning("shutdown: could not send within %.1fs: %s", self.config.shutdown_timeout,
                         ", ".join(f"{n} {s}" for s, n in lost.items()))
         await self._close_transports()
+
+    def _make_room_on_disk(self, q: _SignalQueue) -> bool:
+        """With the on-disk queue, a full memory queue is written to disk (oldest first, as its
+        sender would, bounded by ``disk_queue_max_bytes``: past it counted ``disk_full``) rather
+        than the next item dropped. The memory queue only stages batches for the disk, and a
+        burst larger than it (a source draining a ring buffer the agent had no CPU to read for a
+        while: nothing yields to the sender meanwhile) must not be lost while the disk has room.
+        True when the memory queue is empty now."""
+        if q.disk is None or q.in_flight:   # in_flight: only ever 0 here with a disk queue
+            return False
+        self._spill_to_disk(q)
+        q.disk_wakeup.set()
+        return True
 
     def _spill_to_disk(self, q: _SignalQueue) -> None:
         while q.entries:
