@@ -57,12 +57,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.get_closest_marker("kernels") is not None)
 
 
-# ------------------------------------------------------------- the kernel matrix's image
+# ------------------------------------------------------------- the kernel matrix's guests
 #
-# A session that will run the kernel matrix starts building its guest image (minutes on a fresh
-# machine: debootstrap, three kernels, a venv) in the background at once, niced, while the rest
-# of the suite runs; the matrix test then finds the image built, or waits on the builder's lock
-# (tests/kernels/vm.py). Its output goes to out/kernel-image-build.log.
+# A session that will run the kernel matrix starts its first guest lane in the background at
+# once (tests/kernels/vm.py): it builds the guest image (minutes on a fresh machine: debootstrap,
+# three kernels, a venv), then boots the kernels one after another, niced, in whatever CPU the
+# rest of the suite leaves idle. The matrix test, last, gives that lane its priority back, adds
+# lanes of its own for the kernels not yet started and collects every guest's results. Without
+# OTELCOL_BIN (the guests' Collector; `make test` sets it) the background process only builds
+# the image. Its output goes to out/kernel-image-build.log.
 
 _image_builder: subprocess.Popen[bytes] | None = None
 
@@ -76,16 +79,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if not all(shutil.which(t) for t in ("qemu-system-x86_64", "debootstrap", "cpio")):
         return   # the matrix test says what is missing
+    from .kernels import vm
+
+    out_root = REPO / "out" / "kernel-matrix"
+    shutil.rmtree(out_root, ignore_errors=True)
+    otelcol = os.environ.get("OTELCOL_BIN", "")
+    cmd = (["lane", str(out_root), str(Path(otelcol).parent), str(vm.VM_TIMEOUT)]
+           if otelcol and Path(otelcol).is_file() else ["build"])
     log = REPO / "out" / "kernel-image-build.log"
     log.parent.mkdir(exist_ok=True)
     with open(log, "wb") as f:
-        _image_builder = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "tests.kernels.vm", "build"],
+        _image_builder = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "tests.kernels.vm", *cmd],
                                           cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # A session that ends first (interrupted, -x) stops the build; the next build resumes it.
+    # A session that ends first (interrupted, -x) stops the build and any guest of the lane; the
+    # next build resumes it.
     if _image_builder is not None and _image_builder.poll() is None:
         os.killpg(_image_builder.pid, signal.SIGTERM)   # debootstrap and dpkg too
         try:

@@ -432,6 +432,20 @@ class VmResult:
     serial: str
     out: Path
 
+    def save(self) -> None:
+        """vm.json beside the guest's own results: what the matrix test reads, whichever
+        process ran the guest."""
+        (self.out / "vm.json").write_text(json.dumps({"returncode": self.returncode, "seconds": self.seconds,
+                                                      "serial": self.serial[-20000:]}))
+
+    @staticmethod
+    def load(kernel: Kernel, out: Path) -> "VmResult | None":
+        try:
+            d = json.loads((out / "vm.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return VmResult(kernel, d["returncode"], d["seconds"], d["serial"], out)
+
 
 def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: float,
            memory_mb: int = 2048) -> VmResult:
@@ -470,7 +484,64 @@ def run_vm(image: Path, kernel: Kernel, out: Path, otelcol_dir: Path, timeout: f
     text = serial.read_text(errors="replace") if serial.exists() else ""
     if qemu_out:
         text += "\n[qemu] " + qemu_out.decode(errors="replace")
-    return VmResult(kernel, rc, time.monotonic() - t0, text, out)
+    result = VmResult(kernel, rc, time.monotonic() - t0, text, out)
+    result.save()
+    return result
+
+
+
+# ------------------------------------------------------------------------------ guest lanes
+#
+# Guests run in lanes: a lane boots, one after another, each kernel that no other lane has
+# claimed yet (a ``claimed`` file made with O_EXCL in the kernel's results folder). The host
+# suite starts one lane in the background, niced, as soon as the session starts (tests/conftest.py):
+# it builds the image and then soaks up the CPU the rest of the suite leaves idle. The matrix
+# test, which runs last, restores that lane's priority and adds its own lanes beside it.
+
+
+def kernel_version(k: Kernel) -> tuple[int, ...]:
+    """5.10.0-32-amd64 → (5, 10, 0)"""
+    return tuple(int(p) for p in k.release.split("-", 1)[0].split(".")[:3] if p.isdigit())
+
+
+def newest_first(kernels: list[Kernel]) -> list[Kernel]:
+    """The order lanes take kernels in: the newest (slowest to compile for) first, so the others
+    share the remaining lanes meanwhile."""
+    return sorted(kernels, key=kernel_version, reverse=True)
+
+
+def claim(out_root: Path, kernel: Kernel) -> bool:
+    folder = out_root / kernel.release
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
+def run_lane(image: Path, kernels: list[Kernel], out_root: Path, otelcol_dir: Path, timeout: float) -> None:
+    for k in newest_first(kernels):
+        if claim(out_root, k):
+            log(f"lane {os.getpid()}: {k.release}")
+            r = run_vm(image, k, out_root / k.release, otelcol_dir, timeout)
+            log(f"lane {os.getpid()}: {k.release} exit {r.returncode} after {r.seconds:.0f}s")
+
+
+LANE_PID = "lane.pid"
+# Per guest. Alone under TCG on an idle core a guest takes 5-10 minutes; the background lane's
+# guest may spend part of its run niced behind the host suite.
+VM_TIMEOUT = float(os.environ.get("KERNEL_MATRIX_VM_TIMEOUT", "2400"))
+
+
+def background_lane(out_root: Path) -> int | None:
+    """The pid of the background lane running for ``out_root``, if it is still running."""
+    try:
+        pid = int((out_root / LANE_PID).read_text())
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if state in ("Z", "X") else pid
 
 
 def main() -> int:
@@ -479,7 +550,15 @@ def main() -> int:
         kvm_works(image, kernels[0])   # probed here, not while the matrix waits
         print(image)
         return 0
-    print("usage: python -m tests.kernels.vm build", file=sys.stderr)
+    if sys.argv[1:2] == ["lane"] and len(sys.argv) == 5:
+        out_root, otelcol_dir, timeout = Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
+        out_root.mkdir(parents=True, exist_ok=True)
+        (out_root / LANE_PID).write_text(str(os.getpid()))
+        image, kernels = ensure_image()
+        kvm_works(image, kernels[0])
+        run_lane(image, kernels, out_root, otelcol_dir, timeout)
+        return 0
+    print("usage: python -m tests.kernels.vm build | lane OUT_ROOT OTELCOL_DIR TIMEOUT_S", file=sys.stderr)
     return 2
 
 
