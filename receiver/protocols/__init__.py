@@ -1,0 +1,25 @@
+"""Application protocols parsed from captured connection bytes, for the request source
+(``receiver/sources/http.py``).
+
+The seam is two-sided. A *capture* (today the syscall tracepoints of ``bpf/http.bpf.c``; later
+TLS library uprobes, which see the same plaintext) hands each connection's bytes in order,
+per direction, with how many bytes the call moved beyond those captured. A *protocol* is a class
+whose instances parse one connection: ``feed(outgoing, data, size, ts)``, ``gap()``,
+``close(ts)``, and completed ``Exchange``s in ``exchanges``; unparsable input is counted per
+reason in a shared ``Unparsed`` tally, never raised. ``PROTOCOLS`` maps a name to its class; the
+source picks one per connection by its first bytes (``detect``).
+"""
+
+from __future__ import annotations
+
+from .base import Exchange, Unparsed
+from .http1 import UNPARSED_REASONS, Http1Connection, looks_like_http1
+
+__all__ = ["Exchange", "Unparsed", "Http1Connection", "PROTOCOLS", "UNPARSED_REASONS", "detect"]
+
+PROTOCOLS = {"http1": Http1Connection}
+
+
+def detect(data: bytes) -> str | None:
+    """The protocol whose messages start like ``data``, or None."""
+    return "http1" if looks_like_http1(data) else None
