@@ -19,7 +19,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .config import EbpfConfig
 from .consumer import Consumer, Sink
-from .convert import logs, network, syscalls
+from .convert import http, logs, network, syscalls
 from .convert.attributes import to_key_values
 from .convert.spec import span_proto
 from .kernel.identity import CgroupResolver, process_attributes
@@ -27,6 +27,8 @@ from .model import EbpfEventType, Signal
 from .profiling.model import CpuProfile
 from .records import (
     ConnectionSnapshot,
+    HttpRequest,
+    HttpSnapshot,
     MetricSnapshot,
     ProcessRecord,
     Record,
@@ -137,9 +139,11 @@ class Pipeline:
         self._min_span_ns = int(net.min_span_duration * 1e9)
         self._event_rules: dict[type, Callable[[Any], None]] = {
             ProcessRecord: self._process, TcpConnection: self._connection, SlowSyscall: self._slow_syscall,
+            HttpRequest: self._http_request,
         }
         self._snapshot_rules: dict[type, Callable[[Any], Any]] = {
             SyscallSnapshot: syscalls.snapshot_metrics, ConnectionSnapshot: network.snapshot_metrics,
+            HttpSnapshot: http.snapshot_metrics,
         }
 
     # ------------------------------------------------------------------ Consumer
@@ -189,6 +193,10 @@ class Pipeline:
         if spec is not None:
             resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
             self.sink.submit(Signal.TRACES, resource, span_proto(spec))
+
+    def _http_request(self, rec: HttpRequest) -> None:
+        resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
+        self.sink.submit(Signal.TRACES, resource, http.request_span(rec))
 
     def _slow_syscall(self, rec: SlowSyscall) -> None:
         spec = syscalls.syscall_span(syscalls.slow_syscall_event(rec))

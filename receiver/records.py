@@ -18,7 +18,7 @@ from .aggregates import HistPoint, Series, SeriesKey
 from .model import EbpfEventType
 
 __all__ = ["ProcessRecord", "TcpConnection", "SlowSyscall", "SyscallSeries", "SyscallSnapshot",
-           "ConnectionSnapshot", "Record", "MetricSnapshot"]
+           "ConnectionSnapshot", "HttpRequest", "HttpSeries", "HttpSnapshot", "Record", "MetricSnapshot"]
 
 
 @dataclass(slots=True)
@@ -111,5 +111,52 @@ class ConnectionSnapshot:
     finished_pids: set[int] = field(default_factory=set)
 
 
-Record = ProcessRecord | TcpConnection | SlowSyscall
-MetricSnapshot = SyscallSnapshot | ConnectionSnapshot
+@dataclass(slots=True)
+class HttpRequest:
+    """One HTTP request and its response, seen on the side of ``pid``: ``server`` when it
+    received the request. ``status`` 0: no response (``error`` says why)."""
+
+    pid: int
+    comm: str
+    cgroup_id: int
+    start_unix_nano: int
+    duration_ns: int
+    server: bool
+    method: str
+    path: str
+    scheme: str
+    version: str
+    status: int
+    server_address: str
+    server_port: int
+    client_address: str
+    client_port: int
+    traceparent: str | None = None     # the request's header, not yet checked
+    error: str | None = None
+
+
+# (server side, method, status code, server address, server port, protocol version, scheme,
+#  error type); an empty method: the side's overflow series
+HttpSeriesKey = tuple[bool, str, int, str, int, str, str, str]
+
+
+@dataclass(slots=True)
+class HttpSeries:
+    """Cumulative request-duration histograms of one process: (key, bucket counts, sum in
+    seconds, count) per attribute set."""
+
+    comm: str = ""
+    points: list[tuple[HttpSeriesKey, list[int], float, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class HttpSnapshot:
+    start_unix_nano: int
+    time_unix_nano: int
+    boundaries: tuple[float, ...]
+    by_pid: dict[int, HttpSeries]
+    finished_pids: set[int] = field(default_factory=set)
+
+
+Record = ProcessRecord | TcpConnection | SlowSyscall | HttpRequest
+MetricSnapshot = SyscallSnapshot | ConnectionSnapshot | HttpSnapshot

@@ -38,7 +38,8 @@ DROP_REASONS = ("queue_full", "permanent_error", "retries_exhausted", "rejected"
 # Every user-space cache that grows with the host: the `cache` label's only values (README, "Caches").
 CACHES = ("process_resources", "cgroups", "process_pids", "symbol_files", "symbol_processes",
           "symbol_frames", "demangled_names", "profile_stacks", "unwind_processes",
-          "python_codes", "python_frames", "network_series", "network_open_connections")
+          "python_codes", "python_frames", "network_series", "network_open_connections",
+          "http_connections", "http_series")
 # gRPC codes that say something about one request's data, not whether the Collector is reachable.
 # Outcomes that say "this data", not "export is broken": gRPC status names, and OTLP/HTTP's
 # 400 (bad data) and 413 (too large).

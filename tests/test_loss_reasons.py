@@ -13,7 +13,8 @@ from receiver.telemetry import SelfTelemetry
 from .harness import REPO
 
 HEADERS = {"process": ("process.h", "PROC_LOST"), "syscalls": ("syscalls.h", "SC_LOST"),
-           "network": ("network.h", "NET_LOST"), "profiler": ("profiler.h", "PROF_LOST")}
+           "network": ("network.h", "NET_LOST"), "profiler": ("profiler.h", "PROF_LOST"),
+           "http": ("http.h", "HTTP_LOST")}
 
 
 def _readme_reasons() -> dict[str, list[str]]:

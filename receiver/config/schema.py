@@ -46,6 +46,7 @@ __all__ = [
     "ProfilerSourceConfig",
     "NetworkSourceConfig",
     "SyscallsSourceConfig",
+    "HttpSourceConfig",
     "CachesConfig",
     "PROFILER_PRESETS",
     "parse_duration",
@@ -363,6 +364,38 @@ class SyscallsSourceConfig:
         return p
 
 
+@dataclass(frozen=True)
+class HttpSourceConfig:
+    """HTTP/1.x requests over plaintext TCP as spans and RED metrics, parsed from the first
+    ``capture_bytes`` of each read/write on a TCP socket, copied in the kernel. Off by default:
+    it reads the traffic of every selected process (only the request line, the status line and
+    three framing/trace headers are kept). ``ports`` selects connections by their server port;
+    empty, every socket whose bytes start like HTTP/1. Heads beyond ``max_header_bytes`` are
+    counted as unparsed; metric attribute sets beyond ``max_attribute_sets`` go to an overflow
+    series (``otel.metric.overflow=true``)."""
+
+    enabled: bool = False
+    spans: bool = True
+    metrics: bool = True
+    report_interval: Annotated[Duration, POSITIVE] = 10.0
+    ports: list[int] = field(default_factory=list)
+    filter: ProcessFilter = field(default_factory=ProcessFilter)
+    capture_bytes: Annotated[int, Range(64, 8192)] = 1024
+    max_header_bytes: Annotated[int, Range(256, 1 << 20)] = 16384
+    max_connections: Annotated[int, Range(16, 1 << 20)] = 65536
+    max_attribute_sets: Annotated[int, AT_LEAST_1] = 2000
+    # 4 MiB: about 3 600 records of a full 1 KiB capture; losses: ringbuf_full.
+    ring_buffer_pages: Annotated[int, Range(1, 1 << 18)] = 1024
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.ring_buffer_pages & (self.ring_buffer_pages - 1):
+            p.append("ring_buffer_pages: must be a power of two")
+        if any(not 0 < port < 65536 for port in self.ports):
+            p.append("ports: each port must be from 1 to 65535")
+        return p
+
+
 _CACHE_BOUND = Range(16, 1 << 24)
 
 
@@ -387,6 +420,7 @@ class SourcesConfig:
     profiler: ProfilerSourceConfig = field(default_factory=ProfilerSourceConfig)
     network: NetworkSourceConfig = field(default_factory=NetworkSourceConfig)
     syscalls: SyscallsSourceConfig = field(default_factory=SyscallsSourceConfig)
+    http: HttpSourceConfig = field(default_factory=HttpSourceConfig)
 
     def enabled(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name).enabled]

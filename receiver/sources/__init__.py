@@ -18,6 +18,7 @@ SOURCE_MODULES = {
     "syscalls": "receiver.sources.syscalls:SyscallsSource",
     "profiler": "receiver.sources.profiler:ProfilerSource",
     "network": "receiver.sources.network:NetworkSource",
+    "http": "receiver.sources.http:HttpSource",
 }
 
 

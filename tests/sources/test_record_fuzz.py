@@ -82,7 +82,7 @@ RECORDS = st.one_of(st.binary(max_size=3 * PAGE),
                         lambda t: t[0].to_bytes(4, "little") + t[1]))
 
 
-@pytest.mark.parametrize("name", ["process", "syscalls", "network", "profiler"])
+@pytest.mark.parametrize("name", ["process", "syscalls", "network", "profiler", "http"])
 def test_fuzz_ring_buffer_records(name: str) -> None:
     try:
         src = _source(name)

@@ -1,0 +1,317 @@
+// HTTP/1.x over plaintext TCP: the first bytes of every buffer a process sends or receives on a
+// TCP socket that carries HTTP/1, copied to a ring buffer for user space to parse and pair
+// (receiver/protocols/http1.py). No kernel struct is read:
+//
+// - sys_enter of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg keeps the call's user
+//   buffer (or iovec array) by thread id; sys_exit forgets it;
+// - inside such a call, sock:sock_send_length / sock_recv_length fire when the call moves data
+//   on a socket, with the socket's address (a key, never dereferenced), family, protocol and the
+//   byte count: so a call on a TCP socket is told from one on a file or pipe by the tracepoint
+//   itself, also for sockets opened before the agent started, and the data is copied there;
+// - sock:inet_sock_set_state gives a new connection's ports, addresses and side (connect or
+//   accept), which the port filter needs, and its CLOSE, which tells user space to finish it.
+//
+// A socket is sent to user space once one of its buffers starts like HTTP/1 (a method or
+// "HTTP"), or from its first byte when its server port is in the port filter (so that non-HTTP
+// bytes on an HTTP port are seen and counted). Filters (server ports, process) live in maps.
+#include "http.h"
+#define N_LOST HTTP_N_LOST
+#include "common.bpf.h"
+
+#ifndef CAPTURE_BYTES
+#define CAPTURE_BYTES 1024
+#endif
+#ifndef CAPTURE_MAX            /* a power of two >= CAPTURE_BYTES: bounds for the verifier */
+#define CAPTURE_MAX 1024
+#endif
+#ifndef MAX_SOCKETS
+#define MAX_SOCKETS 65536
+#endif
+#ifndef MAX_CALLS
+#define MAX_CALLS 65536
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 1024
+#endif
+#ifndef FILTER_PORTS
+#define FILTER_PORTS 0
+#endif
+#ifndef SELF_TGID
+#define SELF_TGID 0
+#endif
+#define MAX_IOV 8
+#define HTTP_MSG_PEEK 2
+
+#define HTTP_AF_INET 2
+#define HTTP_AF_INET6 10
+#define HTTP_IPPROTO_TCP 6
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
+
+struct http_record {
+    struct http_event h;
+    u8 data[CAPTURE_MAX * 2];
+};
+
+struct http_iovec {            /* struct iovec: user ABI */
+    u64 base;
+    u64 len;
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_TABLE("lru_hash", u64, struct http_sock, socks, MAX_SOCKETS);
+BPF_HASH(calls, u64, struct http_call, MAX_CALLS);
+BPF_PERCPU_ARRAY(scratch, struct http_record, 1);
+BPF_HASH(filter_ports, u16, u8, 1024);
+MIRROR(http_event);
+MIRROR(http_sock);
+
+/* ------------------------------------------------------------------ calls in flight */
+
+static __always_inline void enter(u32 fd, u64 buf, u32 iovs) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (tgid == SELF_TGID)
+        return;
+#if FILTER_PROCESS
+    if (!selected_current(tgid))
+        return;
+#endif
+    struct http_call c = {.buf = buf, .fd = fd, .count = iovs};
+    if (calls.update(&id, &c) != 0)
+        count_lost(HTTP_LOST_CALL_MAP_FULL);
+}
+
+static __always_inline void enter_msg(u32 fd, u64 msg) {
+    u64 iov[2];                /* struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (user ABI) */
+    if (bpf_probe_read_user(iov, sizeof(iov), (void *)(msg + 16)) != 0 || iov[1] == 0)
+        return;
+    enter(fd, iov[0], iov[1] > MAX_IOV ? MAX_IOV : (u32)iov[1]);
+}
+
+static __always_inline void leave(void) {
+    u64 id = bpf_get_current_pid_tgid();
+    calls.delete(&id);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { enter(args->fd, (u64)args->buf, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { enter(args->fd, (u64)args->buf, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { enter(args->fd, (u64)args->ubuf, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { enter(args->fd, (u64)args->buff, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) {
+    if (args->vlen)
+        enter(args->fd, (u64)args->vec, args->vlen > MAX_IOV ? MAX_IOV : (u32)args->vlen);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
+    if (args->vlen)
+        enter(args->fd, (u64)args->vec, args->vlen > MAX_IOV ? MAX_IOV : (u32)args->vlen);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { enter_msg(args->fd, (u64)args->msg); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { enter_msg(args->fd, (u64)args->msg); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { leave(); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { leave(); return 0; }
+
+/* ------------------------------------------------------------------ data on a TCP socket */
+
+#define WORD(a, b, c, d) ((u32)(a) | (u32)(b) << 8 | (u32)(c) << 16 | (u32)(d) << 24)
+
+/* The first four bytes of an HTTP/1 request ("GET ", "POST", ...) or response ("HTTP"). */
+static __always_inline int looks_http(u32 w) {
+    return w == WORD('G', 'E', 'T', ' ') || w == WORD('P', 'O', 'S', 'T') || w == WORD('P', 'U', 'T', ' ') ||
+           w == WORD('H', 'E', 'A', 'D') || w == WORD('D', 'E', 'L', 'E') || w == WORD('P', 'A', 'T', 'C') ||
+           w == WORD('O', 'P', 'T', 'I') || w == WORD('C', 'O', 'N', 'N') || w == WORD('T', 'R', 'A', 'C') ||
+           w == WORD('H', 'T', 'T', 'P');
+}
+
+static __always_inline u32 copy_buffer(struct http_record *r, u64 buf, u32 want) {
+    u64 n = want;
+    if (n > CAPTURE_MAX)
+        n = CAPTURE_MAX;
+    if (n == 0 || bpf_probe_read_user(r->data, n, (void *)buf) != 0)
+        return 0;
+    return n;
+}
+
+static __always_inline u32 copy_iovecs(struct http_record *r, u64 vec, u32 count, u32 want) {
+    u32 off = 0;
+#pragma unroll
+    for (int i = 0; i < MAX_IOV; i++) {
+        if (i >= count || off >= want)
+            break;
+        struct http_iovec v;
+        if (bpf_probe_read_user(&v, sizeof(v), (void *)(vec + i * sizeof(v))) != 0)
+            break;
+        u64 n = v.len;
+        if (n > want - off)
+            n = want - off;
+        if (n > CAPTURE_MAX)
+            n = CAPTURE_MAX;
+        if (n == 0)
+            continue;
+        if (bpf_probe_read_user(&r->data[off & (CAPTURE_MAX - 1)], n, (void *)v.base) != 0)
+            break;
+        off += n;
+    }
+    return off;
+}
+
+static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct http_call c = {};
+    struct http_call *call = calls.lookup(&id);
+    if (call) {
+        c = *call;
+        calls.delete(&id);
+    }
+    if (ret <= 0 || (kind == HTTP_EV_RECV && (flags & HTTP_MSG_PEEK)))
+        return;                /* nothing moved, or it will be read again */
+    struct http_sock *s = socks.lookup(&sk);
+    if (s && (s->flags & HTTP_S_IGNORED))
+        return;
+    if (!call) {
+        /* Data moved by a call whose buffer is not known here (sendfile, splice, io_uring,
+         * sendmmsg, or a process the filter does not select): on a socket that is sent to user
+         * space, its byte count keeps the framing. */
+        if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP)))
+            return;
+        u32 tgid = id >> 32;
+        if (tgid == SELF_TGID)
+            return;
+#if FILTER_PROCESS
+        if (!selected_current(tgid))
+            return;
+#endif
+    } else if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP))) {
+        u64 first = c.buf;
+        if (c.count && bpf_probe_read_user(&first, sizeof(first), (void *)c.buf) != 0)
+            return;
+        u32 w = 0;
+        if (ret < 4 || bpf_probe_read_user(&w, sizeof(w), (void *)first) != 0 || !looks_http(w))
+            return;
+        if (!s) {              /* opened before the program was attached: endpoints unknown */
+            struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = HTTP_S_HTTP};
+            socks.update(&sk, &fresh);
+            s = socks.lookup(&sk);
+            if (!s)
+                return;
+        } else {
+            s->flags |= HTTP_S_HTTP;
+        }
+    }
+    u32 zero = 0;
+    struct http_record *r = scratch.lookup(&zero);
+    if (!r)
+        return;
+    u32 want = (u32)ret < CAPTURE_BYTES ? (u32)ret : CAPTURE_BYTES;
+    u32 len = !call ? 0 : c.count ? copy_iovecs(r, c.buf, c.count, want) : copy_buffer(r, c.buf, want);
+    struct http_event *h = &r->h;
+    h->ts_ns = bpf_ktime_get_ns();
+    h->sk = sk;
+    h->conn_id = s->conn_id;
+    h->cgroup_id = bpf_get_current_cgroup_id();
+    h->pid = id >> 32;
+    h->tid = (u32)id;
+    h->fd = c.fd;
+    h->size = ret;
+    h->len = len;
+    h->local_port = s->local_port;
+    h->peer_port = s->peer_port;
+    h->kind = kind;
+    h->flags = ((s->flags & HTTP_S_GAP) ? HTTP_F_GAP : 0) | ((s->flags & HTTP_S_ENDPOINTS) ? HTTP_F_ENDPOINTS : 0);
+    h->direction = s->direction;
+    __builtin_memcpy(h->local_addr, s->local_addr, 16);
+    __builtin_memcpy(h->peer_addr, s->peer_addr, 16);
+    bpf_get_current_comm(&h->comm, sizeof(h->comm));
+    u32 size = sizeof(struct http_event) + (len & (CAPTURE_MAX * 2 - 1));
+    if (events.ringbuf_output(r, size, 0) != 0) {
+        count_lost(HTTP_LOST_RINGBUF_FULL);
+        s->flags |= HTTP_S_GAP;
+    } else if (s->flags & HTTP_S_GAP) {
+        s->flags &= ~HTTP_S_GAP;
+    }
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length) {
+    if (args->protocol == HTTP_IPPROTO_TCP)
+        on_data((u64)args->sk, args->ret, args->flags, HTTP_EV_SEND);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length) {
+    if (args->protocol == HTTP_IPPROTO_TCP)
+        on_data((u64)args->sk, args->ret, args->flags, HTTP_EV_RECV);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ connections */
+
+#define READ_ENDPOINTS(args, s) do {                                  \
+        (s)->local_port = (args)->sport;                              \
+        (s)->peer_port = (args)->dport;                               \
+        if ((args)->family == HTTP_AF_INET) {                         \
+            __builtin_memset((s)->local_addr, 0, 16);                 \
+            __builtin_memset((s)->peer_addr, 0, 16);                  \
+            (s)->local_addr[10] = (s)->local_addr[11] = 0xff;         \
+            (s)->peer_addr[10] = (s)->peer_addr[11] = 0xff;           \
+            __builtin_memcpy(&(s)->local_addr[12], (args)->saddr, 4); \
+            __builtin_memcpy(&(s)->peer_addr[12], (args)->daddr, 4);  \
+        } else {                                                      \
+            __builtin_memcpy((s)->local_addr, (args)->saddr_v6, 16);  \
+            __builtin_memcpy((s)->peer_addr, (args)->daddr_v6, 16);   \
+        }                                                             \
+    } while (0)
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != HTTP_IPPROTO_TCP)
+        return 0;
+    if (args->family != HTTP_AF_INET && args->family != HTTP_AF_INET6)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    int oldstate = args->oldstate, newstate = args->newstate;
+    if (newstate == TCP_SYN_SENT || (newstate == TCP_SYN_RECV && oldstate == TCP_LISTEN)) {
+        struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = HTTP_S_ENDPOINTS};
+        READ_ENDPOINTS(args, &fresh);
+        fresh.direction = newstate == TCP_SYN_SENT ? HTTP_DIR_CLIENT : HTTP_DIR_SERVER;
+#if FILTER_PORTS
+        u16 server_port = fresh.direction == HTTP_DIR_CLIENT ? fresh.peer_port : fresh.local_port;
+        fresh.flags |= filter_ports.lookup(&server_port) ? HTTP_S_SELECTED : HTTP_S_IGNORED;
+#endif
+        socks.update(&sk, &fresh);   /* also replaces the entry of an earlier socket at this address */
+        return 0;
+    }
+    struct http_sock *s = socks.lookup(&sk);
+    if (!s)
+        return 0;
+    if (newstate == TCP_ESTABLISHED && (s->flags & HTTP_S_ENDPOINTS)) {
+        READ_ENDPOINTS(args, s);
+        return 0;
+    }
+    if (newstate != TCP_CLOSE)
+        return 0;
+    if ((s->flags & (HTTP_S_HTTP | HTTP_S_SELECTED)) && !(s->flags & HTTP_S_IGNORED)) {
+        struct http_event *e = events.ringbuf_reserve(sizeof(struct http_event));
+        if (e) {
+            __builtin_memset(e, 0, sizeof(*e));
+            e->ts_ns = bpf_ktime_get_ns();
+            e->sk = sk;
+            e->conn_id = s->conn_id;
+            e->kind = HTTP_EV_CLOSE;
+            events.ringbuf_submit(e, 0);
+        } else {
+            count_lost(HTTP_LOST_RINGBUF_FULL);   /* user space ends the connection when idle */
+        }
+    }
+    socks.delete(&sk);
+    return 0;
+}

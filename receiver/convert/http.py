@@ -1,0 +1,132 @@
+"""HTTP requests → OTLP, by the semantic conventions for HTTP spans and metrics.
+
+A request seen on the receiving side is a SERVER span, on the sending side a CLIENT span, named
+``{method}`` (no route is known; ``HTTP`` for a method outside the known set, which is then
+``_OTHER`` with ``http.request.method_original``). Attributes: ``http.request.method``,
+``url.path`` (never the query), ``url.scheme``, ``http.response.status_code``,
+``network.protocol.name``/``version``, ``server.address``/``port``, ``client.address``/``port``.
+Error status: 5xx on servers, 4xx and 5xx on clients (``error.type`` the status code), and
+requests that got no response (``error.type`` ``connection_closed``).
+
+A valid W3C ``traceparent`` on the request puts the span in the caller's trace, its parent the
+caller's span.
+
+Metrics: ``http.server.request.duration`` and ``http.client.request.duration``, cumulative
+explicit-bucket histograms in seconds with the conventions' boundaries, by method, status,
+server address/port, protocol version, scheme and error type; no paths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from ..records import HttpRequest, HttpSeriesKey, HttpSnapshot
+from .attributes import to_key_values
+from .spec import SpanSpec, span_proto
+
+__all__ = ["KNOWN_METHODS", "DURATION_BOUNDARIES", "request_span", "error_type", "parse_traceparent",
+           "normal_method", "snapshot_metrics"]
+
+CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# The semantic conventions' advice for http.*.request.duration (seconds).
+DURATION_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def normal_method(method: str) -> str:
+    return method if method in KNOWN_METHODS else "_OTHER"
+
+
+def error_type(server: bool, status: int, error: str | None) -> str:
+    """``error.type`` of a request: its status code when that is an error on this side, else ""."""
+    if error is not None and status == 0:
+        return "connection_closed"
+    if status >= 500 or (not server and status >= 400):
+        return str(status)
+    return ""
+
+
+def parse_traceparent(value: str | None) -> tuple[bytes, bytes] | None:
+    """(trace id, parent span id) of a valid W3C traceparent (version 00, or a later one read as
+    00), else None."""
+    if not value:
+        return None
+    m = _TRACEPARENT.match(value)
+    if m is None or m.group(1) == "ff" or m.group(2) == _ZERO_TRACE or m.group(3) == _ZERO_SPAN:
+        return None
+    if m.group(1) == "00" and len(value) != 55:
+        return None
+    return bytes.fromhex(m.group(2)), bytes.fromhex(m.group(3))
+
+
+def request_span(r: HttpRequest) -> Span:
+    method = normal_method(r.method)
+    attrs: dict[str, Any] = {"http.request.method": method}
+    if method == "_OTHER":
+        attrs["http.request.method_original"] = r.method
+    if r.status:
+        attrs["http.response.status_code"] = r.status
+    attrs.update({"url.path": r.path, "url.scheme": r.scheme, "network.protocol.name": "http",
+                  "network.protocol.version": r.version, "server.address": r.server_address,
+                  "server.port": r.server_port, "client.address": r.client_address,
+                  "client.port": r.client_port})
+    err = error_type(r.server, r.status, r.error)
+    error = None
+    if err:
+        attrs["error.type"] = err
+        error = r.error or f"HTTP {r.status}"
+    spec = SpanSpec("HTTP" if method == "_OTHER" else method, "server" if r.server else "client",
+                    r.start_unix_nano, r.start_unix_nano + r.duration_ns, attrs, error)
+    span = span_proto(spec)
+    parent = parse_traceparent(r.traceparent)
+    if parent is not None:
+        span.trace_id, span.parent_span_id = parent
+    return span
+
+
+def _attributes(key: HttpSeriesKey) -> dict[str, Any]:
+    _server, method, status, address, port, version, scheme, err = key
+    if not method:   # the overflow series of its side
+        return {"otel.metric.overflow": True}
+    attrs: dict[str, Any] = {"http.request.method": method}
+    if status:
+        attrs["http.response.status_code"] = status
+    attrs.update({"server.address": address, "server.port": port, "network.protocol.name": "http",
+                  "network.protocol.version": version, "url.scheme": scheme})
+    if err:
+        attrs["error.type"] = err
+    return attrs
+
+
+def snapshot_metrics(snapshot: HttpSnapshot) -> Iterator[tuple[int, list[Metric]]]:
+    """(pid, metrics) for every process of a snapshot (pid 0: the overflow series)."""
+    bounds = list(snapshot.boundaries)
+    for pid, series in snapshot.by_pid.items():
+        out = []
+        for server, name, description in (
+                (True, "http.server.request.duration", "Duration of HTTP server requests"),
+                (False, "http.client.request.duration", "Duration of HTTP client requests")):
+            points = [HistogramDataPoint(attributes=to_key_values(_attributes(key)),
+                                         start_time_unix_nano=snapshot.start_unix_nano,
+                                         time_unix_nano=snapshot.time_unix_nano, count=count, sum=total,
+                                         bucket_counts=counts, explicit_bounds=bounds)
+                      for key, counts, total, count in series.points
+                      if key[0] == server]
+            if points:
+                m = Metric(name=name, description=description, unit="s")
+                m.histogram.CopyFrom(Histogram(aggregation_temporality=CUMULATIVE))
+                m.histogram.data_points.extend(points)
+                out.append(m)
+        yield pid, out

@@ -1,0 +1,353 @@
+"""HTTP request source (``bpf/http.bpf.c``): HTTP/1.x over plaintext TCP as one span per
+request and RED histograms.
+
+The kernel copies the first ``capture_bytes`` of each read/write-family call on a TCP socket
+that carries HTTP/1 (see the program's comment for how a TCP socket is told without kernel
+structs) and says when the socket closes. Here each connection (socket address + the program's
+connection id) gets a protocol parser (``receiver.protocols``) that frames and pairs requests
+and responses; each completed exchange becomes an ``HttpRequest`` record and one observation of
+``http.server.request.duration`` or ``http.client.request.duration``.
+
+Endpoints come with the record for connections the program saw being made; for sockets opened
+before it was attached, once per connection from ``/proc/PID/fd`` and ``/proc/PID/net/tcp{,6}``.
+When a port filter is set and such a connection's server port is not in it, the program is told
+to ignore that socket.
+
+The capture seam: the kernel record (connection, direction, captured bytes, bytes moved) is what
+a TLS capture will send too (plaintext from library uprobes), with ``url.scheme`` https.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import logging
+import os
+import socket
+import struct
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ..config import EbpfConfig
+from ..convert.http import DURATION_BOUNDARIES, error_type, normal_method
+from ..errors import SourceUnavailableError
+from ..kernel.bcc import header_defines, header_enum
+from ..kernel.filters import fill_process_filter
+from ..protocols import UNPARSED_REASONS, Http1Connection, Unparsed
+from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
+from .base import BccSource, Requirement
+
+__all__ = ["HttpSource", "HttpEvent", "HttpSock", "DURATION_BOUNDARIES"]
+
+log = logging.getLogger(__name__)
+
+_D = header_defines("http.h")
+EV_SEND, EV_RECV, EV_CLOSE = _D["HTTP_EV_SEND"], _D["HTTP_EV_RECV"], _D["HTTP_EV_CLOSE"]
+F_GAP, F_ENDPOINTS = _D["HTTP_F_GAP"], _D["HTTP_F_ENDPOINTS"]
+S_IGNORED = _D["HTTP_S_IGNORED"]
+COMM_LEN = _D["HTTP_COMM_LEN"]
+IDLE_NS = 60_000_000_000   # a connection with nothing in flight, idle this long, is forgotten
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+class HttpEvent(ctypes.Structure):
+    """Mirror of ``struct http_event`` in ``bpf/http.h``; the captured bytes follow it."""
+
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("sk", ctypes.c_uint64), ("conn_id", ctypes.c_uint64),
+                ("cgroup_id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
+                ("fd", ctypes.c_uint32), ("size", ctypes.c_uint32), ("len", ctypes.c_uint16),
+                ("local_port", ctypes.c_uint16), ("peer_port", ctypes.c_uint16), ("kind", ctypes.c_uint8),
+                ("flags", ctypes.c_uint8), ("direction", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
+                ("local_addr", ctypes.c_uint8 * 16), ("peer_addr", ctypes.c_uint8 * 16),
+                ("comm", ctypes.c_char * COMM_LEN)]
+
+
+class HttpSock(ctypes.Structure):
+    """Mirror of ``struct http_sock``."""
+
+    _fields_ = [("conn_id", ctypes.c_uint64), ("local_port", ctypes.c_uint16), ("peer_port", ctypes.c_uint16),
+                ("direction", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint16),
+                ("local_addr", ctypes.c_uint8 * 16), ("peer_addr", ctypes.c_uint8 * 16)]
+
+
+_HDR = ctypes.sizeof(HttpEvent)
+# ts_ns, sk, conn_id, cgroup_id, pid, tid, fd, size, len, local_port, peer_port, kind, flags
+_FIXED = struct.Struct("<QQQQIIIIHHHBB")
+assert _FIXED.size == HttpEvent.flags.offset + 1
+
+
+def _address(raw: bytes) -> str:
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def _proc_address(hexaddr: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (or 32 hex digits for IPv6) as /proc/net/tcp{,6} write it."""
+    a, _, p = hexaddr.partition(":")
+    raw = bytes.fromhex(a)
+    # each 32-bit word is in host (little-endian) order
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw), int(p, 16)
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:]), int(p, 16)
+    return socket.inet_ntop(socket.AF_INET6, raw), int(p, 16)
+
+
+def socket_endpoints(pid: int, fd: int) -> tuple[str, int, str, int] | None:
+    """(local address, local port, peer address, peer port) of a process's TCP socket, from
+    /proc; None when the descriptor is gone or not a TCP socket."""
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not link.startswith("socket:["):
+        return None
+    inode = link[8:-1]
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[9] == inode:
+                        local, peer = _proc_address(parts[1]), _proc_address(parts[2])
+                        return local[0], local[1], peer[0], peer[1]
+        except OSError:
+            continue
+    return None
+
+
+class _Conn:
+    """One connection as seen from one process."""
+
+    __slots__ = ("parser", "pid", "comm", "cgroup_id", "local", "peer", "ignored", "last_ns", "scheme")
+
+    def __init__(self, parser: Http1Connection | None, pid: int, comm: str, cgroup_id: int,
+                 local: tuple[str, int], peer: tuple[str, int]):
+        self.parser = parser
+        self.pid, self.comm, self.cgroup_id = pid, comm, cgroup_id
+        self.local, self.peer = local, peer
+        self.ignored = parser is None
+        self.last_ns = 0
+        self.scheme = "http"
+
+
+class HttpMetrics:
+    """Cumulative duration histograms per process and attribute set, at most
+    ``max_attribute_sets`` of them; beyond, one overflow series per side (under pid 0)."""
+
+    def __init__(self, max_attribute_sets: int):
+        self.max_attribute_sets = max_attribute_sets
+        # (pid, key) → [bucket counts, sum, count]
+        self.series: dict[tuple[int, HttpSeriesKey], list[Any]] = {}
+        self.comms: dict[int, str] = {}
+        self.overflowed = 0   # observations that went to an overflow series
+
+    def observe(self, pid: int, comm: str, key: HttpSeriesKey, seconds: float) -> None:
+        s = self.series.get((pid, key))
+        if s is None:
+            if len(self.series) >= self.max_attribute_sets:
+                pid, key = 0, (key[0], "", 0, "", 0, "", "", "")
+                self.overflowed += 1
+                s = self.series.get((pid, key))
+            if s is None:
+                s = self.series[(pid, key)] = [[0] * (len(DURATION_BOUNDARIES) + 1), 0.0, 0]
+                if pid:
+                    self.comms.setdefault(pid, comm)
+        s[0][bisect.bisect_left(DURATION_BOUNDARIES, seconds)] += 1
+        s[1] += seconds
+        s[2] += 1
+
+    def by_pid(self) -> dict[int, HttpSeries]:
+        out: dict[int, HttpSeries] = {}
+        for (pid, key), (counts, total, count) in self.series.items():
+            series = out.get(pid)
+            if series is None:
+                series = out[pid] = HttpSeries(self.comms.get(pid, ""))
+            series.points.append((key, counts, total, count))
+        return out
+
+    def forget_pids(self, pids: set[int]) -> None:
+        for k in [k for k in self.series if k[0] in pids]:
+            del self.series[k]
+        for pid in pids:
+            self.comms.pop(pid, None)
+
+
+class HttpSource(BccSource):
+    name = "http"
+    bpf_file = "http.bpf.c"
+    lost_reasons = header_enum("http.h", "HTTP_LOST")
+    mirrors = (("mirror_http_event", "Leaf", HttpEvent), ("socks", "Leaf", HttpSock))
+    min_record_size = _HDR
+
+    CALLS = ("read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg")
+    TRACEPOINTS = ("sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
+                   *(f"syscalls:sys_{edge}_{call}" for call in CALLS for edge in ("enter", "exit")))
+
+    def __init__(self, ctx: Any):
+        super().__init__(ctx)
+        self.config = ctx.config.sources.http
+        self.report_interval = float(self.config.report_interval)
+        self._ports = frozenset(self.config.ports)
+        self._spans_on = bool(self.config.spans)
+        self._metrics_on = bool(self.config.metrics)
+        self.unparsed = Unparsed(UNPARSED_REASONS)
+        self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
+        self._evictions = 0
+        self._metrics = HttpMetrics(self.config.max_attribute_sets)
+        self._start_unix_ns = time.time_ns()
+        self._hand_on = ctx.consumer.consume_event
+        self._to_unix = ctx.clock.to_unix_nano
+        counts = self.unparsed.counts
+        ctx.telemetry.watch_counters(
+            "http_unparsed", "HTTP bytes the request source could not parse, or requests it could "
+            "not pair, by reason (see docs/operations.md)", "reason", lambda: dict(counts))
+        ctx.telemetry.watch_cache("http_connections", lambda: len(self._conns), self.config.max_connections,
+                                  lambda: self._evictions)
+        metrics = self._metrics
+        ctx.telemetry.watch_cache("http_series", lambda: len(metrics.series), self.config.max_attribute_sets + 2)
+
+    @classmethod
+    def requirements(cls, config: EbpfConfig) -> list[Requirement]:
+        return [Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS]
+
+    def cflags(self) -> list[str]:
+        from ..kernel.host import tracefs_root
+
+        root = tracefs_root()
+        if root is not None and not (root / "events" / "sock" / "sock_send_length").is_dir():
+            raise SourceUnavailableError(self.name, "kernel without the sock:sock_send_length and "
+                                         "sock_recv_length tracepoints (added in 6.3): they tell a call on a "
+                                         "TCP socket from one on a file (the agent uses no kprobes)",
+                                         "a kernel >= 6.3")
+        c = self.config
+        cap_max = 1 << (int(c.capture_bytes) - 1).bit_length()
+        return [f"-DCAPTURE_BYTES={int(c.capture_bytes)}", f"-DCAPTURE_MAX={cap_max}",
+                f"-DMAX_SOCKETS={int(c.max_connections)}", f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
+                f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}",
+                f"-DSELF_TGID={os.getpid()}"]
+
+    def configure(self, bpf: Any) -> None:
+        one = ctypes.c_uint8(1)
+        for port in self.config.ports:
+            bpf["filter_ports"][ctypes.c_uint16(port)] = one
+        fill_process_filter(bpf, self.config.filter, self.name)
+        self._start_unix_ns = time.time_ns()
+
+    # ------------------------------------------------------------------ records
+
+    def handle_event(self, data: int, size: int) -> None:
+        # One copy of the record and one unpack of the fields every record needs: the rest of
+        # the header (owner, endpoints) is read only for a connection's first record.
+        raw = ctypes.string_at(data, size)
+        ts, sk, conn_id, _cg, _pid, _tid, _fd, moved, length, _lp, _pp, kind, flags = _FIXED.unpack_from(raw)
+        key = (sk, conn_id)
+        if kind == EV_CLOSE:
+            self._received.inc()
+            conn = self._conns.pop(key, None)
+            if conn is not None and conn.parser is not None:
+                conn.parser.close(ts)
+                self._emit(conn)
+            return
+        if (kind != EV_SEND and kind != EV_RECV) or _HDR + length > size or length > moved:
+            self.count_lost("decode_error")
+            return
+        self._received.inc()
+        payload = raw[_HDR:_HDR + length]
+        conn = self._conns.get(key)
+        if conn is None:
+            conn = self._new_conn(HttpEvent.from_buffer_copy(raw, 0), payload)
+        else:
+            self._conns.move_to_end(key)
+        parser = conn.parser
+        if parser is None:
+            return
+        if flags & F_GAP:
+            parser.gap()
+        parser.feed(kind == EV_SEND, payload, moved, ts)
+        conn.last_ns = ts
+        if parser.exchanges:
+            self._emit(conn)
+        if parser.upgraded:   # no longer HTTP/1: the kernel stops sending it
+            self._ignore(sk, conn)
+
+    def _new_conn(self, ev: HttpEvent, payload: bytes) -> _Conn:
+        if ev.flags & F_ENDPOINTS:
+            local = (_address(bytes(ev.local_addr)), ev.local_port)
+            peer = (_address(bytes(ev.peer_addr)), ev.peer_port)
+        else:   # opened before the program was attached
+            found = socket_endpoints(ev.pid, ev.fd)
+            local, peer = ((found[0], found[1]), (found[2], found[3])) if found else (("", 0), ("", 0))
+        ignored = False
+        if self._ports and not ev.flags & F_ENDPOINTS:
+            # the first bytes say which side this is: a request received → the server
+            receives_requests = (ev.kind == EV_RECV) != payload.startswith(b"HTTP/")
+            server_port = local[1] if receives_requests else peer[1]
+            ignored = server_port not in self._ports
+        parser = None if ignored else Http1Connection(self.unparsed, self.config.max_header_bytes)
+        conn = _Conn(parser, ev.pid, ev.comm.decode("utf-8", "replace"), ev.cgroup_id, local, peer)
+        self._conns[(ev.sk, ev.conn_id)] = conn
+        if ignored:
+            self._ignore(ev.sk, conn)
+        if len(self._conns) > self.config.max_connections:
+            self._conns.popitem(last=False)
+            self._evictions += 1
+        return conn
+
+    def _ignore(self, sk: int, conn: _Conn) -> None:
+        conn.ignored = True
+        conn.parser = None
+        if self.bpf is None:
+            return
+        socks = self.bpf["socks"]
+        try:
+            entry = socks[socks.Key(sk)]
+            entry.flags |= S_IGNORED
+            socks[socks.Key(sk)] = entry
+        except KeyError:
+            pass   # closed meanwhile
+
+    def _emit(self, conn: _Conn) -> None:
+        parser = conn.parser
+        assert parser is not None
+        exchanges, parser.exchanges = parser.exchanges, []
+        to_unix = self._to_unix
+        for ex in exchanges:
+            server = ex.server
+            srv, cli = (conn.local, conn.peer) if server else (conn.peer, conn.local)
+            duration = ex.end_ns - ex.start_ns
+            if self._spans_on:
+                self._hand_on(HttpRequest(
+                    conn.pid, conn.comm, conn.cgroup_id, to_unix(ex.start_ns), duration, server, ex.method,
+                    ex.path, conn.scheme, ex.version, ex.status, srv[0], srv[1], cli[0], cli[1],
+                    ex.traceparent, ex.error))
+            if self._metrics_on:
+                key = (server, normal_method(ex.method), ex.status, srv[0], srv[1], ex.version, conn.scheme,
+                       error_type(server, ex.status, ex.error))
+                self._metrics.observe(conn.pid, conn.comm, key, duration / 1e9)
+
+    # ------------------------------------------------------------------ periodic
+
+    def collect(self) -> None:
+        now = time.monotonic_ns()
+        stale = []
+        for key, conn in self._conns.items():   # oldest activity first
+            if now - conn.last_ns < IDLE_NS:
+                break
+            p = conn.parser
+            if p is None or not (p.pending or p.current):
+                stale.append(key)
+        for key in stale:
+            del self._conns[key]
+        if not self._metrics_on:
+            return
+        by_pid = self._metrics.by_pid()
+        dead = {pid for pid in by_pid if pid and not os.path.exists(f"/proc/{pid}")}
+        self.ctx.consumer.consume_metrics(HttpSnapshot(self._start_unix_ns, time.time_ns(), DURATION_BOUNDARIES,
+                                                       by_pid, dead))
+        if dead:
+            self._metrics.forget_pids(dead)
