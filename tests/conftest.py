@@ -92,6 +92,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _image_builder = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "tests.kernels.vm", *cmd],
                                           cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
+    if cmd[0] == "lane":   # known from now on (nice execs the lane in place: same pid)
+        out_root.mkdir(parents=True, exist_ok=True)
+        (out_root / vm.LANE_PID).write_text(str(_image_builder.pid))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
