@@ -252,8 +252,13 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Whole samples (stack maps full) are left unread on purpose, and the ring buffer wakes its
     reader on a plain commit only when everything before was read. The notices that must be read
-    while a process lives (new process, new code object) force the wake-up: a short-lived Python
-    process started behind unread whole samples still has its code objects named."""
+    while a process lives (new process, new code object) force the wake-up: a Python process
+    started behind unread whole samples has its code objects named while it runs.
+
+    The process runs until they are all named (or the wait times out): nothing else wakes the
+    reader here, so without the forced wake-ups they never are. (It used to run 3 s of wall time,
+    which a loaded runner could leave too little CPU for its tables to load and every function to
+    be sampled before it exited, and the filler and it too few samples for the 100 whole ones.)"""
     from receiver.config import ProcessFilter
     from receiver.profiling.sampler import CpuSampler
 
@@ -264,8 +269,14 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
         shutil.copy("/usr/bin/python3.11", exe)
     script = tmp_path / "split.py"
     script.write_text(SPLIT_SOURCE)
+    # The same functions, run until a file appears.
+    until = tmp_path / "until_stopped.py"
+    until.write_text(SPLIT_SOURCE.replace("import sys, time", "import os, sys, time").replace(
+        "end = time.time() + float(sys.argv[1])\nwhile time.time() < end:", "while not os.path.exists(sys.argv[1]):"))
+    stop = tmp_path / "stop"
+    functions = {"<module>", "level1", "level2", "level3", "level4", "level5", "hot_a", "hot_b"}
     fill = subprocess.Popen([str(filler), str(script), "3600"], stdout=subprocess.DEVNULL)
-    prof = None
+    prof = proc = None
     try:
         prof = Profiled(0, filter=ProcessFilter(process_names=["pyfill", "pyshort"]), max_stacks=64)
         sampler = prof.sampler
@@ -281,20 +292,31 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
             return named
 
         monkeypatch.setattr(type(sampler.runtime("cpython").codes), "learn", spy)
-        proc = subprocess.Popen([str(short), str(script), "3"], stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen([str(short), str(until), str(stop)], stdout=subprocess.DEVNULL)
+        pid = proc.pid
+
+        def named() -> set[str | None]:
+            return {name for (p, name) in list(learned) if p == pid and name is not None}
+
+        # Its code objects read while it lives, behind many whole samples left unread.
+        try:
+            wait_until(lambda: functions <= named() and sampler.stats()["recorded"] >= 100, 120, 0.2,
+                       "the short process's functions named and 100 whole samples")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: named {sorted(map(str, named()))}, whole samples "
+                                 f"{sampler.stats()['recorded']}, alive {proc.poll() is None}") from None
+        assert proc.poll() is None, "the process ended before it was stopped"
+        stop.touch()
         assert proc.wait(60) == 0
-        assert sampler.runtime("cpython").wait_idle(5)
-        whole = sampler.stats()["recorded"]
     finally:
+        stop.touch()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         if prof is not None:
             prof.close()
         fill.kill()
         fill.wait()
-    assert whole >= 100, whole            # the short process ran behind many unread whole samples
-    # The script's code objects were read while it lived. (One first run in the interpreter's
-    # shutdown, in its last milliseconds, may come too late to read: CI of af1cb20 saw two.)
-    named = {name for (pid, name) in learned if pid == proc.pid and name is not None}
-    assert {"<module>", "level1", "level2", "level3", "level4", "level5", "hot_a", "hot_b"} <= named, learned
 
 
 def test_pprof_shows_python_functions_with_lines(bpf_ok: None, tmp_path: Path) -> None:
