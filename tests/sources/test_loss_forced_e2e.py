@@ -1,0 +1,724 @@
+"""Every kernel-side loss reason, forced once and counted exactly, end to end: real BPF programs,
+the real agent (``tests/harness.py``'s ``Agent``) and, where a received count is needed, the real
+Collector.
+
+The other end-to-end tests assert ``lost == 0``, which a loss counter that never moves would pass
+too. Here each ``<PREFIX>_LOST_<NAME>`` slot of ``bpf/<source>.h`` is driven past its bound by a
+workload the test controls, and the self-metric
+``ebpf_receiver_source_events_lost_total{source, reason}`` must equal what was lost: either the
+known overflow (N distinct keys into a map of M entries: N - M) or, for ring buffers, what the
+workload generated minus what arrived at the Collector. A ring buffer is overrun by stopping the
+agent (SIGSTOP: its reader stops, the kernel side keeps writing), generating more records than
+the ring holds, and letting it go on (SIGCONT).
+
+Each test isolates its workload with the source's own filters (server port, process name), so
+other processes on a shared machine cannot add to or take from the counts. What could not be
+forced, and why, is said where that reason's test would be.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import Agent, Collector, agent_config, free_port, wait_until
+
+pytestmark = [pytest.mark.bpf, pytest.mark.collector]
+
+LOST = "ebpf_receiver_source_events_lost_total"
+RECEIVED = "ebpf_receiver_source_events_received_total"
+
+
+def lost(agent: Agent, source: str, reason: str) -> int:
+    return int(agent.metric_value(LOST, source=source, reason=reason))
+
+
+def settle_exact(agent: Agent, source: str, expected: dict[str, int], interval: float,
+                 timeout: float = 60) -> None:
+    """Waits until every reason's lost count of ``source`` has reached ``expected``, lets two more
+    collections pass (``interval`` is the source's report interval), then asserts every reason
+    of the source, the others included, is exactly as expected (0 where not named)."""
+    wait_until(lambda: all(lost(agent, source, r) >= n for r, n in expected.items()), timeout, 0.3,
+               f"{source} losses to reach {expected}")
+    # Two more reads of the kernel's counters: a count past the expected one would show now.
+    threading.Event().wait(2 * interval + 0.5)
+    got = {r: lost(agent, source, r) for r in reasons_of(agent, source)}
+    want = {r: expected.get(r, 0) for r in got}
+    assert got == want, f"{source}: lost {got}, expected {want}"
+
+
+def reasons_of(agent: Agent, source: str) -> list[str]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    for fam in text_string_to_metric_families(agent.scrape()):
+        for s in fam.samples:
+            if s.name == LOST and s.labels.get("source") == source:
+                out.append(s.labels["reason"])
+    return sorted(set(out))
+
+
+class Paused:
+    """SIGSTOP the agent (its ring-buffer reader stops; the kernel side does not), SIGCONT on exit."""
+
+    def __init__(self, agent: Agent):
+        assert agent.proc is not None
+        self.pid = agent.proc.pid
+
+    def __enter__(self) -> "Paused":
+        os.kill(self.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+def stopped_agent(agent: Agent, fn: Callable[[], Any]) -> Any:
+    with Paused(agent):
+        return fn()
+
+
+# ------------------------------------------------------------------------------------ network
+
+
+def _tcp_spans(collector: Collector, port: int) -> list[dict[str, Any]]:
+    return [s for s in collector.spans()
+            if s["attrs"].get("network.transport") == "tcp" and s["attrs"].get("server.port") == port]
+
+
+def _connect_and_close(server: socket.socket, port: int) -> None:
+    """One whole connection: both sockets close cleanly (client first), so the kernel side
+    finishes both entries at CLOSE."""
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    client.close()
+    assert conn.recv(1) == b""
+    conn.close()
+
+
+def test_network_connection_map_full_and_ringbuf_full(bpf_ok: None, collector: Collector,
+                                                     tmp_path: Path) -> None:
+    """connection_map_full: 20 connections held open at once on a port the filter selects are
+    40 sockets (client and server side) for a conns map of max_connections = 16 entries: 24 are
+    refused, and exactly the 16 tracked ones give spans when they close.
+
+    ringbuf_full: with ring_buffer_pages = 1 (4 KiB) and the agent stopped, 40 connections make
+    80 records of 128 bytes; the ring takes what fits, the rest are lost: the spans that arrive
+    after SIGCONT plus the lost count must be 80."""
+    port = free_port()
+    cfg = {"report_interval": "1s", "ports": [port], "max_connections": 16, "ring_buffer_pages": 1,
+           "metrics": False}
+    agent = Agent(tmp_path, agent_config(collector, {"network": cfg})).start()
+    server = socket.create_server(("127.0.0.1", port), backlog=128)
+    try:
+        # ---- connection_map_full: 2 x 20 sockets tracked at once into 16 entries.
+        n_open = 20
+        held = []
+        for _ in range(n_open):
+            client = socket.create_connection(("127.0.0.1", port))
+            conn, _ = server.accept()
+            held.append((client, conn))
+        for client, conn in held:
+            client.close()
+            assert conn.recv(1) == b""
+            conn.close()
+        wait_until(lambda: len(_tcp_spans(collector, port)) >= 16, 30, 0.2, "the 16 tracked connections' spans")
+        settle_exact(agent, "network", {"connection_map_full": 2 * n_open - 16}, 1.0)
+        assert len(_tcp_spans(collector, port)) == 16
+
+        # ---- ringbuf_full: the reader stopped, 80 records into a 4 KiB ring.
+        n_seq = 40
+        stopped_agent(agent, lambda: [_connect_and_close(server, port) for _ in range(n_seq)])
+
+        def accounted() -> bool:
+            arrived = len(_tcp_spans(collector, port)) - 16
+            return arrived + lost(agent, "network", "ringbuf_full") >= 2 * n_seq
+
+        wait_until(accounted, 60, 0.3, "the stopped window's records to arrive or be counted lost")
+        arrived = len(_tcp_spans(collector, port)) - 16
+        # A 4096-byte ring holds at most 4095 bytes of 128-byte records (the producer may not
+        # run a whole ring ahead of the consumer): 31 records.
+        assert arrived == (4096 - 1) // 128, arrived
+        settle_exact(agent, "network", {"connection_map_full": 2 * n_open - 16,
+                                        "ringbuf_full": 2 * n_seq - arrived}, 1.0)
+        assert len(_tcp_spans(collector, port)) - 16 == arrived
+    finally:
+        server.close()
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+
+# ------------------------------------------------------------------------------------ syscalls
+
+# Forks N children, one at a time. Each renames itself to "lossseries" (the agent's process
+# filter selects that name from its next call on), makes 32 distinct system calls that cannot
+# fail, once each, then renames itself to "lossdone" (that prctl is the 33rd call, counted: the
+# filter decided at its entry) and waits, unselected, until the parent kills it. So every child
+# is 33 per-process series of exactly one call each, none with an error, and the children stay
+# alive (the agent frees a process's series once it is gone). The parent prints the children's
+# pids, then waits for its stdin to close.
+SERIES_C = r"""
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static long scratch[1024];
+
+static void pure_calls(void) {
+    long *b = scratch, *c = scratch + 256, *d = scratch + 512;
+    syscall(SYS_getpid); syscall(SYS_getppid); syscall(SYS_getuid); syscall(SYS_geteuid);
+    syscall(SYS_getgid); syscall(SYS_getegid); syscall(SYS_gettid); syscall(SYS_getpgrp);
+    syscall(SYS_getpgid, 0); syscall(SYS_getsid, 0); syscall(SYS_sched_yield);
+    syscall(SYS_getcpu, NULL, NULL, NULL); syscall(SYS_time, NULL); syscall(SYS_uname, b);
+    syscall(SYS_times, b); syscall(SYS_getrusage, 0, b); syscall(SYS_sysinfo, b);
+    syscall(SYS_getcwd, b, 1024); syscall(SYS_sched_getscheduler, 0); syscall(SYS_sched_getparam, 0, b);
+    syscall(SYS_sched_get_priority_max, 0); syscall(SYS_sched_get_priority_min, 0);
+    syscall(SYS_getitimer, 0, b); syscall(SYS_alarm, 0); syscall(SYS_getgroups, 0, NULL);
+    syscall(SYS_getresuid, b, c, d); syscall(SYS_getresgid, b, c, d); syscall(SYS_gettimeofday, b, NULL);
+    syscall(SYS_clock_gettime, 1, b); syscall(SYS_clock_getres, 1, b); syscall(SYS_getrlimit, 7, b);
+    syscall(SYS_getpriority, 0, 0);
+}
+
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    pid_t kids[256];
+    for (int i = 0; i < n; i++) {
+        int p[2];
+        char ch;
+        if (pipe(p)) return 1;
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(p[0]);
+            prctl(PR_SET_NAME, "lossseries");
+            pure_calls();
+            prctl(PR_SET_NAME, "lossdone");
+            if (write(p[1], "x", 1) != 1) _exit(1);
+            for (;;) pause();
+        }
+        close(p[1]);
+        if (read(p[0], &ch, 1) != 1) return 1;
+        close(p[0]);
+        kids[i] = pid;
+        printf("%d\n", pid);
+    }
+    fflush(stdout);
+    char ch;
+    while (read(0, &ch, 1) > 0) {}
+    for (int i = 0; i < n; i++) kill(kids[i], SIGKILL);
+    while (wait(NULL) > 0) {}
+    return 0;
+}
+"""
+SERIES_PER_CHILD = 33
+UNUSED_NR = 400   # no x86-64 system call has this number (the table skips 336..423)
+
+
+def _syscall_spans(collector: Collector, nr: int, pid: int) -> int:
+    return sum(1 for s in collector.spans()
+               if s["attrs"].get("syscall.nr") == nr and s["resource"].get("process.pid") == pid)
+
+
+def _host_error_series(collector: Collector) -> int:
+    """Distinct host-wide (syscall, errno) error series the agent exported: they share the errors
+    map with the per-process ones."""
+    seen = set()
+    for m in collector.metrics():
+        if m.get("name") != "syscall.errors" or "process.pid" in m["resource"]:
+            continue
+        for dp in m.get("sum", {}).get("dataPoints", []):
+            a = {kv["key"]: kv["value"].get("stringValue") for kv in dp.get("attributes", [])}
+            seen.add((a.get("syscall.name"), a.get("error.type")))
+    return len(seen)
+
+
+def test_syscalls_series_map_full_and_ringbuf_full(bpf_ok: None, collector: Collector,
+                                                  tmp_path: Path) -> None:
+    """series_map_full: max_series = 64 makes the per-process calls map 8 x 64 = 512 entries;
+    17 selected children make 17 x 33 = 561 series of one call each, so exactly 49 calls find
+    no room, and exactly 512 series (each with its one call) reach the Collector.
+
+    ringbuf_full: slow_threshold 1ns with every named system call in slow_exclude leaves one
+    kind of slow-call record on the host: calls of an unused number. With the agent stopped,
+    this test makes 6000 of them into a 256 KiB ring of 64-byte records; the spans that arrive
+    after SIGCONT plus the lost count must be 6000."""
+    import ctypes
+    import subprocess
+
+    from receiver.kernel.syscall_table import syscall_names
+
+    from ..harness import compile_c
+
+    max_series, children = 64, 17
+    cfg = {"report_interval": "1s", "slow_threshold": "1ns",
+           "slow_exclude": sorted(set(syscall_names().values())),
+           "filter": {"process_names": ["lossseries"]}, "max_series": max_series}
+    agent = Agent(tmp_path, agent_config(collector, {"syscalls": cfg})).start()
+    exe = compile_c(SERIES_C, tmp_path / "lossparent", "-O1")
+    parent = subprocess.Popen([str(exe), str(children)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None and parent.stdin is not None
+        pids = [int(parent.stdout.readline()) for _ in range(children)]
+        capacity = 8 * max_series
+        generated = children * SERIES_PER_CHILD
+
+        def counted() -> list[int]:
+            return [int(p["asInt"]) for pid in pids for p in _latest_points(collector, "syscall.calls", pid)]
+
+        wait_until(lambda: len(counted()) >= capacity, 60, 0.5, f"{capacity} per-process series in the metrics")
+        settle_exact(agent, "syscalls", {"series_map_full": generated - capacity}, 1.0)
+        calls = counted()
+        assert len(calls) == capacity and set(calls) == {1}, (len(calls), sorted(set(calls)))
+        # The errors map (8 x max_series) is shared with host-wide error series: while those stay
+        # below its size, no other process's error can have been refused (and counted) above.
+        assert _host_error_series(collector) < capacity
+
+        # ---- ringbuf_full
+        n = 6000
+        libc = ctypes.CDLL(None, use_errno=True)
+        me = os.getpid()
+        stopped_agent(agent, lambda: [libc.syscall(UNUSED_NR) for _ in range(n)])
+
+        def accounted() -> bool:
+            return _syscall_spans(collector, UNUSED_NR, me) + lost(agent, "syscalls", "ringbuf_full") >= n
+
+        wait_until(accounted, 60, 0.5, "the stopped window's slow calls to arrive or be counted lost")
+        arrived = _syscall_spans(collector, UNUSED_NR, me)
+        assert arrived == (64 * 4096 - 1) // 64, arrived   # what a 64-page ring holds of 64-byte records
+        settle_exact(agent, "syscalls", {"series_map_full": generated - capacity, "ringbuf_full": n - arrived}, 1.0)
+        assert _syscall_spans(collector, UNUSED_NR, me) == arrived
+    finally:
+        for pipe in (parent.stdin, parent.stdout):
+            if pipe:
+                pipe.close()
+        parent.wait(30)
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+
+def _latest_points(collector: Collector, name: str, pid: int) -> list[dict[str, Any]]:
+    """The newest export's data points of ``name`` for ``pid``."""
+    pts = collector.metric_points(name, pid)
+    if not pts:
+        return []
+    newest = max(int(p["timeUnixNano"]) for p in pts)
+    return [p for p in pts if int(p["timeUnixNano"]) == newest]
+
+
+# ------------------------------------------------------------------------------------ profiler
+
+# Threads that spin at a chosen address with rbp = 0: the kernel's frame-pointer walk of each
+# gives the one-frame user stack [that address], the same at every sample (a thread interrupted
+# in the kernel has the same user registers saved). "spin N SLOT0 STEP" starts N threads at
+# slots SLOT0, SLOT0 + STEP, ...: STEP 0 gives N threads with one stack, STEP 1 N distinct
+# stacks. "uring MS", once a line arrives on stdin, makes an io_uring with a submission-polling
+# kernel thread (iou-sqp) that polls for MS milliseconds, and waits meanwhile. Both wait for stdin to close, then exit.
+PROF_C = r"""
+#define _GNU_SOURCE
+#include <linux/io_uring.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define SLOTS 1024
+#define SLOT_BYTES 5   /* xor %rbp,%rbp (3 bytes); jmp . (2 bytes) */
+extern char spin_base[];
+__asm__(".text\n.globl spin_base\nspin_base:\n.rept 1024\nxor %rbp,%rbp\n1: jmp 1b\n.endr\n");
+
+static pthread_t threads[SLOTS];
+static int renamed;
+
+static void *spin(void *slot) {
+    void (*fn)(void) = (void (*)(void))(spin_base + SLOT_BYTES * (long)slot);
+    fn();
+    return NULL;
+}
+
+/* Out of the profiler's filter before exiting: an exiting thread, sampled once its memory is
+ * gone, has no user stack (a frameless sample: stack_fault). */
+static void leave_filter(int sig) {
+    (void)sig;
+    prctl(PR_SET_NAME, "lossgone");
+    __atomic_add_fetch(&renamed, 1, __ATOMIC_SEQ_CST);
+}
+
+/* One NOP through a submission-polling io_uring: its kernel thread wakes, runs it, then polls
+ * for more, busy, for the ring's idle time. */
+static long nop_ring(unsigned idle_ms) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    p.flags = IORING_SETUP_SQPOLL;
+    p.sq_thread_idle = idle_ms;
+    int fd = syscall(__NR_io_uring_setup, 4, &p);
+    if (fd < 0) return fd;
+    size_t sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    char *sq = mmap(NULL, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    struct io_uring_sqe *sqes = mmap(NULL, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                                     MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || sqes == MAP_FAILED) return -1;
+    unsigned *tail = (unsigned *)(sq + p.sq_off.tail), mask = *(unsigned *)(sq + p.sq_off.ring_mask);
+    unsigned t = *tail;
+    memset(&sqes[t & mask], 0, sizeof(struct io_uring_sqe));
+    sqes[t & mask].opcode = IORING_OP_NOP;
+    ((unsigned *)(sq + p.sq_off.array))[t & mask] = t & mask;
+    __atomic_store_n(tail, t + 1, __ATOMIC_RELEASE);
+    if (__atomic_load_n((unsigned *)(sq + p.sq_off.flags), __ATOMIC_ACQUIRE) & IORING_SQ_NEED_WAKEUP)
+        syscall(__NR_io_uring_enter, fd, 0, 0, IORING_ENTER_SQ_WAKEUP, NULL, 0);
+    return fd;
+}
+
+int main(int argc, char **argv) {
+    char ch;
+    if (!strcmp(argv[1], "spin")) {
+        int n = atoi(argv[2]), slot0 = atoi(argv[3]), step = atoi(argv[4]);
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 64 * 1024);
+        signal(SIGUSR1, leave_filter);
+        for (int i = 0; i < n; i++)
+            if (pthread_create(&threads[i], &a, spin, (void *)(long)(slot0 + i * step))) return 1;
+        printf("started\n");
+        fflush(stdout);
+        while (read(0, &ch, 1) > 0) {}
+        for (int i = 0; i < n; i++) pthread_kill(threads[i], SIGUSR1);
+        while (__atomic_load_n(&renamed, __ATOMIC_SEQ_CST) < n) sched_yield();
+        prctl(PR_SET_NAME, "lossgone");
+        _exit(0);
+    } else {
+        char line[16];
+        printf("ready\n");
+        fflush(stdout);
+        if (!fgets(line, sizeof(line), stdin)) return 1;
+        long fd = nop_ring(atoi(argv[2]));
+        printf("%ld\n", fd);
+        fflush(stdout);
+        if (fd < 0) return 1;
+        usleep(atoi(argv[2]) * 1000 + 500000);
+        printf("polled\n");
+    }
+    fflush(stdout);
+    while (read(0, &ch, 1) > 0) {}
+    return 0;
+}
+"""
+
+
+def _agent_bpf_map(pid: int, name: str) -> int:
+    """The id of the BPF map ``name`` among those the process ``pid`` holds open."""
+    import json
+    import subprocess
+
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
+                continue
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("map_id:"):
+                    ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    for map_id in ids:
+        info = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)],
+                                         check=True, capture_output=True, text=True).stdout)
+        if info.get("name") == name:
+            return map_id
+    raise AssertionError(f"no BPF map {name} held by {pid}")
+
+
+def _per_cpu_array(map_id: int) -> list[int]:
+    """A per-CPU array of u64 read with bpftool, summed over CPUs, by index."""
+    import json
+    import subprocess
+
+    rows = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                                     check=True, capture_output=True, text=True).stdout)
+    out: dict[int, int] = {}
+    for row in rows:
+        f = row.get("formatted", row)
+        key = f["key"] if isinstance(f["key"], int) else int.from_bytes(bytes(int(b, 16) for b in f["key"]), "little")
+        total = 0
+        for v in f["values"]:
+            val = v["value"]
+            total += val if isinstance(val, int) else int.from_bytes(bytes(int(b, 16) for b in val), "little")
+        out[key] = total
+    return [out[i] for i in range(len(out))]
+
+
+class ProfilerKernel:
+    """The agent's profiler counters read straight from its BPF maps (works while it is stopped):
+    ``stats`` gives every selected sample's fate (counted, recorded whole, dropped)."""
+
+    def __init__(self, agent: Agent):
+        from receiver.profiling.abi import LOST_REASONS, STAT_NAMES
+
+        assert agent.proc is not None
+        self.stat_names, self.lost_names = STAT_NAMES, LOST_REASONS
+        self.stats_id = _agent_bpf_map(agent.proc.pid, "stats")
+        self.lost_id = _agent_bpf_map(agent.proc.pid, "lost")
+
+    def stats(self) -> dict[str, int]:
+        return dict(zip(self.stat_names, _per_cpu_array(self.stats_id)))
+
+    def lost(self) -> dict[str, int]:
+        return dict(zip(self.lost_names, _per_cpu_array(self.lost_id)))
+
+    def samples(self) -> int:
+        s = self.stats()
+        return s["counted"] + s["recorded"] + s["dropped"]
+
+
+class RingPositions:
+    """The consumer and producer positions of a BPF ring buffer, mapped read-only."""
+
+    def __init__(self, map_id: int):
+        import ctypes
+        import mmap
+
+        attr = (ctypes.c_uint32 * 8)(map_id)
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(321, 14, ctypes.byref(attr), ctypes.sizeof(attr))   # bpf(BPF_MAP_GET_FD_BY_ID)
+        assert fd >= 0, os.strerror(ctypes.get_errno())
+        self.fd = fd
+        self.cons = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ, offset=0)
+        self.prod = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ, offset=4096)
+
+    def used(self) -> int:
+        return int.from_bytes(self.prod[:8], "little") - int.from_bytes(self.cons[:8], "little")
+
+    def close(self) -> None:
+        self.cons.close()
+        self.prod.close()
+        os.close(self.fd)
+
+
+def _profile_samples(collector: Collector, pid: int) -> tuple[int, int]:
+    """(all samples, samples without a single frame) the Collector has of process ``pid``."""
+    total = frameless = 0
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings, stacks, attrs = d.get("stringTable", []), d.get("stackTable", []), d.get("attributeTable", [])
+        for rp in req.get("resourceProfiles", []):
+            res = {}
+            for kv in rp.get("resource", {}).get("attributes", []):
+                key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
+                res[key] = kv.get("value", {}).get("intValue")
+            if res.get("process.pid") is None or int(res["process.pid"]) != pid:
+                continue
+            for sp in rp.get("scopeProfiles", []):
+                for prof in sp.get("profiles", []):
+                    for s in prof.get("samples", []):
+                        n = sum(int(v) for v in s.get("values", [])) or len(s.get("timestampsUnixNano", []))
+                        total += n
+                        if not stacks[s.get("stackIndex", 0)].get("locationIndices"):
+                            frameless += n
+    del attrs
+    return total, frameless
+
+
+class Workload:
+    def __init__(self, exe: Path, *args: str):
+        import subprocess
+
+        self.proc = subprocess.Popen([str(exe), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.first_line = self.proc.stdout.readline().strip()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """SIGSTOP, returning once every thread has stopped (no sample of it after that)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+        def all_stopped() -> bool:
+            states = []
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                try:
+                    stat = Path(f"/proc/{self.proc.pid}/task/{tid}/stat").read_text()
+                except OSError:
+                    continue
+                states.append(stat.rsplit(")", 1)[1].split()[0])
+            return all(st in "tT" for st in states)
+
+        wait_until(all_stopped, 30, 0.02, "every thread of the workload to stop")
+
+    def end(self) -> None:
+        """Closes its stdin and lets it go on: a spinner moves every thread out of the filter
+        (a thread's exit, sampled once its memory is gone, would be a frameless sample:
+        stack_fault), then exits."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.wait(60)
+        self.kill()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe:
+                pipe.close()
+
+
+def _settled_profiler(agent: Agent, kernel: ProfilerKernel, interval: float) -> None:
+    """Waits until the self-metric of every reason equals the kernel's counter."""
+    def same() -> bool:
+        k = kernel.lost()
+        return all(lost(agent, "profiler", r) == n for r, n in k.items())
+
+    wait_until(same, 60, 0.5, "the profiler's self-metrics to catch up with its kernel counters")
+    threading.Event().wait(2 * interval + 0.5)
+
+
+def test_profiler_every_loss_reason(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """One agent, max_stacks = 100: counts maps of 100 keys and stack maps of 100 entries in 128
+    hash buckets (the kernel rounds the buckets up to a power of two), kernel stacks off,
+    frame-pointer user stacks only. Whole samples (2088 bytes) travel over a 1 MiB ring buffer
+    and are lost only when it is full, which the stopped agent makes it.
+
+    Each stopped window's losses are checked against the kernel's own per-sample fate counters
+    (``stats``: counted, recorded whole, dropped; with the process filter only this test's
+    workloads reach them): dropped == the reasons that window can produce, by construction.
+
+    - counts_map_full: 150 threads, one stack: 150 keys for 100 slots.
+    - stack_collision: 60 threads, 60 distinct stacks, fewer than the 100 entries: a refusal can
+      only be a taken bucket (with 60 stacks in 128 buckets one is taken with probability
+      1 - 1e-6).
+    - stack_map_full: 300 distinct stacks: all 100 entries used, then a stack whose bucket is
+      free is refused for want of an entry (and one whose bucket is taken as a collision): the
+      two together == dropped, and stack_map_full > 0.
+    - ringbuf_full: a new process sampled while the ring has no room even for a 16-byte notice:
+      every sample of it tries to announce it and fails: lost == its samples.
+    - stack_fault: an io_uring submission-polling thread (iou-sqp, a kernel worker in the
+      workload's process) has no user stack and, with kernel stacks off, no frames at all:
+      each of its samples is counted frameless and as stack_fault: lost == the frameless
+      samples of that process at the Collector."""
+    from ..harness import compile_c
+
+    exe = compile_c(PROF_C, tmp_path / "lossprof", "-O1", "-pthread", "-no-pie")
+    uring = Workload(exe, "uring", "2000")   # started before the agent: the pid filter names it
+    interval = 1.0
+    cfg = {"preset": "debug", "frequency": 1000, "report_interval": "1s", "max_stacks": 100,
+           "kernel_stacks": False, "unwind_tables": False, "python_frames": False,
+           "filter": {"process_names": ["lossprof"], "pids": [uring.pid]}}
+    agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
+    kernel = ProfilerKernel(agent)
+    ring = RingPositions(_agent_bpf_map(agent.proc.pid, "events"))   # type: ignore[union-attr]
+    expected = dict.fromkeys(kernel.lost_names, 0)
+    try:
+        def stopped_window(threads: int, slot0: int, step: int) -> tuple[Workload, dict[str, int]]:
+            """Starts the spinners, lets two drains pass (only their steady stacks in the maps),
+            stops the agent until samples are dropped; returns the workload (stopped) and the
+            fates' change over the window."""
+            before = kernel.stats()
+            w = Workload(exe, "spin", str(threads), str(slot0), str(step))
+            assert w.first_line == "started"
+            threading.Event().wait(2.5 * interval)
+            os.kill(agent.proc.pid, signal.SIGSTOP)   # type: ignore[union-attr]
+            wait_until(lambda: kernel.stats()["dropped"] - before["dropped"] >= 200, 60, 0.2,
+                       "samples dropped with the ring buffer full")
+            return w, before
+
+        def resume(before: dict[str, int], *ws: Workload) -> dict[str, int]:
+            """Ends the workloads while the agent is still stopped (what their ending costs is
+            in the window too; no thread of theirs runs after it), takes the fates' change,
+            then lets the agent go on."""
+            for w in ws:
+                w.end()
+            after = kernel.stats()
+            os.kill(agent.proc.pid, signal.SIGCONT)   # type: ignore[union-attr]
+            return {k: after[k] - before[k] for k in after}
+
+        sample_reasons = ("counts_map_full", "stack_collision", "stack_map_full")
+
+        def check_window(d: dict[str, int], main_reason: str) -> None:
+            """Every sample the window dropped is lost under one of the three sample reasons
+            (their sum is exact); the reason the window forces has most of them; ringbuf_full
+            and stack_fault did not move."""
+            nonlocal expected
+            _settled_profiler(agent, kernel, interval)
+            got = {r: lost(agent, "profiler", r) for r in expected}
+            delta = {r: got[r] - expected[r] for r in got}
+            assert sum(delta[r] for r in sample_reasons) == d["dropped"], (delta, d)
+            assert delta[main_reason] > d["dropped"] // 2, (delta, d)
+            expected = got
+
+        # ---- counts_map_full: 150 threads, one stack (ending them adds their signal
+        # handler's few stacks, which may collide)
+        w, before = stopped_window(150, 0, 0)
+        check_window(resume(before, w), "counts_map_full")
+        assert expected["ringbuf_full"] == expected["stack_fault"] == 0, expected
+
+        # ---- stack_collision: 60 distinct stacks in 128 buckets, fewer than the 100 entries
+        w, before = stopped_window(60, 0, 1)
+        check_window(resume(before, w), "stack_collision")
+
+        # ---- many distinct stacks, then ringbuf_full in the same stopped window
+        w, before = stopped_window(300, 0, 1)
+        w.end()
+        # The ring is full for 2088-byte samples; fill what is left with 16-byte notices:
+        # new processes (spinning at a slot the 300 did not use), until one cannot be announced.
+        def notice_landed_or_lost(used: int, lost_before: int) -> Callable[[], bool]:
+            return lambda: ring.used() > used or kernel.lost()["ringbuf_full"] > lost_before
+
+        for _ in range(200):
+            lost_before, used = kernel.lost()["ringbuf_full"], ring.used()
+            f = Workload(exe, "spin", "1", "700", "0")
+            wait_until(notice_landed_or_lost(used, lost_before), 60, 0.05, "a new process's notice")
+            f.end()
+            if kernel.lost()["ringbuf_full"] > lost_before:
+                break
+        # Now a new process: every one of its samples tries to announce it, and fails.
+        mid, mid_lost = kernel.stats(), kernel.lost()["ringbuf_full"]
+        noticed = Workload(exe, "spin", "1", "701", "0")
+        wait_until(lambda: kernel.stats()["dropped"] - mid["dropped"] >= 50, 60, 0.1,
+                   "samples of a process that cannot be announced")
+        noticed.end()
+        end = kernel.stats()
+        announce_failures = sum(end[k] - mid[k] for k in ("counted", "recorded", "dropped"))
+        assert kernel.lost()["ringbuf_full"] - mid_lost == announce_failures > 0, announce_failures
+        d = resume(before)
+        check_window(d, "stack_collision")
+        assert expected["ringbuf_full"] == kernel.lost()["ringbuf_full"] > 0, expected
+
+        # ---- stack_fault
+        before = kernel.stats()
+        assert uring.proc.stdin is not None and uring.proc.stdout is not None
+        uring.proc.stdin.write("go\n")
+        uring.proc.stdin.flush()
+        assert int(uring.proc.stdout.readline()) >= 0, "io_uring_setup with SQPOLL failed"
+        assert uring.proc.stdout.readline().strip() == "polled"
+        faults = kernel.lost()["stack_fault"] - expected["stack_fault"]
+        # Its main thread may be sampled in io_uring_setup too (with a user stack): at most that.
+        samples = kernel.samples() - (before["counted"] + before["recorded"] + before["dropped"])
+        assert 0 < faults <= samples, (faults, samples)
+        expected["stack_fault"] += faults
+        _settled_profiler(agent, kernel, interval)
+        wait_until(lambda: _profile_samples(collector, uring.pid)[0] >= samples, 60, 0.5,
+                   "the polling process's samples at the Collector")
+        total, frameless = _profile_samples(collector, uring.pid)
+        assert frameless == faults and total == samples, (total, frameless, faults, samples)
+        assert {r: lost(agent, "profiler", r) for r in expected} == expected
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)   # type: ignore[union-attr]   # if a window failed
+        ring.close()
+        uring.kill()
+        assert agent.stop() == 0, agent.log()[-3000:]
