@@ -269,6 +269,7 @@ class Agent:
 
     def stop(self, timeout: float = 30) -> int:
         assert self.proc is not None
+        timeout *= TIME_SCALE    # an emulated guest also flushes to its Collector slowly
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
