@@ -48,6 +48,8 @@ F_GAP, F_ENDPOINTS = _D["HTTP_F_GAP"], _D["HTTP_F_ENDPOINTS"]
 S_IGNORED = _D["HTTP_S_IGNORED"]
 COMM_LEN = _D["HTTP_COMM_LEN"]
 IDLE_NS = 60_000_000_000   # a connection with nothing in flight, idle this long, is forgotten
+# ... and one with requests in flight (its close record may have been lost), counted as lost_data
+STUCK_NS = 900_000_000_000
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
@@ -336,10 +338,14 @@ class HttpSource(BccSource):
         now = time.monotonic_ns()
         stale = []
         for key, conn in self._conns.items():   # oldest activity first
-            if now - conn.last_ns < IDLE_NS:
+            idle = now - conn.last_ns
+            if idle < IDLE_NS:
                 break
             p = conn.parser
             if p is None or not (p.pending or p.current):
+                stale.append(key)
+            elif idle >= STUCK_NS:
+                self.unparsed.add("lost_data")
                 stale.append(key)
         for key in stale:
             del self._conns[key]

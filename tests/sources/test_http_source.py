@@ -154,3 +154,24 @@ def test_metric_attribute_sets_are_bounded_with_an_overflow_series() -> None:
     assert len(regular) == 3 and len(overflow) == 1
     assert overflow[0][0][1] == "" and overflow[0][3] == 7
     assert not [k for k, *_ in regular if "/" in str(k)]   # never a path
+
+
+
+def test_idle_connections_are_forgotten(monkeypatch: Any) -> None:
+    from receiver.sources import http as http_source
+    from receiver.sources.http import EV_RECV, EV_SEND, IDLE_NS, STUCK_NS
+
+    src = _source()
+    _deliver(src, _record(EV_RECV, b"GET /waits HTTP/1.1\r\n\r\n", sk=1, ts=1_000))   # no answer yet
+    _deliver(src, _record(EV_RECV, b"GET /x HTTP/1.1\r\n\r\n", sk=2, ts=2_000))
+    _deliver(src, _record(EV_SEND, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", sk=2, ts=3_000))
+    now = [3_000 + IDLE_NS - 1]
+    monkeypatch.setattr(http_source.time, "monotonic_ns", lambda: now[0])
+    src.collect()
+    assert len(src._conns) == 2
+    now[0] = 3_000 + IDLE_NS
+    src.collect()
+    assert [k[0] for k in src._conns] == [1]   # idle with nothing in flight: forgotten
+    now[0] = 1_000 + STUCK_NS
+    src.collect()
+    assert not src._conns and src.unparsed.counts["lost_data"] == 1   # its close never came
