@@ -66,6 +66,7 @@ BPF_TABLE("lru_hash", u64, struct http_sock, socks, MAX_SOCKETS);
 BPF_HASH(calls, u64, struct http_call, MAX_CALLS);
 BPF_PERCPU_ARRAY(scratch, struct http_record, 1);
 BPF_HASH(filter_ports, u16, u8, 1024);
+BPF_HASH(self_ports, u16, u8, 1024);   /* local ports of this agent's own connections */
 MIRROR(http_event);
 MIRROR(http_sock);
 
@@ -283,6 +284,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = HTTP_S_ENDPOINTS};
         READ_ENDPOINTS(args, &fresh);
         fresh.direction = newstate == TCP_SYN_SENT ? HTTP_DIR_CLIENT : HTTP_DIR_SERVER;
+        if (newstate == TCP_SYN_SENT && (bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+            fresh.flags |= HTTP_S_SELF | HTTP_S_IGNORED;   /* connect() runs in the agent's context */
+        /* The accepting side of the agent's own connection (e.g. a Collector receiving its
+         * OTLP/HTTP export on this host): never reported, so that exporting cannot feed itself. */
+        if (newstate == TCP_SYN_RECV && self_ports.lookup(&fresh.peer_port))
+            fresh.flags |= HTTP_S_IGNORED;
 #if FILTER_PORTS
         u16 server_port = fresh.direction == HTTP_DIR_CLIENT ? fresh.peer_port : fresh.local_port;
         fresh.flags |= filter_ports.lookup(&server_port) ? HTTP_S_SELECTED : HTTP_S_IGNORED;
@@ -294,11 +301,20 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (!s)
         return 0;
     if (newstate == TCP_ESTABLISHED && (s->flags & HTTP_S_ENDPOINTS)) {
-        READ_ENDPOINTS(args, s);
+        READ_ENDPOINTS(args, s);   /* a client's local port is chosen after SYN_SENT */
+        if (s->flags & HTTP_S_SELF) {
+            u8 one = 1;
+            u16 port = s->local_port;
+            self_ports.update(&port, &one);
+        }
         return 0;
     }
     if (newstate != TCP_CLOSE)
         return 0;
+    if (s->flags & HTTP_S_SELF) {
+        u16 port = s->local_port;
+        self_ports.delete(&port);
+    }
     if ((s->flags & (HTTP_S_HTTP | HTTP_S_SELECTED)) && !(s->flags & HTTP_S_IGNORED)) {
         struct http_event *e = events.ringbuf_reserve(sizeof(struct http_event));
         if (e) {

@@ -26,6 +26,7 @@
 #define HTTP_S_IGNORED 4        /* not selected, or no longer HTTP/1 (set by the program or user space) */
 #define HTTP_S_HTTP 8           /* a buffer started like HTTP/1: send every buffer from now on */
 #define HTTP_S_GAP 16           /* a record was lost since the last one delivered */
+#define HTTP_S_SELF 32          /* a connection this agent made (its local port is in self_ports) */
 
 #define HTTP_DIR_CLIENT 1
 #define HTTP_DIR_SERVER 2

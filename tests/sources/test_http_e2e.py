@@ -132,8 +132,11 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp("http")
     collector = Collector(otelcol_bin, tmp).start()
     ports = {name: free_port() for name in TESTS}
-    cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": CAPTURE}
-    agent = Agent(tmp, agent_config(collector, {"http": cfg})).start()
+    # The agent exports over OTLP/HTTP to a port it also watches: the Collector's side of the
+    # agent's own requests must never be reported (exporting would feed itself).
+    cfg = {"report_interval": "1s", "ports": sorted([*ports.values(), collector.http_port]), "capture_bytes": CAPTURE}
+    agent = Agent(tmp, agent_config(collector, {"http": cfg}, exporter={
+        "protocol": "http/protobuf", "endpoint": collector.http_endpoint})).start()
     servers = [Server(p) for p in ports.values()]
     try:
         yield Env(collector, agent, ports)
@@ -142,6 +145,8 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
         # Nothing the requests carried beyond the named attributes left the host.
         traces = (collector.outdir / "traces.jsonl").read_text()
         assert SECRET not in traces and "Bearer" not in traces and "cookie" not in traces.lower()
+        assert not [s for s in collector.spans() if s["attrs"].get("server.port") == collector.http_port
+                    or s["resource"].get("process.pid") in (agent.proc.pid, collector.proc.pid)]
     finally:
         for s in servers:
             s.close()
