@@ -22,11 +22,26 @@ from typing import Any
 
 import pytest
 
-from ..harness import REPO, Agent, Collector, agent_config, any_value, compile_c, go_env, wait_until
+from ..harness import (
+    REPO,
+    TIME_SCALE,
+    Agent,
+    Collector,
+    agent_config,
+    any_value,
+    compile_c,
+    go_env,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
 FREQUENCY = 99
+# The split and the count against CPU time are judged by sampling statistics, whose margins shrink
+# with the number of samples: 10x the samples per CPU-s where a test is about them (the
+# development preset allows up to 1000 Hz; the timer's period, 1.001 ms, then puts three samples,
+# evenly spaced, in each 3 ms cycle of the burner's).
+ACCURACY_FREQUENCY = 999
 BURNERS = ("burn_a", "burn_b")
 
 SOURCE = r"""
@@ -129,24 +144,48 @@ def burner(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "-O1", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer")
 
 
-def _config(max_stacks: int = 16384, report_interval: float = 2.0, **filter_: Any) -> Any:
+def _config(max_stacks: int = 16384, report_interval: float = 2.0, frequency: int = FREQUENCY,
+            **filter_: Any) -> Any:
     from receiver.config import ProcessFilter, ProfilerSourceConfig
 
-    return ProfilerSourceConfig(preset="development", frequency=FREQUENCY, report_interval=report_interval,
+    return ProfilerSourceConfig(preset="development", frequency=frequency, report_interval=report_interval,
                                 max_stacks=max_stacks, filter=ProcessFilter(**filter_))
 
 
-def _assert_every_sample_counted(total: int, cpu_s: float, stats: dict[str, int]) -> None:
+def _cpu_time_margin(expected: float) -> float:
+    """How far a sample count may stray from ``expected`` = the burner's CPU seconds x frequency.
+    The cpu-clock event is a per-CPU hrtimer with a fixed 1/frequency s period; each firing
+    samples the burner with probability = the share of that period it ran. So the count is a
+    sum of independent trials: mean = CPU-s x frequency, variance below the mean, whatever the
+    load (load changes the trials' odds, not the mean). 5 standard deviations: crossed by chance
+    once in 3.5 million runs; plus 3 for the edges (the burner's exec before the profiler was
+    attached, a period cut at its end). A lost or doubled sample path, or a wrong period (2x, 1/2x),
+    lands far outside it."""
+    return 5 * expected ** 0.5 + 3
+
+
+def _share_margin(p: float, n: int) -> float:
+    """How far the share of ``n`` samples that fall in a function the burner gives a share ``p``
+    of its CPU time (measured with its thread's own CPU clock, so load cannot skew it) may stray
+    from ``p``. Each sample lands in it with probability ``p``: the timer's period is no multiple
+    of the burner's 3 ms cycle, so samples fall at every phase of it (evenly spaced when the burner
+    runs alone, which varies less than chance; at random phases under load). So at most the
+    binomial spread: 5 standard deviations (crossed by chance once in 3.5 million runs), plus 1/n
+    for rounding. A 1:1 split, or the two swapped (1/3), lies outside it from 300 samples on."""
+    return 5 * (p * (1 - p) / n) ** 0.5 + 1 / n
+
+
+def _assert_every_sample_counted(total: int, cpu_s: float, stats: dict[str, int],
+                                 frequency: int = FREQUENCY) -> None:
     """The profile holds exactly the samples the kernel took of the burner (the filter selects
-    only it, and every sample lands in one of the kernel's tallies): load cannot move this.
-    Against the burner's CPU time only a sanity band: the timer samples whatever runs when it
-    fires, so on a loaded runner the count is a sampling of the CPU time, not a measure; its
-    spread is below sqrt(expected), and 5 of those plus 10 % is a margin no load crosses, while
-    samples counted twice or a wrong period (2x, 1/2x) still land outside it."""
+    only it, and every sample lands in one of the kernel's tallies): load cannot move this. And
+    their number is what the burner's CPU time (getrusage, not wall time) gives at ``frequency``,
+    within ``_cpu_time_margin``."""
     assert stats["dropped"] == 0 and total == stats["counted"] + stats["recorded"], (total, stats)
-    expected = FREQUENCY * cpu_s
-    margin = 0.10 * expected + 5 * expected ** 0.5
-    assert abs(total - expected) <= margin, f"{total} samples for {cpu_s:.2f} CPU-s at {FREQUENCY} Hz"
+    expected = frequency * cpu_s
+    assert abs(total - expected) <= _cpu_time_margin(expected), (
+        f"{total} samples for {cpu_s:.3f} CPU-s at {frequency} Hz: expected {expected:.0f} "
+        f"+- {_cpu_time_margin(expected):.0f}")
 
 
 def _run_profiled(burner: Path, mode: str, seconds: float,
@@ -177,15 +216,16 @@ def _names(sample: Any) -> set[str]:
 
 
 def test_accuracy_two_functions_two_to_one(bpf_ok: None, burner: Path) -> None:
-    profile, cpu_s, pid, stats = _run_profiled(burner, "ratio", 6.0)
+    profile, cpu_s, pid, stats = _run_profiled(burner, "ratio", 6.0, frequency=ACCURACY_FREQUENCY)
     mine = [s for s in profile.samples if s.pid == pid]
     total = sum(s.count for s in mine)
     assert total, "no samples of the burner"
     a = sum(s.count for s in mine if "burn_a" in _names(s))
     b = sum(s.count for s in mine if "burn_b" in _names(s))
     assert (a + b) / total >= 0.90, f"{a}+{b} of {total} samples in the burners"
-    assert b and abs(a / b - 2.0) <= 0.15 * 2.0, f"burn_a:burn_b = {a}:{b}"
-    _assert_every_sample_counted(total, cpu_s, stats)
+    # 2:1 of the burner's thread CPU time: burn_a's share of the burners' samples is 2/3.
+    assert abs(a / (a + b) - 2 / 3) <= _share_margin(2 / 3, a + b), f"burn_a:burn_b = {a}:{b}"
+    _assert_every_sample_counted(total, cpu_s, stats, ACCURACY_FREQUENCY)
     # Frames are leaf first, callers after: main calls the burners.
     stack = next(s for s in mine if s.frames and s.frames[0].function == "burn_a")
     assert [f.function for f in stack.frames[:2]] == ["burn_a", "main"]
@@ -238,19 +278,24 @@ def test_short_lived_process_is_symbolized(bpf_ok: None, burner: Path, tmp_path:
 
     short = tmp_path / "prof_short"
     shutil.copy(burner, short)
-    profiler = EbpfCpuProfiler(_config(process_names=["prof_short"])).start()
+    profiler = EbpfCpuProfiler(_config(process_names=["prof_short"], frequency=ACCURACY_FREQUENCY)).start()
+    stats: dict[str, int] = {}
     try:
-        # 0.3 s of CPU time, however long a loaded runner makes that take: about 30 samples.
-        proc = subprocess.Popen([str(short), "ratio-cpu", "0.3"], stdout=subprocess.DEVNULL)
+        # 0.3 s of CPU time, however long a loaded runner makes that take: about 300 samples.
+        proc = subprocess.Popen([str(short), "ratio-cpu", "0.3"], stdout=subprocess.PIPE, text=True)
         proc_pid = proc.pid
-        assert proc.wait(30) == 0
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        stats = profiler.sampler.stats()   # final: the filter selects only prof_short, now gone
         time.sleep(0.3)   # gone well before stop_profile() drains
     finally:
         profile = from_pprof(profiler.stop())   # the library's pprof result
     mine = [s for s in profile.samples if s.process_name == "prof_short" and s.pid == proc_pid]
     total = sum(s.count for s in mine)
     named = sum(s.count for s in mine if _names(s) & set(BURNERS))
-    assert total >= 10, f"{total} samples of a 0.3 CPU-s burner"
+    # Every sample the kernel took of it is in the profile, as many as its CPU time gives (a
+    # 0.3 CPU-s burner: 300 +- 90), though it was gone before the drain.
+    _assert_every_sample_counted(total, float(out), stats, ACCURACY_FREQUENCY)
     assert named / total >= 0.8, f"only {named} of {total} samples symbolized to the burners"
 
 
@@ -388,30 +433,52 @@ def _otlp_samples(collector: Collector) -> Iterator[tuple[list[str], dict[str, A
                         yield names, sattrs, int(s["values"][0]), res
 
 
+SIDECAR_CPU_S = 2.0       # of the burner's CPU time: about 1000 samples at SIDECAR_FREQUENCY,
+SIDECAR_FREQUENCY = 499   # so its 2:1 split is judged within +-0.075 (``_share_margin``)
+
+
 def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, collector: Collector,
                                                    tmp_path: Path) -> None:
-    # Runs until killed: in an emulated guest (the kernel matrix) the agent's start alone can take
-    # minutes, and a burner that ended meanwhile would leave nothing to sample.
-    proc = subprocess.Popen([str(burner), "ratio", "3600"], stdout=subprocess.DEVNULL)
+    """Every sample the agent took of the burner reaches the Collector, once: as many as the agent
+    counted (its self-metrics) and wrote to its pprof files, stack by stack, none lost in the
+    kernel; and burn_a and burn_b come out 2:1 as the burner spent its CPU time."""
+    # Waits for a byte on stdin before it burns: in an emulated guest (the kernel matrix) the
+    # agent's start alone can take minutes. Then SIDECAR_CPU_S of its own CPU time, however long
+    # a loaded runner makes that take, and it exits.
+    proc = subprocess.Popen([str(burner), "ratio-cpu", str(SIDECAR_CPU_S), "wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+    def at_collector() -> list[tuple[list[str], dict[str, Any], int, dict[str, Any]]]:
+        return [x for x in _otlp_samples(collector) if x[1].get("process.pid") == proc.pid]
+
     try:
-        cfg = {"preset": "development", "report_interval": "2s", "filter": {"pids": [proc.pid]},
-               "pprof_dir": str(tmp_path / "pprof")}
+        cfg = {"preset": "development", "frequency": SIDECAR_FREQUENCY, "report_interval": "2s",
+               "filter": {"pids": [proc.pid]}, "pprof_dir": str(tmp_path / "pprof")}
         agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
         try:
-            def burner_samples() -> list[Any]:
-                got = [x for x in _otlp_samples(collector) if x[1].get("process.pid") == proc.pid]
-                return got if sum(c for names, _, c, _ in got if set(names) & set(BURNERS)) >= 100 else []
+            proc.communicate("g", timeout=60 * TIME_SCALE + 20 * SIDECAR_CPU_S)
+            assert proc.returncode == 0, f"burner failed: {proc.returncode}"
+
+            # The burner is gone: the Collector ends up with exactly what the agent drained (the
+            # filter selects only the burner), never more, once its last drain is exported.
+            def settled() -> tuple[float, int] | None:
+                received = agent.metric_value("ebpf_receiver_source_events_received_total", source="profiler")
+                got = sum(c for _, _, c, _ in at_collector())
+                return (received, got) if received and got == received else None
 
             try:
-                samples = wait_until(burner_samples, 60, 0.5, "burner samples in profiles.jsonl")
+                wait_until(settled, 60, 0.5, "the Collector to hold every sample the agent drained")
             except AssertionError as e:   # say what the agent saw (the kernel matrix keeps only this)
-                got = [x for x in _otlp_samples(collector) if x[1].get("process.pid") == proc.pid]
+                got = at_collector()
                 raise AssertionError(
-                    f"{e}; burner alive: {proc.poll() is None}; burner samples at the Collector: "
-                    f"{sum(c for _, _, c, _ in got)} in {len(got)} stacks; agent: received "
+                    f"{e}; burner samples at the Collector: {sum(c for _, _, c, _ in got)} in {len(got)} "
+                    f"stacks; agent: received "
                     f"{agent.metric_value('ebpf_receiver_source_events_received_total', source='profiler')}, "
                     f"sent {agent.metric_value('ebpf_receiver_exporter_sent_items_total', signal='profiles')}; "
                     f"agent log tail:\n{agent.log()[-3000:]}") from None
+            # None lost in the kernel (ring buffer full, map collisions, ...) or dropped on the way.
+            assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="profiler") == 0
+            assert agent.metric_value("ebpf_receiver_exporter_dropped_items_total", signal="profiles") == 0
             assert agent.metric_value("ebpf_receiver_source_up", source="profiler") == 1
             # Symbolization shows in the self-metrics: frames named, and the burner's files parsed.
             assert agent.metric_value("ebpf_receiver_profiler_frames_total", result="resolved") > 0
@@ -419,21 +486,43 @@ def test_sidecar_exports_profiles_to_the_collector(bpf_ok: None, burner: Path, c
         finally:
             assert agent.stop() == 0
     finally:
-        proc.kill()
-        proc.wait()
-    counts = collections.Counter()
-    for names, sattrs, count, res in samples:
-        assert sattrs["thread.id"] == proc.pid and sattrs["thread.name"] == "prof_burner"
-        assert sattrs["process.executable.name"] == "prof_burner"
-        assert res["process.pid"] == proc.pid and res.get("host.name")
-        for fn in BURNERS:
-            if names[:2] == [fn, "main"]:
-                counts[fn] += count
-    assert counts["burn_a"] and counts["burn_b"], counts
-    # pprof_dir: one file per interval, each readable
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # pprof_dir: one file per drain, each readable; together (the stop's last drain included)
+    # exactly the stacks and counts the Collector received.
     from receiver.profiling.output.pprof import from_pprof, read_pprof
 
     files = sorted((tmp_path / "pprof").glob("cpu-*.pb.gz"))
     assert files, "no pprof written to pprof_dir"
-    names = {f.function for path in files for s in from_pprof(read_pprof(path)).samples for f in s.frames}
-    assert {"burn_a", "burn_b"} <= names
+    # Stacks as their named functions: an unnamed frame is a location without lines in OTLP
+    # (no name at all there) and a location with an empty name in pprof.
+    written: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for path in files:
+        for s in from_pprof(read_pprof(path)).samples:
+            assert s.pid == proc.pid, s.pid
+            written[tuple(f.function for f in s.frames if f.function)] += s.count
+
+    def exported() -> collections.Counter[tuple[str, ...]]:
+        out: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for names, _, count, _ in at_collector():
+            out[tuple(n for n in names if n)] += count
+        return out
+
+    wait_until(lambda: sum(exported().values()) >= sum(written.values()), 30, 0.2,
+               "the agent's last drain at the Collector")
+    assert exported() == written, (sum(exported().values()), sum(written.values()))
+    counts: collections.Counter[str] = collections.Counter()
+    for names, sattrs, count, res in at_collector():
+        assert sattrs["thread.id"] == proc.pid and sattrs["thread.name"] == "prof_burner"
+        assert sattrs["process.executable.name"] == "prof_burner"
+        assert res["process.pid"] == proc.pid and res.get("host.name")
+        for fn in BURNERS:
+            if fn in names:
+                counts[fn] += count
+        if names[:1] in (["burn_a"], ["burn_b"]):
+            assert names[:2] == [names[0], "main"], names   # leaf first, then its caller
+    a, b = counts["burn_a"], counts["burn_b"]
+    assert a and b, counts
+    # 2:1 of its thread CPU time, so burn_a's share is 2/3 within sampling noise.
+    assert abs(a / (a + b) - 2 / 3) <= _share_margin(2 / 3, a + b), f"burn_a:burn_b = {a}:{b}"
