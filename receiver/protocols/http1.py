@@ -92,11 +92,9 @@ class _Stream:
         pos, n = 0, len(data)
         while pos < n:
             st = self.state
-            if st == _START:
+            if st == _START:   # (buf is empty here: every way out of a head clears it)
                 self.msg_ts = ts
-                self.state = _HEAD
-                self.buf.clear()
-                st = _HEAD
+                self.state = st = _HEAD
             if st == _HEAD:
                 pos = self._head(data, pos)
             elif st == _BODY:
@@ -167,17 +165,18 @@ class _Stream:
     def _head(self, data: bytes, pos: int) -> int:
         buf = self.buf
         old = len(buf)
+        if not old:   # the usual case: the whole head in this call, parsed without copying it twice
+            end = data.find(b"\r\n\r\n", pos)
+            if end >= 0 and end - pos <= self.conn.max_header_bytes:
+                if not self.starts_message(data[pos:pos + 17]):
+                    return self._bad_start(len(data))
+                self._parse(data[pos:end + 2])
+                return end + 4
         buf += data[pos:]
         end = buf.find(b"\r\n\r\n", max(0, old - 3))
         if len(buf) >= 8 or end >= 0 or b"\n" in buf:
             if not self.starts_message(bytes(buf[:17])):
-                reason = ("not_http" if not self.conn.parsed else
-                          "bad_request_line" if self.request else "bad_status_line")
-                self.conn.unparsed.add(reason)
-                if not self.request and self.conn.current is not None:
-                    self.conn.current = None   # the answer of a popped request is unreadable
-                self.resync()
-                return len(data)
+                return self._bad_start(len(data))
         if end < 0:
             if len(buf) > self.conn.max_header_bytes:
                 self.conn.unparsed.add("header_too_large")
@@ -189,6 +188,15 @@ class _Stream:
         buf.clear()
         self._parse(head)
         return pos + consumed
+
+    def _bad_start(self, n: int) -> int:
+        """A message should start here and does not: counted, and this direction resynchronises."""
+        reason = "not_http" if not self.conn.parsed else "bad_request_line" if self.request else "bad_status_line"
+        self.conn.unparsed.add(reason)
+        if not self.request and self.conn.current is not None:
+            self.conn.current = None   # the answer of a popped request is unreadable
+        self.resync()
+        return n
 
     def _head_cut(self) -> None:
         """The head in progress will not be seen whole (capture gap or too large): what its
