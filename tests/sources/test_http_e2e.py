@@ -308,26 +308,41 @@ def test_garbage_on_the_server_port_is_counted_never_a_crash(env: Env) -> None:
                                   reason="decode_error") == 0
 
 
-def test_pipelined_and_split_requests(env: Env) -> None:
-    """Three requests in one write (pipelined), then one split over three writes, on one raw
-    connection; the server answers in order."""
+def test_pipelined_and_split_requests_through_every_call(env: Env) -> None:
+    """Three requests in one write (pipelined), then one split over write, writev (two iovecs)
+    and sendmsg, then one by sendto; the responses read with read, readv, recvmsg and recvfrom
+    in turn. The server answers in order (recvfrom/sendto)."""
     port = env.ports["pipelined"]
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"GET /p/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /missing/p2 HTTP/1.1\r\nHost: x\r\n\r\n"
-                  b"POST /p/3 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
-        for part in (b"GET /p/4 HT", b"TP/1.1\r\nHost: x\r\n", b"\r\n"):
-            time.sleep(0.05)
-            s.sendall(part)
+        fd = s.fileno()
+        os.write(fd, b"GET /p/1 HTTP/1.1\r\nHost: x\r\n\r\nGET /missing/p2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"POST /p/3 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
+        time.sleep(0.05)
+        os.write(fd, b"GET /p/4 HT")
+        time.sleep(0.05)
+        os.writev(fd, [b"TP/1.1\r\n", b"Host: x\r\n"])
+        time.sleep(0.05)
+        s.sendmsg([b"\r", b"\n"])
+        s.sendto(b"HEAD /p/5 HTTP/1.1\r\n\r\n", ("127.0.0.1", port))
         got = b""
-        while got.count(b"HTTP/1.1 ") < 4 or not got.endswith(b"ok"):
-            chunk = s.recv(65536)
+        reads = [lambda: os.read(fd, 65536), lambda: _readv(fd), lambda: s.recvmsg(65536)[0], lambda: s.recv(65536)]
+        i = 0
+        while got.count(b"HTTP/1.1 ") < 5:
+            chunk = reads[i % len(reads)]()
+            i += 1
             assert chunk, got
             got += chunk
-    spans = env.wait_spans(port, 4)
+    spans = env.wait_spans(port, 5)
     for (method, path, status), server, client in zip(
-            [("GET", "/p/1", 200), ("GET", "/missing/p2", 404), ("POST", "/p/3", 201), ("GET", "/p/4", 200)],
-            spans["server"], spans["client"]):
+            [("GET", "/p/1", 200), ("GET", "/missing/p2", 404), ("POST", "/p/3", 201), ("GET", "/p/4", 200),
+             ("HEAD", "/p/5", 200)], spans["server"], spans["client"]):
         _check_pair(server, client, method, path, status, port)
+
+
+def _readv(fd: int) -> bytes:
+    a, b = bytearray(40), bytearray(65536)
+    n = os.readv(fd, [a, b])
+    return bytes((a + b)[:n])
 
 
 def test_100_continue_sendfile_and_a_big_response(env: Env) -> None:
