@@ -602,9 +602,12 @@ def test_profiler_every_loss_reason(bpf_ok: None, collector: Collector, tmp_path
     - stack_collision: 60 threads, 60 distinct stacks, fewer than the 100 entries: a refusal can
       only be a taken bucket (with 60 stacks in 128 buckets one is taken with probability
       1 - 1e-6).
-    - stack_map_full: 300 distinct stacks: all 100 entries used, then a stack whose bucket is
-      free is refused for want of an entry (and one whose bucket is taken as a collision): the
-      two together == dropped, and stack_map_full > 0.
+    - stack_map_full (-ENOMEM from bpf_get_stackid) cannot happen: the kernel refuses a stack
+      for want of an entry only when its hash bucket is free and no entry is, which takes
+      fewer entries than buckets; BCC's BPF_STACK_TRACE rounds max_entries up to the power of
+      two the kernel takes as its bucket count, so with every entry used every bucket is taken
+      and a new stack is a collision. The test checks the map as loaded (max_stacks 100: 128
+      entries for 128 buckets) and that 300 distinct stacks leave stack_map_full at 0.
     - ringbuf_full: a new process sampled while the ring has no room even for a 16-byte notice:
       every sample of it tries to announce it and fails: lost == its samples.
     - stack_fault: an io_uring submission-polling thread (iou-sqp, a kernel worker in the
@@ -621,6 +624,15 @@ def test_profiler_every_loss_reason(bpf_ok: None, collector: Collector, tmp_path
            "filter": {"process_names": ["lossprof"], "pids": [uring.pid]}}
     agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
     kernel = ProfilerKernel(agent)
+    import json
+    import subprocess
+
+    def max_entries(name: str) -> int:
+        out = subprocess.run(["bpftool", "-j", "map", "show", "id", str(_agent_bpf_map(agent.proc.pid, name))],  # type: ignore[union-attr]
+                             check=True, capture_output=True, text=True).stdout
+        return int(json.loads(out)["max_entries"])
+
+    assert (max_entries("counts0"), max_entries("stacks0")) == (100, 128)
     ring = RingPositions(_agent_bpf_map(agent.proc.pid, "events"))   # type: ignore[union-attr]
     expected = dict.fromkeys(kernel.lost_names, 0)
     try:
@@ -671,7 +683,8 @@ def test_profiler_every_loss_reason(bpf_ok: None, collector: Collector, tmp_path
         w, before = stopped_window(60, 0, 1)
         check_window(resume(before, w), "stack_collision")
 
-        # ---- many distinct stacks, then ringbuf_full in the same stopped window
+        # ---- 300 distinct stacks (more than the 128 entries), then ringbuf_full in the same
+        # stopped window
         w, before = stopped_window(300, 0, 1)
         w.end()
         # The ring is full for 2088-byte samples; fill what is left with 16-byte notices:
@@ -698,6 +711,7 @@ def test_profiler_every_loss_reason(bpf_ok: None, collector: Collector, tmp_path
         d = resume(before)
         check_window(d, "stack_collision")
         assert expected["ringbuf_full"] == kernel.lost()["ringbuf_full"] > 0, expected
+        assert expected["stack_map_full"] == 0, expected   # see the docstring: cannot happen
 
         # ---- stack_fault
         before = kernel.stats()
@@ -722,3 +736,105 @@ def test_profiler_every_loss_reason(bpf_ok: None, collector: Collector, tmp_path
         ring.close()
         uring.kill()
         assert agent.stop() == 0, agent.log()[-3000:]
+
+
+# ------------------------------------------------------------------------------------ process
+
+# What the process program tries to put in its ring buffer, counted by a second program on the
+# same tracepoints (attached after the agent's, so it runs after it on each event): one exec
+# record per exec, one exit record per process (group_dead), one fork record per new process
+# (not per thread), one per OOM victim. The process source has no process filter: it records
+# the whole host, so the window below accounts for every process, not only this test's.
+WITNESS_C = r"""
+BPF_ARRAY(attempts, u64, 1);
+static __always_inline void attempt(void) {
+    u32 zero = 0;
+    u64 *n = attempts.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+TRACEPOINT_PROBE(sched, sched_process_exec) { attempt(); return 0; }
+TRACEPOINT_PROBE(sched, sched_process_exit) { if (args->group_dead) attempt(); return 0; }
+TRACEPOINT_PROBE(task, task_newtask) { if (!(args->clone_flags & 0x00010000)) attempt(); return 0; }
+TRACEPOINT_PROBE(oom, mark_victim) { attempt(); return 0; }
+"""
+
+# Forks and execs /bin/true N times, one after the other; prints each child's pid.
+EXECS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    for (int i = 0; i < n; i++) {
+        pid_t p = fork();
+        if (p == 0) {
+            execl("/bin/true", "true", (char *)NULL);
+            _exit(127);
+        }
+        printf("%d\n", p);
+        waitpid(p, NULL, 0);
+    }
+    return 0;
+}
+"""
+
+
+def test_process_ringbuf_full(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """ringbuf_full: with the agent stopped, 600 fork + exec + exit of /bin/true (about 3 KB of
+    records each) overrun the 1 MiB ring. This test's processes (the forking parent and its 600
+    children) made exactly 3 x 601 records; those missing at the Collector were lost. The
+    process source has no process filter, so the rest of the host's processes share the ring:
+    its records lost in the same window add to the count. So the count must lie between this
+    test's losses and those plus every other record the host attempted in the window, as a
+    witness program on the same tracepoints counts them (on a quiet host: exactly this test's).
+
+    args_map_full and exit_map_full are not forced: their maps are sized by constants of
+    receiver/sources/process.py (4096 execs in flight between sys_enter_execve and
+    sched_process_exec; 16384 processes between exit_group and their exit), with no config
+    knob; overrunning them takes 4096 execs blocked at once (e.g. argv on a userfaultfd page)
+    or 16384 processes held in exit (ptrace exit stops), and other processes' execs and exits
+    in the window would be refused too, with nothing to tell them apart."""
+    import subprocess
+
+    from bcc import BPF
+
+    from ..harness import compile_c
+
+    exe = compile_c(EXECS_C, tmp_path / "lossexecs", "-O1")
+    agent = Agent(tmp_path, agent_config(collector, {"process": {}})).start()
+    witness = BPF(text=WITNESS_C)
+    table = witness["attempts"]
+    n = 600
+    try:
+        with Paused(agent):
+            w0 = table[0].value
+            parent = subprocess.Popen([str(exe), str(n)], stdout=subprocess.PIPE, text=True)
+            out, _ = parent.communicate(timeout=120)
+            w1 = table[0].value
+        assert parent.returncode == 0
+        ours = {int(x) for x in out.split()} | {parent.pid}
+        assert len(ours) == n + 1
+        # The parent's own fork (from this test), exec and exit are in the window too.
+        generated = 3 * (n + 1)
+
+        def received() -> int:
+            return sum(1 for r in collector.log_records()
+                       if r.get("eventName") in ("process.exec", "process.exit", "process.fork")
+                       and r["attrs"].get("process.pid") in ours)
+
+        wait_until(lambda: received() + lost(agent, "process", "ringbuf_full") >= generated, 60, 0.5,
+                   "the window's records to arrive or be counted lost")
+        threading.Event().wait(11)   # two more reads of the kernel's counters (every 5 s)
+        got = received()
+        lost_ours = generated - got
+        count = lost(agent, "process", "ringbuf_full")
+        others = (w1 - w0) - generated
+        assert lost_ours > 0, (got, generated)
+        assert lost_ours <= count <= lost_ours + others, (lost_ours, count, others)
+        assert lost(agent, "process", "args_map_full") == lost(agent, "process", "exit_map_full") == 0
+    finally:
+        witness.cleanup()
+        assert agent.stop() == 0, agent.log()[-3000:]
+
