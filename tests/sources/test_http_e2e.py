@@ -77,9 +77,13 @@ class Handler(BaseHTTPRequestHandler):
         self._reply(201, b"created")
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class Server:
-    def __init__(self, port: int):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        self.httpd = (_Server6 if ":" in host else ThreadingHTTPServer)((host, port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -124,7 +128,7 @@ class Env:
         return self.agent.metric_value("ebpf_receiver_http_unparsed_total", reason=reason)
 
 
-TESTS = ("curl", "keepalive", "traceparent", "metrics", "garbage", "pipelined", "continue")
+TESTS = ("curl", "keepalive", "traceparent", "metrics", "garbage", "pipelined", "continue", "ipv6")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +141,7 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     cfg = {"report_interval": "1s", "ports": sorted([*ports.values(), collector.http_port]), "capture_bytes": CAPTURE}
     agent = Agent(tmp, agent_config(collector, {"http": cfg}, exporter={
         "protocol": "http/protobuf", "endpoint": collector.http_endpoint})).start()
-    servers = [Server(p) for p in ports.values()]
+    servers = [Server(p, "::1" if name == "ipv6" else "127.0.0.1") for name, p in ports.items()]
     try:
         yield Env(collector, agent, ports)
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
@@ -156,24 +160,24 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
             collector.stop()
 
 
-def curl(port: int, path: str, *args: str) -> tuple[int, str]:
+def curl(port: int, path: str, *args: str, host: str = "127.0.0.1") -> tuple[int, str]:
     """Runs curl once (one connection); returns its pid and the status it printed."""
-    p = subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", *args,
-                          f"http://127.0.0.1:{port}{path}"], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(["curl", "-sS", "-g", "-o", "/dev/null", "-w", "%{http_code}", *args,
+                          f"http://{host}:{port}{path}"], stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0, out
     return p.pid, out
 
 
 def _check_pair(server: dict[str, Any], client: dict[str, Any], method: str, path: str, status: int,
-                port: int) -> None:
+                port: int, address: str = "127.0.0.1") -> None:
     for s in (server, client):
         a = s["attrs"]
         assert s["name"] == method
         assert a["http.request.method"] == method and a["url.path"] == path, a
         assert a["http.response.status_code"] == status and a["url.scheme"] == "http"
-        assert a["server.address"] == "127.0.0.1" and a["server.port"] == port
-        assert a["client.address"] == "127.0.0.1" and a["network.protocol.version"] == "1.1"
+        assert a["server.address"] == address and a["server.port"] == port
+        assert a["client.address"] == address and a["network.protocol.version"] == "1.1"
         assert int(s["endTimeUnixNano"]) >= int(s["startTimeUnixNano"]) > 0
     assert server["kind"] in SERVER_KIND and client["kind"] in CLIENT_KIND
     assert server["attrs"]["client.port"] == client["attrs"]["client.port"] > 0
@@ -362,3 +366,15 @@ def test_100_continue_sendfile_and_a_big_response(env: Env) -> None:
                 ("GET", "/sendfile", 200), ("GET", "/missing/after-sendfile", 404)]
     for (method, path, status), server, client in zip(expected, spans["server"], spans["client"]):
         _check_pair(server, client, method, path, status, port)
+
+
+def test_ipv6(env: Env) -> None:
+    port = env.ports["ipv6"]
+    curl(port, "/v6", host="[::1]")
+    conn = http.client.HTTPConnection("::1", port)
+    conn.request("GET", "/missing/v6")
+    assert conn.getresponse().status == 404
+    conn.close()
+    spans = env.wait_spans(port, 2)
+    _check_pair(spans["server"][0], spans["client"][0], "GET", "/v6", 200, port, "::1")
+    _check_pair(spans["server"][1], spans["client"][1], "GET", "/missing/v6", 404, port, "::1")
