@@ -222,7 +222,14 @@ def test_accuracy_two_functions_two_to_one(bpf_ok: None, burner: Path) -> None:
     assert total, "no samples of the burner"
     a = sum(s.count for s in mine if "burn_a" in _names(s))
     b = sum(s.count for s in mine if "burn_b" in _names(s))
-    assert (a + b) / total >= 0.90, f"{a}+{b} of {total} samples in the burners"
+    # The rest are in clock_gettime: the burners' (and main's) reads of the thread's CPU clock,
+    # a system call, whose libc frame the walk cannot pass until libc's unwind table is loaded
+    # (under load: seconds), and where a busy runner preempts the burner (10 % of the samples
+    # beside three busy loops). Nothing else runs but main's loop and the exit:
+    # 1 % and 3 samples are more than those ever take.
+    clock = sum(s.count for s in mine if not _names(s) & set(BURNERS)
+                and [f.function for f in s.frames if f.frame_type != "kernel"][:1] == ["clock_gettime"])
+    assert total - a - b - clock <= 0.01 * total + 3, f"{a}+{b}+{clock} of {total} in the burners or clock reads"
     # 2:1 of the burner's thread CPU time: burn_a's share of the burners' samples is 2/3.
     assert abs(a / (a + b) - 2 / 3) <= _share_margin(2 / 3, a + b), f"burn_a:burn_b = {a}:{b}"
     _assert_every_sample_counted(total, cpu_s, stats, ACCURACY_FREQUENCY)
