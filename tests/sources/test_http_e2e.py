@@ -94,8 +94,10 @@ class Server:
 
 
 class Env:
-    def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int]):
+    def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int],
+                 early: http.client.HTTPConnection):
         self.collector, self.agent, self.ports = collector, agent, ports
+        self.early = early   # connected before the agent started
 
     def spans(self, port: int) -> dict[str, list[dict[str, Any]]]:
         """HTTP spans whose server port is ``port``, by side, in start order."""
@@ -128,7 +130,7 @@ class Env:
         return self.agent.metric_value("ebpf_receiver_http_unparsed_total", reason=reason)
 
 
-TESTS = ("curl", "keepalive", "traceparent", "metrics", "garbage", "pipelined", "continue", "ipv6")
+TESTS = ("curl", "keepalive", "traceparent", "metrics", "garbage", "pipelined", "continue", "ipv6", "early")
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +138,16 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp("http")
     collector = Collector(otelcol_bin, tmp).start()
     ports = {name: free_port() for name in TESTS}
+    servers = [Server(p, "::1" if name == "ipv6" else "127.0.0.1") for name, p in ports.items()]
+    early = http.client.HTTPConnection("127.0.0.1", ports["early"])
+    early.connect()
     # The agent exports over OTLP/HTTP to a port it also watches: the Collector's side of the
     # agent's own requests must never be reported (exporting would feed itself).
     cfg = {"report_interval": "1s", "ports": sorted([*ports.values(), collector.http_port]), "capture_bytes": CAPTURE}
     agent = Agent(tmp, agent_config(collector, {"http": cfg}, exporter={
         "protocol": "http/protobuf", "endpoint": collector.http_endpoint})).start()
-    servers = [Server(p, "::1" if name == "ipv6" else "127.0.0.1") for name, p in ports.items()]
     try:
-        yield Env(collector, agent, ports)
+        yield Env(collector, agent, ports, early)
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
         assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="http") == 0
         # Nothing the requests carried beyond the named attributes left the host.
@@ -152,6 +156,7 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
         assert not [s for s in collector.spans() if s["attrs"].get("server.port") == collector.http_port
                     or s["resource"].get("process.pid") in (agent.proc.pid, collector.proc.pid)]
     finally:
+        early.close()
         for s in servers:
             s.close()
         try:
@@ -378,3 +383,27 @@ def test_ipv6(env: Env) -> None:
     spans = env.wait_spans(port, 2)
     _check_pair(spans["server"][0], spans["client"][0], "GET", "/v6", 200, port, "::1")
     _check_pair(spans["server"][1], spans["client"][1], "GET", "/missing/v6", 404, port, "::1")
+
+
+def test_connection_older_than_the_agent_is_picked_up_by_its_first_bytes(env: Env) -> None:
+    """Connected before the program was attached: no state change was seen, so the endpoints come
+    from /proc. The server's handler thread was already blocked in its first receive then (a call
+    whose start the program did not see), so the first request has only its CLIENT span; its
+    response is counted as unmatched."""
+    port = env.ports["early"]
+    unmatched = env.unparsed("unmatched_response")
+    local_port = env.early.sock.getsockname()[1]
+    for i in range(4):
+        env.early.request("GET", f"/early/{i}")
+        r = env.early.getresponse()
+        assert r.status == 200 and r.read() == b"ok"
+    wait_until(lambda: len(env.spans(port)["client"]) == 4 and len(env.spans(port)["server"]) == 3, 30, 0.2,
+               "4 client and 3 server spans")
+    time.sleep(1.0)
+    spans = env.spans(port)
+    assert [s["attrs"]["url.path"] for s in spans["client"]] == [f"/early/{i}" for i in range(4)]
+    assert [s["attrs"]["url.path"] for s in spans["server"]] == [f"/early/{i}" for i in range(1, 4)]
+    for server, client in zip(spans["server"], spans["client"][1:]):
+        _check_pair(server, client, "GET", server["attrs"]["url.path"], 200, port)
+        assert client["attrs"]["client.port"] == local_port
+    assert env.unparsed("unmatched_response") == unmatched + 1
