@@ -49,7 +49,7 @@ test: setup lint
 # (setpriv), so a unit test that secretly needs one fails here instead of passing.
 UNPRIVILEGED := $(if $(filter 0,$(shell id -u)),setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all --bounding-set=-all --)
 test-unit: venv lint
-	$(UNPRIVILEGED) $(PY) -m pytest -m unit $(PYTEST_ARGS)
+	EBPF_TEST_FUZZ_SCALE=0.25 $(UNPRIVILEGED) $(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check receiver tests benchmarks deploy examples

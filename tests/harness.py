@@ -30,6 +30,14 @@ def free_port() -> int:
 # Emulated guests (the kernel matrix runs under TCG) are several times slower than this host:
 # guest.sh stretches every wait by this factor rather than each test guessing its own margin.
 TIME_SCALE = float(os.environ.get("EBPF_TEST_TIME_SCALE", "1"))
+# The fuzz and property tests' example counts: `make test` runs them whole, `make test-unit` (the
+# quick tier before each commit) a quarter of each (EBPF_TEST_FUZZ_SCALE=0.25).
+FUZZ_SCALE = float(os.environ.get("EBPF_TEST_FUZZ_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    """``n`` Hypothesis examples, scaled for the tier that runs them (at least 25)."""
+    return max(25, round(n * FUZZ_SCALE))
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from receiver.config import EbpfConfig
 from receiver.errors import ConfigError
 
-from .harness import REPO
+from .harness import REPO, examples
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
 
 

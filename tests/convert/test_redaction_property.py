@@ -28,6 +28,8 @@ from receiver.model import EbpfEventType
 from receiver.records import ProcessRecord
 from receiver.sources.process import PROC_MAX_ARGS
 
+from ..harness import examples
+
 _SWAP = {"é": "ß", "ß": "é", "€": "→", "→": "€", "😀": "🔑", "🔑": "😀"}   # same UTF-8 length
 _PUNCT = "/@:!#$%^&*()+=,.;?[]{}~_-'\"\\|<> "
 
@@ -153,7 +155,7 @@ def command_lines(draw: st.DrawFn) -> tuple[Callable[[str, str, str], list[str]]
     return build, s, token, p
 
 
-@settings(max_examples=int(os.environ.get("REDACTION_EXAMPLES", "400")), deadline=None,
+@settings(max_examples=int(os.environ.get("REDACTION_EXAMPLES", examples(400))), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(command_lines(), st.integers(1, PROC_MAX_ARGS))
 @example((lambda s, t, p: ["git", "clone", f"https://bob:{s}@h/r"], "pa/ss", "t", "p"), 20)

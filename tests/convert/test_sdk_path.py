@@ -18,6 +18,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from receiver import ConversionError, EbpfEvent, EbpfEventType, EbpfOtlpConverter
 
+from ..harness import examples
+
 T0 = 1_700_000_000_000_000_000
 
 
@@ -150,7 +152,7 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.flo
                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(event_type=st.one_of(st.sampled_from(list(EbpfEventType)), st.text(max_size=12)),
        pid=_VALUES, tid=_VALUES, data=_VALUES, ts=_VALUES, duration=_VALUES, comm=_VALUES,
        attributes=st.one_of(_VALUES, st.dictionaries(

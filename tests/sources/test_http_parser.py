@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from receiver.protocols import UNPARSED_REASONS, Exchange, Http1Connection, Unparsed, detect
 from receiver.protocols.http1 import MAX_PENDING
 
+from ..harness import examples
+
 REQ_OUT, REQ_IN = True, False   # the client sends requests; the server receives them
 
 
@@ -90,7 +92,7 @@ def test_pipelining_chunked_100_continue_head_204_and_close_delimited() -> None:
     assert not nonzero(c)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(0, 400), max_size=6))
 def test_any_split_of_the_messages_gives_the_same_exchanges(split: list[int]) -> None:
     c = run(CONVERSATION, split)
@@ -227,7 +229,7 @@ def test_pipeline_overflow_resynchronises() -> None:
     assert nonzero(c) == {"pipeline_overflow": 1} and not c.pending
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.binary(max_size=300), st.integers(0, 500)), max_size=12))
 def test_arbitrary_input_never_raises(calls: list[tuple[bool, bytes, int]]) -> None:
     c = conn()

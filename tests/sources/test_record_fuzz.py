@@ -18,6 +18,8 @@ from receiver.pipeline import Pipeline, ProcessResources
 from receiver.sources.base import SourceContext
 from receiver.telemetry import SelfTelemetry
 
+from ..harness import examples
+
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -75,7 +77,7 @@ def _count(src: Any, metric: str, **labels: str) -> float:
     return total
 
 
-FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Arbitrary bytes, or arbitrary bytes behind a valid record type (to reach the decoders' depth).
 RECORDS = st.one_of(st.binary(max_size=3 * PAGE),
                     st.tuples(st.integers(0, 5), st.binary(max_size=3 * PAGE)).map(
