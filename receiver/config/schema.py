@@ -248,12 +248,19 @@ class ProcessSourceConfig:
     """exec/exit/fork/OOM-kill events as logs. ``command_line`` may carry secrets: ``redacted``
     (default) masks values of secret-looking arguments, ``full`` sends argv as is, ``off`` omits it.
     ``max_args``: arguments exported, at most the 20 the kernel side captures (``PROC_MAX_ARGS``
-    in bpf/process.h)."""
+    in bpf/process.h). ``max_inflight_execs``: execs whose argv the kernel side holds at once,
+    between the exec's entry and its success or failure (2.5 KiB each); an exec beyond it is
+    still sent, without its arguments, and counted lost (``args_map_full``).
+    ``max_tracked_exits``: processes whose exit code or fatal signal the kernel side holds at
+    once, from exit_group(2) or the signal until the process is gone; an exit beyond it is sent
+    without its code and counted lost (``exit_map_full``)."""
 
     enabled: bool = True
     command_line: Literal["off", "redacted", "full"] = "redacted"
     fork_events: bool = True
     max_args: Annotated[int, Range(1, 20)] = 20      # high: PROC_MAX_ARGS (a test holds them equal)
+    max_inflight_execs: Annotated[int, Range(1, 65536)] = 4096
+    max_tracked_exits: Annotated[int, Range(1, 1 << 20)] = 16384
 
     def _validate(self) -> list[str]:
         return []

@@ -82,8 +82,8 @@ class ProcessSource(BccSource):
         oom_comm = tracepoint_has_field("oom:mark_victim", "comm")
         return [f"-DHAS_GROUP_DEAD={int(group_dead)}", f"-DHAS_OOM_COMM={int(oom_comm)}",
                 "-DRINGBUF_PAGES=256",          # 1 MiB
-                "-DMAX_INFLIGHT_EXECS=4096",
-                "-DMAX_TRACKED_EXITS=16384"]
+                f"-DMAX_INFLIGHT_EXECS={self.config.max_inflight_execs}",
+                f"-DMAX_TRACKED_EXITS={self.config.max_tracked_exits}"]
 
     def _remember(self, table: OrderedDict[int, Any], pid: int, value: Any) -> None:
         table[pid] = value
