@@ -838,3 +838,310 @@ def test_process_ringbuf_full(bpf_ok: None, collector: Collector, tmp_path: Path
         witness.cleanup()
         assert agent.stop() == 0, agent.log()[-3000:]
 
+
+
+# Holds a process source's map-full window open, deterministically.
+# "execs N": N processes, each with an exec in flight that cannot go on: it calls
+# execve(/bin/true) with argv on a userfaultfd page nobody has filled, so the kernel stalls in
+# reading argv, after sys_enter_execve (the agent's exec_argv has its entry) and before
+# sched_process_exec; a process it forked first reads the fault, then fills the page (argv
+# {"lossheld"}) once its release pipe closes, and the exec goes on.
+# "exits N": N children stopped in their exit (ptrace PTRACE_EVENT_EXIT stop: after
+# exit_group(3), the agent's exit_info has their entry, before sched_process_exit), continued
+# when stdin closes.
+# Either prints the N pids, then "held", then waits for its stdin to close.
+HOLD_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+static char name[] = "lossheld";
+
+/* A single-threaded exec (a thread's exec would SIGKILL the others). Its argv is filled from
+ * another process, forked after registering the page: it holds the userfaultfd. */
+static void hold_exec(int ready, int release) {
+    long psz = sysconf(_SC_PAGESIZE);
+    int uffd = syscall(SYS_userfaultfd, O_CLOEXEC);
+    struct uffdio_api api = {.api = UFFD_API};
+    if (uffd < 0 || ioctl(uffd, UFFDIO_API, &api)) _exit(2);
+    char *page = mmap(NULL, psz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    struct uffdio_register reg = {.range = {(unsigned long)page, psz}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (page == MAP_FAILED || ioctl(uffd, UFFDIO_REGISTER, &reg)) _exit(3);
+    pid_t filler = fork();
+    if (filler == 0) {
+        struct uffd_msg msg;
+        if (read(uffd, &msg, sizeof msg) != sizeof msg) _exit(5);   /* the exec reads argv: stalled */
+        if (write(ready, "x", 1) != 1) _exit(6);
+        char ch;
+        while (read(release, &ch, 1) > 0) {}
+        char *src = aligned_alloc(psz, psz);
+        char *argv[2] = {name, NULL};      /* the same address in the exec's process */
+        memset(src, 0, psz);
+        memcpy(src, argv, sizeof argv);
+        struct uffdio_copy copy = {.dst = (unsigned long)page, .src = (unsigned long)src, .len = psz};
+        _exit(ioctl(uffd, UFFDIO_COPY, &copy) ? 7 : 0);
+    }
+    close(ready);
+    close(release);
+    execve("/bin/true", (char **)page, environ);
+    _exit(127);
+}
+
+static void wait_stdin(void) {
+    char ch;
+    while (read(0, &ch, 1) > 0) {}
+}
+
+int main(int argc, char **argv) {
+    int n = atoi(argv[2]);
+    pid_t kids[256];
+    if (!strcmp(argv[1], "execs")) {
+        int ready[2], release[2];
+        prctl(PR_SET_CHILD_SUBREAPER, 1);
+        if (pipe(ready) || pipe(release)) return 1;
+        for (int i = 0; i < n; i++) {
+            kids[i] = fork();
+            if (kids[i] == 0) {
+                close(ready[0]);
+                close(release[1]);
+                hold_exec(ready[1], release[0]);
+            }
+        }
+        close(ready[1]);
+        close(release[0]);
+        for (int i = 0; i < n; i++) {
+            char ch;
+            if (read(ready[0], &ch, 1) != 1) return 1;
+        }
+        for (int i = 0; i < n; i++) printf("%d\n", kids[i]);
+        printf("held\n");
+        fflush(stdout);
+        wait_stdin();
+        close(release[1]);
+        while (wait(NULL) > 0) {}   /* the execs, and their fillers: reparented here (a subreaper) */
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        int st;
+        kids[i] = fork();
+        if (kids[i] == 0) {
+            ptrace(PTRACE_TRACEME, 0, 0, 0);
+            raise(SIGSTOP);
+            _exit(3);
+        }
+        if (waitpid(kids[i], &st, 0) != kids[i] || !WIFSTOPPED(st)) return 1;
+        ptrace(PTRACE_SETOPTIONS, kids[i], 0, PTRACE_O_TRACEEXIT | PTRACE_O_EXITKILL);
+        ptrace(PTRACE_CONT, kids[i], 0, 0);
+        if (waitpid(kids[i], &st, 0) != kids[i] || (st >> 8) != (SIGTRAP | (PTRACE_EVENT_EXIT << 8)))
+            return 1;
+        printf("%d\n", kids[i]);
+    }
+    printf("held\n");
+    fflush(stdout);
+    wait_stdin();
+    for (int i = 0; i < n; i++) {
+        ptrace(PTRACE_CONT, kids[i], 0, 0);
+        waitpid(kids[i], NULL, 0);
+    }
+    return 0;
+}
+"""
+
+# Attached after the agent's process program (so it runs after it on each tracepoint), on the
+# agent's own exec_argv and exit_info maps (pinned for it): after each update the agent
+# attempts, the key is in the map unless the update was refused (an existing key is replaced,
+# never refused; only the task itself deletes its key meanwhile). So it records every refusal,
+# host-wide, with the thread (exec) or process (exit) it refused. The one attempt it cannot see
+# is a SIGKILL taken with its default action: the agent attempts it only when it saw the
+# signal generated (its fatal_sent, which it has already cleared), so an absent key there is
+# either a refusal or no attempt: counted apart, as "maybe".
+MAP_WITNESS_C = r"""
+struct exec_args_blob { char b[EXEC_ARGS_SIZE]; };
+struct exit_blob { s32 code; s32 signal; };
+BPF_TABLE_PINNED("hash", u32, struct exec_args_blob, agent_argv, MAX_EXECS, "PIN_ARGV");
+BPF_TABLE_PINNED("hash", u32, struct exit_blob, agent_exits, MAX_EXITS, "PIN_EXITS");
+BPF_HASH(args_refused, u32, u32, 65536);    /* tid → 1 */
+BPF_HASH(exit_refused, u32, u32, 65536);    /* tgid → 1 */
+BPF_ARRAY(totals, u64, 3);                  /* args refused, exit refused, exit maybe refused */
+
+static __always_inline void add(u32 i) {
+    u64 *n = totals.lookup(&i);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline int exec_attempted(void) {
+    u32 tid = bpf_get_current_pid_tgid(), one = 1;
+    if (!agent_argv.lookup(&tid)) {
+        add(0);
+        args_refused.update(&tid, &one);
+    }
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_execve) { return exec_attempted(); }
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat) { return exec_attempted(); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32, one = 1;
+    if (!agent_exits.lookup(&tgid)) {
+        add(1);
+        exit_refused.update(&tgid, &one);
+    }
+    return 0;
+}
+
+#define FATAL_BY_DEFAULT(s) ((s) >= 1 && (s) <= 31 && !((1u << (s)) & ((1u << 17) | (1u << 18) | \
+    (1u << 19) | (1u << 20) | (1u << 21) | (1u << 22) | (1u << 23) | (1u << 28))))
+TRACEPOINT_PROBE(signal, signal_deliver) {
+    int sig = args->sig;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32, one = 1;
+    if (args->sa_handler != 0 || !FATAL_BY_DEFAULT(sig) || agent_exits.lookup(&tgid))
+        return 0;
+    if (sig == 9) {
+        add(2);
+    } else {
+        add(1);
+        exit_refused.update(&tgid, &one);
+    }
+    return 0;
+}
+"""
+
+
+def test_process_args_map_full_and_exit_map_full(bpf_ok: None, collector: Collector,
+                                                 tmp_path: Path) -> None:
+    """args_map_full and exit_map_full, with max_inflight_execs = max_tracked_exits = 4.
+
+    args_map_full: 4 execs held in flight (HOLD_C "execs") fill exec_argv; 20 fork + exec of
+    /bin/true then find no room. exit_map_full: 4 processes held in their exit (HOLD_C "exits")
+    fill exit_info; 20 more exits find no room. The process source records the whole host, so
+    other processes' execs and exits in those windows are refused too, and failed execs (a
+    PATH search) are counted without any record: a witness program on the agent's own maps
+    (MAP_WITNESS_C) records every refusal, host-wide, and which task it refused.
+
+    - args_map_full == the refusals the witness saw, exactly; this test's 20 execs each reached
+      the Collector, without argv exactly where the witness saw theirs refused (and, the map
+      being full of the held execs, at least one was).
+    - exit_map_full lies between the refusals the witness saw and those plus the SIGKILLs it
+      cannot judge (see MAP_WITNESS_C; none on a quiet host, where it is exact); this test's 20
+      exits reached the Collector, without an exit code exactly where the witness saw theirs
+      refused (at least one), with code 0 elsewhere; the held ones with their code 3.
+
+    Exact only if nothing was refused before the witness attached, which takes 4 execs in flight
+    (or 4 exits in progress) at once elsewhere on the host while the agent starts: the kernel's
+    own lost[] is read just before the witness loads, and must be 0 for both then."""
+    import ctypes
+    import subprocess
+    import uuid
+
+    from bcc import BPF
+
+    from ..harness import compile_c
+
+    size = 4
+    execs = compile_c(EXECS_C, tmp_path / "lossexecs", "-O1")
+    hold = compile_c(HOLD_C, tmp_path / "losshold", "-O1", "-pthread")
+    cfg = {"max_inflight_execs": size, "max_tracked_exits": size}
+    agent = Agent(tmp_path, agent_config(collector, {"process": cfg})).start()
+    assert agent.proc is not None
+    tag = uuid.uuid4().hex[:12]
+    pins = {name: Path(f"/sys/fs/bpf/loss_{tag}_{name}") for name in ("exec_argv", "exit_info")}
+    for name, pin in pins.items():
+        subprocess.run(["bpftool", "map", "pin", "id", str(_agent_bpf_map(agent.proc.pid, name)), str(pin)],
+                       check=True)
+    lost_id = _agent_bpf_map(agent.proc.pid, "lost")
+    witness = None
+    held: list[subprocess.Popen[str]] = []
+    try:
+        before = _per_cpu_array(lost_id)
+        text = MAP_WITNESS_C.replace("PIN_ARGV", str(pins["exec_argv"])).replace("PIN_EXITS", str(pins["exit_info"]))
+        witness = BPF(text=text, cflags=[f"-DEXEC_ARGS_SIZE={8 + 20 * 128}", f"-DMAX_EXECS={size}",
+                                         f"-DMAX_EXITS={size}"])
+        # Counted before the witness saw anything: nothing, or the exactness below cannot hold.
+        assert before[1:3] == [0, 0], before
+
+        def holding(mode: str, table: str) -> tuple[subprocess.Popen[str], list[int]]:
+            p = subprocess.Popen([str(hold), mode, str(size)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+            held.append(p)
+            assert p.stdout is not None
+            pids = [int(p.stdout.readline()) for _ in range(size)]
+            assert p.stdout.readline().strip() == "held"
+            assert len(witness[table].items()) == size, f"{table} not full of the held ones"  # type: ignore[index]
+            return p, pids
+
+        def run_execs(n: int) -> list[int]:
+            out = subprocess.run([str(execs), str(n)], check=True, capture_output=True, text=True).stdout
+            return [int(x) for x in out.split()]
+
+        def release(p: subprocess.Popen[str]) -> None:
+            assert p.stdin is not None
+            p.stdin.close()
+            assert p.wait(30) == 0
+
+        n = 20
+        # ---- args_map_full
+        h, exec_holders = holding("execs", "agent_argv")
+        exec_kids = run_execs(n)
+        release(h)
+        # ---- exit_map_full
+        h, exit_holders = holding("exits", "agent_exits")
+        exit_kids = run_execs(n)
+        release(h)
+
+        totals = [witness["totals"][ctypes.c_int(i)].value for i in range(3)]
+        args_refused = {k.value for k in witness["args_refused"].keys()}
+        exit_refused = {k.value for k in witness["exit_refused"].keys()}
+
+        def records(event: str, pids: list[int]) -> dict[int, dict[str, Any]]:
+            return {r["attrs"]["process.pid"]: r for r in collector.log_records()
+                    if r.get("eventName") == event and r["attrs"].get("process.pid") in pids}
+
+        wait_until(lambda: len(records("process.exec", exec_kids + exec_holders)) == n + size
+                   and len(records("process.exit", exit_kids + exit_holders)) == n + size, 60, 0.5,
+                   "this test's exec and exit records at the Collector")
+        # args_map_full: the kernel's count, then the self-metric, equal the witness's.
+        wait_until(lambda: lost(agent, "process", "args_map_full") >= totals[0]
+                   and lost(agent, "process", "exit_map_full") >= totals[1], 30, 0.3,
+                   "the self-metrics to reach the witness's counts")
+        threading.Event().wait(11)   # two more reads of the kernel's counters (every 5 s)
+        assert lost(agent, "process", "args_map_full") == totals[0], (totals, args_refused)
+        got = records("process.exec", exec_kids)
+        no_args = {pid for pid, r in got.items() if not r["attrs"].get("process.command_args")}
+        assert no_args == args_refused & set(exec_kids) and no_args, (sorted(no_args), len(args_refused))
+        assert all(got[p]["attrs"]["process.command_args"] == ["true"] for p in set(exec_kids) - no_args)
+
+        # exit_map_full: between the certain refusals and those plus the undecidable SIGKILLs.
+        count = lost(agent, "process", "exit_map_full")
+        assert totals[1] <= count <= totals[1] + totals[2], (count, totals)
+        got = records("process.exit", exit_kids + exit_holders)
+        no_code = {pid for pid, r in got.items() if "process.exit.code" not in r["attrs"]}
+        assert no_code == exit_refused & set(exit_kids) and no_code, (sorted(no_code), len(exit_refused))
+        assert all(got[p]["attrs"]["process.exit.code"] == 0 for p in set(exit_kids) - no_code)
+        assert all(got[p]["attrs"]["process.exit.code"] == 3 for p in exit_holders)
+        assert lost(agent, "process", "ringbuf_full") == 0
+    finally:
+        for p in held:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+            for pipe in (p.stdin, p.stdout):
+                if pipe:
+                    pipe.close()
+        if witness is not None:
+            witness.cleanup()
+        for pin in pins.values():
+            pin.unlink(missing_ok=True)
+        assert agent.stop() == 0, agent.log()[-3000:]
