@@ -790,12 +790,8 @@ def test_process_ringbuf_full(bpf_ok: None, collector: Collector, tmp_path: Path
     test's losses and those plus every other record the host attempted in the window, as a
     witness program on the same tracepoints counts them (on a quiet host: exactly this test's).
 
-    args_map_full and exit_map_full are not forced: their maps are sized by constants of
-    receiver/sources/process.py (4096 execs in flight between sys_enter_execve and
-    sched_process_exec; 16384 processes between exit_group and their exit), with no config
-    knob; overrunning them takes 4096 execs blocked at once (e.g. argv on a userfaultfd page)
-    or 16384 processes held in exit (ptrace exit stops), and other processes' execs and exits
-    in the window would be refused too, with nothing to tell them apart."""
+    args_map_full and exit_map_full: test_process_args_map_full_and_exit_map_full, with small
+    max_inflight_execs and max_tracked_exits."""
     import subprocess
 
     from bcc import BPF
