@@ -103,6 +103,7 @@ def test_caches_stay_within_their_limits_under_real_events(bpf_ok: None, collect
         collector,
         {"process": {},
          "network": {"report_interval": "1s", "max_attribute_sets": 4},
+         "http": {},   # on for its caches only: every cache is checked below
          "profiler": {"preset": "development", "report_interval": "2s",
                       "filter": {"process_names": ["cachechild"]}}},
         caches=caches)).start()
