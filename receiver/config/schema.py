@@ -356,7 +356,11 @@ SLOW_EXCLUDE_DEFAULT = ("futex", "epoll_wait", "epoll_pwait", "epoll_pwait2", "p
 class SyscallsSourceConfig:
     """In-kernel per-syscall counts, errors and latency histograms; calls slower than
     ``slow_threshold`` as spans, except those in ``slow_exclude`` (calls that block by design:
-    they still count in the metrics). Per-process series only for processes the filter selects."""
+    they still count in the metrics). Per-process series only for processes the filter selects.
+    ``max_threads``: on kernels without task local storage (before 5.11), threads whose call is in
+    flight while they are switched out, held at once in a hash by thread id (freed at the call's
+    return or the thread's exit); a call beyond it is not measured and counted lost
+    (``start_map_full``). Unused where task local storage exists (no limit there)."""
 
     enabled: bool = True
     report_interval: Annotated[Duration, AT_LEAST_1] = 10.0
@@ -365,6 +369,7 @@ class SyscallsSourceConfig:
     slow_exclude: list[str] = field(default_factory=lambda: list(SLOW_EXCLUDE_DEFAULT))
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     max_series: Annotated[int, AT_LEAST_1] = 2000
+    max_threads: Annotated[int, Range(1, 1 << 22)] = 32768
 
     def _validate(self) -> list[str]:
         p = []
@@ -379,7 +384,10 @@ class HttpSourceConfig:
     three framing/trace headers are kept). ``ports`` selects connections by their server port;
     empty, every socket whose bytes start like HTTP/1. Heads beyond ``max_header_bytes`` are
     counted as unparsed; metric attribute sets beyond ``max_attribute_sets`` go to an overflow
-    series (``otel.metric.overflow=true``)."""
+    series (``otel.metric.overflow=true``). ``max_calls``: read/write-family calls of selected
+    processes the kernel side holds at once, from their entry to their return (by thread id); a
+    call beyond it is not captured and counted lost (``call_map_full``), and its connection
+    resynchronises."""
 
     enabled: bool = False
     spans: bool = True
@@ -390,6 +398,7 @@ class HttpSourceConfig:
     capture_bytes: Annotated[int, Range(64, 8192)] = 1024
     max_header_bytes: Annotated[int, Range(256, 1 << 20)] = 16384
     max_connections: Annotated[int, Range(16, 1 << 20)] = 65536
+    max_calls: Annotated[int, Range(1, 1 << 20)] = 65536
     max_attribute_sets: Annotated[int, AT_LEAST_1] = 2000
     # 4 MiB: about 3 600 records of a full 1 KiB capture; losses: ringbuf_full.
     ring_buffer_pages: Annotated[int, Range(1, 1 << 18)] = 1024

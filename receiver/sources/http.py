@@ -229,7 +229,8 @@ class HttpSource(BccSource):
         c = self.config
         cap_max = 1 << (int(c.capture_bytes) - 1).bit_length()
         return [f"-DCAPTURE_BYTES={int(c.capture_bytes)}", f"-DCAPTURE_MAX={cap_max}",
-                f"-DMAX_SOCKETS={int(c.max_connections)}", f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
+                f"-DMAX_SOCKETS={int(c.max_connections)}", f"-DMAX_CALLS={int(c.max_calls)}",
+                f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
                 f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}",
                 f"-DSELF_TGID={os.getpid()}"]
 

@@ -68,6 +68,7 @@ class SyscallsSource(BccSource):
                 f"-DSLOW_SPANS={1 if self.config.slow_spans else 0}",
                 f"-DFILTER_PROCESS={1 if self.config.filter.active else 0}",
                 f"-DMAX_SERIES={int(self.config.max_series)}",
+                f"-DMAX_THREADS={int(self.config.max_threads)}",
                 "-DRINGBUF_PAGES=64", *self._kernel_compat_cflags()]
 
     def _kernel_compat_cflags(self) -> list[str]:
