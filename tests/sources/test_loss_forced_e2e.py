@@ -1141,3 +1141,406 @@ def test_process_args_map_full_and_exit_map_full(bpf_ok: None, collector: Collec
         for pin in pins.values():
             pin.unlink(missing_ok=True)
         assert agent.stop() == 0, agent.log()[-3000:]
+
+
+# ------------------------------------------------------------------------------------ http
+
+
+def _http_exchange(server: socket.socket, port: int, i: int) -> None:
+    """One request and its response on a new connection, each moved by exactly one call per side
+    (every byte is queued before the other side reads it, in one buffer), then both sockets
+    closed, client first, so that both reach TCP CLOSE: 4 data records (client send, server
+    recv, server send, client recv) and 2 close records."""
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    request = b"GET /loss/%04d HTTP/1.1\r\nHost: loss\r\nContent-Length: 0\r\n\r\n" % i
+    client.sendall(request)
+    assert conn.recv(65536) == request
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    conn.sendall(response)
+    assert client.recv(65536) == response
+    client.close()
+    assert conn.recv(1) == b""
+    conn.close()
+
+
+HTTP_RECORDS_PER_EXCHANGE = 6
+
+
+def test_http_ringbuf_full(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """ringbuf_full: ring_buffer_pages = 1 (4 KiB), the port filter on this test's server port.
+    With the agent stopped, 40 exchanges (``_http_exchange``: raw sockets, so that each makes
+    exactly 6 records; http.client and http.server split reads as timing has it) attempt 240
+    records of 112 to 170 bytes: about 25 fit in the ring, the rest are lost. The records the
+    agent reads (``events_received_total``) after SIGCONT plus the lost count must be 240, with
+    some of each; call_map_full and decode_error stay 0."""
+    port = free_port()
+    cfg = {"report_interval": "1s", "ports": [port], "ring_buffer_pages": 1}
+    agent = Agent(tmp_path, agent_config(collector, {"http": cfg})).start()
+    server = socket.create_server(("127.0.0.1", port), backlog=128)
+    try:
+        # One exchange with the agent running: its records all arrive, and nothing is lost.
+        _http_exchange(server, port, 0)
+        wait_until(lambda: agent.metric_value(RECEIVED, source="http") >= HTTP_RECORDS_PER_EXCHANGE, 30, 0.2,
+                   "the first exchange's records")
+        settle_exact(agent, "http", {}, 1.0)
+        received0 = int(agent.metric_value(RECEIVED, source="http"))
+        assert received0 == HTTP_RECORDS_PER_EXCHANGE, received0
+
+        n = 40
+        stopped_agent(agent, lambda: [_http_exchange(server, port, i) for i in range(1, n + 1)])
+        generated = HTTP_RECORDS_PER_EXCHANGE * n
+
+        def arrived() -> int:
+            return int(agent.metric_value(RECEIVED, source="http")) - received0
+
+        wait_until(lambda: arrived() + lost(agent, "http", "ringbuf_full") >= generated, 60, 0.3,
+                   "the stopped window's records to arrive or be counted lost")
+        got = arrived()
+        assert 0 < got < generated, got
+        settle_exact(agent, "http", {"ringbuf_full": generated - got}, 1.0)
+        assert arrived() == got
+    finally:
+        server.close()
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+
+# "losscalls S M": S threads, each blocked in read(2) on its own empty socketpair end (the http
+# program keeps each call's buffer by thread id from sys_enter_read until it returns), then, once
+# SIGUSR1 arrives, M reads by the main thread of a byte already queued (they return at once), then
+# exit. It makes no other read/write-family call after it starts its threads (no stdio: the test
+# finds the threads in /proc; the main thread waits in sigwaitinfo).
+CALLS_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static void *hold(void *arg) {
+    char ch;
+    read((int)(long)arg, &ch, 1);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    int s = atoi(argv[1]), m = atoi(argv[2]), sv[2], q[2];
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, q)) return 1;
+    for (int i = 0; i < m; i++)
+        if (write(q[1], "x", 1) != 1) return 1;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    for (int i = 0; i < s; i++) {
+        pthread_t t;
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) || pthread_create(&t, &a, hold, (void *)(long)sv[0])) return 1;
+    }
+    siginfo_t si;
+    if (sigwaitinfo(&set, &si) != SIGUSR1) return 1;
+    char ch;
+    for (int i = 0; i < m; i++)
+        if (read(q[0], &ch, 1) != 1) return 2;
+    _exit(0);
+}
+"""
+
+
+def _blocked_in_read(pid: int) -> int:
+    """Threads of ``pid`` (not its main thread) asleep in read(2) (x86-64 number 0)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) == pid:
+            continue
+        try:
+            call = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if call and call[0] == "0" and stat[0] == "S":
+            n += 1
+    return n
+
+
+def test_http_call_map_full(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """call_map_full: max_calls = 8, the process filter on "losscalls" (only its calls enter the
+    map; the agent never keeps its own). CALLS_C holds 8 reads in flight on socketpairs, which
+    fill the calls map (the test reads it: 8 entries); then 20 more reads find no room: exactly 20
+    lost. The sockets are AF_UNIX, so no record is attempted: ringbuf_full stays 0."""
+    import subprocess
+
+    from ..harness import compile_c
+
+    size, extra = 8, 20
+    exe = compile_c(CALLS_C, tmp_path / "losscalls", "-O1", "-pthread")
+    cfg = {"report_interval": "1s", "max_calls": size, "filter": {"process_names": ["losscalls"]}}
+    agent = Agent(tmp_path, agent_config(collector, {"http": cfg})).start()
+    assert agent.proc is not None
+    calls_id = _agent_bpf_map(agent.proc.pid, "calls")
+    p = subprocess.Popen([str(exe), str(size), str(extra)])
+    try:
+        wait_until(lambda: _blocked_in_read(p.pid) == size, 30, 0.1, f"{size} threads blocked in read")
+        assert _map_entries(calls_id) == size
+        settle_exact(agent, "http", {}, 1.0)   # nothing lost while they filled it
+        os.kill(p.pid, signal.SIGUSR1)
+        assert p.wait(30) == 0
+        settle_exact(agent, "http", {"call_map_full": extra}, 1.0)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
+        assert agent.stop() == 0, agent.log()[-3000:]
+
+
+def _map_entries(map_id: int) -> int:
+    import json
+    import subprocess
+
+    return len(json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                                         check=True, capture_output=True, text=True).stdout))
+
+
+# ------------------------------------------------------------------------------------ syscalls: start_map_full
+
+# "lossstart K": K threads, each blocked in readv(2) on one shared empty pipe; once a line
+# arrives on stdin, the pipe's write end is closed (every readv returns 0), the threads are
+# joined, "released" is printed, and it waits for stdin to close. So each thread makes one readv,
+# switched out in the call (it sleeps); nothing else in the process calls readv.
+START_C = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static int p[2];
+
+static void *hold(void *arg) {
+    char ch;
+    struct iovec v = {&ch, 1};
+    (void)arg;
+    readv(p[0], &v, 1);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    int k = atoi(argv[1]);
+    pthread_t *t = calloc(k, sizeof *t);
+    char line[16];
+    if (pipe(p)) return 1;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    for (int i = 0; i < k; i++)
+        if (pthread_create(&t[i], &a, hold, NULL)) return 1;
+    if (!fgets(line, sizeof line, stdin)) return 1;
+    close(p[1]);
+    for (int i = 0; i < k; i++) pthread_join(t[i], NULL);
+    printf("released\n");
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {}
+    return 0;
+}
+"""
+
+# Attached after the agent's syscalls program, on its start map (pinned for it), mirroring its
+# per-CPU "call in flight" slot: set at sys_enter, cleared at sys_exit, at the switch and at a
+# thread's exit, exactly where the agent sets and clears its own. At each switch with a call in
+# flight the agent attempts start[tid] = ...; only the thread itself deletes its key, and a key
+# never outlives its call, so the key is absent after the attempt exactly when it was refused.
+# seen[cpu] = 1 at every switch: once every CPU has switched after the witness attached, no call
+# the witness did not see enter is left in the agent's slots, nor one whose exit it missed while
+# it was being attached (its counts start then).
+START_WITNESS_C = r"""
+struct sc_start_mirror { u64 ts; u32 nr; u32 selected; };
+BPF_TABLE_PINNED("hash", u32, struct sc_start_mirror, agent_start, MAX_THREADS, "PIN_START");
+BPF_PERCPU_ARRAY(pending, u64, 1);          /* syscall nr + 1 of the call in flight here; 0: none */
+BPF_PERCPU_ARRAY(seen, u64, 1);
+BPF_HASH(refused, u64, u64, 65536);         /* tid << 32 | nr → refusals */
+BPF_ARRAY(totals, u64, 2);                  /* attempts, refusals */
+
+static __always_inline void add(u32 i) {
+    u64 *n = totals.lookup(&i);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    long id = (long)ctx->args[1];
+    u32 zero = 0;
+    u64 *p = pending.lookup(&zero);
+    if (id >= 0 && p)
+        *p = (u64)id + 1;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    u32 zero = 0;
+    u64 *p = pending.lookup(&zero);
+    if (p)
+        *p = 0;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exit) {
+    u32 zero = 0;
+    u64 *p = pending.lookup(&zero);
+    if (p)
+        *p = 0;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_switch) {
+    u32 zero = 0;
+    u64 *p = pending.lookup(&zero), *s = seen.lookup(&zero);
+    if (s)
+        *s = 1;
+    if (!p || !*p)
+        return 0;
+    u64 nr = *p - 1, one = 1;
+    *p = 0;
+    add(0);
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (agent_start.lookup(&tid))
+        return 0;
+    add(1);
+    u64 key = (u64)tid << 32 | nr;
+    u64 *n = refused.lookup(&key);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    else
+        refused.update(&key, &one);
+    return 0;
+}
+"""
+READV_NR = 19   # x86-64
+
+
+def _online_cpus() -> list[int]:
+    out: list[int] = []
+    for part in Path("/sys/devices/system/cpu/online").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_syscalls_start_map_full(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """start_map_full on the fallback for kernels without task local storage
+    (EBPF_RECEIVER_WITHOUT=task_storage: calls in flight while their thread is switched out wait
+    in a hash by thread id), with max_threads = 256. START_C holds 320 threads asleep in readv,
+    more than the map holds: it fills, and the rest of this test's threads, and any other
+    thread on the host that blocks in a call meanwhile (the map is host-wide), are refused.
+    START_WITNESS_C, on the agent's own map, records every refusal and which thread and call it
+    refused.
+
+    - start_map_full == the refusals the witness saw, exactly, once the held threads are
+      released (the map then holds only the host's other blocked threads, far fewer than 256,
+      and refusals stop: the test waits for the witness's count to stay still);
+    - the process's per-process readv series (the process filter selects it) counts exactly its
+      readv calls the witness saw accepted: 320 minus those refused (at least 320 - 256).
+
+    Exact only if nothing was refused before the witness mirrored the agent's slots: its counts
+    start once every CPU has switched after it attached, and the kernel's lost[] must be 0 then."""
+    import ctypes
+    import subprocess
+    import uuid
+
+    from bcc import BPF
+
+    from ..harness import compile_c
+
+    size, k = 256, 320
+    exe = compile_c(START_C, tmp_path / "lossstart", "-O1", "-pthread")
+    cfg = {"report_interval": "1s", "max_threads": size, "slow_spans": False,
+           "filter": {"process_names": ["lossstart"]}}
+    agent = Agent(tmp_path, agent_config(collector, {"syscalls": cfg}),
+                  env={"EBPF_RECEIVER_WITHOUT": "task_storage"}).start()
+    assert agent.proc is not None
+    pin = Path(f"/sys/fs/bpf/loss_{uuid.uuid4().hex[:12]}_start")
+    subprocess.run(["bpftool", "map", "pin", "id", str(_agent_bpf_map(agent.proc.pid, "start")), str(pin)],
+                   check=True)
+    lost_id = _agent_bpf_map(agent.proc.pid, "lost")
+    witness = None
+    holder = None
+    try:
+        witness = BPF(text=START_WITNESS_C.replace("PIN_START", str(pin)), cflags=[f"-DMAX_THREADS={size}"])
+        seen = witness["seen"]
+        seen.clearitem(ctypes.c_int(0))
+        online = _online_cpus()
+        wait_until(lambda: all(seen[ctypes.c_int(0)][c] == 1 for c in online), 30, 0.05, "a switch on every CPU")
+        # While BCC attached the witness's programs one by one (sys_enter before sys_exit), its
+        # slots were not yet the agent's: what it recorded then is no refusal. They are now.
+        witness["refused"].clear()
+        for i in range(2):
+            witness["totals"].clearitem(ctypes.c_int(i))
+        assert _per_cpu_array(lost_id)[1] == 0, "start_map_full before the witness mirrored the agent"
+
+        holder = subprocess.Popen([str(exe), str(k)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        tids = [int(t) for t in os.listdir(f"/proc/{holder.pid}/task")]
+
+        def in_readv() -> int:
+            n = 0
+            for tid in os.listdir(f"/proc/{holder.pid}/task"):   # type: ignore[union-attr]
+                try:
+                    call = Path(f"/proc/{holder.pid}/task/{tid}/syscall").read_text().split()   # type: ignore[union-attr]
+                except OSError:
+                    continue
+                n += bool(call) and call[0] == str(READV_NR)
+            return n
+
+        wait_until(lambda: in_readv() == k, 30, 0.1, f"{k} threads asleep in readv")
+        tids = [int(t) for t in os.listdir(f"/proc/{holder.pid}/task")]
+        assert len(tids) == k + 1
+
+        def refused_readv() -> set[int]:
+            return {key.value >> 32 for key in witness["refused"].keys()   # type: ignore[index]
+                    if key.value & 0xFFFFFFFF == READV_NR and key.value >> 32 in tids}
+
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        ours = refused_readv()   # final: every thread's one readv has returned
+        assert len(ours) >= k - size, len(ours)
+
+        totals = witness["totals"]
+
+        def refusals() -> int:
+            return int(totals[ctypes.c_int(1)].value)
+
+        def still() -> bool:
+            before = refusals()
+            threading.Event().wait(2.5)
+            return refusals() == before
+
+        wait_until(still, 60, 0, "the host's refusals to stop (the map no longer full)")
+        count = refusals()
+        settle_exact(agent, "syscalls", {"start_map_full": count}, 1.0)
+        assert refusals() == count
+        assert refused_readv() == ours
+
+        def readv_calls() -> list[int]:
+            return [int(p["asInt"]) for p in _latest_points(collector, "syscall.calls", holder.pid)   # type: ignore[union-attr]
+                    if p["attrs"].get("syscall.name") == "readv"]
+
+        wait_until(lambda: readv_calls() == [k - len(ours)], 30, 0.3,
+                   f"the holder's readv series at {k} - {len(ours)} refused")
+    finally:
+        if holder is not None:
+            for pipe in (holder.stdin, holder.stdout):
+                if pipe:
+                    pipe.close()
+            try:
+                holder.wait(30)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.wait(30)
+        if witness is not None:
+            witness.cleanup()
+        pin.unlink(missing_ok=True)
+        assert agent.stop() == 0, agent.log()[-3000:]
