@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"ebpf-otlp-receiver: error: {e.reason}" + (f" (fix: {e.fix})" if e.fix else ""),
               file=sys.stderr)
         return 1
+    # Ctrl-C (SIGINT) ends the profile early even where the CLI inherited SIGINT ignored, as a
+    # command started in the background by a non-interactive shell does: Python then leaves it
+    # ignored, and `kill -INT` would never end the profile.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("attached; sampling", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     interrupted = False
