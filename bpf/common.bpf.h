@@ -25,6 +25,26 @@ static long (*probe_read_user_str)(void *dst, __u32 size, const void *unsafe_ptr
     (void *)BPF_FUNC_probe_read_user_str;
 #define bpf_probe_read_user probe_read_user
 #define bpf_probe_read_user_str probe_read_user_str
+
+/* A sock:inet_sock_set_state record's ports and addresses into (s)->local_port/peer_port and
+ * (s)->local_addr/peer_addr[16], IPv4 as IPv4-mapped IPv6 (the network and http programs). A
+ * macro: BCC defines the argument struct only at the probe. */
+#define TCP_AF_INET 2
+#define READ_TCP_ENDPOINTS(args, s) do {                              \
+        (s)->local_port = (args)->sport;                              \
+        (s)->peer_port = (args)->dport;                               \
+        if ((args)->family == TCP_AF_INET) {                          \
+            __builtin_memset((s)->local_addr, 0, 16);                 \
+            __builtin_memset((s)->peer_addr, 0, 16);                  \
+            (s)->local_addr[10] = (s)->local_addr[11] = 0xff;         \
+            (s)->peer_addr[10] = (s)->peer_addr[11] = 0xff;           \
+            __builtin_memcpy(&(s)->local_addr[12], (args)->saddr, 4); \
+            __builtin_memcpy(&(s)->peer_addr[12], (args)->daddr, 4);  \
+        } else {                                                      \
+            __builtin_memcpy((s)->local_addr, (args)->saddr_v6, 16);  \
+            __builtin_memcpy((s)->peer_addr, (args)->daddr_v6, 16);   \
+        }                                                             \
+    } while (0)
 #define FILTER_COMM_LEN 16
 
 BPF_PERCPU_ARRAY(lost, u64, N_LOST);

@@ -72,15 +72,22 @@ MIRROR(http_sock);
 
 /* ------------------------------------------------------------------ calls in flight */
 
-static __always_inline void enter(u32 fd, u64 buf, u32 iovs) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32;
+/* Whether the process's sockets are watched: never the agent's own, and only those the process
+ * filter selects. */
+static __always_inline int watched(u32 tgid) {
     if (tgid == SELF_TGID)
-        return;
+        return 0;
 #if FILTER_PROCESS
     if (!selected_current(tgid))
-        return;
+        return 0;
 #endif
+    return 1;
+}
+
+static __always_inline void enter(u32 fd, u64 buf, u32 iovs) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!watched(id >> 32))
+        return;
     struct http_call c = {.buf = buf, .fd = fd, .count = iovs};
     if (calls.update(&id, &c) != 0)
         count_lost(HTTP_LOST_CALL_MAP_FULL);
@@ -186,13 +193,8 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
          * space, its byte count keeps the framing. */
         if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP)))
             return;
-        u32 tgid = id >> 32;
-        if (tgid == SELF_TGID)
+        if (!watched(id >> 32))
             return;
-#if FILTER_PROCESS
-        if (!selected_current(tgid))
-            return;
-#endif
     } else if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP))) {
         u64 first = c.buf;
         if (c.count && bpf_probe_read_user(&first, sizeof(first), (void *)c.buf) != 0)
@@ -257,21 +259,6 @@ TRACEPOINT_PROBE(sock, sock_recv_length) {
 
 /* ------------------------------------------------------------------ connections */
 
-#define READ_ENDPOINTS(args, s) do {                                  \
-        (s)->local_port = (args)->sport;                              \
-        (s)->peer_port = (args)->dport;                               \
-        if ((args)->family == HTTP_AF_INET) {                         \
-            __builtin_memset((s)->local_addr, 0, 16);                 \
-            __builtin_memset((s)->peer_addr, 0, 16);                  \
-            (s)->local_addr[10] = (s)->local_addr[11] = 0xff;         \
-            (s)->peer_addr[10] = (s)->peer_addr[11] = 0xff;           \
-            __builtin_memcpy(&(s)->local_addr[12], (args)->saddr, 4); \
-            __builtin_memcpy(&(s)->peer_addr[12], (args)->daddr, 4);  \
-        } else {                                                      \
-            __builtin_memcpy((s)->local_addr, (args)->saddr_v6, 16);  \
-            __builtin_memcpy((s)->peer_addr, (args)->daddr_v6, 16);   \
-        }                                                             \
-    } while (0)
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (args->protocol != HTTP_IPPROTO_TCP)
@@ -282,7 +269,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     int oldstate = args->oldstate, newstate = args->newstate;
     if (newstate == TCP_SYN_SENT || (newstate == TCP_SYN_RECV && oldstate == TCP_LISTEN)) {
         struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = HTTP_S_ENDPOINTS};
-        READ_ENDPOINTS(args, &fresh);
+        READ_TCP_ENDPOINTS(args, &fresh);
         fresh.direction = newstate == TCP_SYN_SENT ? HTTP_DIR_CLIENT : HTTP_DIR_SERVER;
         if (newstate == TCP_SYN_SENT && (bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
             fresh.flags |= HTTP_S_SELF | HTTP_S_IGNORED;   /* connect() runs in the agent's context */
@@ -301,7 +288,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (!s)
         return 0;
     if (newstate == TCP_ESTABLISHED && (s->flags & HTTP_S_ENDPOINTS)) {
-        READ_ENDPOINTS(args, s);   /* a client's local port is chosen after SYN_SENT */
+        READ_TCP_ENDPOINTS(args, s);   /* a client's local port is chosen after SYN_SENT */
         if (s->flags & HTTP_S_SELF) {
             u8 one = 1;
             u16 port = s->local_port;

@@ -76,23 +76,10 @@ static __always_inline int endpoint_selected(u16 server_port, const u8 *peer_add
 }
 
 /* Addresses and ports as the tracepoint has them now (a client's local port is only known once
- * the SYN is sent), IPv4 as IPv4-mapped IPv6. A macro: BCC defines the argument struct only at
- * the probe. */
+ * the SYN is sent), IPv4 as IPv4-mapped IPv6. */
 #define READ_ENDPOINTS(args, c) do {                                  \
         (c)->family = (args)->family;                                 \
-        (c)->local_port = (args)->sport;                              \
-        (c)->peer_port = (args)->dport;                               \
-        if ((args)->family == NET_AF_INET) {                          \
-            __builtin_memset((c)->local_addr, 0, 16);                 \
-            __builtin_memset((c)->peer_addr, 0, 16);                  \
-            (c)->local_addr[10] = (c)->local_addr[11] = 0xff;         \
-            (c)->peer_addr[10] = (c)->peer_addr[11] = 0xff;           \
-            __builtin_memcpy(&(c)->local_addr[12], (args)->saddr, 4); \
-            __builtin_memcpy(&(c)->peer_addr[12], (args)->daddr, 4);  \
-        } else {                                                      \
-            __builtin_memcpy((c)->local_addr, (args)->saddr_v6, 16);  \
-            __builtin_memcpy((c)->peer_addr, (args)->daddr_v6, 16);   \
-        }                                                             \
+        READ_TCP_ENDPOINTS(args, c);                                  \
     } while (0)
 
 static __always_inline void set_owner(struct net_conn *c, u32 tgid) {

@@ -305,6 +305,17 @@ class ProfilerSourceConfig:
         return p
 
 
+
+def _ring_and_ports_problems(ring_buffer_pages: int, ports: list[int]) -> list[str]:
+    """The checks the network and http sources share: a ring of a power of two pages, TCP ports."""
+    p = []
+    if ring_buffer_pages & (ring_buffer_pages - 1):
+        p.append("ring_buffer_pages: must be a power of two")
+    if any(not 0 < port < 65536 for port in ports):
+        p.append("ports: each port must be from 1 to 65535")
+    return p
+
+
 @dataclass(frozen=True)
 class NetworkSourceConfig:
     """TCP connection lifecycle as spans and metrics. ``ports`` selects connections by their
@@ -330,11 +341,7 @@ class NetworkSourceConfig:
     ring_buffer_pages: Annotated[int, Range(1, 1 << 18)] = 1024
 
     def _validate(self) -> list[str]:
-        p = []
-        if self.ring_buffer_pages & (self.ring_buffer_pages - 1):
-            p.append("ring_buffer_pages: must be a power of two")
-        if any(not 0 < port < 65536 for port in self.ports):
-            p.append("ports: each port must be from 1 to 65535")
+        p = _ring_and_ports_problems(self.ring_buffer_pages, self.ports)
         import ipaddress
 
         for a in self.addresses:
@@ -404,12 +411,7 @@ class HttpSourceConfig:
     ring_buffer_pages: Annotated[int, Range(1, 1 << 18)] = 1024
 
     def _validate(self) -> list[str]:
-        p = []
-        if self.ring_buffer_pages & (self.ring_buffer_pages - 1):
-            p.append("ring_buffer_pages: must be a power of two")
-        if any(not 0 < port < 65536 for port in self.ports):
-            p.append("ports: each port must be from 1 to 65535")
-        return p
+        return _ring_and_ports_problems(self.ring_buffer_pages, self.ports)
 
 
 _CACHE_BOUND = Range(16, 1 << 24)
