@@ -14,14 +14,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import SourceUnavailableError
 from . import host
 from .capabilities import explain_load_failure
 
 __all__ = ["bpf_source_dir", "load_bcc", "program_text", "compile_in_process", "tracepoint_has_field",
-           "header_enum", "header_defines", "check_mirror"]
+           "header_enum", "header_defines", "check_mirror", "KernelHeaders", "find_kernel_headers", "bcc_version"]
 
 _INLINE = re.compile(r'^#include\s+"([\w.-]+(?:/[\w.-]+)*\.bpf\.h)"\s*$', re.M)
 # The line of a program where the headers its caller names are inlined (the profiler's runtime walkers).
@@ -81,20 +81,108 @@ def program_text(bpf_file: str, includes: Sequence[str] = ()) -> str:
     return _INLINE.sub(inline, text)
 
 
+# ------------------------------------------------------------------ kernel headers
+
+FIX_OWN_HEADERS = ("install linux-headers-amd64 (the image ships it under /usr/src), or set "
+                   "bpf.kernel_headers to a header tree; /lib/modules is never written")
+
+
+class KernelHeaders(NamedTuple):
+    """The header tree BCC compiles against: ``root`` (``BCC_KERNEL_SOURCE``; "" for BCC's own
+    ``/lib/modules/$(uname -r)/build``), where it came from, and the ``-I`` flags that add the
+    generated half of a Debian split tree (``linux-headers-*-amd64`` beside ``*-common``)."""
+
+    root: str
+    origin: str
+    cflags: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.root or host.kernel_headers_dir()} ({self.origin})"
+
+
+def _arch_dir() -> str:
+    m = os.uname().machine
+    return {"x86_64": "x86", "aarch64": "arm64"}.get(m, m)
+
+
+def _tree(path: Path, origin: str) -> KernelHeaders | None:
+    """A header tree BCC can use from ``path``: a whole tree (``include/linux/kconfig.h``), or a
+    Debian arch tree (generated headers only) whose ``Makefile`` names its common half."""
+    path = path.resolve()
+    if (path / "include/linux/kconfig.h").is_file() and (path / "include/generated").is_dir():
+        return KernelHeaders(str(path), origin, ())
+    if not (path / "include/generated").is_dir():
+        return None
+    try:
+        m = re.search(r"^include\s+(\S+)/Makefile\s*$", (path / "Makefile").read_text(), re.M)
+    except OSError:
+        return None
+    common = Path(m.group(1)) if m else None
+    if common is None or not (common / "include/linux/kconfig.h").is_file():
+        return None
+    arch = _arch_dir()
+    flags = tuple(f"-I{path}/{d}" for d in (f"arch/{arch}/include/generated", "include",
+                                             f"arch/{arch}/include/generated/uapi", "include/generated/uapi"))
+    return KernelHeaders(str(common.resolve()), origin, flags)
+
+
+def find_kernel_headers(configured: str | None = None) -> KernelHeaders | None:
+    """The headers BCC compiles against, never written anywhere: ``configured``
+    (``bpf.kernel_headers``) when set; else the running kernel's own at
+    ``/lib/modules/$(uname -r)/build``; else the newest generic tree under ``/usr/src`` (the
+    image's, or ``make setup``'s linux-headers-amd64). ``None``: there are none."""
+    if configured:
+        return _tree(Path(configured), "bpf.kernel_headers")
+    build = host.kernel_headers_dir()
+    if (build / "include").is_dir():
+        return KernelHeaders("", "the running kernel's", ())
+    for d in sorted(Path("/usr/src").glob("linux-headers-*"), key=lambda p: _version_key(p.name), reverse=True):
+        found = _tree(d, "bundled generic headers")
+        if found is not None:
+            return found
+    return None
+
+
+def _version_key(name: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", name)]
+
+
+def bcc_version() -> str:
+    """BCC's version and libbcc's file, found without importing ``bcc`` (its compiler)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("bcc")
+    version = ""
+    if spec is not None and spec.origin:
+        try:
+            version = (Path(spec.origin).parent / "version.py").read_text().strip()
+        except OSError:
+            pass
+    lib = next((str(p.resolve()) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")
+                for p in [Path(d) / "libbcc.so.0"] if p.exists()), "")
+    return f"{version} {lib}"
+
+
 def compile_in_process(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
-                       includes: Sequence[str] = ()) -> Any:
+                       includes: Sequence[str] = (), headers: Sequence[Any] | None = None) -> Any:
     """Compiles and loads ``bpf/<bpf_file>`` with BCC in this process (the loader's), or raises
     ``SourceUnavailableError`` saying what is missing: BCC, the program file, kernel headers for BCC's compiler, or the
-    privilege to call bpf() (told apart from a compile error by a real bpf() probe)."""
+    privilege to call bpf() (told apart from a compile error by a real bpf() probe). ``headers``
+    (a ``KernelHeaders``) is the header tree; ``None`` finds one."""
     bcc = load_bcc()
     src_dir = bpf_source_dir()
     if not (src_dir / bpf_file).is_file():
         raise SourceUnavailableError(source_name, f"BPF program {src_dir / bpf_file} is missing from the installation")
-    build = host.kernel_headers_dir()
-    if not (build / "include").exists():
-        raise SourceUnavailableError(source_name, f"no kernel headers at {build}", host.FIX_HEADERS)
+    tree = KernelHeaders(headers[0], headers[1], tuple(headers[2])) if headers else find_kernel_headers()
+    if tree is None:
+        raise SourceUnavailableError(source_name, f"no kernel headers at {host.kernel_headers_dir()} nor under "
+                                     "/usr/src", FIX_OWN_HEADERS)
+    if tree.root:
+        os.environ["BCC_KERNEL_SOURCE"] = tree.root
+    else:
+        os.environ.pop("BCC_KERNEL_SOURCE", None)
     try:
-        return bcc.BPF(text=program_text(bpf_file, includes), cflags=[f"-I{src_dir}", *cflags])
+        return bcc.BPF(text=program_text(bpf_file, includes), cflags=[f"-I{src_dir}", *cflags, *tree.cflags])
     except Exception as e:
         # BCC reports a denied bpf() as "Failed to compile BPF module": tell the two apart.
         reason = explain_load_failure(e)

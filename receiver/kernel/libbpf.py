@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
-__all__ = ["lib", "BpfObject", "Table", "decode_type", "possible_cpus", "online_cpus", "MapSpec"]
+__all__ = ["lib", "BpfObject", "Table", "decode_type", "possible_cpus", "online_cpus", "MapSpec", "map_create",
+           "prog_load", "map_info", "prog_info", "attach_tracepoint", "attach_raw_tracepoint", "update_int"]
 
 # enum bpf_map_type (uapi/linux/bpf.h)
 HASH, ARRAY, PROG_ARRAY, PERF_EVENT_ARRAY, PERCPU_HASH, PERCPU_ARRAY, STACK_TRACE = 1, 2, 3, 4, 5, 6, 7
@@ -52,7 +53,13 @@ def lib() -> Any:
             ("ring_buffer__add", ctypes.c_int, [_VP, ctypes.c_int, _SAMPLE_FN, _VP]),
             ("ring_buffer__poll", ctypes.c_int, [_VP, ctypes.c_int]),
             ("ring_buffer__consume", ctypes.c_int, [_VP]),
-            ("ring_buffer__free", None, [_VP])):
+            ("ring_buffer__free", None, [_VP]),
+            ("bpf_map_create", ctypes.c_int, [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                              ctypes.c_uint32, _VP]),
+            ("bpf_prog_load", ctypes.c_int, [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, _VP, ctypes.c_size_t,
+                                             _VP]),
+            ("bpf_obj_get_info_by_fd", ctypes.c_int, [ctypes.c_int, _VP, _U32P]),
+            ("bpf_raw_tracepoint_open", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int])):
         fn = getattr(so, name)
         fn.restype, fn.argtypes = res, args
     return so
@@ -299,6 +306,7 @@ class BpfObject:
         self._ringbuf: int | None = None
         self._callbacks: list[Any] = []
         self.loader_info: dict[str, Any] = {}
+        self.attach_points: list[list[str]] = []   # [kind, point] of each attachment, in order
 
     def __getitem__(self, name: str | bytes) -> Table:
         key = name.decode() if isinstance(name, bytes) else name
@@ -445,3 +453,138 @@ def _libc() -> Any:
     libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_long]
     libc.ioctl.restype = ctypes.c_int
     return libc
+
+
+# ------------------------------------------------------------------ creating maps and programs
+
+class _MapCreateOpts(ctypes.Structure):   # struct bpf_map_create_opts (libbpf 1.0+)
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+class _ProgLoadOpts(ctypes.Structure):    # struct bpf_prog_load_opts up to log_buf (libbpf 1.0+)
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                ("prog_ifindex", ctypes.c_uint32), ("kern_version", ctypes.c_uint32),
+                ("attach_btf_id", ctypes.c_uint32), ("attach_prog_fd", ctypes.c_uint32),
+                ("attach_btf_obj_fd", ctypes.c_uint32), ("fd_array", _VP), ("func_info", _VP),
+                ("func_info_cnt", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32),
+                ("line_info", _VP), ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", _VP)]
+
+
+class _MapInfo(ctypes.Structure):          # the head of struct bpf_map_info (uapi)
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+class _ProgInfo(ctypes.Structure):         # the head of struct bpf_prog_info (uapi)
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_ubyte * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+_OBJ_NAME_LEN = 15   # BPF_OBJ_NAME_LEN less the NUL, as BCC truncates
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int) -> int:
+    """A new map (libbpf ``bpf_map_create``); ``OSError`` with the kernel's reason."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    fd = lib().bpf_map_create(map_type, name[:_OBJ_NAME_LEN].encode(), key_size, value_size, max_entries,
+                              ctypes.byref(opts))
+    return _check(fd, f"creating map {name}")
+
+
+def prog_load(prog_type: int, name: str, license: str, insns: bytes, kern_version: int = 0) -> int:
+    """Loads ``insns`` (``struct bpf_insn``s) with libbpf ``bpf_prog_load``; a rejection raises
+    ``OSError`` with the verifier's log."""
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), kern_version=kern_version)
+    fd = lib().bpf_prog_load(prog_type, name[:_OBJ_NAME_LEN].encode(), license.encode(), buf, len(insns) // 8,
+                             ctypes.byref(opts))
+    if fd >= 0:
+        return int(fd)
+    err = -fd if fd != -1 else ctypes.get_errno()
+    log_buf = ctypes.create_string_buffer(1 << 20)   # load again for the verifier's reason
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), kern_version=kern_version, log_level=1,
+                         log_size=len(log_buf), log_buf=ctypes.cast(log_buf, _VP))
+    retry = lib().bpf_prog_load(prog_type, name[:_OBJ_NAME_LEN].encode(), license.encode(), buf, len(insns) // 8,
+                                ctypes.byref(opts))
+    if retry >= 0:
+        return int(retry)
+    tail = log_buf.value.decode(errors="replace").strip().splitlines()[-8:]
+    raise OSError(err, f"loading program {name}: {os.strerror(err)}: " + " | ".join(tail))
+
+
+def _info(fd: int, info: Any) -> Any:
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "bpf_obj_get_info_by_fd")
+    return info
+
+
+def map_info(fd: int) -> dict[str, Any]:
+    """What the kernel says of a map: type, key_size, value_size, max_entries, flags, name, id."""
+    i = _info(fd, _MapInfo())
+    return {"type": i.type, "key_size": i.key_size, "value_size": i.value_size, "max_entries": i.max_entries,
+            "flags": i.map_flags, "name": i.name.decode(errors="replace"), "id": i.id}
+
+
+def prog_info(fd: int) -> dict[str, Any]:
+    """What the kernel says of a program: type, name, id, tag (a hash of its instructions with
+    map references blanked: equal tags, equal programs)."""
+    i = _info(fd, _ProgInfo())
+    return {"type": i.type, "name": i.name.decode(errors="replace"), "id": i.id, "tag": bytes(i.tag).hex(),
+            "xlated_len": i.xlated_prog_len}
+
+
+PERF_TYPE_TRACEPOINT = 2
+_PERF_SAMPLE_RAW = 1 << 10
+
+
+def attach_tracepoint(tracefs: str, tracepoint: str, prog_fd: int) -> int:
+    """Runs ``prog_fd`` on ``category:name`` as libbcc's ``bpf_attach_tracepoint`` does: a
+    tracepoint perf event on CPU 0 for every process, ``PERF_EVENT_IOC_SET_BPF``, enabled."""
+    category, _, name = tracepoint.partition(":")
+    with open(f"{tracefs}/events/{category}/{name}/id") as f:
+        tp_id = int(f.read())
+    nr = _PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"perf_event_open: unknown syscall number on {platform.machine()}")
+    attr = (ctypes.c_ubyte * _ATTR_SIZE)()
+    ctypes.c_uint32.from_buffer(attr, 0).value = PERF_TYPE_TRACEPOINT
+    ctypes.c_uint32.from_buffer(attr, 4).value = _ATTR_SIZE
+    ctypes.c_uint64.from_buffer(attr, 8).value = tp_id
+    ctypes.c_uint64.from_buffer(attr, 16).value = 1                  # sample_period
+    ctypes.c_uint64.from_buffer(attr, 24).value = _PERF_SAMPLE_RAW   # sample_type
+    ctypes.c_uint32.from_buffer(attr, 48).value = 1                  # wakeup_events
+    libc = _libc()
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.byref(attr), ctypes.c_long(-1), ctypes.c_long(0),
+                      ctypes.c_long(-1), ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open for tracepoint {tracepoint}: {os.strerror(err)}")
+    try:
+        for req, arg in ((_IOC_SET_BPF, prog_fd), (_IOC_ENABLE, 0)):
+            if libc.ioctl(fd, req, arg) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"attaching to tracepoint {tracepoint}: {os.strerror(err)}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return int(fd)
+
+
+def attach_raw_tracepoint(name: str, prog_fd: int) -> int:
+    """Runs ``prog_fd`` on raw tracepoint ``name`` (``BPF_RAW_TRACEPOINT_OPEN``)."""
+    return _check(lib().bpf_raw_tracepoint_open(name.encode(), prog_fd), f"attaching to raw tracepoint {name}")
+
+
+def update_int(map_fd: int, key: int, value: int) -> None:
+    """``map[key] = value`` for a map of 4-byte keys and values (a program array slot)."""
+    k, v = ctypes.c_int(key), ctypes.c_int(value)
+    _check(lib().bpf_map_update_elem(map_fd, ctypes.byref(k), ctypes.byref(v), 0), "update of a program array")

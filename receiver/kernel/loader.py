@@ -48,19 +48,79 @@ _BOOT = ("import sys, types; p = types.ModuleType('receiver'); p.__path__ = [sys
 
 def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
                 programs: Sequence[Program] = (), includes: Sequence[str] = ()) -> BpfObject:
-    """Compiles and loads ``bpf/<bpf_file>`` (with ``includes``, ``bpf/`` headers inlined at its
-    ``RUNTIME WALKERS`` line: see ``program_text``) in a loader process and returns the handed-over
-    object, or raises ``SourceUnavailableError`` saying what is missing (BCC, the program file,
-    kernel headers, the privilege to call bpf(), libbpf) or how the compile or load failed."""
+    """Loads ``bpf/<bpf_file>`` (with ``includes``, ``bpf/`` headers inlined at its
+    ``RUNTIME WALKERS`` line: see ``program_text``) and returns the object: from the compile
+    cache when it holds this program for this kernel (no BCC, no loader process), else compiled
+    in a loader process, which fills the cache. Raises ``SourceUnavailableError`` saying what is
+    missing (BCC, the program file, kernel headers, the privilege to call bpf(), libbpf) or how
+    the compile or load failed."""
+    from . import compile_cache
+    from .bcc import bcc_version, find_kernel_headers, program_text
     from .libbpf import lib
 
     try:
         lib()
     except OSError as e:
         raise SourceUnavailableError(source_name, f"libbpf.so.1 cannot be loaded: {e}", FIX_LIBBPF) from None
-    request = {"source": source_name, "bpf_file": bpf_file, "cflags": list(cflags), "includes": list(includes),
-               "programs": [[n, t, list(a) if a else None] for n, t, a in programs]}
     t0 = time.monotonic()
+    request: dict[str, Any] = {"source": source_name, "bpf_file": bpf_file, "cflags": list(cflags),
+                               "includes": list(includes),
+                               "programs": [[n, t, list(a) if a else None] for n, t, a in programs]}
+    settings = compile_cache.settings()
+    try:
+        headers = find_kernel_headers(settings["kernel_headers"])
+        text = program_text(bpf_file, includes)
+    except (OSError, ValueError):
+        headers, text = None, None     # the loader reports it as it always has
+    if headers is not None:
+        request["headers"] = list(headers)
+    if text is None or headers is None or not settings["directory"]:
+        return _compile(request, t0)
+    key, meta = compile_cache.cache_key(text, cflags, request["programs"], headers, bcc_version())
+    obj = _from_cache(source_name, key, meta, t0)
+    if obj is not None:
+        return obj
+    with compile_cache.locked(key):
+        obj = _from_cache(source_name, key, meta, t0, count_miss=False)   # another agent may have filled it
+        if obj is not None:
+            return obj
+        request["describe"] = True
+        obj = _compile(request, t0)
+        entry = obj.loader_info.pop("entry", None)
+        if entry is not None:
+            compile_cache.store(key, meta, entry)
+        else:
+            compile_cache.count("uncacheable")
+            log.warning("source %s: %s cannot be cached: %s", source_name, bpf_file,
+                        obj.loader_info.get("entry_error", "no entry"))
+    return obj
+
+
+def _from_cache(source_name: str, key: str, meta: dict[str, str], t0: float,
+                count_miss: bool = True) -> BpfObject | None:
+    from . import compile_cache
+
+    entry = compile_cache.lookup(key, meta, count_miss)
+    if entry is None:
+        return None
+    try:
+        maps, programs, attachments, attach = compile_cache.instantiate(entry)
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+        compile_cache.count("load_failed")
+        log.warning("source %s: the cached programs did not load (%s): compiling", source_name, e)
+        return None
+    obj = BpfObject(maps, programs, attachments)
+    obj.attach_points = attach
+    obj.loader_info = {"pid": os.getpid(), "seconds": time.monotonic() - t0, "peak_mb": 0.0, "steps": {},
+                       "cache": "hit", "key": key}
+    log.info("source %s: loaded from the compile cache in %.2fs (%s)", source_name, obj.loader_info["seconds"],
+             key[:12])
+    return obj
+
+
+def _compile(request: dict[str, Any], t0: float) -> BpfObject:
+    """Compiles and loads in a loader process and takes over its descriptors."""
+    source_name, bpf_file = request["source"], request["bpf_file"]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     package_dir = str(Path(__file__).resolve().parents[1])
     try:
@@ -96,8 +156,13 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
         raise SourceUnavailableError(source_name, "the loader handed over a wrong number of descriptors")
     obj = BpfObject(list(zip(maps, fds, strict=False)), dict(zip(names, fds[len(maps):], strict=False)),
                     fds[len(maps) + len(names):])
+    obj.attach_points = reply.get("attach", [])
     obj.loader_info = {"pid": proc.pid, "seconds": time.monotonic() - t0, "peak_mb": reply.get("peak_mb", 0.0),
-                       "steps": reply.get("seconds", {})}
+                       "steps": reply.get("seconds", {}), "cache": "miss" if request.get("describe") else "off"}
+    if "entry" in reply:
+        obj.loader_info["entry"] = reply["entry"]
+    if "entry_error" in reply:
+        obj.loader_info["entry_error"] = reply["entry_error"]
     log.info("source %s: %s compiled and loaded by loader process %d in %.1fs (%s; loader peak RSS %.0f MB)",
              source_name, bpf_file, proc.pid, obj.loader_info["seconds"],
              ", ".join(f"{k} {v:.1f}s" for k, v in obj.loader_info["steps"].items()), obj.loader_info["peak_mb"])
@@ -190,7 +255,7 @@ def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
 
     source = req["source"]
     t0 = time.monotonic()
-    bpf = compile_in_process(source, req["bpf_file"], req["cflags"], req.get("includes", ()))
+    bpf = compile_in_process(source, req["bpf_file"], req["cflags"], req.get("includes", ()), req.get("headers"))
     timing = {"compile": round(time.monotonic() - t0, 2)}
     bcc = load_bcc()
     for name, prog_type, array in req["programs"]:
@@ -205,9 +270,59 @@ def _load(req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     maps = _describe_maps(bpf)
     programs = {k.decode(): f.fd for k, f in bpf.funcs.items()}
     attachments = [*bpf.tracepoint_fds.values(), *bpf.raw_tracepoint_fds.values()]
+    attach = [["tracepoint", k.decode() if isinstance(k, bytes) else k] for k in bpf.tracepoint_fds] + \
+             [["raw_tracepoint", k.decode() if isinstance(k, bytes) else k] for k in bpf.raw_tracepoint_fds]
     msg = {"ok": True, "maps": [s for s, _ in maps], "programs": list(programs),
-           "attachments": len(attachments), "peak_mb": _peak_mb(), "seconds": timing}
+           "attachments": len(attachments), "attach": attach, "peak_mb": _peak_mb(), "seconds": timing}
+    if req.get("describe"):
+        try:
+            msg["entry"] = _entry(bpf, req, maps, programs)
+        except Exception as e:   # noqa: BLE001 -- the programs are loaded: only the cache misses out
+            msg["entry_error"] = f"{type(e).__name__}: {e}"
     return msg, [fd for _, fd in maps] + list(programs.values()) + attachments
+
+
+def _entry(bpf: Any, req: dict[str, Any], maps: list[tuple[dict[str, Any], int]],
+           programs: dict[str, int]) -> dict[str, Any]:
+    """What a compile cache entry holds (``compile_cache``): each program's instructions as BCC
+    loaded them, with the map descriptors in them replaced by map indices; each map's spec with
+    the kernel's own flags; the program arrays filled and the tracepoints attached, in order."""
+    import base64
+    import ctypes
+
+    from bcc.libbcc import lib as bcclib
+
+    from .compile_cache import unbind_maps
+    from .libbpf import map_info, prog_info
+
+    for fn, res in (("bpf_function_start", ctypes.c_void_p), ("bpf_function_size", ctypes.c_size_t),
+                    ("bpf_module_license", ctypes.c_char_p), ("bpf_module_kern_version", ctypes.c_uint)):
+        getattr(bcclib, fn).restype = res
+    bcclib.bpf_function_start.argtypes = bcclib.bpf_function_size.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    bcclib.bpf_module_license.argtypes = bcclib.bpf_module_kern_version.argtypes = [ctypes.c_void_p]
+    map_fds = {fd: i for i, (_, fd) in enumerate(maps)}
+    specs = []
+    for spec, fd in maps:
+        info = map_info(fd)
+        specs.append({**spec, "flags": info["flags"], "type": info["type"], "key_size": info["key_size"],
+                      "value_size": info["value_size"], "max_entries": info["max_entries"]})
+    progs = []
+    for name, fd in programs.items():
+        start = bcclib.bpf_function_start(bpf.module, name.encode())
+        size = bcclib.bpf_function_size(bpf.module, name.encode())
+        if not start or not size:
+            raise ValueError(f"BCC has no instructions for {name}")
+        insns, relocs = unbind_maps(ctypes.string_at(start, size), map_fds)
+        progs.append({"name": name, "type": prog_info(fd)["type"], "insns": base64.b64encode(insns).decode(),
+                      "relocs": relocs})
+    arrays = [[a[0], a[1], name] for name, _t, a in req["programs"] if a]
+    attach = [["tracepoint", k.decode() if isinstance(k, bytes) else k,
+               "tracepoint__" + (k.decode() if isinstance(k, bytes) else k).replace(":", "__")]
+              for k in bpf.tracepoint_fds] + \
+             [["raw_tracepoint", k.decode() if isinstance(k, bytes) else k,
+               "raw_tracepoint__" + (k.decode() if isinstance(k, bytes) else k)] for k in bpf.raw_tracepoint_fds]
+    return {"maps": specs, "programs": progs, "license": (bcclib.bpf_module_license(bpf.module) or b"GPL").decode(),
+            "kern_version": int(bcclib.bpf_module_kern_version(bpf.module)), "prog_arrays": arrays, "attach": attach}
 
 
 def serve(fd: int) -> None:

@@ -1,0 +1,338 @@
+"""The compile cache: what BCC produced for a program, stored once and loaded through libbpf.
+
+A miss compiles in a loader process as always (``kernel.loader``) and that process also hands
+back, for each program, the instructions BCC loaded (``bpf_function_start``), with every map
+descriptor in them (``ld_imm64`` with ``BPF_PSEUDO_MAP_FD``) replaced by the map's index; each
+map's spec (type, sizes, max_entries, the kernel's flags, name, BCC's key/leaf descriptions); the
+program arrays it filled and the tracepoints it attached, in order. The agent stores that as an
+entry. A hit needs neither BCC nor LLVM nor a loader process: the agent creates the maps
+(``bpf_map_create``), writes their new descriptors into the instructions, loads the programs
+(``bpf_prog_load``; the verifier checks them as it checked BCC's), fills the program arrays and
+attaches (tracepoint perf events, raw tracepoints), all through ``libbpf``.
+
+The key covers everything that changes the instructions: the program text after its ``bpf/``
+includes, the cflags and extra programs, the kernel release and build, the format files of the
+tracepoints the program uses, the header tree (its path and generated headers), BCC's version
+and this format's version. An entry is one file ``<key>.entry``: a magic line, the SHA-256 of
+its zlib'd JSON body, the body; it is written to a temporary file and renamed into place, and a
+lock file makes concurrent agents compile once. An entry that fails its checksum, does not parse
+or names another key, kernel or format is counted (``stats``), logged, and recompiled over;
+it is never loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import host
+
+__all__ = ["FORMAT_VERSION", "DEFAULT_DIR", "configure", "settings", "stats", "count", "cache_key", "lookup", "store",
+           "locked", "instantiate", "unbind_maps", "CacheEntryError"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_DIR = "/var/cache/ebpf-otlp-receiver"
+MAX_ENTRIES = 64              # the oldest go first: one entry per program and configuration
+_MAGIC = b"ebpf-otlp-receiver compile cache 1\n"
+_TRACEPOINT = re.compile(r"^\s*TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", re.M)
+_BPF_LD_IMM64 = 0x18
+_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
+_INSN = struct.Struct("<BBhi")
+
+_lock = threading.Lock()
+stats: Counter[str] = Counter()   # hit, miss, corrupt, mismatch, store_failed, uncacheable
+_settings: dict[str, Any] = {"directory": os.environ.get("EBPF_RECEIVER_CACHE_DIR", DEFAULT_DIR),
+                             "kernel_headers": os.environ.get("EBPF_RECEIVER_KERNEL_HEADERS") or None}
+
+
+class CacheEntryError(ValueError):
+    """An entry that must not be loaded: ``reason`` is ``corrupt`` or ``mismatch``."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def configure(directory: str | None = DEFAULT_DIR, kernel_headers: str | None = None) -> None:
+    """The cache directory (``None`` or "": no cache) and the configured header tree
+    (``bpf.cache_dir``, ``bpf.kernel_headers``); the service calls it before any source starts."""
+    with _lock:
+        _settings["directory"] = directory or ""
+        _settings["kernel_headers"] = kernel_headers or None
+
+
+def settings() -> dict[str, Any]:
+    with _lock:
+        return dict(_settings)
+
+
+def count(what: str) -> None:
+    with _lock:
+        stats[what] += 1
+
+
+# ------------------------------------------------------------------ the key
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _headers_identity(root: str, cflags: Sequence[str]) -> str:
+    """The header tree: its path, where its halves resolve to, and its generated headers."""
+    h = hashlib.sha256()
+    dirs = [Path(root) if root else host.kernel_headers_dir()]
+    dirs += [Path(f[2:]) for f in cflags if f.startswith("-I")]
+    for d in dirs:
+        h.update(f"{d}={d.resolve()}\n".encode())
+        for name in ("include/generated/utsrelease.h", "include/generated/autoconf.h",
+                     "include/linux/kconfig.h"):
+            h.update(hashlib.sha256(_read(d / name)).digest())
+    return h.hexdigest()
+
+
+def cache_key(text: str, cflags: Sequence[str], programs: Sequence[Any], headers: Sequence[Any] | None,
+              bcc_version: str) -> tuple[str, dict[str, str]]:
+    """The entry's key and what it was made of (``meta``: checked again when the entry loads)."""
+    uname = os.uname()
+    tracefs = host.tracefs_root()
+    formats = hashlib.sha256()
+    for category, name in sorted(set(_TRACEPOINT.findall(text))):
+        formats.update(f"{category}:{name}\n".encode())
+        if tracefs is not None:
+            formats.update(_read(tracefs / "events" / category / name / "format"))
+    root, hdr_flags = (headers[0], tuple(headers[2])) if headers else ("", ())
+    meta = {"format": str(FORMAT_VERSION), "kernel": uname.release, "kernel_build": uname.version,
+            "machine": uname.machine, "bcc": bcc_version, "headers": _headers_identity(root, hdr_flags),
+            "tracepoint_formats": formats.hexdigest(),
+            "program": hashlib.sha256(text.encode()).hexdigest(),
+            "cflags": hashlib.sha256(json.dumps([list(cflags), list(hdr_flags),
+                                                 [list(p) if isinstance(p, (list, tuple)) else p
+                                                  for p in programs]]).encode()).hexdigest()}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return key, meta
+
+
+# ------------------------------------------------------------------ entries on disk
+
+def _dir() -> Path | None:
+    d = settings()["directory"]
+    return Path(d) if d else None
+
+
+def _entry_path(key: str) -> Path | None:
+    d = _dir()
+    return d / "bpf" / f"{key}.entry" if d else None
+
+
+def lookup(key: str, meta: Mapping[str, str], count_miss: bool = True) -> dict[str, Any] | None:
+    """The entry for ``key``, checked (checksum, format, key, kernel); ``None`` on a miss. A
+    corrupt or mismatching entry is counted, logged and treated as a miss (a compile replaces it)."""
+    path = _entry_path(key)
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if count_miss:
+            count("miss")
+        return None
+    except OSError as e:
+        log.warning("compile cache: cannot read %s: %s; compiling", path, e)
+        count("miss")
+        return None
+    try:
+        entry = decode(raw)
+        for k, v in meta.items():
+            if entry["meta"].get(k) != v:
+                raise CacheEntryError("mismatch", f"{k} is {entry['meta'].get(k)!r}, here {v!r}")
+        if entry.get("key") != key:
+            raise CacheEntryError("mismatch", "the entry names another key")
+    except CacheEntryError as e:
+        count(e.reason)
+        log.warning("compile cache: %s entry %s (%s): compiling again", e.reason, path.name, e)
+        return None
+    count("hit")
+    return entry
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """An entry file's content, or ``CacheEntryError``."""
+    if not raw.startswith(_MAGIC):
+        raise CacheEntryError("mismatch" if raw.startswith(b"ebpf-otlp-receiver compile cache") else "corrupt",
+                              "not an entry of this format")
+    digest, body = raw[len(_MAGIC):len(_MAGIC) + 32], raw[len(_MAGIC) + 32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CacheEntryError("corrupt", "checksum mismatch")
+    try:
+        entry = json.loads(zlib.decompress(body))
+    except (zlib.error, ValueError) as e:
+        raise CacheEntryError("corrupt", f"unreadable body: {e}") from None
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT_VERSION or not isinstance(entry.get("meta"), dict):
+        raise CacheEntryError("mismatch", "another format version")
+    return entry
+
+
+def encode(entry: Mapping[str, Any]) -> bytes:
+    body = zlib.compress(json.dumps(entry, separators=(",", ":")).encode(), 6)
+    return _MAGIC + hashlib.sha256(body).digest() + body
+
+
+def store(key: str, meta: Mapping[str, str], content: Mapping[str, Any]) -> Path | None:
+    """Writes the entry atomically (temporary file, fsync, rename); a failure is counted and
+    logged, never raised: the programs are loaded either way."""
+    path = _entry_path(key)
+    if path is None:
+        return None
+    entry = {"format": FORMAT_VERSION, "key": key, "meta": dict(meta), **content}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".entry")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(encode(entry))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _prune(path.parent)
+    except OSError as e:
+        count("store_failed")
+        log.warning("compile cache: cannot store %s: %s", path, e)
+        return None
+    return path
+
+
+def _prune(d: Path) -> None:
+    entries = sorted(d.glob("*.entry"), key=lambda p: p.stat().st_mtime)
+    for old in entries[:-MAX_ENTRIES]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+@contextlib.contextmanager
+def locked(key: str) -> Iterator[None]:
+    """Holds the entry's lock file (``flock``), so concurrent agents with the same miss compile
+    once; without a usable cache directory it holds nothing."""
+    path = _entry_path(key)
+    fd = -1
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.warning("compile cache: cannot lock %s: %s", path, e)
+            if fd >= 0:
+                os.close(fd)
+            fd = -1
+    try:
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)   # releases the lock
+
+
+# ------------------------------------------------------------------ instructions
+
+def unbind_maps(insns: bytes, map_fds: Mapping[int, int]) -> tuple[bytes, list[list[int]]]:
+    """``insns`` with each map descriptor (``ld_imm64`` with ``BPF_PSEUDO_MAP_FD`` or
+    ``_VALUE``) zeroed, and the relocations ``[instruction index, map index]`` to bind them again.
+    A descriptor that is no map of the module, or another kind of pseudo load, is a ``ValueError``."""
+    if len(insns) % 8:
+        raise ValueError("instructions are not whole struct bpf_insn")
+    out = bytearray(insns)
+    relocs: list[list[int]] = []
+    i, n = 0, len(insns) // 8
+    while i < n:
+        code, regs, off, imm = _INSN.unpack_from(out, i * 8)
+        if code == _BPF_LD_IMM64:
+            src = regs >> 4
+            if src in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
+                if imm not in map_fds:
+                    raise ValueError(f"instruction {i} refers to fd {imm}, which is no map of the program")
+                relocs.append([i, map_fds[imm]])
+                _INSN.pack_into(out, i * 8, code, regs, off, 0)
+            elif src != 0:
+                raise ValueError(f"instruction {i}: a pseudo load of kind {src} cannot be cached")
+            i += 2
+            continue
+        i += 1
+    return bytes(out), relocs
+
+
+def _bind_maps(insns: bytes, relocs: Sequence[Sequence[int]], fds: Sequence[int]) -> bytes:
+    out = bytearray(insns)
+    for index, map_index in relocs:
+        code, regs, off, _imm = _INSN.unpack_from(out, index * 8)
+        if code != _BPF_LD_IMM64 or (regs >> 4) not in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
+            raise CacheEntryError("corrupt", f"relocation {index} is not a map load")
+        _INSN.pack_into(out, index * 8, code, regs, off, fds[map_index])
+    return bytes(out)
+
+
+def instantiate(entry: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], int]], dict[str, int], list[int],
+                                                    list[list[str]]]:
+    """Creates the entry's maps, loads its programs, fills its program arrays and attaches it:
+    (maps with descriptors, programs by name, attachment descriptors, attach points). On any
+    failure everything created is closed and the error raised."""
+    from . import libbpf
+
+    created: list[int] = []
+    try:
+        maps: list[tuple[dict[str, Any], int]] = []
+        for spec in entry["maps"]:
+            fd = libbpf.map_create(spec["type"], spec["name"], spec["key_size"], spec["value_size"],
+                                   spec["max_entries"], spec.get("flags", 0))
+            created.append(fd)
+            maps.append((spec, fd))
+        fds = [fd for _, fd in maps]
+        programs: dict[str, int] = {}
+        for prog in entry["programs"]:
+            insns = _bind_maps(base64.b64decode(prog["insns"]), prog["relocs"], fds)
+            fd = libbpf.prog_load(prog["type"], prog["name"], entry["license"], insns, entry.get("kern_version", 0))
+            created.append(fd)
+            programs[prog["name"]] = fd
+        by_name = {spec["name"]: fd for spec, fd in maps}
+        for array, index, name in entry["prog_arrays"]:
+            libbpf.update_int(by_name[array], int(index), programs[name])
+        tracefs = host.tracefs_root()
+        attachments: list[int] = []
+        for kind, point, prog_name in entry["attach"]:
+            if kind == "tracepoint":
+                if tracefs is None:
+                    raise OSError("tracefs is not mounted")
+                fd = libbpf.attach_tracepoint(str(tracefs), point, programs[prog_name])
+            elif kind == "raw_tracepoint":
+                fd = libbpf.attach_raw_tracepoint(point, programs[prog_name])
+            else:
+                raise CacheEntryError("corrupt", f"unknown attach kind {kind!r}")
+            created.append(fd)
+            attachments.append(fd)
+    except BaseException:
+        for fd in reversed(created):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return maps, programs, attachments, [[k, p] for k, p, _ in entry["attach"]]
