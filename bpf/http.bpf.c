@@ -67,6 +67,8 @@ BPF_HASH(calls, u64, struct http_call, MAX_CALLS);
 BPF_PERCPU_ARRAY(scratch, struct http_record, 1);
 BPF_HASH(filter_ports, u16, u8, 1024);
 BPF_HASH(self_ports, u16, u8, 1024);   /* local ports of this agent's own connections */
+BPF_HASH(tls_calls, u64, struct http_tls_call, MAX_CALLS);
+BPF_TABLE("lru_hash", u64, struct http_tls_sock, tls_ssls, MAX_SOCKETS);
 MIRROR(http_event);
 MIRROR(http_sock);
 
@@ -144,6 +146,7 @@ static __always_inline int looks_http(u32 w) {
 
 static __always_inline u32 copy_buffer(struct http_record *r, u64 buf, u32 want) {
     u64 n = want;
+    asm volatile("" : "+r"(n));   /* keep the bound check on this register (the verifier needs it) */
     if (n > CAPTURE_MAX)
         n = CAPTURE_MAX;
     if (n == 0 || bpf_probe_read_user(r->data, n, (void *)buf) != 0)
@@ -174,50 +177,33 @@ static __always_inline u32 copy_iovecs(struct http_record *r, u64 vec, u32 count
     return off;
 }
 
-static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct http_call c = {};
-    struct http_call *call = calls.lookup(&id);
-    if (call) {
-        c = *call;
-        calls.delete(&id);
+/* The first bytes of a TLS handshake record (type 22, version 3.x): a TLS connection. */
+static __always_inline int looks_tls(u32 w) {
+    return (w & 0xffff) == 0x0316 && ((w >> 16) & 0xff) <= 4;
+}
+
+/* The entry of socket `sk`, made with `flags` when the program has none yet (a socket opened
+ * before it was attached), else with `flags` added. */
+static __always_inline struct http_sock *mark_sock(u64 sk, struct http_sock *s, u8 flags) {
+    if (s) {
+        s->flags |= flags;
+        return s;
     }
-    if (ret <= 0 || (kind == HTTP_EV_RECV && (flags & HTTP_MSG_PEEK)))
-        return;                /* nothing moved, or it will be read again */
-    struct http_sock *s = socks.lookup(&sk);
-    if (s && (s->flags & HTTP_S_IGNORED))
-        return;
-    if (!call) {
-        /* Data moved by a call whose buffer is not known here (sendfile, splice, io_uring,
-         * sendmmsg, or a process the filter does not select): on a socket that is sent to user
-         * space, its byte count keeps the framing. */
-        if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP)))
-            return;
-        if (!watched(id >> 32))
-            return;
-    } else if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP))) {
-        u64 first = c.buf;
-        if (c.count && bpf_probe_read_user(&first, sizeof(first), (void *)c.buf) != 0)
-            return;
-        u32 w = 0;
-        if (ret < 4 || bpf_probe_read_user(&w, sizeof(w), (void *)first) != 0 || !looks_http(w))
-            return;
-        if (!s) {              /* opened before the program was attached: endpoints unknown */
-            struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = HTTP_S_HTTP};
-            socks.update(&sk, &fresh);
-            s = socks.lookup(&sk);
-            if (!s)
-                return;
-        } else {
-            s->flags |= HTTP_S_HTTP;
-        }
-    }
+    struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = flags};
+    socks.update(&sk, &fresh);
+    return socks.lookup(&sk);
+}
+
+/* One record of `ret` bytes moved on socket `sk`; the first of them read from `buf` (an iovec
+ * array of `iovs` entries when iovs > 0; nothing when buf is 0). */
+static __always_inline void emit(struct http_sock *s, u64 sk, u64 id, u32 fd, u64 buf, u32 iovs, u32 ret,
+                                 u8 kind, u8 flags) {
     u32 zero = 0;
     struct http_record *r = scratch.lookup(&zero);
     if (!r)
         return;
-    u32 want = (u32)ret < CAPTURE_BYTES ? (u32)ret : CAPTURE_BYTES;
-    u32 len = !call ? 0 : c.count ? copy_iovecs(r, c.buf, c.count, want) : copy_buffer(r, c.buf, want);
+    u32 want = ret < CAPTURE_BYTES ? ret : CAPTURE_BYTES;
+    u32 len = !buf ? 0 : iovs ? copy_iovecs(r, buf, iovs, want) : copy_buffer(r, buf, want);
     struct http_event *h = &r->h;
     h->ts_ns = bpf_ktime_get_ns();
     h->sk = sk;
@@ -225,13 +211,14 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
     h->cgroup_id = bpf_get_current_cgroup_id();
     h->pid = id >> 32;
     h->tid = (u32)id;
-    h->fd = c.fd;
+    h->fd = fd;
     h->size = ret;
     h->len = len;
     h->local_port = s->local_port;
     h->peer_port = s->peer_port;
     h->kind = kind;
-    h->flags = ((s->flags & HTTP_S_GAP) ? HTTP_F_GAP : 0) | ((s->flags & HTTP_S_ENDPOINTS) ? HTTP_F_ENDPOINTS : 0);
+    h->flags = flags | ((s->flags & HTTP_S_GAP) ? HTTP_F_GAP : 0) |
+               ((s->flags & HTTP_S_ENDPOINTS) ? HTTP_F_ENDPOINTS : 0);
     h->direction = s->direction;
     __builtin_memcpy(h->local_addr, s->local_addr, 16);
     __builtin_memcpy(h->peer_addr, s->peer_addr, 16);
@@ -243,6 +230,63 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
     } else if (s->flags & HTTP_S_GAP) {
         s->flags &= ~HTTP_S_GAP;
     }
+}
+
+static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct http_call c = {};
+    struct http_call *call = calls.lookup(&id);
+    if (call) {
+        c = *call;
+        calls.delete(&id);
+    }
+    struct http_sock *s = socks.lookup(&sk);
+    struct http_tls_call *t = tls_calls.lookup(&id);
+    if (t) {
+        /* Ciphertext moved inside SSL_read/SSL_write on this thread: this is the SSL's socket.
+         * Its plaintext comes from the library's return uprobe; these bytes are never sent. */
+        if (!t->sk) {
+            t->sk = sk;
+            t->fd = c.fd;
+        }
+        mark_sock(sk, s, HTTP_S_TLS);
+        return;
+    }
+    if (ret <= 0 || (kind == HTTP_EV_RECV && (flags & HTTP_MSG_PEEK)))
+        return;                /* nothing moved, or it will be read again */
+    if (s && (s->flags & (HTTP_S_IGNORED | HTTP_S_TLS)))
+        return;
+    if (!call) {
+        /* Data moved by a call whose buffer is not known here (sendfile, splice, io_uring,
+         * sendmmsg, or a process the filter does not select): on a socket that is sent to user
+         * space, its byte count keeps the framing. */
+        if (!s || !(s->flags & (HTTP_S_SELECTED | HTTP_S_HTTP)))
+            return;
+        if (!watched(id >> 32))
+            return;
+    } else if (!s || !(s->flags & HTTP_S_HTTP)) {
+        /* The socket's first bytes decide: HTTP/1 is sent from now on, a TLS handshake never
+         * (its plaintext may come from the TLS uprobes); anything else only when the socket's
+         * server port is selected, so that user space sees and counts it. */
+        int selected = s && (s->flags & HTTP_S_SELECTED);
+        u64 first = c.buf;
+        u32 w = 0;
+        if (c.count && bpf_probe_read_user(&first, sizeof(first), (void *)c.buf) != 0)
+            first = 0;
+        if (ret < 4 || !first || bpf_probe_read_user(&w, sizeof(w), (void *)first) != 0)
+            w = 0;
+        if (looks_http(w)) {
+            s = mark_sock(sk, s, HTTP_S_HTTP);
+        } else if (looks_tls(w)) {
+            mark_sock(sk, s, HTTP_S_TLS);
+            return;
+        } else if (!selected) {
+            return;
+        }
+        if (!s)
+            return;
+    }
+    emit(s, sk, id, c.fd, c.buf, c.count, ret, kind, 0);
 }
 
 TRACEPOINT_PROBE(sock, sock_send_length) {
@@ -302,7 +346,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         u16 port = s->local_port;
         self_ports.delete(&port);
     }
-    if ((s->flags & (HTTP_S_HTTP | HTTP_S_SELECTED)) && !(s->flags & HTTP_S_IGNORED)) {
+    if ((s->flags & (HTTP_S_HTTP | HTTP_S_SELECTED | HTTP_S_TLS)) && !(s->flags & HTTP_S_IGNORED)) {
         struct http_event *e = events.ringbuf_reserve(sizeof(struct http_event));
         if (e) {
             __builtin_memset(e, 0, sizeof(*e));
@@ -310,6 +354,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
             e->sk = sk;
             e->conn_id = s->conn_id;
             e->kind = HTTP_EV_CLOSE;
+            if ((s->flags & (HTTP_S_TLS | HTTP_S_TLS_PLAIN)) == HTTP_S_TLS)
+                e->flags = HTTP_F_TLS_UNPARSED;
             events.ringbuf_submit(e, 0);
         } else {
             count_lost(HTTP_LOST_RINGBUF_FULL);   /* user space ends the connection when idle */
@@ -318,3 +364,95 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     socks.delete(&sk);
     return 0;
 }
+
+/* ------------------------------------------------------------------ TLS library uprobes */
+
+/* SSL_read(ssl, buf, num) / SSL_write(ssl, buf, num) return the bytes moved; the _ex forms
+ * (ssl, buf, num, size_t *moved) return 1 and write the count. The user space attaches these
+ * to every OpenSSL 3 libssl a process maps (receiver/sources/http_tls.py). */
+/* The registers a uprobe program gets (the kernel's pt_regs, whose layout is the user ABI of
+ * ptrace): spelled out here, as the program reads no kernel headers' structs. */
+#if defined(bpf_target_arm64)
+struct http_regs { u64 regs[31]; u64 sp; u64 pc; u64 pstate; };
+#define ARG1(r) ((r)->regs[0])
+#define ARG2(r) ((r)->regs[1])
+#define ARG4(r) ((r)->regs[3])
+#define RET(r) ((r)->regs[0])
+#else
+struct http_regs {
+    u64 r15, r14, r13, r12, bp, bx, r11, r10, r9, r8, ax, cx, dx, si, di, orig_ax, ip, cs, flags, sp, ss;
+};
+#define ARG1(r) ((r)->di)
+#define ARG2(r) ((r)->si)
+#define ARG4(r) ((r)->cx)
+#define RET(r) ((r)->ax)
+#endif
+
+static __always_inline void tls_enter(struct http_regs *ctx, u8 kind, int ex) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (!watched(id >> 32))
+        return;
+    struct http_tls_call *t = tls_calls.lookup(&id);
+    if (t) {                   /* e.g. SSL_read calling SSL_read_ex inside the library */
+        if (t->depth < 255)
+            t->depth++;
+        return;
+    }
+    struct http_tls_call n = {.ssl = ARG1(ctx), .buf = ARG2(ctx),
+                              .sizep = ex ? ARG4(ctx) : 0, .kind = kind};
+    if (tls_calls.update(&id, &n) != 0)
+        count_lost(HTTP_LOST_CALL_MAP_FULL);
+}
+
+static __always_inline void tls_exit(struct http_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct http_tls_call *t = tls_calls.lookup(&id);
+    if (!t)
+        return;
+    if (t->depth) {
+        t->depth--;
+        return;
+    }
+    struct http_tls_call c = *t;
+    tls_calls.delete(&id);
+    long rc = RET(ctx);
+    u64 moved = 0;
+    if (c.sizep) {
+        if (rc != 1 || bpf_probe_read_user(&moved, sizeof(moved), (void *)c.sizep) != 0)
+            return;
+    } else if (rc > 0) {
+        moved = rc;
+    }
+    if (moved == 0)
+        return;
+    struct http_tls_sock ts = {.sk = c.sk, .fd = c.fd};
+    if (c.sk) {
+        tls_ssls.update(&c.ssl, &ts);
+    } else {
+        struct http_tls_sock *known = tls_ssls.lookup(&c.ssl);
+        if (!known) {
+            count_lost(HTTP_LOST_TLS_NO_SOCKET);
+            return;
+        }
+        ts = *known;
+    }
+    u64 sk = ts.sk;
+    struct http_sock *s = mark_sock(sk, socks.lookup(&sk), HTTP_S_TLS);
+    if (!s || (s->flags & HTTP_S_IGNORED))
+        return;
+    if (!(s->flags & (HTTP_S_HTTP | HTTP_S_SELECTED))) {
+        u32 w = 0;
+        if (moved < 4 || bpf_probe_read_user(&w, sizeof(w), (void *)c.buf) != 0 || !looks_http(w)) {
+            s->flags |= HTTP_S_TLS_PLAIN;   /* seen, but not HTTP/1 */
+            return;
+        }
+    }
+    s->flags |= HTTP_S_TLS_PLAIN | HTTP_S_HTTP;
+    emit(s, sk, id, ts.fd, c.buf, 0, moved > 0xffffffff ? 0xffffffff : (u32)moved, c.kind, HTTP_F_TLS);
+}
+
+int tls_read_enter(struct http_regs *ctx) { tls_enter(ctx, HTTP_EV_RECV, 0); return 0; }
+int tls_read_ex_enter(struct http_regs *ctx) { tls_enter(ctx, HTTP_EV_RECV, 1); return 0; }
+int tls_write_enter(struct http_regs *ctx) { tls_enter(ctx, HTTP_EV_SEND, 0); return 0; }
+int tls_write_ex_enter(struct http_regs *ctx) { tls_enter(ctx, HTTP_EV_SEND, 1); return 0; }
+int tls_return(struct http_regs *ctx) { tls_exit(ctx); return 0; }

@@ -9,7 +9,8 @@
  * that connection instead of pairing across the hole. */
 #define HTTP_LOST_RINGBUF_FULL 0
 #define HTTP_LOST_CALL_MAP_FULL 1
-#define HTTP_N_LOST 2
+#define HTTP_LOST_TLS_NO_SOCKET 2    /* TLS plaintext of an SSL whose socket no syscall inside the library showed */
+#define HTTP_N_LOST 3
 
 /* record kinds */
 #define HTTP_EV_SEND 1          /* bytes the process sent */
@@ -19,6 +20,8 @@
 /* record flags */
 #define HTTP_F_GAP 1            /* records of this socket were lost before this one */
 #define HTTP_F_ENDPOINTS 2      /* ports and addresses are known (from a state change seen by the program) */
+#define HTTP_F_TLS 4            /* the bytes are TLS plaintext, from uprobes on the TLS library */
+#define HTTP_F_TLS_UNPARSED 8   /* HTTP_EV_CLOSE of a TLS connection whose plaintext no uprobe saw */
 
 /* socket flags (http_sock.flags) */
 #define HTTP_S_ENDPOINTS 1      /* endpoints from sock:inet_sock_set_state */
@@ -27,6 +30,8 @@
 #define HTTP_S_HTTP 8           /* a buffer started like HTTP/1: send every buffer from now on */
 #define HTTP_S_GAP 16           /* a record was lost since the last one delivered */
 #define HTTP_S_SELF 32          /* a connection this agent made (its local port is in self_ports) */
+#define HTTP_S_TLS 64           /* TLS records on the wire: its syscall bytes are never sent */
+#define HTTP_S_TLS_PLAIN 128    /* its plaintext was seen by the TLS library uprobes */
 
 #define HTTP_DIR_CLIENT 1
 #define HTTP_DIR_SERVER 2
@@ -49,6 +54,26 @@ struct http_call {
     __u64 buf;                 /* the buffer, or the iovec array, in user memory */
     __u32 fd;
     __u32 count;               /* iovecs in the array (0: buf is one buffer) */
+};
+
+/* An SSL_read/SSL_write(_ex) call in flight, from its entry uprobe to its return uprobe, by
+ * thread id. A syscall on a TCP socket made inside it (on the same thread) names its socket. */
+struct http_tls_call {
+    __u64 ssl;                 /* the SSL * (a key only) */
+    __u64 buf;                 /* the plaintext buffer in user memory */
+    __u64 sizep;               /* _ex forms: where the library writes the byte count; 0 otherwise */
+    __u64 sk;                  /* the socket ciphertext moved on inside this call; 0 none yet */
+    __u32 fd;
+    __u8 kind;                 /* HTTP_EV_SEND (SSL_write) or HTTP_EV_RECV (SSL_read) */
+    __u8 depth;                /* nested calls of the same family inside the library */
+    __u16 pad;
+};
+
+/* SSL * -> its socket, for calls that move no ciphertext (plaintext already buffered). */
+struct http_tls_sock {
+    __u64 sk;
+    __u32 fd;
+    __u32 pad;
 };
 
 /* Ring-buffer record: HTTP_EV_SEND/RECV are followed by `len` captured bytes (the first ones of

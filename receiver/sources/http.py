@@ -13,8 +13,10 @@ before it was attached, once per connection from ``/proc/PID/fd`` and ``/proc/PI
 When a port filter is set and such a connection's server port is not in it, the program is told
 to ignore that socket.
 
-The capture seam: the kernel record (connection, direction, captured bytes, bytes moved) is what
-a TLS capture will send too (plaintext from library uprobes), with ``url.scheme`` https.
+TLS: the same records carry the plaintext that uprobes on OpenSSL 3's ``SSL_read``/``SSL_write``
+see (``http_tls.py`` attaches them to every libssl the host's processes map), marked so that
+the connection's spans get ``url.scheme`` https. A TLS connection whose plaintext no uprobe saw
+(Go's crypto/tls, a statically linked TLS library) is counted as ``tls_unparsed`` when it closes.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from typing import Any
 from ..config import EbpfConfig
 from ..convert.http import DURATION_BOUNDARIES, error_type, normal_method
 from ..errors import SourceUnavailableError
-from ..kernel.bcc import header_defines, header_enum
+from ..kernel.bcc import check_mirror, header_defines, header_enum
 from ..kernel.filters import fill_process_filter
+from ..kernel.loader import compile_bpf
 from ..protocols import UNPARSED_REASONS, Http1Connection, Unparsed
 from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
 from .base import BccSource, Requirement
+from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, uprobe_pmu
 
 __all__ = ["HttpSource", "HttpEvent", "HttpSock", "DURATION_BOUNDARIES"]
 
@@ -44,7 +48,8 @@ log = logging.getLogger(__name__)
 
 _D = header_defines("http.h")
 EV_SEND, EV_RECV, EV_CLOSE = _D["HTTP_EV_SEND"], _D["HTTP_EV_RECV"], _D["HTTP_EV_CLOSE"]
-F_GAP, F_ENDPOINTS = _D["HTTP_F_GAP"], _D["HTTP_F_ENDPOINTS"]
+F_GAP, F_ENDPOINTS, F_TLS, F_TLS_UNPARSED = (_D["HTTP_F_GAP"], _D["HTTP_F_ENDPOINTS"], _D["HTTP_F_TLS"],
+                                         _D["HTTP_F_TLS_UNPARSED"])
 S_IGNORED = _D["HTTP_S_IGNORED"]
 COMM_LEN = _D["HTTP_COMM_LEN"]
 IDLE_NS = 60_000_000_000   # a connection with nothing in flight, idle this long, is forgotten
@@ -197,7 +202,9 @@ class HttpSource(BccSource):
         self._ports = frozenset(self.config.ports)
         self._spans_on = bool(self.config.spans)
         self._metrics_on = bool(self.config.metrics)
-        self.unparsed = Unparsed(UNPARSED_REASONS)
+        self.unparsed = Unparsed((*UNPARSED_REASONS, "tls_unparsed"))
+        self.tls: TlsAttacher | None = None
+        self.tls_unavailable = ""   # why there are no TLS uprobes
         self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
         self._evictions = 0
         self._metrics = HttpMetrics(self.config.max_attribute_sets)
@@ -234,7 +241,25 @@ class HttpSource(BccSource):
                 f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}",
                 f"-DSELF_TGID={os.getpid()}"]
 
+    def _compile(self) -> Any:
+        programs = [(name, "KPROBE", None) for name in (*TLS_FUNCTIONS.values(), RETURN_PROGRAM)]
+        bpf = compile_bpf(self.name, self.bpf_file, self.cflags(), programs)
+        try:
+            for map_name, part, mirror in self.mirrors:
+                check_mirror(bpf, map_name, part, mirror, self.name)
+        except BaseException:
+            bpf.cleanup()
+            raise
+        return bpf
+
     def configure(self, bpf: Any) -> None:
+        pmu = uprobe_pmu()
+        if isinstance(pmu, str):
+            self.tls_unavailable = pmu
+            log.warning("source http: no TLS plaintext: %s", pmu)
+        else:
+            self.tls = TlsAttacher(dict(bpf.programs), pmu)
+            self.tls.scan()
         one = ctypes.c_uint8(1)
         for port in self.config.ports:
             bpf["filter_ports"][ctypes.c_uint16(port)] = one
@@ -251,6 +276,8 @@ class HttpSource(BccSource):
         key = (sk, conn_id)
         if kind == EV_CLOSE:
             self._received.inc()
+            if flags & F_TLS_UNPARSED:
+                self.unparsed.add("tls_unparsed")
             conn = self._conns.pop(key, None)
             if conn is not None and conn.parser is not None:
                 conn.parser.close(ts)
@@ -293,6 +320,8 @@ class HttpSource(BccSource):
             ignored = server_port not in self._ports
         parser = None if ignored else Http1Connection(self.unparsed, self.config.max_header_bytes)
         conn = _Conn(parser, ev.pid, ev.comm.decode("utf-8", "replace"), ev.cgroup_id, local, peer)
+        if ev.flags & F_TLS:
+            conn.scheme = "https"
         self._conns[(ev.sk, ev.conn_id)] = conn
         if ignored:
             self._ignore(ev.sk, conn)
@@ -335,7 +364,14 @@ class HttpSource(BccSource):
 
     # ------------------------------------------------------------------ periodic
 
+    def detach(self) -> None:
+        if self.tls is not None:
+            self.tls.close()
+            self.tls = None
+
     def collect(self) -> None:
+        if self.tls is not None:
+            self.tls.scan()
         now = time.monotonic_ns()
         stale = []
         for key, conn in self._conns.items():   # oldest activity first

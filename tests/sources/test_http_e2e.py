@@ -297,7 +297,7 @@ def test_duration_histograms_count_every_request(env: Env) -> None:
 
 def test_garbage_on_the_server_port_is_counted_never_a_crash(env: Env) -> None:
     port = env.ports["garbage"]
-    before = env.unparsed("not_http")
+    before, tls_before = env.unparsed("not_http"), env.unparsed("tls_unparsed")
     for payload in (bytes(range(256)) * 4, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(500),
                     b"NOT HTTP AT ALL\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", port)) as s:
@@ -309,10 +309,14 @@ def test_garbage_on_the_server_port_is_counted_never_a_crash(env: Env) -> None:
     big = "x" * (3 * CAPTURE)
     _pid, code = curl(port, "/after-garbage", "-H", f"X-Padding: {big}")
     assert code == "200"
-    wait_until(lambda: env.unparsed("not_http") >= before + 3, 20, 0.2, "garbage counted as not_http")
+    # The second looks like a TLS ClientHello: never parsed as HTTP, counted as TLS whose
+    # plaintext no uprobe saw (nothing on this socket called OpenSSL).
+    wait_until(lambda: env.unparsed("not_http") >= before + 2, 20, 0.2, "garbage counted as not_http")
+    wait_until(lambda: env.unparsed("tls_unparsed") >= tls_before + 1, 20, 0.2, "TLS bytes counted")
     spans = env.wait_spans(port, 1)
     _check_pair(spans["server"][0], spans["client"][0], "GET", "/after-garbage", 200, port)
     assert env.unparsed("truncated") >= 1
+    assert env.unparsed("not_http") == before + 2 and env.unparsed("tls_unparsed") == tls_before + 1
     assert env.agent.metric_value("ebpf_receiver_source_events_lost_total", source="http",
                                   reason="decode_error") == 0
 
