@@ -4,7 +4,7 @@
 # second run (and CI on the same machine) reuses it. Prints the binary's path on stdout.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
-manifest=$here/deploy/otelcol/builder-config.yaml
+manifest=${OTELCOL_MANIFEST:-$here/deploy/otelcol/builder-config.yaml}   # or another ocb manifest (the k8s gateway)
 builder_version=v0.159.0
 cache=${OTELCOL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ebpf-otlp-receiver/otelcol}
 key=$(cat "$manifest" | sha256sum | cut -c1-16)
