@@ -13,13 +13,21 @@ source picks one per connection by its first bytes (``detect``).
 from __future__ import annotations
 
 from .base import Exchange, Unparsed
-from .http1 import UNPARSED_REASONS, Http1Connection, looks_like_http1
+from .http1 import UNPARSED_REASONS as HTTP1_REASONS
+from .http1 import Http1Connection, looks_like_http1
+from .http2 import UNPARSED_REASONS as HTTP2_REASONS
+from .http2 import Http2Connection, looks_like_http2
 
-__all__ = ["Exchange", "Unparsed", "Http1Connection", "PROTOCOLS", "UNPARSED_REASONS", "detect"]
+__all__ = ["Exchange", "Unparsed", "Http1Connection", "Http2Connection", "PROTOCOLS", "UNPARSED_REASONS",
+           "detect"]
 
-PROTOCOLS = {"http1": Http1Connection}
+PROTOCOLS: dict[str, type[Http1Connection] | type[Http2Connection]] = {
+    "http1": Http1Connection, "http2": Http2Connection}
+UNPARSED_REASONS = HTTP1_REASONS + HTTP2_REASONS   # one tally for every protocol of the source
 
 
 def detect(data: bytes) -> str | None:
     """The protocol whose messages start like ``data``, or None."""
+    if looks_like_http2(data):
+        return "http2"
     return "http1" if looks_like_http1(data) else None
