@@ -242,5 +242,5 @@ def test_arbitrary_input_never_raises(calls: list[tuple[bool, bytes, int]]) -> N
 
 def test_detect() -> None:
     assert detect(b"GET / HTTP/1.1") == "http1" and detect(b"HTTP/1.1 200") == "http1"
-    assert detect(b"PRI * HTTP/2.0") == "http1"   # looks like a request; its parse counts it
+    assert detect(b"PRI * HTTP/2.0") == "http2"   # the HTTP/2 preface (receiver/protocols/http2.py)
     assert detect(b"\x16\x03\x01") is None and detect(b"get / HTTP/1.1") is None
