@@ -133,6 +133,10 @@ class HttpRequest:
     client_port: int
     traceparent: str | None = None     # the request's header, not yet checked
     error: str | None = None
+    # ids decided by the source (None: the conversion decides from ``traceparent``)
+    trace_id: bytes | None = None
+    span_id: bytes | None = None
+    parent_span_id: bytes | None = None
 
 
 # (server side, method, status code, server address, server port, protocol version, scheme,

@@ -9,7 +9,9 @@ Error status: 5xx on servers, 4xx and 5xx on clients (``error.type`` the status 
 requests that got no response (``error.type`` ``connection_closed``).
 
 A valid W3C ``traceparent`` on the request puts the span in the caller's trace, its parent the
-caller's span.
+caller's span. Ids the source decided (``trace_id``/``span_id``/``parent_span_id`` of the record:
+a CLIENT request made by a thread while it served a request is a child of that SERVER span) take
+precedence.
 
 Metrics: ``http.server.request.duration`` and ``http.client.request.duration``, cumulative
 explicit-bucket histograms in seconds with the conventions' boundaries, by method, status,
@@ -102,6 +104,13 @@ def request_span(r: HttpRequest) -> Span:
         add(key="error.type").value.string_value = err
         span.status.code = Status.STATUS_CODE_ERROR
         span.status.message = r.error or f"HTTP {r.status}"
+    if r.trace_id is not None:   # decided by the source (e.g. a child of the serving request)
+        span.trace_id = r.trace_id
+        if r.span_id is not None:
+            span.span_id = r.span_id
+        if r.parent_span_id is not None:
+            span.parent_span_id = r.parent_span_id
+        return span
     parent = parse_traceparent(r.traceparent)
     if parent is not None:
         span.trace_id, span.parent_span_id = parent

@@ -11,7 +11,7 @@ class Exchange:
     monotonic nanoseconds of the first request byte and the last response byte."""
 
     __slots__ = ("server", "start_ns", "end_ns", "method", "path", "version", "status", "traceparent",
-                 "error")
+                 "error", "tid", "trace_id", "span_id", "parent_id")
 
     def __init__(self, server: bool, start_ns: int, method: str, path: str, version: str,
                  traceparent: str | None):
@@ -24,6 +24,13 @@ class Exchange:
         self.status = 0                 # 0: no response
         self.traceparent = traceparent  # the request's W3C traceparent header, unchecked
         self.error: str | None = None   # why there is no response (e.g. the connection closed)
+        # Set by the source, not the parser: the thread that read (server) or sent (client) the
+        # request head, and span ids decided before the exchange completes (so that requests the
+        # serving thread makes meanwhile can name this one as their parent).
+        self.tid = 0
+        self.trace_id: bytes | None = None
+        self.span_id: bytes | None = None
+        self.parent_id: bytes | None = None
 
     def __repr__(self) -> str:
         return (f"Exchange({'server' if self.server else 'client'} {self.method} {self.path} "

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import itertools
 import logging
 import os
+import random
 import socket
 import struct
 import time
@@ -32,12 +34,12 @@ from collections import OrderedDict
 from typing import Any
 
 from ..config import EbpfConfig
-from ..convert.http import DURATION_BOUNDARIES, error_type, normal_method
+from ..convert.http import DURATION_BOUNDARIES, error_type, normal_method, parse_traceparent
 from ..errors import SourceUnavailableError
 from ..kernel.bcc import check_mirror, header_defines, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.loader import compile_bpf
-from ..protocols import UNPARSED_REASONS, Http1Connection, Unparsed
+from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Unparsed
 from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
 from .base import BccSource, Requirement
 from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, uprobe_pmu
@@ -56,6 +58,8 @@ IDLE_NS = 60_000_000_000   # a connection with nothing in flight, idle this long
 # ... and one with requests in flight (its close record may have been lost), counted as lost_data
 STUCK_NS = 900_000_000_000
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+_U64 = 2**64 - 1
+_rand = random.Random()
 
 
 class HttpEvent(ctypes.Structure):
@@ -206,6 +210,8 @@ class HttpSource(BccSource):
         self.tls: TlsAttacher | None = None
         self.tls_unavailable = ""   # why there are no TLS uprobes
         self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
+        # thread id → server requests it read and has not answered yet (bounded by max_connections)
+        self._serving: OrderedDict[int, list[Exchange]] = OrderedDict()
         self._evictions = 0
         self._metrics = HttpMetrics(self.config.max_attribute_sets)
         self._start_unix_ns = time.time_ns()
@@ -272,7 +278,7 @@ class HttpSource(BccSource):
         # One copy of the record and one unpack of the fields every record needs: the rest of
         # the header (owner, endpoints) is read only for a connection's first record.
         raw = ctypes.string_at(data, size)
-        ts, sk, conn_id, _cg, _pid, _tid, _fd, moved, length, _lp, _pp, kind, flags = _FIXED.unpack_from(raw)
+        ts, sk, conn_id, _cg, _pid, tid, _fd, moved, length, _lp, _pp, kind, flags = _FIXED.unpack_from(raw)
         key = (sk, conn_id)
         if kind == EV_CLOSE:
             self._received.inc()
@@ -298,7 +304,11 @@ class HttpSource(BccSource):
             return
         if flags & F_GAP:
             parser.gap()
+        pending = parser.pending
+        n = len(pending)
         parser.feed(kind == EV_SEND, payload, moved, ts)
+        if len(pending) > n:
+            self._requests_started(parser, tid, pending, n)
         conn.last_ns = ts
         if parser.exchanges:
             self._emit(conn)
@@ -330,6 +340,38 @@ class HttpSource(BccSource):
             self._evictions += 1
         return conn
 
+    def _requests_started(self, parser: Http1Connection, tid: int, pending: Any, n: int) -> None:
+        """Request heads just parsed (``pending[n:]``) by thread ``tid``. A server's get their
+        span ids now, and the thread is serving them until they are emitted; a client's made by a
+        thread serving exactly one request become its children (thread-per-request servers; a
+        thread with several requests in flight, an event loop, gives no parent rather than a
+        guessed one), unless they carry their own traceparent."""
+        new = list(itertools.islice(pending, n, None))
+        if parser.server:
+            for ex in new:
+                ex.tid = tid
+                parent = parse_traceparent(ex.traceparent)
+                bits = _rand.getrandbits(192)
+                if parent is not None:
+                    ex.trace_id, ex.parent_id = parent
+                else:
+                    ex.trace_id = (bits >> 64).to_bytes(16, "little")
+                ex.span_id = (bits & _U64).to_bytes(8, "little")
+            serving = self._serving.get(tid)
+            if serving is None:
+                serving = self._serving[tid] = []
+                if len(self._serving) > self.config.max_connections:
+                    self._serving.popitem(last=False)
+            serving.extend(new)
+            return
+        serving = self._serving.get(tid)
+        if serving is None or len(serving) != 1:
+            return
+        srv = serving[0]
+        for ex in new:
+            if parse_traceparent(ex.traceparent) is None:
+                ex.trace_id, ex.parent_id = srv.trace_id, srv.span_id
+
     def _ignore(self, sk: int, conn: _Conn) -> None:
         conn.ignored = True
         conn.parser = None
@@ -348,15 +390,23 @@ class HttpSource(BccSource):
         assert parser is not None
         exchanges, parser.exchanges = parser.exchanges, []
         to_unix = self._to_unix
+        serving_of = self._serving
         for ex in exchanges:
             server = ex.server
+            if ex.tid:
+                serving = serving_of.get(ex.tid)
+                if serving is not None:
+                    if ex in serving:
+                        serving.remove(ex)
+                    if not serving:
+                        del serving_of[ex.tid]
             srv, cli = (conn.local, conn.peer) if server else (conn.peer, conn.local)
             duration = ex.end_ns - ex.start_ns
             if self._spans_on:
                 self._hand_on(HttpRequest(
                     conn.pid, conn.comm, conn.cgroup_id, to_unix(ex.start_ns), duration, server, ex.method,
                     ex.path, conn.scheme, ex.version, ex.status, srv[0], srv[1], cli[0], cli[1],
-                    ex.traceparent, ex.error))
+                    ex.traceparent, ex.error, ex.trace_id, ex.span_id, ex.parent_id))
             if self._metrics_on:
                 key = (server, normal_method(ex.method), ex.status, srv[0], srv[1], ex.version, conn.scheme,
                        error_type(server, ex.status, ex.error))
@@ -386,6 +436,13 @@ class HttpSource(BccSource):
                 stale.append(key)
         for key in stale:
             del self._conns[key]
+        old = now - IDLE_NS   # server requests that never completed (e.g. dropped by a resync)
+        for tid in [t for t, exs in self._serving.items() if exs[0].start_ns < old]:
+            exs = [ex for ex in self._serving[tid] if ex.start_ns >= old]
+            if exs:
+                self._serving[tid] = exs
+            else:
+                del self._serving[tid]
         if not self._metrics_on:
             return
         by_pid = self._metrics.by_pid()

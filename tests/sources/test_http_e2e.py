@@ -50,6 +50,12 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.startswith("/missing"):
             self._reply(404, b"not found")   # send_error() would close the connection
+        elif path == "/proxy":   # a handler that calls another service on its own thread
+            backend = http.client.HTTPConnection("127.0.0.1", BACKEND[0])
+            backend.request("GET", "/backend")
+            body = backend.getresponse().read()
+            backend.close()
+            self._reply(200, body)
         elif path == "/boom":
             self._reply(500, b"boom")
         elif path == "/big":
@@ -130,7 +136,9 @@ class Env:
         return self.agent.metric_value("ebpf_receiver_http_unparsed_total", reason=reason)
 
 
-TESTS = ("curl", "keepalive", "traceparent", "metrics", "garbage", "pipelined", "continue", "ipv6", "early")
+TESTS = ("curl", "keepalive", "traceparent", "metrics", "garbage", "pipelined", "continue", "ipv6", "early", "proxy",
+         "backend")
+BACKEND = [0]   # the port /proxy calls
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +146,7 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp("http")
     collector = Collector(otelcol_bin, tmp).start()
     ports = {name: free_port() for name in TESTS}
+    BACKEND[0] = ports["backend"]
     servers = [Server(p, "::1" if name == "ipv6" else "127.0.0.1") for name, p in ports.items()]
     early = http.client.HTTPConnection("127.0.0.1", ports["early"])
     early.connect()
@@ -309,14 +318,14 @@ def test_garbage_on_the_server_port_is_counted_never_a_crash(env: Env) -> None:
     big = "x" * (3 * CAPTURE)
     _pid, code = curl(port, "/after-garbage", "-H", f"X-Padding: {big}")
     assert code == "200"
-    # The second looks like a TLS ClientHello: never parsed as HTTP, counted as TLS whose
-    # plaintext no uprobe saw (nothing on this socket called OpenSSL).
+    # The second looks like a TLS ClientHello: never parsed as HTTP, counted at each end as TLS
+    # whose plaintext no uprobe saw (nothing on this socket called OpenSSL).
     wait_until(lambda: env.unparsed("not_http") >= before + 2, 20, 0.2, "garbage counted as not_http")
-    wait_until(lambda: env.unparsed("tls_unparsed") >= tls_before + 1, 20, 0.2, "TLS bytes counted")
+    wait_until(lambda: env.unparsed("tls_unparsed") >= tls_before + 2, 20, 0.2, "TLS bytes counted")
     spans = env.wait_spans(port, 1)
     _check_pair(spans["server"][0], spans["client"][0], "GET", "/after-garbage", 200, port)
     assert env.unparsed("truncated") >= 1
-    assert env.unparsed("not_http") == before + 2 and env.unparsed("tls_unparsed") == tls_before + 1
+    assert env.unparsed("tls_unparsed") == tls_before + 2   # both ends of it are in this process
     assert env.agent.metric_value("ebpf_receiver_source_events_lost_total", source="http",
                                   reason="decode_error") == 0
 
@@ -411,3 +420,27 @@ def test_connection_older_than_the_agent_is_picked_up_by_its_first_bytes(env: En
         _check_pair(server, client, "GET", server["attrs"]["url.path"], 200, port)
         assert client["attrs"]["client.port"] == local_port
     assert env.unparsed("unmatched_response") == unmatched + 1
+
+
+def test_a_request_made_while_serving_one_is_its_child(env: Env) -> None:
+    """A thread-per-request handler calls another service: the CLIENT span of that call is a
+    child of the SERVER span the thread was serving, in its trace (the caller's, when the
+    incoming request carried a traceparent)."""
+    port, backend = env.ports["proxy"], env.ports["backend"]
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    curl(port, "/proxy")
+    curl(port, "/proxy", "-H", f"traceparent: 00-{trace_id}-{parent}-01")
+    front = env.wait_spans(port, 2)
+    back = env.wait_spans(backend, 2)
+    for server, call in zip(front["server"], back["client"]):
+        assert server["attrs"]["url.path"] == "/proxy" and call["attrs"]["url.path"] == "/backend"
+        assert call["resource"]["process.pid"] == os.getpid() and call["kind"] in CLIENT_KIND
+        assert call["traceId"] == server["traceId"] and call["parentSpanId"] == server["spanId"]
+        assert int(server["startTimeUnixNano"]) <= int(call["startTimeUnixNano"])
+        assert int(call["endTimeUnixNano"]) <= int(server["endTimeUnixNano"])
+    untraced, traced = front["server"]
+    assert not untraced.get("parentSpanId")
+    assert traced["traceId"].lower() == trace_id and traced["parentSpanId"].lower() == parent
+    # the backend's own SERVER spans and curl's CLIENT spans are not children of anything served
+    for s in back["server"] + front["client"][:1]:
+        assert not s.get("parentSpanId"), s
