@@ -25,6 +25,7 @@ class Mapping:
     file_offset: int
     path: str              # file path, or "[kernel.kallsyms]", "[vdso]", "/tmp/perf-PID.map"
     build_id: str = ""     # GNU build id, lowercase hex; "" when the file has none or is gone
+    go_build_id: str = ""  # a Go binary's build id (.note.go.buildid); "" for other files
 
     def file_address(self, address: int) -> int:
         """``address`` as an offset into the file (what a backend symbolizes with)."""
@@ -37,7 +38,7 @@ class Frame:
 
     address: int                      # virtual address in the process (or the kernel)
     function: str = ""
-    frame_type: str = "native"        # profile.frame.type: "kernel", "native" or "cpython"
+    frame_type: str = "native"        # profile.frame.type: "kernel", "native", "cpython" or "go"
     mapping: Mapping | None = None
     file: str = ""                    # source file (Python frames: co_filename)
     line: int = 0                     # source line, 0 when unknown

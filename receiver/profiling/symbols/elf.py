@@ -18,8 +18,10 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .gopclntab import GoTable, GoTableError, parse_go_table
+
 __all__ = ["ElfError", "LoadSegment", "SymbolTable", "ElfFile", "Read", "parse_elf",
-           "parse_elf_bytes", "read_elf_fd", "read_symtab_fd", "build_id_from_notes"]
+           "parse_elf_bytes", "read_elf_fd", "fd_reader", "named_sections", "read_symtab_fd", "build_id_from_notes"]
 
 _PT_LOAD, _PT_NOTE = 1, 4
 _PF_X = 1
@@ -79,6 +81,7 @@ class ElfFile:
     build_id: str                      # lowercase hex, "" when the image has no GNU build id
     segments: tuple[LoadSegment, ...]
     symbols: SymbolTable
+    go: GoTable | None = None          # a Go binary's .gopclntab (names, lines, inlined calls)
 
     def load_bias(self, map_start: int, map_offset: int) -> int | None:
         """For a mapping of this file at ``map_start`` from file offset ``map_offset``: the bias
@@ -347,7 +350,17 @@ def parse_elf(read: Read) -> ElfFile:
         raise ElfError(f"malformed ELF: {e}") from None
     segments = tuple(LoadSegment(offset=o, vaddr=v, filesz=sz, executable=bool(fl & _PF_X))
                      for t, fl, o, v, sz, _ in phdrs if t == _PT_LOAD)
-    return ElfFile(build_id=build_id, segments=segments, symbols=found.table())
+    return ElfFile(build_id=build_id, segments=segments, symbols=found.table(), go=_go_table(read))
+
+
+def _go_table(read: Read) -> GoTable | None:
+    """The image's Go table, None when it has none or it cannot be read (then its frames are
+    named from the ELF symbols, if any)."""
+    try:
+        sections, is_dyn = named_sections(read)
+        return parse_go_table(read, sections, is_dyn)
+    except (GoTableError, ElfError):
+        return None
 
 
 def parse_elf_bytes(image: bytes) -> ElfFile:
@@ -355,7 +368,7 @@ def parse_elf_bytes(image: bytes) -> ElfFile:
     return parse_elf(lambda offset, size: image[offset:offset + size])
 
 
-def _fd_reader(fd: int) -> Read:
+def fd_reader(fd: int) -> Read:
     """``pread``, not ``mmap``: a library truncated while we read it must give an error, not
     SIGBUS in the agent."""
     try:
@@ -373,14 +386,14 @@ def _fd_reader(fd: int) -> Read:
 
 def read_elf_fd(fd: int) -> ElfFile:
     """``parse_elf`` on an open file, reading only the headers and symbol tables."""
-    return parse_elf(_fd_reader(fd))
+    return parse_elf(fd_reader(fd))
 
 
 def read_symtab_fd(fd: int) -> SymbolTable:
     """Only the ``.symtab`` FUNC symbols of an open file: a separate debug file, whose code
     sections are empty but whose symbol addresses are those of the stripped file."""
     try:
-        return _parse(_fd_reader(fd), symtab_only=True)[2].table()
+        return _parse(fd_reader(fd), symtab_only=True)[2].table()
     except _MALFORMED as e:
         raise ElfError(f"malformed ELF: {e}") from None
 
@@ -399,7 +412,7 @@ def _section_table(read: Read) -> tuple[_Layout, list[_Section], int]:
 def section_sizes(fd: int, names: tuple[bytes, ...]) -> dict[bytes, int]:
     """Sizes of the named sections of an open file (the unwinder checks ``.eh_frame`` and
     ``.debug_frame`` before asking readelf to interpret them)."""
-    read = _fd_reader(fd)
+    read = fd_reader(fd)
     try:
         _, sections, shstrndx = _section_table(read)
         if not 0 <= shstrndx < len(sections):
@@ -417,10 +430,29 @@ def section_sizes(fd: int, names: tuple[bytes, ...]) -> dict[bytes, int]:
     return out
 
 
+def named_sections(read: Read) -> tuple[dict[bytes, tuple[int, int, int, int]], bool]:
+    """name → (type, addr, offset, size) of each section (the first of a name), and whether the
+    image is ET_DYN (PIE or a shared library)."""
+    try:
+        lay, sections, shstrndx = _section_table(read)
+        e_type = lay.ehdr.unpack(_exactly(read, 0, lay.ehdr.size))[0]
+        if not 0 <= shstrndx < len(sections):
+            return {}, e_type == 3
+        strtab = sections[shstrndx]
+        blob = read(strtab.offset, strtab.size)
+    except _MALFORMED as e:
+        raise ElfError(f"malformed ELF: {e}") from None
+    out: dict[bytes, tuple[int, int, int, int]] = {}
+    for s in sections:
+        end = blob.find(b"\0", s.name)
+        out.setdefault(blob[s.name:end if end >= 0 else None], (s.type, s.addr, s.offset, s.size))
+    return out, e_type == 3
+
+
 def dynamic_symbols_fd(fd: int, names: set[bytes]) -> dict[bytes, int]:
     """Addresses (ELF virtual) of the named ``.dynsym`` symbols of any type (data too: the
     CPython profiler looks for ``_PyRuntime``), read from an open file."""
-    read = _fd_reader(fd)
+    read = fd_reader(fd)
     try:
         lay, sections, _ = _section_table(read)
         found: dict[bytes, int] = {}

@@ -29,6 +29,7 @@ from operator import attrgetter
 
 from ..model import Frame, Mapping
 from .elf import ElfError, ElfFile, SymbolTable, parse_elf_bytes, read_elf_fd, read_symtab_fd
+from .gopclntab import GoFrame, GoTable
 from .kallsyms import KernelSymbols
 
 __all__ = ["Symbolizer", "SymbolizerStats", "REFRESH_AFTER_S", "vdso_image"]
@@ -43,6 +44,7 @@ _MAX_PERF_MAP_BYTES = 256 << 20
 _ANON_PATH = "//anon"               # perf's name for anonymous executable memory without a perf map
 _DELETED = " (deleted)"
 _FUNCTION = attrgetter("function")
+_Frames = Frame | tuple[Frame, ...]    # what one address stands for
 
 
 @dataclass(slots=True)
@@ -139,6 +141,7 @@ class _Region:
     symbols: SymbolTable | None    # the ELF file's (or the vdso's) symbols
     bias: int                      # ELF virtual address = address - bias
     anonymous: bool                # JIT code: named by the perf map
+    go: GoTable | None = None      # a Go binary's table: Go frames, inlined calls expanded
 
 
 class _Process:
@@ -158,8 +161,8 @@ class _Process:
         self.perf_map_path = ""                  # as the process sees it: /tmp/perf-NSPID.map
         self.perf_map_signature: tuple[int, int, int] | None = None
         self.perf_map_checked_at = float("-inf")
-        self.leaf_frames: dict[int, Frame] = {}   # sampled addresses
-        self.return_frames: dict[int, Frame] = {}  # return addresses (named by address - 1)
+        self.leaf_frames: dict[int, _Frames] = {}   # sampled addresses
+        self.return_frames: dict[int, _Frames] = {}  # return addresses (named by address - 1)
 
     def region_at(self, address: int) -> _Region | None:
         i = bisect_right(self.starts, address) - 1
@@ -190,8 +193,8 @@ class Symbolizer:
         self._max_processes = max_processes
         self._processes: OrderedDict[int, _Process] = OrderedDict()
         self._kernel = kernel_symbols
-        self._kernel_leaf: dict[int, Frame] = {}
-        self._kernel_return: dict[int, Frame] = {}
+        self._kernel_leaf: dict[int, _Frames] = {}
+        self._kernel_return: dict[int, _Frames] = {}
         self._max_cached_frames = max_cached_frames
         self._cached_frames = 0
         self._lock = threading.Lock()
@@ -278,7 +281,7 @@ class Symbolizer:
         _cached_stack(addrs, proc.leaf_frames, proc.return_frames,
                       lambda addr, is_return: self._user_frame(proc, addr, is_return), out)
 
-    def _user_frame(self, proc: _Process, addr: int, is_return: bool) -> Frame:
+    def _user_frame(self, proc: _Process, addr: int, is_return: bool) -> _Frames:
         """Names ``addr`` and caches the frame, unless a later refresh could still name it
         (no mapping yet, or JIT code not yet in the perf map)."""
         lookup = addr - 1 if is_return else addr
@@ -288,6 +291,10 @@ class Symbolizer:
             region = proc.region_at(lookup)
         if region is None:
             return Frame(addr, "", "native", None)
+        if region.go is not None:
+            go_frames = region.go.frames(lookup - region.bias)
+            if go_frames:
+                return self._go_frames(proc, addr, is_return, region.mapping, go_frames)
         if region.symbols is not None:
             name = region.symbols.lookup(lookup - region.bias)
         elif region.anonymous:
@@ -299,6 +306,16 @@ class Symbolizer:
         frame = Frame(addr, name, "native", region.mapping)
         (proc.return_frames if is_return else proc.leaf_frames)[addr] = frame
         self._cached_frames += 1
+        return frame
+
+    def _go_frames(self, proc: _Process, addr: int, is_return: bool, mapping: Mapping,
+                   go_frames: list[GoFrame]) -> Frame | tuple[Frame, ...]:
+        """A Go pc's frames, innermost first: the functions inlined at it, then its own (one
+        frame when nothing is inlined there), each with its file and line."""
+        made = tuple(Frame(addr, g.function, "go", mapping, g.file, g.line) for g in go_frames)
+        frame: Frame | tuple[Frame, ...] = made[0] if len(made) == 1 else made
+        (proc.return_frames if is_return else proc.leaf_frames)[addr] = frame
+        self._cached_frames += len(made)
         return frame
 
     def _jit_name(self, proc: _Process, address: int) -> str:
@@ -401,11 +418,12 @@ class Symbolizer:
         else:
             elf = self._mapped_file(proc.pid, fields[0], path, name.endswith(_DELETED))
         build_id = elf.build_id if elf is not None else ""
-        mapping = Mapping(start, end, offset, path, build_id)
+        go_build_id = elf.go.build_id if elf is not None and elf.go is not None else ""
+        mapping = Mapping(start, end, offset, path, build_id, go_build_id)
         bias = elf.load_bias(start, offset) if elf is not None else None
         if elf is None or bias is None:
             return _Region(start, end, mapping, None, 0, False)
-        return _Region(start, end, mapping, elf.symbols, bias, False)
+        return _Region(start, end, mapping, elf.symbols, bias, False, elf.go)
 
     def _mapped_file(self, pid: int, address_range: str, path: str,
                      deleted: bool) -> ElfFile | None:
@@ -445,7 +463,7 @@ class Symbolizer:
             finally:
                 os.close(fd)
             if len(symbols) > len(elf.symbols):
-                return ElfFile(build_id=elf.build_id, segments=elf.segments, symbols=symbols)
+                return ElfFile(build_id=elf.build_id, segments=elf.segments, symbols=symbols, go=elf.go)
         return elf
 
     @staticmethod
@@ -509,16 +527,27 @@ def vdso_image(pid: int, start: int, end: int) -> bytes | None:
         return None
 
 
-def _cached_stack(addrs: Sequence[int], leaf_frames: dict[int, Frame], return_frames: dict[int, Frame],
-                  make: Callable[[int, bool], Frame], out: list[Frame]) -> None:
+def _cached_stack(addrs: Sequence[int], leaf_frames: dict[int, _Frames], return_frames: dict[int, _Frames],
+                  make: Callable[[int, bool], _Frames], out: list[Frame]) -> None:
     """Appends the frames of one leaf-first stack: each from its cache (the leaf and the return
-    addresses are named differently, so cached apart), else ``make(address, is_return)``."""
+    addresses are named differently, so cached apart), else ``make(address, is_return)``. An
+    address may stand for several frames (a Go pc with inlined calls), innermost first."""
     leaf = leaf_frames.get(addrs[0])
-    out.append(leaf if leaf is not None else make(addrs[0], False))
+    if leaf is None:
+        leaf = make(addrs[0], False)
+    if isinstance(leaf, tuple):
+        out.extend(leaf)
+    else:
+        out.append(leaf)
     get = return_frames.get
     for addr in addrs[1:]:
         frame = get(addr)
-        out.append(frame if frame is not None else make(addr, True))
+        if frame is None:
+            frame = make(addr, True)
+        if isinstance(frame, tuple):
+            out.extend(frame)
+        else:
+            out.append(frame)
 
 
 def _namespace_pid(pid: int) -> int:

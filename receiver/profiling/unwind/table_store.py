@@ -8,6 +8,8 @@ the process's mapping list. Tables stay loaded while a process uses them and aft
 their rows are needed (least recently used first), so a binary that starts again costs nothing.
 Everything that does not fit (rows, processes, mappings beyond ``UNWIND_MAX_MAPPINGS``) and every
 file without usable call-frame information is counted; such code is walked with frame pointers.
+Go code has no ``.eh_frame``: its rows come from ``.gopclntab`` (``go_table.py``), merged with the
+``.eh_frame`` rows of a cgo binary's C code.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 from ..abi import ROW, SET_TABLES_USER, UNWIND_MAX_MAPPINGS, UNWIND_STOP, UnwindMapping, UnwindProcess, UnwindRow
 from ..runtimes import Runtimes
 from ..symbols.elf import ElfError, section_sizes
+from ..symbols.gopclntab import GoTableError
 from ..symbols.symbolizer import Symbolizer, vdso_image
 from ..work_queue import QueueWorker
-from .cfi_table import ReadelfMissingError, UnwindTableError, build_table
+from .cfi_table import ReadelfMissingError, UnwindTable, UnwindTableError, build_table
+from .go_table import go_table_of_fd, merge_tables
 
 __all__ = ["MAX_MAPPINGS", "UnwindTables", "RowAllocator"]
 
@@ -319,18 +323,28 @@ class UnwindTables:
                 self._remember_failed(key, "too large")
                 self.stats["tables_too_large"] += 1
                 return "full"
+            go_rows = self._go_rows(fd, path)
             try:
-                table = build_table(fd)
+                if go_rows is not None and cfi_bytes == 0:   # pure Go: no readelf run
+                    table = go_rows
+                else:
+                    table = build_table(fd)
+                    if go_rows is not None:                   # cgo: C rows and Go rows
+                        table = merge_tables(table, go_rows)
             except ReadelfMissingError as e:
                 if not self.stats["readelf_missing"]:
                     log.warning("profiler: %s: user stacks are walked with frame pointers only", e)
                 self.stats["readelf_missing"] += 1
-                return None
+                if go_rows is None:
+                    return None
+                table = go_rows
             except UnwindTableError as e:
-                self._remember_failed(key, str(e))
-                self.stats["files_without_cfi"] += 1
-                log.debug("no unwind table for %s: %s", path, e)
-                return None
+                if go_rows is None:
+                    self._remember_failed(key, str(e))
+                    self.stats["files_without_cfi"] += 1
+                    log.debug("no unwind table for %s: %s", path, e)
+                    return None
+                table = go_rows
         finally:
             os.close(fd)
         loaded = self._store(key, table.rows)
@@ -340,6 +354,19 @@ class UnwindTables:
         self.stats["tables_built"] += 1
         self.stats["rows_written"] += len(table)
         return key, loaded
+
+    def _go_rows(self, fd: int, path: str) -> UnwindTable | None:
+        """Rows from the file's ``.gopclntab`` (Go code), None when it has none or it cannot be
+        read (counted as ``go_tables_unreadable``)."""
+        try:
+            rows = go_table_of_fd(fd)
+        except (GoTableError, ElfError) as e:
+            self.stats["go_tables_unreadable"] += 1
+            log.debug("no Go unwind rows for %s: %s", path, e)
+            return None
+        if rows is not None:
+            self.stats["go_tables_built"] += 1
+        return rows
 
     def _remember_failed(self, key: Hashable, reason: str) -> None:
         self._failed[key] = reason
