@@ -109,25 +109,33 @@ def _headers_identity(root: str, cflags: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _kernel() -> tuple[str, str, str]:
+    """The running kernel: release, build, machine."""
+    u = os.uname()
+    return u.release, u.version, u.machine
+
+
 def cache_key(text: str, cflags: Sequence[str], programs: Sequence[Any], headers: Sequence[Any] | None,
               bcc_version: str) -> tuple[str, dict[str, str]]:
-    """The entry's key and what it was made of (``meta``: checked again when the entry loads)."""
-    uname = os.uname()
+    """The entry's key and what it was made of (``meta``: checked again when the entry loads).
+    The header tree is in ``meta`` but not in the key: a host without headers still finds the
+    entry (and loads it, needing none), while another header tree replaces it."""
+    release, build, machine = _kernel()
     tracefs = host.tracefs_root()
     formats = hashlib.sha256()
     for category, name in sorted(set(_TRACEPOINT.findall(text))):
         formats.update(f"{category}:{name}\n".encode())
         if tracefs is not None:
             formats.update(_read(tracefs / "events" / category / name / "format"))
-    root, hdr_flags = (headers[0], tuple(headers[2])) if headers else ("", ())
-    meta = {"format": str(FORMAT_VERSION), "kernel": uname.release, "kernel_build": uname.version,
-            "machine": uname.machine, "bcc": bcc_version, "headers": _headers_identity(root, hdr_flags),
-            "tracepoint_formats": formats.hexdigest(),
+    hdr_flags = tuple(headers[2]) if headers else ()
+    meta = {"format": str(FORMAT_VERSION), "kernel": release, "kernel_build": build, "machine": machine,
+            "bcc": bcc_version, "tracepoint_formats": formats.hexdigest(),
             "program": hashlib.sha256(text.encode()).hexdigest(),
-            "cflags": hashlib.sha256(json.dumps([list(cflags), list(hdr_flags),
-                                                 [list(p) if isinstance(p, (list, tuple)) else p
-                                                  for p in programs]]).encode()).hexdigest()}
+            "cflags": hashlib.sha256(json.dumps([list(cflags), [list(p) if isinstance(p, (list, tuple)) else p
+                                                                for p in programs]]).encode()).hexdigest()}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    if headers:
+        meta["headers"] = _headers_identity(headers[0], hdr_flags)
     return key, meta
 
 
@@ -145,7 +153,8 @@ def _entry_path(key: str) -> Path | None:
 
 def lookup(key: str, meta: Mapping[str, str], count_miss: bool = True) -> dict[str, Any] | None:
     """The entry for ``key``, checked (checksum, format, key, kernel); ``None`` on a miss. A
-    corrupt or mismatching entry is counted, logged and treated as a miss (a compile replaces it)."""
+    corrupt or mismatching entry is counted, logged and treated as a miss (a compile replaces it);
+    ``count_miss=False`` (the look again under the lock) counts only a hit."""
     path = _entry_path(key)
     if path is None:
         return None
@@ -156,19 +165,21 @@ def lookup(key: str, meta: Mapping[str, str], count_miss: bool = True) -> dict[s
             count("miss")
         return None
     except OSError as e:
-        log.warning("compile cache: cannot read %s: %s; compiling", path, e)
-        count("miss")
+        if count_miss:
+            log.warning("compile cache: cannot read %s: %s; compiling", path, e)
+            count("miss")
         return None
     try:
         entry = decode(raw)
-        for k, v in meta.items():
+        for k, v in meta.items():   # "headers" only when this host has some
             if entry["meta"].get(k) != v:
                 raise CacheEntryError("mismatch", f"{k} is {entry['meta'].get(k)!r}, here {v!r}")
         if entry.get("key") != key:
             raise CacheEntryError("mismatch", "the entry names another key")
     except CacheEntryError as e:
-        count(e.reason)
-        log.warning("compile cache: %s entry %s (%s): compiling again", e.reason, path.name, e)
+        if count_miss:
+            count(e.reason)
+            log.warning("compile cache: %s entry %s (%s): compiling again", e.reason, path.name, e)
         return None
     count("hit")
     return entry
@@ -204,7 +215,7 @@ def store(key: str, meta: Mapping[str, str], content: Mapping[str, Any]) -> Path
         return None
     entry = {"format": FORMAT_VERSION, "key": key, "meta": dict(meta), **content}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".entry")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -239,7 +250,7 @@ def locked(key: str) -> Iterator[None]:
     fd = -1
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:

@@ -59,6 +59,7 @@ def lib() -> Any:
             ("bpf_prog_load", ctypes.c_int, [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, _VP, ctypes.c_size_t,
                                              _VP]),
             ("bpf_obj_get_info_by_fd", ctypes.c_int, [ctypes.c_int, _VP, _U32P]),
+            ("bpf_btf_load", ctypes.c_int, [_VP, ctypes.c_size_t, _VP]),
             ("bpf_raw_tracepoint_open", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int])):
         fn = getattr(so, name)
         fn.restype, fn.argtypes = res, args
@@ -492,11 +493,37 @@ class _ProgInfo(ctypes.Structure):         # the head of struct bpf_prog_info (u
 _OBJ_NAME_LEN = 15   # BPF_OBJ_NAME_LEN less the NUL, as BCC truncates
 
 
+# Local storage maps (sk, inode, task, cgroup) exist only with BTF for their key and value.
+_NEEDS_BTF = {24, 28, 29, 32}
+
+
+def _storage_btf(value_size: int) -> bytes:
+    """The least BTF such a map takes: [1] int (the 4-byte key), [2] unsigned char,
+    [3] unsigned char[value_size] (the value, opaque)."""
+    import struct
+
+    strings = b"\0int\0unsigned char\0"
+    types = struct.pack("<IIII", 1, 1 << 24, 4, (1 << 24) | 32)          # INT "int", signed, 32 bits
+    types += struct.pack("<IIII", 5, 1 << 24, 1, 8)                      # INT "unsigned char", 8 bits
+    types += struct.pack("<IIIIII", 0, 3 << 24, 0, 2, 1, value_size)     # ARRAY of [2] indexed by [1]
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings
+
+
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int, flags: int) -> int:
     """A new map (libbpf ``bpf_map_create``); ``OSError`` with the kernel's reason."""
     opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
-    fd = lib().bpf_map_create(map_type, name[:_OBJ_NAME_LEN].encode(), key_size, value_size, max_entries,
-                              ctypes.byref(opts))
+    btf_fd = -1
+    if map_type in _NEEDS_BTF:
+        blob = _storage_btf(value_size)
+        btf_fd = _check(lib().bpf_btf_load(blob, len(blob), None), f"loading BTF for map {name}")
+        opts.btf_fd, opts.btf_key_type_id, opts.btf_value_type_id = btf_fd, 1, 3
+    try:
+        fd = lib().bpf_map_create(map_type, name[:_OBJ_NAME_LEN].encode(), key_size, value_size, max_entries,
+                                  ctypes.byref(opts))
+    finally:
+        if btf_fd >= 0:
+            os.close(btf_fd)   # the map holds its own reference
     return _check(fd, f"creating map {name}")
 
 

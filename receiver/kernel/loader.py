@@ -74,12 +74,12 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
         headers, text = None, None     # the loader reports it as it always has
     if headers is not None:
         request["headers"] = list(headers)
-    if text is None or headers is None or not settings["directory"]:
+    if text is None or not settings["directory"]:
         return _compile(request, t0)
     key, meta = compile_cache.cache_key(text, cflags, request["programs"], headers, bcc_version())
     obj = _from_cache(source_name, key, meta, t0)
-    if obj is not None:
-        return obj
+    if obj is not None or headers is None:   # without headers, only the cache can load it
+        return obj or _compile(request, t0)
     with compile_cache.locked(key):
         obj = _from_cache(source_name, key, meta, t0, count_miss=False)   # another agent may have filled it
         if obj is not None:
