@@ -92,6 +92,15 @@ struct bpf_perf_event_data {
 #ifndef UNWIND_WINDOW             /* bytes of stack one read brings in (power of two) */
 #define UNWIND_WINDOW 1024
 #endif
+#ifndef OFF_CPU                   /* off-CPU time: on_switch_out and the sched_switch probe */
+#define OFF_CPU 0
+#endif
+#ifndef OFFCPU_THREADS            /* threads off the CPU with their stacks kept (offcpu_start) */
+#define OFFCPU_THREADS 4096
+#endif
+#ifndef OFFCPU_KEYS               /* distinct off-CPU stacks per generation (offcpu<g>) */
+#define OFFCPU_KEYS 2048
+#endif
 
 _Static_assert(((PROF_MAX_DEPTH + 1) & PROF_MAX_DEPTH) == 0 && PROF_DEPTH_MASK == PROF_MAX_DEPTH,
                "PROF_MAX_DEPTH + 1 must be a power of two");
@@ -112,6 +121,11 @@ BPF_TABLE("lru_hash", u32, u8, seen_processes, MAX_PROCESSES);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 MIRROR(prof_sample);
 MIRROR(prof_new_process);
+
+/* Hides a value's range from the compiler, so the mask that follows stays in the program: the
+ * compiler drops "i & 127" where it knows i < 127 and walks a pointer instead, whose bound
+ * older verifiers (6.1) then cannot prove. */
+#define barrier_var(v) asm volatile("" : "+r"(v))
 
 static __always_inline void count_stat(int slot) {
     u64 *n = stats.lookup(&slot);
@@ -249,13 +263,92 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
     notice_process(key->pid);
 }
 
+
+#if OFF_CPU
+/* ---- Off-CPU time (profiler.h): a thread's stacks taken as it goes off the CPU, the time it
+ * stayed off added when it is switched in again ---- */
+
+BPF_TABLE("lru_hash", u32, struct offcpu_start, offcpu_start, OFFCPU_THREADS);
+/* allocated as stacks appear: a full-size generation would pin OFFCPU_KEYS * 3 KiB each */
+BPF_F_TABLE("hash", struct prof_key, struct offcpu_value, offcpu0, OFFCPU_KEYS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct prof_key, struct offcpu_value, offcpu1, OFFCPU_KEYS, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(offcpu_scratch, struct offcpu_start, 1);
+BPF_PERCPU_ARRAY(offcpu_stats, u64, OFFCPU_STATS);
+MIRROR(offcpu_start);
+
+static __always_inline void count_offcpu(int slot) {
+    u64 *n = offcpu_stats.lookup(&slot);
+    if (n)
+        (*n)++;
+}
+
+/* This CPU's record being built: the switching-out thread's key and stacks. */
+static __always_inline struct offcpu_start *offcpu_record(void) {
+    u32 zero = 0;
+    return offcpu_scratch.lookup(&zero);
+}
+
+/* A 64-bit hash of the user stack (with its runtime frames) and the kernel stack (never 0). */
+static __always_inline u64 hash_offcpu(struct offcpu_value *v) {
+    struct unwind_stack *u = &v->user;
+    u64 h = 0x84222325cbf29ce4ULL ^ u->truncated;
+    #pragma clang loop unroll(disable)
+    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
+        if (i >= u->len)
+            break;
+        u32 at = i;
+        barrier_var(at);
+        h = (h ^ u->ips[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+    h = (h ^ 0x6b) * 0x100000001b3ULL;   /* user | kernel */
+    #pragma clang loop unroll(disable)
+    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
+        if (i >= v->kernel_len)
+            break;
+        u32 at = i;
+        barrier_var(at);
+        h = (h ^ v->kernel[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+#if RUNTIME_MAX_FRAMES
+    h ^= ((u64)u->rt_truncated << 32 | u->rt_len) ^ (u64)u->rt_runtime << 40;
+    #pragma clang loop unroll(disable)
+    for (u32 i = 0; i < RUNTIME_MAX_FRAMES; i++) {
+        if (i >= u->rt_len)
+            break;
+        u32 at = i;
+        barrier_var(at);
+        at &= RUNTIME_MAX_FRAMES - 1;
+        h = (h ^ u->rt_id[at]) * 0x100000001b3ULL;
+        h = (h ^ u->rt_aux[at]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+#endif
+    return h ? h : 1;
+}
+
+/* Keeps the record (its key and user stack filled) under the thread's id with its kernel stack
+ * and the time: the thread is going off the CPU now. */
+static __always_inline void offcpu_commit(struct bpf_perf_event_data *ctx, struct offcpu_start *rec) {
+    long n = 0;
+#if KERNEL_STACKS
+    n = bpf_get_stack(ctx, rec->v.kernel, sizeof(rec->v.kernel), 0);
+#endif
+    rec->v.kernel_len = n > 0 ? (u64)n / 8 : 0;
+    rec->v.count = 0;
+    rec->v.pad = 0;
+    rec->key.user_stack_id = -1;
+    rec->key.kernel_stack_id = -1;
+    rec->key.user_stack_hash = hash_offcpu(&rec->v);
+    rec->v.ns = bpf_ktime_get_ns();
+    offcpu_start.update(&rec->key.tid, rec);
+    count_offcpu(OFFCPU_STAT_RECORDED);
+}
+#endif
+
 #if UNWIND
 /* ---- The walk: its state between tail calls, and how a walked sample is counted ---- */
-
-/* Hides a value's range from the compiler, so the mask that follows stays in the program: the
- * compiler drops "i & 127" where it knows i < 127 and walks a pointer instead, whose bound
- * older verifiers (6.1) then cannot prove. */
-#define barrier_var(v) asm volatile("" : "+r"(v))
 
 BPF_HASH(walked0, struct prof_key, struct unwind_stack, MAX_KEYS);
 BPF_HASH(walked1, struct prof_key, struct unwind_stack, MAX_KEYS);
@@ -291,7 +384,7 @@ struct unwind_state {
 #endif
     u64 win_base;              /* user address of win[0] */
     u32 win_len;               /* bytes of win read (0: none) */
-    u32 pad2;
+    u32 off_cpu;               /* 1: a switch-out (on_switch_out), kept in offcpu_start, not counted */
     u8 win[UNWIND_WINDOW];     /* the stack from win_base to at most its page's end */
 };
 BPF_PERCPU_ARRAY(unwind_states, struct unwind_state, 1);
@@ -358,6 +451,16 @@ static __always_inline void finish_walk(struct bpf_perf_event_data *ctx, struct 
                                         struct unwind_stack *st) {
     struct prof_key *key = &ws->key;
     s32 kid = -1;
+#if OFF_CPU
+    if (ws->off_cpu) {                      /* a switch-out: its stacks kept until it runs again */
+        struct offcpu_start *rec = offcpu_record();
+        if (rec) {
+            bpf_probe_read_kernel(&rec->v.user, sizeof(rec->v.user), st);
+            offcpu_commit(ctx, rec);
+        }
+        return;
+    }
+#endif
 #if KERNEL_STACKS
     if ((s64)ctx->regs.ip < 0)
         kid = ws->g ? stacks1.get_stackid(ctx, 0) : stacks0.get_stackid(ctx, 0);
@@ -514,6 +617,7 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
     ws->n = 0;
     ws->done = 0;
     ws->win_len = 0;
+    ws->off_cpu = 0;
     ws->g = g;
     ws->proc = pc->proc;
     __builtin_memcpy(&ws->key, key, sizeof(*key));
@@ -570,6 +674,119 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     count_sample(ctx, &key, g);
     return 0;
 }
+
+#if OFF_CPU
+/* A thread goes off the CPU: the context-switch software event (one per CPU, every switch), in
+ * the switching-out thread's context with its kernel registers, so the walk is the on-CPU one.
+ * Sampling (settings[PROF_SET_OFFCPU_THRESHOLD]) decides first, before anything is read. */
+int on_switch_out(struct bpf_perf_event_data *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (tgid == 0)                          /* the idle task */
+        return 0;
+    u32 slot = PROF_SET_OFFCPU_THRESHOLD;
+    u32 *threshold = settings.lookup(&slot);
+    if (threshold && *threshold != 0xffffffff && bpf_get_prandom_u32() > *threshold) {
+        count_offcpu(OFFCPU_STAT_UNSAMPLED);
+        return 0;
+    }
+    struct offcpu_start *rec = offcpu_record();
+    if (!rec)
+        return 0;
+    struct prof_key *key = &rec->key;
+    __builtin_memset(key, 0, sizeof(*key));
+    bpf_get_current_comm(&key->comm, sizeof(key->comm));
+    key->cgroup_id = bpf_get_current_cgroup_id();
+#if FILTER_PROCESS
+    if (!selected_by(tgid, key->comm, key->cgroup_id)) {
+        count_offcpu(OFFCPU_STAT_FILTERED);
+        return 0;
+    }
+#endif
+    key->pid = tgid;
+    key->tid = (u32)pid_tgid;
+#if UNWIND
+    struct unwind_state *ws = walk_state();
+    struct unwind_stack *st = walk_stack();
+    int begun = ws && st ? begin_walk(ctx, key, 0, ws, st) : 0;
+    if (begun < 0) {
+        count_offcpu(OFFCPU_STAT_NO_USER_STACK);
+        return 0;
+    }
+    if (begun > 0) {
+        ws->off_cpu = 1;
+        unwind_programs.call(ctx, UNWIND_NATIVE_SLOT);   /* does not return unless the tail call failed */
+    }
+#endif
+    /* the kernel's frame-pointer walk: a process without tables (or no unwinding here) */
+    struct unwind_stack *u = &rec->v.user;
+    u->count = 0;
+    u->truncated = 0;
+    u->len = 0;
+#if RUNTIME_MAX_FRAMES
+    u->rt_len = 0;
+    u->rt_truncated = 0;
+    u->rt_runtime = 0;
+    u->rt_pad = 0;
+#endif
+#if USER_STACKS
+    long n = bpf_get_stack(ctx, u->ips, sizeof(u->ips), BPF_F_USER_STACK);
+    if (n <= 0) {                           /* a kernel thread */
+        count_offcpu(OFFCPU_STAT_NO_USER_STACK);
+        return 0;
+    }
+    u->len = (u64)n / 8;
+#endif
+    notice_process(tgid);
+    offcpu_commit(ctx, rec);
+    return 0;
+}
+
+/* A thread is switched in: the time since its switch-out (if one was recorded) is counted under
+ * the stacks it left with. Runs in the other (outgoing) thread's context: reads only the map. */
+TRACEPOINT_PROBE(sched, sched_switch) {
+    u32 tid = args->next_pid;
+    if (tid == 0)
+        return 0;
+    struct offcpu_start *s = offcpu_start.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 ns = bpf_ktime_get_ns() - s->v.ns;
+    u32 slot = PROF_SET_OFFCPU_MIN_US;
+    u32 *min_us = settings.lookup(&slot);
+    if (min_us && ns < (u64)*min_us * 1000) {
+        count_offcpu(OFFCPU_STAT_SHORT);
+        offcpu_start.delete(&tid);
+        return 0;
+    }
+    slot = PROF_SET_GENERATION;
+    u32 *gen = settings.lookup(&slot);
+    u32 g = gen ? *gen : 0;
+    struct offcpu_value *v = g ? offcpu1.lookup(&s->key) : offcpu0.lookup(&s->key);
+    if (!v) {
+        s->v.ns = ns;
+        s->v.count = 1;
+        int err = g ? offcpu1.insert(&s->key, &s->v) : offcpu0.insert(&s->key, &s->v);
+        if (!err) {
+            count_offcpu(OFFCPU_STAT_COUNTED);
+            offcpu_start.delete(&tid);
+            return 0;
+        }
+        if (err == -EEXIST_)                /* another CPU inserted it meanwhile */
+            v = g ? offcpu1.lookup(&s->key) : offcpu0.lookup(&s->key);
+        if (!v) {
+            count_lost(PROF_LOST_OFFCPU_MAP_FULL);
+            offcpu_start.delete(&tid);
+            return 0;
+        }
+    }
+    __sync_fetch_and_add(&v->ns, ns);
+    __sync_fetch_and_add(&v->count, 1);
+    count_offcpu(OFFCPU_STAT_COUNTED);
+    offcpu_start.delete(&tid);
+    return 0;
+}
+#endif
 
 /* Renews the kernel's version of the process tables (see process_cache): an entry is gone. */
 static __always_inline void tables_changed(void) {

@@ -12,7 +12,12 @@
  * sampled process's entries is used while both are unchanged (see process_cache). */
 #define PROF_SET_TABLES_USER 1
 #define PROF_SET_TABLES_KERNEL 2
-#define PROF_SETTINGS 3
+/* Off-CPU (OFF_CPU=1): a switch-out is recorded when bpf_get_prandom_u32() <= this (0xffffffff:
+ * every one; sampling probability p is (this + 1) / 2^32), and a block is counted when it lasted
+ * at least PROF_SET_OFFCPU_MIN_US microseconds. Set by user space before the events attach. */
+#define PROF_SET_OFFCPU_THRESHOLD 3
+#define PROF_SET_OFFCPU_MIN_US 4
+#define PROF_SETTINGS 5
 
 /* stats[] slots: every sample lands in exactly one */
 #define PROF_STAT_COUNTED 0       /* counted in the active counts map */
@@ -30,7 +35,8 @@
 #define PROF_LOST_STACK_MAP_FULL 2    /* -ENOMEM: the stack map is full */
 #define PROF_LOST_STACK_FAULT 3       /* -EFAULT with no kernel stack either: a sample without frames */
 #define PROF_LOST_RINGBUF_FULL 4      /* a new-process notice; retried on the process's next sample */
-#define PROF_N_LOST 5
+#define PROF_LOST_OFFCPU_MAP_FULL 5   /* an off-CPU block whose stack the full offcpu<g> map could not take */
+#define PROF_N_LOST 6
 
 /* Ring-buffer record kinds (the first field of each record) */
 #define PROF_REC_NEW_PROCESS 1
@@ -160,6 +166,35 @@ struct unwind_stack {
 #define UNWIND_STAT_NO_TABLE 4        /* samples with a user stack in processes with no table loaded (frame-pointer stack) */
 #define UNWIND_STAT_RULE_SEARCHES 5   /* frames whose rule was not in the per-CPU cache (binary searches) */
 #define UNWIND_STATS 6
+
+/* ---- Off-CPU time (OFF_CPU=1) ----
+ *
+ * A thread going off the CPU (the context-switch software event, in its own context) has its
+ * stacks taken as an on-CPU sample's are and kept in offcpu_start[tid] with the time; when it is
+ * switched in again (sched:sched_switch, next_pid) the nanoseconds in between are added to
+ * offcpu<g>[key], the key's user_stack_hash a hash of both stacks (stack ids -1), the value the
+ * stacks themselves: no stack id has to outlive a generation. */
+#define OFFCPU_STAT_RECORDED 0        /* switch-outs whose stacks were taken */
+#define OFFCPU_STAT_UNSAMPLED 1       /* switch-outs sampling passed over */
+#define OFFCPU_STAT_FILTERED 2        /* switch-outs of processes the filter does not select */
+#define OFFCPU_STAT_NO_USER_STACK 3   /* switch-outs without a user stack (kernel threads): not profiled */
+#define OFFCPU_STAT_COUNTED 4         /* blocks counted in offcpu<g> */
+#define OFFCPU_STAT_SHORT 5           /* blocks shorter than the minimum: not counted */
+#define OFFCPU_STATS 6
+
+struct offcpu_value {
+    __u64 ns;                  /* offcpu_start: when the thread went off; offcpu<g>: blocked ns summed */
+    __u64 count;               /* offcpu<g>: blocks summed */
+    __u32 kernel_len;          /* addresses in kernel[] */
+    __u32 pad;
+    __u64 kernel[PROF_MAX_DEPTH];
+    struct unwind_stack user;  /* count unused; walked (or frame-pointer) user stack, runtime frames */
+};
+
+struct offcpu_start {
+    struct prof_key key;
+    struct offcpu_value v;
+};
 
 /* The first sample of a process not seen before (or since its exec). */
 struct prof_new_process {

@@ -16,7 +16,7 @@ from typing import Any, Self
 from ..config import EbpfConfig, ProfilerSourceConfig
 from ..proto import profile_pb2
 from .abi import LOST_REASONS
-from .model import CpuProfile, Frame, StackSample
+from .model import OFF_CPU, CpuProfile, Frame, StackSample
 from .output.pprof import to_pprof
 from .sampler import CpuSampler
 
@@ -36,6 +36,9 @@ class EbpfCpuProfiler:
         self.config = config or ProfilerSourceConfig(preset="development")
         self.sampler = CpuSampler(self.config)
         self._merged: dict[tuple[int, int, str, tuple[Frame, ...]], StackSample] = {}
+        self._merged_off: dict[tuple[int, int, str, tuple[Frame, ...]], StackSample] = {}
+        self.off_cpu_blocks = 0          # off-CPU blocks recorded (config.off_cpu)
+        self.off_cpu_stats: dict[str, int] = {}   # the off-CPU counters (stop_profile)
         self._start_ns = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,13 +107,20 @@ class EbpfCpuProfiler:
                     log.exception("profiler: draining the kernel maps failed")
 
     def _merge(self, profile: CpuProfile) -> None:
+        if profile.off_cpu is not None:
+            self.off_cpu_blocks += profile.off_cpu.blocks
+            self._merge_into(self._merged_off, profile.off_cpu)
+        self._merge_into(self._merged, profile)
+
+    def _merge_into(self, merged: dict[tuple[int, int, str, tuple[Frame, ...]], StackSample],
+                    profile: CpuProfile) -> None:
         for s in profile.samples:
             key = (s.pid, s.tid, s.thread_name, s.frames)
-            have = self._merged.get(key)
+            have = merged.get(key)
             if have is not None:
                 have.count += s.count
-            elif len(self._merged) < self.max_unique_stacks:
-                self._merged[key] = StackSample(s.frames, s.count, s.pid, s.tid, s.thread_name,
+            elif len(merged) < self.max_unique_stacks:
+                merged[key] = StackSample(s.frames, s.count, s.pid, s.tid, s.thread_name,
                                                 s.process_name, s.container_id, s.cgroup_id)
             else:
                 if not self.samples_over_bound:
@@ -138,12 +148,18 @@ class EbpfCpuProfiler:
             self.truncated_samples = self.sampler.truncated_samples
             self.unwind_stats = self.sampler.unwind_stats()
             self.runtime_stats = {rt.name: rt.all_stats() for rt in self.sampler.runtimes or ()}
+            self.off_cpu_stats = self.sampler.offcpu_stats()
         finally:
             self.sampler.close()
         end = time.time_ns()
         profile = CpuProfile(start_unix_nano=self._start_ns, duration_ns=end - self._start_ns,
                              frequency_hz=self.sampler.frequency, samples=list(self._merged.values()))
+        if self.sampler.off_cpu:
+            profile.off_cpu = CpuProfile(start_unix_nano=self._start_ns, duration_ns=end - self._start_ns,
+                                         frequency_hz=self.sampler.frequency, samples=list(self._merged_off.values()),
+                                         sample_type=OFF_CPU, blocks=self.off_cpu_blocks)
         self._merged.clear()
+        self._merged_off.clear()
         return profile
 
     def stop(self) -> profile_pb2.Profile:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Mapping", "Frame", "StackSample", "CpuProfile", "KERNEL_MAPPING_PATH"]
+__all__ = ["Mapping", "Frame", "StackSample", "CpuProfile", "KERNEL_MAPPING_PATH", "CPU", "OFF_CPU"]
+
+CPU = "cpu"            # samples counted at frequency_hz: StackSample.count is samples
+OFF_CPU = "off_cpu"    # time off the CPU: StackSample.count is nanoseconds (scaled by sampling)
 
 KERNEL_MAPPING_PATH = "[kernel.kallsyms]"
 
@@ -85,15 +88,26 @@ class StackSample:
 
 @dataclass(slots=True)
 class CpuProfile:
-    """Samples from ``start_unix_nano`` for ``duration_ns`` at ``frequency_hz`` per CPU."""
+    """Samples from ``start_unix_nano`` for ``duration_ns`` at ``frequency_hz`` per CPU.
+
+    ``sample_type`` ``OFF_CPU``: each sample's ``count`` is the nanoseconds its thread spent off
+    the CPU with that stack (an estimate: recorded blocks divided by the sampling probability),
+    ``blocks`` how many blocks were recorded. A CPU profile may carry the off-CPU profile of the
+    same interval in ``off_cpu``, so both travel to the writers together."""
 
     start_unix_nano: int
     duration_ns: int
     frequency_hz: int
     samples: list[StackSample] = field(default_factory=list)
+    sample_type: str = CPU
+    off_cpu: CpuProfile | None = None
+    blocks: int = 0
 
     @property
     def period_ns(self) -> int:
+        """The time one unit of ``count`` stands for: a sampling period, or 1 ns off the CPU."""
+        if self.sample_type == OFF_CPU:
+            return 1
         return 1_000_000_000 // self.frequency_hz
 
     @property

@@ -11,6 +11,12 @@ stack they name. Samples that arrive meanwhile go to the other generation, so no
 no stack id is freed while a key still counts on it. Samples the maps refused (stack hash-bucket
 collision, full stack or counts map) arrive whole over the ring buffer and are counted here,
 into the same profile.
+
+Off-CPU time (``config.off_cpu``): the context-switch software event runs ``on_switch_out`` as
+each thread leaves a CPU (the same walk as an on-CPU sample, kept per thread), and the
+``sched:sched_switch`` tracepoint adds the time until it runs again to ``offcpu<g>``, drained
+with the same generation flip into ``CpuProfile.off_cpu``; each recorded block's nanoseconds are
+divided by the sampling probability (docs/profiler.md#off-cpu-time).
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ from ..config import CachesConfig, ProfilerSourceConfig
 from ..errors import SourceUnavailableError
 from ..kernel import features as kernel_features
 from ..kernel import host
-from ..kernel.bcc import check_mirror
+from ..kernel.bcc import check_mirror, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
 from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, drain_hash_map, lib
 from ..kernel.loader import Program, compile_bpf
 from .abi import (
+    HEADER,
     LOST_REASONS,
     MAX_STACK_DEPTH,
     PROF_KEY,
@@ -58,7 +65,7 @@ from .abi import (
     UnwindStack,
     WholeSample,
 )
-from .model import CpuProfile, Frame, StackSample
+from .model import OFF_CPU, CpuProfile, Frame, StackSample
 from .runtimes import RUNTIMES, Runtime, Runtimes, slot_of
 from .symbols.demangle import Demangler
 from .symbols.symbolizer import Symbolizer
@@ -78,6 +85,14 @@ WALK_PROGRAM = b"walk_user_stack"     # tail-called by PROGRAM for processes wit
 # with interrupts off); this is a wide margin.
 GENERATION_SETTLE_S = 0.005
 RELOAD_AFTER_S = 60.0         # least time between two reloads of a process's unwind tables
+
+OFFCPU_PROGRAM = b"on_switch_out"     # the context-switch software event's program (off-CPU)
+PERF_COUNT_SW_CONTEXT_SWITCHES = 3
+_SETTINGS = header_enum(HEADER, "PROF_SET")
+SET_OFFCPU_THRESHOLD = _SETTINGS.index("offcpu_threshold")
+SET_OFFCPU_MIN_US = _SETTINGS.index("offcpu_min_us")
+OFFCPU_STAT_NAMES = header_enum(HEADER, "OFFCPU_STAT")
+OFFCPU_BATCH = 64    # off-CPU stacks read per bpf() call at a drain (about 3 KiB each)
 
 WALKED_BATCH = 256   # walked stacks read per bpf() call at a drain
 COUNTS_BATCH = 1024  # counts read per bpf() call at a drain
@@ -111,6 +126,78 @@ FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], RtFrames]
 Walked = tuple[tuple[int, ...], bool, RtFrames]
 # A drained count: pid, tid, user stack id, kernel stack id, cgroup id, comm, user stack hash, n
 Count = tuple[int, int, int, int, int, bytes, int, int]
+
+
+def _offcpu_value(user: type[ctypes.Structure]) -> type[ctypes.Structure]:
+    class OffCpuValue(ctypes.Structure):
+        """``struct offcpu_value``: an off-CPU stack's summed nanoseconds and blocks, both stacks."""
+
+        _fields_ = [("ns", ctypes.c_uint64), ("count", ctypes.c_uint64), ("kernel_len", ctypes.c_uint32),
+                    ("pad", ctypes.c_uint32), ("kernel", ctypes.c_uint64 * MAX_STACK_DEPTH), ("user", user)]
+    return OffCpuValue
+
+
+OffCpuValue = _offcpu_value(UnwindStack)                  # RUNTIME_MAX_FRAMES 0
+RuntimeOffCpuValue = _offcpu_value(RuntimeUnwindStack)    # with a runtime's frames
+
+
+def offcpu_threshold(probability: float) -> int:
+    """settings[PROF_SET_OFFCPU_THRESHOLD] for a sampling probability: a switch-out is recorded
+    when a random u32 is at most this, so p = (threshold + 1) / 2^32."""
+    return min(0xFFFFFFFF, max(0, round(probability * 2**32) - 1))
+
+
+def offcpu_scale(threshold: int) -> float:
+    """What a recorded block's nanoseconds are multiplied by: 1 / its sampling probability."""
+    return 2**32 / (threshold + 1)
+
+
+class _SwitchEvents:
+    """The context-switch software event on every online CPU, each switch running ``prog_fd``
+    (sample_period 1; libbpf.attach_perf_event samples at a frequency)."""
+
+    _NR = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "ppc64le": 319, "s390x": 331}
+    _ATTR_SIZE = 112
+    _IOC_ENABLE, _IOC_SET_BPF = 0x2400, 0x40042408
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def open(self, prog_fd: int) -> None:
+        import platform
+
+        from ..kernel.libbpf import online_cpus
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_long]
+        nr = self._NR.get(platform.machine())
+        if nr is None:
+            raise OSError(f"perf_event_open: unknown syscall number on {platform.machine()}")
+        attr = (ctypes.c_ubyte * self._ATTR_SIZE)()
+        ctypes.c_uint32.from_buffer(attr, 0).value = PERF_TYPE_SOFTWARE
+        ctypes.c_uint32.from_buffer(attr, 4).value = self._ATTR_SIZE
+        ctypes.c_uint64.from_buffer(attr, 8).value = PERF_COUNT_SW_CONTEXT_SWITCHES
+        ctypes.c_uint64.from_buffer(attr, 16).value = 1      # sample_period: every switch
+        try:
+            for cpu in online_cpus():
+                fd = libc.syscall(ctypes.c_long(nr), ctypes.byref(attr), ctypes.c_long(-1), ctypes.c_long(cpu),
+                                  ctypes.c_long(-1), ctypes.c_ulong(8))   # PERF_FLAG_FD_CLOEXEC
+                if fd < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"perf_event_open (context switches) on cpu {cpu}: {os.strerror(err)}")
+                self.fds.append(fd)
+                for req, arg in ((self._IOC_SET_BPF, prog_fd), (self._IOC_ENABLE, 0)):
+                    if libc.ioctl(fd, req, arg) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"perf event ioctl on cpu {cpu}: {os.strerror(err)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 def _executable_name(pid: int) -> str:
@@ -155,6 +242,11 @@ class CpuSampler:
         self.truncated_samples = 0                 # samples whose walked user stack stopped early
         self.runtimes: Runtimes | None = None      # the enabled runtimes, once bound
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
+        self.off_cpu = config.off_cpu.enabled
+        self._offcpu_threshold = offcpu_threshold(config.off_cpu.sample_probability)
+        self._offcpu_bufs: tuple[Any, Any] | None = None
+        self._offcpu_layout: type[ctypes.Structure] = OffCpuValue
+        self._switch_events = _SwitchEvents()
 
     # ------------------------------------------------------------------ load / attach
 
@@ -187,7 +279,13 @@ class CpuSampler:
                 f"-DUSER_STACKS={1 if c.user_stacks else 0}",
                 f"-DKERNEL_STACKS={1 if c.kernel_stacks else 0}",
                 f"-DFILTER_PROCESS={1 if c.filter.active else 0}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
-                f"-DWAKE_EVERY={self._wake_every()}"]
+                f"-DWAKE_EVERY={self._wake_every()}", *self._offcpu_cflags()]
+
+    def _offcpu_cflags(self) -> list[str]:
+        o = self.config.off_cpu
+        if not o.enabled:
+            return ["-DOFF_CPU=0"]
+        return ["-DOFF_CPU=1", f"-DOFFCPU_THREADS={int(o.max_threads)}", f"-DOFFCPU_KEYS={int(o.max_stacks)}"]
 
     @staticmethod
     def _wake_every() -> int:
@@ -206,6 +304,8 @@ class CpuSampler:
         for slot, cls in runtimes:
             programs.append((cls.program, "PERF_EVENT", ("unwind_programs", slot)))
         programs.append((PROGRAM.decode(), "PERF_EVENT", None))
+        if self.off_cpu:
+            programs.append((OFFCPU_PROGRAM.decode(), "PERF_EVENT", None))
         try:
             return compile_bpf(self.source_name, BPF_FILE, self.cflags(), programs,
                                includes=[cls.bpf_header for _, cls in runtimes])
@@ -230,6 +330,9 @@ class CpuSampler:
             mirrors += [("runtime_processes", "Leaf", RuntimeProcess),
                         ("mirror_prof_runtime_frame", "Leaf", RuntimeFrameNotice)]
             mirrors += [m for _, cls in runtimes for m in cls.mirrors]
+        if self.off_cpu:
+            self._offcpu_layout = RuntimeOffCpuValue if runtimes else OffCpuValue
+            mirrors.append(("offcpu0", "Leaf", self._offcpu_layout))
         for map_name, part, mirror in mirrors:
             check_mirror(bpf, map_name, part, mirror, self.source_name)
         if runtimes:
@@ -250,6 +353,22 @@ class CpuSampler:
             raise SourceUnavailableError(
                 self.source_name, f"cannot open software cpu-clock perf events: {e}", host.FIX_PERF_EVENTS) from e
         self._attached = True
+        if self.off_cpu:
+            self._attach_off_cpu(bpf)
+
+    def _attach_off_cpu(self, bpf: Any) -> None:
+        """Sets sampling and the minimum block, then opens the context-switch events (the
+        sched_switch tracepoint is attached since load: it finds no record before this)."""
+        min_us = min(round(float(self.config.off_cpu.min_block) * 1e6), 0xFFFFFFFF)
+        bpf["settings"][ctypes.c_int(SET_OFFCPU_THRESHOLD)] = ctypes.c_uint32(self._offcpu_threshold)
+        bpf["settings"][ctypes.c_int(SET_OFFCPU_MIN_US)] = ctypes.c_uint32(min_us)
+        try:
+            self._switch_events.open(bpf.prog_fd(OFFCPU_PROGRAM))
+        except OSError as e:
+            self.detach()
+            raise SourceUnavailableError(
+                self.source_name, f"cannot open context-switch perf events for off-CPU time: {e}",
+                host.FIX_PERF_EVENTS) from e
 
     def detach(self) -> None:
         """Closes the perf events: no sample after this returns. Safe to call twice."""
@@ -257,6 +376,7 @@ class CpuSampler:
             self.unwinder.stop()
         if self.runtimes is not None:
             self.runtimes.stop()
+        self._switch_events.close()
         if self._attached and self.bpf is not None:
             self._attached = False
             self.bpf.detach_perf_event(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK)
@@ -336,6 +456,8 @@ class CpuSampler:
                              user, stacks.get(kernel_stack_id, ()), n, rt)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
+        if self.off_cpu:
+            profile.off_cpu = self._take_offcpu(bpf[f"offcpu{old}"], profile, frames_of, truncated_pids)
         self.demangler.apply(profile)
         self._forget_exited()
         self._reload_truncated(truncated_pids)
@@ -358,14 +480,15 @@ class CpuSampler:
     def _add_sample(self, profile: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
                     pid: int, tid: int, comm: bytes, cgroup_id: int,
                     user: tuple[int, ...], kernel: tuple[int, ...], count: int,
-                    rt: RtFrames = NO_RT_FRAMES) -> None:
-        """Symbolizes (once per process and stack within a drain) and appends one sample."""
+                    rt: RtFrames = NO_RT_FRAMES, events: int | None = None) -> None:
+        """Symbolizes (once per process and stack within a drain) and appends one sample
+        (``events``: the samples or blocks behind ``count``, when that is a time)."""
         fk = (pid, user, kernel, rt)
         frames = frames_of.get(fk)
         if frames is None:
             frames = self.symbolizer.symbolize(pid, user, kernel)
             if rt[1] and self.runtimes is not None:
-                frames = self.runtimes.place(rt[0], pid, frames, rt[1], count)
+                frames = self.runtimes.place(rt[0], pid, frames, rt[1], count if events is None else events)
             frames_of[fk] = frames
         name = self._process_names.get(pid)
         if name is None:   # its notice was lost, or it was announced before we bound
@@ -442,6 +565,51 @@ class CpuSampler:
                 out.append(((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
                              _U64.unpack_from(values, base + count_at)[0]), stack))
         return out
+
+    def _take_offcpu(self, table: Any, cpu: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
+                     truncated_pids: set[int]) -> CpuProfile:
+        """Reads and deletes the drained generation's off-CPU stacks into a profile of the same
+        interval whose sample counts are nanoseconds, each divided by the sampling probability."""
+        layout = self._offcpu_layout
+        size = ctypes.sizeof(layout)
+        user_at = layout.user.offset
+        kernel_at, klen_at = layout.kernel.offset, layout.kernel_len.offset
+        ustack = RuntimeUnwindStack if layout is RuntimeOffCpuValue else UnwindStack
+        len_at, truncated_at, ips_at = ustack.len.offset, ustack.truncated.offset, ustack.ips.offset
+        with_runtimes = self.runtimes is not None and ustack is RuntimeUnwindStack
+        scale = offcpu_scale(self._offcpu_threshold)
+        key_size = PROF_KEY.size
+        if self._offcpu_bufs is None:
+            self._offcpu_bufs = (ctypes.create_string_buffer(key_size * OFFCPU_BATCH),
+                                 ctypes.create_string_buffer(size * OFFCPU_BATCH))
+        out = CpuProfile(start_unix_nano=cpu.start_unix_nano, duration_ns=cpu.duration_ns,
+                         frequency_hz=cpu.frequency_hz, sample_type=OFF_CPU)
+        for keys, values, n in drain_hash_map(table.map_fd, key_size, self._offcpu_bufs):
+            for i in range(n):
+                base = i * size
+                pid, tid, _, _, cgroup_id, comm, _ = PROF_KEY.unpack_from(keys, i * key_size)
+                ns, blocks = struct.unpack_from("<QQ", values, base)
+                kernel = _unpack_u64s(values, base + kernel_at,
+                                      min(_U32.unpack_from(values, base + klen_at)[0], MAX_STACK_DEPTH))
+                ub = base + user_at
+                user = _unpack_u64s(values, ub + ips_at, min(_U32.unpack_from(values, ub + len_at)[0], MAX_STACK_DEPTH))
+                rt = self._runtime_frames(values, ub) if with_runtimes else NO_RT_FRAMES
+                if _U32.unpack_from(values, ub + truncated_at)[0] and self.unwinder is not None:
+                    truncated_pids.add(pid)
+                out.blocks += blocks
+                self._add_sample(out, frames_of, pid, tid, comm.split(b"\0", 1)[0], cgroup_id,
+                                 user, kernel, round(ns * scale), rt, blocks)
+        return out
+
+    def offcpu_stats(self) -> dict[str, int]:
+        """The off-CPU counters (OFFCPU_STAT_*: switch-outs recorded, passed over by sampling,
+        filtered, without a user stack; blocks counted, too short), summed over CPUs; empty when off."""
+        if not self.off_cpu or self.bpf is None:
+            return {}
+        try:
+            return dict(zip(OFFCPU_STAT_NAMES, self._per_cpu_totals("offcpu_stats", len(OFFCPU_STAT_NAMES))))
+        except Exception:   # noqa: BLE001 -- closed meanwhile (scraped during shutdown)
+            return {}
 
     def _runtime_frames(self, values: Any, base: int) -> RtFrames:
         m = min(_U32.unpack_from(values, base + _RT_LEN_AT)[0], RUNTIME_MAX_FRAMES)
