@@ -41,6 +41,7 @@ __all__ = [
     "TelemetryConfig",
     "ResourceConfig",
     "ProcessFilter",
+    "OffCpuConfig",
     "SourcesConfig",
     "ProcessSourceConfig",
     "ProfilerSourceConfig",
@@ -270,6 +271,25 @@ PROFILER_PRESETS = {"production": 19, "development": 99, "debug": 199}
 
 
 @dataclass(frozen=True)
+class OffCpuConfig:
+    """Off-CPU time (docs/profiler.md#off-cpu-time): where threads wait, weighted by the
+    nanoseconds until they ran again. A switch-out is recorded with ``sample_probability``; a
+    block is counted when it lasted at least ``min_block``; reported times are divided by the
+    probability, so they estimate the true blocked time."""
+
+    enabled: bool = False
+    min_block: Duration = 0.0
+    sample_probability: Annotated[float, Range(0, 1, low_open=True)] = 0.1
+    max_threads: Annotated[int, Range(64, 1 << 20)] = 4096     # ~3 KiB each, kernel memory
+    max_stacks: Annotated[int, Range(64, 1 << 20)] = 16384     # per generation, ~3 KiB each as used
+
+    def _validate(self) -> list[str]:
+        if not 0 <= self.min_block <= 4000:
+            return ["min_block: must be from 0 to 4000 seconds"]
+        return []
+
+
+@dataclass(frozen=True)
 class ProfilerSourceConfig:
     """perf-event CPU sampling. ``frequency`` overrides the preset's; production allows 19–49 Hz."""
 
@@ -291,6 +311,7 @@ class ProfilerSourceConfig:
     python_frames: bool = True
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
+    off_cpu: OffCpuConfig = field(default_factory=OffCpuConfig)
 
     @property
     def sample_frequency(self) -> int:
