@@ -19,7 +19,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .config import EbpfConfig
 from .consumer import Consumer, Sink
-from .convert import http, logs, network, syscalls
+from .convert import http, logs, network, rpc, syscalls
 from .convert.attributes import to_key_values
 from .convert.spec import span_proto
 from .kernel.identity import CgroupResolver, process_attributes
@@ -139,11 +139,11 @@ class Pipeline:
         self._min_span_ns = int(net.min_span_duration * 1e9)
         self._event_rules: dict[type, Callable[[Any], None]] = {
             ProcessRecord: self._process, TcpConnection: self._connection, SlowSyscall: self._slow_syscall,
-            HttpRequest: self._http_request,
+            HttpRequest: self._http_request, rpc.RpcCall: self._rpc_call,
         }
         self._snapshot_rules: dict[type, Callable[[Any], Any]] = {
             SyscallSnapshot: syscalls.snapshot_metrics, ConnectionSnapshot: network.snapshot_metrics,
-            HttpSnapshot: http.snapshot_metrics,
+            HttpSnapshot: http.snapshot_metrics, rpc.RpcSnapshot: rpc.snapshot_metrics,
         }
 
     # ------------------------------------------------------------------ Consumer
@@ -197,6 +197,10 @@ class Pipeline:
     def _http_request(self, rec: HttpRequest) -> None:
         resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
         self.sink.submit(Signal.TRACES, resource, http.request_span(rec))
+
+    def _rpc_call(self, rec: rpc.RpcCall) -> None:
+        resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
+        self.sink.submit(Signal.TRACES, resource, rpc.call_span(rec))
 
     def _slow_syscall(self, rec: SlowSyscall) -> None:
         spec = syscalls.syscall_span(syscalls.slow_syscall_event(rec))

@@ -31,6 +31,7 @@ unknown entry can remain and the table is whole again.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import ValuesView
 
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
@@ -240,8 +241,9 @@ class Http2Connection:
         self.server: bool | None = None
 
     @property
-    def pending(self) -> dict[int, Http2Exchange]:
-        return self.streams
+    def pending(self) -> ValuesView[Http2Exchange]:
+        """The exchanges in flight, oldest first (a live view, as the HTTP/1 parser's queue)."""
+        return self.streams.values()
 
     # ------------------------------------------------------------------ bytes in
 

@@ -35,11 +35,13 @@ from typing import Any
 
 from ..config import EbpfConfig
 from ..convert.http import DURATION_BOUNDARIES, error_type, normal_method, parse_traceparent
+from ..convert.rpc import RpcCall, RpcMetrics, RpcSnapshot, split_path
 from ..errors import SourceUnavailableError
 from ..kernel.bcc import check_mirror, header_defines, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.loader import compile_bpf
-from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Unparsed
+from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Http2Connection, Unparsed, detect
+from ..protocols.http2 import Http2Exchange
 from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
 from .base import BccSource, Requirement
 from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, uprobe_pmu
@@ -136,7 +138,7 @@ class _Conn:
 
     __slots__ = ("parser", "pid", "comm", "cgroup_id", "local", "peer", "ignored", "last_ns", "scheme")
 
-    def __init__(self, parser: Http1Connection | None, pid: int, comm: str, cgroup_id: int,
+    def __init__(self, parser: Http1Connection | Http2Connection | None, pid: int, comm: str, cgroup_id: int,
                  local: tuple[str, int], peer: tuple[str, int]):
         self.parser = parser
         self.pid, self.comm, self.cgroup_id = pid, comm, cgroup_id
@@ -214,6 +216,7 @@ class HttpSource(BccSource):
         self._serving: OrderedDict[int, list[Exchange]] = OrderedDict()
         self._evictions = 0
         self._metrics = HttpMetrics(self.config.max_attribute_sets)
+        self._rpc_metrics = RpcMetrics(self.config.max_attribute_sets)
         self._start_unix_ns = time.time_ns()
         self._hand_on = ctx.consumer.consume_event
         self._to_unix = ctx.clock.to_unix_nano
@@ -328,7 +331,9 @@ class HttpSource(BccSource):
             receives_requests = (ev.kind == EV_RECV) != payload.startswith(b"HTTP/")
             server_port = local[1] if receives_requests else peer[1]
             ignored = server_port not in self._ports
-        parser = None if ignored else Http1Connection(self.unparsed, self.config.max_header_bytes)
+        h2 = detect(payload) == "http2"   # the client's preface or a server's first SETTINGS
+        parser = None if ignored else (Http2Connection if h2 else Http1Connection)(
+            self.unparsed, self.config.max_header_bytes)
         conn = _Conn(parser, ev.pid, ev.comm.decode("utf-8", "replace"), ev.cgroup_id, local, peer)
         if ev.flags & F_TLS:
             conn.scheme = "https"
@@ -402,6 +407,8 @@ class HttpSource(BccSource):
                         del serving_of[ex.tid]
             srv, cli = (conn.local, conn.peer) if server else (conn.peer, conn.local)
             duration = ex.end_ns - ex.start_ns
+            if isinstance(ex, Http2Exchange) and ex.grpc and self._rpc(conn, ex, srv, cli, duration):
+                continue
             if self._spans_on:
                 self._hand_on(HttpRequest(
                     conn.pid, conn.comm, conn.cgroup_id, to_unix(ex.start_ns), duration, server, ex.method,
@@ -411,6 +418,22 @@ class HttpSource(BccSource):
                 key = (server, normal_method(ex.method), ex.status, srv[0], srv[1], ex.version, conn.scheme,
                        error_type(server, ex.status, ex.error))
                 self._metrics.observe(conn.pid, conn.comm, key, duration / 1e9)
+
+    def _rpc(self, conn: _Conn, ex: Http2Exchange, srv: tuple[str, int], cli: tuple[str, int],
+             duration: int) -> bool:
+        """A gRPC call's span and observation; False when its path is not a gRPC method's."""
+        service, method = split_path(ex.path)
+        if not service:
+            return False
+        if self._spans_on:
+            self._hand_on(RpcCall(conn.pid, conn.comm, conn.cgroup_id, self._to_unix(ex.start_ns), duration,
+                                  ex.server, service, method, ex.status, ex.grpc_status, srv[0], srv[1], cli[0],
+                                  cli[1], ex.traceparent, ex.error))
+        if self._metrics_on:
+            status = -1 if ex.grpc_status is None else ex.grpc_status
+            self._rpc_metrics.observe(conn.pid, conn.comm, (ex.server, service, method, status, srv[0], srv[1]),
+                                      duration / 1e9)
+        return True
 
     # ------------------------------------------------------------------ periodic
 
@@ -451,3 +474,10 @@ class HttpSource(BccSource):
                                                        by_pid, dead))
         if dead:
             self._metrics.forget_pids(dead)
+        rpc = self._rpc_metrics.by_pid()
+        if rpc:
+            gone = {pid for pid in rpc if pid and not os.path.exists(f"/proc/{pid}")}
+            self.ctx.consumer.consume_metrics(RpcSnapshot(self._start_unix_ns, time.time_ns(), DURATION_BOUNDARIES,
+                                                          rpc, gone))
+            if gone:
+                self._rpc_metrics.forget_pids(gone)
