@@ -88,7 +88,7 @@ def start_nginx(tmp: Path, port: int, key: Path, crt: Path, tls: bool = True) ->
         fail_or_skip("nginx is not installed (apt-get install nginx-light)")
     conf = NGINX_CONF.format(tmp=tmp, port=port, crt=crt, key=key)
     if not tls:
-        conf = conf.replace(" ssl;", ";")
+        conf = "\n".join(line for line in conf.replace(" ssl;", ";").splitlines() if "ssl_certificate" not in line)
     (tmp / "nginx.conf").write_text(conf)
     proc = subprocess.Popen([str(nginx), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
                             stdin=subprocess.DEVNULL)
