@@ -34,6 +34,7 @@ SMOKE_FIGURES = {
     "syscalls": {"program_ns_above_empty", "program_ns_above_empty_filtered", "overhead_vs_floor_min",
                  "overhead_vs_floor_max", "ns_added", "floor_ns", "overhead_vs_floor"},
     "memory": {"startup", "rss_peak", "rss_steady"},
+    "http": {"throughput_ratio", "bpf_ns_per_request", "spans_per_request", "agent_cpu_per_10k_rps"},
     "soak": {"rss_peak_mb", "rss_end_mb", "rss_growth_pct", "startup_s"},
 }
 # Below pytest's own timeout (300 s), so a slow run fails with its output.
