@@ -27,9 +27,6 @@ enum sk_rst_reason { NET_SK_RST_REASON_UNUSED = 0 };
 #ifndef FILTER_ADDRESSES
 #define FILTER_ADDRESSES 0
 #endif
-#ifndef SELF_TGID
-#define SELF_TGID 0
-#endif
 
 #define NET_AF_INET 2
 #define NET_AF_INET6 10
@@ -49,10 +46,15 @@ BPF_HASH(conns, u64, struct net_conn, MAX_CONNECTIONS);
 BPF_HASH(filter_ports, u16, u8, 1024);
 BPF_LPM_TRIE(filter_addrs, struct net_addr_key, u8, 1024);
 MIRROR(net_event);
+/* The agent's own tgid, written by user space at start: a map, not a -D, so the compiled program
+ * is the same for every agent process and the compile cache can hold it. */
+BPF_ARRAY(self_tgid, u32, 1);
 
 /* The current task may own the connection: not this agent, and selected by the process filter. */
 static __always_inline int process_selected(u32 tgid) {
-    if (tgid == SELF_TGID)
+    int zero = 0;
+    u32 *self = self_tgid.lookup(&zero);
+    if (self && tgid == *self)
         return 0;
 #if FILTER_PROCESS
     return selected_current(tgid);

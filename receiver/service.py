@@ -1,7 +1,8 @@
 """Wires sources → pipeline → exporter from a config and runs them.
 
-Start order: self-telemetry, sources (a source that cannot run is disabled with its reason; the
-others go on; what they read waits in the export queues), then every capability no longer
+Start order: self-telemetry, sources, all at once, each up as soon as it is loaded (from the
+compile cache, or compiled in its own loader process; a source that cannot run is disabled with
+its reason; the others go on; what they read waits in the export queues), then every capability no longer
 needed is dropped (receiver/kernel/privileges.py), then the exporter starts, so its threads never hold
 more. Capabilities belong to threads: threads the sources start meanwhile (the profiler's
 workers) are held before they run and drop their own set with the event-loop thread's drop
@@ -21,7 +22,7 @@ from typing import Any
 from .config import EbpfConfig, parse_address
 from .errors import ReceiverError, SourceUnavailableError
 from .export.exporter import OtlpExporter
-from .kernel import heap, privileges
+from .kernel import compile_cache, heap, privileges
 from .kernel.clock import KernelClock
 from .kernel.identity import CgroupResolver, detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
@@ -70,6 +71,9 @@ class Service:
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        bpf = getattr(self.config, "bpf", None)
+        if bpf is not None:
+            compile_cache.configure(bpf.cache_dir, bpf.kernel_headers)
         if self.config.telemetry.enabled:
             host, port = parse_address(self.config.telemetry.listen)
             web_file = self.config.telemetry.web_config_file
@@ -98,15 +102,19 @@ class Service:
 
     async def _start_sources(self, loop: asyncio.AbstractEventLoop,
                              gate: privileges.StartupThreads) -> None:
+        """Starts every enabled source at once (each loads from the compile cache or compiles in
+        its own loader process) and reports each up as soon as it is; in config order after."""
         loader = _Loader(gate)  # compiles; ends after load
         loop.set_default_executor(loader)
         classes = source_classes()
-        for name in self.config.sources.enabled():
+        started: dict[str, Source] = {}
+
+        async def start(name: str) -> None:
             cls = classes.get(name)
             if cls is None:
                 self.failed[name] = "not available in this build"
                 log.error("source %s: not available in this build", name)
-                continue
+                return
             source = cls(self.context)
             try:
                 await source.start()
@@ -114,8 +122,12 @@ class Service:
                 self.failed[name] = e.reason
                 self.telemetry.source_up.labels(name).set(0)
                 log.error("source %s disabled: %s%s", name, e.reason, f" (fix: {e.fix})" if e.fix else "")
-                continue
-            self.sources.append(source)
+                return
+            started[name] = source
+
+        enabled = self.config.sources.enabled()
+        await asyncio.gather(*(start(name) for name in enabled))
+        self.sources.extend(started[n] for n in enabled if n in started)
         if not self.sources:
             raise ReceiverError("no source could start: " +
                                 "; ".join(f"{n}: {r}" for n, r in self.failed.items()) +

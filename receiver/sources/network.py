@@ -104,9 +104,10 @@ class NetworkSource(BccSource):
         c = self.config
         return [f"-DMAX_CONNECTIONS={int(c.max_connections)}", f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
                 f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_ADDRESSES={1 if c.addresses else 0}",
-                f"-DFILTER_PROCESS={1 if c.filter.active else 0}", f"-DSELF_TGID={os.getpid()}"]
+                f"-DFILTER_PROCESS={1 if c.filter.active else 0}"]
 
     def configure(self, bpf: Any) -> None:
+        bpf["self_tgid"][ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())   # the agent's own connections
         self._fill_endpoint_filters(bpf)
         fill_process_filter(bpf, self.config.filter, self.name)
         self._start_unix_ns = time.time_ns()
