@@ -6,10 +6,15 @@ what the OpenTelemetry eBPF profiler reports (``samples/count``, period ``cpu/na
 1e9 / frequency), so backends that read its profiles read ours. There is one ``ResourceProfiles``
 per process; each sample carries ``thread.id``, ``thread.name``, ``process.pid``,
 ``process.executable.name`` and ``container.id`` (where known) as the eBPF profiler's do. Locations
-carry ``profile.frame.type``; mappings carry ``process.executable.build_id.gnu``. An unresolved
+carry ``profile.frame.type``; mappings carry ``process.executable.build_id.gnu`` (and a Go
+binary's ``process.executable.build_id.go``). An unresolved
 frame is a location with its address and mapping and no line, for the backend to symbolize.
 A Python frame (``cpython``) is a location without mapping whose line names the function (its
 qualified name and file) and the line number.
+
+A profile carrying off-CPU time (``CpuProfile.off_cpu``) adds, in each process's scope, a second
+``Profile`` with sample type and period ``off_cpu/nanoseconds`` (period 1): same resource, same
+dictionary, same frame types; each value is the estimated nanoseconds off the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .._version import __version__
-from ..profiling.model import CpuProfile, Frame, Mapping, StackSample
+from ..profiling.model import OFF_CPU, CpuProfile, Frame, Mapping, StackSample
 from ..profiling.output.pprof import frame_mapping, from_pprof
 from ..proto import profile_pb2
 from .attributes import to_key_values
@@ -36,6 +41,7 @@ SCOPE = InstrumentationScope(name="ebpf-otlp-receiver", version=__version__)
 
 ResourceFor = Callable[[int], Resource | None]
 BUILD_ID = "process.executable.build_id.gnu"
+GO_BUILD_ID = "process.executable.build_id.go"
 
 
 class ProfilesDictionaryBuilder:
@@ -80,6 +86,8 @@ class ProfilesDictionaryBuilder:
         if i is None:
             i = self._mappings[m] = len(self.dictionary.mapping_table)
             attrs = [self.attribute(BUILD_ID, m.build_id)] if m.build_id else []
+            if m.go_build_id:
+                attrs.append(self.attribute(GO_BUILD_ID, m.go_build_id))
             self.dictionary.mapping_table.add(
                 memory_start=m.start, memory_limit=m.end, file_offset=m.file_offset,
                 filename_strindex=self.string(m.path), attribute_indices=attrs)
@@ -160,30 +168,49 @@ def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
         profile = from_pprof(profile)
     request = ExportProfilesServiceRequest()
     builder = ProfilesDictionaryBuilder(request.dictionary)
-    samples_type = pb.ValueType(type_strindex=builder.string("samples"),
-                                unit_strindex=builder.string("count"))
-    period_type = pb.ValueType(type_strindex=builder.string("cpu"),
-                               unit_strindex=builder.string("nanoseconds"))
-    by_process: dict[int, tuple[StackSample, dict[tuple[int, tuple[int, ...]], int]]] = {}
+    parts = [p for p in (profile, profile.off_cpu) if p is not None]
+    by_process: dict[int, StackSample] = {}
+    counted = [_count_by_process(builder, p, by_process) for p in parts]
+    for pid, first in by_process.items():
+        resource = (resource_for(pid) if resource_for else None) or _process_resource(first)
+        profiles = [_otlp_profile(builder, part, counts[pid]) for part, counts in zip(parts, counted)
+                    if pid in counts]
+        request.resource_profiles.add(resource=resource).scope_profiles.add(scope=SCOPE, profiles=profiles)
+    return request
+
+
+def _count_by_process(builder: ProfilesDictionaryBuilder, profile: CpuProfile, first_of: dict[int, StackSample],
+                      ) -> dict[int, dict[tuple[int, tuple[int, ...]], int]]:
+    """The profile's counts per process, by (stack, attributes); notes each process's first sample."""
+    by_process: dict[int, dict[tuple[int, tuple[int, ...]], int]] = {}
     stack, attributes = builder.stack, builder.sample_attributes
     for sample in profile.samples:
-        entry = by_process.get(sample.pid)
-        if entry is None:
-            entry = by_process[sample.pid] = (sample, {})
-        counts = entry[1]
+        counts = by_process.get(sample.pid)
+        if counts is None:
+            counts = by_process[sample.pid] = {}
+            first_of.setdefault(sample.pid, sample)
         key = (stack(sample.frames), attributes(sample))
         counts[key] = counts.get(key, 0) + sample.count
-    for pid, (first, counts) in by_process.items():
-        resource = (resource_for(pid) if resource_for else None) or _process_resource(first)
-        otlp = pb.Profile(sample_type=samples_type, period_type=period_type,
-                          period=profile.period_ns, time_unix_nano=profile.start_unix_nano,
-                          duration_nano=profile.duration_ns, profile_id=os.urandom(16))
-        add = otlp.samples.add    # in place: extend() with new Samples built each one twice
-        for (stack, attrs), count in counts.items():
-            add(stack_index=stack, attribute_indices=attrs, values=[count])
-        request.resource_profiles.add(resource=resource).scope_profiles.add(
-            scope=SCOPE, profiles=[otlp])
-    return request
+    return by_process
+
+
+def _otlp_profile(builder: ProfilesDictionaryBuilder, profile: CpuProfile,
+                  counts: dict[tuple[int, tuple[int, ...]], int]) -> pb.Profile:
+    """One process's ``Profile``: samples/count with period cpu/nanoseconds, or for an off-CPU
+    profile off_cpu/nanoseconds (each value the estimated nanoseconds off the CPU)."""
+    if profile.sample_type == OFF_CPU:
+        sample_type = pb.ValueType(type_strindex=builder.string(OFF_CPU), unit_strindex=builder.string("nanoseconds"))
+        period_type = sample_type
+    else:
+        sample_type = pb.ValueType(type_strindex=builder.string("samples"), unit_strindex=builder.string("count"))
+        period_type = pb.ValueType(type_strindex=builder.string("cpu"), unit_strindex=builder.string("nanoseconds"))
+    otlp = pb.Profile(sample_type=sample_type, period_type=period_type,
+                      period=profile.period_ns, time_unix_nano=profile.start_unix_nano,
+                      duration_nano=profile.duration_ns, profile_id=os.urandom(16))
+    add = otlp.samples.add    # in place: extend() with new Samples built each one twice
+    for (stack, attrs), count in counts.items():
+        add(stack_index=stack, attribute_indices=attrs, values=[count])
+    return otlp
 
 
 def profile_requests(profile: CpuProfile, resource_for: ResourceFor | None,
@@ -197,6 +224,10 @@ def profile_requests(profile: CpuProfile, resource_for: ResourceFor | None,
     by_pid: dict[int, list[StackSample]] = {}
     for sample in profile.samples:
         by_pid.setdefault(sample.pid, []).append(sample)
+    off_by_pid: dict[int, list[StackSample]] = {}
+    for sample in profile.off_cpu.samples if profile.off_cpu is not None else ():
+        off_by_pid.setdefault(sample.pid, []).append(sample)
+        by_pid.setdefault(sample.pid, [])
     if request.ByteSize() <= max_bytes or len(by_pid) < 2:
         return [request]
     pids = sorted(by_pid)
@@ -204,5 +235,10 @@ def profile_requests(profile: CpuProfile, resource_for: ResourceFor | None,
     for half in (pids[: len(pids) // 2], pids[len(pids) // 2:]):
         part = CpuProfile(profile.start_unix_nano, profile.duration_ns, profile.frequency_hz,
                           [s for pid in half for s in by_pid[pid]])
+        if profile.off_cpu is not None:
+            off = profile.off_cpu
+            part.off_cpu = CpuProfile(off.start_unix_nano, off.duration_ns, off.frequency_hz,
+                                      [s for pid in half for s in off_by_pid.get(pid, ())],
+                                      sample_type=OFF_CPU, blocks=off.blocks)
         out.extend(profile_requests(part, resource_for, max_bytes))
     return out
