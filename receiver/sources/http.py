@@ -231,7 +231,8 @@ class HttpSource(BccSource):
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
-        return [Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS]
+        # uprobes for TLS plaintext: optional (``check`` reports it; the source runs without)
+        return [*(Requirement("tracepoint", tp) for tp in cls.TRACEPOINTS), Requirement("pmu", "uprobe")]
 
     def cflags(self) -> list[str]:
         from ..kernel.host import tracefs_root
