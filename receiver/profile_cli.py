@@ -1,7 +1,10 @@
 """``ebpf-otlp-receiver profile``: a one-off CPU profile to files, without any Collector.
 
     ebpf-otlp-receiver profile --duration 10s [--pid N] [--frequency F] --output cpu.pb.gz
-                               [--folded cpu.folded] [--flamegraph cpu.svg]
+                               [--folded cpu.folded] [--flamegraph cpu.svg] [--off-cpu]
+
+With ``--off-cpu`` the files hold off-CPU time instead: where threads waited, in nanoseconds
+(pprof sample type ``off_cpu``; ``go tool pprof -sample_index=off_cpu``), every switch recorded.
 
 Progress goes to stderr. Ctrl-C ends the profile early; the files are still written.
 Exit codes as for every command: 0 done, 1 cannot profile here (e.g. not root), 2 bad arguments.
@@ -70,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pprof file, gzip-compressed (go tool pprof reads it)")
     p.add_argument("--folded", type=_output_path, metavar="FILE", help="also folded stacks (flamegraph.pl input)")
     p.add_argument("--flamegraph", type=_output_path, metavar="FILE", help="also an SVG flame graph")
+    p.add_argument("--off-cpu", action="store_true",
+                   help="off-CPU time instead: where threads waited, in nanoseconds (pprof sample type off_cpu)")
 
 
 def _progress(text: str, final: bool = False) -> None:
@@ -87,6 +92,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     section = {"preset": "development", "frequency": args.frequency, "report_interval": "5s",
                "filter": {"pids": args.pid or []}}
+    if args.off_cpu:
+        section["off_cpu"] = {"enabled": True, "sample_probability": 1.0}
     config = EbpfConfig.from_dict({"sources": {"profiler": section}}, environ={})  # ConfigError → 2
     if os.geteuid() != 0 and not has_bpf_capabilities():
         print("ebpf-otlp-receiver: error: profiling loads a BPF program, which needs root or "
@@ -117,6 +124,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         interrupted = True
     profile = profiler.stop_profile()
     elapsed = time.monotonic() - t0
+    if args.off_cpu and profile.off_cpu is not None:
+        off = profile.off_cpu
+        _progress(f"off-CPU: {off.blocks} blocks, {sum(s.count for s in off.samples) / 1e9:.2f}s off the CPU "
+                  f"in {len(off.samples)} stacks", final=True)
+        profile = off
     _progress(f"{'stopped by Ctrl-C after' if interrupted else 'sampled for'} {elapsed:.1f}s: "
               f"{profile.total_samples} samples in {len(profile.samples)} stacks", final=True)
     if any(profiler.lost.values()):
@@ -145,7 +157,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         written.append(str(args.folded))
     if args.flamegraph:
         write_flamegraph_svg(profile, args.flamegraph,
-                             title=f"CPU: {who}, {args.frequency} Hz, {elapsed:.1f}s")
+                             title=(f"Off-CPU: {who}, {elapsed:.1f}s" if args.off_cpu
+                                    else f"CPU: {who}, {args.frequency} Hz, {elapsed:.1f}s"))
         written.append(str(args.flamegraph))
     print(f"wrote {', '.join(written)}; view with: go tool pprof -http=: {args.output}", file=sys.stderr)
     return 0

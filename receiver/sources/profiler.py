@@ -1,7 +1,8 @@
 """CPU profiler source (``bpf/profiler.bpf.c`` through ``CpuSampler``): every ``report_interval``
 the kernel's per-stack counts are drained and symbolized into a ``CpuProfile``, handed to the
 consumer (OTLP Profiles, one resource per process), and written as a pprof file to ``pprof_dir``
-when that is set."""
+when that is set. With ``off_cpu`` on, the profile carries the interval's off-CPU time beside it
+(``CpuProfile.off_cpu``: a second OTLP ``Profile`` per process, an ``offcpu-*.pb.gz`` file)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ class ProfilerSource(BccSource):
         for runtime in RUNTIMES:   # each runtime's counters and caches (0 while it is off)
             runtime.watch(ctx.telemetry, lambda name=runtime.name: sampler.runtime(name), ctx.config.caches)
         _watch_caches(ctx.telemetry, sampler, self.config, ctx.config.caches)
+        ctx.telemetry.watch_counters(
+            "profiler_off_cpu", "Off-CPU time (sources.profiler.off_cpu) by event: switch-outs recorded, "
+            "unsampled (passed over by sample_probability), filtered, no_user_stack (kernel threads); "
+            "blocks counted, short (under min_block)", "event", sampler.offcpu_stats)
         ctx.telemetry.watch_gauges(
             "profiler_unwind_table_rows", "Rows of the kernel's unwind table array: used and capacity "
             "(16 bytes each)", "state",
@@ -102,8 +107,11 @@ class ProfilerSource(BccSource):
 
     @classmethod
     def requirements(cls, config: EbpfConfig) -> list[Requirement]:
-        return [Requirement("perf_event", "software cpu-clock"),
+        reqs = [Requirement("perf_event", "software cpu-clock"),
                 Requirement("tracepoint", "sched:sched_process_exec")]
+        if config.sources.profiler.off_cpu.enabled:
+            reqs.append(Requirement("tracepoint", "sched:sched_switch"))
+        return reqs
 
     def cflags(self) -> list[str]:
         return self.sampler.cflags()
@@ -159,17 +167,23 @@ class ProfilerSource(BccSource):
         self._export(self.sampler.drain())
 
     def _export(self, profile: CpuProfile) -> None:
-        if not profile.samples:
+        off = profile.off_cpu
+        if off is not None and not off.samples:
+            profile.off_cpu = off = None
+        if not profile.samples and off is None:
             return
-        self._received.inc(profile.total_samples)
+        self._received.inc(profile.total_samples + (off.blocks if off is not None else 0))
         self.ctx.consumer.consume_profile(profile)
         if self.config.pprof_dir:
-            self._write_pprof(profile)
+            if profile.samples:
+                self._write_pprof(profile)
+            if off is not None:
+                self._write_pprof(off, "offcpu")
 
-    def _write_pprof(self, profile: CpuProfile) -> None:
+    def _write_pprof(self, profile: CpuProfile, kind: str = "cpu") -> None:
         directory = Path(self.config.pprof_dir or ".")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(profile.start_unix_nano / 1e9))
-        path = directory / f"cpu-{stamp}-{profile.start_unix_nano % 1_000_000_000:09d}.pb.gz"
+        path = directory / f"{kind}-{stamp}-{profile.start_unix_nano % 1_000_000_000:09d}.pb.gz"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             write_pprof(profile, path)

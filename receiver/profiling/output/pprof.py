@@ -8,6 +8,10 @@ process identity ride on per-sample labels (OpenTelemetry attribute names), so `
 restores the model and ``go tool pprof -tags`` shows them. A Python frame is an ordinary
 location (no mapping) with one line: function = qualified name and file, line = line number;
 ``from_pprof`` reads such a location back as a ``cpython`` frame.
+
+An off-CPU profile (``sample_type`` ``off_cpu``) has one sample type, ``off_cpu/nanoseconds``
+(period 1 ns): each value is the estimated time off the CPU, so ``go tool pprof
+-sample_index=off_cpu`` shows where threads waited.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...proto import profile_pb2
-from ..model import KERNEL_MAPPING_PATH, CpuProfile, Frame, Mapping, StackSample
+from ..model import KERNEL_MAPPING_PATH, OFF_CPU, CpuProfile, Frame, Mapping, StackSample
 
 __all__ = ["to_pprof", "from_pprof", "write_pprof", "read_pprof", "frame_mapping", "KERNEL_MAPPING"]
 
@@ -60,10 +64,15 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
     table: list[str] = []
     s = _Strings(table)
     period = profile.period_ns
+    off_cpu = profile.sample_type == OFF_CPU
+    if off_cpu:
+        types = [profile_pb2.ValueType(type=s(OFF_CPU), unit=s("nanoseconds"))]
+    else:
+        types = [profile_pb2.ValueType(type=s("samples"), unit=s("count")),
+                 profile_pb2.ValueType(type=s("cpu"), unit=s("nanoseconds"))]
     out = profile_pb2.Profile(
-        sample_type=[profile_pb2.ValueType(type=s("samples"), unit=s("count")),
-                     profile_pb2.ValueType(type=s("cpu"), unit=s("nanoseconds"))],
-        period_type=profile_pb2.ValueType(type=s("cpu"), unit=s("nanoseconds")),
+        sample_type=types, period_type=profile_pb2.ValueType(type=s(OFF_CPU if off_cpu else "cpu"),
+                                                             unit=s("nanoseconds")),
         period=period, time_nanos=profile.start_unix_nano, duration_nanos=profile.duration_ns)
     mapping_ids: dict[Mapping, int] = {}
     function_ids: dict[tuple[str, str], int] = {}
@@ -118,7 +127,8 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
     known = location_ids.get
     for sample in profile.samples:
         out.sample.add(location_id=[known(f) or location_id(f) for f in sample.frames],
-                       value=[sample.count, sample.count * period], label=labels(sample))
+                       value=[sample.count] if off_cpu else [sample.count, sample.count * period],
+                       label=labels(sample))
     for m in out.mapping:
         m.has_functions = m.id in resolved_mappings
     out.string_table.extend(table)
@@ -145,6 +155,8 @@ def from_pprof(pprof: profile_pb2.Profile) -> CpuProfile:
                   else kind, mapping, file, line) for name, file, line in lines]
     period = pprof.period or 1
     count_of = _sample_counter(pprof, period)
+    off_cpu = [(pprof.string_table[t.type], pprof.string_table[t.unit]) for t in pprof.sample_type] == \
+        [(OFF_CPU, "nanoseconds")]
     samples = []
     for sample in pprof.sample:
         labels = {strings[label.key]: (strings[label.str] if label.str else label.num)
@@ -155,6 +167,9 @@ def from_pprof(pprof: profile_pb2.Profile) -> CpuProfile:
             tid=int(labels.get(LABEL_TID, 0)), thread_name=str(labels.get(LABEL_THREAD_NAME, "")),
             process_name=str(labels.get(LABEL_PROCESS_NAME, "")),
             container_id=labels.get(LABEL_CONTAINER_ID) or None))
+    if off_cpu:
+        return CpuProfile(start_unix_nano=pprof.time_nanos, duration_ns=pprof.duration_nanos,
+                          frequency_hz=1, samples=samples, sample_type=OFF_CPU)
     return CpuProfile(start_unix_nano=pprof.time_nanos, duration_ns=pprof.duration_nanos,
                       frequency_hz=max(1, round(1_000_000_000 / period)), samples=samples)
 

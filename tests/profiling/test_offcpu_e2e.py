@@ -1,0 +1,192 @@
+"""Off-CPU time (``sources.profiler.off_cpu``): real BPF, a real Python workload whose threads
+wait in known ways and measure their own waits.
+
+One workload (``WORKLOAD``) runs three threads for a few seconds once told to start: a worker
+that waits, for seconds in all, for a lock another thread holds (``wait_for_lock``
+under ``worker``), a sleeper in ``nanosleep`` (``nap``), and a reader blocked on a pipe
+(``read_pipe``) that a writer feeds. Each prints the wall time its waits took. The profiler,
+filtered to the workload, must attribute off-CPU nanoseconds to each waiting function under its
+caller within 20 % of that, with every switch recorded and with half of them (totals scaled by
+1 / probability)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import wait_until
+from .test_unwind_e2e import Profiled
+
+pytestmark = [pytest.mark.bpf]
+
+RUN_S = 6.0
+WORKLOAD = """\
+import json, os, select, sys, threading, time
+
+RUN_S = float(sys.argv[1])
+lock = threading.Lock()
+waits = {"lock": 0.0, "nap": 0.0, "pipe": 0.0}
+tids = {}
+stop_at = 0.0
+
+
+def holder():
+    while time.monotonic() < stop_at:
+        with lock:
+            time.sleep(0.009)
+        time.sleep(0.0002)
+
+
+def wait_for_lock():
+    t = time.monotonic()
+    lock.acquire()
+    waits["lock"] += time.monotonic() - t
+    lock.release()
+
+
+def compute():
+    t = time.monotonic()
+    while time.monotonic() - t < 0.001:
+        pass
+
+
+def worker():
+    tids["lock"] = threading.get_native_id()
+    while time.monotonic() < stop_at:
+        wait_for_lock()
+        compute()
+
+
+def nap():
+    t = time.monotonic()
+    time.sleep(0.005)
+    waits["nap"] += time.monotonic() - t
+
+
+def sleeper():
+    tids["nap"] = threading.get_native_id()
+    while time.monotonic() < stop_at:
+        nap()
+
+
+r, w = os.pipe()
+
+
+def read_pipe():
+    t = time.monotonic()
+    data = os.read(r, 1)
+    waits["pipe"] += time.monotonic() - t
+    return data
+
+
+def reader():
+    tids["pipe"] = threading.get_native_id()
+    while read_pipe() != b"q":
+        pass
+
+
+def writer():
+    while time.monotonic() < stop_at:
+        time.sleep(0.004)
+        os.write(w, b"x")
+    os.write(w, b"q")
+
+
+while not select.select([sys.stdin], [], [], 0.05)[0]:
+    pass                      # switches out now and then: the profiler notices the process
+sys.stdin.readline()          # the profiler is ready
+stop_at = time.monotonic() + RUN_S
+threads = [threading.Thread(target=f) for f in (holder, worker, sleeper, reader, writer)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"waits": waits, "tids": tids}), flush=True)
+"""
+
+WAITS = {"lock": ("wait_for_lock", "worker"), "nap": ("nap", "sleeper"), "pipe": ("read_pipe", "reader")}
+
+
+def _run(tmp_path: Path, probability: float) -> tuple[dict[str, Any], dict[str, int], Any]:
+    """Runs the workload profiled; returns what it measured, the off-CPU ns attributed to each
+    waiting function directly under its caller in its thread, and the sampler's counters."""
+    from receiver.config import ProcessFilter
+    from receiver.config.schema import OffCpuConfig
+
+    script = tmp_path / "waits.py"
+    script.write_text(WORKLOAD)
+    proc = subprocess.Popen([sys.executable, str(script), str(RUN_S)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    prof = None
+    try:
+        prof = Profiled(proc.pid, filter=ProcessFilter(pids=[proc.pid]),
+                        off_cpu=OffCpuConfig(enabled=True, sample_probability=probability))
+        sampler = prof.sampler
+        assert proc.stdin is not None and proc.stdout is not None
+        # Its main thread waits for stdin in 50 ms steps: a switch-out announces it, its tables load.
+        wait_until(lambda: sampler.unwinder is not None and sampler.unwinder.stats["processes_loaded"] >= 1
+                   and sampler.unwinder.wait_idle(5), 60, 0.2, "the workload's unwind tables")
+        python = sampler.runtime("cpython")
+        assert python is not None, "Python frames are off"
+        wait_until(lambda: python.stats["processes_loaded"] >= 1, 30, 0.2, "the interpreter entry")
+        sampler.drain()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        profiles = []
+        while proc.poll() is None:
+            profiles.append(prof.measure(1.0))
+        profiles.append(sampler.drain())
+        measured = json.loads(proc.stdout.read())
+        stats = sampler.offcpu_stats()
+    finally:
+        if prof is not None:
+            prof.close()
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+    got = dict.fromkeys(WAITS, 0)
+    for profile in profiles:
+        assert profile.off_cpu is not None
+        for s in profile.off_cpu.samples:
+            py = [f.function for f in s.frames if f.frame_type == "cpython"]
+            for name, (leaf, caller) in WAITS.items():
+                if s.tid == measured["tids"][name] and py[:2] == [leaf, caller]:
+                    got[name] += s.count
+    return measured, got, stats
+
+
+@pytest.fixture(scope="module")
+def every_switch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, int], Any]:
+    return _run(tmp_path_factory.mktemp("offcpu"), 1.0)
+
+
+@pytest.fixture(scope="module")
+def half_the_switches(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, int], Any]:
+    return _run(tmp_path_factory.mktemp("offcpu"), 0.5)
+
+
+def _within(got: int, measured_s: float) -> bool:
+    return abs(got / 1e9 - measured_s) <= 0.2 * measured_s
+
+
+@pytest.mark.parametrize("wait", ["lock", "nap", "pipe"])
+def test_blocked_time_under_waiting_function(bpf_ok: None, every_switch: Any, wait: str) -> None:
+    measured, got, stats = every_switch
+    assert stats["unsampled"] == 0 and stats["counted"] > 0, stats
+    want = measured["waits"][wait]
+    assert want > 1.0, measured          # the workload did wait
+    assert _within(got[wait], want), (wait, got, measured, stats)
+
+
+@pytest.mark.parametrize("wait", ["lock", "nap", "pipe"])
+def test_sampled_totals_scaled_to_blocked_time(bpf_ok: None, half_the_switches: Any, wait: str) -> None:
+    measured, got, stats = half_the_switches
+    assert stats["unsampled"] > 0 and stats["recorded"] > 0, stats   # sampling did pass switches over
+    assert _within(got[wait], measured["waits"][wait]), (wait, got, measured, stats)
