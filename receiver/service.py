@@ -88,6 +88,10 @@ class Service:
             gate.hold()   # threads the sources start wait for the drop (see the module docstring)
         try:
             await self._start_sources(loop, gate)
+            # Programs loaded while their source already runs (the profiler's walkers, from the
+            # compile cache) need the start-up capabilities: they finish before the drop.
+            while not compile_cache.wait_deferred(0):
+                await asyncio.sleep(0.05)
             if self.least_privilege:
                 self._drop_privileges(gate)
         finally:

@@ -35,6 +35,7 @@ SMOKE_FIGURES = {
                  "overhead_vs_floor_max", "ns_added", "floor_ns", "overhead_vs_floor"},
     "memory": {"startup", "rss_peak", "rss_steady"},
     "http": {"throughput_ratio", "bpf_ns_per_request", "spans_per_request", "agent_cpu_per_10k_rps"},
+    "startup": {"profile_attach_s", "agent_ready_s", "cold_agent_ready_s", "cold_profile_attach_s"},
     "soak": {"rss_peak_mb", "rss_end_mb", "rss_growth_pct", "startup_s"},
 }
 # Below pytest's own timeout (300 s), so a slow run fails with its output.

@@ -88,6 +88,7 @@ def _load_twice(load: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     second = load()
     try:
         assert second.loader_info["cache"] == "hit", second.loader_info
+        assert compile_cache.wait_deferred(120)   # the walkers load while the program samples
         warm = signature(second)
     finally:
         second.cleanup()

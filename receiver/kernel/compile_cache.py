@@ -42,7 +42,8 @@ from typing import Any
 from . import host
 
 __all__ = ["FORMAT_VERSION", "DEFAULT_DIR", "configure", "settings", "stats", "count", "cache_key", "lookup", "store",
-           "locked", "instantiate", "unbind_maps", "CacheEntryError"]
+           "locked", "instantiate", "load_deferred", "wait_deferred", "unbind_maps",
+           "CacheEntryError"]
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +304,19 @@ def _bind_maps(insns: bytes, relocs: Sequence[Sequence[int]], fds: Sequence[int]
     return bytes(out)
 
 
-def instantiate(entry: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], int]], dict[str, int], list[int],
-                                                    list[list[str]]]:
+def instantiate(entry: Mapping[str, Any], defer_tail_calls: bool = False) -> tuple[
+        list[tuple[dict[str, Any], int]], dict[str, int], list[int], list[list[str]], list[dict[str, Any]]]:
     """Creates the entry's maps, loads its programs, fills its program arrays and attaches it:
-    (maps with descriptors, programs by name, attachment descriptors, attach points). On any
+    (maps with descriptors, programs by name, attachment descriptors, attach points, deferred).
+    With ``defer_tail_calls``, the programs only reached by tail calls (the profiler's walkers,
+    the longest to verify) are not loaded but returned in ``deferred`` for ``load_deferred``:
+    until then a tail call into their empty slot falls through, as the programs expect. On any
     failure everything created is closed and the error raised."""
     from . import libbpf
 
+    reached = {name for _, _, name in entry["prog_arrays"]}
+    attached = {prog for _, _, prog in entry["attach"]}
+    later = reached - attached if defer_tail_calls else set()
     created: list[int] = []
     try:
         maps: list[tuple[dict[str, Any], int]] = []
@@ -321,13 +328,15 @@ def instantiate(entry: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], in
         fds = [fd for _, fd in maps]
         programs: dict[str, int] = {}
         for prog in entry["programs"]:
-            insns = _bind_maps(base64.b64decode(prog["insns"]), prog["relocs"], fds)
-            fd = libbpf.prog_load(prog["type"], prog["name"], entry["license"], insns, entry.get("kern_version", 0))
+            if prog["name"] in later:
+                continue
+            fd = _load_program(entry, prog, fds)
             created.append(fd)
             programs[prog["name"]] = fd
         by_name = {spec["name"]: fd for spec, fd in maps}
         for array, index, name in entry["prog_arrays"]:
-            libbpf.update_int(by_name[array], int(index), programs[name])
+            if name not in later:
+                libbpf.update_int(by_name[array], int(index), programs[name])
         tracefs = host.tracefs_root()
         attachments: list[int] = []
         for kind, point, prog_name in entry["attach"]:
@@ -346,4 +355,62 @@ def instantiate(entry: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], in
             with contextlib.suppress(OSError):
                 os.close(fd)
         raise
-    return maps, programs, attachments, [[k, p] for k, p, _ in entry["attach"]]
+    deferred = [{"program": prog, "slots": [(by_name[a], int(i)) for a, i, n in entry["prog_arrays"]
+                                            if n == prog["name"]]}
+                for prog in entry["programs"] if prog["name"] in later]
+    return maps, programs, attachments, [[k, p] for k, p, _ in entry["attach"]], deferred
+
+
+def _load_program(entry: Mapping[str, Any], prog: Mapping[str, Any], map_fds: Sequence[int]) -> int:
+    from . import libbpf
+
+    insns = _bind_maps(base64.b64decode(prog["insns"]), prog["relocs"], map_fds)
+    return libbpf.prog_load(prog["type"], prog["name"], entry["license"], insns, entry.get("kern_version", 0))
+
+
+_deferred_threads: list[threading.Thread] = []
+
+
+def load_deferred(obj: Any, entry: Mapping[str, Any], deferred: Sequence[Mapping[str, Any]]) -> None:
+    """Loads the deferred programs on a thread and stores each in its program array slots as it
+    is verified; ``wait_deferred`` waits for every such thread (the agent, before it drops the
+    capabilities loading needs). A program that fails to load is logged and counted: its slot
+    stays empty, so its walk is skipped, as where the kernel cannot run it."""
+    from . import libbpf
+
+    map_fds = [t.map_fd for t in obj.tables.values()]
+
+    def run() -> None:
+        for item in deferred:
+            prog = item["program"]
+            with obj.lock:
+                if not obj.tables:      # cleaned up meanwhile
+                    return
+            try:
+                fd = _load_program(entry, prog, map_fds)
+            except (OSError, ValueError) as e:
+                count("deferred_load_failed")
+                log.warning("compile cache: program %s did not load: %s", prog["name"], e)
+                continue
+            with obj.lock:
+                if not obj.tables:
+                    os.close(fd)
+                    return
+                obj.programs[prog["name"]] = fd
+                for array_fd, index in item["slots"]:
+                    libbpf.update_int(array_fd, index, fd)
+
+    t = threading.Thread(target=run, name="bpf-deferred-load", daemon=True)
+    with _lock:
+        _deferred_threads[:] = [x for x in _deferred_threads if x.is_alive()]
+        _deferred_threads.append(t)
+    t.start()
+
+
+def wait_deferred(timeout: float | None = None) -> bool:
+    """Waits for every deferred load; ``False`` if one was still running at ``timeout``."""
+    with _lock:
+        threads = list(_deferred_threads)
+    for t in threads:
+        t.join(timeout)
+    return not any(t.is_alive() for t in threads)

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import platform
+import threading
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
@@ -308,6 +309,7 @@ class BpfObject:
         self._callbacks: list[Any] = []
         self.loader_info: dict[str, Any] = {}
         self.attach_points: list[list[str]] = []   # [kind, point] of each attachment, in order
+        self.lock = threading.Lock()   # programs loaded later (compile_cache.load_deferred) vs cleanup
 
     def __getitem__(self, name: str | bytes) -> Table:
         key = name.decode() if isinstance(name, bytes) else name
@@ -368,6 +370,10 @@ class BpfObject:
     # ------------------------------------------------------------------ teardown
 
     def cleanup(self) -> None:
+        with self.lock:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
         if self._ringbuf is not None:
             lib().ring_buffer__free(self._ringbuf)
             self._ringbuf = None

@@ -104,13 +104,15 @@ def _from_cache(source_name: str, key: str, meta: dict[str, str], t0: float,
     if entry is None:
         return None
     try:
-        maps, programs, attachments, attach = compile_cache.instantiate(entry)
+        maps, programs, attachments, attach, deferred = compile_cache.instantiate(entry, defer_tail_calls=True)
     except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
         compile_cache.count("load_failed")
         log.warning("source %s: the cached programs did not load (%s): compiling", source_name, e)
         return None
     obj = BpfObject(maps, programs, attachments)
     obj.attach_points = attach
+    if deferred:   # tail-called walkers: verified while the program already samples
+        compile_cache.load_deferred(obj, entry, deferred)
     obj.loader_info = {"pid": os.getpid(), "seconds": time.monotonic() - t0, "peak_mb": 0.0, "steps": {},
                        "cache": "hit", "key": key}
     log.info("source %s: loaded from the compile cache in %.2fs (%s)", source_name, obj.loader_info["seconds"],
