@@ -39,7 +39,7 @@
 #ifndef SELF_TGID
 #define SELF_TGID 0
 #endif
-#define MAX_IOV 8
+#define MAX_IOV 32             /* gRPC C-core writes one unary call's frames as 26 iovecs */
 #define HTTP_MSG_PEEK 2
 
 #define HTTP_AF_INET 2
@@ -141,7 +141,7 @@ static __always_inline int looks_http(u32 w) {
     return w == WORD('G', 'E', 'T', ' ') || w == WORD('P', 'O', 'S', 'T') || w == WORD('P', 'U', 'T', ' ') ||
            w == WORD('H', 'E', 'A', 'D') || w == WORD('D', 'E', 'L', 'E') || w == WORD('P', 'A', 'T', 'C') ||
            w == WORD('O', 'P', 'T', 'I') || w == WORD('C', 'O', 'N', 'N') || w == WORD('T', 'R', 'A', 'C') ||
-           w == WORD('H', 'T', 'T', 'P');
+           w == WORD('H', 'T', 'T', 'P') || w == WORD('P', 'R', 'I', ' ');   /* the HTTP/2 preface */
 }
 
 static __always_inline u32 copy_buffer(struct http_record *r, u64 buf, u32 want) {
