@@ -1,0 +1,328 @@
+"""HTTP/2 and gRPC through the http source, end to end: real BPF program → agent → real
+Collector → its file output.
+
+A real grpcio server and client (unary calls on one channel, from this process) must give one
+SERVER and one CLIENT span per call, named ``{rpc.service}/{rpc.method}`` with the gRPC status
+from the trailers; 100 calls on one channel 100 spans; concurrent calls (interleaved streams)
+each their own; the ``rpc.*.call.duration`` histograms counting every call. A real HTTP/2 server
+(Go's net/http, unencrypted HTTP/2) called by curl ``--http2-prior-knowledge`` gives HTTP spans
+with ``network.protocol.version`` 2. One agent and one Collector serve the whole module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from ..harness import Agent, Collector, agent_config, fail_or_skip, free_port, go_env, wait_until
+
+pytestmark = [pytest.mark.bpf, pytest.mark.collector]
+
+SERVER_KIND = (2, "SPAN_KIND_SERVER")
+CLIENT_KIND = (3, "SPAN_KIND_CLIENT")
+ERROR = (2, "STATUS_CODE_ERROR")
+CAPTURE = 8192
+SERVICE = "demo.v1.Greeter"
+TESTS = ("unary", "hundred", "concurrent", "metrics", "h2c")
+
+GO_SERVER = """package main
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+)
+
+func main() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/missing":
+			w.WriteHeader(404)
+		case r.Method == "POST":
+			w.WriteHeader(201)
+		}
+		fmt.Fprint(w, "ok ", r.Proto)
+	})
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	s := &http.Server{Addr: "127.0.0.1:" + os.Args[1], Handler: mux, Protocols: &p}
+	fmt.Println(s.ListenAndServe())
+}
+"""
+
+
+def _say_hello(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return b"hello " + request
+
+
+def _fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+    context.abort(grpc.StatusCode.NOT_FOUND, "no such greeting")
+    raise AssertionError("abort returns no value")
+
+
+def _crash(request: bytes, context: grpc.ServicerContext) -> bytes:
+    context.abort(grpc.StatusCode.INTERNAL, "boom")
+    raise AssertionError("abort returns no value")
+
+
+_HELD: list[threading.Event] = []
+
+
+def _held(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """Holds its stream open until the test releases it."""
+    ev = threading.Event()
+    _HELD.append(ev)
+    ev.wait(30)
+    return request
+
+
+def grpc_server(port: int) -> grpc.Server:
+    server = grpc.server(ThreadPoolExecutor(max_workers=24))
+    handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in
+                (("SayHello", _say_hello), ("Fail", _fail), ("Crash", _crash), ("Held", _held))}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server
+
+
+class Env:
+    def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int], h2c_pid: int):
+        self.collector, self.agent, self.ports, self.h2c_pid = collector, agent, ports, h2c_pid
+
+    def spans(self, port: int, rpc: bool = True) -> dict[str, list[dict[str, Any]]]:
+        """gRPC (or HTTP) spans whose server port is ``port``, by side, in start order."""
+        out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
+        for s in self.collector.spans():
+            a = s["attrs"]
+            if ("rpc.system" in a) == rpc and a.get("server.port") == port:
+                out["server" if s["kind"] in SERVER_KIND else "client"].append(s)
+        for v in out.values():
+            v.sort(key=lambda s: int(s["startTimeUnixNano"]))
+        return out
+
+    def wait_spans(self, port: int, n: int, rpc: bool = True) -> dict[str, list[dict[str, Any]]]:
+        try:
+            wait_until(lambda: all(len(v) >= n for v in self.spans(port, rpc).values()), 60, 0.3,
+                       f"{n} server and {n} client spans on port {port}")
+        except AssertionError as e:
+            got = {k: len(v) for k, v in self.spans(port, rpc).items()}
+            raise AssertionError(f"{e}: got {got}, unparsed {self.unparsed()}") from None
+        time.sleep(1.5)   # anything extra (a duplicate) would arrive by now
+        spans = self.spans(port, rpc)
+        assert {k: len(v) for k, v in spans.items()} == {"server": n, "client": n}
+        return spans
+
+    def unparsed(self) -> dict[str, float]:
+        text = self.agent.scrape()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("ebpf_receiver_http_unparsed_total{") and not line.endswith(" 0.0"):
+                out[line.split('reason="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+        return out
+
+
+def _build_go_server(tmp: Path) -> Path:
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go") else None)
+    if go is None:
+        fail_or_skip("no Go toolchain for the HTTP/2 server (net/http, unencrypted HTTP/2)")
+    src = tmp / "h2c"
+    src.mkdir()
+    (src / "main.go").write_text(GO_SERVER)
+    (src / "go.mod").write_text("module h2c\n\ngo 1.24\n")
+    subprocess.run([str(go), "build", "-o", "h2c-server", "."], cwd=src, env={**go_env(tmp), "CGO_ENABLED": "0"},
+                   check=True, timeout=600, capture_output=True)
+    return src / "h2c-server"
+
+
+@pytest.fixture(scope="module")
+def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("grpc")
+    h2c_bin = _build_go_server(tmp)
+    collector = Collector(otelcol_bin, tmp).start()
+    ports = {name: free_port() for name in TESTS}
+    servers = [grpc_server(p) for name, p in ports.items() if name != "h2c"]
+    h2c = subprocess.Popen([str(h2c_bin), str(ports["h2c"])], stdout=subprocess.DEVNULL)
+    cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": CAPTURE}
+    agent = Agent(tmp, agent_config(collector, {"http": cfg})).start()
+    try:
+        yield Env(collector, agent, ports, h2c.pid)
+        assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
+        assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="http") == 0
+    finally:
+        h2c.kill()
+        h2c.wait()
+        for s in servers:
+            s.stop(None)
+        try:
+            assert agent.stop() == 0, agent.log()[-3000:]
+        finally:
+            collector.stop()
+
+
+def _call(channel: grpc.Channel, method: str, body: bytes = b"world", **kw: Any) -> tuple[str, bytes]:
+    stub = channel.unary_unary(f"/{SERVICE}/{method}")
+    try:
+        return "OK", stub(body, timeout=10, **kw)
+    except grpc.RpcError as e:
+        return e.code().name, b""
+
+
+def _check_pair(server: dict[str, Any], client: dict[str, Any], method: str, status: int, port: int) -> None:
+    for s in (server, client):
+        a = s["attrs"]
+        assert s["name"] == f"{SERVICE}/{method}", s["name"]
+        assert a["rpc.system"] == "grpc" and a["rpc.service"] == SERVICE and a["rpc.method"] == method, a
+        assert a["rpc.grpc.status_code"] == status, a
+        assert a["server.address"] == "127.0.0.1" and a["server.port"] == port
+        assert a["network.protocol.version"] == "2" and "http.request.method" not in a
+        assert int(s["endTimeUnixNano"]) >= int(s["startTimeUnixNano"]) > 0
+    assert server["kind"] in SERVER_KIND and client["kind"] in CLIENT_KIND
+    assert server["attrs"]["client.port"] == client["attrs"]["client.port"] > 0
+    assert server["resource"]["process.pid"] == client["resource"]["process.pid"] == os.getpid()
+
+
+def _status(span: dict[str, Any]) -> Any:
+    return span.get("status", {}).get("code")
+
+
+def test_unary_calls_one_server_and_one_client_span_each_with_the_status_from_the_trailers(env: Env) -> None:
+    port = env.ports["unary"]
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    calls = [("SayHello", "OK", 0), ("Fail", "NOT_FOUND", 5), ("SayHello", "OK", 0), ("Crash", "INTERNAL", 13)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for method, code, _ in calls:
+            assert _call(channel, method)[0] == code
+        assert _call(channel, "SayHello", metadata=(("traceparent", tp),)) == ("OK", b"hello world")
+    spans = env.wait_spans(port, len(calls) + 1)
+    for (method, _code, status), server, client in zip(calls, spans["server"], spans["client"]):
+        _check_pair(server, client, method, status, port)
+    by = {(s["attrs"]["rpc.method"], s["kind"] in SERVER_KIND): s for v in spans.values() for s in v}
+    # errors per side: NOT_FOUND is the caller's error only; INTERNAL both sides'
+    assert _status(by[("Fail", False)]) in ERROR and _status(by[("Fail", True)]) not in ERROR
+    assert by[("Fail", False)]["attrs"]["error.type"] == "5" and "error.type" not in by[("Fail", True)]["attrs"]
+    assert _status(by[("Crash", True)]) in ERROR and _status(by[("Crash", False)]) in ERROR
+    assert all(_status(s) not in ERROR for v in spans.values() for s in v if s["attrs"]["rpc.method"] == "SayHello")
+    joined = spans["server"][-1]
+    assert joined["traceId"].lower() == tp[3:35] and joined["parentSpanId"].lower() == tp[36:52]
+
+
+def test_a_hundred_calls_on_one_channel_are_a_hundred_spans(env: Env) -> None:
+    port = env.ports["hundred"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for i in range(100):
+            assert _call(channel, "SayHello", str(i).encode()) == ("OK", b"hello " + str(i).encode())
+    spans = env.wait_spans(port, 100)
+    for server, client in zip(spans["server"], spans["client"]):
+        _check_pair(server, client, "SayHello", 0, port)
+    assert len({s["attrs"]["client.port"] for v in spans.values() for s in v}) == 1   # one connection
+
+
+def test_concurrent_calls_interleave_their_streams_and_each_is_a_span(env: Env) -> None:
+    """Ten Held calls stay open while ten SayHello calls come and go on the same connection; the
+    Held ones are then answered in reverse order. Each call is started once the previous one
+    reached the server, and each answer once the previous one arrived: so every write carries one
+    call (a write of many coalesced calls has more iovecs than the program reads, see
+    docs/sources.md) while the streams interleave."""
+    port = env.ports["concurrent"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        held, hello = channel.unary_unary(f"/{SERVICE}/Held"), channel.unary_unary(f"/{SERVICE}/SayHello")
+        futures = []
+        for i in range(10):
+            futures.append(held.future(b"h%d" % i, timeout=30))
+            wait_until(lambda i=i: len(_HELD) == i + 1, 10, 0.01, "the held call to reach the server")
+            assert hello(b"s%d" % i, timeout=10) == b"hello s%d" % i
+        for i in reversed(range(10)):
+            _HELD[i].set()
+            assert futures[i].result() == b"h%d" % i
+    _HELD.clear()
+    spans = env.wait_spans(port, 20)
+    for side in ("server", "client"):
+        assert sorted(s["attrs"]["rpc.method"] for s in spans[side]) == ["Held"] * 10 + ["SayHello"] * 10
+        assert all(s["attrs"]["rpc.grpc.status_code"] == 0 for s in spans[side])
+    held_spans = [s for s in spans["server"] if s["attrs"]["rpc.method"] == "Held"]
+    first = held_spans[0]   # open from the first call to the last answer
+    assert all(int(first["startTimeUnixNano"]) < int(s["startTimeUnixNano"]) < int(first["endTimeUnixNano"])
+               for s in spans["server"] if s is not first)
+    assert len({s["attrs"]["client.port"] for v in spans.values() for s in v}) == 1
+
+
+def _histogram_counts(env: Env, name: str, port: int) -> dict[tuple[str, int], int]:
+    points = []
+    for m in env.collector.metrics():
+        if m["name"] != name or m["resource"].get("process.pid") != os.getpid():
+            continue
+        assert m["unit"] == "s"
+        for dp in m["histogram"]["dataPoints"]:
+            attrs = {kv["key"]: kv["value"] for kv in dp.get("attributes", [])}
+            if int(attrs.get("server.port", {}).get("intValue", 0)) == port:
+                points.append((int(dp["timeUnixNano"]), attrs, dp))
+    if not points:
+        return {}
+    newest = max(t for t, _a, _d in points)
+    out = {}
+    for t, attrs, dp in points:
+        if t == newest:
+            assert attrs["rpc.system"]["stringValue"] == "grpc"
+            assert attrs["rpc.service"]["stringValue"] == SERVICE
+            key = (attrs["rpc.method"]["stringValue"], int(attrs["rpc.grpc.status_code"]["intValue"]))
+            out[key] = int(dp["count"])
+            assert sum(int(c) for c in dp["bucketCounts"]) == int(dp["count"])
+    return out
+
+
+def test_call_duration_histograms_count_every_call(env: Env) -> None:
+    port = env.ports["metrics"]
+    expected = {("SayHello", 0): 7, ("Fail", 5): 3, ("Crash", 13): 2}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for (method, _status), n in expected.items():
+            for _ in range(n):
+                _call(channel, method)
+    for name in ("rpc.server.call.duration", "rpc.client.call.duration"):
+        wait_until(lambda name=name: _histogram_counts(env, name, port) == expected, 60, 0.3,
+                   f"{name} to count every call")
+    hist = next(m for m in env.collector.metrics() if m["name"] == "rpc.server.call.duration")
+    assert hist["histogram"]["aggregationTemporality"] in (2, "AGGREGATION_TEMPORALITY_CUMULATIVE")
+
+
+def _curl(port: int, path: str, *args: str) -> tuple[int, str]:
+    p = subprocess.Popen(["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w",
+                          "%{http_code} %{http_version}", *args, f"http://127.0.0.1:{port}{path}"],
+                         stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0, out
+    return p.pid, out
+
+
+def test_curl_http2_prior_knowledge_requests_are_http_spans_with_version_2(env: Env) -> None:
+    port = env.ports["h2c"]
+    calls = [("GET", "/ok", 200, ()), ("GET", "/missing", 404, ()), ("POST", "/items", 201, ("-d", "a=1")),
+             ("GET", "/q", 200, ("-H", "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))]
+    pids = []
+    for _method, path, status, args in calls:
+        pid, out = _curl(port, path + "?secret=1", *args)
+        assert out == f"{status} 2", out
+        pids.append(pid)
+    spans = env.wait_spans(port, len(calls), rpc=False)
+    for (method, path, status, _), pid, server, client in zip(calls, pids, spans["server"], spans["client"]):
+        for s in (server, client):
+            a = s["attrs"]
+            assert s["name"] == method and a["http.request.method"] == method and a["url.path"] == path, a
+            assert a["http.response.status_code"] == status and a["network.protocol.version"] == "2"
+            assert a["server.port"] == port and a["url.scheme"] == "http" and "rpc.system" not in a
+        assert server["resource"]["process.pid"] == env.h2c_pid and client["resource"]["process.pid"] == pid
+        assert server["kind"] in SERVER_KIND and client["kind"] in CLIENT_KIND
+        assert server["attrs"]["client.port"] == client["attrs"]["client.port"]
+    assert spans["server"][3]["traceId"] == "0af7651916cd43dd8448eb211c80319c"
+    assert _status(spans["server"][1]) not in ERROR and _status(spans["client"][1]) in ERROR
