@@ -589,3 +589,94 @@ def test_repeated_stacks_are_served_from_the_frame_cache(binaries: Binaries, sta
         symbolizer.symbolize(program.pid, [text_start + offset], [])
     assert symbolizer._cached_frames <= 1000 + 2
     assert symbolizer.symbolize(program.pid, stack, []) == first
+
+
+# ------------------------------------------------------------------ Go: .gopclntab
+
+@pytest.mark.host   # the Go toolchain
+@pytest.mark.parametrize("version,flags", [("host", ()), ("host", ("-buildmode=pie",)), ("1.21.13", ())],
+                         ids=["host", "host-pie", "1.21"])
+def test_go_frames_of_a_stripped_binary_with_inlined_calls(tmp_path: Path, version: str,
+                                                           flags: tuple[str, ...]) -> None:
+    """Names, files and lines from .gopclntab with no symbol table; a pc inside inlined calls
+    is one frame per inlined function, innermost first, each at its own line."""
+    from receiver.profiling.symbols.elf import read_elf_fd
+
+    from .test_go_e2e import CHAIN_SOURCE, _go, _lines, go_build
+    from .test_go_e2e import go_env as go_tool_env
+
+    program = go_build(version, tmp_path / "chain", CHAIN_SOURCE, "-ldflags=-s -w", *flags)
+    fd = os.open(program, os.O_RDONLY)
+    try:
+        elf = read_elf_fd(fd)
+    finally:
+        os.close(fd)
+    assert len(elf.symbols) == 0 and elf.go is not None
+    go = elf.go
+    build_id = subprocess.run([str(_go("host")), "tool", "buildid", str(program)], capture_output=True, text=True,
+                              check=True, env=go_tool_env(tmp_path)).stdout.strip()
+    assert go.build_id == build_id
+    funcs = {name: (entry, end) for entry, end, name, _, _ in go.functions()}
+    entry, end = funcs["main.runLoop"]
+    inlined = next(pc for pc in range(entry, end) if len(go.frames(pc)) == 3)
+    lines = _lines(CHAIN_SOURCE)
+    names = [(f.function, f.line) for f in go.frames(inlined)]
+    assert names == [("main.stage1", lines["stage2"]), ("main.dispatch", lines["stage1"]),
+                     ("main.runLoop", lines["dispatch"])]
+    assert all(f.file.endswith("/main.go") for f in go.frames(inlined))
+    assert go.frames(funcs["main.goHotA"][0])[0].function == "main.goHotA"
+    assert go.frames(go.end) == [] and go.frames(go.start - 1) == []
+
+    # The symbolizer, on the running program: its bias applied, Go frames expanded.
+    proc = subprocess.Popen([str(program), "60"])
+    try:
+        deadline = time.monotonic() + 30
+        while os.readlink(f"/proc/{proc.pid}/exe") != str(program) and time.monotonic() < deadline:
+            time.sleep(0.01)      # until exec is done
+        s = Symbolizer()
+        s.note_process(proc.pid)
+        region = next(r for r in s.executable_regions(proc.pid) if r[3] == str(program))
+        bias = region[2]
+        assert bias is not None
+        frames = s.symbolize(proc.pid, [funcs["main.goHotA"][0] + 3 + bias, inlined + 1 + bias], [])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [f.function for f in frames] == ["main.goHotA", "main.stage1", "main.dispatch", "main.runLoop"]
+    assert {f.frame_type for f in frames} == {"go"}
+    assert frames[1].address == frames[3].address == inlined + 1 + bias
+    assert frames[0].mapping is not None and frames[0].mapping.go_build_id == build_id
+
+
+@pytest.mark.host   # the Go toolchain
+def test_corrupt_go_tables_raise_their_error_and_never_crash_naming(tmp_path: Path) -> None:
+    import random
+
+    from receiver.profiling.symbols.elf import named_sections
+    from receiver.profiling.symbols.gopclntab import GoTableError, parse_go_table
+    from receiver.profiling.unwind.go_table import go_unwind_table
+
+    from .test_go_e2e import CHAIN_SOURCE, go_build
+
+    image = bytearray(go_build("host", tmp_path / "chain", CHAIN_SOURCE, "-ldflags=-s -w").read_bytes())
+    sections, is_dyn = named_sections(lambda o, n: bytes(image[o:o + n]))
+    _, addr, offset, size = sections[b".gopclntab"]
+    rng = random.Random(28)
+    for trial in range(40):
+        bad = bytearray(image)
+        if trial % 4 == 0:
+            del bad[offset + rng.randrange(size):offset + size]          # cut short
+        else:
+            for _ in range(200):
+                bad[offset + rng.randrange(size)] = rng.randrange(256)
+        try:
+            go = parse_go_table(lambda o, n, b=bad: bytes(b[o:o + n]), sections, is_dyn)
+        except GoTableError:
+            continue
+        assert go is not None
+        for pc in range(go.start, go.end, max(1, (go.end - go.start) // 300)):
+            go.frames(pc)         # may be wrong names in a corrupt table, but never an exception
+        try:
+            go_unwind_table(go)
+        except GoTableError:
+            pass

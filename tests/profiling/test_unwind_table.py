@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from receiver.profiling.unwind.cfi_table import (
     END,
     OUTERMOST,
@@ -146,3 +150,70 @@ def test_a_table_over_a_quarter_of_the_array_is_refused() -> None:
     t = _tables(100)
     assert t._store("big", _rows(26)) is None and t.stats["tables_too_large"] == 1
     assert t._store("ok", _rows(25)) is not None
+
+
+# ------------------------------------------------------------------ Go: rows from .gopclntab
+
+def _go_chain(tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Path:
+    from .test_go_e2e import CHAIN_SOURCE, go_build
+
+    return go_build("host", tmp_path_factory.mktemp("go") / "chain", CHAIN_SOURCE, "-ldflags=-s -w", *flags)
+
+
+@pytest.fixture(scope="module")
+def go_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _go_chain(tmp_path_factory)
+
+
+@pytest.mark.host   # the Go toolchain
+def test_go_rows_follow_pcsp_and_mark_the_runtimes_stack_switches(go_chain: Path) -> None:
+    import os
+
+    from receiver.profiling.symbols.elf import fd_reader, named_sections
+    from receiver.profiling.symbols.gopclntab import FLAG_SPWRITE, parse_go_table
+    from receiver.profiling.unwind.go_table import go_table_of_fd
+
+    fd = os.open(go_chain, os.O_RDONLY)
+    try:
+        rows = go_table_of_fd(fd)
+        read = fd_reader(fd)
+        go = parse_go_table(read, *named_sections(read))
+    finally:
+        os.close(fd)
+    assert rows is not None and go is not None
+    funcs = {name: (entry, end, flag, steps) for entry, end, name, flag, steps in go.functions()}
+    # A frameless leaf: CFA = rsp + 8 over its whole body, so its caller is found.
+    entry, end, _, _ = funcs["main.goHotA"]
+    assert {rows.lookup(pc)[1:] for pc in range(entry, end)} == {(8, 0, RSP)}
+    # A function with a frame: CFA = rsp + pcsp + 8 at every pc, exactly as its pcsp says.
+    for name in ("main.stage2", "main.runLoop"):
+        entry, end, _, steps = funcs[name]
+        assert max(d for _, d in steps) > 0
+        for i, (pc, delta) in enumerate(steps):
+            upto = steps[i + 1][0] if i + 1 < len(steps) else end
+            assert {rows.lookup(p)[1:] for p in range(pc, upto)} == {(delta + 8, 0, RSP)}, (name, hex(pc))
+    # The assembly functions (not their ABI wrappers, which share their names)
+    asm = {name: entry for entry, _, name, flag, _ in go.functions() if flag & FLAG_SPWRITE}
+    assert rows.lookup(funcs["runtime.goexit"][0])[3] == OUTERMOST          # TOPFRAME: the walk is whole
+    assert rows.lookup(asm["runtime.systemstack"])[3] == UNSUPPORTED        # SPWRITE: the walk stops
+    assert rows.lookup(asm["runtime.mcall"])[3] == UNSUPPORTED
+    # cgo's switch to the system stack is stepped with frame pointers (test_go_e2e's cgo test
+    # walks through it and through runtime.cgocallback)
+    assert rows.lookup(asm["runtime.asmcgocall"])[1:] == (16, -16, RBP)
+    assert rows.lookup(go.end)[3] == END
+
+
+def test_go_and_cfi_rows_merge_each_covering_its_own_code() -> None:
+    from receiver.profiling.unwind.cfi_table import ROW, UnwindTable
+    from receiver.profiling.unwind.go_table import merge_tables
+
+    def table(*rows: tuple[int, int, int, int]) -> UnwindTable:
+        return UnwindTable(b"".join(ROW.pack(*r) for r in rows))
+
+    c = table((0x1000, 8, 0, RSP), (0x1010, 16, -16, RBP), (0x1020, 0, 0, END))
+    go = table((0x1020, 8, 0, RSP), (0x1024, 24, 0, RSP), (0x1030, 0, 0, END))
+    merged = merge_tables(c, go)
+    assert merged.lookup(0x1012)[1:] == (16, -16, RBP)
+    assert merged.lookup(0x1020)[1:] == (8, 0, RSP)        # the Go row, not the C table's END
+    assert merged.lookup(0x1025)[1:] == (24, 0, RSP)
+    assert merged.lookup(0x1030)[3] == END

@@ -21,10 +21,11 @@ the Go code that called C.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
 from ..symbols.elf import fd_reader, named_sections
-from ..symbols.gopclntab import FLAG_SPWRITE, FLAG_TOPFRAME, GoTable, parse_go_table
+from ..symbols.gopclntab import FLAG_SPWRITE, FLAG_TOPFRAME, GoTable, GoTableError, parse_go_table
 from .cfi_table import END, OUTERMOST, RBP, ROW, RSP, UNSUPPORTED, UnwindTable
 
 __all__ = ["go_table_of_fd", "go_unwind_table", "merge_tables"]
@@ -37,7 +38,15 @@ _S32 = range(-(1 << 31), 1 << 31)
 
 
 def go_unwind_table(table: GoTable) -> UnwindTable:
-    """Rows for every Go function of ``table``, sorted by pc, with an END row after the last."""
+    """Rows for every Go function of ``table``, sorted by pc, with an END row after the last;
+    GoTableError when the table is malformed."""
+    try:
+        return _go_rows(table)
+    except (struct.error, IndexError, ValueError, OverflowError) as e:
+        raise GoTableError(f"malformed .gopclntab: {e}") from None
+
+
+def _go_rows(table: GoTable) -> UnwindTable:
     out = bytearray()
     unsupported = 0
     last = None
