@@ -42,7 +42,8 @@ __all__ = ["Http2Connection", "Http2Exchange", "UNPARSED_REASONS", "looks_like_h
            "HpackTable", "decode_block"]
 
 UNPARSED_REASONS = ("h2_bad_frame", "h2_bad_hpack", "h2_unknown_index", "h2_headers_cut", "h2_stream_overflow",
-                    "h2_reset")
+                    "h2_reset", "h2_midway")
+MIDWAY_TRIES = 16   # calls of a connection found mid-way without a plausible frame before it is given up
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_STREAMS = 256            # open streams per connection; beyond, new ones are counted and dropped
 MAX_TABLE_SIZE = 1 << 16     # the largest dynamic table followed (the default is 4096)
@@ -201,7 +202,7 @@ class _Direction:
     """One direction's framing: frame header, payload, the header block being assembled."""
 
     __slots__ = ("hdr", "left", "ftype", "fflags", "sid", "payload", "cut", "block", "block_sid",
-                 "block_flags", "table", "synced", "preface", "fresh", "last_ts", "max_frame")
+                 "block_flags", "table", "synced", "preface", "fresh", "last_ts", "max_frame", "flen")
 
     def __init__(self, whole: bool):
         self.hdr = bytearray()
@@ -219,23 +220,28 @@ class _Direction:
         self.preface = 0         # preface bytes still to skip (client side, at the start)
         self.fresh = True        # no bytes seen yet
         self.max_frame = 16384 if whole else MAX_FRAME   # the peer's SETTINGS_MAX_FRAME_SIZE
+        self.flen = 0            # the current frame's length
         self.last_ts = 0
 
 
 class Http2Connection:
     """One HTTP/2 connection seen from one side. ``whole``: its first bytes were seen (a
-    preface or the first SETTINGS), so both dynamic tables are known from empty."""
+    preface or the first SETTINGS), so both dynamic tables are known from empty; None: decided
+    by the first bytes fed (anything else is a connection found mid-way, counted as
+    ``h2_midway``)."""
 
     __slots__ = ("unparsed", "max_header_bytes", "exchanges", "streams", "dirs", "upgraded", "current",
-                 "skipped", "server")
+                 "skipped", "server", "whole", "tries")
 
-    def __init__(self, unparsed: Unparsed, max_header_bytes: int = 16384, whole: bool = True):
+    def __init__(self, unparsed: Unparsed, max_header_bytes: int = 16384, whole: bool | None = None):
         self.unparsed = unparsed
         self.max_header_bytes = max_header_bytes
         self.exchanges: list[Exchange] = []
         self.streams: dict[int, Http2Exchange] = {}   # open streams with a request seen
         self.skipped: set[int] = set()                # open streams not reported (counted once)
-        self.dirs = (_Direction(whole), _Direction(whole))   # [0] incoming, [1] outgoing
+        self.dirs = (_Direction(whole is not False), _Direction(whole is not False))   # [0] incoming, [1] outgoing
+        self.whole = whole
+        self.tries = 0           # calls fed while no direction was ever in sync (mid-way)
         self.upgraded = False    # never: the parser seam's flag for a protocol switch
         self.current = None      # the seam's "response being read": HTTP/2 has none apart from streams
         self.server: bool | None = None
@@ -248,6 +254,14 @@ class Http2Connection:
     # ------------------------------------------------------------------ bytes in
 
     def feed(self, outgoing: bool, data: bytes, size: int, ts: int) -> None:
+        if self.whole is None:
+            self.whole = looks_like_http2(data)
+            if not self.whole:
+                self.unparsed.add("h2_midway")
+                for x in self.dirs:
+                    x.fresh = False
+                    x.max_frame = MAX_FRAME
+                    self._desync(x, None)
         d = self.dirs[outgoing]
         d.last_ts = ts
         pos, n = 0, len(data)
@@ -262,8 +276,13 @@ class Http2Connection:
             d.preface -= pos
         elif not d.synced:
             if not self._plausible(data, size):
+                if self.tries >= 0:
+                    self.tries += 1
+                    if self.tries >= MIDWAY_TRIES:
+                        self.upgraded = True   # not HTTP/2 after all: the source stops watching it
                 return
             d.synced = True
+            self.tries = -1
         while pos < n:
             if d.ftype < 0:
                 need = 9 - len(d.hdr)
@@ -281,8 +300,11 @@ class Http2Connection:
                     self._frame_end(d, outgoing, ts)
                 continue
             take = min(d.left, n - pos)
-            if d.ftype == _HEADERS or d.ftype == _CONTINUATION or d.ftype == _RST or d.ftype == _SETTINGS:
+            ft = d.ftype
+            if ft == _HEADERS or ft == _CONTINUATION or ft == _RST or ft == _SETTINGS:
                 d.payload += data[pos:pos + take]
+            elif ft == _DATA and len(d.payload) < 5:   # a gRPC message's prefix
+                d.payload += data[pos:pos + min(take, 5 - len(d.payload))]
             pos += take
             d.left -= take
             if d.left == 0:
@@ -319,7 +341,7 @@ class Http2Connection:
             return False   # a header block is interrupted: not HTTP/2, or not in sync
         if ftype == _CONTINUATION and not d.block_sid:
             return False
-        d.ftype, d.fflags, d.sid, d.left, d.cut = ftype, flags, sid, length, False
+        d.ftype, d.fflags, d.sid, d.left, d.cut, d.flen = ftype, flags, sid, length, False, length
         d.payload.clear()
         return True
 
@@ -327,6 +349,11 @@ class Http2Connection:
         ftype, flags, sid = d.ftype, d.fflags, d.sid
         d.ftype = -1
         if ftype == _DATA:
+            ex = self.streams.get(sid)
+            if ex is not None and ex.grpc is None and outgoing != ex.server and not flags & _PADDED:
+                p = d.payload   # a length-prefixed message filling the frame: gRPC
+                if len(p) == 5 and p[0] <= 1 and int.from_bytes(p[1:5], "big") == d.flen - 5:
+                    ex.grpc = True
             if flags & _END_STREAM:
                 self._end_stream(outgoing, sid, ts)
         elif ftype == _HEADERS:

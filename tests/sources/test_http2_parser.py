@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver.protocols import PROTOCOLS, UNPARSED_REASONS, Unparsed, detect
-from receiver.protocols.http2 import PREFACE, Http2Connection, Http2Exchange, looks_like_http2
+from receiver.protocols.http2 import MIDWAY_TRIES, PREFACE, Http2Connection, Http2Exchange, looks_like_http2
 
 DATA, HEADERS, RST, SETTINGS, CONTINUATION = 0, 1, 3, 4, 9
 END_STREAM, END_HEADERS, PADDED = 1, 4, 8
@@ -61,7 +61,7 @@ def grpc_call(cli: Peer, srv: Peer, sid: int, method: str, status: int = 0,
     return req, resp
 
 
-def conn(whole: bool = True) -> tuple[Http2Connection, Unparsed]:
+def conn(whole: bool | None = True) -> tuple[Http2Connection, Unparsed]:
     u = Unparsed(UNPARSED_REASONS)
     return Http2Connection(u, 16384, whole), u
 
@@ -205,26 +205,31 @@ def test_a_missed_frame_header_resynchronises_at_the_next_call_and_forgets_the_t
 def test_a_connection_seen_from_mid_way_names_only_what_it_can_resolve() -> None:
     cli, srv = Peer(), Peer()
     grpc_call(cli, srv, 1, "/pkg.Svc/Old")   # before the agent: both tables filled
-    c, u = conn(whole=False)
+    c, u = conn(whole=None)   # decided by the first bytes
     junk = b"\x00\x00\x00\x00\x05" + b"partial message bytes"   # the end of a message: not a frame chain
     c.feed(True, junk, len(junk), 1)
+    assert u.counts["h2_midway"] == 1 and c.whole is False
     # every field of this call is an entry from before: nothing can be named
     q, r = grpc_call(cli, srv, 3, "/pkg.Svc/Old")
     c.feed(True, q, len(q), 2)
     c.feed(False, r, len(r), 3)
     assert c.exchanges == [] and u.counts["h2_unknown_index"] == 1
-    # a new method: its :path is a literal, but content-type and grpc-status are old entries, so
-    # it is not known to be gRPC: dropped, never reported as a plain HTTP request
+    # a new method: its :path is a literal; content-type and grpc-status are entries from before,
+    # but the request's body is a gRPC message (length-prefixed, filling its DATA frame): a gRPC
+    # call whose status is left unknown, never guessed
     q, r = grpc_call(cli, srv, 5, "/pkg.Svc/Fresh")
     c.feed(True, q, len(q), 4)
     c.feed(False, r, len(r), 5)
-    assert c.exchanges == [] and u.counts["h2_unknown_index"] == 2
+    assert names(c) == [(False, "POST", "/pkg.Svc/Fresh", 200, None)] and c.exchanges[0].grpc
+    assert u.counts["h2_unknown_index"] == 2
+    c.exchanges.clear()
     # a plain GET answered from the static table: named
     q = cli.headers(7, [(":method", "GET"), (":path", "/fresh")], end_stream=True)
     r = srv.headers(7, [(":status", "404")], end_stream=True)
     c.feed(True, q, len(q), 6)
     c.feed(False, r, len(r), 7)
     assert names(c) == [(False, "GET", "/fresh", 404, None)] and c.exchanges[0].grpc is False
+    assert u.counts["h2_unknown_index"] == 2
     # once the entries seen fill the table, none from before can remain: whole again
     for i in range(40):
         q = cli.headers(9 + 2 * i, [(":method", "GET"), (":path", "/fill"), ("x-fill", f"{i:0>100}")])
@@ -263,3 +268,10 @@ def test_random_bytes_never_raise(data: bytes, whole: bool) -> None:
     c.feed(False, data, len(data) + 3, 1)
     c.feed(True, data, len(data), 2)
     c.close(3)
+
+
+def test_a_connection_found_mid_way_that_never_frames_is_given_up() -> None:
+    c, u = conn(whole=None)
+    for i in range(MIDWAY_TRIES + 1):
+        c.feed(i % 2 == 0, b"\x00\x00\x05\x01\x04\x00\x00\x00\x01 not http/2 after all", 40, i)
+    assert c.upgraded and u.counts["h2_midway"] == 1 and c.exchanges == []
