@@ -19,6 +19,13 @@ BPF_ARRAY(unwind_rows, struct unwind_row, UNWIND_ROWS);
 BPF_HASH(unwind_processes, u32, struct unwind_process, UNWIND_PROCESSES);
 BPF_ARRAY(unwind_mappings, struct unwind_mapping, UNWIND_PROCESSES * UNWIND_MAX_MAPPINGS);
 BPF_PERCPU_ARRAY(unwind_cache, struct unwind_cache_entry, UNWIND_CACHE_SIZE);
+#if RUNTIME_MAX_FRAMES
+/* Each walked frame's rbp (per CPU), for runtime walkers that read frames by frame pointer (V8). */
+struct unwind_fps {
+    u64 fp[PROF_MAX_DEPTH + 1];
+};
+BPF_PERCPU_ARRAY(unwind_fps, struct unwind_fps, 1);
+#endif
 
 /* The mapping holding addr, or NULL. find_mapping and find_row are the same binary search over
  * two maps: BCC binds map.lookup() to a map by name at compile time and refuses map calls in
@@ -158,6 +165,12 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
     if (kind == UNWIND_RULE_NO_MAPPING && i)   /* a caller outside every mapping: not a frame */
         return;
     st->ips[i & PROF_DEPTH_MASK] = ip;
+#if RUNTIME_MAX_FRAMES
+    u32 zero = 0;
+    struct unwind_fps *fps = unwind_fps.lookup(&zero);
+    if (fps)
+        fps->fp[i & PROF_DEPTH_MASK] = bp;
+#endif
     ws->n = i + 1;
     u64 ra = 0;
     if (kind == UNWIND_RULE_FRAME_POINTER) {   /* no table: frame pointers */

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from .base import RecordedFrames, Region, Runtime, Runtimes, slot_of
 from .cpython import CPython
+from .v8 import V8
 
 __all__ = ["RUNTIMES", "Runtime", "Runtimes", "Region", "RecordedFrames", "slot_of"]
 
 RUNTIMES: tuple[type[Runtime], ...] = (
     CPython,
+    V8,
 )
