@@ -8,7 +8,8 @@ CONFIG ?= deploy/config/local.yaml
 HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: help setup system host venv otelcol test test-unit test-kernels lint run check bench proto clean
+.PHONY: help setup system host venv otelcol test test-unit test-kernels lint run check bench proto clean \
+	k8s-prebuild k8s-up k8s-down
 
 help:
 	@echo "make test-unit      lint, then the unit tier (pytest -m unit): no root, BPF, servers or Go; < 2 min"
@@ -41,7 +42,7 @@ $(STAMP): pyproject.toml
 otelcol:
 	@bash deploy/scripts/build-otelcol.sh >/dev/null
 
-test: setup lint
+test: k8s-prebuild setup lint
 	OTELCOL_BIN=$$(bash deploy/scripts/build-otelcol.sh) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The tier for every commit: tests/conftest.py marks `unit` every test that needs no root, BPF,
@@ -53,6 +54,20 @@ test-unit: venv lint
 
 lint: venv
 	$(VENV)/bin/ruff check receiver tests benchmarks deploy examples
+
+# tests/test_kubernetes.py's Kubernetes binaries (~7.5 min on 2 cores, once; cached in
+# ~/.cache/ebpf-otlp-receiver/kubernetes): `make test` starts their build in the background,
+# niced, before the rest of its setup; the test waits for it. Log: out/k8s-build.log.
+k8s-prebuild:
+	@mkdir -p out; setsid nohup bash deploy/scripts/build-kubernetes.sh >out/k8s-build.log 2>&1 </dev/null &
+
+# A single-node Kubernetes v1.34 with the agent's images loaded (deploy/scripts/k8s-cluster.py);
+# KUBECONFIG is printed. `make k8s-down` stops it and removes all it made.
+k8s-up: venv
+	@$(PY) deploy/scripts/k8s-cluster.py up && $(PY) deploy/scripts/k8s-cluster.py images >/dev/null
+
+k8s-down:
+	@$(PY) deploy/scripts/k8s-cluster.py down
 
 # Also part of `make test`; the guest image is cached in ~/.cache/ebpf-otlp-receiver.
 test-kernels: setup
