@@ -89,12 +89,12 @@ def run(smoke: bool = False) -> int:
     spin = subprocess.Popen([str(compile_c(SPIN_C, workdir / "spin", "-O2"))])
     (workdir / "otelcol.yaml").write_text(discarding_collector_yaml(("traces", "metrics", "logs", "profiles")))
     collector = Collector(otelcol_bin(), workdir, config=workdir / "otelcol.yaml").start()
-    config = {"exporter": {"endpoint": collector.endpoint},
+    config = {"exporter": {"endpoint": collector.endpoint}, "bpf": {"cache_dir": str(cache)},
               "sources": {name: {"enabled": name in sources} for name in SOURCES}}
     figures: dict[str, float] = {}
     try:
         for label in ("cold_agent_ready_s", "agent_ready_s"):
-            agent = Agent(workdir, config, env={"EBPF_RECEIVER_CACHE_DIR": str(cache)})
+            agent = Agent(workdir, config)
             try:
                 figures[label] = _agent_ready(agent, sources)
             finally:

@@ -71,9 +71,7 @@ class Service:
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        bpf = getattr(self.config, "bpf", None)
-        if bpf is not None:
-            compile_cache.configure(bpf.cache_dir, bpf.kernel_headers)
+        compile_cache.configure(self.config.bpf.cache_dir, self.config.bpf.kernel_headers)
         if self.config.telemetry.enabled:
             host, port = parse_address(self.config.telemetry.listen)
             web_file = self.config.telemetry.web_config_file

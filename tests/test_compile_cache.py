@@ -212,10 +212,10 @@ def test_the_agent_starts_on_a_hit_without_a_loader_and_compiles_without_lib_mod
     """Cold: /lib/modules empty and read-only (no build link), so the headers are the agent's
     own (/usr/src); warm: every source from the cache, no loader process, no compiler mapped."""
     config = agent_config(collector, {"process": {}, "syscalls": {}, "network": {},
-                                      "profiler": {"preset": "development"}})
-    env = {"EBPF_RECEIVER_CACHE_DIR": str(tmp_path / "cache")}
+                                      "profiler": {"preset": "development"}},
+                          bpf={"cache_dir": str(tmp_path / "cache")})
     for run in ("cold", "warm"):
-        agent = Agent(tmp_path, config, env=env, wrapper=EMPTY_LIB_MODULES)
+        agent = Agent(tmp_path, config, wrapper=EMPTY_LIB_MODULES)
         agent.start()
         try:
             assert agent.proc is not None

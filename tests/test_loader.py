@@ -7,18 +7,28 @@ import ctypes
 import json
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from receiver.errors import SourceUnavailableError
-from receiver.kernel import loader
+from receiver.kernel import compile_cache, loader
 from receiver.kernel.loader import compile_bpf
 
 from .harness import Agent, Collector, agent_config
 
 PROCESS_CFLAGS = ["-DHAS_GROUP_DEAD=1", "-DRINGBUF_PAGES=8", "-DMAX_INFLIGHT_EXECS=64", "-DMAX_TRACKED_EXITS=64"]
 COMPILER = re.compile(r"libbcc|libLLVM|libclang")
+
+
+@pytest.fixture(autouse=True)
+def no_compile_cache() -> Iterator[None]:
+    """These tests are about the loader process: no cache entry may stand in for it."""
+    before = compile_cache.settings()
+    compile_cache.configure(None, before["kernel_headers"])
+    yield
+    compile_cache.configure(before["directory"], before["kernel_headers"])
 
 
 def _prog_ids(pid: int | str = "self") -> set[int]:
@@ -42,7 +52,8 @@ def _loaded_prog_ids() -> set[int]:
 def test_agent_with_all_four_sources_has_no_compiler_mapped(bpf_ok: None, collector: Collector,
                                                             tmp_path: Path) -> None:
     agent = Agent(tmp_path, agent_config(collector, {"process": {}, "syscalls": {}, "network": {},
-                                                     "profiler": {"preset": "development"}}))
+                                                     "profiler": {"preset": "development"}},
+                                         bpf={"cache_dir": None}))   # every program compiled
     agent.start()
     try:
         assert agent.proc is not None

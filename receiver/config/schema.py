@@ -49,6 +49,7 @@ __all__ = [
     "SyscallsSourceConfig",
     "HttpSourceConfig",
     "CachesConfig",
+    "BpfConfig",
     "PROFILER_PRESETS",
     "parse_duration",
     "parse_size",
@@ -454,6 +455,27 @@ class CachesConfig:
 
 
 @dataclass(frozen=True)
+class BpfConfig:
+    """Loading the BPF programs (docs/operations.md#start-up-and-the-compile-cache):
+    ``cache_dir`` keeps what BCC compiled, per program, configuration and kernel, so a restart
+    loads without compiling (null or "": no cache); ``kernel_headers`` is the header tree BCC
+    compiles against (null: the running kernel's under /lib/modules, else the generic
+    linux-headers-* under /usr/src the image and ``make setup`` install). Nothing is written
+    outside ``cache_dir``."""
+
+    cache_dir: str | None = "/var/cache/ebpf-otlp-receiver"
+    kernel_headers: str | None = None
+
+    def _validate(self) -> list[str]:
+        p = []
+        if self.cache_dir and not os.path.isabs(self.cache_dir):
+            p.append(f"cache_dir: must be an absolute path, not {self.cache_dir!r}")
+        if self.kernel_headers is not None and not os.path.isdir(os.path.join(self.kernel_headers, "include")):
+            p.append(f"kernel_headers: no header tree at {self.kernel_headers} (it has no include/)")
+        return p
+
+
+@dataclass(frozen=True)
 class SourcesConfig:
     process: ProcessSourceConfig = field(default_factory=ProcessSourceConfig)
     profiler: ProfilerSourceConfig = field(default_factory=ProfilerSourceConfig)
@@ -474,6 +496,7 @@ class EbpfConfig:
     resource: ResourceConfig = field(default_factory=ResourceConfig)
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     caches: CachesConfig = field(default_factory=CachesConfig)
+    bpf: BpfConfig = field(default_factory=BpfConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
