@@ -25,7 +25,12 @@ at 2 s, one interval measured, perf for 2 s, the steady load for 3 s and the CPy
 frames on) for 4 s after 2 s of warm-up. Not run: the OpenTelemetry eBPF profiler (it needs a Go
 build and 30 s to load; the steady window times ours alone and the ``otel_…`` and ``…_vs_otel``
 figures are not printed) and the CPython run with Python frames off (the same path with one flag
-off, and another agent start: the profiler's BPF compile is most of a smoke run's time)."""
+off, and another agent start: the profiler's BPF compile is most of a smoke run's time).
+
+The Go window: one stripped Go program (``go build -ldflags="-s -w"``: frameless leaves under a
+real call, two inlined helpers) profiled alone; ``go_chain_share`` is the share of its hot samples
+showing the whole chain, inlined frames included, and ``go_chain_share_otel`` the OpenTelemetry
+eBPF profiler's on the same process over the same seconds (real runs only)."""
 
 from __future__ import annotations
 
@@ -404,7 +409,8 @@ def run(smoke: bool = False) -> int:
     print(f"bench: profiler depth_vs_perf_dwarf={depth_ratio:.2f} ratio")
     print(f"bench: profiler rss={rss:.1f} MB")
     py_ok = _python_bench(t)
-    return 0 if rc == 0 and samples1 > samples0 and py_ok else 1
+    go_ok = _go_bench(t)
+    return 0 if rc == 0 and samples1 > samples0 and py_ok and go_ok else 1
 
 
 def _steady(load_bin: Path, loads: list[subprocess.Popen[bytes]], t: Times, ours: int,
@@ -561,3 +567,134 @@ def _python_bench(t: Times) -> bool:
         print(f"bench: profiler python_off_bpf_ns_per_sample={off['ns']:.0f} ns")
     print(f"bench: profiler python_chain_share={on['chain']:.1f} %")
     return on["rc"] == 0 and (off is None or off["rc"] == 0)
+
+
+# ---------------------------------------------------------------------------------- Go window
+
+GO_CHAIN = ["main.stage2", "main.stage1", "main.dispatch", "main.runLoop", "main.main"]
+GO_LEAVES = ("main.goHotA", "main.goHotB")
+
+
+def _go_chain_share(stacks: list[tuple[list[str], int]]) -> float:
+    """Of the samples whose leaf is goHotA or goHotB: the share (%) showing the whole chain
+    ``stage2 ← stage1 ← dispatch ← runLoop ← main`` right above it, inlined frames included."""
+    total = whole = 0
+    for names, n in stacks:
+        if names and names[0] in GO_LEAVES:
+            total += n
+            whole += n if names[1:1 + len(GO_CHAIN)] == GO_CHAIN else 0
+    return whole / total * 100 if total else float("nan")
+
+
+def _our_go_stacks(pprof_dir: Path, pid: int, since_ns: int) -> list[tuple[list[str], int]]:
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
+
+    out = []
+    for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):
+        profile = from_pprof(read_pprof(path))
+        if profile.start_unix_nano < since_ns:
+            continue
+        out += [([f.function for f in s.frames if f.frame_type != "kernel"], s.count)
+                for s in profile.samples if s.pid == pid]
+    return out
+
+
+def _otel_go_stacks(collector: Any, pid: int) -> list[tuple[list[str], int]]:
+    """The OpenTelemetry eBPF profiler's samples of ``pid`` as written by ``collector``: user
+    frames' names, leaf first, each location's lines (inlined functions) innermost first."""
+    out = []
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings, funcs, locs = d.get("stringTable", []), d.get("functionTable", []), d.get("locationTable", [])
+        stacks, attrs = d.get("stackTable", []), d.get("attributeTable", [])
+
+        def key(a: dict[str, Any], strings: list[str] = strings) -> str:
+            return str(a["key"]) if "key" in a else strings[a.get("keyStrindex", 0)]
+
+        def frame_type(loc: dict[str, Any], attrs: list[Any] = attrs, key: Any = key) -> str:
+            for i in loc.get("attributeIndices", []):
+                if key(attrs[i]) == "profile.frame.type":
+                    v = attrs[i].get("value", {})
+                    return str(v.get("stringValue", ""))
+            return ""
+
+        for rp in req.get("resourceProfiles", []):
+            res = {key(a): a.get("value", {}) for a in rp.get("resource", {}).get("attributes", [])}
+            if str(res.get("process.pid", {}).get("intValue", "")) != str(pid):
+                continue
+            for sp in rp.get("scopeProfiles", []):
+                for p in sp.get("profiles", []):
+                    for sample in p.get("samples", []):
+                        names = []
+                        for li in stacks[sample.get("stackIndex", 0)].get("locationIndices", []):
+                            loc = locs[li]
+                            if frame_type(loc) == "kernel":
+                                continue
+                            names += [strings[funcs[ln.get("functionIndex", 0)].get("nameStrindex", 0)]
+                                      for ln in loc.get("lines", [])] or ["?"]
+                        n = len(sample.get("timestampsUnixNano", [])) or sum(int(v) for v in sample.get("values", [1]))
+                        out.append((names, n))
+    return out
+
+
+def _go_bench(t: Times) -> bool:
+    """The agent profiling one stripped Go program (tests/profiling/test_go_e2e.py's chain: two
+    frameless leaves under a real call and two inlined ones) and, in the real run, the
+    OpenTelemetry eBPF profiler on the same process over the same seconds."""
+    from tests.harness import Agent, Collector, agent_config
+    from tests.profiling.test_go_e2e import CHAIN_SOURCE, go_build
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-go-"))
+    try:
+        program = go_build("host", workdir / "chain", CHAIN_SOURCE, "-ldflags=-s -w")
+        collector = Collector(otelcol_bin(), workdir).start()
+        ref_dir = workdir / "reference"
+        ref_dir.mkdir()
+        ref_collector = Collector(otelcol_bin(), ref_dir).start() if t.reference else None
+        ref: subprocess.Popen[bytes] | None = None
+        ref_how = "not run (smoke mode)"
+        seconds = t.py_warmup + t.py_measure + (t.ref_warmup + 30 if t.reference else 0) + 60
+        load = subprocess.Popen([str(program), str(int(seconds))], stdout=subprocess.DEVNULL)
+        pprof_dir = workdir / "pprof"
+        agent = Agent(workdir, agent_config(collector, {"profiler": {
+            "preset": "development", "report_interval": t.report_interval, "pprof_dir": str(pprof_dir),
+            "filter": {"pids": [load.pid]}}}))
+        stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+        ours, theirs = float("nan"), float("nan")
+        try:
+            agent.start()
+            if ref_collector is not None:      # loading takes it about 30 s: meanwhile ours warms up
+                ref, ref_how = _start_reference(ref_collector, ref_dir)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and agent.metric_value(
+                    "ebpf_receiver_profiler_unwind_tables_total", event="processes_loaded") < 1:
+                time.sleep(0.5)
+            time.sleep(max(t.py_warmup, t.ref_warmup + 15 if ref is not None else 0.0))
+            since_ns = time.time_ns()
+            ref_before = len(_otel_go_stacks(ref_collector, load.pid)) if ref_collector is not None else 0
+            time.sleep(t.py_measure)
+            _stop_reference(ref)
+            if ref is not None and ref_collector is not None:
+                theirs = _go_chain_share(_otel_go_stacks(ref_collector, load.pid)[ref_before:])
+                if ref.returncode not in (0, -15):
+                    tail = (ref_dir / "otel-ebpf-profiler.log").read_text(errors="replace").strip().splitlines()
+                    ref_how = f"exited with {ref.returncode}: {tail[-1] if tail else 'no output'}"
+            time.sleep(t.report_interval + 1)      # the last interval's pprof file
+            rc = agent.stop()
+            ours = _go_chain_share(_our_go_stacks(pprof_dir, load.pid, since_ns))
+        finally:
+            _stop_reference(ref)
+            _tear_down(stats_before, [load], agent, collector)
+            if ref_collector is not None:
+                ref_collector.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"profiler, Go: agent at 99 Hz filtered to one stripped Go program (-ldflags='-s -w'; frameless "
+          f"leaves under a real call and two inlined calls); {t.py_measure:.0f} s measured"
+          + (f"; the OpenTelemetry eBPF profiler on it over the same seconds ({ref_how})" if t.reference else ""))
+    print(f"  whole chain (leaf ← stage2 ← stage1 ← dispatch ← runLoop ← main) in {ours:.1f} % of hot samples"
+          + (f" (ours), {theirs:.1f} % (OpenTelemetry eBPF profiler)" if t.reference else ""))
+    print(f"bench: profiler go_chain_share={ours:.1f} %")
+    if t.reference:
+        print(f"bench: profiler go_chain_share_otel={theirs:.1f} %")
+    return rc == 0 and ours == ours
