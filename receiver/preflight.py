@@ -56,10 +56,7 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
         rows.append(CheckRow("BCC Python module", True, "importable", "", every))
     else:
         rows.append(CheckRow("BCC Python module", False, "not importable", host.FIX_BCC, every))
-    build = host.kernel_headers_dir()
-    hdr = (build / "include").exists()
-    rows.append(CheckRow("kernel headers for BCC", hdr, str(build) if hdr else f"{build} missing",
-                         host.FIX_HEADERS, every))
+    rows.extend(_bpf_rows(config, every))
     from .kernel.features import check_rows as kernel_feature_rows
 
     rows.extend(CheckRow(*row) for row in kernel_feature_rows(enabled))
@@ -97,6 +94,37 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
     for p in probe_endpoints(config.exporter):
         rows.append(CheckRow(p.requirement, p.ok, p.detail, p.fix, every if p.blocking else ()))
     return rows
+
+
+def _bpf_rows(config: EbpfConfig, every: tuple[str, ...]) -> list[CheckRow]:
+    """Which kernel headers BCC compiles against (never written to the host), and the compile
+    cache that spares the compile: where, how many entries, writable."""
+    import os
+
+    from .kernel.bcc import FIX_OWN_HEADERS, find_kernel_headers
+
+    cache_dir = config.bpf.cache_dir
+    entries = sorted(Path(cache_dir, "bpf").glob("*.entry")) if cache_dir else []
+    headers = find_kernel_headers(config.bpf.kernel_headers)
+    if headers is not None:
+        hdr = CheckRow("kernel headers for BCC", True, f"{headers.describe()}; BCC_KERNEL_SOURCE "
+                       f"{headers.root or 'unset'}", FIX_OWN_HEADERS, every)
+    else:
+        hdr = CheckRow("kernel headers for BCC", False,
+                       f"none at {host.kernel_headers_dir()} nor under /usr/src"
+                       + (f" (programs load only from the {len(entries)} compile cache entries)" if entries else ""),
+                       FIX_OWN_HEADERS, () if entries else every)
+    if not cache_dir:
+        cache = CheckRow("compile cache", False, "off (bpf.cache_dir is null): every start compiles",
+                         "set bpf.cache_dir", ())
+    else:
+        d = Path(cache_dir)
+        probe = d if d.exists() else next((p for p in d.parents if p.exists()), Path("/"))
+        writable = os.access(probe, os.W_OK)
+        cache = CheckRow("compile cache", writable, f"{d}: {len(entries)} entries"
+                         + ("" if writable else ", not writable: compiles are not kept"),
+                         f"make {d} writable (a volume in containers)", ())
+    return [hdr, cache]
 
 
 def format_rows(rows: list[CheckRow]) -> str:

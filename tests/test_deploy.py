@@ -100,10 +100,12 @@ def test_compose_agent_privileges_and_mounts(compose: dict[str, Any]) -> None:
     assert agent["pid"] == "host"
     assert not agent.get("privileged")
     mounts = {str(v).split(":")[1]: str(v) for v in agent["volumes"]}
-    for target in ("/sys/kernel/tracing", "/sys/kernel/debug", "/sys/fs/cgroup", "/lib/modules",
-                   "/usr/src", "/sys/kernel/btf"):
+    for target in ("/sys/kernel/tracing", "/sys/kernel/debug", "/sys/fs/cgroup", "/sys/kernel/btf"):
         assert target in mounts, f"agent does not mount {target}"
         assert mounts[target].endswith(":ro"), f"{target} must be mounted read-only"
+    # The image's own headers and a compile cache volume; no host headers (issue 29).
+    assert "/lib/modules" not in mounts and "/usr/src" not in mounts
+    assert mounts["/var/cache/ebpf-otlp-receiver"].split(":")[0] in compose["volumes"]
 
 
 def _interpolate(value: str, env: dict[str, str]) -> str:
@@ -210,7 +212,8 @@ def test_dockerfile_runtime() -> None:
     instr = dict(_dockerfile_instructions())
     text = DOCKERFILE.read_text()
     assert "/usr/lib/python3/dist-packages/bcc" in text and "/usr/bin/python3 -m venv" in text
-    assert "prepare-host.sh" in instr["ENTRYPOINT"]
+    assert "prepare-host.sh" not in instr["ENTRYPOINT"]   # nothing written to the host
+    assert "/var/cache/ebpf-otlp-receiver" in instr["VOLUME"]
     assert "run --config /etc/ebpf-otlp-receiver/config.yaml" in " ".join(
         yaml.safe_load(instr["CMD"]))
     assert "localhost:9464/healthz" in instr["HEALTHCHECK"]

@@ -97,7 +97,9 @@ class KernelHeaders(NamedTuple):
     cflags: tuple[str, ...]
 
     def describe(self) -> str:
-        return f"{self.root or host.kernel_headers_dir()} ({self.origin})"
+        path = Path(self.root) if self.root else host.kernel_headers_dir()
+        real = path.resolve()
+        return f"{path}{f' -> {real}' if real != path else ''} ({self.origin})"
 
 
 def _arch_dir() -> str:
