@@ -16,7 +16,7 @@ from .base import Exchange, Unparsed
 from .http1 import UNPARSED_REASONS as HTTP1_REASONS
 from .http1 import Http1Connection, looks_like_http1
 from .http2 import UNPARSED_REASONS as HTTP2_REASONS
-from .http2 import Http2Connection, looks_like_http2
+from .http2 import Http2Connection, looks_like_http2, starts_with_headers
 
 __all__ = ["Exchange", "Unparsed", "Http1Connection", "Http2Connection", "PROTOCOLS", "UNPARSED_REASONS",
            "detect"]
@@ -28,6 +28,6 @@ UNPARSED_REASONS = HTTP1_REASONS + HTTP2_REASONS   # one tally for every protoco
 
 def detect(data: bytes) -> str | None:
     """The protocol whose messages start like ``data``, or None."""
-    if looks_like_http2(data):
+    if looks_like_http2(data) or starts_with_headers(data):   # a connection's start, or mid-way
         return "http2"
     return "http1" if looks_like_http1(data) else None

@@ -38,7 +38,8 @@ from hpack.table import HeaderTable
 
 from .base import Exchange, Unparsed
 
-__all__ = ["Http2Connection", "Http2Exchange", "UNPARSED_REASONS", "looks_like_http2", "PREFACE", "MAX_STREAMS",
+__all__ = ["Http2Connection", "Http2Exchange", "UNPARSED_REASONS", "looks_like_http2", "starts_with_headers",
+           "PREFACE", "MAX_STREAMS",
            "HpackTable", "decode_block"]
 
 UNPARSED_REASONS = ("h2_bad_frame", "h2_bad_hpack", "h2_unknown_index", "h2_headers_cut", "h2_stream_overflow",
@@ -65,6 +66,15 @@ def looks_like_http2(data: bytes) -> bool:
         return True
     return (len(data) >= 9 and data[3] == _SETTINGS and data[4] in (0, 1) and data[5:9] == b"\0\0\0\0"
             and int.from_bytes(data[:3], "big") % 6 == 0 and int.from_bytes(data[:3], "big") <= 16384)
+
+
+def starts_with_headers(data: bytes) -> bool:
+    """Whether ``data`` starts with a whole HEADERS frame on a client-initiated stream (as the
+    program checks): an HTTP/2 connection found mid-way, at a request or response."""
+    if len(data) < 9 or data[3] != _HEADERS or not data[4] & _END_HEADERS or data[4] & 0xD2 or data[5] & 0x80:
+        return False
+    length = int.from_bytes(data[:3], "big")
+    return data[8] & 1 == 1 and 0 < length <= 16384
 
 
 class Http2Exchange(Exchange):

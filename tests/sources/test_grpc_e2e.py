@@ -32,7 +32,7 @@ CLIENT_KIND = (3, "SPAN_KIND_CLIENT")
 ERROR = (2, "STATUS_CODE_ERROR")
 CAPTURE = 8192
 SERVICE = "demo.v1.Greeter"
-TESTS = ("unary", "hundred", "concurrent", "metrics", "h2c")
+TESTS = ("unary", "hundred", "concurrent", "metrics", "h2c", "early")
 
 GO_SERVER = """package main
 
@@ -90,7 +90,8 @@ def _held(request: bytes, context: grpc.ServicerContext) -> bytes:
 def grpc_server(port: int) -> grpc.Server:
     server = grpc.server(ThreadPoolExecutor(max_workers=24))
     handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in
-                (("SayHello", _say_hello), ("Fail", _fail), ("Crash", _crash), ("Held", _held))}
+                (("SayHello", _say_hello), ("Fail", _fail), ("Crash", _crash), ("Held", _held),
+                 ("Fresh", _say_hello))}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -98,8 +99,10 @@ def grpc_server(port: int) -> grpc.Server:
 
 
 class Env:
-    def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int], h2c_pid: int):
+    def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int], h2c_pid: int,
+                 early: grpc.Channel):
         self.collector, self.agent, self.ports, self.h2c_pid = collector, agent, ports, h2c_pid
+        self.early = early   # connected (and used) before the agent started
 
     def spans(self, port: int, rpc: bool = True) -> dict[str, list[dict[str, Any]]]:
         """gRPC (or HTTP) spans whose server port is ``port``, by side, in start order."""
@@ -154,13 +157,16 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     ports = {name: free_port() for name in TESTS}
     servers = [grpc_server(p) for name, p in ports.items() if name != "h2c"]
     h2c = subprocess.Popen([str(h2c_bin), str(ports["h2c"])], stdout=subprocess.DEVNULL)
+    early = grpc.insecure_channel(f"127.0.0.1:{ports['early']}")
+    assert _call(early, "SayHello") == ("OK", b"hello world")
     cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": CAPTURE}
     agent = Agent(tmp, agent_config(collector, {"http": cfg})).start()
     try:
-        yield Env(collector, agent, ports, h2c.pid)
+        yield Env(collector, agent, ports, h2c.pid, early)
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
         assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="http") == 0
     finally:
+        early.close()
         h2c.kill()
         h2c.wait()
         for s in servers:
@@ -326,3 +332,24 @@ def test_curl_http2_prior_knowledge_requests_are_http_spans_with_version_2(env: 
         assert server["attrs"]["client.port"] == client["attrs"]["client.port"]
     assert spans["server"][3]["traceId"] == "0af7651916cd43dd8448eb211c80319c"
     assert _status(spans["server"][1]) not in ERROR and _status(spans["client"][1]) in ERROR
+
+
+def test_a_channel_connected_before_the_agent_is_found_mid_way_and_never_misnamed(env: Env) -> None:
+    """The channel's connection and both HPACK tables are older than the agent: a call to the
+    method used before refers to table entries the agent never saw and is counted, not named; a
+    method new to the channel has its path as a literal and is named (a gRPC call by its message
+    framing), its status left out where the trailers refer to unknown entries."""
+    port = env.ports["early"]
+    before = env.unparsed()
+    for _ in range(3):
+        assert _call(env.early, "SayHello") == ("OK", b"hello world")
+    assert _call(env.early, "Fresh") == ("OK", b"hello world")
+    spans = env.wait_spans(port, 1)
+    for s in (spans["server"][0], spans["client"][0]):
+        a = s["attrs"]
+        assert s["name"] == f"{SERVICE}/Fresh" and a["rpc.method"] == "Fresh" and a["rpc.system"] == "grpc", a
+        assert a.get("rpc.grpc.status_code", 0) == 0 and a["server.port"] == port
+    assert spans["server"][0]["attrs"]["client.port"] == spans["client"][0]["attrs"]["client.port"]
+    after = env.unparsed()
+    assert after.get("h2_midway", 0) - before.get("h2_midway", 0) == 2   # one per side
+    assert after.get("h2_unknown_index", 0) - before.get("h2_unknown_index", 0) >= 6   # 3 calls, 2 sides

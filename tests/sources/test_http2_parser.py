@@ -83,6 +83,9 @@ def test_detect_the_preface_and_a_first_settings_frame() -> None:
     assert detect(b"GET / HTTP/1.1\r\n") == "http1" and detect(b"\x16\x03\x01\x02\x00") is None
     assert not looks_like_http2(frame(SETTINGS, 0, 1, b"x" * 6)) and not looks_like_http2(frame(SETTINGS, 0, 0, b"x"))
     assert PROTOCOLS["http2"] is Http2Connection
+    headers = Peer().headers(1, req_headers("/a.B/C"))
+    assert detect(headers) == "http2" and not looks_like_http2(headers)   # mid-way
+    assert detect(frame(HEADERS, END_HEADERS, 2, b"\x88")) is None   # a server-initiated stream
 
 
 def test_unary_grpc_calls_server_and_client_side_with_the_dynamic_table_across_requests() -> None:
