@@ -144,6 +144,18 @@ static __always_inline int looks_http(u32 w) {
            w == WORD('H', 'T', 'T', 'P') || w == WORD('P', 'R', 'I', ' ');   /* the HTTP/2 preface */
 }
 
+/* A buffer that starts with a whole HTTP/2 HEADERS frame (END_HEADERS, HEADERS flags only, a
+ * client-initiated stream): how an HTTP/2 connection opened before the program was attached is
+ * found mid-way, at its next request or response (receiver/protocols/http2.py checks the rest). */
+static __always_inline int looks_h2_headers(u64 p, int ret) {
+    u8 h[9] = {};
+    if (ret < 9 || !p || bpf_probe_read_user(h, sizeof(h), (void *)p) != 0)
+        return 0;
+    u32 len = (u32)h[0] << 16 | (u32)h[1] << 8 | h[2];
+    return h[3] == 1 && (h[4] & 0x4) && !(h[4] & 0xd2) && !(h[5] & 0x80) && (h[8] & 1) && len && len <= 16384 &&
+           len + 9 <= (u32)ret;
+}
+
 static __always_inline u32 copy_buffer(struct http_record *r, u64 buf, u32 want) {
     u64 n = want;
     asm volatile("" : "+r"(n));   /* keep the bound check on this register (the verifier needs it) */
@@ -275,7 +287,7 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
             first = 0;
         if (ret < 4 || !first || bpf_probe_read_user(&w, sizeof(w), (void *)first) != 0)
             w = 0;
-        if (looks_http(w)) {
+        if (looks_http(w) || looks_h2_headers(first, ret)) {
             s = mark_sock(sk, s, HTTP_S_HTTP);
         } else if (looks_tls(w)) {
             mark_sock(sk, s, HTTP_S_TLS);
