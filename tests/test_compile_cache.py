@@ -9,6 +9,9 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from receiver.kernel import compile_cache, features
 from receiver.kernel.libbpf import PROG_ARRAY, BpfObject, lib, map_info, prog_info
 from receiver.kernel.loader import compile_bpf
 
-from .harness import Agent, Collector, agent_config
+from .harness import REPO, Agent, Collector, agent_config, compile_c
 
 PROCESS_CFLAGS = ["-DHAS_GROUP_DEAD=1", "-DRINGBUF_PAGES=8", "-DMAX_INFLIGHT_EXECS=64", "-DMAX_TRACKED_EXITS=64"]
 EMPTY_LIB_MODULES = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o ro tmpfs /lib/modules && exec "$@"', "sh"]
@@ -231,3 +234,42 @@ def test_the_agent_starts_on_a_hit_without_a_loader_and_compiles_without_lib_mod
         finally:
             assert agent.stop() == 0
         agent.log_path.rename(tmp_path / f"agent-{run}.log")
+
+
+# Runs for 2 s of its own CPU time (so a loaded machine stretches it as much as the CLI's start).
+TWO_SECONDS_C = r"""
+#include <time.h>
+static volatile unsigned long sink;
+__attribute__((noinline)) static void busy(void) { for (int i = 0; i < 100000; i++) sink += i; }
+int main(void) {
+    struct timespec t;
+    do { busy(); clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t); } while (t.tv_sec < 2);
+    return 0;
+}
+"""
+
+
+def _profile(pid: int, tmp_path: Path, env: dict[str, str], duration: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EMPTY_LIB_MODULES, sys.executable, "-m", "receiver", "profile", "--pid", str(pid),
+                           "--duration", duration, "--output", str(tmp_path / f"p{pid}.pb.gz")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+@pytest.mark.bpf
+def test_profile_of_a_two_second_program_records_its_samples(bpf_ok: None, tmp_path: Path) -> None:
+    """``profile`` with /lib/modules empty and read-only: the first run compiles against the
+    agent's own headers and fills the cache; the second, from the cache, samples a program that
+    starts with it and ends 2 s (of CPU) later."""
+    env = {**os.environ, "EBPF_RECEIVER_CACHE_DIR": str(tmp_path / "cache")}
+    prog = compile_c(TWO_SECONDS_C, tmp_path / "two", "-O1")
+    warmup = subprocess.Popen([str(prog)])
+    first = _profile(warmup.pid, tmp_path, env, "1s")
+    warmup.wait()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "bpf").glob("*.entry"))) == 1
+    target = subprocess.Popen([str(prog)])
+    second = _profile(target.pid, tmp_path, env, "4s")
+    target.wait()
+    assert second.returncode == 0, second.stderr[-3000:]
+    m = re.search(r"(\d+) samples in (\d+) stacks", second.stderr)
+    assert m and int(m[1]) > 0, second.stderr[-3000:]
