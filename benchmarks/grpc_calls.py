@@ -1,0 +1,130 @@
+"""gRPC unary calls under load (the HTTP/2 part of ``make bench BENCH=http``): a grpcio server
+and a grpcio client, each its own process, on loopback; the client's threads make unary calls on
+one channel for a fixed time, first without the agent, then with it (a real
+``ebpf-otlp-receiver run`` with only the http source, filtered to the server's port, exporting to
+a real Collector that discards), then without it again.
+
+Reports:
+- ``grpc_calls_ratio``: calls/s with the agent over the mean of the two runs without it (goal
+  >= 0.95);
+- ``grpc_spans_per_call``: spans the Collector accepted over 2 × calls (a SERVER and a CLIENT
+  span per call; goal 1.00).
+
+Smoke mode: 2 s phases with 2 threads; the same processes and figures, proving the path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ._support import discarding_collector_yaml, otelcol_bin
+from .network import _scrape_sum
+
+SECONDS = int(os.environ.get("BENCH_GRPC_SECONDS", "10"))
+THREADS = int(os.environ.get("BENCH_GRPC_THREADS", "4"))
+SMOKE_SECONDS, SMOKE_THREADS = 2, 2
+COLLECTOR_YAML = discarding_collector_yaml(("traces", "metrics"), metrics_port_env="OTELCOL_METRICS_PORT")
+
+SERVER = """
+import sys, grpc
+from concurrent.futures import ThreadPoolExecutor
+server = grpc.server(ThreadPoolExecutor(max_workers=8))
+handler = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Call": handler}),))
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+print("ready", flush=True)
+sys.stdin.read()
+server.stop(None)
+"""
+
+CLIENT = """
+import sys, threading, time, grpc
+port, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+with grpc.insecure_channel("127.0.0.1:" + port) as channel:
+    call = channel.unary_unary("/bench.Echo/Call")
+    call(b"warm", timeout=10)
+    counts = [0] * threads
+    end = time.monotonic() + seconds
+    def work(i):
+        while time.monotonic() < end:
+            call(b"x" * 32, timeout=10)
+            counts[i] += 1
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    print(sum(counts), time.monotonic() - t0)
+"""
+
+
+def _load(port: int, seconds: float, threads: int) -> tuple[int, float]:
+    """(calls, seconds) of one client run."""
+    out = subprocess.run([sys.executable, "-c", CLIENT, str(port), str(seconds), str(threads)], capture_output=True,
+                         text=True, check=True, timeout=seconds + 60).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def run(smoke: bool = False) -> int:
+    from tests.harness import Agent, Collector, free_port, wait_until
+
+    seconds, threads = (SMOKE_SECONDS, SMOKE_THREADS) if smoke else (SECONDS, THREADS)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    (workdir / "otelcol.yaml").write_text(COLLECTOR_YAML)
+    col_metrics_port = free_port()
+    collector = Collector(otelcol_bin(), workdir, config=workdir / "otelcol.yaml")
+    agent = None
+    rc = 0
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        collector.start(extra_env={"OTELCOL_METRICS_PORT": str(col_metrics_port)})
+        col_url = f"http://127.0.0.1:{col_metrics_port}/metrics"
+        _load(port, 1, threads)   # warm-up
+        before = _load(port, seconds, threads)
+        config = {"exporter": {"endpoint": collector.endpoint, "queue_size": 200_000, "max_batch_size": 4096},
+                  "sources": {"process": {"enabled": False}, "profiler": {"enabled": False},
+                              "syscalls": {"enabled": False}, "network": {"enabled": False},
+                              "http": {"enabled": True, "ports": [port], "report_interval": "2s",
+                                       "ring_buffer_pages": 4096}}}
+        agent = Agent(workdir, config).start()
+        spans0 = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total")
+        with_agent = _load(port, seconds, threads)
+        expected = 2 * (with_agent[0] + 1)   # + the client's warm-up call
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total") - spans0 >= expected,
+                       30, 0.5, "every span at the Collector")
+        spans = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total") - spans0
+        rc = agent.stop()
+        agent = None
+        after = _load(port, seconds, threads)
+    finally:
+        if agent is not None:
+            agent.stop()
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(20)
+        if server.stdout is not None:
+            server.stdout.close()
+        collector.stop()
+    cps_without = (before[0] / before[1] + after[0] / after[1]) / 2
+    cps_with = with_agent[0] / with_agent[1]
+    print(f"grpc: {threads} threads of unary calls on one channel, {seconds} s: {before[0] / before[1]:.0f} calls/s "
+          f"without the agent, {cps_with:.0f} with it, {after[0] / after[1]:.0f} without it again; "
+          f"{int(spans)} spans accepted of {expected}")
+    print(f"bench: http grpc_calls_ratio={cps_with / cps_without:.3f} ratio")
+    print(f"bench: http grpc_spans_per_call={spans / expected:.3f} ratio")
+    if smoke and (with_agent[0] == 0 or spans == 0):
+        print("grpc: smoke run produced no calls or no spans", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(run())
