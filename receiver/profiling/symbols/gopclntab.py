@@ -72,7 +72,7 @@ class GoTable:
     """One binary's .gopclntab, held as bytes (a few MB for most programs; the Collector's
     is about 30 MB) with the function entries in an array."""
 
-    def __init__(self, data: bytes, vaddr: int, text_start: int, gofunc: bytes | None,
+    def __init__(self, data: bytes, vaddr: int, text_start: int, gofunc: bytes | memoryview | None,
                  gofunc_addr: int, build_id: str) -> None:
         self.build_id = build_id         # the Go build id ("" when the note is missing)
         self._d = data
@@ -256,7 +256,11 @@ def parse_go_table(read: Read, sections: dict[bytes, tuple[int, int, int, int]],
             (pointer(md + _MODULEDATA_TEXT) if md else 0)
         if not text_start:
             raise GoTableError("no moduledata points at .gopclntab: the text start is unknown")
-        gofunc, gofunc_addr = _gofunc(read, sections, pointer(md + _MODULEDATA_GOFUNC)) if md else (None, 0)
+        gofunc_addr = pointer(md + _MODULEDATA_GOFUNC) if md else 0
+        if addr <= gofunc_addr < addr + size:       # Go 1.26: inside .gopclntab, no second copy
+            gofunc: bytes | memoryview | None = memoryview(data)[gofunc_addr - addr:]
+        else:
+            gofunc, gofunc_addr = _gofunc(read, sections, gofunc_addr) if gofunc_addr else (None, 0)
         return GoTable(data, addr, text_start, gofunc, gofunc_addr, _go_build_id(read, sections))
     except _MALFORMED as e:
         raise GoTableError(f"malformed .gopclntab: {e}") from None
