@@ -19,6 +19,7 @@ Smoke mode (``--smoke``): the same steps with the process source alone in the ag
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,13 +48,25 @@ def _agent_ready(agent: object, sources: tuple[str, ...]) -> float:
         if agent.proc.poll() is not None:
             raise AssertionError(f"agent exited {agent.proc.returncode}: {agent.log()[-3000:]}")
         try:
-            if all(agent.metric_value("ebpf_receiver_source_up", source=s) == 1 for s in sources):
-                return time.monotonic() - launched
+            up = _sources_up(agent.scrape())
         except OSError:
-            pass
+            up = set()
+        if up >= set(sources):
+            return time.monotonic() - launched
         if time.monotonic() - launched > TIMEOUT_S:
             raise AssertionError(f"sources not all up after {TIMEOUT_S:.0f} s: {agent.log()[-3000:]}")
         time.sleep(0.05)
+
+
+def _sources_up(text: str) -> set[str]:
+    """Sources whose ``ebpf_receiver_source_up`` is 1, from one scrape."""
+    out = set()
+    for line in text.splitlines():
+        if line.startswith("ebpf_receiver_source_up{") and line.rstrip().endswith(" 1.0"):
+            m = re.search(r'source="(\w+)"', line)
+            if m:
+                out.add(m[1])
+    return out
 
 
 def _profile_attach(pid: int, env: dict[str, str], workdir: Path) -> float:
@@ -98,7 +111,7 @@ def run(smoke: bool = False) -> int:
             try:
                 figures[label] = _agent_ready(agent, sources)
             finally:
-                agent.stop()
+                agent.stop(timeout=300)
             print(f"startup: {label} {figures[label]:.2f} s", flush=True)
         for label in ("cold_profile_attach_s", "profile_attach_s"):
             figures[label] = _profile_attach(spin.pid, env, workdir)
