@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._support import discarding_collector_yaml, otelcol_bin
+from .grpc_calls import run as grpc_calls
 from .network import _cpu_seconds, _scrape_sum
 
 SECONDS = int(os.environ.get("BENCH_HTTP_SECONDS", "10"))
@@ -182,7 +183,7 @@ def run(smoke: bool = False) -> int:
     if smoke and (requests == 0 or spans == 0):
         print("http: smoke run produced no requests or no spans", file=sys.stderr)
         return 1
-    return rc
+    return grpc_calls(smoke) or rc   # the HTTP/2 lines: gRPC unary calls (benchmarks/grpc_calls.py)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ SMOKE_FIGURES = {
     "syscalls": {"program_ns_above_empty", "program_ns_above_empty_filtered", "overhead_vs_floor_min",
                  "overhead_vs_floor_max", "ns_added", "floor_ns", "overhead_vs_floor"},
     "memory": {"startup", "rss_peak", "rss_steady"},
-    "http": {"throughput_ratio", "bpf_ns_per_request", "spans_per_request", "agent_cpu_per_10k_rps"},
+    "http": {"throughput_ratio", "bpf_ns_per_request", "spans_per_request", "agent_cpu_per_10k_rps",
+             "grpc_calls_ratio", "grpc_spans_per_call"},
     "startup": {"profile_attach_s", "agent_ready_s", "cold_agent_ready_s", "cold_profile_attach_s"},
     "soak": {"rss_peak_mb", "rss_end_mb", "rss_growth_pct", "startup_s"},
 }
