@@ -273,3 +273,18 @@ def test_profile_of_a_two_second_program_records_its_samples(bpf_ok: None, tmp_p
     assert second.returncode == 0, second.stderr[-3000:]
     m = re.search(r"(\d+) samples in (\d+) stacks", second.stderr)
     assert m and int(m[1]) > 0, second.stderr[-3000:]
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(cache: Path) -> None:
+    meta = {"format": str(compile_cache.FORMAT_VERSION), "kernel": "k"}
+    content = {"maps": [], "programs": [], "license": "GPL", "prog_arrays": [], "attach": []}
+    keys = [f"{i:064x}" for i in range(compile_cache.MAX_ENTRIES + 1)]
+    for i, key in enumerate(keys):
+        path = compile_cache.store(key, meta, content)
+        assert path is not None
+        os.utime(path, (i, i))
+    assert compile_cache.lookup(keys[1], meta) is not None   # used: now the most recent
+    compile_cache.store(f"{999:064x}", meta, content)
+    left = {p.stem for p in (cache / "bpf").glob("*.entry")}
+    assert len(left) == compile_cache.MAX_ENTRIES
+    assert keys[1] in left and keys[0] not in left and keys[2] not in left

@@ -183,6 +183,8 @@ def lookup(key: str, meta: Mapping[str, str], count_miss: bool = True) -> dict[s
             log.warning("compile cache: %s entry %s (%s): compiling again", e.reason, path.name, e)
         return None
     count("hit")
+    with contextlib.suppress(OSError):
+        os.utime(path)   # recently used: pruned last
     return entry
 
 
@@ -237,10 +239,15 @@ def store(key: str, meta: Mapping[str, str], content: Mapping[str, Any]) -> Path
 
 
 def _prune(d: Path) -> None:
-    entries = sorted(d.glob("*.entry"), key=lambda p: p.stat().st_mtime)
-    for old in entries[:-MAX_ENTRIES]:
-        with contextlib.suppress(OSError):
-            old.unlink()
+    """Keeps the ``MAX_ENTRIES`` most recently used entries, and the lock files of twice as many."""
+    for pattern, keep in (("*.entry", MAX_ENTRIES), ("*.lock", 2 * MAX_ENTRIES)):
+        files = []
+        for p in d.glob(pattern):
+            with contextlib.suppress(OSError):
+                files.append((p.stat().st_mtime, p))
+        for _, old in sorted(files)[:-keep]:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 @contextlib.contextmanager
