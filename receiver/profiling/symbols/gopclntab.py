@@ -182,19 +182,34 @@ class GoTable:
 
     def functions(self) -> Iterator[tuple[int, int, str, int, list[tuple[int, int]]]]:
         """(entry, end, name, flag, [(pc, sp delta), ...]) per function, for unwind tables: the
-        sp delta holds from its pc up to the next one's (or the function's end)."""
+        sp delta holds from its pc up to the next one's (or the function's end). The pc-value
+        decoding is spelled out here (the Collector's 44 000 functions have 340 000 runs)."""
+        d, pctab, names, ftab, funcoffs, entries = \
+            self._d, self._pctab, self._names, self._ftab, self._funcoffs, self._entries
+        unpack = _FUNC.unpack_from
         for i in range(len(self)):
-            f = self._func(i)
-            entry, end = self._entries[i], self._entries[i + 1]
+            f = unpack(d, ftab + funcoffs[i])
+            entry, end = entries[i], entries[i + 1]
             steps: list[tuple[int, int]] = []
-            start = entry
             if f[4]:
-                for pc_end, value in _pcsteps(self._d, self._pctab + f[4], entry):
-                    if start >= end:
+                p, value, start, first = pctab + f[4], -1, entry, True
+                while start < end:
+                    uv = d[p]
+                    p += 1
+                    if uv >= 0x80:
+                        uv, p = _varint(d, p - 1)
+                    if uv == 0 and not first:
                         break
+                    first = False
+                    value += -(uv >> 1) - 1 if uv & 1 else uv >> 1
+                    delta = d[p]
+                    p += 1
+                    if delta >= 0x80:
+                        delta, p = _varint(d, p - 1)
                     steps.append((start, value))
-                    start = pc_end
-            yield entry, end, self._string(self._names + f[1]), f[11], steps
+                    start += delta
+            name_at = names + f[1]
+            yield entry, end, d[name_at:d.find(b"\0", name_at)].decode("utf-8", "replace"), f[11], steps
 
 
 def _pcsteps(d: bytes, p: int, entry: int) -> Iterator[tuple[int, int]]:

@@ -34,7 +34,7 @@ _CGO_SWITCH = "runtime.asmcgocall"
 # Functions that write SP and yet keep a frame their pcsp describes, as Go's traceback treats them:
 # cgocallback arranges a frame of the same size on the goroutine's stack before switching to it.
 _SP_FOLLOWED = frozenset({"runtime.cgocallback"})
-_S32 = range(-(1 << 31), 1 << 31)
+_MAX_FRAME = (1 << 31) - 8     # CFA offsets are 32-bit
 
 
 def go_unwind_table(table: GoTable) -> UnwindTable:
@@ -59,8 +59,8 @@ def _go_rows(table: GoTable) -> UnwindTable:
             rows = [(entry, 0, 0, UNSUPPORTED)]
             unsupported += 1
         else:
-            rows = ((pc, delta + 8, 0, RSP) if delta >= 0 and delta + 8 in _S32 else (pc, 0, 0, UNSUPPORTED)
-                    for pc, delta in steps)
+            rows = [(pc, delta + 8, 0, RSP) if 0 <= delta < _MAX_FRAME else (pc, 0, 0, UNSUPPORTED)
+                    for pc, delta in steps]
         for pc, cfa, rbp, kind in rows:
             if last is not None and last[0] == pc:      # an empty run: the later row wins
                 del out[-ROW.size:]
