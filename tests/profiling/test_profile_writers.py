@@ -28,7 +28,7 @@ from receiver.convert.converter import EbpfOtlpConverter
 from receiver.convert.profiles import BUILD_ID, profile_to_otlp
 from receiver.export import OtlpGrpcExporter
 from receiver.model import Signal
-from receiver.profiling.model import CpuProfile, Frame, Mapping, StackSample
+from receiver.profiling.model import OFF_CPU, CpuProfile, Frame, Mapping, StackSample
 from receiver.profiling.output.flamegraph import to_folded, write_flamegraph_svg
 from receiver.profiling.output.pprof import from_pprof, read_pprof, to_pprof, write_pprof
 from receiver.telemetry import SelfTelemetry
@@ -227,13 +227,16 @@ def _name(d: pb.ProfilesDictionary, loc: pb.Location) -> str:
     return d.string_table[d.function_table[loc.lines[0].function_index].name_strindex]
 
 
-def _otlp_counts(req: ExportProfilesServiceRequest) -> Counter[tuple[Any, ...]]:
-    """Samples per (pid, tid, thread, process, container, frames) in an OTLP request."""
+def _otlp_counts(req: ExportProfilesServiceRequest, sample_type: str = "samples") -> Counter[tuple[Any, ...]]:
+    """Samples (or off_cpu nanoseconds) per (pid, tid, thread, process, container, frames) in an
+    OTLP request's profiles of that sample type."""
     d = req.dictionary
     out: Counter[tuple[Any, ...]] = Counter()
     for rp in req.resource_profiles:
         resource_pid = _resource_attrs(rp)["process.pid"]
         for p in rp.scope_profiles[0].profiles:
+            if d.string_table[p.sample_type.type_strindex] != sample_type:
+                continue
             for s in p.samples:
                 attrs = _attrs(d, s.attribute_indices)
                 assert attrs["process.pid"] == resource_pid
@@ -398,3 +401,110 @@ def _resolve_strindexes(kvs: list[dict[str, Any]], strings: list[str]) -> None:
         value = kv.get("value", {})
         if "stringValueStrindex" in value:
             value["stringValue"] = strings[value.pop("stringValueStrindex")]
+
+
+# --- off-CPU time ------------------------------------------------------------------------------
+
+FUTEX = Frame(0xFFFFFFFF81003000, "futex_wait", "kernel", KERNEL)
+SCHEDULE = Frame(0xFFFFFFFF81004000, "schedule", "kernel", KERNEL)
+WAIT = Frame(0x55550500, "wait_for_lock", "native", APP)
+
+
+def _off_cpu() -> CpuProfile:
+    """Nanoseconds off the CPU: app waits 1.5 s on a lock in two threads, db 0.25 s."""
+    return CpuProfile(start_unix_nano=1_750_000_000_000_000_000, duration_ns=10_000_000_000, frequency_hz=FREQ,
+                      sample_type=OFF_CPU, blocks=30, samples=[
+        _app((SCHEDULE, FUTEX, WAIT, MAIN, START), 1_000_000_000, tid=101, thread_name="app"),
+        _app((SCHEDULE, FUTEX, WAIT, MAIN, START), 500_000_000, tid=102, thread_name="worker"),
+        _db((SCHEDULE, FUTEX, DB_QUERY, DB_MAIN), 250_000_000, tid=200, thread_name="db"),
+    ])
+
+
+def test_off_cpu_pprof_is_off_cpu_nanoseconds_and_round_trips(tmp_path: Path) -> None:
+    off = _off_cpu()
+    pprof = to_pprof(off)
+    strings = list(pprof.string_table)
+    assert [(strings[t.type], strings[t.unit]) for t in pprof.sample_type] == [("off_cpu", "nanoseconds")]
+    assert (strings[pprof.period_type.type], strings[pprof.period_type.unit], pprof.period) == \
+        ("off_cpu", "nanoseconds", 1)
+    assert sorted(v for s in pprof.sample for v in s.value) == [250_000_000, 500_000_000, 1_000_000_000]
+    path = tmp_path / "offcpu.pb.gz"
+    write_pprof(off, path)
+    back = from_pprof(read_pprof(path))
+    assert back.sample_type == OFF_CPU and _model_counts(back) == _model_counts(off)
+
+
+def test_go_tool_pprof_reads_off_cpu_time(tmp_path: Path) -> None:
+    path = tmp_path / "offcpu.pb.gz"
+    write_pprof(_off_cpu(), path)
+    out = _go_pprof(tmp_path, "-top", "-cum", "-sample_index=off_cpu", "-unit=ms", "-symbolize=none", str(path))
+    rows = (re.match(r"\s*\S+\s+[\d.]+%\s+[\d.]+%\s+([\d.]+)ms\s+[\d.]+%\s+(\S+)$", line)
+            for line in out.splitlines())
+    cum = {m[2]: float(m[1]) for m in rows if m}
+    assert cum["wait_for_lock"] == 1500 and cum["run_query"] == 250 and cum["schedule"] == 1750, out
+
+
+def test_otlp_off_cpu_profile_beside_the_cpu_profile() -> None:
+    cpu = _profile()
+    cpu.off_cpu = _off_cpu()
+    req = profile_to_otlp(cpu)
+    _check_dictionary(req)                       # one dictionary for both
+    strings = list(req.dictionary.string_table)
+    assert _otlp_counts(req) == _model_counts(cpu)
+    assert _otlp_counts(req, "off_cpu") == _model_counts(cpu.off_cpu)
+    assert len(req.resource_profiles) == 2       # the same resources: one per process
+    for rp in req.resource_profiles:
+        cpu_p, off_p = rp.scope_profiles[0].profiles
+        assert _value_type(strings, cpu_p.sample_type) == ("samples", "count")
+        assert _value_type(strings, off_p.sample_type) == ("off_cpu", "nanoseconds")
+        assert _value_type(strings, off_p.period_type) == ("off_cpu", "nanoseconds") and off_p.period == 1
+        assert off_p.time_unix_nano == cpu_p.time_unix_nano and off_p.duration_nano == cpu_p.duration_nano
+    # the off-CPU stacks share the CPU profile's locations: main of app is one location
+    d = req.dictionary
+    assert len([loc for loc in d.location_table if _name(d, loc) == "main"]) == 2
+
+
+def test_off_cpu_split_by_process_keeps_both_profiles() -> None:
+    from receiver.convert.profiles import profile_requests
+
+    cpu = _profile()
+    cpu.off_cpu = _off_cpu()
+    parts = profile_requests(cpu, None, max_bytes=1)   # too small for anything: split per process
+    assert len(parts) == 2
+    total: Counter[tuple[Any, ...]] = Counter()
+    for part in parts:
+        total += _otlp_counts(part, "off_cpu")
+    assert total == _model_counts(cpu.off_cpu)
+
+
+def test_off_cpu_flamegraph_width_is_time(tmp_path: Path) -> None:
+    folded = to_folded(_off_cpu())
+    assert "app;_start;main;wait_for_lock;futex_wait_[k];schedule_[k] 1500000000" in folded, folded
+    write_flamegraph_svg(_off_cpu(), tmp_path / "offcpu.svg", title="Off-CPU")
+    ET.parse(tmp_path / "offcpu.svg")
+
+
+def test_collector_receives_the_off_cpu_profile(collector: Collector) -> None:
+    cpu = _profile()
+    cpu.off_cpu = _off_cpu()
+    telemetry = SelfTelemetry()
+
+    async def main() -> None:
+        config = ExporterConfig(endpoint=collector.endpoint, batch_timeout=0.05)
+        exporter = OtlpGrpcExporter(config, telemetry)
+        await exporter.start()
+        assert exporter.submit(Signal.PROFILES, None, profile_to_otlp(cpu))
+        await exporter.flush()
+        await exporter.shutdown()
+
+    asyncio.run(main())
+    (written,) = wait_until(lambda: collector.requests("profiles"), 10, what="profiles in the file output")
+    strings = written["dictionary"]["stringTable"]
+    for rp in written["resourceProfiles"]:
+        _resolve_strindexes(rp["resource"].get("attributes", []), strings)
+        for sp in rp["scopeProfiles"]:
+            for p in sp["profiles"]:
+                p.pop("profileId")
+    back = json_format.ParseDict(written, ExportProfilesServiceRequest())
+    assert _otlp_counts(back, "off_cpu") == _model_counts(cpu.off_cpu)
+    assert _otlp_counts(back) == _model_counts(cpu)
