@@ -631,8 +631,10 @@ def test_go_frames_of_a_stripped_binary_with_inlined_calls(tmp_path: Path, versi
     proc = subprocess.Popen([str(program), "60"])
     try:
         deadline = time.monotonic() + 30
-        while os.readlink(f"/proc/{proc.pid}/exe") != str(program) and time.monotonic() < deadline:
-            time.sleep(0.01)      # until exec is done
+        while time.monotonic() < deadline and not any(
+                "x" in line.split()[1] and line.rstrip().endswith(str(program))
+                for line in Path(f"/proc/{proc.pid}/maps").read_text().splitlines()):
+            time.sleep(0.01)      # until exec has mapped the program's code
         s = Symbolizer()
         s.note_process(proc.pid)
         region = next(r for r in s.executable_regions(proc.pid) if r[3] == str(program))
