@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ("exporter", "profiler", "network", "syscalls", "memory", "http", "startup")
+NAMES = ("exporter", "profiler", "network", "syscalls", "memory", "http", "startup", "offcpu")
 LONG = ("soak",)
 
 

@@ -35,13 +35,14 @@
 #define PROF_LOST_STACK_MAP_FULL 2    /* -ENOMEM: the stack map is full */
 #define PROF_LOST_STACK_FAULT 3       /* -EFAULT with no kernel stack either: a sample without frames */
 #define PROF_LOST_RINGBUF_FULL 4      /* a new-process notice; retried on the process's next sample */
-#define PROF_LOST_OFFCPU_MAP_FULL 5   /* an off-CPU block whose stack the full offcpu<g> map could not take */
+#define PROF_LOST_OFFCPU_MAP_FULL 5   /* an off-CPU block the full offcpu<g> map could not take, nor the full ring buffer */
 #define PROF_N_LOST 6
 
 /* Ring-buffer record kinds (the first field of each record) */
 #define PROF_REC_NEW_PROCESS 1
 #define PROF_REC_SAMPLE 2
 #define PROF_REC_RUNTIME_FRAME 3   /* a runtime frame id a process's stacks name for the first time */
+#define PROF_REC_OFFCPU 4          /* an off-CPU block the full offcpu<g> map could not take */
 
 #define PROF_MAX_DEPTH 127
 #define PROF_DEPTH_MASK 127        /* PROF_MAX_DEPTH + 1 is a power of two: i & mask bounds an index */
@@ -194,6 +195,14 @@ struct offcpu_value {
 struct offcpu_start {
     struct prof_key key;
     struct offcpu_value v;
+};
+
+/* One off-CPU block (v.ns its nanoseconds, v.count 1) whose key the full offcpu<g> map could not
+ * take, sent whole: user space counts it like a drained key. */
+struct prof_offcpu_sample {
+    __u32 kind;                /* PROF_REC_OFFCPU */
+    __u32 pad;
+    struct offcpu_start rec;
 };
 
 /* The first sample of a process not seen before (or since its exec). */

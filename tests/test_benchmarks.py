@@ -38,6 +38,7 @@ SMOKE_FIGURES = {
              "grpc_calls_ratio", "grpc_spans_per_call"},
     "startup": {"profile_attach_s", "agent_ready_s", "cold_agent_ready_s", "cold_profile_attach_s"},
     "soak": {"rss_peak_mb", "rss_end_mb", "rss_growth_pct", "startup_s"},
+    "offcpu": {"throughput_ratio", "estimate_error", "recorded_per_switch"},
 }
 # Below pytest's own timeout (300 s), so a slow run fails with its output.
 TIMEOUT_S = 270

@@ -36,7 +36,7 @@ from ..config import CachesConfig, ProfilerSourceConfig
 from ..errors import SourceUnavailableError
 from ..kernel import features as kernel_features
 from ..kernel import host
-from ..kernel.bcc import check_mirror, header_enum
+from ..kernel.bcc import check_mirror, header_defines, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
 from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, drain_hash_map, lib
@@ -92,6 +92,7 @@ _SETTINGS = header_enum(HEADER, "PROF_SET")
 SET_OFFCPU_THRESHOLD = _SETTINGS.index("offcpu_threshold")
 SET_OFFCPU_MIN_US = _SETTINGS.index("offcpu_min_us")
 OFFCPU_STAT_NAMES = header_enum(HEADER, "OFFCPU_STAT")
+REC_OFFCPU = header_defines(HEADER)["PROF_REC_OFFCPU"]
 OFFCPU_BATCH = 64    # off-CPU stacks read per bpf() call at a drain (about 3 KiB each)
 
 WALKED_BATCH = 256   # walked stacks read per bpf() call at a drain
@@ -139,6 +140,22 @@ def _offcpu_value(user: type[ctypes.Structure]) -> type[ctypes.Structure]:
 
 OffCpuValue = _offcpu_value(UnwindStack)                  # RUNTIME_MAX_FRAMES 0
 RuntimeOffCpuValue = _offcpu_value(RuntimeUnwindStack)    # with a runtime's frames
+
+
+def _offcpu_sample(value: type[ctypes.Structure]) -> type[ctypes.Structure]:
+    class OffCpuStart(ctypes.Structure):
+        _fields_ = [("key", ProfKey), ("v", value)]
+
+    class OffCpuSample(ctypes.Structure):
+        """``struct prof_offcpu_sample``: one off-CPU block sent whole over the ring buffer."""
+
+        _fields_ = [("kind", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("rec", OffCpuStart)]
+    return OffCpuSample
+
+
+OFFCPU_SAMPLES = {OffCpuValue: _offcpu_sample(OffCpuValue), RuntimeOffCpuValue: _offcpu_sample(RuntimeOffCpuValue)}
+# An off-CPU block sent whole: (pid, tid, comm, cgroup id, user, kernel, runtime frames, truncated)
+OffKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...], RtFrames, bool]
 
 
 def offcpu_threshold(probability: float) -> int:
@@ -247,6 +264,8 @@ class CpuSampler:
         self._offcpu_bufs: tuple[Any, Any] | None = None
         self._offcpu_layout: type[ctypes.Structure] = OffCpuValue
         self._switch_events = _SwitchEvents()
+        self._whole_off: dict[OffKey, list[int]] = {}   # off-CPU blocks sent whole: [ns, blocks]
+        self.whole_off_lost = 0                    # … beyond _max_whole distinct ones: dropped
 
     # ------------------------------------------------------------------ load / attach
 
@@ -332,7 +351,8 @@ class CpuSampler:
             mirrors += [m for _, cls in runtimes for m in cls.mirrors]
         if self.off_cpu:
             self._offcpu_layout = RuntimeOffCpuValue if runtimes else OffCpuValue
-            mirrors.append(("offcpu0", "Leaf", self._offcpu_layout))
+            mirrors += [("offcpu0", "Leaf", self._offcpu_layout),
+                        ("mirror_prof_offcpu_sample", "Leaf", OFFCPU_SAMPLES[self._offcpu_layout])]
         for map_name, part, mirror in mirrors:
             check_mirror(bpf, map_name, part, mirror, self.source_name)
         if runtimes:
@@ -390,6 +410,8 @@ class CpuSampler:
             self._note_process(NewProcess.from_address(data).pid)
         elif kind == REC_SAMPLE:
             self._count_whole(WholeSample.from_address(data))
+        elif kind == REC_OFFCPU:
+            self._count_whole_offcpu(data)
         elif kind == REC_RUNTIME_FRAME:
             if self.runtimes is not None:
                 rec = RuntimeFrameNotice.from_address(data)
@@ -404,6 +426,44 @@ class CpuSampler:
         self._exited.discard(pid)
         if self.unwinder is not None:
             self.unwinder.request(pid)
+
+    @property
+    def offcpu_record_size(self) -> int:
+        """Bytes of a whole off-CPU block record (its layout follows the runtimes in use)."""
+        return ctypes.sizeof(OFFCPU_SAMPLES[self._offcpu_layout])
+
+    def _count_whole_offcpu(self, data: int) -> None:
+        size = ctypes.sizeof(self._offcpu_layout)
+        at = 8 + PROF_KEY.size                     # kind, pad, key
+        raw = ctypes.string_at(data, at + size)
+        pid, tid, _, _, cgroup_id, comm, _ = PROF_KEY.unpack_from(raw, 8)
+        ns, blocks, user, kernel, rt, truncated = self._decode_offcpu(raw, at)
+        key = (pid, tid, comm.split(b"\0", 1)[0], cgroup_id, user, kernel, rt, truncated)
+        have = self._whole_off.get(key)
+        if have is not None:
+            have[0] += ns
+            have[1] += blocks
+        elif len(self._whole_off) < self._max_whole:
+            self._whole_off[key] = [ns, blocks]
+        else:
+            self.whole_off_lost += blocks
+
+    def _decode_offcpu(self, values: Any, base: int) -> tuple[int, int, tuple[int, ...], tuple[int, ...],
+                                                               RtFrames, bool]:
+        """One ``struct offcpu_value`` at ``base``: ns, blocks, user and kernel addresses, runtime
+        frames, whether the user walk was truncated."""
+        layout = self._offcpu_layout
+        ustack = RuntimeUnwindStack if layout is RuntimeOffCpuValue else UnwindStack
+        ns, blocks = struct.unpack_from("<QQ", values, base)
+        kernel = _unpack_u64s(values, base + layout.kernel.offset,
+                              min(_U32.unpack_from(values, base + layout.kernel_len.offset)[0], MAX_STACK_DEPTH))
+        ub = base + layout.user.offset
+        user = _unpack_u64s(values, ub + ustack.ips.offset,
+                            min(_U32.unpack_from(values, ub + ustack.len.offset)[0], MAX_STACK_DEPTH))
+        with_runtimes = self.runtimes is not None and ustack is RuntimeUnwindStack
+        rt = self._runtime_frames(values, ub) if with_runtimes else NO_RT_FRAMES
+        truncated = bool(_U32.unpack_from(values, ub + ustack.truncated.offset)[0])
+        return ns, blocks, user, kernel, rt, truncated
 
     def _count_whole(self, rec: WholeSample) -> None:
         key = (rec.pid, rec.tid, rec.comm, rec.cgroup_id,
@@ -568,15 +628,10 @@ class CpuSampler:
 
     def _take_offcpu(self, table: Any, cpu: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
                      truncated_pids: set[int]) -> CpuProfile:
-        """Reads and deletes the drained generation's off-CPU stacks into a profile of the same
-        interval whose sample counts are nanoseconds, each divided by the sampling probability."""
-        layout = self._offcpu_layout
-        size = ctypes.sizeof(layout)
-        user_at = layout.user.offset
-        kernel_at, klen_at = layout.kernel.offset, layout.kernel_len.offset
-        ustack = RuntimeUnwindStack if layout is RuntimeOffCpuValue else UnwindStack
-        len_at, truncated_at, ips_at = ustack.len.offset, ustack.truncated.offset, ustack.ips.offset
-        with_runtimes = self.runtimes is not None and ustack is RuntimeUnwindStack
+        """Reads and deletes the drained generation's off-CPU stacks (and takes the blocks sent
+        whole since the last drain) into a profile of the same interval whose sample counts are
+        nanoseconds, each divided by the sampling probability."""
+        size = ctypes.sizeof(self._offcpu_layout)
         scale = offcpu_scale(self._offcpu_threshold)
         key_size = PROF_KEY.size
         if self._offcpu_bufs is None:
@@ -586,19 +641,17 @@ class CpuSampler:
                          frequency_hz=cpu.frequency_hz, sample_type=OFF_CPU)
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._offcpu_bufs):
             for i in range(n):
-                base = i * size
                 pid, tid, _, _, cgroup_id, comm, _ = PROF_KEY.unpack_from(keys, i * key_size)
-                ns, blocks = struct.unpack_from("<QQ", values, base)
-                kernel = _unpack_u64s(values, base + kernel_at,
-                                      min(_U32.unpack_from(values, base + klen_at)[0], MAX_STACK_DEPTH))
-                ub = base + user_at
-                user = _unpack_u64s(values, ub + ips_at, min(_U32.unpack_from(values, ub + len_at)[0], MAX_STACK_DEPTH))
-                rt = self._runtime_frames(values, ub) if with_runtimes else NO_RT_FRAMES
-                if _U32.unpack_from(values, ub + truncated_at)[0] and self.unwinder is not None:
+                ns, blocks, user, kernel, rt, truncated = self._decode_offcpu(values, i * size)
+                if truncated and self.unwinder is not None:
                     truncated_pids.add(pid)
                 out.blocks += blocks
                 self._add_sample(out, frames_of, pid, tid, comm.split(b"\0", 1)[0], cgroup_id,
                                  user, kernel, round(ns * scale), rt, blocks)
+        whole, self._whole_off = self._whole_off, {}
+        for (pid, tid, comm, cgroup_id, user, kernel, rt, _), (ns, blocks) in whole.items():
+            out.blocks += blocks
+            self._add_sample(out, frames_of, pid, tid, comm, cgroup_id, user, kernel, round(ns * scale), rt, blocks)
         return out
 
     def offcpu_stats(self) -> dict[str, int]:
@@ -676,6 +729,7 @@ class CpuSampler:
         whole samples dropped in user space beyond the bound)."""
         totals = self._per_cpu_totals("lost", len(LOST_REASONS))
         totals[LOST_REASONS.index("stack_collision")] += self.whole_lost
+        totals[LOST_REASONS.index("offcpu_map_full")] += self.whole_off_lost
         return totals
 
     def stats(self) -> dict[str, int]:

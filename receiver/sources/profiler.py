@@ -19,7 +19,7 @@ from ..profiling.abi import LOST_REASONS, RECORD_SIZES
 from ..profiling.model import CpuProfile
 from ..profiling.output.pprof import write_pprof
 from ..profiling.runtimes import RUNTIMES
-from ..profiling.sampler import MIN_WHOLE_KEYS, CpuSampler
+from ..profiling.sampler import MIN_WHOLE_KEYS, REC_OFFCPU, CpuSampler
 from .base import BccSource, Requirement
 
 __all__ = ["ProfilerSource"]
@@ -124,7 +124,7 @@ class ProfilerSource(BccSource):
 
     def handle_event(self, data: int, size: int) -> None:
         kind = ctypes.c_uint32.from_address(data).value if size >= 4 else 0
-        need = RECORD_SIZES.get(kind)
+        need = self.sampler.offcpu_record_size if kind == REC_OFFCPU else RECORD_SIZES.get(kind)
         if need is None or size < need:
             self.count_lost("decode_error")
             return
