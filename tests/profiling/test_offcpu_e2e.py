@@ -12,6 +12,8 @@ caller within 20 % of that, with every switch recorded and with half of them (to
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import wait_until
+from ..harness import REPO, Agent, Collector, agent_config, wait_until
 from .test_unwind_e2e import Profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -228,3 +230,112 @@ def test_without_task_pt_regs_frame_pointer_stacks_still_timed(bpf_ok: None, tmp
         monkeypatch.delenv("EBPF_RECEIVER_WITHOUT")
         features.probe.cache_clear()
     assert _within(got[wait], measured["waits"][wait]), (wait, got, measured, stats)
+
+
+SLEEPER = """\
+import sys, time
+
+
+def nap():
+    time.sleep(0.01)
+
+
+def sleeper():
+    while True:
+        nap()
+
+
+sleeper()
+"""
+
+
+def test_cli_off_cpu_writes_off_cpu_pprof(bpf_ok: None, tmp_path: Path) -> None:
+    """``profile --off-cpu``: a pprof whose one sample type is off_cpu/nanoseconds, which
+    ``go tool pprof -sample_index=off_cpu`` reads, with the sleeper's time under nap; the flame
+    graph too."""
+    from receiver.profiling.model import OFF_CPU
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
+
+    if not shutil.which("go"):
+        pytest.fail("go is not installed (go tool pprof reads our pprof)")
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    proc = subprocess.Popen([sys.executable, str(script)])
+    out, svg = tmp_path / "offcpu.pb.gz", tmp_path / "offcpu.svg"
+    try:
+        cli = subprocess.run([sys.executable, "-m", "receiver", "profile", "--off-cpu", "--duration", "4s",
+                              "--pid", str(proc.pid), "--output", str(out), "--flamegraph", str(svg)],
+                             check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cli.returncode == 0, cli.stderr
+    assert "off-CPU:" in cli.stderr, cli.stderr
+    pprof = read_pprof(out)
+    strings = list(pprof.string_table)
+    assert [(strings[t.type], strings[t.unit]) for t in pprof.sample_type] == [("off_cpu", "nanoseconds")]
+    profile = from_pprof(pprof)
+    assert profile.sample_type == OFF_CPU
+    # The sleeper is off the CPU nearly all the time the events are open: the 4 s, plus a little
+    # before (attach) and after, up to the end of the stop the CLI counts in what it reports.
+    # Part of it is walked with Python frames, once its tables loaded (the CLI does not wait).
+    m = re.search(r"sampled for ([\d.]+)s", cli.stderr)
+    assert m, cli.stderr
+    total = sum(s.count for s in profile.samples)
+    assert 0.8 * 4e9 <= total <= (float(m[1]) + 1) * 1e9, (total, cli.stderr)
+    in_nap = sum(s.count for s in profile.samples if "nap" in [f.function for f in s.frames])
+    assert in_nap > 0, cli.stderr
+    top = subprocess.run(["go", "tool", "pprof", "-top", "-sample_index=off_cpu", "-symbolize=none", str(out)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert top.returncode == 0 and "do_nanosleep" in top.stdout, top.stdout + top.stderr
+    assert svg.read_text().startswith("<?xml") or "<svg" in svg.read_text()
+
+
+def test_collector_receives_off_cpu_beside_cpu(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """The agent with ``off_cpu`` on: the Collector gets, per process, an off_cpu/nanoseconds
+    profile beside the samples/count one, with the sleeper's nap among its Python frames."""
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        cfg = {"preset": "development", "report_interval": "2s", "filter": {"pids": [proc.pid]},
+               "off_cpu": {"enabled": True, "sample_probability": 1.0}}
+        agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
+        try:
+            def naps() -> int:
+                return sum(ns for types, name, ns in _otlp_off_cpu(collector) if name == "nap")
+
+            wait_until(lambda: naps() > 1e9, 120, 0.5, "a second of off_cpu time under nap in profiles.jsonl")
+            assert agent.metric_value("ebpf_receiver_profiler_off_cpu_total", event="counted") > 0
+        finally:
+            assert agent.stop() == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    kinds = {types for types, _, _ in _otlp_off_cpu(collector)}
+    assert kinds == {("off_cpu", "nanoseconds")}
+
+
+def _otlp_off_cpu(collector: Collector) -> list[tuple[tuple[str, str], str, int]]:
+    """(sample type, Python function, value) for every Python frame of every off_cpu sample the
+    Collector wrote; also checks each such profile sits beside a samples/count one or alone."""
+    out = []
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings = d.get("stringTable", [])
+        funcs, locs, stacks = d.get("functionTable", []), d.get("locationTable", []), d.get("stackTable", [])
+        for rp in req.get("resourceProfiles", []):
+            for sp in rp.get("scopeProfiles", []):
+                for p in sp.get("profiles", []):
+                    st = p.get("sampleType", {})
+                    types = (strings[st.get("typeStrindex", 0)], strings[st.get("unitStrindex", 0)])
+                    if types[0] != "off_cpu":
+                        continue
+                    for sample in p.get("samples", []):
+                        value = int(sample.get("values", [0])[0])
+                        stack = stacks[sample.get("stackIndex", 0)]
+                        for li in stack.get("locationIndices", []):
+                            for line in locs[li].get("lines", []):
+                                name = strings[funcs[line.get("functionIndex", 0)].get("nameStrindex", 0)]
+                                out.append((types, name, value))
+    return out
