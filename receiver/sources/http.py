@@ -306,6 +306,9 @@ class HttpSource(BccSource):
         parser = conn.parser
         if parser is None:
             return
+        if type(parser) is Http1Connection and parser.server is None and detect(payload) == "http2":
+            # HTTP/2 after bytes that said nothing (a TLS handshake before the uprobes' plaintext)
+            parser = conn.parser = Http2Connection(self.unparsed, self.config.max_header_bytes)
         if flags & F_GAP:
             parser.gap()
         pending = parser.pending
