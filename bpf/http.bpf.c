@@ -39,6 +39,9 @@
 #ifndef SELF_TGID
 #define SELF_TGID 0
 #endif
+#ifndef WAKE_EVERY              /* wake the reader once per this many records of a CPU */
+#define WAKE_EVERY 32
+#endif
 #define MAX_IOV 32             /* gRPC C-core writes one unary call's frames as 26 iovecs */
 #define HTTP_MSG_PEEK 2
 
@@ -54,6 +57,7 @@
 struct http_record {
     struct http_event h;
     u8 data[CAPTURE_MAX * 2];
+    u32 unwoken;               /* records this CPU sent since it last woke the reader (never sent) */
 };
 
 struct http_iovec {            /* struct iovec: user ABI */
@@ -236,7 +240,14 @@ static __always_inline void emit(struct http_sock *s, u64 sk, u64 id, u32 fd, u6
     __builtin_memcpy(h->peer_addr, s->peer_addr, 16);
     bpf_get_current_comm(&h->comm, sizeof(h->comm));
     u32 size = sizeof(struct http_event) + (len & (CAPTURE_MAX * 2 - 1));
-    if (events.ringbuf_output(r, size, 0) != 0) {
+    /* A wake-up per record costs the kernel an irq_work and the reader a poll round per record:
+     * wake it once per WAKE_EVERY records of this CPU; the reader also drains every 100 ms. */
+    u64 wake = BPF_RB_NO_WAKEUP;
+    if (++r->unwoken >= WAKE_EVERY) {
+        r->unwoken = 0;
+        wake = BPF_RB_FORCE_WAKEUP;
+    }
+    if (events.ringbuf_output(r, size, wake) != 0) {
         count_lost(HTTP_LOST_RINGBUF_FULL);
         s->flags |= HTTP_S_GAP;
     } else if (s->flags & HTTP_S_GAP) {

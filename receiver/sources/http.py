@@ -21,6 +21,7 @@ the connection's spans get ``url.scheme`` https. A TLS connection whose plaintex
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import ctypes
 import itertools
@@ -61,6 +62,7 @@ IDLE_NS = 60_000_000_000   # a connection with nothing in flight, idle this long
 STUCK_NS = 900_000_000_000
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 _U64 = 2**64 - 1
+DRAIN_S = 0.1   # the longest a record waits in the ring buffer for a wake-up
 _rand = random.Random()
 
 
@@ -210,6 +212,7 @@ class HttpSource(BccSource):
         self._metrics_on = bool(self.config.metrics)
         self.unparsed = Unparsed((*UNPARSED_REASONS, "tls_unparsed"))
         self.tls: TlsAttacher | None = None
+        self._drain_task: asyncio.Task[None] | None = None
         self.tls_unavailable = ""   # why there are no TLS uprobes
         self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
         # thread id → server requests it read and has not answered yet (bounded by max_connections)
@@ -314,7 +317,7 @@ class HttpSource(BccSource):
         pending = parser.pending
         n = len(pending)
         parser.feed(kind == EV_SEND, payload, moved, ts)
-        if len(pending) > n:
+        if len(pending) > n and type(parser) is Http1Connection:
             self._requests_started(parser, tid, pending, n)
         conn.last_ns = ts
         if parser.exchanges:
@@ -440,6 +443,26 @@ class HttpSource(BccSource):
         return True
 
     # ------------------------------------------------------------------ periodic
+
+    async def start(self) -> None:
+        await super().start()
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="source-http-drain")
+
+    async def stop(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            await asyncio.gather(self._drain_task, return_exceptions=True)
+            self._drain_task = None
+        await super().stop()
+
+    async def _drain(self) -> None:
+        """The kernel wakes the reader once per ``WAKE_EVERY`` records of a CPU (a wake-up per
+        record costs more than the record): what arrives between wake-ups is read here."""
+        while True:
+            await asyncio.sleep(DRAIN_S)
+            if self.bpf is not None:
+                self._consume()
 
     def detach(self) -> None:
         if self.tls is not None:
