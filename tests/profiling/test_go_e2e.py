@@ -210,7 +210,7 @@ def go_version(path: Path) -> str:
                           check=True).stdout.split()[-1]
 
 
-def _profile(program: Path, seconds: float = 6.0) -> tuple[Any, dict[str, int]]:
+def _profile(program: Path, seconds: float = 8.0) -> tuple[Any, dict[str, int]]:
     with profiled(str(program), "3600") as (_, prof):
         prof.warm()
         profile = prof.measure(seconds)
@@ -220,7 +220,7 @@ def _profile(program: Path, seconds: float = 6.0) -> tuple[Any, dict[str, int]]:
 def _check_chain(profile: Any, lines: dict[str, int]) -> None:
     hot = hot_samples(profile, "main.goHotA") + hot_samples(profile, "main.goHotB")
     total = sum(n for _, n in hot)
-    assert total >= 150, collections.Counter(tuple(f.function for f in user_frames(s)) for s in profile.samples)
+    assert total >= 100, collections.Counter(tuple(f.function for f in user_frames(s)) for s in profile.samples)
     whole = sum(n for names, n in hot if names[1:1 + len(CHAIN)] == CHAIN)
     assert whole / total >= 0.95, collections.Counter(tuple(names) for names, _ in hot).most_common(4)
     share_a = sum(n for names, n in hot if names[0] == "main.goHotA") / total
