@@ -151,13 +151,14 @@ static __always_inline int looks_http(u32 w) {
 /* A buffer that starts with a whole HTTP/2 HEADERS frame (END_HEADERS, HEADERS flags only, a
  * client-initiated stream): how an HTTP/2 connection opened before the program was attached is
  * found mid-way, at its next request or response (receiver/protocols/http2.py checks the rest). */
-static __always_inline int looks_h2_headers(u64 p, int ret) {
+static __always_inline int looks_h2_headers(u32 w, u64 p, int ret) {
+    u32 len = (w & 0xff) << 16 | (w & 0xff00) | (w >> 16 & 0xff);   /* w: the first four bytes */
+    if ((w >> 24) != 1 || !len || len > 16384 || len + 9 > (u32)ret || !p)
+        return 0;              /* not a HEADERS frame: most buffers end here, with no second read */
     u8 h[9] = {};
-    if (ret < 9 || !p || bpf_probe_read_user(h, sizeof(h), (void *)p) != 0)
+    if (bpf_probe_read_user(h, sizeof(h), (void *)p) != 0)
         return 0;
-    u32 len = (u32)h[0] << 16 | (u32)h[1] << 8 | h[2];
-    return h[3] == 1 && (h[4] & 0x4) && !(h[4] & 0xd2) && !(h[5] & 0x80) && (h[8] & 1) && len && len <= 16384 &&
-           len + 9 <= (u32)ret;
+    return (h[4] & 0x4) && !(h[4] & 0xd2) && !(h[5] & 0x80) && (h[8] & 1);
 }
 
 static __always_inline u32 copy_buffer(struct http_record *r, u64 buf, u32 want) {
@@ -298,7 +299,7 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
             first = 0;
         if (ret < 4 || !first || bpf_probe_read_user(&w, sizeof(w), (void *)first) != 0)
             w = 0;
-        if (looks_http(w) || looks_h2_headers(first, ret)) {
+        if (looks_http(w) || looks_h2_headers(w, first, ret)) {
             s = mark_sock(sk, s, HTTP_S_HTTP);
         } else if (looks_tls(w)) {
             mark_sock(sk, s, HTTP_S_TLS);
