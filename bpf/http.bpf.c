@@ -12,7 +12,8 @@
 //   accept), which the port filter needs, and its CLOSE, which tells user space to finish it.
 //
 // A socket is sent to user space once one of its buffers starts like HTTP/1 (a method or
-// "HTTP"), or from its first byte when its server port is in the port filter (so that non-HTTP
+// "HTTP") or HTTP/2 (the preface, or a whole HEADERS frame: a connection found mid-way), or from
+// its first byte when its server port is in the port filter (so that non-HTTP
 // bytes on an HTTP port are seen and counted). Filters (server ports, process) live in maps.
 #include "http.h"
 #define N_LOST HTTP_N_LOST
