@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ._support import compile_c
 
 PINGPONG_C = r"""
 #define _GNU_SOURCE
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,6 +80,12 @@ int main(int argc, char **argv) {
         sides[2 * p] = (struct side){.in = ba[0], .out = ab[1], .first = 1};
         sides[2 * p + 1] = (struct side){.in = ab[0], .out = ba[1], .first = 0};
     }
+    /* wait for "go" in 50 ms steps: each one a switch-out, so the profiler notices the process
+     * and loads its unwind tables before the load starts */
+    struct pollfd in = {.fd = 0, .events = POLLIN};
+    while (poll(&in, 1, 50) == 0) ;
+    char line[8];
+    if (!fgets(line, sizeof(line), stdin)) return 1;
     pthread_barrier_init(&ready, NULL, 2 * pairs);
     for (int i = 0; i < 2 * pairs; i++) pthread_create(&th[i], NULL, pingpong, &sides[i]);
     long trips = 0;
@@ -148,13 +156,23 @@ class _Profiler:
         self.sampler.close()
 
 
-def _load(binary: Path, seconds: float) -> tuple[int, float, float, set[int]]:
-    """Runs the ping-pong on CPU 0: its pid, round trips per CPU second it used (its own CPU
-    time, user and system: the BPF programs run in the switching thread's context, so they are
-    in it, and other load on the machine is not), its threads' off-CPU seconds and their ids."""
-    proc = subprocess.Popen([str(binary), str(PAIRS), str(seconds)], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {0}))
-    assert proc.stdout is not None
+def _load(binary: Path, seconds: float, prof: _Profiler | None = None) -> tuple[int, float, float, set[int]]:
+    """Runs the ping-pong on CPU 0 (once ``prof`` has its unwind tables, as for a service that
+    has been running): its pid, round trips per CPU second it used (its own CPU time, user and
+    system: the BPF programs run in the switching thread's context, so they are in it, and other
+    load on the machine is not), its threads' off-CPU seconds and their ids."""
+    proc = subprocess.Popen([str(binary), str(PAIRS), str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert proc.stdout is not None and proc.stdin is not None
+    unwinder = prof.sampler.unwinder if prof is not None else None
+    if unwinder is not None:
+        deadline = time.monotonic() + 120
+        while not (unwinder.stats["processes_loaded"] >= 1 and unwinder.wait_idle(5)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the ping-pong's unwind tables did not load in 120 s")
+            time.sleep(0.2)
+    proc.stdin.write("go\n")
+    proc.stdin.close()
     out = proc.stdout.read()
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -170,7 +188,7 @@ def _with_profiler(binary: Path, seconds: float,
     """Round trips/s under a profiler; with off_cpu also reported ÷ measured off-CPU time."""
     prof = _Profiler(off_cpu)
     try:
-        pid, rate, measured, tids = _load(binary, seconds)
+        pid, rate, measured, tids = _load(binary, seconds, prof)
     finally:
         prof.close()
     reported = sum(s.count for s in prof.off_cpu_samples if s.pid == pid and s.tid in tids) / 1e9
