@@ -288,3 +288,39 @@ def test_the_cache_keeps_the_most_recently_used_entries(cache: Path) -> None:
     left = {p.stem for p in (cache / "bpf").glob("*.entry")}
     assert len(left) == compile_cache.MAX_ENTRIES
     assert keys[1] in left and keys[0] not in left and keys[2] not in left
+
+
+def _split_tree(root: Path) -> tuple[Path, Path]:
+    """A Debian-style split header tree: ``*-amd64`` (generated headers, a Makefile naming its
+    common half) and ``*-common`` (the rest)."""
+    common, arch = root / "linux-headers-9.9.0-1-common", root / "linux-headers-9.9.0-1-amd64"
+    (common / "include/linux").mkdir(parents=True)
+    (common / "include/linux/kconfig.h").write_text("")
+    (arch / "include/generated").mkdir(parents=True)
+    (arch / "Makefile").write_text(f"include {common}/Makefile\n")
+    return arch, common
+
+
+def test_the_agents_own_headers_split_or_whole(tmp_path: Path) -> None:
+    from receiver.kernel.bcc import find_kernel_headers
+
+    arch, common = _split_tree(tmp_path)
+    split = find_kernel_headers(str(arch))
+    assert split is not None and split.root == str(common.resolve()) and split.origin == "bpf.kernel_headers"
+    assert f"-I{arch.resolve()}/include" in split.cflags
+    (common / "include/generated").mkdir()
+    whole = find_kernel_headers(str(common))
+    assert whole is not None and whole.root == str(common.resolve()) and whole.cflags == ()
+    assert find_kernel_headers(str(tmp_path / "nothing")) is None
+
+
+def test_check_names_the_headers_and_the_cache(tmp_path: Path) -> None:
+    from receiver.config import EbpfConfig
+    from receiver.preflight import _bpf_rows
+
+    arch, common = _split_tree(tmp_path)
+    config = EbpfConfig.from_dict({"bpf": {"cache_dir": str(tmp_path / "cache"), "kernel_headers": str(arch)}},
+                                  environ={})
+    headers, cache_row = _bpf_rows(config, ("process",))
+    assert headers.ok and str(common.resolve()) in headers.detail and "bpf.kernel_headers" in headers.detail
+    assert cache_row.ok and f"{tmp_path / 'cache'}: 0 entries" in cache_row.detail
