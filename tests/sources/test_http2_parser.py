@@ -278,3 +278,38 @@ def test_a_connection_found_mid_way_that_never_frames_is_given_up() -> None:
     for i in range(MIDWAY_TRIES + 1):
         c.feed(i % 2 == 0, b"\x00\x00\x05\x01\x04\x00\x00\x00\x01 not http/2 after all", 40, i)
     assert c.upgraded and u.counts["h2_midway"] == 1 and c.exchanges == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), st.integers(min_value=0, max_value=400)),
+                max_size=30),
+       st.lists(st.integers(min_value=0, max_value=10_000), max_size=30), st.booleans())
+def test_cut_captures_and_lost_records_never_misattribute(req_cuts: list[tuple[int, int]], resp_cuts: list[int],
+                                                          lose: bool) -> None:
+    """Calls split anywhere, each call's capture cut at a random length, records lost: whatever
+    is reported is a real call with its own path and status (or no status), never another's."""
+    cli, srv = Peer(), Peer()
+    truth: dict[int, tuple[str, int]] = {}
+    req, resp = PREFACE + SETTINGS_FRAME, SETTINGS_FRAME
+    for i in range(12):
+        sid, path, status = 1 + 2 * i, f"/pkg.Svc/M{i % 5}", (i * 7) % 17
+        truth[sid] = (path, status)
+        q, r = grpc_call(cli, srv, sid, path, status)
+        req, resp = req + q, resp + r
+    c, _u = conn()
+    points = sorted({p % (len(req) + 1) for p, _ in req_cuts} | {0, len(req)})
+    caps = [cap for _, cap in req_cuts]   # per call: the bytes captured of it
+    for n, (a, b) in enumerate(zip(points, points[1:])):
+        if b <= a:
+            continue
+        if lose and n == 3:
+            c.gap()
+            continue
+        part = req[a:b]
+        c.feed(False, part[:max(1, caps[n] if n < len(caps) else len(part))], len(part), 1)
+    for part in _chunks(resp, resp_cuts):
+        c.feed(True, part, len(part), 2)
+    for ex in c.exchanges:
+        assert isinstance(ex, Http2Exchange)
+        path, status = truth[ex.stream_id]
+        assert ex.path == path and ex.grpc_status in (status, None) and ex.server, ex
