@@ -260,6 +260,7 @@ class CpuSampler:
         self.runtimes: Runtimes | None = None      # the enabled runtimes, once bound
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
         self.off_cpu = config.off_cpu.enabled
+        self.off_cpu_disabled: str | None = None   # why off-CPU time is off although configured
         self._offcpu_threshold = offcpu_threshold(config.off_cpu.sample_probability)
         self._offcpu_bufs: tuple[Any, Any] | None = None
         self._offcpu_layout: type[ctypes.Structure] = OffCpuValue
@@ -302,7 +303,7 @@ class CpuSampler:
 
     def _offcpu_cflags(self) -> list[str]:
         o = self.config.off_cpu
-        if not o.enabled:
+        if not self.off_cpu:
             return ["-DOFF_CPU=0"]
         return ["-DOFF_CPU=1", f"-DOFFCPU_THREADS={int(o.max_threads)}", f"-DOFFCPU_KEYS={int(o.max_stacks)}"]
 
@@ -328,8 +329,11 @@ class CpuSampler:
         try:
             return compile_bpf(self.source_name, BPF_FILE, self.cflags(), programs,
                                includes=[cls.bpf_header for _, cls in runtimes])
-        except SourceUnavailableError:
-            raise
+        except SourceUnavailableError as e:
+            if not self.off_cpu:
+                raise
+            self._disable_off_cpu(e.reason)   # the CPU profile without it, rather than neither
+            return self.load()
         except Exception as e:
             raise SourceUnavailableError(self.source_name, f"the profiler program failed to load: {e}") from e
 
@@ -384,11 +388,13 @@ class CpuSampler:
         bpf["settings"][ctypes.c_int(SET_OFFCPU_MIN_US)] = ctypes.c_uint32(min_us)
         try:
             self._switch_events.open(bpf.prog_fd(OFFCPU_PROGRAM))
-        except OSError as e:
-            self.detach()
-            raise SourceUnavailableError(
-                self.source_name, f"cannot open context-switch perf events for off-CPU time: {e}",
-                host.FIX_PERF_EVENTS) from e
+        except OSError as e:   # the CPU profile goes on; the sched_switch probe finds no records
+            self._disable_off_cpu(f"cannot open context-switch perf events: {e}")
+
+    def _disable_off_cpu(self, reason: str) -> None:
+        log.warning("%s: off-CPU time disabled: %s", self.source_name, reason)
+        self.off_cpu = False
+        self.off_cpu_disabled = reason
 
     def detach(self) -> None:
         """Closes the perf events: no sample after this returns. Safe to call twice."""
