@@ -77,7 +77,9 @@ def run_all_sources(out: Path) -> None:
     collector = Collector(os.environ["OTELCOL_BIN"], work).start()
     t0 = time.monotonic()
     try:
-        cfg = agent_config(collector, {s: {} for s in SOURCES})
+        # The profiler with off-CPU time too (no extra compile): on, or off with its reason in the log.
+        cfg = agent_config(collector, {s: {"off_cpu": {"enabled": True}} if s == "profiler" else {}
+                                       for s in SOURCES})
         agent = Agent(work, cfg)
         try:
             agent.start(timeout=300)
@@ -96,6 +98,8 @@ def run_all_sources(out: Path) -> None:
         log = agent.log()
         result["disabled"] = {m.group(1): m.group(2) for m in
                               re.finditer(r"source (\w+) disabled: (.*)", log)}
+        off_cpu = re.search(r"off-CPU time disabled: (.*)", log)
+        result["off_cpu"] = f"disabled: {off_cpu.group(1)}" if off_cpu else "ok"
         result["log_tail"] = log[-4000:]
     finally:
         collector.stop()

@@ -83,7 +83,11 @@ def cell(source: str, res: vm.VmResult) -> tuple[str, str]:
     disabled = every.get("disabled", {}).get(source)
     lacks = "; ".join(f"no {f.tracepoint or f.name}, kernel < {f.since}" for f in missing)
     if up and all(o == "passed" for o, _ in tests):
-        return ("degraded", f"fallback: {lacks}") if missing else ("ok", "")
+        notes = [f"fallback: {lacks}"] if missing else []
+        off_cpu = every.get("off_cpu", "ok") if source == "profiler" else "ok"
+        if off_cpu != "ok":            # the profiler ran with off_cpu on; it turned that part off
+            notes.append(f"off-CPU {off_cpu}")
+        return ("degraded", "; ".join(notes)) if notes else ("ok", "")
     if not up and disabled and any(f.disables and f.name in disabled for f in missing):
         return "degraded", f"disabled: {lacks}"
     bad = [m for o, m in tests if o != "passed"]
