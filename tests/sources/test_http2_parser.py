@@ -8,11 +8,13 @@ import struct
 
 import hpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from receiver.protocols import PROTOCOLS, UNPARSED_REASONS, Unparsed, detect
 from receiver.protocols.http2 import MIDWAY_TRIES, PREFACE, Http2Connection, Http2Exchange, looks_like_http2
+
+from ..harness import examples
 
 DATA, HEADERS, RST, SETTINGS, CONTINUATION = 0, 1, 3, 4, 9
 END_STREAM, END_HEADERS, PADDED = 1, 4, 8
@@ -154,7 +156,7 @@ def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=40),
        st.lists(st.integers(min_value=0, max_value=10_000), max_size=40))
 def test_any_split_of_the_bytes_gives_the_same_calls(req_cuts: list[int], resp_cuts: list[int]) -> None:
@@ -264,7 +266,7 @@ def test_garbage_is_counted_never_raised(data: bytes) -> None:
     assert sum(u.counts.values()) >= 1 and c.exchanges == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300), st.booleans())
 def test_random_bytes_never_raise(data: bytes, whole: bool) -> None:
     c, _u = conn(whole)
@@ -280,7 +282,7 @@ def test_a_connection_found_mid_way_that_never_frames_is_given_up() -> None:
     assert c.upgraded and u.counts["h2_midway"] == 1 and c.exchanges == []
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), st.integers(min_value=0, max_value=400)),
                 max_size=30),
        st.lists(st.integers(min_value=0, max_value=10_000), max_size=30), st.booleans())
