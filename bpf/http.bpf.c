@@ -37,9 +37,6 @@
 #ifndef FILTER_PORTS
 #define FILTER_PORTS 0
 #endif
-#ifndef SELF_TGID
-#define SELF_TGID 0
-#endif
 #ifndef WAKE_EVERY              /* wake the reader once per this many records of a CPU */
 #define WAKE_EVERY 32
 #endif
@@ -76,13 +73,22 @@ BPF_HASH(tls_calls, u64, struct http_tls_call, MAX_CALLS);
 BPF_TABLE("lru_hash", u64, struct http_tls_sock, tls_ssls, MAX_SOCKETS);
 MIRROR(http_event);
 MIRROR(http_sock);
+/* The agent's own tgid, written by user space at start: a map, not a -D, so the compiled program
+ * is the same for every agent process and the compile cache can hold it. */
+BPF_ARRAY(self_tgid, u32, 1);
+
+static __always_inline u32 agent_tgid(void) {
+    int zero = 0;
+    u32 *self = self_tgid.lookup(&zero);
+    return self ? *self : 0;
+}
 
 /* ------------------------------------------------------------------ calls in flight */
 
 /* Whether the process's sockets are watched: never the agent's own, and only those the process
  * filter selects. */
 static __always_inline int watched(u32 tgid) {
-    if (tgid == SELF_TGID)
+    if (tgid == agent_tgid())
         return 0;
 #if FILTER_PROCESS
     if (!selected_current(tgid))
@@ -340,7 +346,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         struct http_sock fresh = {.conn_id = bpf_ktime_get_ns(), .flags = HTTP_S_ENDPOINTS};
         READ_TCP_ENDPOINTS(args, &fresh);
         fresh.direction = newstate == TCP_SYN_SENT ? HTTP_DIR_CLIENT : HTTP_DIR_SERVER;
-        if (newstate == TCP_SYN_SENT && (bpf_get_current_pid_tgid() >> 32) == SELF_TGID)
+        if (newstate == TCP_SYN_SENT && (bpf_get_current_pid_tgid() >> 32) == agent_tgid())
             fresh.flags |= HTTP_S_SELF | HTTP_S_IGNORED;   /* connect() runs in the agent's context */
         /* The accepting side of the agent's own connection (e.g. a Collector receiving its
          * OTLP/HTTP export on this host): never reported, so that exporting cannot feed itself. */

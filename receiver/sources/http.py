@@ -251,8 +251,7 @@ class HttpSource(BccSource):
         return [f"-DCAPTURE_BYTES={int(c.capture_bytes)}", f"-DCAPTURE_MAX={cap_max}",
                 f"-DMAX_SOCKETS={int(c.max_connections)}", f"-DMAX_CALLS={int(c.max_calls)}",
                 f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
-                f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}",
-                f"-DSELF_TGID={os.getpid()}"]
+                f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}"]
 
     def _compile(self) -> Any:
         programs = [(name, "KPROBE", None) for name in (*TLS_FUNCTIONS.values(), RETURN_PROGRAM)]
@@ -266,6 +265,7 @@ class HttpSource(BccSource):
         return bpf
 
     def configure(self, bpf: Any) -> None:
+        bpf["self_tgid"][ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())   # the agent's own connections
         pmu = uprobe_pmu()
         if isinstance(pmu, str):
             self.tls_unavailable = pmu
