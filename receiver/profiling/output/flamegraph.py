@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from ..model import CpuProfile, Frame, StackSample
+from ..model import OFF_CPU, CpuProfile, Frame, StackSample
 
 __all__ = ["to_folded", "parse_folded", "write_flamegraph_svg", "KERNEL_SUFFIX"]
 
@@ -96,7 +96,11 @@ def _label(name: str, width: float) -> str:
     return name if len(name) <= fits else name[:fits - 2] + ".."
 
 
-def _frames_svg(root: _Node, height: int) -> list[str]:
+def _amount(n: int, unit: str) -> str:
+    return f"{n / 1e6:.3f} ms" if unit == "ns" else f"{n} samples"
+
+
+def _frames_svg(root: _Node, height: int, unit: str = "samples") -> list[str]:
     """One <g> per visible frame, root at the bottom, children left to right by name."""
     scale = (WIDTH - 2 * PAD) / root.count
     out: list[str] = []
@@ -108,7 +112,7 @@ def _frames_svg(root: _Node, height: int) -> list[str]:
             continue
         y = height - (depth + 1) * FRAME_HEIGHT
         name = node.name.removesuffix(KERNEL_SUFFIX)
-        tooltip = f"{name} ({node.count} samples, {100 * node.count / root.count:.2f}%)"
+        tooltip = f"{name} ({_amount(node.count, unit)}, {100 * node.count / root.count:.2f}%)"
         fill = "rgb(200,200,200)" if node is root else _color(node.name)
         out.append(
             f'<g class="frame"><title>{escape(tooltip)}</title>'
@@ -125,11 +129,14 @@ def _frames_svg(root: _Node, height: int) -> list[str]:
 
 def write_flamegraph_svg(profile_or_folded: CpuProfile | str, path: str | Path,
                          title: str = "CPU flame graph") -> None:
-    """Writes a self-contained SVG flame graph: frame width ∝ samples, hover shows counts."""
+    """Writes a self-contained SVG flame graph: frame width ∝ samples (an off-CPU profile's:
+    nanoseconds off the CPU), hover shows counts (or milliseconds)."""
     root = _tree(profile_or_folded if isinstance(profile_or_folded, str)
                  else to_folded(profile_or_folded))
+    unit = "ns" if isinstance(profile_or_folded, CpuProfile) and profile_or_folded.sample_type == OFF_CPU else "samples"
     height = HEADER + max(root.depth(), 1) * FRAME_HEIGHT + PAD
-    frames = _frames_svg(root, height - PAD) if root.count else []
+    frames = _frames_svg(root, height - PAD, unit) if root.count else []
+    total = _amount(root.count, unit) + (" off the CPU" if unit == "ns" else "")
     svg = "\n".join([
         '<?xml version="1.0" encoding="UTF-8" standalone="no"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" width="{WIDTH}" height="{height}" '
@@ -139,7 +146,7 @@ def write_flamegraph_svg(profile_or_folded: CpuProfile | str, path: str | Path,
         f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#f8f8f0"/>',
         f'<text x="{WIDTH / 2}" y="20" text-anchor="middle" style="font-size: 16px">'
         f"{escape(title)}</text>",
-        f"<text x=\"{PAD}\" y=\"34\">{escape(f'{root.count} samples')}</text>",
+        f"<text x=\"{PAD}\" y=\"34\">{escape(total)}</text>",
         *frames,
         "</svg>",
     ])
