@@ -76,12 +76,12 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
             present = tfs is not None and (tfs / "events" / cat / ev).is_dir()
             rows.append(CheckRow(f"tracepoint {name}", present, "present" if present else "missing",
                                  "a kernel built with this tracepoint", tuple(users)))
-        elif kind == "pmu":   # optional: without it the source runs without that part
-            pmu = Path("/sys/bus/event_source/devices") / name
-            present = pmu.is_dir()
-            rows.append(CheckRow(f"{name} PMU (used by {', '.join(users)})", present,
-                                 str(pmu) if present else f"{pmu} missing: no TLS plaintext (uprobes)",
-                                 "a kernel built with CONFIG_UPROBE_EVENTS", ()))
+        elif kind == "pmu" and name == "uprobe":   # optional: without it, no TLS plaintext
+            from .sources.http_tls import probe_uprobe
+
+            ok, detail = probe_uprobe()
+            rows.append(CheckRow(f"uprobes (TLS plaintext for {', '.join(users)})", ok, detail,
+                                 "a kernel with CONFIG_UPROBE_EVENTS, and CAP_SYS_ADMIN for the agent", ()))
         elif kind == "perf_event" and not perf_done:
             perf_done = True
             ok, detail = host.probe_perf_event()

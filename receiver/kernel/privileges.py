@@ -9,6 +9,10 @@ What the running agent still needs (nothing else):
   /proc/PID/root (the profiler's symbolization), and /proc entries under restrictive modes.
 - ``CAP_SYSLOG``, only with the profiler's kernel stacks: real addresses in /proc/kallsyms
   (read on first use and again after modules load).
+- ``CAP_SYS_ADMIN``, only with the http source and only when the agent was given it: its TLS
+  capture attaches uprobes to each libssl that a process first maps after start (a container's
+  own), and the kernel lets only CAP_SYS_ADMIN create a uprobe through the ``uprobe`` PMU
+  (CAP_PERFMON is not enough). Without it, libssl files mapped after start are not probed.
 
 Not needed after load: ``CAP_BPF``, ``CAP_PERFMON``, ``CAP_SYS_ADMIN`` (loading, attaching,
 opening perf events). Ring buffers are read through their already-mapped memory and maps through
@@ -114,6 +118,8 @@ def needed_capabilities(running_sources: list[str], kernel_stacks: bool = True,
     keep = {"sys_ptrace", "dac_read_search"}
     if "profiler" in running_sources and kernel_stacks:
         keep.add("syslog")
+    if "http" in running_sources and _capget()[0] >> CAP["sys_admin"] & 1:
+        keep.add("sys_admin")   # uprobes on libssl files mapped after start (see above)
     if bpf_calls_checked is None:
         bpf_calls_checked = bpf_calls_need_capability()
     if bpf_calls_checked:

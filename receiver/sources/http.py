@@ -45,7 +45,7 @@ from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Http2Connec
 from ..protocols.http2 import Http2Exchange
 from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
 from .base import BccSource, Requirement
-from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, uprobe_pmu
+from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, probe_uprobe, uprobe_pmu
 
 __all__ = ["HttpSource", "HttpEvent", "HttpSock", "DURATION_BOUNDARIES"]
 
@@ -267,9 +267,10 @@ class HttpSource(BccSource):
     def configure(self, bpf: Any) -> None:
         bpf["self_tgid"][ctypes.c_int(0)] = ctypes.c_uint32(os.getpid())   # the agent's own connections
         pmu = uprobe_pmu()
-        if isinstance(pmu, str):
-            self.tls_unavailable = pmu
-            log.warning("source http: no TLS plaintext: %s", pmu)
+        can, why = probe_uprobe()
+        if isinstance(pmu, str) or not can:
+            self.tls_unavailable = why
+            log.warning("source http: no TLS plaintext: %s", why)
         else:
             self.tls = TlsAttacher(dict(bpf.programs), pmu)
             self.tls.scan()

@@ -24,11 +24,12 @@ import errno
 import logging
 import os
 import struct
+import sys
 from pathlib import Path
 
 from ..kernel.libbpf import _libc
 
-__all__ = ["TlsAttacher", "uprobe_pmu", "elf_symbol_offsets", "TLS_FUNCTIONS"]
+__all__ = ["TlsAttacher", "uprobe_pmu", "probe_uprobe", "elf_symbol_offsets", "TLS_FUNCTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,30 @@ def _open_uprobe(pmu: tuple[int, int], path: str, offset: int, ret: bool, prog_f
             os.close(fd)
             raise OSError(err, f"uprobe ioctl on {path}: {os.strerror(err)}")
     return fd
+
+
+def probe_uprobe() -> tuple[bool, str]:
+    """Whether this process may create a uprobe (the kernel asks CAP_SYS_ADMIN of the uprobe
+    PMU, which CAP_PERFMON does not replace): one created disabled, at offset 0 of this
+    Python's executable (outside any executable mapping, so nothing is ever inserted), closed."""
+    pmu = uprobe_pmu()
+    if isinstance(pmu, str):
+        return False, pmu
+    attr = (ctypes.c_ubyte * _ATTR_SIZE)()
+    name = ctypes.create_string_buffer(os.path.realpath(sys.executable).encode())
+    ctypes.c_uint32.from_buffer(attr, 0).value = pmu[0]
+    ctypes.c_uint32.from_buffer(attr, 4).value = _ATTR_SIZE
+    ctypes.c_uint64.from_buffer(attr, 40).value = 1   # disabled
+    ctypes.c_uint64.from_buffer(attr, 56).value = ctypes.addressof(name)
+    fd = _libc().syscall(ctypes.c_long(_PERF_EVENT_OPEN), ctypes.byref(attr), ctypes.c_long(-1), ctypes.c_long(0),
+                         ctypes.c_long(-1), ctypes.c_ulong(_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        why = ("creating uprobes needs CAP_SYS_ADMIN on this kernel: without it the http source has "
+               "no TLS plaintext") if err in (errno.EACCES, errno.EPERM) else os.strerror(err)
+        return False, why
+    os.close(fd)
+    return True, "uprobes can be created"
 
 
 def _mapped_libssl(pid: str) -> set[str]:

@@ -14,6 +14,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from .test_http_e2e import CLIENT_KIND, ERROR, SECRET, SERVER_KIND, Handler
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector, pytest.mark.host]
 
-TESTS = ("curl", "keepalive", "traceparent", "nginx", "go")
+TESTS = ("curl", "keepalive", "traceparent", "nginx", "go", "late")
 
 
 def _cert(tmp: Path) -> tuple[Path, Path]:
@@ -107,8 +108,9 @@ def start_nginx(tmp: Path, port: int, key: Path, crt: Path, tls: bool = True) ->
 
 class Env:
     def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int], nginx: subprocess.Popen[bytes],
-                 tmp: Path):
+                 tmp: Path, key: Path, crt: Path):
         self.collector, self.agent, self.ports, self.nginx, self.tmp = collector, agent, ports, nginx, tmp
+        self.key, self.crt = key, crt
 
     def spans(self, port: int) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
@@ -143,7 +145,7 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     key, crt = _cert(tmp)
     collector = Collector(otelcol_bin, tmp).start()
     ports = {name: free_port() for name in TESTS}
-    servers = [TlsServer(p, key, crt) for name, p in ports.items() if name != "nginx"]
+    servers = [TlsServer(p, key, crt) for name, p in ports.items() if name not in ("nginx", "late")]
     nginx = start_nginx(tmp, ports["nginx"], key, crt)
     cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": 512}
     agent = Agent(tmp, agent_config(collector, {"http": cfg}, exporter={
@@ -151,7 +153,7 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     try:
         # the system's libssl is mapped by this process (ssl) and nginx: probed at start
         wait_until(lambda: "TLS uprobes on" in agent.log(), 30, 0.2, "TLS uprobes attached")
-        yield Env(collector, agent, ports, nginx, tmp)
+        yield Env(collector, agent, ports, nginx, tmp, key, crt)
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
         assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="http") == 0
         traces = (collector.outdir / "traces.jsonl").read_text()
@@ -312,3 +314,54 @@ def test_go_crypto_tls_client_is_counted_unparsed(env: Env, tmp_path: Path) -> N
     assert len(spans["server"]) == 3 and not spans["client"]
     assert [s["attrs"]["url.path"] for s in spans["server"]] == ["/go"] * 3
     assert env.unparsed("tls_unparsed") == before + 1
+
+
+LATE_SERVER = """
+import ssl, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+s = HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+print("ready", flush=True)
+s.serve_forever()
+"""
+
+
+def test_a_libssl_first_mapped_after_start_is_probed(env: Env, tmp_path: Path) -> None:
+    """A server started after the agent, on its own copy of libssl (another file, as in a
+    container image): the agent finds it in the new process's maps and attaches to it, after
+    it has dropped its start-up capabilities. Its requests are SERVER spans over https."""
+    import ctypes.util
+
+    system = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
+    if not system.exists():
+        found = ctypes.util.find_library("ssl")
+        if found is None:
+            fail_or_skip("no libssl.so.3 on this host")
+        system = Path(f"/usr/lib/{found}")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    shutil.copy(system, lib / "libssl.so.3")
+    port = env.ports["late"]
+    server = subprocess.Popen([sys.executable, "-c", LATE_SERVER, str(port), str(env.crt), str(env.key)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(lib)})
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        maps = Path(f"/proc/{server.pid}/maps").read_text()
+        assert str(lib / "libssl.so.3") in maps   # the copy, not the system's
+        wait_until(lambda: f"TLS uprobes on /proc/{server.pid}/root{lib}/libssl.so.3" in env.agent.log(), 30, 0.2,
+                   "the copy probed")
+        for i in range(3):
+            curl(port, f"/late/{i}")
+        spans = env.wait_spans(port, 3)
+        for i, (srv, cli) in enumerate(zip(spans["server"], spans["client"])):
+            check_pair(srv, cli, "GET", f"/late/{i}", 200, port, server_pid=server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
