@@ -312,7 +312,10 @@ class Http2Connection:
             take = min(d.left, n - pos)
             ft = d.ftype
             if ft == _HEADERS or ft == _CONTINUATION or ft == _RST or ft == _SETTINGS:
-                d.payload += data[pos:pos + take]
+                if len(d.payload) + take <= self.max_header_bytes:
+                    d.payload += data[pos:pos + take]
+                else:   # kept bounded: a header block this large is not decoded
+                    d.cut = True
             elif ft == _DATA and len(d.payload) < 5:   # a gRPC message's prefix
                 d.payload += data[pos:pos + min(take, 5 - len(d.payload))]
             pos += take

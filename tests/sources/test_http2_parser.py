@@ -257,6 +257,22 @@ def test_kernel_losses_and_the_close() -> None:
     assert [(ex.path, ex.error, ex.end_ns) for ex in c.exchanges] == [("/pkg.Svc/B", "connection closed", 9)]
 
 
+def test_a_header_block_beyond_max_header_bytes_is_counted_not_kept() -> None:
+    cli, srv = Peer(), Peer()
+    u = Unparsed(UNPARSED_REASONS)
+    c = Http2Connection(u, 256, True)
+    c.feed(True, PREFACE, 24, 1)
+    q = cli.headers(1, req_headers("/a.B/Big", extra=(("x-big", "v" * 2000),)), split=300)
+    c.feed(True, q, len(q), 2)
+    assert u.counts["h2_headers_cut"] == 1 and len(c.dirs[1].payload) <= 256 and not c.streams
+    # the client's table is unknown now; a new path is a literal, and the call a gRPC one by its
+    # message framing: named, with the status from the server's (whole) table
+    q, r = grpc_call(cli, srv, 3, "/a.B/Small")
+    c.feed(True, q, len(q), 3)
+    c.feed(False, r, len(r), 4)
+    assert names(c) == [(False, "POST", "/a.B/Small", 200, 0)] and not c.dirs[1].table.whole
+
+
 @pytest.mark.parametrize("data", [b"\xff" * 64, frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\xff\xff\x7f"),
                                   frame(CONTINUATION, END_HEADERS, 1, b"\x82")])
 def test_garbage_is_counted_never_raised(data: bytes) -> None:
