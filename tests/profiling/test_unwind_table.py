@@ -217,3 +217,28 @@ def test_go_and_cfi_rows_merge_each_covering_its_own_code() -> None:
     assert merged.lookup(0x1020)[1:] == (8, 0, RSP)        # the Go row, not the C table's END
     assert merged.lookup(0x1025)[1:] == (24, 0, RSP)
     assert merged.lookup(0x1030)[3] == END
+
+
+@pytest.mark.host   # the Go toolchain
+def test_a_go_table_too_large_is_refused_once_and_remembered(go_chain: Path) -> None:
+    import subprocess
+
+    proc = subprocess.Popen([str(go_chain), "60"])
+    try:
+        for _ in range(3000):       # until exec has mapped the program's code
+            maps = Path(f"/proc/{proc.pid}/maps").read_text().splitlines()
+            code = [ln for ln in maps if ln.rstrip().endswith(str(go_chain)) and "x" in ln.split()[1]]
+            if code:
+                break
+        start, end = (int(x, 16) for x in code[0].split()[0].split("-"))
+        t = _tables(4000)           # a quarter: 1000 rows; the Go program has about 10 000
+        for _ in range(2):
+            assert t._table_for(proc.pid, start, end, str(go_chain), "") == "full"
+        assert t.stats["tables_too_large"] == 1 and t.stats["go_tables_built"] == 1   # built once
+        assert t._allocator.free_rows == 4000
+        big = _tables(1 << 20)
+        loaded = big._table_for(proc.pid, start, end, str(go_chain), "")
+        assert isinstance(loaded, tuple) and loaded[1].rows > 1000 and big.stats["tables_built"] == 1
+    finally:
+        proc.kill()
+        proc.wait()

@@ -347,6 +347,10 @@ class UnwindTables:
                 table = go_rows
         finally:
             os.close(fd)
+        if len(table) > limit:           # a large Go program: its size is known only once built
+            self._remember_failed(key, "too large")
+            self.stats["tables_too_large"] += 1
+            return "full"
         loaded = self._store(key, table.rows)
         if loaded is None:
             self.stats["tables_full"] += 1
