@@ -140,17 +140,19 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
         for name in ("go", "node"):
             wait_until(lambda name=name: _listening(ports[name]), 30, 0.1, f"{name} server listening")
         cfg = {"report_interval": "1s", "ports": sorted(ports.values())}
-        agent = Agent(tmp, agent_config(collector, {"http": cfg})).start()
+        agent = Agent(tmp, agent_config(collector, {"http": cfg}))
         try:
+            agent.start()
             yield Env(collector, agent, ports, procs, go_client)
             assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
             assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="http") == 0
         finally:
             try:
-                assert agent.stop() == 0, agent.log()[-3000:]
+                assert agent.proc is None or agent.stop() == 0, agent.log()[-3000:]
             finally:
                 collector.stop()
     finally:
+        collector.stop()   # (again: idempotent) also when a server or the agent did not start
         for p in procs.values():
             p.terminate()
             p.wait(10)
