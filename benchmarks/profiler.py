@@ -410,7 +410,8 @@ def run(smoke: bool = False) -> int:
     print(f"bench: profiler rss={rss:.1f} MB")
     py_ok = _python_bench(t)
     go_ok = _go_bench(t)
-    return 0 if rc == 0 and samples1 > samples0 and py_ok and go_ok else 1
+    v8_ok = _v8_bench(t)
+    return 0 if rc == 0 and samples1 > samples0 and py_ok and go_ok and v8_ok else 1
 
 
 def _steady(load_bin: Path, loads: list[subprocess.Popen[bytes]], t: Times, ours: int,
@@ -697,4 +698,90 @@ def _go_bench(t: Times) -> bool:
     print(f"bench: profiler go_chain_share={ours:.1f} %")
     if t.reference:
         print(f"bench: profiler go_chain_share_otel={theirs:.1f} %")
+    return rc == 0 and ours == ours
+
+
+# ---------------------------------------------------------------------------------- Node.js window
+
+V8_CHAIN = ["stage2", "stage1", "dispatch", "runLoop"]
+
+
+def _v8_chain_share(pprof_dir: Path, pid: int, since_ns: int) -> float:
+    """Of the samples whose innermost JS frame is jsHotA or jsHotB: the share (%) showing the whole
+    chain ``stage2 ← stage1 ← dispatch ← runLoop`` right above it."""
+    from receiver.profiling.output.pprof import from_pprof, read_pprof
+
+    total = whole = 0
+    for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):
+        profile = from_pprof(read_pprof(path))
+        if profile.start_unix_nano < since_ns:
+            continue
+        for s in profile.samples:
+            # (pprof keeps no frame type: a JS frame reads back as a source-level frame, no mapping)
+            js = [f.function for f in s.frames if f.mapping is None and f.frame_type != "kernel" and f.file]
+            if s.pid != pid or not js or js[0] not in ("jsHotA", "jsHotB"):
+                continue
+            total += s.count
+            whole += s.count if js[1:1 + len(V8_CHAIN)] == V8_CHAIN else 0
+    return whole / total * 100 if total else float("nan")
+
+
+def _v8_bench(t: Times) -> bool:
+    """The agent profiling one Node.js 20 program started with no flags (tests/profiling/
+    test_v8_e2e.py's 3:1 split under a four-deep chain) and, in the real run, the OpenTelemetry
+    eBPF profiler on the host over the same seconds: the chain share and BPF time per sample."""
+    from tests.harness import Agent, Collector, agent_config
+    from tests.profiling.test_v8_e2e import NODE20, SPLIT_SOURCE
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-v8-"))
+    rc = 1
+    ours, ns = float("nan"), {"ours": float("nan"), "theirs": float("nan")}
+    ref_how = "not run (smoke mode)"
+    try:
+        (workdir / "split.js").write_text(SPLIT_SOURCE)
+        collector = Collector(otelcol_bin(), workdir).start()
+        ref_dir = workdir / "reference"
+        ref_dir.mkdir()
+        ref_collector = Collector(otelcol_bin(), ref_dir).start() if t.reference else None
+        ref: subprocess.Popen[bytes] | None = None
+        load = subprocess.Popen([NODE20, str(workdir / "split.js"), str(workdir / "stop")],
+                                stdout=subprocess.DEVNULL)
+        pprof_dir = workdir / "pprof"
+        agent = Agent(workdir, agent_config(collector, {"profiler": {
+            "preset": "development", "report_interval": t.report_interval, "pprof_dir": str(pprof_dir),
+            "filter": {"pids": [load.pid]}}}))
+        stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+        try:
+            agent.start()
+            assert agent.proc is not None
+            if ref_collector is not None:
+                ref, ref_how = _start_reference(ref_collector, ref_dir)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and agent.metric_value(
+                    "ebpf_receiver_profiler_unwind_tables_total", event="processes_loaded") < 1:
+                time.sleep(0.5)
+            time.sleep(max(t.py_warmup, t.ref_warmup + 15 if ref is not None else 0.0))
+            Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+            since_ns = time.time_ns()
+            ns = _shared_ns_per_sample(agent.proc.pid, ref.pid if ref is not None else None, t.py_measure)
+            _stop_reference(ref)
+            time.sleep(t.report_interval + 1)      # the last interval's pprof file
+            rc = agent.stop()
+            ours = _v8_chain_share(pprof_dir, load.pid, since_ns)
+        finally:
+            _stop_reference(ref)
+            _tear_down(stats_before, [load], agent, collector)
+            if ref_collector is not None:
+                ref_collector.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"profiler, Node.js: agent at 99 Hz filtered to one Node 20 program started with no flags "
+          f"(jsHotA/jsHotB 3:1 under runLoop ← dispatch ← stage1 ← stage2); {t.py_measure:.0f} s measured"
+          + (f"; the OpenTelemetry eBPF profiler on the host over the same seconds ({ref_how})" if t.reference else ""))
+    print(f"  whole JS chain in {ours:.1f} % of hot samples; BPF per sample {ns['ours']:.0f} ns (ours), "
+          f"{ns['theirs']:.0f} ns (OpenTelemetry eBPF profiler, all its samples)")
+    print(f"bench: profiler v8_chain_share={ours:.1f} %")
+    print(f"bench: profiler v8_bpf_ns_per_sample={ns['ours']:.0f} ns")
+    if t.reference:
+        print(f"bench: profiler v8_bpf_ns_vs_otel={ns['ours'] / ns['theirs']:.2f} ratio")
     return rc == 0 and ours == ours
