@@ -10,7 +10,8 @@ RUNTIME_PKGS=(python3 python3-venv python3-bpfcc libbpfcc iproute2 ca-certificat
 # through tracepoint fields and helpers (never through struct layouts).
 HEADER_PKGS=(linux-headers-amd64)
 # systemd for systemd-analyze (the unit file test), prometheus for promtool and the scrape test.
-TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip linux-perf bpftool systemd openssl util-linux)
+TEST_PKGS=(prometheus golang-go make gcc g++ libc6-dev curl unzip linux-perf bpftool systemd openssl util-linux
+           nginx-light wrk nodejs)
 # The deployment test (tests/test_deploy_compose.py): Debian's Docker engine, debootstrap for a
 # base image where no registry answers, bpftool to list loaded BPF programs.
 DOCKER_PKGS=(docker.io debootstrap bpftool)
