@@ -31,6 +31,7 @@ from .harness import REPO, Collector, attributes, fail_or_skip, wait_until
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
 
 CLUSTER = REPO / "deploy" / "scripts" / "k8s-cluster.py"
+STATE = Path(os.environ.get("K8S_STATE", "/run/ebpf-otlp-receiver-k8s"))
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 SHIPPED_GATEWAY_IMAGE = "otel/opentelemetry-collector-contrib:0.159.0"
 SHIPPED_AGENT_IMAGE = "ebpf-otlp-receiver:0.1.0"
@@ -107,7 +108,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         images = {SHIPPED_GATEWAY_IMAGE: next(i for i in loaded if "otelcol-gateway" in i),
                   SHIPPED_AGENT_IMAGE: next(i for i in loaded if i.startswith("ebpf-otlp-receiver:"))}
         kubectl = [str(Path(_script("build", timeout=60)) / "kubectl"), f"--kubeconfig={kubeconfig}"]
-        host_ip = Path(os.environ.get("K8S_STATE", "/run/ebpf-otlp-receiver-k8s"), "host-ip").read_text().strip()
+        host_ip = (STATE / "host-ip").read_text().strip()
         collector = Collector(otelcol, work)
         port = collector.port
         collector.start({"OTELCOL_OTLP_GRPC_ENDPOINT": f"0.0.0.0:{port}"})
@@ -181,19 +182,30 @@ def test_agent_ready_with_exactly_its_capabilities(cluster: Cluster) -> None:
     up = {line.split("{")[1].split("}")[0]: line.rsplit(" ", 1)[1] for line in metrics.splitlines()
           if line.startswith("ebpf_receiver_source_up{")}
     assert up and all(v in ("1", "1.0") for v in up.values()), up
-    # Exactly the documented capabilities, in every thread of every process of the container.
+    # The runtime granted exactly the documented set (the OCI spec containerd gave runc) ...
+    cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    info = json.loads(subprocess.run(["ctr", "-a", str(STATE / "containerd" / "containerd.sock"), "-n", "k8s.io",
+                                      "containers", "info", cid], capture_output=True, text=True,
+                                     timeout=60, check=True).stdout)
+    granted = info["Spec"]["process"]["capabilities"]
+    want = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_SYSLOG"}
+    for kind in ("bounding", "permitted", "effective"):
+        assert set(granted.get(kind) or []) == want, (kind, granted)
+    assert not granted.get("inheritable") and not granted.get("ambient"), granted
+    # ... and no thread of any process in the container holds more (the agent drops some of
+    # them after start, docs/operations.md: every set only shrinks).
     pids = _pod_pids(uid)
     assert pids, f"no processes of pod {uid}"
-    seen = 0
-    for pid in pids:
-        for t in _caps(pid):
-            seen += 1
-            assert t["CapBnd"] == AGENT_CAPS, f"pid {pid} bounding set {t['CapBnd']:#x}"
-            assert t["CapEff"] in (AGENT_CAPS, 0) and t["CapPrm"] in (AGENT_CAPS, 0), (pid, t)
-            assert t["CapInh"] == 0 and t["CapAmb"] == 0, (pid, t)
+    threads = [(pid, t) for pid in pids for t in _caps(pid)]
+    assert len(threads) > 1
+    for pid, t in threads:
+        for k in ("CapPrm", "CapEff", "CapBnd"):
+            assert t[k] & ~AGENT_CAPS == 0, f"pid {pid} {k} {t[k]:#x}"
+        assert t["CapInh"] == 0 and t["CapAmb"] == 0, (pid, t)
     agent = [p for p in pids if b"ebpf-otlp-receiver" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert agent and all(t["CapEff"] == AGENT_CAPS for p in agent for t in _caps(p)), agent
-    assert seen > 1
+    assert agent, pids
+    # CAP_SYS_PTRACE (process identity, symbolization) is kept in every thread of the agent.
+    assert all(t["CapEff"] & (1 << 19) for p in agent for t in _caps(p)), agent
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
 
 

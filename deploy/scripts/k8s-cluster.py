@@ -24,6 +24,7 @@ import argparse
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -375,6 +376,27 @@ def _cgroups() -> None:
                 pass
 
 
+def _iptables_cleanup() -> None:
+    """The kubelet's, kube-proxy's and the CNI bridge's chains (KUBE-*, CNI-* of this cluster's
+    network) and the rules jumping to them."""
+    for table in ("filter", "nat", "mangle"):
+        dump = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True, check=False).stdout
+        chains = [ln[1:].split()[0] for ln in dump.splitlines()
+                  if ln.startswith((":KUBE-", ":CNI-"))]
+        ours = set(chains)
+        for ln in dump.splitlines():
+            if not ln.startswith("-A "):
+                continue
+            parts = shlex.split(ln)
+            target = parts[parts.index("-j") + 1] if "-j" in parts else ""
+            if parts[1] not in ours and (target in ours or "ebpf-k8s" in ln):
+                subprocess.run(["iptables", "-t", table, "-D", *parts[1:]], capture_output=True, check=False)
+        for chain in chains:
+            subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True, check=False)
+        for chain in chains:
+            subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True, check=False)
+
+
 def down(args: argparse.Namespace, quiet: bool = False) -> None:
     if not STATE.exists():
         return
@@ -408,17 +430,7 @@ def down(args: argparse.Namespace, quiet: bool = False) -> None:
     for ns in Path("/var/run/netns").glob("cni-*"):
         subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True, check=False)
     subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
-    rules = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True, check=False).stdout
-    for line in rules.splitlines():
-        if "ebpf-k8s" in line and line.startswith("-A POSTROUTING"):
-            subprocess.run(["iptables", "-t", "nat", "-D", *line.split()[1:]], capture_output=True, check=False)
-    for line in rules.splitlines():
-        if line.startswith(":CNI-") :
-            chain = line[1:].split()[0]
-            subprocess.run(["iptables", "-t", "nat", "-F", chain], capture_output=True, check=False)
-            subprocess.run(["iptables", "-t", "nat", "-X", chain], capture_output=True, check=False)
-    for table in ("filter", "nat", "mangle"):
-        subprocess.run(["iptables", "-t", table, "-F", "KUBE-FIREWALL"], capture_output=True, check=False)
+    _iptables_cleanup()
     _umount_under(STATE)
     _cgroups()
     shutil.rmtree(STATE, ignore_errors=True)
