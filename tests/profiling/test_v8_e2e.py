@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import wait_until
+from ..harness import Agent, Collector, agent_config, wait_until
 from .test_unwind_e2e import Profiled, profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -312,3 +312,58 @@ def test_worker_thread_frames(bpf_ok: None, tmp_path: Path) -> None:
     assert hot >= 150, (hot, stats)
     assert whole / hot >= 0.95, (whole, hot, stats)
     assert os.path.exists(stop)
+
+
+def test_collector_receives_v8js_frames(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
+    """The agent's profiles reach the real Collector with JavaScript frames typed ``v8js`` (named,
+    with script and line), and the self-metric counts them resolved."""
+    script = tmp_path / "split.js"
+    script.write_text(SPLIT_SOURCE)
+    stop = tmp_path / "stop"
+    defs = _defs(SPLIT_SOURCE)
+    proc = subprocess.Popen([NODE20, str(script), str(stop)], stdout=subprocess.DEVNULL)
+    try:
+        cfg = {"preset": "development", "report_interval": "2s", "filter": {"pids": [proc.pid]}}
+        agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
+        try:
+            def js_frames() -> list[tuple[str, str, int]]:
+                got = _otlp_frames(collector, "v8js")
+                return got if sum(1 for name, _, _ in got if name == "jsHotA") >= 20 else []
+
+            frames = wait_until(js_frames, 90, 0.5, "v8js frames in profiles.jsonl")
+            assert agent.metric_value("ebpf_receiver_profiler_javascript_frames_total", result="resolved") > 0
+        finally:
+            assert agent.stop() == 0
+    finally:
+        stop.touch()
+        proc.kill()
+        proc.wait()
+    for name in ("jsHotA", "stage2", "stage1", "dispatch", "runLoop"):
+        assert (name, str(script), defs[name]) in frames, (name, sorted(set(frames))[:20])
+
+
+def _otlp_frames(collector: Collector, kind: str) -> list[tuple[str, str, int]]:
+    """(function, file, line) of every location the Collector wrote with profile.frame.type
+    ``kind``, decoded through each request's dictionary."""
+    out = []
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
+        attrs = d.get("attributeTable", [])
+        for loc in d.get("locationTable", []):
+            kinds = set()
+            for i in loc.get("attributeIndices", []):
+                kv = attrs[i]
+                key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
+                value = kv.get("value", {})
+                value = strings[value["stringValueStrindex"]] if "stringValueStrindex" in value \
+                    else value.get("stringValue")
+                if key == "profile.frame.type":
+                    kinds.add(value)
+            if kinds != {kind}:
+                continue
+            for line in loc.get("lines", []):
+                f = funcs[line.get("functionIndex", 0)]
+                out.append((strings[f.get("nameStrindex", 0)], strings[f.get("filenameStrindex", 0)],
+                            int(line.get("line", 0))))
+    return out
