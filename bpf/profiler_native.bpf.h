@@ -173,6 +173,10 @@ static __always_inline void walk_step(struct unwind_state *ws, struct unwind_sta
 #endif
     ws->n = i + 1;
     u64 ra = 0;
+#ifdef JIT_WALKER_SLOT   /* a runtime whose JIT code keeps no frame pointer steps it itself (HotSpot) */
+    if (kind == UNWIND_RULE_FRAME_POINTER && ws->rt.runtime == JIT_WALKER_SLOT)
+        return;
+#endif
     if (kind == UNWIND_RULE_FRAME_POINTER) {   /* no table: frame pointers */
         /* lower address first: the window reads upwards */
         u64 saved = 0;

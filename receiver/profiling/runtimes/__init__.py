@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .base import RecordedFrames, Region, Runtime, Runtimes, slot_of
 from .cpython import CPython
+from .hotspot import HotSpot
 from .v8 import V8
 
 __all__ = ["RUNTIMES", "Runtime", "Runtimes", "Region", "RecordedFrames", "slot_of"]
@@ -17,4 +18,5 @@ __all__ = ["RUNTIMES", "Runtime", "Runtimes", "Region", "RecordedFrames", "slot_
 RUNTIMES: tuple[type[Runtime], ...] = (
     CPython,
     V8,
+    HotSpot,
 )

@@ -1,0 +1,237 @@
+/* HotSpot (JVM) Java frames (receiver/profiling/runtimes/hotspot.py): a runtime walker, inlined
+ * into profiler.bpf.c after the native walker when Java frames are on.
+ *
+ * HotSpot's compiled code keeps no frame pointer, so the native walker stops at the first frame in
+ * a mapping without a table when the process is a JVM (JIT_WALKER_SLOT) and hands the frame here
+ * with its ip/sp/bp. This walker then steps through the code cache itself:
+ *   - a pc in the interpreter: an interpreted frame keeps rbp; its Method* is at
+ *     rbp - interp_method*8 and its bytecode pointer at rbp - interp_bcp*8 (bci = bcp - the
+ *     ConstMethod's end); the caller's sp is the sender sp the frame saved (rbp - 8), its return
+ *     address at rbp + 8, its rbp at rbp;
+ *   - any other pc: its CodeBlob, found by the code heap's segment map (at most
+ *     HOTSPOT_SEGMAP_STEPS back-steps); a blob with a frame size (compiled methods, runtime stubs)
+ *     is left by sp += frame_size * 8, the return address at sp - 8 and the saved rbp at sp - 16;
+ *     one without (the call stub, adapters) by its rbp. An nmethod (its tag word matches) records
+ *     its Method*.
+ * Each Java frame is recorded as (Method*, its native frame's index << HOTSPOT_AUX_INDEX_SHIFT |
+ * bci, or HOTSPOT_NO_BCI for a compiled frame). Recording the Method* at sample time keeps a
+ * recompiled, deoptimized or flushed nmethod from naming another method later. When a return
+ * address leaves the code cache the walk goes back to the native walker (JNI, the VM, the
+ * launcher), which hands it here again at the next Java frame. All offsets come from the JVM's
+ * own gHotSpotVM* tables. */
+
+#define HOTSPOT_FRAMES_PER_CALL 8     /* frames one walk_hotspot call steps */
+#define HOTSPOT_SEGMAP_STEPS 16       /* segment-map back-steps to a blob's start */
+#define HOTSPOT_HEAPS 3               /* code heaps (segmented code cache: 3) */
+#define HOTSPOT_AUX_INDEX_SHIFT 24    /* rt_aux: native frame index above, bci below */
+#define HOTSPOT_NO_BCI 0xffffff       /* rt_aux's bci part: a compiled frame (pc not mapped yet) */
+#define HOTSPOT_CURSOR_GOING 2        /* rt_cursor: a walk in progress */
+
+struct hotspot_process {
+    __u64 cache_low;           /* CodeCache::_low_bound .. _high_bound */
+    __u64 cache_high;
+    __u64 interp_low;          /* the interpreter's code: AbstractInterpreter::_code's buffer */
+    __u64 interp_high;
+    __u64 nmethod_tag;         /* an nmethod's word at tag_offset, masked (JDK 17: its _name; 23+: _kind) */
+    __u64 tag_mask;
+    __u16 tag_offset;
+    __u16 frame_size;          /* CodeBlob::_frame_size (int, words) */
+    __u16 nmethod_method;      /* nmethod::_method */
+    __u16 const_method;        /* Method::_constMethod */
+    __u16 const_method_size;   /* sizeof(ConstMethod): the bytecodes follow it */
+    __u16 heap_block_size;     /* sizeof(HeapBlock): the blob follows it */
+    __u8 interp_method;        /* interpreter frame slots, in words below rbp */
+    __u8 interp_bcp;
+    __u8 interp_sender_sp;
+    __u8 pad;
+};
+_Static_assert(sizeof(struct hotspot_process) <= RUNTIME_DATA_BYTES, "hotspot_process must fit runtime_process.data");
+MIRROR(hotspot_process);
+
+/* A JVM's code heaps (fixed at its start): [low, high) each, its segment map and segment size. */
+struct hotspot_heaps {
+    __u64 low[HOTSPOT_HEAPS];
+    __u64 high[HOTSPOT_HEAPS];
+    __u64 segmap[HOTSPOT_HEAPS];
+    __u8 log2_segment[HOTSPOT_HEAPS];
+    __u8 count;
+    __u8 pad[4];
+};
+BPF_HASH(hotspot_heaps, u32, struct hotspot_heaps, UNWIND_PROCESSES);
+MIRROR(hotspot_heaps);
+
+/* hotspot_stats[] slots */
+#define HOTSPOT_STAT_WALKED 0         /* walks of JVM samples that reached Java code */
+#define HOTSPOT_STAT_INTERPRETED 1    /* interpreted frames recorded */
+#define HOTSPOT_STAT_COMPILED 2       /* compiled frames recorded */
+#define HOTSPOT_STAT_STUBS 3          /* stub frames stepped (call stub, adapters, runtime stubs) */
+#define HOTSPOT_STAT_NO_BLOB 4        /* a pc in the code cache without a blob (free, or a bad map) */
+#define HOTSPOT_STAT_BAD_FRAME 5      /* a frame that could not be read or left */
+#define HOTSPOT_STAT_HANDED_BACK 6    /* walks handed back to the native walker below Java code */
+#define HOTSPOT_STAT_TRUNCATED 7      /* walks cut short (depth, tail calls) */
+#define HOTSPOT_STATS 8
+
+BPF_PERCPU_ARRAY(hotspot_stats, u64, HOTSPOT_STATS);
+
+static __always_inline void count_hotspot(int slot) {
+    u64 *n = hotspot_stats.lookup(&slot);
+    if (n)
+        (*n)++;
+}
+
+/* The CodeBlob holding pc (a code heap's segment map walked back to the block's start), or 0. */
+static __always_inline u64 hotspot_blob(struct hotspot_process *hs, struct hotspot_heaps *heaps, u64 pc) {
+    #pragma clang loop unroll(disable)
+    for (int h = 0; h < HOTSPOT_HEAPS; h++) {
+        if (h >= heaps->count)
+            break;
+        if (pc < heaps->low[h] || pc >= heaps->high[h])
+            continue;
+        u8 shift = heaps->log2_segment[h] & 63;
+        u64 idx = (pc - heaps->low[h]) >> shift;
+        u64 segmap = heaps->segmap[h];
+        #pragma clang loop unroll(disable)
+        for (int s = 0; s < HOTSPOT_SEGMAP_STEPS; s++) {
+            u8 tag = 0xff;
+            if (bpf_probe_read_user(&tag, 1, (void *)(segmap + idx)) || tag == 0xff)
+                return 0;
+            if (tag == 0)
+                return heaps->low[h] + (idx << shift) + hs->heap_block_size;
+            if (tag > idx)
+                return 0;
+            idx -= tag;
+        }
+        return 0;
+    }
+    return 0;
+}
+
+/* One frame: the one at ws->ip/sp/bp (native index ws->n - 1, in the code cache). Records it if it
+ * is Java's, then finds its caller. Returns 0 when the caller is in the code cache too (appended),
+ * 1 when the walk ends here, 2 when the caller is native code (the native walker takes it). */
+static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_stack *st,
+                                        struct hotspot_process *hs, struct hotspot_heaps *heaps) {
+    u32 i = ws->n - 1;
+    u64 pc = ws->ip, sp = ws->sp, bp = ws->bp;
+    u64 at = i ? pc - 1 : pc;
+    u64 ra = 0, caller_sp = 0, caller_bp = 0;
+    if (at >= hs->interp_low && at < hs->interp_high) {      /* an interpreted frame */
+        u64 method = 0, bcp = 0, cm = 0;
+        if (!bp || bpf_probe_read_user(&method, 8, (void *)(bp - (u64)hs->interp_method * 8)) ||
+            bpf_probe_read_user(&bcp, 8, (void *)(bp - (u64)hs->interp_bcp * 8)) ||
+            bpf_probe_read_user(&caller_sp, 8, (void *)(bp - (u64)hs->interp_sender_sp * 8)) ||
+            bpf_probe_read_user(&caller_bp, 8, (void *)bp) || bpf_probe_read_user(&ra, 8, (void *)(bp + 8))) {
+            count_hotspot(HOTSPOT_STAT_BAD_FRAME);
+            return 1;
+        }
+        u32 bci = HOTSPOT_NO_BCI;
+        if (method && !bpf_probe_read_user(&cm, 8, (void *)(method + hs->const_method))) {
+            u64 off = bcp - cm - hs->const_method_size;
+            if (bcp > cm && off < 0x10000)
+                bci = (u32)off;
+        }
+        if (method && runtime_record(ws, st, method, (i & PROF_DEPTH_MASK) << HOTSPOT_AUX_INDEX_SHIFT | bci) == 0)
+            count_hotspot(HOTSPOT_STAT_INTERPRETED);
+    } else {
+        u64 blob = hotspot_blob(hs, heaps, at);
+        s32 frame_size = 0;
+        u64 tag = 0;
+        if (!blob) {
+            count_hotspot(HOTSPOT_STAT_NO_BLOB);
+            return 1;
+        }
+        if (bpf_probe_read_user(&frame_size, 4, (void *)(blob + hs->frame_size)) ||
+            bpf_probe_read_user(&tag, 8, (void *)(blob + hs->tag_offset))) {
+            count_hotspot(HOTSPOT_STAT_BAD_FRAME);
+            return 1;
+        }
+        if ((tag & hs->tag_mask) == hs->nmethod_tag) {       /* a compiled Java method */
+            u64 method = 0;
+            if (!bpf_probe_read_user(&method, 8, (void *)(blob + hs->nmethod_method)) && method &&
+                runtime_record(ws, st, method, (i & PROF_DEPTH_MASK) << HOTSPOT_AUX_INDEX_SHIFT | HOTSPOT_NO_BCI) == 0)
+                count_hotspot(HOTSPOT_STAT_COMPILED);
+        } else {
+            count_hotspot(HOTSPOT_STAT_STUBS);
+        }
+        if (frame_size > 0 && frame_size < 0x10000) {        /* no frame pointer: the blob's frame size */
+            caller_sp = sp + (u64)frame_size * 8;
+            if (read_stack(ws, caller_sp - 16, &caller_bp) || read_stack(ws, caller_sp - 8, &ra)) {
+                count_hotspot(HOTSPOT_STAT_BAD_FRAME);
+                return 1;
+            }
+        } else {                                             /* the call stub, adapters: by rbp */
+            if (!bp || bpf_probe_read_user(&caller_bp, 8, (void *)bp) ||
+                bpf_probe_read_user(&ra, 8, (void *)(bp + 8))) {
+                count_hotspot(HOTSPOT_STAT_BAD_FRAME);
+                return 1;
+            }
+            caller_sp = bp + 16;
+        }
+    }
+    if (ra == 0) {
+        st->truncated = 0;
+        return 1;
+    }
+    ws->ip = ra;
+    ws->sp = caller_sp;
+    ws->bp = caller_bp;
+    if (ra - 1 < hs->cache_low || ra - 1 >= hs->cache_high)
+        return 2;
+    u32 n = ws->n;
+    if (n >= PROF_MAX_DEPTH)
+        return 1;
+    st->ips[n & PROF_DEPTH_MASK] = ra;
+    ws->n = n + 1;
+    return 0;
+}
+
+/* Steps HOTSPOT_FRAMES_PER_CALL frames per call, tail-calling itself; then ends the walk or hands
+ * it back to the native walker. */
+int walk_hotspot(struct bpf_perf_event_data *ctx) {
+    struct unwind_state *ws = walk_state();
+    struct unwind_stack *st = walk_stack();
+    if (!ws || !st)
+        return 0;
+    struct hotspot_process *hs = (struct hotspot_process *)ws->rt.data;
+    struct hotspot_heaps *heaps = hotspot_heaps.lookup(&ws->key.pid);
+    u32 n = ws->n;
+    u64 at = n > 1 ? ws->ip - 1 : ws->ip;
+    int more = heaps && st->truncated && ws->done && n && at >= hs->cache_low && at < hs->cache_high;
+    /* a return address into code the native walker had no mapping for (code cache committed after
+     * the mappings were read): not recorded by it, so it is this walker's first frame */
+    if (more && ws->rt_cursor == RUNTIME_CURSOR_START && st->ips[(n - 1) & PROF_DEPTH_MASK] != ws->ip) {
+        if (n >= PROF_MAX_DEPTH)
+            more = 0;
+        else {
+            st->ips[n & PROF_DEPTH_MASK] = ws->ip;
+            ws->n = n + 1;
+        }
+    }
+    if (more && ws->rt_cursor == RUNTIME_CURSOR_START)
+        count_hotspot(HOTSPOT_STAT_WALKED);
+    int r = 1;
+    if (more) {
+        #pragma clang loop unroll(disable)
+        for (int k = 0; k < HOTSPOT_FRAMES_PER_CALL; k++) {
+            r = hotspot_step(ws, st, hs, heaps);
+            if (r)
+                break;
+        }
+    }
+    if (more && r == 0) {                   /* frames left: go on in the next call */
+        ws->rt_cursor = HOTSPOT_CURSOR_GOING;
+        runtime_continue(ctx, ws);          /* returns only at the tail-call limit */
+        st->rt_truncated = 1;
+        count_hotspot(HOTSPOT_STAT_TRUNCATED);
+    } else if (more && r == 2) {
+        ws->done = 0;
+        st->truncated = 1;
+        count_hotspot(HOTSPOT_STAT_HANDED_BACK);
+        unwind_programs.call(ctx, UNWIND_NATIVE_SLOT);   /* returns only at the tail-call limit */
+        st->rt_truncated = 1;
+        count_hotspot(HOTSPOT_STAT_TRUNCATED);
+    }
+    st->len = ws->n > PROF_MAX_DEPTH ? PROF_MAX_DEPTH : ws->n;
+    finish_walk(ctx, ws, st);
+    return 0;
+}

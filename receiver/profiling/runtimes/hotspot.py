@@ -1,0 +1,622 @@
+"""HotSpot (JVM) Java frames in CPU profiles: which processes run HotSpot, the offsets of their
+build (read from the JVM's own ``gHotSpotVM*`` tables, as the Serviceability Agent does), and what
+the recorded methods are called.
+
+A runtime of the profiler (``Runtime``, runtimes/base.py). The kernel walk (``walk_hotspot`` in
+bpf/runtimes/hotspot.bpf.h) steps through the code cache (interpreted frames by rbp, compiled
+frames and stubs by their CodeBlob's frame size, found through the code heap's segment map) and
+records, per Java frame, its Method* and (native frame index, bci) as aux. Here:
+
+* ``read_vm_structs`` reads libjvm's exported tables (gHotSpotVMStructs, gHotSpotVMTypes,
+  gHotSpotVMIntConstants and their entry layouts) from the live process's memory: field offsets,
+  static addresses, type sizes and constants. No number per JDK build is kept here.
+* ``find_hotspot`` builds the kernel's ``HotSpotProcess`` (code cache, interpreter, offsets) and
+  ``HotSpotHeaps`` (the code heaps and their segment maps) for a process that maps libjvm.so.
+* ``read_method`` names a Method* from /proc/PID/mem: its class (ConstantPool::_pool_holder's
+  Klass::_name), name and signature (the constant pool's symbols), and source file. The method
+  is checked on the way (the holder's constant pool is the method's), so a pointer to freed or
+  reused metadata is left unnamed (counted), never named as another method.
+
+Supported: HotSpot of JDK 17 to JDK 25 on x86-64 (tested with Debian's OpenJDK 17 and Temurin
+25). Not done yet (stage 2): methods C2 inlined as frames of their own, and source lines (the
+line number table for interpreted frames, the debug info's pc descs for compiled ones).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...config import CachesConfig, ProfilerSourceConfig
+from ...kernel.bcc import header_defines, header_enum
+from ..model import Frame
+from ..work_queue import QueueWorker
+from .base import RecordedFrames, Region, Runtime
+from .v8 import dynamic_symbols_with_prefix
+
+__all__ = ["HotSpot", "HotSpotProcess", "HotSpotHeaps", "VMStructs", "read_vm_structs", "find_hotspot",
+           "read_method", "MethodInfo", "UnsupportedHotSpot", "pretty_signature"]
+
+log = logging.getLogger(__name__)
+
+BPF_HEADER = "runtimes/hotspot.bpf.h"
+_D = header_defines(BPF_HEADER)
+AUX_INDEX_SHIFT = _D["HOTSPOT_AUX_INDEX_SHIFT"]
+NO_BCI = _D["HOTSPOT_NO_BCI"]
+HEAPS = _D["HOTSPOT_HEAPS"]
+MAX_METHODS = 16384            # Method*s kept named, all processes together
+MAX_FILES = 16                 # libjvm builds whose tables are cached
+MAX_ENTRIES = 20000            # entries read from one gHotSpotVM* table at most
+MAX_SYMBOL = 4096              # longest symbol read
+MAX_BLOCKS_SCANNED = 4096      # code heap blocks looked at for an nmethod (JDK 17: its _name)
+REVALIDATE_S = 1.0             # a cached method is checked again at most this often
+QUEUE_SIZE = 8192
+PREFIX = b"gHotSpot"
+
+
+class UnsupportedHotSpot(Exception):
+    """A HotSpot build (or state) this reader does not handle: a table or field missing."""
+
+
+class HotSpotProcess(ctypes.Structure):
+    """Mirror of ``struct hotspot_process`` (bpf/runtimes/hotspot.bpf.h)."""
+
+    _fields_ = [("cache_low", ctypes.c_uint64), ("cache_high", ctypes.c_uint64),
+                ("interp_low", ctypes.c_uint64), ("interp_high", ctypes.c_uint64),
+                ("nmethod_tag", ctypes.c_uint64), ("tag_mask", ctypes.c_uint64),
+                ("tag_offset", ctypes.c_uint16), ("frame_size", ctypes.c_uint16),
+                ("nmethod_method", ctypes.c_uint16), ("const_method", ctypes.c_uint16),
+                ("const_method_size", ctypes.c_uint16), ("heap_block_size", ctypes.c_uint16),
+                ("interp_method", ctypes.c_uint8), ("interp_bcp", ctypes.c_uint8),
+                ("interp_sender_sp", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class HotSpotHeaps(ctypes.Structure):
+    """Mirror of ``struct hotspot_heaps``: a JVM's code heaps and their segment maps."""
+
+    _fields_ = [("low", ctypes.c_uint64 * HEAPS), ("high", ctypes.c_uint64 * HEAPS),
+                ("segmap", ctypes.c_uint64 * HEAPS), ("log2_segment", ctypes.c_uint8 * HEAPS),
+                ("count", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 4)]
+
+
+class _Mem:
+    """Reads a process's memory through one open /proc/PID/mem."""
+
+    def __init__(self, pid: int) -> None:
+        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def read(self, address: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, address)
+        if len(data) != size:
+            raise ValueError(f"short read at {address:#x}")
+        return data
+
+    def u64(self, a: int) -> int:
+        return int(struct.unpack("<Q", self.read(a, 8))[0])
+
+    def i32(self, a: int) -> int:
+        return int(struct.unpack("<i", self.read(a, 4))[0])
+
+    def u16(self, a: int) -> int:
+        return int(struct.unpack("<H", self.read(a, 2))[0])
+
+    def cstr(self, a: int, limit: int = 256) -> str:
+        data = os.pread(self.fd, limit, a)
+        end = data.find(b"\0")
+        if end < 0:
+            raise ValueError("unterminated string")
+        return data[:end].decode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
+class VMStructs:
+    """One JVM's tables: (type, field) → offset (or a static field's address), type → size, and
+    the integer and long constants."""
+
+    fields: dict[tuple[str, str], int]
+    statics: dict[tuple[str, str], int]
+    sizes: dict[str, int]
+    constants: dict[str, int]
+
+    def field(self, type_name: str, *names: str) -> int:
+        for name in names:
+            if (type_name, name) in self.fields:
+                return self.fields[(type_name, name)]
+        raise UnsupportedHotSpot(f"no {type_name}::{names[0]} in gHotSpotVMStructs")
+
+    def static(self, type_name: str, name: str) -> int:
+        if (type_name, name) not in self.statics:
+            raise UnsupportedHotSpot(f"no static {type_name}::{name} in gHotSpotVMStructs")
+        return self.statics[(type_name, name)]
+
+    def size(self, type_name: str) -> int:
+        if type_name not in self.sizes:
+            raise UnsupportedHotSpot(f"no type {type_name} in gHotSpotVMTypes")
+        return self.sizes[type_name]
+
+
+def read_vm_structs(mem: _Mem, symbols: dict[bytes, int], bias: int) -> VMStructs:
+    """The tables of the libjvm whose gHotSpot* symbols are ``symbols`` (ELF addresses, loaded at
+    ``bias``), read from the process's memory."""
+    def sym(name: str) -> int:
+        key = PREFIX + name.encode()
+        if key not in symbols:
+            raise UnsupportedHotSpot(f"libjvm exports no gHotSpot{name}")
+        return symbols[key] + bias
+
+    def layout(name: str) -> int:
+        return mem.u64(sym(name))
+
+    def entries(table: str, entry: str, names: Sequence[str]) -> list[dict[str, int]]:
+        base = mem.u64(sym(table))
+        stride = layout(f"{entry}ArrayStride")
+        offs = {n: layout(f"{entry}{n}Offset") for n in names}
+        span = max(offs.values()) + 8
+        out = []
+        for i in range(MAX_ENTRIES):
+            raw = mem.read(base + i * stride, span)
+            row = {n: int(struct.unpack_from("<Q", raw, o)[0]) for n, o in offs.items()}
+            if not row[names[0]]:
+                return out
+            out.append(row)
+        raise UnsupportedHotSpot(f"gHotSpot{table}: no end within {MAX_ENTRIES} entries")
+
+    fields: dict[tuple[str, str], int] = {}
+    statics: dict[tuple[str, str], int] = {}
+    for row in entries("VMStructs", "VMStructEntry", ("TypeName", "FieldName", "IsStatic", "Offset", "Address")):
+        key = (mem.cstr(row["TypeName"]), mem.cstr(row["FieldName"]))
+        if row["IsStatic"] & 0xFFFFFFFF:
+            statics[key] = row["Address"]
+        else:
+            fields[key] = row["Offset"]
+    sizes = {mem.cstr(row["TypeName"]): row["Size"]
+             for row in entries("VMTypes", "VMTypeEntry", ("TypeName", "Size"))}
+    constants: dict[str, int] = {}
+    for row in entries("VMIntConstants", "VMIntConstantEntry", ("Name", "Value")):
+        v = row["Value"] & 0xFFFFFFFF
+        constants[mem.cstr(row["Name"])] = v - (1 << 32) if v >= 1 << 31 else v
+    return VMStructs(fields, statics, sizes, constants)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The offsets naming a Method* needs."""
+
+    const_method: int           # Method::_constMethod
+    constants: int              # ConstMethod::_constants
+    name_index: int             # ConstMethod::_name_index (u2)
+    signature_index: int        # ConstMethod::_signature_index (u2)
+    pool_holder: int            # ConstantPool::_pool_holder
+    pool_length: int            # ConstantPool::_length (int)
+    pool_size: int              # sizeof(ConstantPool): the entries follow it
+    source_file_index: int      # ConstantPool::_source_file_name_index (u2)
+    klass_constants: int        # InstanceKlass::_constants
+    klass_name: int             # Klass::_name
+    symbol_length: int          # Symbol::_length (u2)
+    symbol_body: int            # Symbol::_body
+
+
+@dataclass(frozen=True, slots=True)
+class JVM:
+    """What is kept per JVM process."""
+
+    entry: HotSpotProcess
+    heaps: HotSpotHeaps
+    layout: _Layout
+
+
+def _symbols(pid: int, start: int, end: int, path: str, build_id: str,
+             cache: OrderedDict[Hashable, dict[bytes, int]]) -> dict[bytes, int]:
+    key: Hashable = build_id or path
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    found: dict[bytes, int] = {}
+    for candidate in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            found = dynamic_symbols_with_prefix(fd, PREFIX)
+            break
+        except (OSError, ValueError, struct.error):
+            continue
+        finally:
+            os.close(fd)
+    cache[key] = found
+    while len(cache) > MAX_FILES:
+        cache.popitem(last=False)
+    return found
+
+
+def _nmethod_name(mem: _Mem, vm: VMStructs, heaps: HotSpotHeaps, block: int) -> int:
+    """JDK 17 (no CodeBlob::_kind): the address of the name every nmethod carries ("nmethod"),
+    from the first nmethod found in the code heaps (0 when there is none yet)."""
+    name_off = vm.field("CodeBlob", "_name")
+    length_off = vm.field("HeapBlock::Header", "_length")
+    used_off = vm.field("HeapBlock::Header", "_used")
+    seen = 0
+    for h in range(heaps.count):
+        at, high, shift = heaps.low[h], heaps.high[h], heaps.log2_segment[h]
+        while at < high and seen < MAX_BLOCKS_SCANNED:
+            seen += 1
+            length = mem.u64(at + length_off) & 0xFFFFFFFF
+            if length == 0:
+                break
+            if mem.read(at + used_off, 1) != b"\0":
+                name = mem.u64(at + block + name_off)
+                try:
+                    if name and mem.cstr(name, 16) == "nmethod":
+                        return name
+                except (OSError, ValueError):
+                    pass
+            at += length << shift
+    return 0
+
+
+def find_hotspot(pid: int, regions: Sequence[Region],
+                 cache: OrderedDict[Hashable, dict[bytes, int]]) -> JVM | None:
+    """The HotSpot entries of ``pid`` when it maps a libjvm exporting gHotSpotVMStructs, else None.
+    Raises ``UnsupportedHotSpot`` for a build (or a JVM not started far enough) it cannot walk."""
+    for start, end, bias, path, build_id, anonymous in regions:
+        if anonymous or bias is None or not path.endswith("/libjvm.so"):
+            continue
+        symbols = _symbols(pid, start, end, path, build_id, cache)
+        if PREFIX + b"VMStructs" not in symbols:
+            continue
+        mem = _Mem(pid)
+        try:
+            return _jvm(mem, read_vm_structs(mem, symbols, bias))
+        finally:
+            mem.close()
+    return None
+
+
+def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
+    heaps_array = mem.u64(vm.static("CodeCache", "_heaps"))
+    if not heaps_array:
+        raise UnsupportedHotSpot("code cache not initialised yet")
+    count = mem.i32(heaps_array + vm.field("GrowableArrayBase", "_len"))
+    data = mem.u64(heaps_array + vm.field("GrowableArray<int>", "_data"))
+    if not 0 < count <= HEAPS:
+        raise UnsupportedHotSpot(f"{count} code heaps")
+    memory, segmap = vm.field("CodeHeap", "_memory"), vm.field("CodeHeap", "_segmap")
+    low_b, high_b = vm.field("VirtualSpace", "_low_boundary"), vm.field("VirtualSpace", "_high_boundary")
+    log2 = vm.field("CodeHeap", "_log2_segment_size")
+    heaps = HotSpotHeaps()
+    heaps.count = count
+    for h in range(count):
+        heap = mem.u64(data + 8 * h)
+        heaps.low[h] = mem.u64(heap + memory + low_b)
+        heaps.high[h] = mem.u64(heap + memory + high_b)
+        heaps.segmap[h] = mem.u64(heap + segmap + low_b)
+        heaps.log2_segment[h] = mem.i32(heap + log2)
+    code = mem.u64(vm.static("AbstractInterpreter", "_code"))
+    if not code:
+        raise UnsupportedHotSpot("interpreter not generated yet")
+    interp_low = mem.u64(code + vm.field("StubQueue", "_stub_buffer"))
+    interp_high = interp_low + mem.i32(code + vm.field("StubQueue", "_buffer_limit"))
+    block = vm.size("HeapBlock")
+    if ("CodeBlob", "_kind") in vm.fields:             # JDK 23+: the blob's kind
+        tag_offset, mask = vm.field("CodeBlob", "_kind"), 0xFF
+        tag = vm.constants.get("CodeBlobKind::Nmethod", 1)
+    else:                                               # JDK 17: every nmethod's name is one string
+        tag_offset, mask = vm.field("CodeBlob", "_name"), 0xFFFFFFFFFFFFFFFF
+        tag = _nmethod_name(mem, vm, heaps, block)
+        if not tag:
+            raise UnsupportedHotSpot("no compiled method yet (its name marks nmethods)")
+    sender_sp = vm.constants.get("frame::interpreter_frame_sender_sp_offset", -1)
+    last_sp = vm.constants.get("frame::interpreter_frame_last_sp_offset", sender_sp - 1)
+    # frame_x86.hpp: sender_sp, last_sp, method, mirror, mdp, cache, locals, bcp (JDK 17 to 25)
+    method_slot = vm.constants.get("frame::interpreter_frame_method_offset", last_sp - 1)
+    bcp_slot = vm.constants.get("frame::interpreter_frame_bcp_offset", method_slot - 5)
+    entry = HotSpotProcess(
+        cache_low=min(heaps.low[h] for h in range(count)), cache_high=max(heaps.high[h] for h in range(count)),
+        interp_low=interp_low, interp_high=interp_high, nmethod_tag=tag, tag_mask=mask, tag_offset=tag_offset,
+        frame_size=vm.field("CodeBlob", "_frame_size"),
+        nmethod_method=vm.field("nmethod", "_method") if ("nmethod", "_method") in vm.fields
+        else vm.field("CompiledMethod", "_method"),
+        const_method=vm.field("Method", "_constMethod"), const_method_size=vm.size("ConstMethod"),
+        heap_block_size=block, interp_method=-method_slot, interp_bcp=-bcp_slot, interp_sender_sp=-sender_sp)
+    layout = _Layout(
+        const_method=entry.const_method, constants=vm.field("ConstMethod", "_constants"),
+        name_index=vm.field("ConstMethod", "_name_index"), signature_index=vm.field("ConstMethod", "_signature_index"),
+        pool_holder=vm.field("ConstantPool", "_pool_holder"), pool_length=vm.field("ConstantPool", "_length"),
+        pool_size=vm.size("ConstantPool"), source_file_index=vm.field("ConstantPool", "_source_file_name_index"),
+        klass_constants=vm.field("InstanceKlass", "_constants"), klass_name=vm.field("Klass", "_name"),
+        symbol_length=vm.field("Symbol", "_length"), symbol_body=vm.field("Symbol", "_body"))
+    return JVM(entry, heaps, layout)
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    """A Method*'s names, and what identifies it when its address is seen again."""
+
+    name: str                       # "Class.method(signature)"
+    file: str
+    fingerprint: tuple[int, int]    # (ConstMethod*, ConstantPool*) as read
+
+
+_PRIMITIVES = {"B": "byte", "C": "char", "D": "double", "F": "float", "I": "int", "J": "long", "S": "short",
+               "Z": "boolean", "V": "void"}
+
+
+def pretty_signature(sig: str) -> str:
+    """``(JLjava/lang/String;[I)V`` → ``(long, java.lang.String, int[])``."""
+    if not sig.startswith("(") or ")" not in sig:
+        raise ValueError(f"not a method signature: {sig!r}")
+    args, i, end = [], 1, sig.index(")")
+    while i < end:
+        dims = 0
+        while sig[i] == "[":
+            dims, i = dims + 1, i + 1
+        if sig[i] == "L":
+            semi = sig.index(";", i)
+            name, i = sig[i + 1:semi].replace("/", "."), semi + 1
+        elif sig[i] in _PRIMITIVES:
+            name, i = _PRIMITIVES[sig[i]], i + 1
+        else:
+            raise ValueError(f"bad signature {sig!r}")
+        args.append(name + "[]" * dims)
+    return "(" + ", ".join(args) + ")"
+
+
+def _symbol(mem: _Mem, lay: _Layout, sym: int) -> str:
+    if not sym:
+        raise ValueError("null symbol")
+    n = mem.u16(sym + lay.symbol_length)
+    if n > MAX_SYMBOL:
+        raise ValueError("symbol too long")
+    return mem.read(sym + lay.symbol_body, n).decode("utf-8")
+
+
+def read_method(mem: _Mem, lay: _Layout, method: int) -> MethodInfo:
+    """Names the Method* ``method``. Raises ValueError/OSError when what it points to is not a
+    method of a loaded class (its holder's constant pool must be the method's own)."""
+    cm = mem.u64(method + lay.const_method)
+    cp = mem.u64(cm + lay.constants)
+    holder = mem.u64(cp + lay.pool_holder)
+    if not cm or not cp or not holder or mem.u64(holder + lay.klass_constants) != cp:
+        raise ValueError("not a method of a loaded class")
+    length = mem.i32(cp + lay.pool_length)
+
+    def pool_symbol(index: int) -> str:
+        if not 0 < index < length:
+            raise ValueError("constant pool index out of range")
+        return _symbol(mem, lay, mem.u64(cp + lay.pool_size + 8 * index))
+
+    klass = _symbol(mem, lay, mem.u64(holder + lay.klass_name)).replace("/", ".")
+    name = pool_symbol(mem.u16(cm + lay.name_index))
+    sig = pretty_signature(pool_symbol(mem.u16(cm + lay.signature_index)))
+    try:
+        source = pool_symbol(mem.u16(cp + lay.source_file_index))
+    except (OSError, ValueError):
+        source = ""
+    return MethodInfo(f"{klass}.{name}{sig}", source, (cm, cp))
+
+
+# ---------------------------------------------------------------------------- the runtime
+
+
+class HotSpot(Runtime):
+    """JVM processes: their ``runtime_processes`` data and code heaps, method names and frames.
+
+    ``recognise``/``forget`` run on the unwinder's worker thread; ``notice`` queues work for this
+    class's own thread, which names Method*s while their process lives; ``frames`` and ``place``
+    run at drain time."""
+
+    name = "hotspot"
+    frame_type = "jvm"
+    bpf_header = BPF_HEADER
+    program = "walk_hotspot"
+    stats_map = "hotspot_stats"
+    stat_names = header_enum(BPF_HEADER, "HOTSPOT_STAT")
+    mirrors = (("mirror_hotspot_process", "Leaf", HotSpotProcess), ("mirror_hotspot_heaps", "Leaf", HotSpotHeaps))
+
+    def __init__(self, bpf: Any, caches: CachesConfig | None = None) -> None:
+        super().__init__(bpf, caches or CachesConfig())
+        self._processes: dict[int, JVM] = {}
+        self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
+        self._methods: OrderedDict[tuple[int, int], tuple[MethodInfo | None, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evictions = 0
+        self._worker = QueueWorker("hotspot-methods", self._learn, QUEUE_SIZE, self.stats)
+
+    @classmethod
+    def enabled(cls, config: ProfilerSourceConfig) -> bool:
+        return bool(getattr(config, "java_frames", True))
+
+    @classmethod
+    def cflags(cls, config: ProfilerSourceConfig) -> list[str]:
+        from . import RUNTIMES
+        from .base import slot_of
+        return [f"-DJIT_WALKER_SLOT={slot_of(RUNTIMES, cls)}"]
+
+    def start(self) -> HotSpot:
+        self._worker.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._worker.stop(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._worker.wait_idle(timeout)
+
+    @property
+    def processes(self) -> int:
+        return len(self._processes)
+
+    def recognise(self, pid: int, regions: Sequence[Region]) -> bytes | None:
+        try:
+            jvm = find_hotspot(pid, regions, self._symbols)
+        except UnsupportedHotSpot as e:
+            self.stats["unsupported"] += 1
+            log.debug("pid %d: %s", pid, e)
+            return None
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            self.stats["unreadable"] += 1
+            log.debug("pid %d: %s", pid, e)
+            return None
+        if jvm is None:
+            return None
+        try:
+            table = self.bpf["hotspot_heaps"]
+            table[table.Key(pid)] = jvm.heaps
+        except Exception as e:   # noqa: BLE001 -- full map: no Java frames for it
+            self.stats["processes_over_limit"] += 1
+            log.debug("hotspot_heaps[%d]: %s", pid, e)
+            return None
+        self._processes[pid] = jvm
+        return bytes(jvm.entry)
+
+    def forget(self, pid: int) -> None:
+        if self._processes.pop(pid, None) is None:
+            return
+        try:
+            table = self.bpf["hotspot_heaps"]
+            del table[table.Key(pid)]
+        except Exception:   # noqa: BLE001,S110 -- gone already (or the program closed)
+            pass
+        with self._lock:
+            for key in [k for k in self._methods if k[0] == pid]:
+                del self._methods[key]
+
+    def notice(self, pid: int, frame_id: int) -> None:
+        self._worker.put((pid, frame_id))
+
+    def _learn(self, item: tuple[int, int]) -> None:
+        pid, method = item
+        if pid not in self._processes:
+            self.stats["methods_of_unknown_process"] += 1
+            return
+        self._read(pid, method)
+
+    def _read(self, pid: int, method: int) -> MethodInfo | None:
+        """Reads ``method`` now and caches the result (None: not a readable Method*)."""
+        jvm = self._processes.get(pid)
+        if jvm is None:
+            return None
+        try:
+            mem = _Mem(pid)
+        except OSError:
+            return None
+        info: MethodInfo | None
+        try:
+            info = read_method(mem, jvm.layout, method)
+            self.stats["methods_read"] += 1
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            log.debug("Method %#x of pid %d: %s", method, pid, e)
+            self.stats["methods_unreadable"] += 1
+            info = None
+        finally:
+            mem.close()
+        with self._lock:
+            self._methods[(pid, method)] = (info, time.monotonic())
+            self._methods.move_to_end((pid, method))
+            while len(self._methods) > MAX_METHODS:
+                self._methods.popitem(last=False)
+                self.evictions += 1
+        return info
+
+    def _still(self, pid: int, method: int, info: MethodInfo) -> bool:
+        """Whether ``method`` still is the method named there (a class unloaded and its metadata
+        reused would show another ConstMethod or constant pool)."""
+        jvm = self._processes.get(pid)
+        if jvm is None:
+            return True                     # gone: what was read while it lived stands
+        try:
+            mem = _Mem(pid)
+        except OSError:
+            return True
+        try:
+            cm = mem.u64(method + jvm.layout.const_method)
+            return (cm, mem.u64(cm + jvm.layout.constants)) == info.fingerprint
+        except (OSError, ValueError, struct.error):
+            return False
+        finally:
+            mem.close()
+
+    def method(self, pid: int, method: int) -> MethodInfo | None:
+        """The named method at ``method``: cached (checked again at most every REVALIDATE_S), else
+        read now."""
+        with self._lock:
+            entry = self._methods.get((pid, method))
+        if entry is None:
+            return self._read(pid, method)
+        info, checked = entry
+        if info is None or time.monotonic() - checked < REVALIDATE_S:
+            return info
+        if self._still(pid, method, info):
+            with self._lock:
+                self._methods[(pid, method)] = (info, time.monotonic())
+            return info
+        self.stats["methods_moved"] += 1
+        return self._read(pid, method)
+
+    def frames(self, pid: int, recorded: RecordedFrames) -> list[tuple[Frame, bool]]:
+        """The recorded Java frames, innermost first, as (frame, False); each frame's native index
+        is kept in its address until ``place`` puts it there. An unnamed method is counted, and its
+        native frame stays in place with its address."""
+        out = []
+        unresolved = 0
+        for method, aux in recorded:
+            index = (aux >> AUX_INDEX_SHIFT) & 0x7F
+            info = self.method(pid, method)
+            if info is None:
+                unresolved += 1
+                out.append((Frame(index, "", self.frame_type), False))
+                continue
+            out.append((Frame(index, info.name, self.frame_type, None, info.file, 0), False))
+        self.stats["frames_unresolved"] += unresolved
+        self.stats["frames_resolved"] += len(out) - unresolved
+        return out
+
+    def place(self, native: Sequence[Frame], frames: Sequence[tuple[Frame, bool]]) -> tuple[tuple[Frame, ...], bool]:
+        """Each Java frame in place of the native frame (its pc in the code cache) at its index
+        among the user frames; aligned when every index named a native frame."""
+        out = list(native)
+        user = next((i for i, f in enumerate(out) if f.frame_type != "kernel"), len(out))
+        aligned = True
+        for frame, _ in frames:
+            at = user + frame.address
+            if at < len(out) and out[at].frame_type == "native":
+                if frame.function:
+                    out[at] = Frame(0, frame.function, frame.frame_type, None, frame.file, frame.line)
+            else:
+                aligned = False
+        return tuple(out), aligned
+
+    @classmethod
+    def watch(cls, telemetry: Any, runtime: Callable[[], Runtime | None], caches: CachesConfig) -> None:
+        def frames() -> dict[str, int]:
+            rt = runtime()
+            p = rt.all_stats() if rt is not None else {}
+            return {"recorded": p.get("interpreted", 0) + p.get("compiled", 0),
+                    "resolved": p.get("frames_resolved", 0), "unresolved": p.get("frames_unresolved", 0)} if p else {}
+
+        def events() -> dict[str, int]:
+            rt = runtime()
+            return rt.counters() if rt is not None else {}
+
+        telemetry.watch_counters(
+            "profiler_java_frames", "Java (HotSpot) frames: recorded in the kernel, and named at drain "
+            "(resolved) or not (unresolved: the Method* could not be read or checked; kept by address)",
+            "result", frames)
+        telemetry.watch_counters(
+            "profiler_java", "JVM processes and methods by event: processes_loaded, unsupported, "
+            "unreadable, methods_read, methods_unreadable, methods_moved, queue_full", "event", events)
