@@ -282,7 +282,7 @@ class OffCpuConfig:
     min_block: Duration = 0.0
     sample_probability: Annotated[float, Range(0, 1, low_open=True)] = 0.1
     max_threads: Annotated[int, Range(64, 1 << 20)] = 4096     # ~3 KiB each, kernel memory
-    max_stacks: Annotated[int, Range(64, 1 << 20)] = 16384     # per generation, ~3 KiB each as used
+    max_stacks: Annotated[int, Range(64, 1 << 20)] = 4096      # per generation, ~3 KiB each
 
     def _validate(self) -> list[str]:
         if not 0 <= self.min_block <= 4000:
