@@ -74,22 +74,40 @@ static __always_inline u32 v8_slot(s16 off) {
     return ((u32)(64 + off) >> 3) & 7;
 }
 
-/* The frame at fp, native index i: recorded when it is a JavaScript frame. */
-static __always_inline void v8_frame(struct unwind_state *ws, struct unwind_stack *st, struct v8_process *v8,
-                                     u64 fp, u32 i) {
-    u64 slots[8];
-    if (fp < 64 || bpf_probe_read_user(slots, sizeof(slots), (void *)(fp - 64)))
-        return;
+/* The SharedFunctionInfo of the JavaScript frame whose 64 bytes below fp are ``slots``, or 0 when
+ * it is not one. */
+static __always_inline u64 v8_sfi(struct v8_process *v8, u64 *slots) {
     u64 context = slots[v8_slot(v8->fp_context)];
     u64 function = slots[v8_slot(v8->fp_function)];
     if (!(context & 1) || !(function & 1))    /* a Smi frame-type marker: not a JS frame */
-        return;
+        return 0;
     u64 sfi = 0, map = 0;
     u16 type = 0;
     if (bpf_probe_read_user(&sfi, sizeof(sfi), (void *)(function - 1 + v8->function_shared)) || !(sfi & 1) ||
         bpf_probe_read_user(&map, sizeof(map), (void *)(sfi - 1 + v8->heap_object_map)) || !(map & 1) ||
         bpf_probe_read_user(&type, sizeof(type), (void *)(map - 1 + v8->map_instance_type)) ||
         type != v8->sfi_type)
+        return 0;
+    return sfi;
+}
+
+/* Whether the frame at fp is a JavaScript frame. */
+static __always_inline int v8_js(struct v8_process *v8, u64 fp) {
+    u64 slots[8];
+    if (fp < 64 || bpf_probe_read_user(slots, sizeof(slots), (void *)(fp - 64)))
+        return 0;
+    return v8_sfi(v8, slots) != 0;
+}
+
+/* The frame at fp, native index i: recorded when it is a JavaScript frame. */
+static __always_inline void v8_frame(struct unwind_state *ws, struct unwind_stack *st, struct v8_process *v8,
+                                     u64 fp, u32 i) {
+    u64 slots[8];
+    if (fp < 64 || bpf_probe_read_user(slots, sizeof(slots), (void *)(fp - 64)))
+        return;
+    u64 sfi = v8_sfi(v8, slots), map = 0;
+    u16 type = 0;
+    if (!sfi)
         return;
     u32 offset = V8_NO_OFFSET;
     u64 bytecode = slots[v8_slot(v8->fp_bytecode_array)];
@@ -113,13 +131,20 @@ static __always_inline u8 v8_kind(struct unwind_state *ws, u64 at) {
     return find_rule(&ws->proc, at, &cfa_offset, &rbp_offset);
 }
 
-/* Whether the code at addr is V8's: in a mapping without a table (JIT code), or among the builtins
- * embedded in the binary (which have no call-frame information). */
+/* Whether addr is in the builtins embedded in the binary (which have no call-frame information). */
+static __always_inline int v8_builtin(struct v8_process *v8, u64 addr) {
+    return (addr >= v8->builtins_start && addr < v8->builtins_end) ||
+           (addr >= v8->remapped_start && addr < v8->remapped_end);
+}
+
+/* Whether the code at addr may be V8's: a builtin, a mapping without a table (JIT code), or no
+ * mapping known (JIT code pages mapped after the process's mappings were read); frames there are
+ * named only when they hold a SharedFunctionInfo. */
 static __always_inline int v8_code(struct unwind_state *ws, struct v8_process *v8, u64 addr) {
-    if ((addr >= v8->builtins_start && addr < v8->builtins_end) ||
-        (addr >= v8->remapped_start && addr < v8->remapped_end))
+    if (v8_builtin(v8, addr))
         return 1;
-    return v8_kind(ws, addr) == UNWIND_RULE_FRAME_POINTER;
+    u8 kind = v8_kind(ws, addr);
+    return kind == UNWIND_RULE_FRAME_POINTER || kind == UNWIND_RULE_NO_MAPPING;
 }
 
 /* One step past the native walk, from the frame at ws->ip/ws->bp (native index ws->n - 1, already
@@ -138,9 +163,13 @@ static __always_inline int v8_step(struct unwind_state *ws, struct unwind_stack 
     ws->ip = ra;
     ws->sp = fp + 16;
     ws->bp = saved;
-    if (!v8_code(ws, v8, ra - 1)) {
+    if (!v8_builtin(v8, ra - 1)) {
         u8 kind = v8_kind(ws, ra - 1);
-        return kind == UNWIND_RSP || kind == UNWIND_RBP || kind == UNWIND_OUTERMOST ? 2 : 1;
+        /* outside every known mapping: followed only into a JavaScript frame (never a guessed one) */
+        if (kind == UNWIND_RULE_NO_MAPPING && !v8_js(v8, saved))
+            return 1;
+        if (kind != UNWIND_RULE_FRAME_POINTER && kind != UNWIND_RULE_NO_MAPPING)
+            return kind == UNWIND_RSP || kind == UNWIND_RBP || kind == UNWIND_OUTERMOST ? 2 : 1;
     }
     st->ips[n & PROF_DEPTH_MASK] = ra;
     fps->fp[n & PROF_DEPTH_MASK] = saved;
@@ -163,10 +192,20 @@ int walk_v8(struct bpf_perf_event_data *ctx) {
     u32 i = 0;
     if (ws->rt_cursor == RUNTIME_CURSOR_START) {   /* after the native walk (first, or resumed) */
         u32 at = resume->index;
-        if (resume->tid == ws->key.tid && at < ws->n && st->ips[at & PROF_DEPTH_MASK] == resume->ip)
+        if (resume->tid == ws->key.tid && at < ws->n && st->ips[at & PROF_DEPTH_MASK] == resume->ip) {
             i = at;
-        else
+        } else {
             count_v8(V8_STAT_WALKED);
+            /* the native walk stopped at a caller outside every known mapping without recording it
+             * (JIT code mapped since): that caller, when it is a JavaScript frame */
+            u32 n = ws->n;
+            if (ws->done && n && n < PROF_MAX_DEPTH && st->ips[(n - 1) & PROF_DEPTH_MASK] != ws->ip &&
+                v8_kind(ws, ws->ip - 1) == UNWIND_RULE_NO_MAPPING && v8_js(v8, ws->bp)) {
+                st->ips[n & PROF_DEPTH_MASK] = ws->ip;
+                fps->fp[n & PROF_DEPTH_MASK] = ws->bp;
+                ws->n = n + 1;
+            }
+        }
         resume->tid = 0;
     } else {
         i = (u32)(ws->rt_cursor - V8_CURSOR_BASE);
