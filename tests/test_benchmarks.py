@@ -30,7 +30,7 @@ SMOKE_FIGURES = {
                  "http_spans_per_s", "http_vs_grpc"},
     "profiler": {"cpu_share", "bpf_ns_per_sample", "steady_bpf_ns_per_sample", "depth_vs_perf_dwarf", "rss",
                  "python_cpu_share", "python_bpf_ns_per_sample", "python_chain_share",
-                 "v8_chain_share", "v8_bpf_ns_per_sample"},
+                 "v8_chain_share", "v8_bpf_ns_per_sample", "go_chain_share"},
     "network": {"connections", "spans", "lost"},
     "syscalls": {"program_ns_above_empty", "program_ns_above_empty_filtered", "overhead_vs_floor_min",
                  "overhead_vs_floor_max", "ns_added", "floor_ns", "overhead_vs_floor"},
