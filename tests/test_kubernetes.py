@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .harness import REPO, Collector, attributes, fail_or_skip, wait_until
+from .harness import REPO, Collector, _decoded_kv, fail_or_skip, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(3600)]
 
@@ -269,8 +269,9 @@ def test_workload_pod_metadata_reaches_the_gateway(cluster: Cluster, tmp_path: P
         def profile_samples() -> list[dict[str, Any]]:
             found = []
             for req in col.requests("profiles"):
+                strings = req.get("dictionary", {}).get("stringTable", [])
                 for rp in req.get("resourceProfiles", []):
-                    res = attributes(rp.get("resource", {}).get("attributes"))
+                    res = dict(_decoded_kv(kv, strings) for kv in rp.get("resource", {}).get("attributes", []))
                     if ours(res):
                         found.extend(p for sp in rp.get("scopeProfiles", []) for p in sp.get("profiles", [])
                                      if p.get("sample") or p.get("samples"))
