@@ -5,9 +5,10 @@ shipped. Changed for the test only: the image references (images built and loade
 registry) and, so the test can read what reached the gateway, one exporter added to the gateway's
 pipelines that forwards everything it exports to a Collector on the host.
 
-Asserted: the agent runs with exactly the documented capabilities (every thread of every process
-in its container), /healthz and /readyz answer (the pod turned Ready through its readiness probe,
-and both answer through the API server's proxy), /metrics scrapes; a workload pod's exec logs, a
+Asserted: the runtime grants the agent exactly the documented capabilities (the container's OCI
+spec) and no thread of any process in it holds more (the agent drops some after start);
+/healthz and /readyz answer (the pod turned Ready through its readiness probe, and both answer
+through the API server's proxy); /metrics scrapes; a workload pod's exec logs, a
 TCP span and a profile sample reach the gateway carrying that pod's k8s.pod.name,
 k8s.namespace.name and container.id; `kubectl delete` of the DaemonSet leaves none of the agent's
 BPF programs, maps or links on the node."""
@@ -99,6 +100,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if not Path(otelcol).is_file():
         fail_or_skip("OTELCOL_BIN is not set (make test sets it)")
     work = tmp_path_factory.mktemp("k8s")
+    engine = REPO / "tests" / "docker" / "engine.sh"   # builds the images (k8s-cluster.py images)
+    engine_was_running = subprocess.run(["bash", str(engine), "status"], capture_output=True,
+                                        timeout=60, check=False).returncode == 0
     # Binaries first (cached; `make test` starts their build in the background at setup).
     _script("build", timeout=3600)
     kubeconfig = _script("up", timeout=900).splitlines()[-1]
@@ -126,6 +130,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if collector is not None:
             collector.stop()
         subprocess.run([sys.executable, str(CLUSTER), "down"], capture_output=True, timeout=600, check=False)
+        if not engine_was_running:   # what it built stays in its data root for the next run
+            subprocess.run(["bash", str(engine), "stop"], capture_output=True, timeout=120, check=False)
 
 
 def _agent_pod(c: Cluster) -> dict[str, Any]:
