@@ -11,7 +11,8 @@
  *   - any other pc: its CodeBlob, found by the code heap's segment map (at most
  *     HOTSPOT_SEGMAP_STEPS back-steps); a blob with a frame size (compiled methods, runtime stubs)
  *     is left by sp += frame_size * 8, the return address at sp - 8 and the saved rbp at sp - 16;
- *     one without (the call stub, adapters) by its rbp. An nmethod (its tag word matches) records
+ *     one without: a sampled frameless stub (vtable, adapter) by the return address at sp when
+ *     that is in the code cache, else (the call stub) by its rbp. An nmethod (its tag word matches) records
  *     its Method*.
  * Each Java frame is recorded as (Method*, its native frame's index << HOTSPOT_AUX_INDEX_SHIFT |
  * bci, or HOTSPOT_NO_BCI for a compiled frame). Recording the Method* at sample time keeps a
@@ -159,7 +160,26 @@ static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_s
                 count_hotspot(HOTSPOT_STAT_BAD_FRAME);
                 return 1;
             }
-        } else {                                             /* the call stub, adapters: by rbp */
+            /* a leaf sampled in its prologue or epilogue (frame not built yet, or taken down
+             * already): its return address at sp, or above the rbp it pushed, when that is Java's
+             * (every Java method is called from the code cache) */
+            if (i == 0 && (ra - 1 < hs->cache_low || ra - 1 >= hs->cache_high)) {
+                u64 r0 = 0, r1 = 0, b1 = 0;
+                if (!read_stack(ws, sp, &r0) && r0 - 1 >= hs->cache_low && r0 - 1 < hs->cache_high) {
+                    ra = r0;
+                    caller_sp = sp + 8;
+                    caller_bp = bp;
+                } else if (!read_stack(ws, sp, &b1) && !read_stack(ws, sp + 8, &r1) &&
+                           r1 - 1 >= hs->cache_low && r1 - 1 < hs->cache_high) {
+                    ra = r1;
+                    caller_sp = sp + 16;
+                    caller_bp = b1;
+                }
+            }
+        } else if (i == 0 && !read_stack(ws, sp, &ra) && ra - 1 >= hs->cache_low && ra - 1 < hs->cache_high) {
+            caller_sp = sp + 8;                              /* a frameless stub (vtable, adapter) */
+            caller_bp = bp;                                  /* called from Java code */
+        } else {                                             /* the call stub: by rbp */
             if (!bp || bpf_probe_read_user(&caller_bp, 8, (void *)bp) ||
                 bpf_probe_read_user(&ra, 8, (void *)(bp + 8))) {
                 count_hotspot(HOTSPOT_STAT_BAD_FRAME);

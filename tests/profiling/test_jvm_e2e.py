@@ -122,7 +122,7 @@ public class Deopt {
 
     static void driver(long round) {
         Shape[] shapes = { new Square(), new Line(), new Dot() };
-        sink += flip(shapes[(int) (round / 200 % 3)], 20000);
+        sink += flip(shapes[(int) (round / 200 % 3)], 200000);
         sink += steady(200000);
     }
 
@@ -235,7 +235,7 @@ def test_interpreter_only_and_c2_only(bpf_ok: None, jdk: str, flag: str, tmp_pat
     _compile(home, SPLIT_SOURCE, "Hot", tmp_path)
     stop = tmp_path / "stop"
     samples, stats, out = _profile([str(home / "bin" / "java"), flag, "-cp", str(tmp_path), "Hot", str(stop)],
-                                   stop, 300)
+                                   stop, 400)
     _check_split(samples, stats, out)
     if flag == "-Xint":
         assert stats["interpreted"] > 0 and stats["compiled"] == 0, stats

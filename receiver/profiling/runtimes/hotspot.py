@@ -37,6 +37,7 @@ from typing import Any
 
 from ...config import CachesConfig, ProfilerSourceConfig
 from ...kernel.bcc import header_defines, header_enum
+from ..abi import SET_TABLES_USER, RuntimeProcess
 from ..model import Frame
 from ..work_queue import QueueWorker
 from .base import RecordedFrames, Region, Runtime
@@ -207,13 +208,15 @@ class _Layout:
     symbol_body: int            # Symbol::_body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JVM:
     """What is kept per JVM process."""
 
     entry: HotSpotProcess
     heaps: HotSpotHeaps
     layout: _Layout
+    vm: VMStructs
+    tried: float = 0.0          # when an nmethod was last looked for (JDK 17, none found yet)
 
 
 def _symbols(pid: int, start: int, end: int, path: str, build_id: str,
@@ -315,8 +318,8 @@ def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
     else:                                               # JDK 17: every nmethod's name is one string
         tag_offset, mask = vm.field("CodeBlob", "_name"), 0xFFFFFFFFFFFFFFFF
         tag = _nmethod_name(mem, vm, heaps, block)
-        if not tag:
-            raise UnsupportedHotSpot("no compiled method yet (its name marks nmethods)")
+        if not tag:                                     # none compiled yet (or -Xint): looked for later
+            mask, tag = 0, 1                            # (nothing matches: compiled frames are stepped only)
     sender_sp = vm.constants.get("frame::interpreter_frame_sender_sp_offset", -1)
     last_sp = vm.constants.get("frame::interpreter_frame_last_sp_offset", sender_sp - 1)
     # frame_x86.hpp: sender_sp, last_sp, method, mirror, mdp, cache, locals, bcp (JDK 17 to 25)
@@ -337,7 +340,7 @@ def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
         pool_size=vm.size("ConstantPool"), source_file_index=vm.field("ConstantPool", "_source_file_name_index"),
         klass_constants=vm.field("InstanceKlass", "_constants"), klass_name=vm.field("Klass", "_name"),
         symbol_length=vm.field("Symbol", "_length"), symbol_body=vm.field("Symbol", "_body"))
-    return JVM(entry, heaps, layout)
+    return JVM(entry, heaps, layout, vm, time.monotonic())
 
 
 # ---------------------------------------------------------------------------- methods
@@ -568,10 +571,46 @@ class HotSpot(Runtime):
         self.stats["methods_moved"] += 1
         return self._read(pid, method)
 
+    def _find_nmethods(self, pid: int, jvm: JVM) -> None:
+        """JDK 17, no nmethod at recognition (a young JVM, or -Xint): looks for one again (at most
+        every REVALIDATE_S) and, once found, renews the process's kernel entry with the tag."""
+        now = time.monotonic()
+        if now - jvm.tried < REVALIDATE_S:
+            return
+        jvm.tried = now
+        try:
+            mem = _Mem(pid)
+        except OSError:
+            return
+        try:
+            tag = _nmethod_name(mem, jvm.vm, jvm.heaps, jvm.entry.heap_block_size)
+        except (OSError, ValueError, struct.error):
+            tag = 0
+        finally:
+            mem.close()
+        if not tag:
+            return
+        jvm.entry.nmethod_tag, jvm.entry.tag_mask = tag, 0xFFFFFFFFFFFFFFFF
+        from . import RUNTIMES
+        from .base import slot_of
+        try:
+            table = self.bpf["runtime_processes"]
+            table[table.Key(pid)] = RuntimeProcess.of(slot_of(RUNTIMES, type(self)), bytes(jvm.entry))
+            # each CPU's cached copy of its last process's entry is read again (a changed version)
+            settings = self.bpf["settings"]
+            version = settings[ctypes.c_int(SET_TABLES_USER)].value
+            settings[ctypes.c_int(SET_TABLES_USER)] = ctypes.c_uint32(version ^ 0x80000000)
+            self.stats["nmethods_found_later"] += 1
+        except Exception as e:   # noqa: BLE001 -- gone meanwhile
+            log.debug("runtime_processes[%d]: %s", pid, e)
+
     def frames(self, pid: int, recorded: RecordedFrames) -> list[tuple[Frame, bool]]:
         """The recorded Java frames, innermost first, as (frame, False); each frame's native index
         is kept in its address until ``place`` puts it there. An unnamed method is counted, and its
         native frame stays in place with its address."""
+        jvm = self._processes.get(pid)
+        if jvm is not None and not jvm.entry.tag_mask:
+            self._find_nmethods(pid, jvm)
         out = []
         unresolved = 0
         for method, aux in recorded:
