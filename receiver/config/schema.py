@@ -310,6 +310,8 @@ class ProfilerSourceConfig:
     # CPython frames (function, file, line) in user stacks of Python processes; needs
     # unwind_tables (the Python walk follows the native one).
     python_frames: bool = True
+    # Java (HotSpot) frames in user stacks of JVM processes; needs unwind_tables.
+    java_frames: bool = True
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     off_cpu: OffCpuConfig = field(default_factory=OffCpuConfig)
