@@ -658,4 +658,5 @@ class HotSpot(Runtime):
             "result", frames)
         telemetry.watch_counters(
             "profiler_java", "JVM processes and methods by event: processes_loaded, unsupported, "
-            "unreadable, methods_read, methods_unreadable, methods_moved, queue_full", "event", events)
+            "unreadable, processes_over_limit, nmethods_found_later, methods_read, methods_unreadable, "
+            "methods_moved, methods_of_unknown_process, queue_full", "event", events)
