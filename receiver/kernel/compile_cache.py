@@ -408,6 +408,7 @@ def load_deferred(obj: Any, entry: Mapping[str, Any], deferred: Sequence[Mapping
                     libbpf.update_int(array_fd, index, fd)
 
     t = threading.Thread(target=run, name="bpf-deferred-load", daemon=True)
+    obj.deferred = t
     with _lock:
         _deferred_threads[:] = [x for x in _deferred_threads if x.is_alive()]
         _deferred_threads.append(t)

@@ -310,6 +310,14 @@ class BpfObject:
         self.loader_info: dict[str, Any] = {}
         self.attach_points: list[list[str]] = []   # [kind, point] of each attachment, in order
         self.lock = threading.Lock()   # programs loaded later (compile_cache.load_deferred) vs cleanup
+        self.deferred: threading.Thread | None = None   # that later load, while it runs
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Whether every program is in place (a deferred load done) within ``timeout`` seconds."""
+        t = self.deferred
+        if t is not None:
+            t.join(timeout)
+        return t is None or not t.is_alive()
 
     def __getitem__(self, name: str | bytes) -> Table:
         key = name.decode() if isinstance(name, bytes) else name

@@ -466,7 +466,9 @@ def test_exec_drops_every_cpus_cached_copy_of_the_old_tables(bpf_ok: None, built
         wait_until(lambda: any(r[3].endswith("chain_o2") for r in prof.sampler.symbolizer.executable_regions(proc.pid)),
                    30, 0.1, "the exec'd program announced")
         before = prof.kernel_stats()
-        time.sleep(3)
+        # 100 samples of the new image (waited for: a loaded runner gives it less than a core)
+        wait_until(lambda: prof.kernel_stats()["no_table"] - before["no_table"] >= 100, 60, 0.2,
+                   "100 samples of the exec'd program")
         after = prof.kernel_stats()
     walked = after["walked"] - before["walked"]
     fallback = after["no_table"] - before["no_table"]

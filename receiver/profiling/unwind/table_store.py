@@ -97,6 +97,7 @@ class UnwindTables:
                  runtimes: Runtimes | None = None) -> None:
         """``runtimes``: told of every process loaded or forgotten here (runtime frames)."""
         self._runtimes = runtimes
+        self._bpf = bpf
         self._rows = bpf["unwind_rows"]            # type: ignore[index]
         self._procs = bpf["unwind_processes"]      # type: ignore[index]
         self._settings = bpf["settings"]           # type: ignore[index]
@@ -138,8 +139,11 @@ class UnwindTables:
         self._put("forget", pid)
 
     def wait_idle(self, timeout: float) -> bool:
-        """For tests and tools: whether the queue drained within ``timeout`` seconds."""
-        return self._worker.wait_idle(timeout)
+        """For tests and tools: whether the queue drained within ``timeout`` seconds, and the
+        walkers that read the tables are loaded (a compile-cache hit loads them after sampling
+        starts: until then samples carry frame-pointer stacks)."""
+        wait_loaded = getattr(self._bpf, "wait_loaded", None)
+        return self._worker.wait_idle(timeout) and (wait_loaded is None or wait_loaded(timeout))
 
     def gauges(self) -> dict[str, int]:
         with self._lock:
