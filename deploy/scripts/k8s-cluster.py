@@ -418,8 +418,10 @@ def down(args: argparse.Namespace, quiet: bool = False) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    for name in ("dns", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
-                 "containerd", "etcd"):
+    # The control plane is thrown away: no need to wait out the API server's graceful drain.
+    for name in ("dns", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver"):
+        stop(name, timeout=5)
+    for name in ("containerd", "etcd"):
         stop(name)
     kp = STATE / "bin-path"
     if kp.exists():
