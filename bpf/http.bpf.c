@@ -71,6 +71,12 @@ BPF_HASH(filter_ports, u16, u8, 1024);
 BPF_HASH(self_ports, u16, u8, 1024);   /* local ports of this agent's own connections */
 BPF_HASH(tls_calls, u64, struct http_tls_call, MAX_CALLS);
 BPF_TABLE("lru_hash", u64, struct http_tls_sock, tls_ssls, MAX_SOCKETS);
+#if REQ_LINKS
+/* Thread id -> the span id of the request it serves (receiver/profiling/links.py): set when a
+ * server thread reads a request's first bytes, deleted when it writes the response's; the
+ * profiler reads it through the same pin. */
+BPF_TABLE_PINNED("hash", u32, u64, req_links, REQ_LINKS_MAX, REQ_LINKS_PIN);
+#endif
 MIRROR(http_event);
 MIRROR(http_sock);
 /* The agent's own tgid, written by user space at start: a map, not a -D, so the compiled program
@@ -247,6 +253,29 @@ static __always_inline void emit(struct http_sock *s, u64 sk, u64 id, u32 fd, u6
     __builtin_memcpy(h->local_addr, s->local_addr, 16);
     __builtin_memcpy(h->peer_addr, s->peer_addr, 16);
     bpf_get_current_comm(&h->comm, sizeof(h->comm));
+    h->link_span = 0;
+#if REQ_LINKS
+    {
+        u32 tid = (u32)id;
+        u32 w = 0;
+        if (len >= 4)
+            __builtin_memcpy(&w, r->data, 4);
+        int request = looks_http(w) && w != WORD('H', 'T', 'T', 'P') && w != WORD('P', 'R', 'I', ' ');
+        if (kind == HTTP_EV_RECV && request && s->direction != HTTP_DIR_CLIENT) {
+            u64 span = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+            span |= 1;         /* never 0: 0 means no link */
+            req_links.update(&tid, &span);
+            h->link_span = span;
+        } else if (kind == HTTP_EV_SEND && (s->direction == HTTP_DIR_SERVER ||
+                                            (!s->direction && w == WORD('H', 'T', 'T', 'P')))) {
+            req_links.delete(&tid);
+        } else {
+            u64 *cur = req_links.lookup(&tid);
+            if (cur)
+                h->link_span = *cur;
+        }
+    }
+#endif
     u32 size = sizeof(struct http_event) + (len & (CAPTURE_MAX * 2 - 1));
     /* A wake-up per record costs the kernel an irq_work and the reader a poll round per record:
      * wake it once per WAKE_EVERY records of this CPU; the reader also drains every 100 ms. */

@@ -97,6 +97,7 @@ struct http_event {
     __u8 local_addr[16];
     __u8 peer_addr[16];
     char comm[HTTP_COMM_LEN];
+    __u64 link_span;           /* req_links[tid] after this record (REQ_LINKS): the serving request's span id, 0 none */
 };
 
 #endif

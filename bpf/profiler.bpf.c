@@ -112,6 +112,17 @@ _Static_assert((1 << (UNWIND_MAPPING_STEPS - 1)) >= UNWIND_MAX_MAPPINGS, "UNWIND
 #define EFAULT_ 14
 
 BPF_ARRAY(settings, u32, PROF_SETTINGS);
+#if REQ_LINKS
+/* Thread id -> span id of the request it serves, written by bpf/http.bpf.c through the same pin
+ * (receiver/profiling/links.py): samples of different requests are different keys. */
+BPF_TABLE_PINNED("hash", u32, u64, req_links, REQ_LINKS_MAX, REQ_LINKS_PIN);
+static __always_inline u64 request_link(u32 tid) {
+    u64 *span = req_links.lookup(&tid);
+    return span ? *span : 0;
+}
+#else
+static __always_inline u64 request_link(u32 tid) { return 0; }
+#endif
 BPF_HASH(counts0, struct prof_key, u64, MAX_KEYS);
 BPF_HASH(counts1, struct prof_key, u64, MAX_KEYS);
 BPF_STACK_TRACE(stacks0, MAX_STACKS);
@@ -661,6 +672,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
 #endif
     key.pid = tgid;
     key.tid = (u32)pid_tgid;
+    key.link_span = request_link(key.tid);
     u32 gslot = PROF_SET_GENERATION;
     u32 *gen = settings.lookup(&gslot);
     u32 g = gen ? *gen : 0;
@@ -707,6 +719,7 @@ int on_switch_out(struct bpf_perf_event_data *ctx) {
 #endif
     key->pid = tgid;
     key->tid = (u32)pid_tgid;
+    key->link_span = request_link(key->tid);
 #if UNWIND
     struct unwind_state *ws = walk_state();
     struct unwind_stack *st = walk_stack();

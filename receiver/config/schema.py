@@ -312,6 +312,9 @@ class ProfilerSourceConfig:
     python_frames: bool = True
     # Java (HotSpot) frames in user stacks of JVM processes; needs unwind_tables.
     java_frames: bool = True
+    # Samples of a thread serving an HTTP request (seen by sources.http) carry a link to that
+    # request's SERVER span (docs/profiler.md#request-links); needs sources.http.
+    request_links: bool = False
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     off_cpu: OffCpuConfig = field(default_factory=OffCpuConfig)

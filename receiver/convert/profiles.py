@@ -15,6 +15,10 @@ qualified name and file) and the line number.
 A profile carrying off-CPU time (``CpuProfile.off_cpu``) adds, in each process's scope, a second
 ``Profile`` with sample type and period ``off_cpu/nanoseconds`` (period 1): same resource, same
 dictionary, same frame types; each value is the estimated nanoseconds off the CPU.
+
+A sample taken while its thread served an HTTP request (``StackSample.link_span``, request links:
+receiver/profiling/links.py) references a ``link_table`` entry (trace id, span id of the request's
+SERVER span) by ``link_index``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from opentelemetry.proto.profiles.v1development import profiles_pb2 as pb
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from .._version import __version__
+from ..profiling import links
 from ..profiling.model import OFF_CPU, CpuProfile, Frame, Mapping, StackSample
 from ..profiling.output.pprof import frame_mapping, from_pprof
 from ..proto import profile_pb2
@@ -62,6 +67,23 @@ class ProfilesDictionaryBuilder:
         self._frames: dict[Frame, int] = {}     # fast path: a frame already seen
         self._stacks: dict[tuple[int, ...], int] = {(): 0}
         self._sample_attributes: dict[tuple[int, str, int, str, str], tuple[int, ...]] = {}
+        self._links: dict[int, int] = {0: 0}
+
+    def link(self, span: int) -> int:
+        """The link_table index of the request with this kernel span id (request links): its
+        trace id from the http source's registry; 0 (no link) when the registry has none, which
+        ``links.unresolved`` counts."""
+        i = self._links.get(span)
+        if i is None:
+            trace = links.trace_of(span)
+            if trace is None:
+                links.count_unresolved()
+                i = 0
+            else:
+                i = len(self.dictionary.link_table)
+                self.dictionary.link_table.add(trace_id=trace, span_id=span.to_bytes(8, "little"))
+            self._links[span] = i
+        return i
 
     def string(self, s: str) -> int:
         i = self._strings.get(s)
@@ -180,22 +202,22 @@ def profile_to_otlp(profile: CpuProfile | profile_pb2.Profile,
 
 
 def _count_by_process(builder: ProfilesDictionaryBuilder, profile: CpuProfile, first_of: dict[int, StackSample],
-                      ) -> dict[int, dict[tuple[int, tuple[int, ...]], int]]:
-    """The profile's counts per process, by (stack, attributes); notes each process's first sample."""
-    by_process: dict[int, dict[tuple[int, tuple[int, ...]], int]] = {}
-    stack, attributes = builder.stack, builder.sample_attributes
+                      ) -> dict[int, dict[tuple[int, tuple[int, ...], int], int]]:
+    """The profile's counts per process, by (stack, attributes, link); notes each process's first sample."""
+    by_process: dict[int, dict[tuple[int, tuple[int, ...], int], int]] = {}
+    stack, attributes, link = builder.stack, builder.sample_attributes, builder.link
     for sample in profile.samples:
         counts = by_process.get(sample.pid)
         if counts is None:
             counts = by_process[sample.pid] = {}
             first_of.setdefault(sample.pid, sample)
-        key = (stack(sample.frames), attributes(sample))
+        key = (stack(sample.frames), attributes(sample), link(sample.link_span) if sample.link_span else 0)
         counts[key] = counts.get(key, 0) + sample.count
     return by_process
 
 
 def _otlp_profile(builder: ProfilesDictionaryBuilder, profile: CpuProfile,
-                  counts: dict[tuple[int, tuple[int, ...]], int]) -> pb.Profile:
+                  counts: dict[tuple[int, tuple[int, ...], int], int]) -> pb.Profile:
     """One process's ``Profile``: samples/count with period cpu/nanoseconds, or for an off-CPU
     profile off_cpu/nanoseconds (each value the estimated nanoseconds off the CPU)."""
     if profile.sample_type == OFF_CPU:
@@ -208,8 +230,8 @@ def _otlp_profile(builder: ProfilesDictionaryBuilder, profile: CpuProfile,
                       period=profile.period_ns, time_unix_nano=profile.start_unix_nano,
                       duration_nano=profile.duration_ns, profile_id=os.urandom(16))
     add = otlp.samples.add    # in place: extend() with new Samples built each one twice
-    for (stack, attrs), count in counts.items():
-        add(stack_index=stack, attribute_indices=attrs, values=[count])
+    for (stack, attrs, link), count in counts.items():
+        add(stack_index=stack, attribute_indices=attrs, link_index=link, values=[count])
     return otlp
 
 

@@ -84,6 +84,7 @@ class StackSample:
     process_name: str = ""            # process.executable.name
     container_id: str | None = None
     cgroup_id: int = 0
+    link_span: int = 0                # span id of the request the thread served (request links), 0 none
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ from ..kernel.filters import fill_process_filter
 from ..kernel.identity import CgroupResolver
 from ..kernel.libbpf import PERF_COUNT_SW_CPU_CLOCK, PERF_TYPE_SOFTWARE, drain_hash_map, lib
 from ..kernel.loader import Program, compile_bpf
+from . import links
 from .abi import (
     HEADER,
     LOST_REASONS,
@@ -126,7 +127,7 @@ FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], RtFrames]
 # A walked user stack: (addresses, truncated, runtime frames)
 Walked = tuple[tuple[int, ...], bool, RtFrames]
 # A drained count: pid, tid, user stack id, kernel stack id, cgroup id, comm, user stack hash, n
-Count = tuple[int, int, int, int, int, bytes, int, int]
+Count = tuple[int, int, int, int, int, bytes, int, int, int]   # ..., count, link span
 
 
 def _offcpu_value(user: type[ctypes.Structure]) -> type[ctypes.Structure]:
@@ -155,7 +156,7 @@ def _offcpu_sample(value: type[ctypes.Structure]) -> type[ctypes.Structure]:
 
 OFFCPU_SAMPLES = {OffCpuValue: _offcpu_sample(OffCpuValue), RuntimeOffCpuValue: _offcpu_sample(RuntimeOffCpuValue)}
 # An off-CPU block sent whole: (pid, tid, comm, cgroup id, user, kernel, runtime frames, truncated)
-OffKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...], RtFrames, bool]
+OffKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...], RtFrames, bool, int]
 
 
 def offcpu_threshold(probability: float) -> int:
@@ -260,6 +261,7 @@ class CpuSampler:
         self.runtimes: Runtimes | None = None      # the enabled runtimes, once bound
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
         self.off_cpu = config.off_cpu.enabled
+        self.request_links = bool(getattr(config, "request_links", False))   # docs/profiler.md#request-links
         self.off_cpu_disabled: str | None = None   # why off-CPU time is off although configured
         self._offcpu_threshold = offcpu_threshold(config.off_cpu.sample_probability)
         self._offcpu_bufs: tuple[Any, Any] | None = None
@@ -299,7 +301,18 @@ class CpuSampler:
                 f"-DUSER_STACKS={1 if c.user_stacks else 0}",
                 f"-DKERNEL_STACKS={1 if c.kernel_stacks else 0}",
                 f"-DFILTER_PROCESS={1 if c.filter.active else 0}", f"-DRINGBUF_PAGES={RINGBUF_PAGES}",
-                f"-DWAKE_EVERY={self._wake_every()}", *self._offcpu_cflags()]
+                f"-DWAKE_EVERY={self._wake_every()}", *self._offcpu_cflags(), *self._link_cflags()]
+
+    def _link_cflags(self) -> list[str]:
+        """Request links (receiver/profiling/links.py): the pinned thread -> span map."""
+        if not self.request_links:
+            return []
+        try:
+            return links.cflags()
+        except OSError as e:
+            log.warning("profiler: no request links: %s", e)
+            self.request_links = False
+            return []
 
     def _offcpu_cflags(self) -> list[str]:
         o = self.config.off_cpu
@@ -327,8 +340,10 @@ class CpuSampler:
         if self.off_cpu:
             programs.append((OFFCPU_PROGRAM.decode(), "PERF_EVENT", None))
         try:
-            return compile_bpf(self.source_name, BPF_FILE, self.cflags(), programs,
-                               includes=[cls.bpf_header for _, cls in runtimes])
+            cflags = self.cflags()
+            compile_fn = links.compile_uncached if self.request_links else compile_bpf
+            return compile_fn(self.source_name, BPF_FILE, cflags, programs,
+                              includes=[cls.bpf_header for _, cls in runtimes])
         except SourceUnavailableError as e:
             if not self.off_cpu:
                 raise
@@ -442,9 +457,9 @@ class CpuSampler:
         size = ctypes.sizeof(self._offcpu_layout)
         at = 8 + PROF_KEY.size                     # kind, pad, key
         raw = ctypes.string_at(data, at + size)
-        pid, tid, _, _, cgroup_id, comm, _ = PROF_KEY.unpack_from(raw, 8)
+        pid, tid, _, _, cgroup_id, comm, _, link = PROF_KEY.unpack_from(raw, 8)
         ns, blocks, user, kernel, rt, truncated = self._decode_offcpu(raw, at)
-        key = (pid, tid, comm.split(b"\0", 1)[0], cgroup_id, user, kernel, rt, truncated)
+        key = (pid, tid, comm.split(b"\0", 1)[0], cgroup_id, user, kernel, rt, truncated, link)
         have = self._whole_off.get(key)
         if have is not None:
             have[0] += ns
@@ -511,15 +526,15 @@ class CpuSampler:
         whole, self._whole = self._whole, {}
         frames_of: dict[FramesKey, tuple[Frame, ...]] = {}
         truncated_pids = set()
-        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, _, n in counts:
+        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, _, n, link in counts:
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
-                             stacks.get(user_stack_id, ()), stacks.get(kernel_stack_id, ()), n)
-        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n), (user, truncated, rt) in walked:
+                             stacks.get(user_stack_id, ()), stacks.get(kernel_stack_id, ()), n, link=link)
+        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n, link), (user, truncated, rt) in walked:
             if truncated:
                 self.truncated_samples += n
                 truncated_pids.add(pid)
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
-                             user, stacks.get(kernel_stack_id, ()), n, rt)
+                             user, stacks.get(kernel_stack_id, ()), n, rt, link=link)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
         if self.off_cpu:
@@ -546,7 +561,7 @@ class CpuSampler:
     def _add_sample(self, profile: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
                     pid: int, tid: int, comm: bytes, cgroup_id: int,
                     user: tuple[int, ...], kernel: tuple[int, ...], count: int,
-                    rt: RtFrames = NO_RT_FRAMES, events: int | None = None) -> None:
+                    rt: RtFrames = NO_RT_FRAMES, events: int | None = None, link: int = 0) -> None:
         """Symbolizes (once per process and stack within a drain) and appends one sample
         (``events``: the samples or blocks behind ``count``, when that is a time)."""
         fk = (pid, user, kernel, rt)
@@ -562,7 +577,7 @@ class CpuSampler:
         profile.samples.append(StackSample(
             frames=frames, count=count, pid=pid, tid=tid,
             thread_name=comm.decode("utf-8", "replace"), process_name=name,
-            container_id=self.cgroups.container_id(cgroup_id), cgroup_id=cgroup_id))
+            container_id=self.cgroups.container_id(cgroup_id), cgroup_id=cgroup_id, link_span=link))
 
     def _take_counts(self, table: Any) -> list[Count]:
         """Reads and deletes the drained generation's counts, COUNTS_BATCH per bpf() call, as
@@ -575,9 +590,9 @@ class CpuSampler:
         key_size = PROF_KEY.size
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._counts_bufs):
             for i in range(n):
-                pid, tid, uid, kid, cgroup_id, comm, uhash = PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, uid, kid, cgroup_id, comm, uhash, link = PROF_KEY.unpack_from(keys, i * key_size)
                 out.append((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
-                            _U64.unpack_from(values, i * 8)[0]))
+                            _U64.unpack_from(values, i * 8)[0], link))
         return out
 
     def _take_stacks(self, table: Any, counts: list[Count],
@@ -620,7 +635,7 @@ class CpuSampler:
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._walked_buffers(key_size, size)):
             for i in range(n):
                 base = i * size
-                pid, tid, uid, kid, cgroup_id, comm, uhash = PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, uid, kid, cgroup_id, comm, uhash, link = PROF_KEY.unpack_from(keys, i * key_size)
                 stack = decoded.get(uhash)
                 if stack is None:
                     depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
@@ -629,7 +644,7 @@ class CpuSampler:
                     truncated = bool(_U32.unpack_from(values, base + truncated_at)[0])
                     stack = decoded[uhash] = (ips, truncated, rt)
                 out.append(((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
-                             _U64.unpack_from(values, base + count_at)[0]), stack))
+                             _U64.unpack_from(values, base + count_at)[0], link), stack))
         return out
 
     def _take_offcpu(self, table: Any, cpu: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
@@ -647,17 +662,18 @@ class CpuSampler:
                          frequency_hz=cpu.frequency_hz, sample_type=OFF_CPU)
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._offcpu_bufs):
             for i in range(n):
-                pid, tid, _, _, cgroup_id, comm, _ = PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, _, _, cgroup_id, comm, _, link = PROF_KEY.unpack_from(keys, i * key_size)
                 ns, blocks, user, kernel, rt, truncated = self._decode_offcpu(values, i * size)
                 if truncated and self.unwinder is not None:
                     truncated_pids.add(pid)
                 out.blocks += blocks
                 self._add_sample(out, frames_of, pid, tid, comm.split(b"\0", 1)[0], cgroup_id,
-                                 user, kernel, round(ns * scale), rt, blocks)
+                                 user, kernel, round(ns * scale), rt, blocks, link)
         whole, self._whole_off = self._whole_off, {}
-        for (pid, tid, comm, cgroup_id, user, kernel, rt, _), (ns, blocks) in whole.items():
+        for (pid, tid, comm, cgroup_id, user, kernel, rt, _, link), (ns, blocks) in whole.items():
             out.blocks += blocks
-            self._add_sample(out, frames_of, pid, tid, comm, cgroup_id, user, kernel, round(ns * scale), rt, blocks)
+            self._add_sample(out, frames_of, pid, tid, comm, cgroup_id, user, kernel, round(ns * scale), rt, blocks,
+                             link)
         return out
 
     def offcpu_stats(self) -> dict[str, int]:

@@ -41,6 +41,7 @@ from ..errors import SourceUnavailableError
 from ..kernel.bcc import check_mirror, header_defines, header_enum
 from ..kernel.filters import fill_process_filter
 from ..kernel.loader import compile_bpf
+from ..profiling import links
 from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Http2Connection, Unparsed, detect
 from ..protocols.http2 import Http2Exchange
 from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
@@ -75,7 +76,7 @@ class HttpEvent(ctypes.Structure):
                 ("local_port", ctypes.c_uint16), ("peer_port", ctypes.c_uint16), ("kind", ctypes.c_uint8),
                 ("flags", ctypes.c_uint8), ("direction", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 7),
                 ("local_addr", ctypes.c_uint8 * 16), ("peer_addr", ctypes.c_uint8 * 16),
-                ("comm", ctypes.c_char * COMM_LEN)]
+                ("comm", ctypes.c_char * COMM_LEN), ("link_span", ctypes.c_uint64)]
 
 
 class HttpSock(ctypes.Structure):
@@ -89,6 +90,8 @@ class HttpSock(ctypes.Structure):
 _HDR = ctypes.sizeof(HttpEvent)
 # ts_ns, sk, conn_id, cgroup_id, pid, tid, fd, size, len, local_port, peer_port, kind, flags
 _FIXED = struct.Struct("<QQQQIIIIHHHBB")
+_LINK = struct.Struct("<Q")
+_LINK_OFF = HttpEvent.link_span.offset
 assert _FIXED.size == HttpEvent.flags.offset + 1
 
 
@@ -210,6 +213,9 @@ class HttpSource(BccSource):
         self._ports = frozenset(self.config.ports)
         self._spans_on = bool(self.config.spans)
         self._metrics_on = bool(self.config.metrics)
+        prof = ctx.config.sources.profiler
+        self._links = bool(prof.enabled and prof.request_links)   # docs/profiler.md#request-links
+        self.links_unmatched = 0
         self.unparsed = Unparsed((*UNPARSED_REASONS, "tls_unparsed"))
         self.tls: TlsAttacher | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -251,11 +257,26 @@ class HttpSource(BccSource):
         return [f"-DCAPTURE_BYTES={int(c.capture_bytes)}", f"-DCAPTURE_MAX={cap_max}",
                 f"-DMAX_SOCKETS={int(c.max_connections)}", f"-DMAX_CALLS={int(c.max_calls)}",
                 f"-DRINGBUF_PAGES={int(c.ring_buffer_pages)}",
-                f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}"]
+                f"-DFILTER_PORTS={1 if c.ports else 0}", f"-DFILTER_PROCESS={1 if c.filter.active else 0}",
+                *self._link_cflags()]
+
+    def _link_cflags(self) -> list[str]:
+        if not self._links:
+            return []
+        try:
+            return links.cflags()
+        except OSError as e:
+            log.warning("source http: no request links for the profiler: %s", e)
+            self._links = False
+            return []
 
     def _compile(self) -> Any:
         programs = [(name, "KPROBE", None) for name in (*TLS_FUNCTIONS.values(), RETURN_PROGRAM)]
-        bpf = compile_bpf(self.name, self.bpf_file, self.cflags(), programs)
+        cflags = self.cflags()
+        if self._links:     # the pinned map: never from the compile cache (receiver/profiling/links.py)
+            bpf = links.compile_uncached(self.name, self.bpf_file, cflags, programs)
+        else:
+            bpf = compile_bpf(self.name, self.bpf_file, cflags, programs)
         try:
             for map_name, part, mirror in self.mirrors:
                 check_mirror(bpf, map_name, part, mirror, self.name)
@@ -319,7 +340,8 @@ class HttpSource(BccSource):
         n = len(pending)
         parser.feed(kind == EV_SEND, payload, moved, ts)
         if len(pending) > n and type(parser) is Http1Connection:
-            self._requests_started(parser, tid, pending, n)
+            link = _LINK.unpack_from(raw, _LINK_OFF)[0] if self._links else 0
+            self._requests_started(parser, tid, pending, n, link)
         conn.last_ns = ts
         if parser.exchanges:
             self._emit(conn)
@@ -353,7 +375,7 @@ class HttpSource(BccSource):
             self._evictions += 1
         return conn
 
-    def _requests_started(self, parser: Http1Connection, tid: int, pending: Any, n: int) -> None:
+    def _requests_started(self, parser: Http1Connection, tid: int, pending: Any, n: int, link: int = 0) -> None:
         """Request heads just parsed (``pending[n:]``) by thread ``tid``. A server's get their
         span ids now, and the thread is serving them until they are emitted; a client's made by a
         thread serving exactly one request become its children (thread-per-request servers; a
@@ -361,6 +383,11 @@ class HttpSource(BccSource):
         guessed one), unless they carry their own traceparent."""
         new = list(itertools.islice(pending, n, None))
         if parser.server:
+            # the span id the kernel chose for the thread's request (links on, one new request:
+            # pipelined heads parsed from one record get their own random ids, unlinked)
+            if link and len(new) != 1:
+                self.links_unmatched += 1
+                link = 0
             for ex in new:
                 ex.tid = tid
                 parent = parse_traceparent(ex.traceparent)
@@ -370,6 +397,9 @@ class HttpSource(BccSource):
                 else:
                     ex.trace_id = (bits >> 64).to_bytes(16, "little")
                 ex.span_id = (bits & _U64).to_bytes(8, "little")
+                if link:
+                    ex.span_id = link.to_bytes(8, "little")
+                    links.register(link, ex.trace_id)
             serving = self._serving.get(tid)
             if serving is None:
                 serving = self._serving[tid] = []

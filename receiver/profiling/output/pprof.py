@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...proto import profile_pb2
+from .. import links
 from ..model import KERNEL_MAPPING_PATH, OFF_CPU, CpuProfile, Frame, Mapping, StackSample
 
 __all__ = ["to_pprof", "from_pprof", "write_pprof", "read_pprof", "frame_mapping", "KERNEL_MAPPING"]
@@ -33,6 +34,8 @@ LABEL_THREAD_NAME = "thread.name"
 LABEL_PID = "process.pid"
 LABEL_PROCESS_NAME = "process.executable.name"
 LABEL_CONTAINER_ID = "container.id"
+LABEL_TRACE_ID = "trace_id"      # request links: the served request's trace (hex), for -tagfocus
+LABEL_SPAN_ID = "span_id"        # ... and its SERVER span id (hex, as exported)
 
 
 def frame_mapping(frame: Frame) -> Mapping | None:
@@ -121,6 +124,11 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
                                 (LABEL_CONTAINER_ID, sample.container_id)):
                 if value:
                     got.append(profile_pb2.Label(key=s(name), str=s(value)))
+        if sample.link_span:
+            trace = links.trace_of(sample.link_span)
+            if trace is not None:
+                got = [*got, profile_pb2.Label(key=s(LABEL_TRACE_ID), str=s(trace.hex())),
+                       profile_pb2.Label(key=s(LABEL_SPAN_ID), str=s(sample.link_span.to_bytes(8, "little").hex()))]
         return got
 
     # ids start at 1: a miss is falsy
@@ -166,7 +174,8 @@ def from_pprof(pprof: profile_pb2.Profile) -> CpuProfile:
             frames=frames, count=count_of(sample), pid=int(labels.get(LABEL_PID, 0)),
             tid=int(labels.get(LABEL_TID, 0)), thread_name=str(labels.get(LABEL_THREAD_NAME, "")),
             process_name=str(labels.get(LABEL_PROCESS_NAME, "")),
-            container_id=labels.get(LABEL_CONTAINER_ID) or None))
+            container_id=labels.get(LABEL_CONTAINER_ID) or None,
+            link_span=int.from_bytes(bytes.fromhex(str(labels.get(LABEL_SPAN_ID, ""))), "little")))
     if off_cpu:
         return CpuProfile(start_unix_nano=pprof.time_nanos, duration_ns=pprof.duration_nanos,
                           frequency_hz=1, samples=samples, sample_type=OFF_CPU)
