@@ -5,7 +5,8 @@
  * a mapping without a table when the process is a JVM (JIT_WALKER_SLOT) and hands the frame here
  * with its ip/sp/bp. This walker then steps through the code cache itself:
  *   - a pc in the interpreter: an interpreted frame keeps rbp; its Method* is at
- *     rbp - interp_method*8 and its bytecode pointer at rbp - interp_bcp*8 (bci = bcp - the
+ *     rbp - interp_method*8 and its bytecode pointer at rbp - interp_bcp*8 (the leaf's in r13
+ *     when sampled in user mode: the interpreter saves it to the frame only at calls; bci = bcp - the
  *     ConstMethod's end); the caller's sp is the sender sp the frame saved (rbp - 8), its return
  *     address at rbp + 8, its rbp at rbp;
  *   - any other pc: its CodeBlob, found by the code heap's segment map (at most
@@ -111,7 +112,7 @@ static __always_inline u64 hotspot_blob(struct hotspot_process *hs, struct hotsp
  * is Java's, then finds its caller. Returns 0 when the caller is in the code cache too (appended),
  * 1 when the walk ends here, 2 when the caller is native code (the native walker takes it). */
 static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_stack *st,
-                                        struct hotspot_process *hs, struct hotspot_heaps *heaps) {
+                                        struct hotspot_process *hs, struct hotspot_heaps *heaps, u64 leaf_bcp) {
     u32 i = ws->n - 1;
     u64 pc = ws->ip, sp = ws->sp, bp = ws->bp;
     u64 at = i ? pc - 1 : pc;
@@ -125,6 +126,8 @@ static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_s
             count_hotspot(HOTSPOT_STAT_BAD_FRAME);
             return 1;
         }
+        if (i == 0 && leaf_bcp)             /* the running bytecode's: live in r13, saved at calls */
+            bcp = leaf_bcp;
         u32 bci = HOTSPOT_NO_BCI;
         if (method && !bpf_probe_read_user(&cm, 8, (void *)(method + hs->const_method))) {
             u64 off = bcp - cm - hs->const_method_size;
@@ -229,11 +232,13 @@ int walk_hotspot(struct bpf_perf_event_data *ctx) {
     }
     if (more && ws->rt_cursor == RUNTIME_CURSOR_START)
         count_hotspot(HOTSPOT_STAT_WALKED);
+    /* sampled in user mode: the interpreter's bcp register (r13 on x86-64) of the leaf */
+    u64 leaf_bcp = (s64)ctx->regs.ip >= 0 ? ctx->regs.r13 : 0;
     int r = 1;
     if (more) {
         #pragma clang loop unroll(disable)
         for (int k = 0; k < HOTSPOT_FRAMES_PER_CALL; k++) {
-            r = hotspot_step(ws, st, hs, heaps);
+            r = hotspot_step(ws, st, hs, heaps, leaf_bcp);
             if (r)
                 break;
         }

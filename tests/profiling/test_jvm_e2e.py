@@ -11,6 +11,7 @@ a JVM in the compose workload container, and the benchmark window."""
 from __future__ import annotations
 
 import collections
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -41,13 +42,13 @@ public class Hot {
 
     static long javaHotA(long n, long s) {
 """ + _NEVER + """\
-        for (long i = 0; i < n; i++) { s = s * 31 + i; s ^= s >>> 7; }
+        for (long i = 0; i < n; i++) { s = s * 31 + i; s ^= s >>> 7; } // LINE javaHotA
         return s;
     }
 
     static long javaHotB(long n, long s) {
 """ + _NEVER + """\
-        for (long i = 0; i < n; i++) { s = s * 31 + i; s ^= s >>> 7; }
+        for (long i = 0; i < n; i++) { s = s * 31 + i; s ^= s >>> 7; } // LINE javaHotB
         return s;
     }
 
@@ -55,9 +56,9 @@ public class Hot {
         long s = 0;
 """ + _NEVER + """\
         long t = System.nanoTime();
-        s += javaHotA(3 * n, 1);
+        s += javaHotA(3 * n, 1); // LINE stage2>A
         long m = System.nanoTime();
-        s += javaHotB(n, 2);
+        s += javaHotB(n, 2); // LINE stage2>B
         spentA += m - t;
         spentB += System.nanoTime() - m;
         return s;
@@ -66,25 +67,25 @@ public class Hot {
     static long stage1(long n) {
         long s = 0;
 """ + _NEVER + """\
-        return stage2(n) + s;
+        return stage2(n) + s; // LINE stage1
     }
 
     static long dispatch(long n) {
         long s = 0;
 """ + _NEVER + """\
-        return stage1(n) + s;
+        return stage1(n) + s; // LINE dispatch
     }
 
     static void runLoop(String stop) {
         File f = new File(stop);
         long k = 0, n = 0;
 """ + _NEVER.replace("s = s", "k = k") + """\
-        while (k++ % 16 != 0 || !f.exists()) sink += dispatch(20000);
+        while (k++ % 16 != 0 || !f.exists()) sink += dispatch(20000); // LINE runLoop
         System.out.println(spentA + " " + spentB);
     }
 
     public static void main(String[] args) {
-        runLoop(args[0]);
+        runLoop(args[0]); // LINE main
     }
 }
 """
@@ -133,6 +134,11 @@ public class Deopt {
     }
 }
 """
+
+
+def _lines(source: str) -> dict[str, int]:
+    """Line numbers of the ``// LINE name`` markers."""
+    return {m[1]: i for i, text in enumerate(source.splitlines(), 1) if (m := re.search(r"// LINE (\S+)", text))}
 
 
 def _jdk(name: str) -> Path:
@@ -194,7 +200,9 @@ def _profile(argv: list[str], stop: Path, want: int) -> tuple[list[Any], dict[st
     return samples, stats, out.decode()
 
 
-def _check_split(samples: list[Any], stats: dict[str, int], out: str) -> None:
+def _check_split(samples: list[Any], stats: dict[str, int], out: str, lines: bool = False) -> None:
+    """The 3:1 split with the whole chain by name (and, ``lines``: every frame at its line)."""
+    at = _lines(SPLIT_SOURCE)
     hot: collections.Counter[str] = collections.Counter()
     whole = total = 0
     for s in samples:
@@ -208,6 +216,9 @@ def _check_split(samples: list[Any], stats: dict[str, int], out: str) -> None:
         user = [f for f in s.frames if f.frame_type != "kernel"]
         ok = [f.function for f in java[:6]] == [HOT[leaf], *CHAIN] and user[0] is java[0]
         ok = ok and java[0].file == "Hot.java"
+        if lines:
+            want = [at[f"javaHot{leaf}"], at[f"stage2>{leaf}"], at["stage1"], at["dispatch"], at["runLoop"], at["main"]]
+            ok = ok and [f.line for f in java[:6]] == want
         whole += s.count if ok else 0
     hot_total = hot["A"] + hot["B"]
     assert hot_total >= 300 and hot_total >= 0.9 * total, (hot, total, stats)
@@ -236,7 +247,7 @@ def test_interpreter_only_and_c2_only(bpf_ok: None, jdk: str, flag: str, tmp_pat
     stop = tmp_path / "stop"
     samples, stats, out = _profile([str(home / "bin" / "java"), flag, "-cp", str(tmp_path), "Hot", str(stop)],
                                    stop, 400)
-    _check_split(samples, stats, out)
+    _check_split(samples, stats, out, lines=flag == "-Xint")   # interpreted frames: lines by bci
     if flag == "-Xint":
         assert stats["interpreted"] > 0 and stats["compiled"] == 0, stats
     else:

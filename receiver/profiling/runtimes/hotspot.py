@@ -206,6 +206,11 @@ class _Layout:
     klass_name: int             # Klass::_name
     symbol_length: int          # Symbol::_length (u2)
     symbol_body: int            # Symbol::_body
+    const_method_size: int      # sizeof(ConstMethod): the bytecodes follow it, then the line table
+    code_size: int              # ConstMethod::_code_size (u2)
+    flags: int                  # ConstMethod's flags (u2 before JDK 21, u4 since)
+    has_lines: int              # its "has a line number table" bit (0: unknown, no lines)
+    excluded: int               # UNSIGNED5's excluded bytes X: 0 before JDK 21, 1 since (no 0 bytes)
 
 
 @dataclass(slots=True)
@@ -339,7 +344,12 @@ def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
         pool_holder=vm.field("ConstantPool", "_pool_holder"), pool_length=vm.field("ConstantPool", "_length"),
         pool_size=vm.size("ConstantPool"), source_file_index=vm.field("ConstantPool", "_source_file_name_index"),
         klass_constants=vm.field("InstanceKlass", "_constants"), klass_name=vm.field("Klass", "_name"),
-        symbol_length=vm.field("Symbol", "_length"), symbol_body=vm.field("Symbol", "_body"))
+        symbol_length=vm.field("Symbol", "_length"), symbol_body=vm.field("Symbol", "_body"),
+        const_method_size=vm.size("ConstMethod"), code_size=vm.field("ConstMethod", "_code_size"),
+        flags=vm.field("ConstMethod", "_flags", "_flags._flags"),
+        has_lines=vm.constants.get("ConstMethod::_has_linenumber_table",
+                                   vm.constants.get("ConstMethodFlags::_misc_has_linenumber_table", 0)),
+        excluded=1 if ("ConstMethod", "_flags._flags") in vm.fields else 0)
     return JVM(entry, heaps, layout, vm, time.monotonic())
 
 
@@ -353,6 +363,16 @@ class MethodInfo:
     name: str                       # "Class.method(signature)"
     file: str
     fingerprint: tuple[int, int]    # (ConstMethod*, ConstantPool*) as read
+    lines: tuple[tuple[int, int], ...] = ()   # (start bci, line), by bci
+
+    def line(self, bci: int) -> int:
+        """The source line of bytecode index ``bci`` (0 when unknown)."""
+        line = 0
+        for start, at in self.lines:
+            if start > bci:
+                break
+            line = at
+        return line
 
 
 _PRIMITIVES = {"B": "byte", "C": "char", "D": "double", "F": "float", "I": "int", "J": "long", "S": "short",
@@ -410,7 +430,58 @@ def read_method(mem: _Mem, lay: _Layout, method: int) -> MethodInfo:
         source = pool_symbol(mem.u16(cp + lay.source_file_index))
     except (OSError, ValueError):
         source = ""
-    return MethodInfo(f"{klass}.{name}{sig}", source, (cm, cp))
+    return MethodInfo(f"{klass}.{name}{sig}", source, (cm, cp), _line_table(mem, lay, cm))
+
+
+MAX_LINE_ENTRIES = 4096        # line number table entries read per method
+
+
+def _line_table(mem: _Mem, lay: _Layout, cm: int) -> tuple[tuple[int, int], ...]:
+    """The method's compressed line number table (after its bytecodes): (bci, line) pairs, each a
+    byte (bci delta << 3 | line delta) or 0xFF and two signed UNSIGNED5 numbers; 0 ends it."""
+    if not lay.has_lines:
+        return ()
+    size = 2 if lay.has_lines < 0x10000 else 4
+    flags = int.from_bytes(mem.read(cm + lay.flags, size), "little")
+    if not flags & lay.has_lines:
+        return ()
+    data = os.pread(mem.fd, 4 * MAX_LINE_ENTRIES, cm + lay.const_method_size + mem.u16(cm + lay.code_size))
+    at = 0
+
+    def byte() -> int:
+        nonlocal at
+        if at >= len(data):
+            raise ValueError("line number table past the read")
+        at += 1
+        return data[at - 1]
+
+    x = lay.excluded
+    low = 256 - 64 - x                  # UNSIGNED5: L = 256 - H - X, lg(H) = 6
+
+    def signed() -> int:
+        b = byte() - x
+        value, shift = b, 6
+        i = 1
+        while b >= low and i < 5:
+            b = byte() - x
+            value += b << shift
+            shift += 6
+            i += 1
+        return (value >> 1) ^ -(value & 1)
+
+    out, bci, line = [], 0, 0
+    for _ in range(MAX_LINE_ENTRIES):
+        b = byte()
+        if b == 0:
+            break
+        if b == 0xFF:
+            bci += signed()
+            line += signed()
+        else:
+            bci += b >> 3
+            line += b & 7
+        out.append((bci, line))
+    return tuple(sorted(out))
 
 
 # ---------------------------------------------------------------------------- the runtime
@@ -620,7 +691,9 @@ class HotSpot(Runtime):
                 unresolved += 1
                 out.append((Frame(index, "", self.frame_type), False))
                 continue
-            out.append((Frame(index, info.name, self.frame_type, None, info.file, 0), False))
+            bci = aux & NO_BCI
+            line = info.line(bci) if bci != NO_BCI else 0
+            out.append((Frame(index, info.name, self.frame_type, None, info.file, line), False))
         self.stats["frames_unresolved"] += unresolved
         self.stats["frames_resolved"] += len(out) - unresolved
         return out
