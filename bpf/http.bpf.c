@@ -262,10 +262,17 @@ static __always_inline void emit(struct http_sock *s, u64 sk, u64 id, u32 fd, u6
             __builtin_memcpy(&w, r->data, 4);
         int request = looks_http(w) && w != WORD('H', 'T', 'T', 'P') && w != WORD('P', 'R', 'I', ' ');
         if (kind == HTTP_EV_RECV && request && s->direction != HTTP_DIR_CLIENT) {
-            u64 span = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
-            span |= 1;         /* never 0: 0 means no link */
-            req_links.update(&tid, &span);
-            h->link_span = span;
+            /* REQ_LINKS_THRESHOLD: the share of requests linked (sources.profiler.
+             * request_links_probability) times 2^32 - 1; an unlinked request's samples stay
+             * unlinked (user space counts it as not_linked). */
+            if (REQ_LINKS_THRESHOLD == 0xffffffffu || bpf_get_prandom_u32() <= REQ_LINKS_THRESHOLD) {
+                u64 span = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+                span |= 1;         /* never 0: 0 means no link */
+                if (req_links.update(&tid, &span) == 0)   /* fails when REQ_LINKS_MAX threads hold one */
+                    h->link_span = span;
+            } else {
+                req_links.delete(&tid);
+            }
         } else if (kind == HTTP_EV_SEND && (s->direction == HTTP_DIR_SERVER ||
                                             (!s->direction && w == WORD('H', 'T', 'T', 'P')))) {
             req_links.delete(&tid);

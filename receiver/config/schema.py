@@ -315,6 +315,9 @@ class ProfilerSourceConfig:
     # Samples of a thread serving an HTTP request (seen by sources.http) carry a link to that
     # request's SERVER span (docs/profiler.md#request-links); needs sources.http.
     request_links: bool = False
+    # The share of requests whose samples are linked (each linked request's samples are their own
+    # samples, so a profile has up to one sample per stack per linked request).
+    request_links_probability: Annotated[float, Range(0, 1, low_open=True)] = 1.0
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     off_cpu: OffCpuConfig = field(default_factory=OffCpuConfig)

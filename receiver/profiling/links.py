@@ -63,8 +63,12 @@ def ensure_map() -> str:
         return path
 
 
-def cflags() -> list[str]:
-    return ["-DREQ_LINKS=1", f'-DREQ_LINKS_PIN="{ensure_map()}"', f"-DREQ_LINKS_MAX={MAX_THREADS}"]
+def cflags(probability: float = 1.0) -> list[str]:
+    """The -D flags of both programs; ``probability``: the share of requests linked (the http
+    program's; the profiler's ignores it)."""
+    threshold = 0xFFFFFFFF if probability >= 1 else int(probability * 0xFFFFFFFF)
+    return ["-DREQ_LINKS=1", f'-DREQ_LINKS_PIN="{ensure_map()}"', f"-DREQ_LINKS_MAX={MAX_THREADS}",
+            f"-DREQ_LINKS_THRESHOLD={threshold}u"]
 
 
 def unpin() -> None:
@@ -88,12 +92,20 @@ def register(span_id: int, trace_id: bytes) -> None:
             _traces.popitem(last=False)
 
 
-unresolved = 0   # sample links whose span id the registry did not hold (dropped: no link)
+# Requests and samples by what became of their link (ebpf_receiver_profiler_request_links_total):
+# linked (server requests with a kernel span id), not_linked (not sampled by
+# request_links_probability, or MAX_THREADS threads were serving), pipelined (several heads in
+# one record: random ids, no link), unresolved (sample links whose span id the registry no longer
+# held: exported without a link).
+counts = {"linked": 0, "not_linked": 0, "pipelined": 0, "unresolved": 0}
+
+
+def count(reason: str) -> None:
+    counts[reason] += 1
 
 
 def count_unresolved() -> None:
-    global unresolved
-    unresolved += 1
+    count("unresolved")
 
 
 def trace_of(span_id: int) -> bytes | None:

@@ -213,9 +213,8 @@ class HttpSource(BccSource):
         self._ports = frozenset(self.config.ports)
         self._spans_on = bool(self.config.spans)
         self._metrics_on = bool(self.config.metrics)
-        prof = ctx.config.sources.profiler
+        prof = self._prof_config = ctx.config.sources.profiler
         self._links = bool(prof.enabled and prof.request_links)   # docs/profiler.md#request-links
-        self.links_unmatched = 0
         self.unparsed = Unparsed((*UNPARSED_REASONS, "tls_unparsed"))
         self.tls: TlsAttacher | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -264,7 +263,7 @@ class HttpSource(BccSource):
         if not self._links:
             return []
         try:
-            return links.cflags()
+            return links.cflags(float(self._prof_config.request_links_probability))
         except OSError as e:
             log.warning("source http: no request links for the profiler: %s", e)
             self._links = False
@@ -385,9 +384,12 @@ class HttpSource(BccSource):
         if parser.server:
             # the span id the kernel chose for the thread's request (links on, one new request:
             # pipelined heads parsed from one record get their own random ids, unlinked)
-            if link and len(new) != 1:
-                self.links_unmatched += 1
-                link = 0
+            if self._links:
+                if link and len(new) != 1:
+                    links.count("pipelined")
+                    link = 0
+                else:
+                    links.count("linked" if link else "not_linked")
             for ex in new:
                 ex.tid = tid
                 parent = parse_traceparent(ex.traceparent)

@@ -138,7 +138,7 @@ def test_samples_link_to_the_server_span_of_their_request(bpf_ok: None, collecto
     pprof_dir = tmp_path / "pprof"
     try:
         cfg = {"profiler": {"preset": "debug", "report_interval": "2s", "filter": {"pids": [proc.pid]},
-                            "request_links": True, "pprof_dir": str(pprof_dir),
+                            "request_links": True, "pprof_dir": str(pprof_dir), "java_frames": False,
                             "off_cpu": {"enabled": True, "sample_probability": 1.0}},
                "http": {"ports": [port], "report_interval": "1s"}}
         agent = Agent(tmp_path, agent_config(collector, cfg)).start(timeout=300)
@@ -162,6 +162,9 @@ def test_samples_link_to_the_server_span_of_their_request(bpf_ok: None, collecto
             want_block = {(t, _hex(spans[t]["spanId"])) for t in block}
             wait_until(lambda: {lk for _, _, _, lk in _linked_samples(collector)} >= want | want_block,
                        60, 0.5, "samples linked to every request")
+            # every request of this test was linked (probability 1): none counted otherwise
+            assert agent.metric_value("ebpf_receiver_profiler_request_links_total", reason="linked") >= N_BURN + N_BLOCK
+            assert agent.metric_value("ebpf_receiver_profiler_request_links_total", reason="not_linked") == 0
         finally:
             assert agent.stop() == 0
     finally:
