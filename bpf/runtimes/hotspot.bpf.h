@@ -19,7 +19,8 @@
  * bci, or HOTSPOT_NO_BCI for a compiled frame). Recording the Method* at sample time keeps a
  * recompiled, deoptimized or flushed nmethod from naming another method later. When a return
  * address leaves the code cache the walk goes back to the native walker (JNI, the VM, the
- * launcher), which hands it here again at the next Java frame. All offsets come from the JVM's
+ * launcher), which hands it here again at the next Java frame; libjvm itself (built with frame
+ * pointers) is stepped here by rbp when its unwind table is not loaded (too large for the budget). All offsets come from the JVM's
  * own gHotSpotVM* tables. */
 
 #define HOTSPOT_FRAMES_PER_CALL 8     /* frames one walk_hotspot call steps */
@@ -55,6 +56,8 @@ struct hotspot_heaps {
     __u64 low[HOTSPOT_HEAPS];
     __u64 high[HOTSPOT_HEAPS];
     __u64 segmap[HOTSPOT_HEAPS];
+    __u64 jvm_low;             /* libjvm's code: walked by frame pointer where it has no table */
+    __u64 jvm_high;
     __u8 log2_segment[HOTSPOT_HEAPS];
     __u8 count;
     __u8 pad[4];
@@ -71,7 +74,8 @@ MIRROR(hotspot_heaps);
 #define HOTSPOT_STAT_BAD_FRAME 5      /* a frame that could not be read or left */
 #define HOTSPOT_STAT_HANDED_BACK 6    /* walks handed back to the native walker below Java code */
 #define HOTSPOT_STAT_TRUNCATED 7      /* walks cut short (depth, tail calls) */
-#define HOTSPOT_STATS 8
+#define HOTSPOT_STAT_JVM_FP_STEPS 8   /* libjvm frames (no unwind table loaded) stepped by rbp */
+#define HOTSPOT_STATS 9
 
 BPF_PERCPU_ARRAY(hotspot_stats, u64, HOTSPOT_STATS);
 
@@ -108,6 +112,13 @@ static __always_inline u64 hotspot_blob(struct hotspot_process *hs, struct hotsp
     return 0;
 }
 
+/* The unwind rule kind at a return address - 1. */
+static __always_inline u8 hotspot_kind(struct unwind_state *ws, u64 at) {
+    s32 cfa_offset;
+    s16 rbp_offset;
+    return find_rule(&ws->proc, at, &cfa_offset, &rbp_offset);
+}
+
 /* One frame: the one at ws->ip/sp/bp (native index ws->n - 1, in the code cache). Records it if it
  * is Java's, then finds its caller. Returns 0 when the caller is in the code cache too (appended),
  * 1 when the walk ends here, 2 when the caller is native code (the native walker takes it). */
@@ -117,7 +128,14 @@ static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_s
     u64 pc = ws->ip, sp = ws->sp, bp = ws->bp;
     u64 at = i ? pc - 1 : pc;
     u64 ra = 0, caller_sp = 0, caller_bp = 0;
-    if (at >= hs->interp_low && at < hs->interp_high) {      /* an interpreted frame */
+    if (at < hs->cache_low || at >= hs->cache_high) {        /* libjvm without a table: by rbp */
+        if (!bp || read_stack(ws, bp, &caller_bp) || read_stack(ws, bp + 8, &ra)) {
+            count_hotspot(HOTSPOT_STAT_BAD_FRAME);
+            return 1;
+        }
+        caller_sp = bp + 16;
+        count_hotspot(HOTSPOT_STAT_JVM_FP_STEPS);
+    } else if (at >= hs->interp_low && at < hs->interp_high) {      /* an interpreted frame */
         u64 method = 0, bcp = 0, cm = 0;
         if (!bp || bpf_probe_read_user(&method, 8, (void *)(bp - (u64)hs->interp_method * 8)) ||
             bpf_probe_read_user(&bcp, 8, (void *)(bp - (u64)hs->interp_bcp * 8)) ||
@@ -198,8 +216,13 @@ static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_s
     ws->ip = ra;
     ws->sp = caller_sp;
     ws->bp = caller_bp;
-    if (ra - 1 < hs->cache_low || ra - 1 >= hs->cache_high)
-        return 2;
+    if (ra - 1 < hs->cache_low || ra - 1 >= hs->cache_high) {
+        if (ra - 1 < heaps->jvm_low || ra - 1 >= heaps->jvm_high)
+            return 2;
+        u8 kind = hotspot_kind(ws, ra - 1);
+        if (kind == UNWIND_RSP || kind == UNWIND_RBP || kind == UNWIND_OUTERMOST)
+            return 2;                                        /* libjvm with its table */
+    }
     u32 n = ws->n;
     if (n >= PROF_MAX_DEPTH)
         return 1;
@@ -219,7 +242,8 @@ int walk_hotspot(struct bpf_perf_event_data *ctx) {
     struct hotspot_heaps *heaps = hotspot_heaps.lookup(&ws->key.pid);
     u32 n = ws->n;
     u64 at = n > 1 ? ws->ip - 1 : ws->ip;
-    int more = heaps && st->truncated && ws->done && n && at >= hs->cache_low && at < hs->cache_high;
+    int more = heaps && st->truncated && ws->done && n && ((at >= hs->cache_low && at < hs->cache_high) ||
+        (at >= heaps->jvm_low && at < heaps->jvm_high && st->ips[(n - 1) & PROF_DEPTH_MASK] == ws->ip));
     /* a return address into code the native walker had no mapping for (code cache committed after
      * the mappings were read): not recorded by it, so it is this walker's first frame */
     if (more && ws->rt_cursor == RUNTIME_CURSOR_START && st->ips[(n - 1) & PROF_DEPTH_MASK] != ws->ip) {

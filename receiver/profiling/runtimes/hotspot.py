@@ -84,7 +84,8 @@ class HotSpotHeaps(ctypes.Structure):
     """Mirror of ``struct hotspot_heaps``: a JVM's code heaps and their segment maps."""
 
     _fields_ = [("low", ctypes.c_uint64 * HEAPS), ("high", ctypes.c_uint64 * HEAPS),
-                ("segmap", ctypes.c_uint64 * HEAPS), ("log2_segment", ctypes.c_uint8 * HEAPS),
+                ("segmap", ctypes.c_uint64 * HEAPS), ("jvm_low", ctypes.c_uint64), ("jvm_high", ctypes.c_uint64),
+                ("log2_segment", ctypes.c_uint8 * HEAPS),
                 ("count", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 4)]
 
 
@@ -286,9 +287,12 @@ def find_hotspot(pid: int, regions: Sequence[Region],
             continue
         mem = _Mem(pid)
         try:
-            return _jvm(mem, read_vm_structs(mem, symbols, bias))
+            jvm = _jvm(mem, read_vm_structs(mem, symbols, bias))
         finally:
             mem.close()
+        code = [(s, e) for s, e, b, p, _, anon in regions if p == path and not anon]
+        jvm.heaps.jvm_low, jvm.heaps.jvm_high = min(s for s, _ in code), max(e for _, e in code)
+        return jvm
     return None
 
 
