@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import CachesConfig, ProfilerSourceConfig
-from ...kernel.bcc import header_defines, header_enum
+from ...kernel.bcc import check_mirror, header_defines, header_enum
 from ..abi import SET_TABLES_USER, RuntimeProcess
 from ..model import Frame
 from ..work_queue import QueueWorker
@@ -504,10 +504,13 @@ class HotSpot(Runtime):
     program = "walk_hotspot"
     stats_map = "hotspot_stats"
     stat_names = header_enum(BPF_HEADER, "HOTSPOT_STAT")
-    mirrors = (("mirror_hotspot_process", "Leaf", HotSpotProcess), ("mirror_hotspot_heaps", "Leaf", HotSpotHeaps))
+    # (hotspot_heaps, its own map, is larger than a runtime's per-process data: checked in __init__)
+    mirrors = (("mirror_hotspot_process", "Leaf", HotSpotProcess),)
 
     def __init__(self, bpf: Any, caches: CachesConfig | None = None) -> None:
         super().__init__(bpf, caches or CachesConfig())
+        if bpf is not None:
+            check_mirror(bpf, "mirror_hotspot_heaps", "Leaf", HotSpotHeaps, "profiler")
         self._processes: dict[int, JVM] = {}
         self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
         self._methods: OrderedDict[tuple[int, int], tuple[MethodInfo | None, float]] = OrderedDict()
