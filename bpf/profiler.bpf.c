@@ -682,7 +682,9 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
     int begun = ws && st ? begin_walk(ctx, &key, g, ws, st) : 0;
     if (begun > 0)
         unwind_programs.call(ctx, UNWIND_NATIVE_SLOT);   /* does not return unless the tail call failed */
-    if (begun == 0)
+    /* No table, or the walker is not loaded yet (a compile-cache hit loads it while the program
+     * already samples): the frame-pointer stack, counted as such. */
+    if (begun >= 0)
         count_unwind(UNWIND_STAT_NO_TABLE);
 #endif
     count_sample(ctx, &key, g);
