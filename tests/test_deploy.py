@@ -270,6 +270,13 @@ def test_daemonset() -> None:
     names = [e["name"] for e in agent["env"]]
     assert names.index("K8S_NODE_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
     assert agent["resources"]["requests"] and agent["resources"]["limits"]
+    # The image's own headers, a read-only root, and the compile cache on the node (issue 29).
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "/lib/modules" not in mounts and "/usr/src" not in mounts
+    assert agent["securityContext"]["readOnlyRootFilesystem"] is True
+    assert volumes[mounts["/var/cache/ebpf-otlp-receiver"]]["hostPath"]["path"] == "/var/cache/ebpf-otlp-receiver"
+    assert "emptyDir" in volumes[mounts["/tmp"]]
     annotations = ds["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "9464"
     # The ConfigMap's config is valid for the agent, with the node name expanded by Kubernetes.
