@@ -32,6 +32,8 @@ from .records import (
     MetricSnapshot,
     ProcessRecord,
     Record,
+    RpcCall,
+    RpcSnapshot,
     SlowSyscall,
     SyscallSnapshot,
     TcpConnection,
@@ -139,11 +141,11 @@ class Pipeline:
         self._min_span_ns = int(net.min_span_duration * 1e9)
         self._event_rules: dict[type, Callable[[Any], None]] = {
             ProcessRecord: self._process, TcpConnection: self._connection, SlowSyscall: self._slow_syscall,
-            HttpRequest: self._http_request, rpc.RpcCall: self._rpc_call,
+            HttpRequest: self._http_request, RpcCall: self._rpc_call,
         }
         self._snapshot_rules: dict[type, Callable[[Any], Any]] = {
             SyscallSnapshot: syscalls.snapshot_metrics, ConnectionSnapshot: network.snapshot_metrics,
-            HttpSnapshot: http.snapshot_metrics, rpc.RpcSnapshot: rpc.snapshot_metrics,
+            HttpSnapshot: http.snapshot_metrics, RpcSnapshot: rpc.snapshot_metrics,
         }
 
     # ------------------------------------------------------------------ Consumer
@@ -198,7 +200,7 @@ class Pipeline:
         resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
         self.sink.submit(Signal.TRACES, resource, http.request_span(rec))
 
-    def _rpc_call(self, rec: rpc.RpcCall) -> None:
+    def _rpc_call(self, rec: RpcCall) -> None:
         resource = self.resources.get(rec.pid, rec.comm, cgroup_id=rec.cgroup_id)
         self.sink.submit(Signal.TRACES, resource, rpc.call_span(rec))
 

@@ -2,9 +2,10 @@
 named in OpenTelemetry terms (the pipeline's conversion rules do that, once, for the agent and the
 library alike).
 
-- events: ``ProcessRecord``, ``TcpConnection``, ``SlowSyscall`` (one per thing that happened);
-- metric snapshots: ``SyscallSnapshot``, ``ConnectionSnapshot`` (cumulative aggregates, per
-  process, at one report);
+- events: ``ProcessRecord``, ``TcpConnection``, ``SlowSyscall``, ``HttpRequest``, ``RpcCall``
+  (one per thing that happened);
+- metric snapshots: ``SyscallSnapshot``, ``ConnectionSnapshot``, ``HttpSnapshot``, ``RpcSnapshot``
+  (cumulative aggregates, per process, at one report);
 - profiles: ``receiver.profiling.model.CpuProfile``.
 
 Times are Unix nanoseconds, already mapped from the kernel's monotonic clock by the source.
@@ -18,7 +19,8 @@ from .aggregates import HistPoint, Series, SeriesKey
 from .model import EbpfEventType
 
 __all__ = ["ProcessRecord", "TcpConnection", "SlowSyscall", "SyscallSeries", "SyscallSnapshot",
-           "ConnectionSnapshot", "HttpRequest", "HttpSeries", "HttpSnapshot", "Record", "MetricSnapshot"]
+           "ConnectionSnapshot", "HttpRequest", "HttpSeries", "HttpSnapshot", "DurationSeries",
+           "DurationSnapshot", "RpcCall", "RpcSeriesKey", "RpcSeries", "RpcSnapshot", "Record", "MetricSnapshot"]
 
 
 @dataclass(slots=True)
@@ -145,22 +147,65 @@ HttpSeriesKey = tuple[bool, str, int, str, int, str, str, str]
 
 
 @dataclass(slots=True)
-class HttpSeries:
-    """Cumulative request-duration histograms of one process: (key, bucket counts, sum in
-    seconds, count) per attribute set."""
+class DurationSeries:
+    """Cumulative duration histograms of one process: (key, bucket counts, sum in seconds,
+    count) per attribute set (the key an ``HttpSeriesKey`` or an ``RpcSeriesKey``)."""
 
     comm: str = ""
-    points: list[tuple[HttpSeriesKey, list[int], float, int]] = field(default_factory=list)
+    points: list[tuple[tuple, list[int], float, int]] = field(default_factory=list)
+
+
+HttpSeries = DurationSeries
 
 
 @dataclass(slots=True)
-class HttpSnapshot:
+class DurationSnapshot:
     start_unix_nano: int
     time_unix_nano: int
     boundaries: tuple[float, ...]
-    by_pid: dict[int, HttpSeries]
+    by_pid: dict[int, DurationSeries]
     finished_pids: set[int] = field(default_factory=set)
 
 
-Record = ProcessRecord | TcpConnection | SlowSyscall | HttpRequest
-MetricSnapshot = SyscallSnapshot | ConnectionSnapshot | HttpSnapshot
+@dataclass(slots=True)
+class HttpSnapshot(DurationSnapshot):
+    """HTTP request durations (``HttpSeriesKey`` series)."""
+
+
+@dataclass(slots=True)
+class RpcCall:
+    """One gRPC call (over HTTP/2), seen on the side of ``pid``: ``server`` when it received the
+    call. ``grpc_status`` None: no trailers were read (``error`` says why), or the status was an
+    HPACK entry the agent never saw."""
+
+    pid: int
+    comm: str
+    cgroup_id: int
+    start_unix_nano: int
+    duration_ns: int
+    server: bool
+    service: str
+    method: str
+    http_status: int
+    grpc_status: int | None
+    server_address: str
+    server_port: int
+    client_address: str
+    client_port: int
+    traceparent: str | None = None
+    error: str | None = None
+
+
+# (server side, rpc.service, rpc.method, grpc status code (-1 unknown), server address, server
+#  port); an empty service: the side's overflow series
+RpcSeriesKey = tuple[bool, str, str, int, str, int]
+RpcSeries = DurationSeries
+
+
+@dataclass(slots=True)
+class RpcSnapshot(DurationSnapshot):
+    """gRPC call durations (``RpcSeriesKey`` series)."""
+
+
+Record = ProcessRecord | TcpConnection | SlowSyscall | HttpRequest | RpcCall
+MetricSnapshot = SyscallSnapshot | ConnectionSnapshot | HttpSnapshot | RpcSnapshot

@@ -22,7 +22,6 @@ the connection's spans get ``url.scheme`` https. A TLS connection whose plaintex
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ctypes
 import itertools
 import logging
@@ -35,8 +34,9 @@ from collections import OrderedDict
 from typing import Any
 
 from ..config import EbpfConfig
+from ..convert.durations import DurationHistograms
 from ..convert.http import DURATION_BOUNDARIES, error_type, normal_method, parse_traceparent
-from ..convert.rpc import RpcCall, RpcMetrics, RpcSnapshot, split_path
+from ..convert.rpc import RpcMetrics, split_path
 from ..errors import SourceUnavailableError
 from ..kernel.bcc import check_mirror, header_defines, header_enum
 from ..kernel.filters import fill_process_filter
@@ -44,7 +44,7 @@ from ..kernel.loader import compile_bpf
 from ..profiling import links
 from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Http2Connection, Unparsed, detect
 from ..protocols.http2 import Http2Exchange
-from ..records import HttpRequest, HttpSeries, HttpSeriesKey, HttpSnapshot
+from ..records import HttpRequest, HttpSeriesKey, HttpSnapshot, RpcCall, RpcSnapshot
 from .base import BccSource, Requirement
 from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, probe_uprobe, uprobe_pmu
 
@@ -153,46 +153,16 @@ class _Conn:
         self.scheme = "http"
 
 
-class HttpMetrics:
+def _overflow_key(key: HttpSeriesKey) -> HttpSeriesKey:
+    return key[0], "", 0, "", 0, "", "", ""
+
+
+class HttpMetrics(DurationHistograms):
     """Cumulative duration histograms per process and attribute set, at most
     ``max_attribute_sets`` of them; beyond, one overflow series per side (under pid 0)."""
 
     def __init__(self, max_attribute_sets: int):
-        self.max_attribute_sets = max_attribute_sets
-        # (pid, key) → [bucket counts, sum, count]
-        self.series: dict[tuple[int, HttpSeriesKey], list[Any]] = {}
-        self.comms: dict[int, str] = {}
-        self.overflowed = 0   # observations that went to an overflow series
-
-    def observe(self, pid: int, comm: str, key: HttpSeriesKey, seconds: float) -> None:
-        s = self.series.get((pid, key))
-        if s is None:
-            if len(self.series) >= self.max_attribute_sets:
-                pid, key = 0, (key[0], "", 0, "", 0, "", "", "")
-                self.overflowed += 1
-                s = self.series.get((pid, key))
-            if s is None:
-                s = self.series[(pid, key)] = [[0] * (len(DURATION_BOUNDARIES) + 1), 0.0, 0]
-                if pid:
-                    self.comms.setdefault(pid, comm)
-        s[0][bisect.bisect_left(DURATION_BOUNDARIES, seconds)] += 1
-        s[1] += seconds
-        s[2] += 1
-
-    def by_pid(self) -> dict[int, HttpSeries]:
-        out: dict[int, HttpSeries] = {}
-        for (pid, key), (counts, total, count) in self.series.items():
-            series = out.get(pid)
-            if series is None:
-                series = out[pid] = HttpSeries(self.comms.get(pid, ""))
-            series.points.append((key, counts, total, count))
-        return out
-
-    def forget_pids(self, pids: set[int]) -> None:
-        for k in [k for k in self.series if k[0] in pids]:
-            del self.series[k]
-        for pid in pids:
-            self.comms.pop(pid, None)
+        super().__init__(max_attribute_sets, _overflow_key)
 
 
 class HttpSource(BccSource):
