@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ._support import discarding_collector_yaml, otelcol_bin
 from .network import _scrape_sum
@@ -62,6 +63,15 @@ with grpc.insecure_channel("127.0.0.1:" + port) as channel:
 """
 
 
+def http_agent_config(endpoint: str, port: int) -> dict[str, Any]:
+    """The agent of the HTTP benchmarks: only the http source, filtered to ``port``."""
+    return {"exporter": {"endpoint": endpoint, "queue_size": 200_000, "max_batch_size": 4096},
+            "sources": {"process": {"enabled": False}, "profiler": {"enabled": False},
+                        "syscalls": {"enabled": False}, "network": {"enabled": False},
+                        "http": {"enabled": True, "ports": [port], "report_interval": "2s",
+                                 "ring_buffer_pages": 4096}}}
+
+
 def _load(port: int, seconds: float, threads: int) -> tuple[int, float]:
     """(calls, seconds) of one client run."""
     out = subprocess.run([sys.executable, "-c", CLIENT, str(port), str(seconds), str(threads)], capture_output=True,
@@ -88,12 +98,7 @@ def run(smoke: bool = False) -> int:
         col_url = f"http://127.0.0.1:{col_metrics_port}/metrics"
         _load(port, 1, threads)   # warm-up
         before = _load(port, seconds, threads)
-        config = {"exporter": {"endpoint": collector.endpoint, "queue_size": 200_000, "max_batch_size": 4096},
-                  "sources": {"process": {"enabled": False}, "profiler": {"enabled": False},
-                              "syscalls": {"enabled": False}, "network": {"enabled": False},
-                              "http": {"enabled": True, "ports": [port], "report_interval": "2s",
-                                       "ring_buffer_pages": 4096}}}
-        agent = Agent(workdir, config).start()
+        agent = Agent(workdir, http_agent_config(collector.endpoint, port)).start()
         spans0 = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total")
         with_agent = _load(port, seconds, threads)
         expected = 2 * (with_agent[0] + 1)   # + the client's warm-up call

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ._support import discarding_collector_yaml, otelcol_bin
+from .grpc_calls import http_agent_config
 from .grpc_calls import run as grpc_calls
 from .network import _cpu_seconds, _scrape_sum
 
@@ -135,12 +136,7 @@ def run(smoke: bool = False) -> int:
         time.sleep(0.5)
         _wrk(port, 1, connections)   # warm-up
         before = _wrk(port, seconds, connections)
-        config = {"exporter": {"endpoint": collector.endpoint, "queue_size": 200_000, "max_batch_size": 4096},
-                  "sources": {"process": {"enabled": False}, "profiler": {"enabled": False},
-                              "syscalls": {"enabled": False}, "network": {"enabled": False},
-                              "http": {"enabled": True, "ports": [port], "report_interval": "2s",
-                                       "ring_buffer_pages": 4096}}}
-        agent = Agent(workdir, config).start()
+        agent = Agent(workdir, http_agent_config(collector.endpoint, port)).start()
         assert agent.proc is not None
         spans0 = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total")
         with _bpf_stats():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -25,12 +24,18 @@ import grpc
 import pytest
 
 from ..harness import Agent, Collector, agent_config, fail_or_skip, free_port, go_env, wait_until
+from .http_support import (
+    CLIENT_KIND,
+    ERROR,
+    SERVER_KIND,
+    newest_histogram_points,
+    self_signed_cert,
+    spans_by_side,
+    wait_listening,
+)
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
-SERVER_KIND = (2, "SPAN_KIND_SERVER")
-CLIENT_KIND = (3, "SPAN_KIND_CLIENT")
-ERROR = (2, "STATUS_CODE_ERROR")
 CAPTURE = 8192
 SERVICE = "demo.v1.Greeter"
 TESTS = ("unary", "hundred", "concurrent", "metrics", "h2c", "early", "h2tls")
@@ -131,14 +136,7 @@ class Env:
 
     def spans(self, port: int, rpc: bool = True) -> dict[str, list[dict[str, Any]]]:
         """gRPC (or HTTP) spans whose server port is ``port``, by side, in start order."""
-        out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
-        for s in self.collector.spans():
-            a = s["attrs"]
-            if ("rpc.system" in a) == rpc and a.get("server.port") == port:
-                out["server" if s["kind"] in SERVER_KIND else "client"].append(s)
-        for v in out.values():
-            v.sort(key=lambda s: int(s["startTimeUnixNano"]))
-        return out
+        return spans_by_side(self.collector, port, lambda a: ("rpc.system" in a) == rpc)
 
     def wait_spans(self, port: int, n: int, rpc: bool = True) -> dict[str, list[dict[str, Any]]]:
         try:
@@ -178,21 +176,11 @@ def _start_nginx(tmp: Path, port: int) -> subprocess.Popen[bytes] | None:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     if nginx is None:
         return None
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")], check=True, capture_output=True,
-                   timeout=60)
+    self_signed_cert(tmp / "key.pem", tmp / "cert.pem")
     (tmp / "nginx-h2.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
     proc = subprocess.Popen([nginx, "-c", str(tmp / "nginx-h2.conf"), "-e", str(tmp / "nginx-h2-error.log")],
                             stdin=subprocess.DEVNULL)
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_until(up, 20, 0.1, "nginx listening")
+    wait_listening(port, "nginx listening")
     return proc
 
 
@@ -316,26 +304,12 @@ def test_concurrent_calls_interleave_their_streams_and_each_is_a_span(env: Env) 
 
 
 def _histogram_counts(env: Env, name: str, port: int) -> dict[tuple[str, int], int]:
-    points = []
-    for m in env.collector.metrics():
-        if m["name"] != name or m["resource"].get("process.pid") != os.getpid():
-            continue
-        assert m["unit"] == "s"
-        for dp in m["histogram"]["dataPoints"]:
-            attrs = {kv["key"]: kv["value"] for kv in dp.get("attributes", [])}
-            if int(attrs.get("server.port", {}).get("intValue", 0)) == port:
-                points.append((int(dp["timeUnixNano"]), attrs, dp))
-    if not points:
-        return {}
-    newest = max(t for t, _a, _d in points)
     out = {}
-    for t, attrs, dp in points:
-        if t == newest:
-            assert attrs["rpc.system"]["stringValue"] == "grpc"
-            assert attrs["rpc.service"]["stringValue"] == SERVICE
-            key = (attrs["rpc.method"]["stringValue"], int(attrs["rpc.grpc.status_code"]["intValue"]))
-            out[key] = int(dp["count"])
-            assert sum(int(c) for c in dp["bucketCounts"]) == int(dp["count"])
+    for attrs, dp in newest_histogram_points(env.collector, name, port):
+        assert attrs["rpc.system"]["stringValue"] == "grpc"
+        assert attrs["rpc.service"]["stringValue"] == SERVICE
+        key = (attrs["rpc.method"]["stringValue"], int(attrs["rpc.grpc.status_code"]["intValue"]))
+        out[key] = int(dp["count"])
     return out
 
 

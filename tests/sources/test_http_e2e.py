@@ -23,12 +23,10 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, free_port, wait_until
+from .http_support import CLIENT_KIND, ERROR, SERVER_KIND, newest_histogram_points, spans_by_side
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
-SERVER_KIND = (2, "SPAN_KIND_SERVER")
-CLIENT_KIND = (3, "SPAN_KIND_CLIENT")
-ERROR = (2, "STATUS_CODE_ERROR")
 CAPTURE = 512
 SECRET = "s3cr3t-T0ken-value"
 
@@ -107,14 +105,7 @@ class Env:
 
     def spans(self, port: int) -> dict[str, list[dict[str, Any]]]:
         """HTTP spans whose server port is ``port``, by side, in start order."""
-        out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
-        for s in self.collector.spans():
-            a = s["attrs"]
-            if "http.request.method" in a and a.get("server.port") == port:
-                out["server" if s["kind"] in SERVER_KIND else "client"].append(s)
-        for v in out.values():
-            v.sort(key=lambda s: int(s["startTimeUnixNano"]))
-        return out
+        return spans_by_side(self.collector, port)
 
     def wait_spans(self, port: int, n: int) -> dict[str, list[dict[str, Any]]]:
         try:
@@ -263,25 +254,11 @@ def test_incoming_traceparent_makes_the_server_span_a_child_of_the_callers(env: 
 
 def _histogram_counts(env: Env, name: str, port: int) -> dict[tuple[str, int], int]:
     """(method, status) → count of the newest points of ``name`` for this process and port."""
-    points = []
-    for m in env.collector.metrics():
-        if m["name"] != name or m["resource"].get("process.pid") != os.getpid():
-            continue
-        assert m["unit"] == "s"
-        for dp in m["histogram"]["dataPoints"]:
-            attrs = {kv["key"]: kv["value"] for kv in dp.get("attributes", [])}
-            if int(attrs.get("server.port", {}).get("intValue", 0)) == port:
-                points.append((int(dp["timeUnixNano"]), attrs, dp))
-    if not points:
-        return {}
-    newest = max(t for t, _a, _d in points)
     out = {}
-    for t, attrs, dp in points:
-        if t == newest:
-            key = (attrs["http.request.method"]["stringValue"], int(attrs["http.response.status_code"]["intValue"]))
-            out[key] = int(dp["count"])
-            assert sum(int(c) for c in dp["bucketCounts"]) == int(dp["count"])
-            assert "url.path" not in attrs
+    for attrs, dp in newest_histogram_points(env.collector, name, port):
+        key = (attrs["http.request.method"]["stringValue"], int(attrs["http.response.status_code"]["intValue"]))
+        out[key] = int(dp["count"])
+        assert "url.path" not in attrs
     return out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, fail_or_skip, free_port, go_env, wait_until
-from .test_http_e2e import CLIENT_KIND, ERROR, SERVER_KIND
+from .http_support import CLIENT_KIND, ERROR, listening, spans_by_side
 from .test_https_e2e import start_nginx
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector, pytest.mark.host]
@@ -99,28 +98,13 @@ def _build_go(tmp: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 class Env:
     def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int],
                  procs: dict[str, subprocess.Popen[Any]], go_client: Path):
         self.collector, self.agent, self.ports, self.procs, self.go_client = collector, agent, ports, procs, go_client
 
     def spans(self, port: int) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
-        for s in self.collector.spans():
-            a = s["attrs"]
-            if "http.request.method" in a and a.get("server.port") == port:
-                out["server" if s["kind"] in SERVER_KIND else "client"].append(s)
-        for v in out.values():
-            v.sort(key=lambda s: int(s["startTimeUnixNano"]))
-        return out
+        return spans_by_side(self.collector, port)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +122,7 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
         procs["node"] = subprocess.Popen(["node", "-e", NODE_SERVER, str(ports["node"])], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL)
         for name in ("go", "node"):
-            wait_until(lambda name=name: _listening(ports[name]), 30, 0.1, f"{name} server listening")
+            wait_until(lambda name=name: listening(ports[name]), 30, 0.1, f"{name} server listening")
         cfg = {"report_interval": "1s", "ports": sorted(ports.values())}
         agent = Agent(tmp, agent_config(collector, {"http": cfg}))
         try:

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, fail_or_skip, free_port, go_env, wait_until
-from .test_http_e2e import CLIENT_KIND, ERROR, SECRET, SERVER_KIND, Handler
+from .http_support import CLIENT_KIND, ERROR, SERVER_KIND, self_signed_cert, spans_by_side, wait_listening
+from .test_http_e2e import SECRET, Handler
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector, pytest.mark.host]
 
@@ -34,8 +35,7 @@ TESTS = ("curl", "keepalive", "traceparent", "nginx", "go", "late")
 
 def _cert(tmp: Path) -> tuple[Path, Path]:
     key, crt = tmp / "key.pem", tmp / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True, timeout=60)
+    self_signed_cert(key, crt)
     return key, crt
 
 
@@ -93,16 +93,7 @@ def start_nginx(tmp: Path, port: int, key: Path, crt: Path, tls: bool = True) ->
     (tmp / "nginx.conf").write_text(conf)
     proc = subprocess.Popen([str(nginx), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")],
                             stdin=subprocess.DEVNULL)
-    import socket
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_until(up, 20, 0.1, "nginx listening")
+    wait_listening(port, "nginx listening")
     return proc
 
 
@@ -113,14 +104,7 @@ class Env:
         self.key, self.crt = key, crt
 
     def spans(self, port: int) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
-        for s in self.collector.spans():
-            a = s["attrs"]
-            if "http.request.method" in a and a.get("server.port") == port:
-                out["server" if s["kind"] in SERVER_KIND else "client"].append(s)
-        for v in out.values():
-            v.sort(key=lambda s: int(s["startTimeUnixNano"]))
-        return out
+        return spans_by_side(self.collector, port)
 
     def wait_spans(self, port: int, n: int) -> dict[str, list[dict[str, Any]]]:
         try:
