@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,24 @@ def spans_by_side(collector: Collector, port: int,
             out["server" if s["kind"] in SERVER_KIND else "client"].append(s)
     for v in out.values():
         v.sort(key=lambda s: int(s["startTimeUnixNano"]))
+    return out
+
+
+def wait_spans_by_side(spans: Callable[[], dict[str, list[dict[str, Any]]]], port: int, n: int,
+                       details: Callable[[], str], timeout: float = 30, interval: float = 0.2,
+                       settle: float = 1.0) -> dict[str, list[dict[str, Any]]]:
+    """``spans()`` once it has ``n`` server and ``n`` client spans, and still exactly that many
+    ``settle`` seconds later (a duplicate would have arrived by then); ``details()`` explains a
+    timeout."""
+    try:
+        wait_until(lambda: all(len(v) >= n for v in spans().values()), timeout, interval,
+                   f"{n} server and {n} client spans on port {port}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {details()}") from None
+    time.sleep(settle)
+    out = spans()
+    assert {k: len(v) for k, v in out.items()} == {"server": n, "client": n}, \
+        [(s["name"], s["attrs"].get("url.path")) for v in out.values() for s in v]
     return out
 
 

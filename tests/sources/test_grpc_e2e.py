@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ from .http_support import (
     self_signed_cert,
     spans_by_side,
     wait_listening,
+    wait_spans_by_side,
 )
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
@@ -139,16 +139,10 @@ class Env:
         return spans_by_side(self.collector, port, lambda a: ("rpc.system" in a) == rpc)
 
     def wait_spans(self, port: int, n: int, rpc: bool = True) -> dict[str, list[dict[str, Any]]]:
-        try:
-            wait_until(lambda: all(len(v) >= n for v in self.spans(port, rpc).values()), 60, 0.3,
-                       f"{n} server and {n} client spans on port {port}")
-        except AssertionError as e:
-            got = {k: len(v) for k, v in self.spans(port, rpc).items()}
-            raise AssertionError(f"{e}: got {got}, unparsed {self.unparsed()}") from None
-        time.sleep(1.5)   # anything extra (a duplicate) would arrive by now
-        spans = self.spans(port, rpc)
-        assert {k: len(v) for k, v in spans.items()} == {"server": n, "client": n}
-        return spans
+        def details() -> str:
+            return f"got { {k: len(v) for k, v in self.spans(port, rpc).items()} }, unparsed {self.unparsed()}"
+
+        return wait_spans_by_side(lambda: self.spans(port, rpc), port, n, details, 60, 0.3, 1.5)
 
     def unparsed(self) -> dict[str, float]:
         text = self.agent.scrape()

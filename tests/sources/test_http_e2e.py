@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, free_port, wait_until
-from .http_support import CLIENT_KIND, ERROR, SERVER_KIND, newest_histogram_points, spans_by_side
+from .http_support import CLIENT_KIND, ERROR, SERVER_KIND, newest_histogram_points, spans_by_side, wait_spans_by_side
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
@@ -108,20 +108,14 @@ class Env:
         return spans_by_side(self.collector, port)
 
     def wait_spans(self, port: int, n: int) -> dict[str, list[dict[str, Any]]]:
-        try:
-            wait_until(lambda: all(len(v) >= n for v in self.spans(port).values()), 30, 0.2,
-                       f"{n} server and {n} client spans on port {port}")
-        except AssertionError as e:
+        def details() -> str:
             got = [(k, s["attrs"].get("url.path"), s["attrs"].get("http.response.status_code"))
                    for k, v in self.spans(port).items() for s in v]
             unparsed = {r: self.unparsed(r) for r in ("not_http", "truncated", "unmatched_response",
                                                        "bad_request_line", "bad_status_line")}
-            raise AssertionError(f"{e}: got {got}, unparsed {unparsed}") from None
-        time.sleep(1.0)   # anything extra (a duplicate) would arrive by now
-        spans = self.spans(port)
-        assert {k: len(v) for k, v in spans.items()} == {"server": n, "client": n}, \
-            [(s["name"], s["attrs"].get("url.path")) for v in spans.values() for s in v]
-        return spans
+            return f"got {got}, unparsed {unparsed}"
+
+        return wait_spans_by_side(lambda: self.spans(port), port, n, details)
 
     def unparsed(self, reason: str) -> float:
         return self.agent.metric_value("ebpf_receiver_http_unparsed_total", reason=reason)

@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, fail_or_skip, free_port, go_env, wait_until
-from .http_support import CLIENT_KIND, ERROR, SERVER_KIND, self_signed_cert, spans_by_side, wait_listening
+from .http_support import (
+    CLIENT_KIND,
+    ERROR,
+    SERVER_KIND,
+    self_signed_cert,
+    spans_by_side,
+    wait_listening,
+    wait_spans_by_side,
+)
 from .test_http_e2e import SECRET, Handler
 
 pytestmark = [pytest.mark.bpf, pytest.mark.collector, pytest.mark.host]
@@ -107,17 +115,11 @@ class Env:
         return spans_by_side(self.collector, port)
 
     def wait_spans(self, port: int, n: int) -> dict[str, list[dict[str, Any]]]:
-        try:
-            wait_until(lambda: all(len(v) >= n for v in self.spans(port).values()), 30, 0.2,
-                       f"{n} server and {n} client spans on port {port}")
-        except AssertionError as e:
+        def details() -> str:
             got = {k: [s["attrs"].get("url.path") for s in v] for k, v in self.spans(port).items()}
-            raise AssertionError(f"{e}: got {got}; agent log: {self.agent.log()[-2000:]}") from None
-        time.sleep(1.0)   # anything extra (a duplicate) would arrive by now
-        spans = self.spans(port)
-        assert {k: len(v) for k, v in spans.items()} == {"server": n, "client": n}, \
-            [(s["name"], s["attrs"].get("url.path")) for v in spans.values() for s in v]
-        return spans
+            return f"got {got}; agent log: {self.agent.log()[-2000:]}"
+
+        return wait_spans_by_side(lambda: self.spans(port), port, n, details)
 
     def unparsed(self, reason: str) -> float:
         return self.agent.metric_value("ebpf_receiver_http_unparsed_total", reason=reason)
