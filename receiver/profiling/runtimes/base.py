@@ -33,7 +33,7 @@ from ...config import CachesConfig, ProfilerSourceConfig
 from ..abi import RUNTIME_SLOTS, UNWIND_NATIVE_SLOT, RuntimeProcess
 from ..model import Frame
 
-__all__ = ["Region", "RecordedFrames", "Runtime", "Runtimes"]
+__all__ = ["Region", "RecordedFrames", "QueuedRuntime", "Runtime", "Runtimes"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,24 @@ class Runtime(ABC):
         """Kernel and user-space counters together, as ``CpuSampler.runtime_stats`` reports them."""
         return {**self.kernel_stats(), **self.counters(), "misaligned_samples": self.misaligned_samples,
                 "truncated_stacks": self.truncated_stacks}
+
+
+class QueuedRuntime(Runtime):
+    """A runtime that names frames on its own thread: ``self._worker``, a ``QueueWorker`` its
+    ``__init__`` creates, is started, stopped and waited for here."""
+
+    _worker: Any
+
+    def start(self) -> Self:
+        self._worker.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._worker.stop(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """For tests: whether the frames queued so far were named within ``timeout`` seconds."""
+        return self._worker.wait_idle(timeout)
 
 
 def slot_of(classes: Sequence[type[Runtime]], cls: type[Runtime]) -> int:

@@ -40,7 +40,7 @@ from ..abi import RUNTIME_AUX_LAST, RUNTIME_MAX_FRAMES
 from ..model import Frame
 from ..symbols.elf import ElfError, dynamic_symbols_fd
 from ..work_queue import QueueWorker
-from .base import RecordedFrames, Region, Runtime
+from .base import QueuedRuntime, RecordedFrames, Region, Runtime
 
 __all__ = ["Layout", "LAYOUTS", "PyProcess", "Interpreter", "find_interpreter", "CodeNames",
            "CPython", "interleave", "parse_linetable", "EVAL_FUNCTIONS", "MAX_FRAMES"]
@@ -395,7 +395,7 @@ def _read_str(read, address: int, lay: Layout) -> str:  # type: ignore[no-untype
 # ---------------------------------------------------------------------------- processes
 
 
-class CPython(Runtime):
+class CPython(QueuedRuntime):
     """CPython 3.11+ processes: their ``runtime_processes`` data, code names and frames.
 
     ``recognise``/``forget`` run on the unwinder's worker thread; ``notice`` (from the ring
@@ -425,13 +425,6 @@ class CPython(Runtime):
     @classmethod
     def enabled(cls, config: ProfilerSourceConfig) -> bool:
         return bool(config.python_frames)
-
-    def start(self) -> CPython:
-        self._worker.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._worker.stop(timeout)
 
     @property
     def processes(self) -> int:
@@ -471,10 +464,6 @@ class CPython(Runtime):
     def notice(self, pid: int, frame_id: int) -> None:
         """The kernel saw code object ``frame_id`` in ``pid``'s stacks first now: name it soon."""
         self._worker.put((pid, frame_id))
-
-    def wait_idle(self, timeout: float) -> bool:
-        """For tests: whether the code objects queued so far were read within ``timeout``."""
-        return self._worker.wait_idle(timeout)
 
     def _learn(self, item: tuple[int, int]) -> None:
         pid, code = item

@@ -40,7 +40,7 @@ from ...kernel.bcc import check_mirror, header_defines, header_enum
 from ..abi import SET_TABLES_USER, RuntimeProcess
 from ..model import Frame
 from ..work_queue import QueueWorker
-from .base import RecordedFrames, Region, Runtime
+from .base import QueuedRuntime, RecordedFrames, Region, Runtime
 from .v8 import dynamic_symbols_with_prefix
 
 __all__ = ["HotSpot", "HotSpotProcess", "HotSpotHeaps", "VMStructs", "read_vm_structs", "find_hotspot",
@@ -491,7 +491,7 @@ def _line_table(mem: _Mem, lay: _Layout, cm: int) -> tuple[tuple[int, int], ...]
 # ---------------------------------------------------------------------------- the runtime
 
 
-class HotSpot(Runtime):
+class HotSpot(QueuedRuntime):
     """JVM processes: their ``runtime_processes`` data and code heaps, method names and frames.
 
     ``recognise``/``forget`` run on the unwinder's worker thread; ``notice`` queues work for this
@@ -527,16 +527,6 @@ class HotSpot(Runtime):
         from . import RUNTIMES
         from .base import slot_of
         return [f"-DJIT_WALKER_SLOT={slot_of(RUNTIMES, cls)}"]
-
-    def start(self) -> HotSpot:
-        self._worker.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._worker.stop(timeout)
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self._worker.wait_idle(timeout)
 
     @property
     def processes(self) -> int:

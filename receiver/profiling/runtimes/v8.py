@@ -41,7 +41,7 @@ from ...config import CachesConfig, ProfilerSourceConfig
 from ...kernel.bcc import header_defines, header_enum
 from ..model import Frame
 from ..work_queue import QueueWorker
-from .base import RecordedFrames, Region, Runtime
+from .base import QueuedRuntime, RecordedFrames, Region, Runtime
 
 __all__ = ["V8", "V8Process", "V8Offsets", "find_v8", "read_function", "FunctionInfo", "dynamic_symbols_with_prefix"]
 
@@ -466,7 +466,7 @@ class _Scripts:
 # ---------------------------------------------------------------------------- the runtime
 
 
-class V8(Runtime):
+class V8(QueuedRuntime):
     """Node.js / V8 processes: their ``runtime_processes`` data, function names and frames.
 
     ``recognise``/``forget`` run on the unwinder's worker thread; ``notice`` (from the ring
@@ -494,16 +494,6 @@ class V8(Runtime):
     @classmethod
     def enabled(cls, config: ProfilerSourceConfig) -> bool:
         return bool(getattr(config, "javascript_frames", True))
-
-    def start(self) -> V8:
-        self._worker.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._worker.stop(timeout)
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self._worker.wait_idle(timeout)
 
     @property
     def processes(self) -> int:
