@@ -40,6 +40,7 @@ from ..abi import RUNTIME_AUX_LAST, RUNTIME_MAX_FRAMES
 from ..model import Frame
 from ..symbols.elf import ElfError, dynamic_symbols_fd
 from ..work_queue import QueueWorker
+from ._memory import SymbolCache, mapped_file_symbols
 from .base import QueuedRuntime, RecordedFrames, Region, Runtime
 
 __all__ = ["Layout", "LAYOUTS", "PyProcess", "Interpreter", "find_interpreter", "CodeNames",
@@ -194,29 +195,9 @@ def find_interpreter(pid: int, regions: Sequence[Region],
     return None
 
 
-def _symbols(pid: int, start: int, end: int, path: str, build_id: str,
-             cache: OrderedDict[Hashable, dict[bytes, int]]) -> dict[bytes, int]:
-    key: Hashable = build_id or path     # every mapped file is looked at once per build
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    found: dict[bytes, int] = {}
-    for candidate in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            found = dynamic_symbols_fd(fd, _SYMBOLS)
-            break
-        except ElfError:
-            continue
-        finally:
-            os.close(fd)
-    cache[key] = found
-    while len(cache) > MAX_FILES:
-        cache.popitem(last=False)
-    return found
+def _symbols(pid: int, start: int, end: int, path: str, build_id: str, cache: SymbolCache) -> dict[bytes, int]:
+    return mapped_file_symbols(pid, start, end, path, build_id, cache, lambda fd: dynamic_symbols_fd(fd, _SYMBOLS),
+                               ElfError, MAX_FILES)
 
 
 # ---------------------------------------------------------------------------- code objects

@@ -40,6 +40,7 @@ from ...kernel.bcc import check_mirror, header_defines, header_enum
 from ..abi import SET_TABLES_USER, RuntimeProcess
 from ..model import Frame
 from ..work_queue import QueueWorker
+from ._memory import SymbolCache, mapped_file_symbols
 from .base import QueuedRuntime, RecordedFrames, Region, Runtime
 from .v8 import dynamic_symbols_with_prefix
 
@@ -225,29 +226,10 @@ class JVM:
     tried: float = 0.0          # when an nmethod was last looked for (JDK 17, none found yet)
 
 
-def _symbols(pid: int, start: int, end: int, path: str, build_id: str,
-             cache: OrderedDict[Hashable, dict[bytes, int]]) -> dict[bytes, int]:
-    key: Hashable = build_id or path
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    found: dict[bytes, int] = {}
-    for candidate in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            found = dynamic_symbols_with_prefix(fd, PREFIX)
-            break
-        except (OSError, ValueError, struct.error):
-            continue
-        finally:
-            os.close(fd)
-    cache[key] = found
-    while len(cache) > MAX_FILES:
-        cache.popitem(last=False)
-    return found
+def _symbols(pid: int, start: int, end: int, path: str, build_id: str, cache: SymbolCache) -> dict[bytes, int]:
+    return mapped_file_symbols(pid, start, end, path, build_id, cache,
+                               lambda fd: dynamic_symbols_with_prefix(fd, PREFIX),
+                               (OSError, ValueError, struct.error), MAX_FILES)
 
 
 def _nmethod_name(mem: _Mem, vm: VMStructs, heaps: HotSpotHeaps, block: int) -> int:
