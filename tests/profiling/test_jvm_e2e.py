@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ..harness import wait_until
+from .runtime_support import of_type, warm_runtime
 from .test_unwind_e2e import Profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -156,23 +156,11 @@ def _compile(home: Path, source: str, cls: str, where: Path) -> None:
 
 
 def _jvm(frames: Any) -> list[Any]:
-    return [f for f in frames if f.frame_type == "jvm"]
+    return of_type(frames, "jvm")
 
 
 def _warm_jvm(prof: Profiled) -> None:
-    """Until the process's stacks carry Java frames; then forget what was counted."""
-    prof.warm()
-    hs = prof.sampler.runtime("hotspot")
-    assert hs is not None, "Java frames are off"
-    wait_until(lambda: hs.stats["processes_loaded"] >= 1, 30, 0.2, "the HotSpot entry")
-
-    def java_everywhere() -> bool:
-        p = prof.measure(1)
-        total = sum(s.count for s in p.samples)
-        return total >= 20 and sum(s.count for s in p.samples if _jvm(s.frames)) >= 0.9 * total
-
-    wait_until(java_everywhere, 60, 0, "Java frames in the process's samples")
-    prof.sampler.drain()
+    warm_runtime(prof, "hotspot", "jvm", "Java", "HotSpot")
 
 
 def _profile(argv: list[str], stop: Path, want: int) -> tuple[list[Any], dict[str, int], str]:

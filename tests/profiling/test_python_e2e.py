@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, go_env, wait_until
+from .runtime_support import otlp_frames
 from .test_unwind_e2e import Profiled, profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -348,7 +349,7 @@ def test_collector_receives_cpython_frames(bpf_ok: None, collector: Collector, t
         agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
         try:
             def python_frames() -> list[tuple[str, str, int]]:
-                got = [f for f in _otlp_python_frames(collector)]
+                got = [f for f in otlp_frames(collector, "cpython")]
                 return got if sum(1 for name, _, _ in got if name == "hot_a") >= 20 else []
 
             frames = wait_until(python_frames, 90, 0.5, "cpython frames in profiles.jsonl")
@@ -361,30 +362,3 @@ def test_collector_receives_cpython_frames(bpf_ok: None, collector: Collector, t
     lines = _lines(SPLIT_SOURCE)
     assert ("level5", str(script), lines["CALL hot_a"]) in frames
     assert ("<module>", str(script), lines["CALL level1"]) in frames
-
-
-def _otlp_python_frames(collector: Collector) -> list[tuple[str, str, int]]:
-    """(function, file, line) of every location the Collector wrote with profile.frame.type
-    cpython, decoded through each request's dictionary."""
-    out = []
-    for req in collector.requests("profiles"):
-        d = req.get("dictionary", {})
-        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
-        attrs = d.get("attributeTable", [])
-        for loc in d.get("locationTable", []):
-            kinds = set()
-            for i in loc.get("attributeIndices", []):
-                kv = attrs[i]
-                key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
-                value = kv.get("value", {})
-                value = strings[value["stringValueStrindex"]] if "stringValueStrindex" in value \
-                    else value.get("stringValue")
-                if key == "profile.frame.type":
-                    kinds.add(value)
-            if kinds != {"cpython"}:
-                continue
-            for line in loc.get("lines", []):
-                f = funcs[line.get("functionIndex", 0)]
-                out.append((strings[f.get("nameStrindex", 0)], strings[f.get("filenameStrindex", 0)],
-                            int(line.get("line", 0))))
-    return out

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, wait_until
+from .runtime_support import of_type, otlp_frames, warm_runtime
 from .test_unwind_e2e import Profiled, profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -173,23 +174,11 @@ def _node(version: str) -> str:
 
 
 def _js(frames: Any) -> list[Any]:
-    return [f for f in frames if f.frame_type == "v8js"]
+    return of_type(frames, "v8js")
 
 
 def _warm_v8(prof: Profiled) -> None:
-    """Until the process's stacks carry JavaScript frames; then forget what was counted."""
-    prof.warm()
-    v8 = prof.sampler.runtime("v8")
-    assert v8 is not None, "JavaScript frames are off"
-    wait_until(lambda: v8.stats["processes_loaded"] >= 1, 30, 0.2, "the V8 entry")
-
-    def js_everywhere() -> bool:
-        p = prof.measure(1)
-        total = sum(s.count for s in p.samples)
-        return total >= 20 and sum(s.count for s in p.samples if _js(s.frames)) >= 0.9 * total
-
-    wait_until(js_everywhere, 60, 0, "JavaScript frames in the process's samples")
-    prof.sampler.drain()
+    warm_runtime(prof, "v8", "v8js", "JavaScript", "V8")
 
 
 def _stop_and_read(proc: subprocess.Popen[bytes], stop: Path) -> str:
@@ -327,7 +316,7 @@ def test_collector_receives_v8js_frames(bpf_ok: None, collector: Collector, tmp_
         agent = Agent(tmp_path, agent_config(collector, {"profiler": cfg})).start()
         try:
             def js_frames() -> list[tuple[str, str, int]]:
-                got = _otlp_frames(collector, "v8js")
+                got = otlp_frames(collector, "v8js")
                 return got if sum(1 for name, _, _ in got if name == "jsHotA") >= 20 else []
 
             frames = wait_until(js_frames, 90, 0.5, "v8js frames in profiles.jsonl")
@@ -340,30 +329,3 @@ def test_collector_receives_v8js_frames(bpf_ok: None, collector: Collector, tmp_
         proc.wait()
     for name in ("jsHotA", "stage2", "stage1", "dispatch", "runLoop"):
         assert (name, str(script), defs[name]) in frames, (name, sorted(set(frames))[:20])
-
-
-def _otlp_frames(collector: Collector, kind: str) -> list[tuple[str, str, int]]:
-    """(function, file, line) of every location the Collector wrote with profile.frame.type
-    ``kind``, decoded through each request's dictionary."""
-    out = []
-    for req in collector.requests("profiles"):
-        d = req.get("dictionary", {})
-        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
-        attrs = d.get("attributeTable", [])
-        for loc in d.get("locationTable", []):
-            kinds = set()
-            for i in loc.get("attributeIndices", []):
-                kv = attrs[i]
-                key = kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]
-                value = kv.get("value", {})
-                value = strings[value["stringValueStrindex"]] if "stringValueStrindex" in value \
-                    else value.get("stringValue")
-                if key == "profile.frame.type":
-                    kinds.add(value)
-            if kinds != {kind}:
-                continue
-            for line in loc.get("lines", []):
-                f = funcs[line.get("functionIndex", 0)]
-                out.append((strings[f.get("nameStrindex", 0)], strings[f.get("filenameStrindex", 0)],
-                            int(line.get("line", 0))))
-    return out
