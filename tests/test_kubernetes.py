@@ -15,6 +15,7 @@ BPF programs, maps or links on the node."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -325,6 +326,11 @@ def test_delete_leaves_no_bpf_objects(cluster: Cluster) -> None:
                                         "app.kubernetes.io/name=ebpf-otlp-receiver")["items"],
                120, 1, "the agent pod to be gone")
     wait_until(lambda: not _pod_pids(pod["metadata"]["uid"]), 60, 0.5, "the agent's processes to end")
-    # Programs, maps and links are freed when their last fd closes: none may be left.
-    left = {k: held[k] & _bpftool(k) for k in held}
-    assert not any(left.values()), left
+    # Programs, maps and links are freed when their last fd closes (after an RCU grace period,
+    # and the kernel's deferred work on a loaded node): none may be left.
+    def left() -> dict[str, set[int]]:
+        return {k: held[k] & _bpftool(k) for k in held}
+
+    with contextlib.suppress(AssertionError):   # timed out: the assertion below names what is left
+        wait_until(lambda: not any(left().values()), 30, 0.5, "the agent's BPF objects to be freed")
+    assert not any(left().values()), left()
