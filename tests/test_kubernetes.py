@@ -296,7 +296,11 @@ def test_workload_pod_metadata_reaches_the_gateway(cluster: Cluster, tmp_path: P
 
 def _bpf_ids(pid: int) -> dict[str, set[int]]:
     ids: dict[str, set[int]] = {"prog": set(), "map": set(), "link": set()}
-    for f in Path(f"/proc/{pid}/fdinfo").iterdir():
+    try:
+        fds = list(Path(f"/proc/{pid}/fdinfo").iterdir())
+    except OSError:   # ended meanwhile (a loader process hands its descriptors over, then exits)
+        return ids
+    for f in fds:
         try:
             for line in f.read_text().splitlines():
                 for kind in ids:
