@@ -18,7 +18,9 @@ placeholder when even its request line is missing), and anything that makes the 
 requests and resynchronises both directions on the next call that starts a message.
 
 ``100 Continue`` and other 1xx responses are informational: they do not answer the request. A
-``101`` or a successful ``CONNECT`` ends HTTP on the connection (``upgraded``).
+``101`` or a successful ``CONNECT`` ends HTTP on the connection (``upgraded``); after a ``101``
+with ``Upgrade: h2c`` the request and the rest of the call are kept (``h2c``, ``h2c_rest``) for
+the HTTP/2 parser, which continues the connection (``http2.after_h2c_upgrade``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _METHOD_PREFIX = re.compile(rb"[A-Z][A-Z-]{0,15}")
 _HEADERS = re.compile(rb"\r\n(content-length|transfer-encoding|traceparent)[ \t]*:[ \t]*([^\r\n]*)", re.I)
 _CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
 _NO_BODY_STATUS = frozenset({204, 304})
+_H2C = re.compile(rb"\r\nupgrade[ \t]*:[ \t]*h2c[ \t]*\r", re.I)
 
 (_START, _HEAD, _BODY, _CHUNK_SIZE_LINE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _SKIP,
  _RESYNC, _DONE) = range(11)
@@ -121,6 +124,8 @@ class _Stream:
             elif st == _CHUNK_SIZE_LINE or st == _TRAILER:
                 pos = self._line(data, pos)
             else:   # _UNTIL_CLOSE, _SKIP, _RESYNC, _DONE: the rest of this call is not framed
+                if st == _DONE and self.conn.h2c is not None:
+                    self.conn.h2c_rest = (data[pos:], size - pos)   # HTTP/2 after the 101, same call
                 return
         gap = size - n
         if gap > 0:
@@ -266,9 +271,12 @@ class _Stream:
         if status < 200:
             if status == 101:
                 conn.response_head(status)
+                if _H2C.search(head):   # the request goes on as HTTP/2 stream 1 (http2.after_h2c_upgrade)
+                    conn.h2c, conn.current = conn.current, None
                 self.state = _START
                 self._end()
                 conn.upgrade()
+                self.state = _DONE   # what follows the head is the new protocol's
             else:   # 100 Continue, 102, 103: the final response follows
                 self.state = _START
             return
@@ -354,7 +362,7 @@ class Http1Connection:
     side that receives requests."""
 
     __slots__ = ("unparsed", "max_header_bytes", "exchanges", "server", "requests", "responses",
-                 "pending", "current", "parsed", "upgraded", "early")
+                 "pending", "current", "parsed", "upgraded", "early", "h2c", "h2c_rest")
 
     def __init__(self, unparsed: Unparsed, max_header_bytes: int = 16384):
         self.unparsed = unparsed
@@ -368,6 +376,8 @@ class Http1Connection:
         self.parsed = False                     # a message was parsed (else bad input is not_http)
         self.upgraded = False                   # no longer HTTP/1 (101, CONNECT)
         self.early: tuple[bool, bytes, int] | None = None   # (outgoing, bytes, time) of a short first call
+        self.h2c: Exchange | None = None          # the request a 101 with Upgrade: h2c answered
+        self.h2c_rest: tuple[bytes, int] | None = None   # (bytes, size) of that call after the 101's head
 
     def feed(self, outgoing: bool, data: bytes, size: int, ts: int) -> None:
         if self.upgraded:

@@ -26,12 +26,17 @@ whose headers use only the static table, literals and those entries are named; a
 ``:path``, ``:method`` or ``:status`` refers to an unknown entry is dropped and counted
 (``h2_unknown_index``), never named after a guess. Once the known entries fill the table, no
 unknown entry can remain and the table is whole again.
+
+h2c by upgrade (``curl --http2`` on an http:// URL): the HTTP/1 parser reads the request with
+``Upgrade: h2c`` and the ``101``, then hands over (``after_h2c_upgrade``): the request becomes
+stream 1, answered in HTTP/2 like any other.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import ValuesView
+from typing import Protocol
 
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
@@ -39,7 +44,7 @@ from hpack.table import HeaderTable
 from .base import Exchange, Unparsed
 
 __all__ = ["Http2Connection", "Http2Exchange", "UNPARSED_REASONS", "looks_like_http2", "starts_with_headers",
-           "PREFACE", "MAX_STREAMS",
+           "PREFACE", "MAX_STREAMS", "after_h2c_upgrade",
            "HpackTable", "decode_block"]
 
 UNPARSED_REASONS = ("h2_bad_frame", "h2_bad_hpack", "h2_unknown_index", "h2_headers_cut", "h2_stream_overflow",
@@ -550,3 +555,31 @@ class Http2Connection:
             self.exchanges.append(ex)
         self.streams.clear()
         self.skipped.clear()
+
+
+class _Upgraded(Protocol):
+    """What an HTTP/1 connection hands over after ``101`` with ``Upgrade: h2c`` (http1.py)."""
+
+    unparsed: Unparsed
+    max_header_bytes: int
+    server: bool | None
+    h2c: Exchange | None
+    h2c_rest: tuple[bytes, int] | None
+
+
+def after_h2c_upgrade(h1: _Upgraded, ts: int) -> Http2Connection:
+    """The HTTP/2 connection that continues an HTTP/1.1 one upgraded to h2c (RFC 7540 3.2): the
+    upgraded request is stream 1, half-closed by the client, whose response comes in HTTP/2;
+    both directions then start fresh (the client's preface, the server's SETTINGS), with empty
+    tables. The bytes of the 101's call after its head (``h2c_rest``) are fed as the server's."""
+    c = Http2Connection(h1.unparsed, h1.max_header_bytes, True)
+    c.server = h1.server
+    req = h1.h2c
+    if req is not None:
+        ex = Http2Exchange(req.server, req.start_ns, req.method, req.path, req.traceparent, False, 1)
+        ex.tid, ex.trace_id, ex.span_id, ex.parent_id = req.tid, req.trace_id, req.span_id, req.parent_id
+        c.streams[1] = ex
+    if h1.h2c_rest is not None and h1.server is not None:
+        data, size = h1.h2c_rest
+        c.feed(h1.server, data, size, ts)   # the server sent them
+    return c

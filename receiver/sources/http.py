@@ -43,7 +43,7 @@ from ..kernel.filters import fill_process_filter
 from ..kernel.loader import compile_bpf
 from ..profiling import links
 from ..protocols import UNPARSED_REASONS, Exchange, Http1Connection, Http2Connection, Unparsed, detect
-from ..protocols.http2 import Http2Exchange
+from ..protocols.http2 import Http2Exchange, after_h2c_upgrade
 from ..records import HttpRequest, HttpSeriesKey, HttpSnapshot, RpcCall, RpcSnapshot
 from .base import BccSource, Requirement
 from .http_tls import RETURN_PROGRAM, TLS_FUNCTIONS, TlsAttacher, probe_uprobe, uprobe_pmu
@@ -314,8 +314,28 @@ class HttpSource(BccSource):
         conn.last_ns = ts
         if parser.exchanges:
             self._emit(conn)
-        if parser.upgraded:   # no longer HTTP/1: the kernel stops sending it
-            self._ignore(sk, conn)
+        if parser.upgraded:   # no longer HTTP/1: the kernel stops sending it (h2c: HTTP/2 goes on)
+            if type(parser) is Http1Connection and parser.h2c is not None:
+                self._h2c(conn, parser, ts)
+            else:
+                self._ignore(sk, conn)
+
+    def _h2c(self, conn: _Conn, h1: Http1Connection, ts: int) -> None:
+        """An HTTP/1.1 connection upgraded to h2c: the HTTP/2 parser takes over, its stream 1
+        the upgraded request (which keeps its place among the requests its thread serves)."""
+        old = h1.h2c
+        h2 = conn.parser = after_h2c_upgrade(h1, ts)
+        new = h2.streams.get(1)
+        serving = self._serving.get(old.tid) if old is not None and old.tid else None
+        if serving is not None and old in serving:
+            if new is not None:
+                serving[serving.index(old)] = new
+            else:   # answered in the 101's own call
+                serving.remove(old)
+                if not serving:
+                    del self._serving[old.tid]
+        if h2.exchanges:
+            self._emit(conn)
 
     def _new_conn(self, ev: HttpEvent, payload: bytes) -> _Conn:
         if ev.flags & F_ENDPOINTS:

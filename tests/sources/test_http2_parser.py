@@ -12,7 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from receiver.protocols import PROTOCOLS, UNPARSED_REASONS, Unparsed, detect
-from receiver.protocols.http2 import MIDWAY_TRIES, PREFACE, Http2Connection, Http2Exchange, looks_like_http2
+from receiver.protocols.http1 import Http1Connection
+from receiver.protocols.http2 import (
+    MIDWAY_TRIES,
+    PREFACE,
+    Http2Connection,
+    Http2Exchange,
+    after_h2c_upgrade,
+    looks_like_http2,
+)
 
 from ..harness import examples
 
@@ -331,3 +339,87 @@ def test_cut_captures_and_lost_records_never_misattribute(req_cuts: list[tuple[i
         assert isinstance(ex, Http2Exchange)
         path, status = truth[ex.stream_id]
         assert ex.path == path and ex.grpc_status in (status, None) and ex.server, ex
+
+
+UPGRADE_REQ = (b"GET /ok?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+               b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n")
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+
+
+@pytest.mark.parametrize("same_call", [True, False])
+@pytest.mark.parametrize("server_side", [True, False])
+def test_h2c_upgrade_hands_the_request_to_http2_as_stream_1(same_call: bool, server_side: bool) -> None:
+    """curl --http2 on an http:// URL: the HTTP/1.1 request with Upgrade: h2c is answered by a
+    101 and then, in HTTP/2, on stream 1; later requests are HTTP/2 streams. The server's
+    SETTINGS and stream 1's response may come in the 101's own call or later ones."""
+    u = Unparsed(UNPARSED_REASONS)
+    h1 = Http1Connection(u, 16384)
+    cli, srv = Peer(), Peer()
+    req_out = not server_side    # this side sent the requests
+    h1.feed(req_out, UPGRADE_REQ, len(UPGRADE_REQ), 10)
+    after = SETTINGS_FRAME + srv.headers(1, [(":status", "200"), ("content-type", "text/plain")])
+    after += frame(DATA, END_STREAM, 1, b"ok")
+    first = SWITCH + after if same_call else SWITCH
+    h1.feed(server_side, first, len(first), 20)
+    assert h1.upgraded and not h1.exchanges and h1.h2c is not None
+    h2 = after_h2c_upgrade(h1, 20)
+    if not same_call:
+        h2.feed(server_side, after, len(after), 25)
+    ex = h2.exchanges.pop()
+    assert (ex.method, ex.path, ex.status, ex.version, ex.server) == ("GET", "/ok", 200, "2", server_side)
+    assert (ex.start_ns, ex.end_ns) == (10, 25 if not same_call else 20) and ex.traceparent.startswith("00-0af7")
+    assert isinstance(ex, Http2Exchange) and ex.grpc is False
+    pre = PREFACE + SETTINGS_FRAME + cli.headers(3, req_headers("/two", method="GET", grpc=False), end_stream=True)
+    h2.feed(req_out, pre, len(pre), 30)
+    resp = srv.headers(3, [(":status", "404")], end_stream=True)
+    h2.feed(server_side, resp, len(resp), 40)
+    assert [(e.method, e.path, e.status, e.start_ns, e.end_ns) for e in h2.exchanges] == [("GET", "/two", 404, 30, 40)]
+    assert not any(u.counts.values())
+
+
+def test_a_websocket_upgrade_is_no_h2c() -> None:
+    h1 = Http1Connection(Unparsed(UNPARSED_REASONS), 16384)
+    h1.feed(True, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 60, 1)
+    resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n" + b"\x81\x7e\x00\x10" + b"x" * 16
+    h1.feed(False, resp, len(resp), 2)
+    assert h1.upgraded and h1.h2c is None and [e.status for e in h1.exchanges] == [101]
+    assert not any(h1.unparsed.counts.values())
+
+
+def test_streaming_calls_many_messages_each_way_with_the_status_from_the_trailers() -> None:
+    """Server-, client- and bidi-streaming calls: a stream's many DATA frames (one per message,
+    several per call) do not end it; the response's trailers do, with their status (an error
+    after some messages too)."""
+    cli, srv = Peer(), Peer()
+    c, u = conn()
+    c.feed(False, PREFACE + SETTINGS_FRAME, len(PREFACE) + 15, 1)
+    msg = b"\0\0\0\0\x03abc"
+    calls = {1: ("/s.S/ServerStream", 1, 20, 0), 3: ("/s.S/ClientStream", 20, 1, 0), 5: ("/s.S/Bidi", 10, 10, 0),
+             7: ("/s.S/BidiFails", 3, 2, 10)}
+    ts = 2
+    for sid, (path, *_rest) in calls.items():
+        b = cli.headers(sid, req_headers(path))
+        c.feed(False, b, len(b), ts)
+        ts += 1
+    for sid in calls:
+        b = srv.headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        c.feed(True, b, len(b), ts)
+        ts += 1
+    for i in range(20):   # messages interleaved across the four streams, one call each
+        for sid, (_path, n_req, n_resp, _status) in calls.items():
+            if i < n_req:
+                last = i == n_req - 1
+                c.feed(False, frame(DATA, END_STREAM if last else 0, sid, msg), 17, ts)
+            if i < n_resp:
+                c.feed(True, frame(DATA, 0, sid, msg), 17, ts)
+            ts += 1
+    assert not c.exchanges
+    for sid, (_path, _q, _r, status) in calls.items():
+        b = srv.headers(sid, [("grpc-status", str(status)), ("grpc-message", "x" if status else "")], end_stream=True)
+        c.feed(True, b, len(b), ts)
+        ts += 1
+    got = [(e.path, e.status, e.grpc_status, e.grpc) for e in c.exchanges]   # type: ignore[attr-defined]
+    assert got == [(p, 200, s, True) for p, _q, _r, s in calls.values()]
+    assert [e.start_ns for e in c.exchanges] == [2, 3, 4, 5] and c.exchanges[-1].end_ns == ts - 1
+    assert not any(u.counts.values()) and not c.streams
