@@ -2,8 +2,9 @@
 (deploy/scripts/k8s-cluster.py: etcd, containerd, the control plane, kube-proxy and a kubelet,
 binaries built from the Go module proxy and cached), with deploy/kubernetes/*.yaml applied as
 shipped. Changed for the test only: the image references (images built and loaded without a
-registry) and, so the test can read what reached the gateway, one exporter added to the gateway's
-pipelines that forwards everything it exports to a Collector on the host.
+registry). The shipped gateway exports to a Service named `otel-backend`, which the manifests leave
+to the user; the test makes it a Service without selector whose EndpointSlice is a Collector on the
+host, so it reads what reached the gateway with the gateway's configuration as shipped.
 
 Asserted: the runtime grants the agent exactly the documented capabilities (the container's OCI
 spec) and no thread of any process in it holds more (the agent drops some after start);
@@ -75,22 +76,28 @@ def _script(*args: str, timeout: float) -> str:
     return r.stdout.strip()
 
 
-def _rendered(images: dict[str, str], forward: str) -> str:
-    """deploy/kubernetes/*.yaml with the test's changes only (module docstring)."""
-    docs: list[Any] = []
-    for path in MANIFESTS:
-        text = path.read_text()
-        for shipped, local in images.items():
-            text = text.replace(f"image: {shipped}", f"image: {local}")
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
-    for d in docs:
-        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "otelcol-gateway":
-            cfg = yaml.safe_load(d["data"]["config.yaml"])
-            cfg["exporters"]["otlp/k8s-test"] = {"endpoint": forward, "tls": {"insecure": True}}
-            for p in cfg["service"]["pipelines"].values():
-                p["exporters"].append("otlp/k8s-test")
-            d["data"]["config.yaml"] = yaml.safe_dump(cfg)
-    return yaml.safe_dump_all(docs)
+def _rendered(images: dict[str, str]) -> str:
+    """deploy/kubernetes/*.yaml with the test's changes only: the image references."""
+    text = "---\n".join(p.read_text() for p in MANIFESTS)
+    for shipped, local in images.items():
+        text = text.replace(f"image: {shipped}", f"image: {local}")
+    return text
+
+
+def _backend(host_ip: str, port: int) -> str:
+    """The user's part the manifests leave open: the `otel-backend` Service the gateway exports
+    to, here without selector, its one endpoint the Collector on the host."""
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "otel-backend", "namespace": NS},
+               "spec": {"ports": [{"name": "otlp-grpc", "port": 4317, "targetPort": port,
+                                   "protocol": "TCP", "appProtocol": "grpc"}]}}
+    endpoints = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "otel-backend-host", "namespace": NS,
+                              "labels": {"kubernetes.io/service-name": "otel-backend"}},
+                 "addressType": "IPv4",
+                 "ports": [{"name": "otlp-grpc", "port": port, "protocol": "TCP"}],
+                 "endpoints": [{"addresses": [host_ip]}]}
+    return yaml.safe_dump_all([service, endpoints])
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +126,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         collector.start({"OTELCOL_OTLP_GRPC_ENDPOINT": f"0.0.0.0:{port}"})
         c = Cluster(kubectl, {}, collector, images)
         manifest = work / "applied.yaml"
-        manifest.write_text(_rendered(images, f"{host_ip}:{port}"))
+        manifest.write_text(_rendered(images))
         c.run("apply", "-f", str(manifest))
+        backend = work / "backend.yaml"
+        backend.write_text(_backend(host_ip, port))
+        c.run("apply", "-f", str(backend))
         try:
             c.run("-n", NS, "rollout", "status", "deployment/otelcol-gateway", "--timeout=300s", timeout=320)
             c.run("-n", NS, "rollout", "status", "daemonset/ebpf-otlp-receiver", "--timeout=420s", timeout=440)
