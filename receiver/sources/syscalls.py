@@ -54,6 +54,7 @@ class SyscallsSource(BccSource):
         self.report_interval = float(self.config.report_interval)
         self._names = syscall_names()
         self._start_unix_ns = time.time_ns()
+        self._seen: set[int] = set()   # processes with series at the last read
 
     # With a process filter: its cached decisions are taken again after these.
     FILTER_TRACEPOINTS = ("task:task_rename", "cgroup:cgroup_attach_task")
@@ -118,6 +119,12 @@ class SyscallsSource(BccSource):
     # ------------------------------------------------------------------ aggregates → metrics
 
     def collect(self) -> None:
+        # Which processes are gone is asked *before* the maps are read: a process gone then made
+        # all its calls, so the read has them. Asked after the read, a process that made its
+        # calls and ended in between had them deleted unsent by _forget (the kernel guests'
+        # syscalls smoke test lost a short-lived process's series so). A process that ends after
+        # the read is found gone at the next collect, which sends its final values.
+        dead = {tgid for tgid in self._seen if not os.path.exists(f"/proc/{tgid}")}
         by_pid: dict[int, SyscallSeries] = {}
         hists: dict[tuple[int, int], HistPoint] = {}
 
@@ -155,7 +162,7 @@ class SyscallsSource(BccSource):
                  for k, v in self.bpf["series_comm"].items()}
         for tgid, s in by_pid.items():
             s.comm = comms.get(tgid, "")
-        dead = {tgid for tgid in by_pid if tgid and not os.path.exists(f"/proc/{tgid}")}
+        self._seen = {tgid for tgid in by_pid if tgid} - dead
         self.ctx.consumer.consume_metrics(SyscallSnapshot(self._start_unix_ns, time.time_ns(), by_pid, dead))
         if dead:   # their final values went out above
             self._forget(dead)

@@ -1,0 +1,116 @@
+"""Sources start in parallel: the race that made parallel start look guilty, pinned down.
+
+Starting the sources at once (asyncio.gather) once coincided with the kernel guests' syscalls
+smoke test losing the second short-lived process's ``uname`` series (agent log clean, nothing
+counted as dropped). The cause was not the gather but a race in the syscalls source's collect,
+which any change of timing could expose (the gather moved the phase of the 1 s collect timer
+against the test's processes under emulation): the collect read the maps, *then* asked /proc
+which of the processes read were gone, sent those as finished and deleted every map entry of
+theirs. A process that made its calls and ended between the read and the /proc check had those
+calls deleted without ever being sent. This test makes the process end exactly there, with the
+real BPF program."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.config import EbpfConfig
+from receiver.kernel.clock import KernelClock
+from receiver.sources.base import SourceContext
+from receiver.sources.syscalls import SyscallsSource
+from receiver.telemetry import SelfTelemetry
+
+from .harness import compile_c
+
+pytestmark = [pytest.mark.bpf]
+
+PROG = "scrace_prog"
+N = 300
+SOURCE = r"""
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+int main(void) {
+    char c;
+    struct utsname u;
+    for (int i = 0; i < 10; i++)
+        syscall(SYS_getppid);
+    if (write(1, "r", 1) != 1 || read(0, &c, 1) != 1)   /* ready; wait for the go */
+        return 2;
+    for (int i = 0; i < %d; i++)
+        syscall(SYS_uname, &u);
+    return 0;
+}
+"""
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.snapshots: list[Any] = []
+
+    def consume_event(self, record: Any) -> None:
+        pass
+
+    def consume_metrics(self, snapshot: Any) -> None:
+        self.snapshots.append(snapshot)
+
+    def consume_profile(self, profile: Any) -> None:
+        pass
+
+
+def test_a_process_ending_during_a_collect_keeps_its_calls(bpf_ok: None, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    prog = compile_c(SOURCE % N, tmp_path / PROG, "-O1")
+    config = EbpfConfig.from_dict({"sources": {
+        "process": {"enabled": False}, "network": {"enabled": False}, "profiler": {"enabled": False},
+        "syscalls": {"enabled": True, "report_interval": "1h", "filter": {"process_names": [PROG]}}}})
+    recorder = _Recorder()
+    source = SyscallsSource(SourceContext(config, recorder, SelfTelemetry(), KernelClock()))
+    exists = os.path.exists
+    proc: subprocess.Popen[bytes] | None = None
+
+    def ends_when_asked(path: Any) -> bool:
+        # The process is asked about while a collect runs: it makes its uname calls and ends
+        # (reaped) right then, and the answer is the true one, after it.
+        if proc is not None and str(path) == f"/proc/{proc.pid}" and proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.write(b"g")
+            proc.stdin.close()
+            assert proc.wait(30) == 0
+        return exists(path)
+
+    async def run() -> None:
+        nonlocal proc
+        await source.start()
+        try:
+            proc = subprocess.Popen([str(prog)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stdout.read(1) == b"r"
+            source.collect()   # sees the process (its getppid calls) alive: asks again next time
+            monkeypatch.setattr(os.path, "exists", ends_when_asked)
+            source.collect()   # the process ends while this one runs
+            monkeypatch.setattr(os.path, "exists", exists)
+            source.collect()
+        finally:
+            await source.stop()   # collects once more
+            if proc is not None:
+                if proc.returncode is None:
+                    proc.kill()
+                    proc.wait()
+                for f in (proc.stdin, proc.stdout):
+                    if f is not None:
+                        f.close()
+
+    asyncio.run(run())
+    assert proc is not None and proc.returncode == 0
+    unames = [dict(s.by_pid[proc.pid].calls).get("uname") for s in recorder.snapshots
+              if proc.pid in s.by_pid]
+    assert N in unames, f"the process's uname calls never went out: {unames}"
+    assert any(proc.pid in s.finished_pids for s in recorder.snapshots), "the process never finished"
