@@ -65,11 +65,14 @@ struct http_iovec {            /* struct iovec: user ABI */
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_TABLE("lru_hash", u64, struct http_sock, socks, MAX_SOCKETS);
-BPF_HASH(calls, u64, struct http_call, MAX_CALLS);
+/* Calls in flight, one slot per thread (thread id modulo MAX_CALLS): an array lookup on every
+ * read/write of the host instead of a hash update and delete. A slot another thread's call
+ * holds is not taken (call_map_full). */
+BPF_ARRAY(calls, struct http_call, MAX_CALLS);
 BPF_PERCPU_ARRAY(scratch, struct http_record, 1);
 BPF_HASH(filter_ports, u16, u8, 1024);
 BPF_HASH(self_ports, u16, u8, 1024);   /* local ports of this agent's own connections */
-BPF_HASH(tls_calls, u64, struct http_tls_call, MAX_CALLS);
+BPF_ARRAY(tls_calls, struct http_tls_call, MAX_CALLS);
 BPF_TABLE("lru_hash", u64, struct http_tls_sock, tls_ssls, MAX_SOCKETS);
 #if REQ_LINKS
 /* Thread id -> the span id of the request it serves (receiver/profiling/links.py): set when a
@@ -103,13 +106,27 @@ static __always_inline int watched(u32 tgid) {
     return 1;
 }
 
+/* The slot of the calling thread in `calls` or `tls_calls`. */
+static __always_inline u32 call_slot(u64 id) {
+    return (u32)id % MAX_CALLS;
+}
+
 static __always_inline void enter(u32 fd, u64 buf, u32 iovs) {
     u64 id = bpf_get_current_pid_tgid();
     if (!watched(id >> 32))
         return;
-    struct http_call c = {.buf = buf, .fd = fd, .count = iovs};
-    if (calls.update(&id, &c) != 0)
+    u32 slot = call_slot(id);
+    struct http_call *c = calls.lookup(&slot);
+    if (!c)
+        return;
+    if (c->id && c->id != id) {   /* another thread's call in flight holds the slot */
         count_lost(HTTP_LOST_CALL_MAP_FULL);
+        return;
+    }
+    c->buf = buf;
+    c->fd = fd;
+    c->count = iovs;
+    c->id = id;
 }
 
 static __always_inline void enter_msg(u32 fd, u64 msg) {
@@ -121,7 +138,10 @@ static __always_inline void enter_msg(u32 fd, u64 msg) {
 
 static __always_inline void leave(void) {
     u64 id = bpf_get_current_pid_tgid();
-    calls.delete(&id);
+    u32 slot = call_slot(id);
+    struct http_call *c = calls.lookup(&slot);
+    if (c && c->id == id)
+        c->id = 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { enter(args->fd, (u64)args->buf, 0); return 0; }
@@ -301,15 +321,18 @@ static __always_inline void emit(struct http_sock *s, u64 sk, u64 id, u32 fd, u6
 
 static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
     u64 id = bpf_get_current_pid_tgid();
+    u32 slot = call_slot(id);
     struct http_call c = {};
-    struct http_call *call = calls.lookup(&id);
-    if (call) {
+    struct http_call *call = calls.lookup(&slot);
+    if (call && call->id == id) {
         c = *call;
-        calls.delete(&id);
+        call->id = 0;
+    } else {
+        call = 0;
     }
     struct http_sock *s = socks.lookup(&sk);
-    struct http_tls_call *t = tls_calls.lookup(&id);
-    if (t) {
+    struct http_tls_call *t = tls_calls.lookup(&slot);
+    if (t && t->id == id) {
         /* Ciphertext moved inside SSL_read/SSL_write on this thread: this is the SSL's socket.
          * Its plaintext comes from the library's return uprobe; these bytes are never sent. */
         if (!t->sk) {
@@ -336,6 +359,11 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
          * (its plaintext may come from the TLS uprobes); anything else only when the socket's
          * server port is selected, so that user space sees and counts it. */
         int selected = s && (s->flags & HTTP_S_SELECTED);
+        /* The first bytes a connection seen from its start carries towards its server (what
+         * the client sends; TLS and HTTP/2 servers may speak first) decide for good: a socket
+         * that is not HTTP then is ignored, its later calls cost a lookup. */
+        int first_request = s && (s->flags & HTTP_S_ENDPOINTS) && !(s->seen & HTTP_SEEN_FIRST) && ret >= 4 &&
+                            (kind == HTTP_EV_SEND) == (s->direction == HTTP_DIR_CLIENT);
         u64 first = c.buf;
         u32 w = 0;
         if (c.count && bpf_probe_read_user(&first, sizeof(first), (void *)c.buf) != 0)
@@ -348,8 +376,12 @@ static __always_inline void on_data(u64 sk, int ret, int flags, u8 kind) {
             mark_sock(sk, s, HTTP_S_TLS);
             return;
         } else if (!selected) {
+            if (first_request && w)
+                s->flags |= HTTP_S_IGNORED;
             return;
         }
+        if (first_request)
+            s->seen |= HTTP_SEEN_FIRST;
         if (!s)
             return;
     }
@@ -459,29 +491,41 @@ static __always_inline void tls_enter(struct http_regs *ctx, u8 kind, int ex) {
     u64 id = bpf_get_current_pid_tgid();
     if (!watched(id >> 32))
         return;
-    struct http_tls_call *t = tls_calls.lookup(&id);
-    if (t) {                   /* e.g. SSL_read calling SSL_read_ex inside the library */
+    u32 slot = call_slot(id);
+    struct http_tls_call *t = tls_calls.lookup(&slot);
+    if (!t)
+        return;
+    if (t->id == id) {         /* e.g. SSL_read calling SSL_read_ex inside the library */
         if (t->depth < 255)
             t->depth++;
         return;
     }
-    struct http_tls_call n = {.ssl = ARG1(ctx), .buf = ARG2(ctx),
-                              .sizep = ex ? ARG4(ctx) : 0, .kind = kind};
-    if (tls_calls.update(&id, &n) != 0)
+    if (t->id) {               /* another thread's call in flight holds the slot */
         count_lost(HTTP_LOST_CALL_MAP_FULL);
+        return;
+    }
+    t->ssl = ARG1(ctx);
+    t->buf = ARG2(ctx);
+    t->sizep = ex ? ARG4(ctx) : 0;
+    t->sk = 0;
+    t->fd = 0;
+    t->kind = kind;
+    t->depth = 0;
+    t->id = id;
 }
 
 static __always_inline void tls_exit(struct http_regs *ctx) {
     u64 id = bpf_get_current_pid_tgid();
-    struct http_tls_call *t = tls_calls.lookup(&id);
-    if (!t)
+    u32 slot = call_slot(id);
+    struct http_tls_call *t = tls_calls.lookup(&slot);
+    if (!t || t->id != id)
         return;
     if (t->depth) {
         t->depth--;
         return;
     }
     struct http_tls_call c = *t;
-    tls_calls.delete(&id);
+    t->id = 0;
     long rc = RET(ctx);
     u64 moved = 0;
     if (c.sizep) {

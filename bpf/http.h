@@ -33,6 +33,9 @@
 #define HTTP_S_TLS 64           /* TLS records on the wire: its syscall bytes are never sent */
 #define HTTP_S_TLS_PLAIN 128    /* its plaintext was seen by the TLS library uprobes */
 
+/* http_sock.seen */
+#define HTTP_SEEN_FIRST 1       /* the first request-direction bytes of a connection seen from its start */
+
 #define HTTP_DIR_CLIENT 1
 #define HTTP_DIR_SERVER 2
 
@@ -44,21 +47,26 @@ struct http_sock {
     __u16 peer_port;
     __u8 direction;            /* HTTP_DIR_*: from the state change; 0 unknown */
     __u8 flags;                /* HTTP_S_* */
-    __u16 pad;
+    __u8 seen;                 /* HTTP_SEEN_*: what the program already decided from its bytes */
+    __u8 pad;
     __u8 local_addr[16];
     __u8 peer_addr[16];
 };
 
-/* A read/write-family call in flight, from sys_enter to the socket tracepoint, by thread id. */
+/* A read/write-family call in flight, from sys_enter to the socket tracepoint: one slot per
+ * thread (thread id modulo the slots), owned by `id` while the call runs (0: free). */
 struct http_call {
+    __u64 id;                  /* bpf_get_current_pid_tgid() of the owner; 0: the slot is free */
     __u64 buf;                 /* the buffer, or the iovec array, in user memory */
     __u32 fd;
     __u32 count;               /* iovecs in the array (0: buf is one buffer) */
 };
 
-/* An SSL_read/SSL_write(_ex) call in flight, from its entry uprobe to its return uprobe, by
- * thread id. A syscall on a TCP socket made inside it (on the same thread) names its socket. */
+/* An SSL_read/SSL_write(_ex) call in flight, from its entry uprobe to its return uprobe, in
+ * its thread's slot (as struct http_call). A syscall on a TCP socket made inside it (on the same
+ * thread) names its socket. */
 struct http_tls_call {
+    __u64 id;                  /* the owner thread's pid_tgid; 0: the slot is free */
     __u64 ssl;                 /* the SSL * (a key only) */
     __u64 buf;                 /* the plaintext buffer in user memory */
     __u64 sizep;               /* _ex forms: where the library writes the byte count; 0 otherwise */

@@ -83,7 +83,8 @@ class HttpSock(ctypes.Structure):
     """Mirror of ``struct http_sock``."""
 
     _fields_ = [("conn_id", ctypes.c_uint64), ("local_port", ctypes.c_uint16), ("peer_port", ctypes.c_uint16),
-                ("direction", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint16),
+                ("direction", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("seen", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8),
                 ("local_addr", ctypes.c_uint8 * 16), ("peer_addr", ctypes.c_uint8 * 16)]
 
 

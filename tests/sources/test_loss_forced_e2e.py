@@ -1267,10 +1267,12 @@ def _blocked_in_read(pid: int) -> int:
 
 
 def test_http_call_map_full(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
-    """call_map_full: max_calls = 8, the process filter on "losscalls" (only its calls enter the
-    map; the agent never keeps its own). CALLS_C holds 8 reads in flight on socketpairs, which
-    fill the calls map (the test reads it: 8 entries); then 20 more reads find no room: exactly 20
-    lost. The sockets are AF_UNIX, so no record is attempted: ringbuf_full stays 0."""
+    """call_map_full: max_calls = 8 slots (a call takes the slot of its thread id modulo 8), the
+    process filter on "losscalls" (only its calls take slots; the agent never takes one). CALLS_C
+    holds 8 reads in flight on socketpairs, one per thread: a thread whose slot an earlier one
+    holds is lost (the test computes how many from the thread ids); then 20 more reads from the
+    main thread: all lost when its slot is held, none otherwise. The sockets are AF_UNIX, so no
+    record is attempted: ringbuf_full stays 0."""
     import subprocess
 
     from ..harness import compile_c
@@ -1285,10 +1287,14 @@ def test_http_call_map_full(bpf_ok: None, collector: Collector, tmp_path: Path) 
     try:
         wait_until(lambda: _blocked_in_read(p.pid) == size, 30, 0.1, f"{size} threads blocked in read")
         assert _map_entries(calls_id) == size
-        settle_exact(agent, "http", {}, 1.0)   # nothing lost while they filled it
+        held = {int(t) % size for t in os.listdir(f"/proc/{p.pid}/task") if int(t) != p.pid}
+        holders_lost = size - len(held)
+        settle_exact(agent, "http", {"call_map_full": holders_lost} if holders_lost else {}, 1.0)
         os.kill(p.pid, signal.SIGUSR1)
         assert p.wait(30) == 0
-        settle_exact(agent, "http", {"call_map_full": extra}, 1.0)
+        main_lost = extra if p.pid % size in held else 0
+        lost = holders_lost + main_lost
+        settle_exact(agent, "http", {"call_map_full": lost} if lost else {}, 1.0)
     finally:
         if p.poll() is None:
             p.kill()
