@@ -1,0 +1,3 @@
+module goffsets
+
+go 1.21
