@@ -5,8 +5,9 @@ A real grpcio server and client (unary calls on one channel, from this process) 
 SERVER and one CLIENT span per call, named ``{rpc.service}/{rpc.method}`` with the gRPC status
 from the trailers; 100 calls on one channel 100 spans; concurrent calls (interleaved streams)
 each their own; the ``rpc.*.call.duration`` histograms counting every call. A real HTTP/2 server
-(Go's net/http, unencrypted HTTP/2) called by curl ``--http2-prior-knowledge`` gives HTTP spans
-with ``network.protocol.version`` 2. One agent and one Collector serve the whole module."""
+(Go's net/http with golang.org/x/net/http2/h2c) called by curl ``--http2-prior-knowledge`` and by
+curl ``--http2`` (HTTP/1.1 Upgrade: h2c) gives HTTP spans with ``network.protocol.version`` 2.
+One agent and one Collector serve the whole module."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ pytestmark = [pytest.mark.bpf, pytest.mark.collector]
 
 CAPTURE = 8192
 SERVICE = "demo.v1.Greeter"
-TESTS = ("unary", "hundred", "concurrent", "metrics", "h2c", "early", "h2tls")
+TESTS = ("unary", "hundred", "concurrent", "metrics", "h2c", "upgrade", "early", "h2tls")
+X_NET = "v0.38.0"   # golang.org/x/net for the h2c server (Go >= 1.23)
 NGINX_CONF = """
 daemon off;
 master_process off;
@@ -69,6 +71,9 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 )
 
 func main() {
@@ -82,10 +87,8 @@ func main() {
 		}
 		fmt.Fprint(w, "ok ", r.Proto)
 	})
-	var p http.Protocols
-	p.SetHTTP1(true)
-	p.SetUnencryptedHTTP2(true)
-	s := &http.Server{Addr: "127.0.0.1:" + os.Args[1], Handler: mux, Protocols: &p}
+	// unencrypted HTTP/2 both ways: prior knowledge (the preface) and HTTP/1.1 Upgrade: h2c
+	s := &http.Server{Addr: "127.0.0.1:" + os.Args[1], Handler: h2c.NewHandler(mux, &http2.Server{})}
 	fmt.Println(s.ListenAndServe())
 }
 """
@@ -129,8 +132,9 @@ def grpc_server(port: int) -> grpc.Server:
 
 class Env:
     def __init__(self, collector: Collector, agent: Agent, ports: dict[str, int], h2c_pid: int,
-                 early: grpc.Channel, nginx_pid: int | None):
+                 early: grpc.Channel, nginx_pid: int | None, upgrade_pid: int):
         self.collector, self.agent, self.ports, self.h2c_pid = collector, agent, ports, h2c_pid
+        self.upgrade_pid = upgrade_pid   # the same h2c server, for curl --http2 (Upgrade: h2c)
         self.nginx_pid = nginx_pid   # nginx with OpenSSL serving h2 over TLS (None: not installed)
         self.early = early   # connected (and used) before the agent started
 
@@ -154,13 +158,14 @@ class Env:
 
 
 def _build_go_server(tmp: Path) -> Path:
+    """The h2c server (golang.org/x/net from the Go module proxy)."""
     go = shutil.which("go") or ("/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go") else None)
     if go is None:
-        fail_or_skip("no Go toolchain for the HTTP/2 server (net/http, unencrypted HTTP/2)")
+        fail_or_skip("no Go toolchain for the HTTP/2 server (net/http with x/net/http2/h2c)")
     src = tmp / "h2c"
     src.mkdir()
     (src / "main.go").write_text(GO_SERVER)
-    (src / "go.mod").write_text("module h2c\n\ngo 1.24\n")
+    (src / "go.mod").write_text(f"module h2c\n\ngo 1.23\n\nrequire golang.org/x/net {X_NET}\n")
     subprocess.run([str(go), "build", "-o", "h2c-server", "."], cwd=src, env={**go_env(tmp), "CGO_ENABLED": "0"},
                    check=True, timeout=600, capture_output=True)
     return src / "h2c-server"
@@ -184,15 +189,17 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     h2c_bin = _build_go_server(tmp)
     collector = Collector(otelcol_bin, tmp).start()
     ports = {name: free_port() for name in TESTS}
-    servers = [grpc_server(p) for name, p in ports.items() if name not in ("h2c", "h2tls")]
+    servers = [grpc_server(p) for name, p in ports.items() if name not in ("h2c", "upgrade", "h2tls")]
     h2c = subprocess.Popen([str(h2c_bin), str(ports["h2c"])], stdout=subprocess.DEVNULL)
+    upgrade = subprocess.Popen([str(h2c_bin), str(ports["upgrade"])], stdout=subprocess.DEVNULL)
+    wait_listening(ports["upgrade"], "the h2c server listening")
     nginx = _start_nginx(tmp, ports["h2tls"])
     early = grpc.insecure_channel(f"127.0.0.1:{ports['early']}")
     assert _call(early, "SayHello") == ("OK", b"hello world")
     cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": CAPTURE}
     agent = Agent(tmp, agent_config(collector, {"http": cfg})).start()
     try:
-        yield Env(collector, agent, ports, h2c.pid, early, nginx.pid if nginx else None)
+        yield Env(collector, agent, ports, h2c.pid, early, nginx.pid if nginx else None, upgrade.pid)
         assert agent.proc is not None and agent.proc.poll() is None, agent.log()[-3000:]
         assert agent.metric_value("ebpf_receiver_source_events_lost_total", source="http") == 0
     finally:
@@ -200,8 +207,9 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
         if nginx is not None:
             nginx.terminate()
             nginx.wait(10)
-        h2c.kill()
-        h2c.wait()
+        for p in (h2c, upgrade):
+            p.kill()
+            p.wait()
         for s in servers:
             s.stop(None)
         try:
@@ -352,6 +360,38 @@ def test_curl_http2_prior_knowledge_requests_are_http_spans_with_version_2(env: 
         assert server["attrs"]["client.port"] == client["attrs"]["client.port"]
     assert spans["server"][3]["traceId"] == "0af7651916cd43dd8448eb211c80319c"
     assert _status(spans["server"][1]) not in ERROR and _status(spans["client"][1]) in ERROR
+
+
+def test_curl_http2_upgrades_to_h2c_and_each_request_is_one_http2_span(env: Env) -> None:
+    """curl --http2 on an http:// URL sends HTTP/1.1 with Upgrade: h2c; the server answers 101
+    and stream 1's response in HTTP/2. One curl with two URLs: the second request is stream 3 on
+    the upgraded connection. Every request is one SERVER and one CLIENT span, version 2."""
+    port = env.ports["upgrade"]
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    runs = [(["/ok"], ()), (["/missing"], ()), (["/traced"], ("-H", f"traceparent: {tp}")), (["/one", "/two"], ())]
+    expected, pids = [], []
+    for paths, args in runs:
+        p = subprocess.Popen(["curl", "-sS", "--http2", *args, *(x for path in paths for x in (
+            "-o", "/dev/null", "-w", "%{http_code} %{http_version}\n", f"http://127.0.0.1:{port}{path}?q=1"))],
+            stdout=subprocess.PIPE, text=True)
+        out, _ = p.communicate(timeout=30)
+        statuses = [404 if path == "/missing" else 200 for path in paths]
+        assert p.returncode == 0 and out.split("\n")[:-1] == [f"{s} 2" for s in statuses], out
+        expected += list(zip(paths, statuses))
+        pids += [p.pid] * len(paths)
+    spans = env.wait_spans(port, len(expected), rpc=False)
+    for (path, status), pid, server, client in zip(expected, pids, spans["server"], spans["client"]):
+        for s in (server, client):
+            a = s["attrs"]
+            assert s["name"] == "GET" and a["url.path"] == path and a["http.response.status_code"] == status, a
+            assert a["network.protocol.version"] == "2" and a["url.scheme"] == "http" and a["server.port"] == port
+        assert server["resource"]["process.pid"] == env.upgrade_pid and client["resource"]["process.pid"] == pid
+        assert server["kind"] in SERVER_KIND and client["kind"] in CLIENT_KIND
+        assert server["attrs"]["client.port"] == client["attrs"]["client.port"]
+    traced = spans["server"][2]
+    assert traced["traceId"].lower() == tp[3:35] and traced["parentSpanId"].lower() == tp[36:52]
+    assert spans["server"][3]["attrs"]["client.port"] == spans["server"][4]["attrs"]["client.port"]
+    assert _status(spans["client"][1]) in ERROR
 
 
 def test_a_channel_connected_before_the_agent_is_found_mid_way_and_never_misnamed(env: Env) -> None:
