@@ -57,6 +57,7 @@ MAX_FILES = 64                 # V8 binaries whose metadata is cached
 MAX_STRING = 4096              # longest name or path read
 MAX_SOURCE = 16 << 20          # largest script source read for its line starts
 MAX_STRING_DEPTH = 32          # cons/thin/sliced strings followed
+MAX_POSITIONS = 64 << 10       # largest source position table read (bytes)
 REVALIDATE_S = 1.0             # a cached function is checked again at most this often
 QUEUE_SIZE = 8192
 PREFIX = b"v8dbg_"
@@ -118,6 +119,13 @@ class V8Offsets:
     sliced_tag: int
     thin_tag: int
     external_tag: int
+    sfi_function_data: int
+    bytecode_data: int
+    bytecode_wrapper: int
+    byte_array_type: int
+    trusted_byte_array_type: int
+    interpreter_data_type: int
+    array_length: int
 
     builtins: tuple[int, int] = (0, 0)    # the embedded builtins' code in the process: [start, end)
     remapped: tuple[int, int] = (0, 0)    # ... its copy in another mapping of the file, or none
@@ -165,6 +173,19 @@ _FIELDS: dict[str, tuple[tuple[str, ...], int | None]] = {
     "sliced_tag": (("SlicedStringTag",), None),
     "thin_tag": (("ThinStringTag",), None),
     "external_tag": (("ExternalStringTag",), None),
+    # A bytecode frame's line: the SharedFunctionInfo's bytecode (V8 12 names the field
+    # trusted_function_data and leaves it out of the metadata: its place, 8, is checked by type),
+    # the BytecodeArray's header size (the frame's offset slot counts from the object's start) and
+    # its source position table: after the wrapper (V8 12) or after length, constant pool and
+    # handler table (V8 11); every object on the way is checked by type.
+    "sfi_function_data": (("class_SharedFunctionInfo__function_data__",
+                           "class_SharedFunctionInfo__trusted_function_data__"), 8),
+    "bytecode_data": (("class_BytecodeArray__data__",), None),
+    "bytecode_wrapper": (("class_BytecodeArray__wrapper__",), 0),
+    "byte_array_type": (("type_ByteArray__",), None),
+    "trusted_byte_array_type": (("type_TrustedByteArray__",), -1),
+    "interpreter_data_type": (("type_InterpreterData__",), -1),
+    "array_length": (("class_FixedArrayBase__length__",), 8),
 }
 _MAX_INLINED_LOCALS = 75       # ScopeInfo: more context locals than this are kept in a hash table
 
@@ -310,6 +331,16 @@ class FunctionInfo:
     file: str
     line: int                       # the function's first line, 0 when unknown
     fingerprint: tuple[int, int]    # (name_or_scope_info, script) as read
+    # the bytecode's source position table as lines: the line from each bytecode offset on
+    # (ascending; counted from the BytecodeArray's start, as an interpreted frame's offset slot
+    # holds them); empty when V8 has not made the table (lazy source positions)
+    offsets: tuple[int, ...] = ()
+    lines: tuple[int, ...] = ()
+
+    def line_at(self, offset: int) -> int | None:
+        """The line of the statement at bytecode ``offset``, None when the table does not say."""
+        at = bisect_right(self.offsets, offset) - 1
+        return self.lines[at] if at >= 0 and self.lines[at] > 0 else None
 
 
 class _Memory:
@@ -401,7 +432,68 @@ def read_function(mem: _Memory, sfi: int, scripts: _Scripts, pid: int) -> Functi
             line = scripts.line(pid, mem, script, start)
     if not name:
         name = "<anonymous>"
-    return FunctionInfo(name, file, line, (name_or_scope, script))
+    offsets: tuple[int, ...] = ()
+    lines: tuple[int, ...] = ()
+    if file or line:
+        positions = _positions(mem, sfi)
+        if positions and mem.type_of(script) == o.script_type:
+            # as the frame's offset slot holds them: from the object's start (header less the tag)
+            offsets = tuple(p[0] + o.bytecode_data - 1 for p in positions)
+            lines = tuple(scripts.line(pid, mem, script, p[1]) if p[1] >= 0 else 0 for p in positions)
+    return FunctionInfo(name, file, line, (name_or_scope, script), offsets, lines)
+
+
+def _positions(mem: _Memory, sfi: int) -> list[tuple[int, int]]:
+    """(bytecode offset, script position) of each entry of the function's bytecode source position
+    table, ascending; [] when it has no bytecode or V8 has not made the table yet."""
+    o = mem.o
+    data = mem.word(sfi, o.sfi_function_data)
+    t = mem.type_of(data)
+    if t == o.interpreter_data_type and t >= 0:
+        data = mem.word(data, 8)            # InterpreterData: its bytecode array first
+        t = mem.type_of(data)
+    if t != o.bytecode_array_type:
+        return []
+    table = mem.word(data, o.bytecode_wrapper + 8 if o.bytecode_wrapper else o.array_length + 24)
+    if mem.type_of(table) not in (o.byte_array_type, o.trusted_byte_array_type):
+        return []                           # undefined: not made yet (lazy source positions)
+    size = mem.smi(mem.word(table, o.array_length))
+    if size is None or not 0 < size <= MAX_POSITIONS:
+        return []
+    return decode_positions(mem.read(table - 1 + o.array_length + 8, size))
+
+
+def _vlq(raw: bytes, at: int) -> tuple[int, int]:
+    """One zigzag VLQ integer of a source position table at ``at``: (value, next index)."""
+    value = shift = 0
+    while True:
+        if at >= len(raw) or shift > 63:
+            raise ValueError("truncated source position table")
+        b = raw[at]
+        at += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+    return (value >> 1) ^ -(value & 1), at
+
+
+def decode_positions(raw: bytes) -> list[tuple[int, int]]:
+    """V8's source position table (source-position-table.cc): per entry, the code offset delta
+    (negative - 1 when the entry is an expression, not a statement) and the source position delta,
+    both zigzag VLQ. A source position's script offset is bits 1..30 minus 1 (bit 0: external;
+    bits 31..46: the inlining id). Returns (code offset, script offset), offsets ascending."""
+    out: list[tuple[int, int]] = []
+    at = code = position = 0
+    while at < len(raw):
+        delta, at = _vlq(raw, at)
+        code += delta if delta >= 0 else -(delta + 1)
+        step, at = _vlq(raw, at)
+        position += step
+        if out and code < out[-1][0]:
+            raise ValueError("source position table offsets not ascending")
+        out.append((code, -1 if position & 1 else ((position >> 1) & 0x3FFFFFFF) - 1))
+    return out
 
 
 def _scope_info_name(mem: _Memory, info: int) -> tuple[str, int]:
@@ -579,9 +671,11 @@ class V8(QueuedRuntime):
         finally:
             mem.close()
 
-    def function(self, pid: int, sfi: int) -> FunctionInfo | None:
+    def function(self, pid: int, sfi: int, positions: bool = False) -> FunctionInfo | None:
         """The named function at ``sfi``: from the cache (checked again at most every
-        REVALIDATE_S), else read now."""
+        REVALIDATE_S), else read now. ``positions``: a bytecode frame wants the source position
+        table, which V8 makes lazily: a function read without one is read again (at most every
+        REVALIDATE_S) while its process lives."""
         with self._lock:
             entry = self._functions.get((pid, sfi))
         if entry is None:
@@ -589,6 +683,8 @@ class V8(QueuedRuntime):
         info, checked = entry
         if info is None or time.monotonic() - checked < REVALIDATE_S:
             return info
+        if positions and not info.offsets and pid in self._processes:
+            return self._read(pid, sfi)
         if self._still(pid, sfi, info):
             with self._lock:
                 self._functions[(pid, sfi)] = (info, time.monotonic())
@@ -604,12 +700,21 @@ class V8(QueuedRuntime):
         unresolved = 0
         for sfi, aux in recorded:
             index = (aux >> AUX_INDEX_SHIFT) & 0x7F
-            info = self.function(pid, sfi)
+            offset = aux & NO_OFFSET
+            info = self.function(pid, sfi, offset != NO_OFFSET)
             if info is None:
                 unresolved += 1
                 out.append((Frame(index, "", self.frame_type), False))
                 continue
-            out.append((Frame(index, info.name, self.frame_type, None, info.file, info.line), False))
+            line = info.line
+            if offset != NO_OFFSET:         # a bytecode frame: the line of the statement it is at
+                at = info.line_at(offset)
+                if at is None:
+                    self.stats["lines_function_start"] += 1
+                else:
+                    line = at
+                    self.stats["lines_statement"] += 1
+            out.append((Frame(index, info.name, self.frame_type, None, info.file, line), False))
         self.stats["frames_unresolved"] += unresolved
         self.stats["frames_resolved"] += len(out) - unresolved
         return out
@@ -651,4 +756,5 @@ class V8(QueuedRuntime):
         telemetry.watch_counters(
             "profiler_javascript", "V8 processes and functions by event: processes_loaded, "
             "unsupported_builds, unreadable, functions_read, functions_unreadable, functions_moved, "
-            "queue_full", "event", events)
+            "queue_full; bytecode frames at their statement's line (lines_statement) or at the "
+            "function's first line (lines_function_start: no source position table yet)", "event", events)
