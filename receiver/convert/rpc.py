@@ -18,6 +18,7 @@ service, method, status code and server address/port. Non-gRPC HTTP/2 requests a
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,9 +55,37 @@ def error_type(server: bool, http_status: int, grpc_status: int | None, error: s
     return ""
 
 
+MAX_TEMPLATES = 1024   # spans' constant parts kept (calls of one method on one connection share one)
+_templates: dict[tuple[Any, ...], bytes] = {}
+_rand = random.Random()
+_U64_MASK = 2**64 - 1
+
+
 def call_span(r: RpcCall) -> Span:
-    """The span of one call, built in place (as ``http.request_span``)."""
-    span = new_span(f"{r.service}/{r.method}", r.server, r.start_unix_nano, r.duration_ns)
+    """The span of one call. Calls of a method on one connection differ only in their ids and
+    times: their name, kind, attributes and status are parsed from a serialised template (a
+    fifth of the cost of adding ten attributes), bounded by ``MAX_TEMPLATES``."""
+    key = (r.server, r.service, r.method, r.http_status, r.grpc_status, r.error, r.server_address, r.server_port,
+           r.client_address, r.client_port)
+    blob = _templates.get(key)
+    if blob is None:
+        if len(_templates) >= MAX_TEMPLATES:
+            _templates.clear()
+        blob = _templates[key] = _template(r).SerializeToString()
+    span = Span.FromString(blob)
+    bits = _rand.getrandbits(192)
+    span.trace_id = (bits >> 64).to_bytes(16, "little")
+    span.span_id = (bits & _U64_MASK).to_bytes(8, "little")
+    span.start_time_unix_nano = r.start_unix_nano
+    span.end_time_unix_nano = r.start_unix_nano + r.duration_ns
+    return join_traceparent(span, r.traceparent) if r.traceparent else span
+
+
+def _template(r: RpcCall) -> Span:
+    """A call's span without ids and times."""
+    span = new_span(f"{r.service}/{r.method}", r.server, 0, 0)
+    span.ClearField("trace_id")
+    span.ClearField("span_id")
     add = span.attributes.add
     add(key="rpc.system").value.string_value = "grpc"
     add(key="rpc.service").value.string_value = r.service
@@ -75,7 +104,7 @@ def call_span(r: RpcCall) -> Span:
         span.status.code = Status.STATUS_CODE_ERROR
         span.status.message = r.error or (f"gRPC status {r.grpc_status}" if r.grpc_status is not None
                                           else f"HTTP {r.http_status}")
-    return join_traceparent(span, r.traceparent)
+    return span
 
 
 def _overflow_key(key: RpcSeriesKey) -> RpcSeriesKey:

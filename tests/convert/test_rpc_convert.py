@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from receiver.convert import rpc
 from receiver.convert.http import DURATION_BOUNDARIES
 from receiver.convert.rpc import RpcCall, RpcMetrics, RpcSnapshot, call_span, snapshot_metrics, split_path
 
@@ -75,6 +76,18 @@ def test_traceparent_joins_the_callers_trace() -> None:
     s = call_span(call(True, 0, traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
     assert s.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736" and s.parent_span_id.hex() == "00f067aa0ba902b7"
     assert call_span(call(True, 0, traceparent="garbage")).parent_span_id == b""
+
+
+def test_calls_sharing_a_template_get_their_own_ids_and_times_and_the_templates_are_bounded() -> None:
+    first, second = call_span(call(True, 0)), call_span(call(True, 0, start_unix_nano=5_000, duration_ns=7))
+    assert first.span_id != second.span_id and first.trace_id != second.trace_id and len(second.span_id) == 8
+    assert (second.start_time_unix_nano, second.end_time_unix_nano) == (5_000, 5_007)
+    assert first.attributes == second.attributes and not second.parent_span_id
+    other = call_span(call(True, 13, client_port=40001))
+    assert attrs(other)["client.port"] == 40001 and other.status.code == Status.STATUS_CODE_ERROR
+    for port in range(rpc.MAX_TEMPLATES + 5):
+        assert attrs(call_span(call(False, 0, client_port=port)))["client.port"] == port
+    assert len(rpc._templates) <= rpc.MAX_TEMPLATES
 
 
 def test_histograms_by_method_and_status_with_an_overflow_series() -> None:
