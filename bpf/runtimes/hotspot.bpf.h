@@ -16,8 +16,11 @@
  *     that is in the code cache, else (the call stub) by its rbp. An nmethod (its tag word matches) records
  *     its Method*.
  * Each Java frame is recorded as (Method*, its native frame's index << HOTSPOT_AUX_INDEX_SHIFT |
- * bci, or HOTSPOT_NO_BCI for a compiled frame). Recording the Method* at sample time keeps a
- * recompiled, deoptimized or flushed nmethod from naming another method later. When a return
+ * bci for an interpreted frame, or HOTSPOT_COMPILED | the nmethod's compile id for a compiled
+ * one: user space finds the nmethod again by the frame's pc and decodes its scopes there, the
+ * methods inlined at that pc and their lines, only while its compile id and Method* match).
+ * Recording the Method* at sample time keeps a recompiled, deoptimized or flushed nmethod from
+ * naming another method later. When a return
  * address leaves the code cache the walk goes back to the native walker (JNI, the VM, the
  * launcher), which hands it here again at the next Java frame; libjvm itself (built with frame
  * pointers) is stepped here by rbp when its unwind table is not loaded (too large for the budget). All offsets come from the JVM's
@@ -26,8 +29,10 @@
 #define HOTSPOT_FRAMES_PER_CALL 8     /* frames one walk_hotspot call steps */
 #define HOTSPOT_SEGMAP_STEPS 16       /* segment-map back-steps to a blob's start */
 #define HOTSPOT_HEAPS 3               /* code heaps (segmented code cache: 3) */
-#define HOTSPOT_AUX_INDEX_SHIFT 24    /* rt_aux: native frame index above, bci below */
-#define HOTSPOT_NO_BCI 0xffffff       /* rt_aux's bci part: a compiled frame (pc not mapped yet) */
+#define HOTSPOT_AUX_INDEX_SHIFT 24    /* rt_aux: native frame index above, bci or compile id below */
+#define HOTSPOT_NO_BCI 0x7fffff       /* rt_aux's bci part: an interpreted frame's bci unknown */
+#define HOTSPOT_COMPILED 0x800000     /* rt_aux: a compiled frame, its nmethod's compile id in the bits below */
+#define HOTSPOT_COMPILE_ID_MASK 0x7fffff
 #define HOTSPOT_CURSOR_GOING 2        /* rt_cursor: a walk in progress */
 
 struct hotspot_process {
@@ -46,7 +51,7 @@ struct hotspot_process {
     __u8 interp_method;        /* interpreter frame slots, in words below rbp */
     __u8 interp_bcp;
     __u8 interp_sender_sp;
-    __u8 pad;
+    __u8 compile_id;           /* nmethod::_compile_id (int) / 4; 0: not recorded */
 };
 _Static_assert(sizeof(struct hotspot_process) <= RUNTIME_DATA_BYTES, "hotspot_process must fit runtime_process.data");
 MIRROR(hotspot_process);
@@ -169,8 +174,12 @@ static __always_inline int hotspot_step(struct unwind_state *ws, struct unwind_s
         }
         if ((tag & hs->tag_mask) == hs->nmethod_tag) {       /* a compiled Java method */
             u64 method = 0;
+            s32 compile_id = 0;      /* with the pc, user space finds this nmethod's scopes (inlining, lines) */
+            if (hs->compile_id)
+                bpf_probe_read_user(&compile_id, 4, (void *)(blob + (u64)hs->compile_id * 4));
             if (!bpf_probe_read_user(&method, 8, (void *)(blob + hs->nmethod_method)) && method &&
-                runtime_record(ws, st, method, (i & PROF_DEPTH_MASK) << HOTSPOT_AUX_INDEX_SHIFT | HOTSPOT_NO_BCI) == 0)
+                runtime_record(ws, st, method, (i & PROF_DEPTH_MASK) << HOTSPOT_AUX_INDEX_SHIFT | HOTSPOT_COMPILED |
+                               ((u32)compile_id & HOTSPOT_COMPILE_ID_MASK)) == 0)
                 count_hotspot(HOTSPOT_STAT_COMPILED);
         } else {
             count_hotspot(HOTSPOT_STAT_STUBS);

@@ -148,9 +148,9 @@ def _jdk(name: str) -> Path:
     return home
 
 
-def _compile(home: Path, source: str, cls: str, where: Path) -> None:
+def _compile(home: Path, source: str, cls: str, where: Path, *flags: str) -> None:
     (where / f"{cls}.java").write_text(source)
-    p = subprocess.run([str(home / "bin" / "javac"), "-d", str(where), str(where / f"{cls}.java")],
+    p = subprocess.run([str(home / "bin" / "javac"), *flags, "-d", str(where), str(where / f"{cls}.java")],
                        capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
 
@@ -279,6 +279,79 @@ def test_deoptimized_method_keeps_its_name(bpf_ok: None, jdk: str, tmp_path: Pat
         if chain and chain[0] in ("Deopt.flip(Deopt$Shape, long)", "Deopt.steady(long)"):
             assert chain[1:] == ("Deopt.driver(long)", "Deopt.main(java.lang.String[])"), (chain, n, stats)
     assert stats.get("frames_unresolved", 0) == 0, stats
+
+
+# work stays a method of its own (too large to inline); mid and outer are small and hot, and C2
+# inlines mid into outer (and outer into runLoop's compiled loop). Each compiled pc's scopes give
+# the inlined methods as frames of their own, innermost first, each at its line. Compiled with -g.
+INLINE_SOURCE = """\
+import java.io.File;
+
+public class Inline {
+    static long sink;
+
+    static long work(long n, long s) {
+""" + _NEVER + """\
+        for (long i = 0; i < n; i++) { s = s * 31 + i; s ^= s >>> 7; } // LINE work
+        return s;
+    }
+
+    static long mid(long n) {
+        return work(n, n) + 1; // LINE mid
+    }
+
+    static long outer(long n) {
+        return mid(n) ^ n; // LINE outer
+    }
+
+    static void runLoop(String stop) {
+        File f = new File(stop);
+        long k = 0;
+        while (k++ % 16 != 0 || !f.exists()) sink += outer(20000); // LINE runLoop
+    }
+
+    public static void main(String[] args) {
+        runLoop(args[0]); // LINE main
+    }
+}
+"""
+
+INLINE_CHAIN = ["Inline.work(long, long)", "Inline.mid(long)", "Inline.outer(long)",
+                "Inline.runLoop(java.lang.String)", "Inline.main(java.lang.String[])"]
+
+
+@pytest.mark.parametrize("jdk", ["jdk17", "jdk25"])
+def test_inlined_methods_are_frames_with_lines(bpf_ok: None, jdk: str, tmp_path: Path) -> None:
+    home = _jdk(jdk)
+    _compile(home, INLINE_SOURCE, "Inline", tmp_path, "-g")
+    java = [str(home / "bin" / "java"), "-cp", str(tmp_path), "Inline"]
+    # C2 does inline mid (shown once with the JVM's own log, outside the profiled run)
+    stop = tmp_path / "stop-trace"
+    trace = subprocess.Popen([java[0], "-XX:+UnlockDiagnosticVMOptions", "-XX:+PrintInlining", *java[1:], str(stop)],
+                             stdout=subprocess.PIPE, text=True)
+    time.sleep(6)
+    stop.touch()
+    printed, _ = trace.communicate(timeout=60)
+    assert re.search(r"Inline::mid .*inline \(hot\)", printed), printed[-3000:]
+    stop = tmp_path / "stop"
+    samples, stats, _ = _profile([*java, str(stop)], stop, 400)
+    at = _lines(INLINE_SOURCE)
+    want_lines = [at["work"], at["mid"], at["outer"], at["runLoop"], at["main"]]
+    hot = whole = lined = 0
+    seen: collections.Counter[tuple[tuple[str, int], ...]] = collections.Counter()
+    for s in samples:
+        java_frames = _jvm(s.frames)
+        if not java_frames or java_frames[0].function != INLINE_CHAIN[0]:
+            continue
+        hot += s.count
+        seen[tuple((f.function, f.line) for f in java_frames[:5])] += s.count
+        if [f.function for f in java_frames[:5]] == INLINE_CHAIN:
+            whole += s.count
+            lined += s.count if [f.line for f in java_frames[:5]] == want_lines else 0
+    assert hot >= 300, (hot, stats)
+    assert whole / hot >= 0.95, (whole, hot, seen.most_common(5), stats)
+    assert lined / hot >= 0.9, (lined, hot, want_lines, seen.most_common(5), stats)
+    assert stats["inlined_resolved"] > 0 and stats.get("inlined_unresolved", 0) == 0, stats
 
 
 # main -> runLoop -> callNative -> (JNI) Java_Jni_nativeMid in a C library -> CallStaticLongMethod

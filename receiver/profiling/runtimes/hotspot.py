@@ -53,8 +53,13 @@ BPF_HEADER = "runtimes/hotspot.bpf.h"
 _D = header_defines(BPF_HEADER)
 AUX_INDEX_SHIFT = _D["HOTSPOT_AUX_INDEX_SHIFT"]
 NO_BCI = _D["HOTSPOT_NO_BCI"]
+COMPILED = _D["HOTSPOT_COMPILED"]
+COMPILE_ID_MASK = _D["HOTSPOT_COMPILE_ID_MASK"]
 HEAPS = _D["HOTSPOT_HEAPS"]
 MAX_METHODS = 16384            # Method*s kept named, all processes together
+MAX_SCOPES = 16384             # compiled pcs kept with their inlined methods, all processes together
+MAX_INLINE_DEPTH = 32          # scopes followed at one pc (C2's MaxInlineLevel is 15)
+MAX_PC_DESCS = 1 << 20         # bytes of an nmethod's PcDesc table read at most
 MAX_FILES = 16                 # libjvm builds whose tables are cached
 MAX_ENTRIES = 20000            # entries read from one gHotSpotVM* table at most
 MAX_SYMBOL = 4096              # longest symbol read
@@ -78,7 +83,7 @@ class HotSpotProcess(ctypes.Structure):
                 ("nmethod_method", ctypes.c_uint16), ("const_method", ctypes.c_uint16),
                 ("const_method_size", ctypes.c_uint16), ("heap_block_size", ctypes.c_uint16),
                 ("interp_method", ctypes.c_uint8), ("interp_bcp", ctypes.c_uint8),
-                ("interp_sender_sp", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+                ("interp_sender_sp", ctypes.c_uint8), ("compile_id", ctypes.c_uint8)]
 
 
 class HotSpotHeaps(ctypes.Structure):
@@ -215,6 +220,63 @@ class _Layout:
     excluded: int               # UNSIGNED5's excluded bytes X: 0 before JDK 21, 1 since (no 0 bytes)
 
 
+@dataclass(frozen=True, slots=True)
+class _DebugLayout:
+    """Where an nmethod keeps its debug information (the Serviceability Agent's NMethod): its
+    PcDesc table (pc offset -> scope decode offset), its scopes data (each scope: sender's decode
+    offset, metadata index of its Method*, bci + 1, ...) and its metadata (Method*s).
+
+    JDK 17: code and scopes data by address (CodeBlob::_code_begin/_code_end,
+    CompiledMethod::_scopes_data_begin), the PcDescs from nmethod::_scopes_pcs_offset to
+    _dependencies_offset and the metadata from _metadata_offset to the scopes data. JDK 23+: code
+    from CodeBlob::_code_offset to _data_offset; the PcDescs and scopes data in the nmethod's
+    immutable data (JDK 25: _scopes_pcs_offset .. _scopes_data_offset .. _immutable_data_size; the
+    Serviceability Agent's other order is taken too); the metadata in its mutable data, after the
+    relocations."""
+
+    nmethod_size: int           # sizeof(nmethod): the header read at once
+    compile_id: int             # nmethod::_compile_id (int)
+    method: int                 # nmethod::_method (17: CompiledMethod::_method)
+    code_begin: int             # 17: CodeBlob::_code_begin (address); 23+: _code_offset (int)
+    code_end: int               # 17: CodeBlob::_code_end (address); 23+: _data_offset (int)
+    pcs: int                    # nmethod::_scopes_pcs_offset (int)
+    pcs_end: int                # 17: nmethod::_dependencies_offset; 23+: _immutable_data_size (int)
+    data: int                   # 17: CompiledMethod::_scopes_data_begin (address); 23+: _scopes_data_offset
+    metadata: int               # 17: nmethod::_metadata_offset; 23+: CodeBlob::_relocation_size (int)
+    immutable: int              # 23+: nmethod::_immutable_data (address); -1 on 17
+    mutable: int                # 23+: CodeBlob::_mutable_data (address)
+    mutable_size: int           # 23+: CodeBlob::_mutable_data_size (int)
+    pc_desc_size: int           # sizeof(PcDesc)
+    pc_offset: int              # PcDesc::_pc_offset (int)
+    scope_offset: int           # PcDesc::_scope_decode_offset (int)
+    excluded: int               # UNSIGNED5's excluded bytes (as for line number tables)
+
+
+def _debug_layout(vm: VMStructs, excluded: int) -> _DebugLayout:
+    def either(*pairs: tuple[str, str]) -> int:
+        for t, f in pairs:
+            if (t, f) in vm.fields:
+                return vm.fields[(t, f)]
+        raise UnsupportedHotSpot(f"no {pairs[0][0]}::{pairs[0][1]} in gHotSpotVMStructs")
+
+    common = {"nmethod_size": vm.size("nmethod"), "compile_id": vm.field("nmethod", "_compile_id"),
+              "method": either(("nmethod", "_method"), ("CompiledMethod", "_method")),
+              "pcs": vm.field("nmethod", "_scopes_pcs_offset"), "pc_desc_size": vm.size("PcDesc"),
+              "pc_offset": vm.field("PcDesc", "_pc_offset"),
+              "scope_offset": vm.field("PcDesc", "_scope_decode_offset"), "excluded": excluded}
+    if ("nmethod", "_immutable_data") in vm.fields:
+        return _DebugLayout(
+            **common, code_begin=vm.field("CodeBlob", "_code_offset"), code_end=vm.field("CodeBlob", "_data_offset"),
+            pcs_end=vm.field("nmethod", "_immutable_data_size"), data=vm.field("nmethod", "_scopes_data_offset"),
+            metadata=vm.field("CodeBlob", "_relocation_size"), immutable=vm.field("nmethod", "_immutable_data"),
+            mutable=vm.field("CodeBlob", "_mutable_data"), mutable_size=vm.field("CodeBlob", "_mutable_data_size"))
+    return _DebugLayout(
+        **common, code_begin=vm.field("CodeBlob", "_code_begin"), code_end=vm.field("CodeBlob", "_code_end"),
+        pcs_end=vm.field("nmethod", "_dependencies_offset"),
+        data=either(("nmethod", "_scopes_data_begin"), ("CompiledMethod", "_scopes_data_begin")),
+        metadata=vm.field("nmethod", "_metadata_offset"), immutable=-1, mutable=-1, mutable_size=-1)
+
+
 @dataclass(slots=True)
 class JVM:
     """What is kept per JVM process."""
@@ -223,7 +285,9 @@ class JVM:
     heaps: HotSpotHeaps
     layout: _Layout
     vm: VMStructs
+    debug: _DebugLayout | None = None   # None: compiled frames without inlined methods and lines
     tried: float = 0.0          # when an nmethod was last looked for (JDK 17, none found yet)
+    debug_error: str = ""       # why ``debug`` is None
 
 
 def _symbols(pid: int, start: int, end: int, path: str, build_id: str, cache: SymbolCache) -> dict[bytes, int]:
@@ -336,7 +400,14 @@ def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
         has_lines=vm.constants.get("ConstMethod::_has_linenumber_table",
                                    vm.constants.get("ConstMethodFlags::_misc_has_linenumber_table", 0)),
         excluded=1 if ("ConstMethod", "_flags._flags") in vm.fields else 0)
-    return JVM(entry, heaps, layout, vm, time.monotonic())
+    jvm = JVM(entry, heaps, layout, vm, tried=time.monotonic())
+    try:
+        jvm.debug = _debug_layout(vm, layout.excluded)
+        cid = jvm.debug.compile_id
+        entry.compile_id = cid // 4 if cid % 4 == 0 and 0 < cid < 4 * 256 else 0
+    except UnsupportedHotSpot as e:     # Java frames still, without inlining and lines
+        jvm.debug_error = str(e)
+    return jvm
 
 
 # ---------------------------------------------------------------------------- methods
@@ -470,6 +541,124 @@ def _line_table(mem: _Mem, lay: _Layout, cm: int) -> tuple[tuple[int, int], ...]
     return tuple(sorted(out))
 
 
+# ---------------------------------------------------------------------------- compiled scopes
+
+
+def _unsigned5(data: bytes, at: int, x: int) -> tuple[int, int]:
+    """One UNSIGNED5 number (HotSpot's CompressedReadStream::read_int) at ``data[at]``, with ``x``
+    excluded bytes: (value, the offset after it)."""
+    low = 256 - 64 - x
+    value, shift = 0, 0
+    for _ in range(5):
+        if at >= len(data) or data[at] < x:
+            raise ValueError("bad UNSIGNED5 number")
+        b = data[at] - x
+        at += 1
+        value += b << shift
+        if b < low:
+            break
+        shift += 6
+    return value & 0xFFFFFFFF, at
+
+
+def _blob_at(mem: _Mem, heaps: HotSpotHeaps, block: int, pc: int) -> int:
+    """The CodeBlob holding ``pc``, by the code heap's segment map (as ``hotspot_blob`` in the
+    kernel), or 0."""
+    for h in range(heaps.count):
+        low, high, shift = heaps.low[h], heaps.high[h], heaps.log2_segment[h]
+        if not low <= pc < high:
+            continue
+        idx = (pc - low) >> shift
+        for _ in range(1 << 16):
+            tag = mem.read(heaps.segmap[h] + idx, 1)[0]
+            if tag == 0xFF or tag > idx:
+                return 0
+            if tag == 0:
+                return low + (idx << shift) + block
+            idx -= tag
+    return 0
+
+
+def read_scopes(mem: _Mem, jvm: JVM, pc: int, method: int, compile_id: int, leaf: bool) -> tuple[tuple[int, int], ...]:
+    """The scopes of compiled code at ``pc`` (the sampled pc when ``leaf``, else a return address):
+    (Method*, bci) from the innermost inlined method out to the compiled one, which must be
+    ``method`` with ``compile_id``. Raises ValueError when the nmethod there is not that one any
+    more (recompiled, flushed), or its debug information does not read as expected."""
+    dbg, entry = jvm.debug, jvm.entry
+    if dbg is None:
+        raise ValueError("no debug information layout")
+    at = pc if leaf else pc - 1
+    nm = _blob_at(mem, jvm.heaps, entry.heap_block_size, at)
+    if not nm:
+        raise ValueError("no code blob at the pc")
+    hdr = mem.read(nm, dbg.nmethod_size)
+
+    def u64(off: int) -> int:
+        return int(struct.unpack_from("<Q", hdr, off)[0])
+
+    def i32(off: int) -> int:
+        return int(struct.unpack_from("<i", hdr, off)[0])
+
+    if not entry.tag_mask or (u64(entry.tag_offset) & entry.tag_mask) != entry.nmethod_tag:
+        raise ValueError("not an nmethod")
+    if u64(dbg.method) != method or i32(dbg.compile_id) & COMPILE_ID_MASK != compile_id:
+        raise ValueError("another nmethod")
+    if dbg.immutable < 0:                   # JDK 17
+        code, code_end = u64(dbg.code_begin), u64(dbg.code_end)
+        pcs, pcs_end = nm + i32(dbg.pcs), nm + i32(dbg.pcs_end)
+        data, data_end = u64(dbg.data), nm + i32(dbg.pcs)
+        meta, meta_end = nm + i32(dbg.metadata), data
+    else:                                   # JDK 23+
+        code, code_end = nm + i32(dbg.code_begin), nm + i32(dbg.code_end)
+        imm, pcs_at, data_at, size = u64(dbg.immutable), i32(dbg.pcs), i32(dbg.data), i32(dbg.pcs_end)
+        if pcs_at < data_at:                # JDK 25: the PcDescs, then the scopes data
+            pcs, pcs_end, data, data_end = imm + pcs_at, imm + data_at, imm + data_at, imm + size
+        else:                               # the Serviceability Agent's order
+            data, data_end, pcs, pcs_end = imm + data_at, imm + pcs_at, imm + pcs_at, imm + size
+        meta, meta_end = u64(dbg.mutable) + i32(dbg.metadata), u64(dbg.mutable) + i32(dbg.mutable_size)
+    if not code <= at < code_end or not 0 < pcs_end - pcs <= MAX_PC_DESCS or not data < data_end:
+        raise ValueError("nmethod bounds")
+    table = mem.read(pcs, pcs_end - pcs)
+    size, target = dbg.pc_desc_size, pc - code
+    # the first PcDesc at or after the pc (HotSpot's pc_desc_near; a return address has its own)
+    decode = -1
+    for i in range(0, len(table) - size + 1, size):
+        if struct.unpack_from("<i", table, i + dbg.pc_offset)[0] >= target:
+            decode = struct.unpack_from("<i", table, i + dbg.scope_offset)[0]
+            break
+    if decode <= 0:
+        raise ValueError("no scope at the pc")
+    chain: list[tuple[int, int]] = []
+    for _ in range(MAX_INLINE_DEPTH):
+        if not 0 < decode < data_end - data:
+            raise ValueError("scope outside the scopes data")
+        raw = os.pread(mem.fd, min(32, data_end - data - decode), data + decode)
+        sender, p = _unsigned5(raw, 0, dbg.excluded)
+        index, p = _unsigned5(raw, p, dbg.excluded)
+        bci, p = _unsigned5(raw, p, dbg.excluded)
+        if not 0 < index <= (meta_end - meta) // 8:
+            raise ValueError("metadata index out of range")
+        chain.append((mem.u64(meta + 8 * (index - 1)), bci - 1))
+        if sender == 0:
+            break
+        decode = sender
+    else:
+        raise ValueError("scopes too deep")
+    if chain[-1][0] != method:
+        raise ValueError("outermost scope is not the compiled method")
+    return tuple(chain)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled(Frame):
+    """A compiled Java frame between ``frames`` and ``place``: what finds its scopes once its pc,
+    the native frame's address, is known."""
+
+    pid: int = 0
+    method: int = 0
+    compile_id: int = 0
+
+
 # ---------------------------------------------------------------------------- the runtime
 
 
@@ -496,6 +685,8 @@ class HotSpot(QueuedRuntime):
         self._processes: dict[int, JVM] = {}
         self._symbols: OrderedDict[Hashable, dict[bytes, int]] = OrderedDict()
         self._methods: OrderedDict[tuple[int, int], tuple[MethodInfo | None, float]] = OrderedDict()
+        # (pid, pc, Method*, compile id) -> its scopes, innermost first (None: not readable)
+        self._scopes: OrderedDict[tuple[int, int, int, int], tuple[tuple[int, int], ...] | None] = OrderedDict()
         self._lock = threading.Lock()
         self.evictions = 0
         self._worker = QueueWorker("hotspot-methods", self._learn, QUEUE_SIZE, self.stats)
@@ -548,6 +739,8 @@ class HotSpot(QueuedRuntime):
         with self._lock:
             for key in [k for k in self._methods if k[0] == pid]:
                 del self._methods[key]
+            for skey in [k for k in self._scopes if k[0] == pid]:
+                del self._scopes[skey]
 
     def notice(self, pid: int, frame_id: int) -> None:
         self._worker.put((pid, frame_id))
@@ -670,6 +863,10 @@ class HotSpot(QueuedRuntime):
                 unresolved += 1
                 out.append((Frame(index, "", self.frame_type), False))
                 continue
+            if aux & COMPILED:
+                out.append((_Compiled(index, info.name, self.frame_type, None, info.file, 0, pid=pid,
+                                      method=method, compile_id=aux & COMPILE_ID_MASK), False))
+                continue
             bci = aux & NO_BCI
             line = info.line(bci) if bci != NO_BCI else 0
             out.append((Frame(index, info.name, self.frame_type, None, info.file, line), False))
@@ -679,18 +876,77 @@ class HotSpot(QueuedRuntime):
 
     def place(self, native: Sequence[Frame], frames: Sequence[tuple[Frame, bool]]) -> tuple[tuple[Frame, ...], bool]:
         """Each Java frame in place of the native frame (its pc in the code cache) at its index
-        among the user frames; aligned when every index named a native frame."""
-        out = list(native)
-        user = next((i for i, f in enumerate(out) if f.frame_type != "kernel"), len(out))
+        among the user frames, a compiled one with the methods inlined at its pc before it;
+        aligned when every index named a native frame."""
+        user = next((i for i, f in enumerate(native) if f.frame_type != "kernel"), len(native))
         aligned = True
+        placed: dict[int, Sequence[Frame]] = {}
         for frame, _ in frames:
             at = user + frame.address
-            if at < len(out) and out[at].frame_type == "native":
-                if frame.function:
-                    out[at] = Frame(0, frame.function, frame.frame_type, None, frame.file, frame.line)
-            else:
+            if at >= len(native) or native[at].frame_type != "native":
                 aligned = False
+            elif isinstance(frame, _Compiled):
+                placed[at] = self._compiled(frame, native[at], at == user)
+            elif frame.function:
+                placed[at] = (Frame(0, frame.function, frame.frame_type, None, frame.file, frame.line),)
+        if not placed:
+            return tuple(native), aligned
+        out: list[Frame] = []
+        for i, f in enumerate(native):
+            out.extend(placed.get(i, (f,)))
         return tuple(out), aligned
+
+    def _compiled(self, frame: _Compiled, native: Frame, leaf: bool) -> Sequence[Frame]:
+        """A compiled frame's methods at its pc, innermost first, each at its line: the inlined
+        ones, then the compiled method. When the scopes cannot be read (the nmethod recompiled or
+        flushed since, the process gone), the compiled method alone, without a line."""
+        scopes = self._scopes_of(frame.pid, native.address, frame.method, frame.compile_id, leaf)
+        if scopes is None:
+            return (Frame(0, frame.function, frame.frame_type, None, frame.file, 0),)
+        out: list[Frame] = []
+        for method, bci in scopes[:-1]:
+            info = self.method(frame.pid, method)
+            if info is None:                # an inlined method not named: its pc keeps its address
+                self.stats["inlined_unresolved"] += 1
+                out.append(native)
+            else:
+                self.stats["inlined_resolved"] += 1
+                out.append(Frame(0, info.name, self.frame_type, None, info.file, info.line(max(bci, 0))))
+        info = self.method(frame.pid, frame.method)
+        line = info.line(max(scopes[-1][1], 0)) if info is not None else 0
+        out.append(Frame(0, frame.function, frame.frame_type, None, frame.file, line))
+        return out
+
+    def _scopes_of(self, pid: int, pc: int, method: int, compile_id: int,
+                   leaf: bool) -> tuple[tuple[int, int], ...] | None:
+        """``read_scopes``, cached by (pid, pc, Method*, compile id): a compile id names one
+        nmethod for the JVM's life, so the entry never describes other code."""
+        key = (pid, pc if leaf else pc - 1, method, compile_id)
+        if key in self._scopes:
+            self._scopes.move_to_end(key)
+            return self._scopes[key]
+        jvm = self._processes.get(pid)
+        scopes = None
+        if jvm is not None and jvm.debug is not None and compile_id:
+            try:
+                mem = _Mem(pid)
+            except OSError:
+                mem = None
+            if mem is not None:
+                try:
+                    scopes = read_scopes(mem, jvm, pc, method, compile_id, leaf)
+                    self.stats["scopes_read"] += 1
+                except (OSError, ValueError, struct.error) as e:
+                    log.debug("scopes at %#x of pid %d: %s", pc, pid, e)
+                    self.stats["scopes_unreadable"] += 1
+                finally:
+                    mem.close()
+        else:
+            self.stats["scopes_unreadable"] += 1
+        self._scopes[key] = scopes
+        while len(self._scopes) > MAX_SCOPES:
+            self._scopes.popitem(last=False)
+        return scopes
 
     @classmethod
     def watch(cls, telemetry: Any, runtime: Callable[[], Runtime | None], caches: CachesConfig) -> None:
