@@ -82,6 +82,14 @@ def run_checks(config: EbpfConfig) -> list[CheckRow]:
             ok, detail = probe_uprobe()
             rows.append(CheckRow(f"uprobes (TLS plaintext for {', '.join(users)})", ok, detail,
                                  "a kernel with CONFIG_UPROBE_EVENTS, and CAP_SYS_ADMIN for the agent", ()))
+            if ok:
+                late = bool(config.sources.http.keep_sys_admin_for_tls)
+                rows.append(CheckRow(
+                    "uprobes on a libssl first mapped after start (TLS for http)", late,
+                    "CAP_SYS_ADMIN kept after start (sources.http.keep_sys_admin_for_tls)" if late else
+                    "CAP_SYS_ADMIN is dropped after start: the libssl files mapped at start are probed (for "
+                    "every process, also later ones); a libssl first mapped later (a new container's own) is not",
+                    "sources.http.keep_sys_admin_for_tls: true (the agent then keeps CAP_SYS_ADMIN)", ()))
         elif kind == "perf_event" and not perf_done:
             perf_done = True
             ok, detail = host.probe_perf_event()

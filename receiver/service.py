@@ -147,7 +147,8 @@ class Service:
         own), the telemetry server's (restarted); then checks every thread of the process."""
         with gate.privileged():   # the CAP_BPF probe runs a thread and waits for it
             keep = privileges.needed_capabilities([s.name for s in self.sources],
-                                                  self.config.sources.profiler.kernel_stacks)
+                                                  self.config.sources.profiler.kernel_stacks,
+                                                  tls_late_libraries=self.config.sources.http.keep_sys_admin_for_tls)
         try:
             kept, dropped = privileges.drop_capabilities(keep)
         except OSError as e:

@@ -424,7 +424,9 @@ class HttpSourceConfig:
     series (``otel.metric.overflow=true``). ``max_calls``: read/write-family calls of selected
     processes the kernel side holds at once, from their entry to their return (by thread id); a
     call beyond it is not captured and counted lost (``call_map_full``), and its connection
-    resynchronises."""
+    resynchronises. ``keep_sys_admin_for_tls``: keep CAP_SYS_ADMIN after start (when the agent
+    has it) so that TLS uprobes attach to a libssl first mapped later (a new container's own);
+    off, CAP_SYS_ADMIN is dropped and only the libssl files mapped at start are probed."""
 
     enabled: bool = False
     spans: bool = True
@@ -432,6 +434,7 @@ class HttpSourceConfig:
     report_interval: Annotated[Duration, POSITIVE] = 10.0
     ports: list[int] = field(default_factory=list)
     filter: ProcessFilter = field(default_factory=ProcessFilter)
+    keep_sys_admin_for_tls: bool = False
     capture_bytes: Annotated[int, Range(64, 8192)] = 1024
     max_header_bytes: Annotated[int, Range(256, 1 << 20)] = 16384
     max_connections: Annotated[int, Range(16, 1 << 20)] = 65536

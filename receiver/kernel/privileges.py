@@ -9,10 +9,12 @@ What the running agent still needs (nothing else):
   /proc/PID/root (the profiler's symbolization), and /proc entries under restrictive modes.
 - ``CAP_SYSLOG``, only with the profiler's kernel stacks: real addresses in /proc/kallsyms
   (read on first use and again after modules load).
-- ``CAP_SYS_ADMIN``, only with the http source and only when the agent was given it: its TLS
-  capture attaches uprobes to each libssl that a process first maps after start (a container's
-  own), and the kernel lets only CAP_SYS_ADMIN create a uprobe through the ``uprobe`` PMU
-  (CAP_PERFMON is not enough). Without it, libssl files mapped after start are not probed.
+- ``CAP_SYS_ADMIN``, only with the http source, only when ``sources.http.keep_sys_admin_for_tls``
+  asks for it (default off) and only when the agent was given it: its TLS capture attaches
+  uprobes to each libssl that a process first maps after start (a container's own), and the
+  kernel lets only CAP_SYS_ADMIN create a uprobe through the ``uprobe`` PMU (CAP_PERFMON is not
+  enough). Without it, libssl files mapped after start are not probed (the source logs it and
+  ``check`` says so); those mapped at start stay probed for every process that maps them.
 
 Not needed after load: ``CAP_BPF``, ``CAP_PERFMON``, ``CAP_SYS_ADMIN`` (loading, attaching,
 opening perf events). Ring buffers are read through their already-mapped memory and maps through
@@ -111,14 +113,15 @@ def names_of(mask: int) -> list[str]:
 
 
 def needed_capabilities(running_sources: list[str], kernel_stacks: bool = True,
-                        bpf_calls_checked: bool | None = None) -> set[str]:
+                        bpf_calls_checked: bool | None = None, tls_late_libraries: bool = False) -> set[str]:
     """What the agent still uses once its programs are loaded (see the module docstring). On a
     kernel that checks the capability on every bpf() call (``bpf_calls_checked``, probed when not
-    given), CAP_BPF stays, and CAP_SYS_ADMIN where that is what grants BPF (Docker 20.10)."""
+    given), CAP_BPF stays, and CAP_SYS_ADMIN where that is what grants BPF (Docker 20.10).
+    ``tls_late_libraries``: ``sources.http.keep_sys_admin_for_tls``."""
     keep = {"sys_ptrace", "dac_read_search"}
     if "profiler" in running_sources and kernel_stacks:
         keep.add("syslog")
-    if "http" in running_sources and _capget()[0] >> CAP["sys_admin"] & 1:
+    if "http" in running_sources and tls_late_libraries and _capget()[0] >> CAP["sys_admin"] & 1:
         keep.add("sys_admin")   # uprobes on libssl files mapped after start (see above)
     if bpf_calls_checked is None:
         bpf_calls_checked = bpf_calls_need_capability()

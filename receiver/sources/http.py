@@ -265,6 +265,12 @@ class HttpSource(BccSource):
         else:
             self.tls = TlsAttacher(dict(bpf.programs), pmu)
             self.tls.scan()
+            if not self.config.keep_sys_admin_for_tls:
+                log.warning("source http: TLS uprobes on the %d libssl files mapped now cover every process "
+                            "that maps them, now and later; a libssl first mapped after start (a new "
+                            "container's own) is not probed: CAP_SYS_ADMIN, which creating a uprobe needs, is "
+                            "dropped after start (sources.http.keep_sys_admin_for_tls: true keeps it)",
+                            len(self.tls.libraries))
         one = ctypes.c_uint8(1)
         for port in self.config.ports:
             bpf["filter_ports"][ctypes.c_uint16(port)] = one
@@ -494,7 +500,7 @@ class HttpSource(BccSource):
             self.tls = None
 
     def collect(self) -> None:
-        if self.tls is not None:
+        if self.tls is not None and self.config.keep_sys_admin_for_tls:   # else no new uprobe can be made
             self.tls.scan()
         now = time.monotonic_ns()
         stale = []

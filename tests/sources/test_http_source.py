@@ -175,3 +175,16 @@ def test_idle_connections_are_forgotten(monkeypatch: Any) -> None:
     now[0] = 1_000 + STUCK_NS
     src.collect()
     assert not src._conns and src.unparsed.counts["lost_data"] == 1   # its close never came
+
+
+def test_sys_admin_is_kept_after_start_only_when_asked_for_tls() -> None:
+    """sources.http.keep_sys_admin_for_tls (default off): CAP_SYS_ADMIN stays after start only
+    with it, only with the http source running, and only when the agent has it."""
+    from receiver.kernel import privileges
+
+    assert not EbpfConfig.from_dict({"sources": {"http": {"enabled": True}}}, {}).sources.http.keep_sys_admin_for_tls
+    has = privileges._capget()[0] >> privileges.CAP["sys_admin"] & 1
+    for sources, asked, kept in ((["http"], False, False), (["http"], True, bool(has)),
+                                 (["syscalls"], True, False)):
+        keep = privileges.needed_capabilities(sources, bpf_calls_checked=False, tls_late_libraries=asked)
+        assert ("sys_admin" in keep) == kept, (sources, asked)

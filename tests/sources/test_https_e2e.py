@@ -133,7 +133,8 @@ def env(bpf_ok: None, otelcol_bin: str, tmp_path_factory: pytest.TempPathFactory
     ports = {name: free_port() for name in TESTS}
     servers = [TlsServer(p, key, crt) for name, p in ports.items() if name not in ("nginx", "late")]
     nginx = start_nginx(tmp, ports["nginx"], key, crt)
-    cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": 512}
+    cfg = {"report_interval": "1s", "ports": sorted(ports.values()), "capture_bytes": 512,
+           "keep_sys_admin_for_tls": True}   # test_a_libssl_first_mapped_after_start_is_probed
     agent = Agent(tmp, agent_config(collector, {"http": cfg}, exporter={
         "protocol": "http/protobuf", "endpoint": collector.http_endpoint}))
     try:
@@ -320,10 +321,8 @@ s.serve_forever()
 """
 
 
-def test_a_libssl_first_mapped_after_start_is_probed(env: Env, tmp_path: Path) -> None:
-    """A server started after the agent, on its own copy of libssl (another file, as in a
-    container image): the agent finds it in the new process's maps and attaches to it, after
-    it has dropped its start-up capabilities. Its requests are SERVER spans over https."""
+def _libssl_copy(tmp_path: Path) -> Path:
+    """A directory with a copy of the system's libssl.so.3 (another file, as in a container image)."""
     import ctypes.util
 
     system = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
@@ -335,6 +334,26 @@ def test_a_libssl_first_mapped_after_start_is_probed(env: Env, tmp_path: Path) -
     lib = tmp_path / "lib"
     lib.mkdir()
     shutil.copy(system, lib / "libssl.so.3")
+    return lib
+
+
+def _effective_caps(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapEff")
+
+
+CAP_SYS_ADMIN = 21
+
+
+def test_a_libssl_first_mapped_after_start_is_probed(env: Env, tmp_path: Path) -> None:
+    """With ``keep_sys_admin_for_tls``: a server started after the agent, on its own copy of
+    libssl (another file, as in a container image): the agent, which kept CAP_SYS_ADMIN alone
+    among its start-up capabilities, finds it in the new process's maps and attaches to it. Its
+    requests are SERVER spans over https."""
+    assert env.agent.proc is not None and _effective_caps(env.agent.proc.pid) >> CAP_SYS_ADMIN & 1
+    lib = _libssl_copy(tmp_path)
     port = env.ports["late"]
     server = subprocess.Popen([sys.executable, "-c", LATE_SERVER, str(port), str(env.crt), str(env.key)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(lib)})
@@ -354,3 +373,58 @@ def test_a_libssl_first_mapped_after_start_is_probed(env: Env, tmp_path: Path) -
         server.wait(10)
         if server.stdout is not None:
             server.stdout.close()
+
+
+def test_without_keep_sys_admin_a_late_libssl_is_not_probed(bpf_ok: None, otelcol_bin: str, tmp_path: Path) -> None:
+    """The default: CAP_SYS_ADMIN is dropped after start, the agent says what TLS capture lacks
+    without it (its log and ``check``), and a server started later on its own libssl copy is not
+    probed: curl's CLIENT span (the system's libssl, probed at start) arrives, the server's side
+    is counted as tls_unparsed when the connection closes, and there is no SERVER span."""
+    from receiver.config import EbpfConfig
+    from receiver.preflight import run_checks
+
+    cfg = EbpfConfig.from_dict({"sources": {"http": {"enabled": True}}}, {})
+    rows = {r.requirement: r for r in run_checks(cfg)}
+    row = rows["uprobes on a libssl first mapped after start (TLS for http)"]
+    assert not row.ok and "not" in row.detail and "keep_sys_admin_for_tls" in row.fix and not row.needed_by
+
+    key, crt = _cert(tmp_path)
+    lib = _libssl_copy(tmp_path)
+    port = free_port()
+    collector = Collector(otelcol_bin, tmp_path).start()
+    cfg = {"report_interval": "1s", "ports": [port], "capture_bytes": 512}   # as the other TLS tests
+    agent = Agent(tmp_path, agent_config(collector, {"http": cfg}))
+    server = None
+    try:
+        agent.start()
+        assert agent.proc is not None
+        wait_until(lambda: "keep_sys_admin_for_tls: true keeps it" in agent.log(), 30, 0.2, "the warning")
+        wait_until(lambda: "capabilities after start" in agent.log(), 30, 0.2, "the drop")
+        assert not _effective_caps(agent.proc.pid) >> CAP_SYS_ADMIN & 1
+        server = subprocess.Popen([sys.executable, "-c", LATE_SERVER, str(port), str(crt), str(key)],
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(lib)})
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert str(lib / "libssl.so.3") in Path(f"/proc/{server.pid}/maps").read_text()
+        curl(port, "/late/0")
+        try:
+            wait_until(lambda: spans_by_side(collector, port)["client"], 30, 0.2, "curl's CLIENT span")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {agent.log()[-3000:]} " + "\n".join(
+                line for line in agent.scrape().splitlines() if "http" in line and not line.startswith("#"))) from None
+        clients = spans_by_side(collector, port)["client"]
+        assert len(clients) == 1 and clients[0]["attrs"]["url.path"] == "/late/0"
+        wait_until(lambda: agent.metric_value("ebpf_receiver_http_unparsed_total", reason="tls_unparsed") >= 1,
+                   30, 0.3, "the server side counted tls_unparsed")
+        time.sleep(2)   # two more report intervals: a SERVER span would be in by now
+        assert not spans_by_side(collector, port)["server"]
+        assert f"{lib}/libssl.so.3" not in agent.log()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+            if server.stdout is not None:
+                server.stdout.close()
+        try:
+            assert agent.proc is None or agent.stop() == 0, agent.log()[-3000:]
+        finally:
+            collector.stop()
