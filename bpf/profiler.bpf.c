@@ -275,6 +275,49 @@ static __always_inline void count_sample(struct bpf_perf_event_data *ctx, struct
 }
 
 
+/* The one stack hash (never 0: 0 means "no walked stack" in prof_key): a user stack with its
+ * runtime frames, and kernel_len addresses of kernel (an off-CPU block's; none for a walked
+ * on-CPU sample, whose kernel stack has its own id). */
+static __always_inline u64 hash_stacks(struct unwind_stack *u, u64 *kernel, u32 kernel_len) {
+    u64 h = 0xcbf29ce484222325ULL ^ u->truncated;
+    #pragma clang loop unroll(disable)
+    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
+        if (i >= u->len)
+            break;
+        u32 at = i;
+        barrier_var(at);
+        h = (h ^ u->ips[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+    if (kernel) {
+        h = (h ^ 0x6b) * 0x100000001b3ULL;   /* user | kernel */
+        #pragma clang loop unroll(disable)
+        for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
+            if (i >= kernel_len)
+                break;
+            u32 at = i;
+            barrier_var(at);
+            h = (h ^ kernel[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
+            h ^= h >> 29;
+        }
+    }
+#if RUNTIME_MAX_FRAMES
+    h ^= ((u64)u->rt_truncated << 32 | u->rt_len) ^ (u64)u->rt_runtime << 40;
+    #pragma clang loop unroll(disable)
+    for (u32 i = 0; i < RUNTIME_MAX_FRAMES; i++) {
+        if (i >= u->rt_len)
+            break;
+        u32 at = i;
+        barrier_var(at);
+        at &= RUNTIME_MAX_FRAMES - 1;
+        h = (h ^ u->rt_id[at]) * 0x100000001b3ULL;
+        h = (h ^ u->rt_aux[at]) * 0x100000001b3ULL;
+        h ^= h >> 29;
+    }
+#endif
+    return h ? h : 1;
+}
+
 #if OFF_CPU
 /* ---- Off-CPU time (profiler.h): a thread's stacks taken as it goes off the CPU, the time it
  * stayed off added when it is switched in again ---- */
@@ -303,42 +346,7 @@ static __always_inline struct offcpu_start *offcpu_record(void) {
 
 /* A 64-bit hash of the user stack (with its runtime frames) and the kernel stack (never 0). */
 static __always_inline u64 hash_offcpu(struct offcpu_value *v) {
-    struct unwind_stack *u = &v->user;
-    u64 h = 0x84222325cbf29ce4ULL ^ u->truncated;
-    #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
-        if (i >= u->len)
-            break;
-        u32 at = i;
-        barrier_var(at);
-        h = (h ^ u->ips[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
-        h ^= h >> 29;
-    }
-    h = (h ^ 0x6b) * 0x100000001b3ULL;   /* user | kernel */
-    #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
-        if (i >= v->kernel_len)
-            break;
-        u32 at = i;
-        barrier_var(at);
-        h = (h ^ v->kernel[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
-        h ^= h >> 29;
-    }
-#if RUNTIME_MAX_FRAMES
-    h ^= ((u64)u->rt_truncated << 32 | u->rt_len) ^ (u64)u->rt_runtime << 40;
-    #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < RUNTIME_MAX_FRAMES; i++) {
-        if (i >= u->rt_len)
-            break;
-        u32 at = i;
-        barrier_var(at);
-        at &= RUNTIME_MAX_FRAMES - 1;
-        h = (h ^ u->rt_id[at]) * 0x100000001b3ULL;
-        h = (h ^ u->rt_aux[at]) * 0x100000001b3ULL;
-        h ^= h >> 29;
-    }
-#endif
-    return h ? h : 1;
+    return hash_stacks(&v->user, v->kernel, v->kernel_len);
 }
 
 /* Keeps the record (its key and user stack filled) under the thread's id with its kernel stack
@@ -415,31 +423,7 @@ static __always_inline struct unwind_stack *walk_stack(void) {
 
 /* A 64-bit hash of the walked stack (never 0: 0 means "no walked stack" in prof_key). */
 static __always_inline u64 hash_stack(struct unwind_stack *st) {
-    u64 h = 0xcbf29ce484222325ULL ^ st->truncated;
-    #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < PROF_MAX_DEPTH; i++) {
-        if (i >= st->len)
-            break;
-        u32 at = i;
-        barrier_var(at);
-        h = (h ^ st->ips[at & PROF_DEPTH_MASK]) * 0x100000001b3ULL;
-        h ^= h >> 29;
-    }
-#if RUNTIME_MAX_FRAMES
-    h ^= ((u64)st->rt_truncated << 32 | st->rt_len) ^ (u64)st->rt_runtime << 40;
-    #pragma clang loop unroll(disable)
-    for (u32 i = 0; i < RUNTIME_MAX_FRAMES; i++) {
-        if (i >= st->rt_len)
-            break;
-        u32 at = i;
-        barrier_var(at);
-        at &= RUNTIME_MAX_FRAMES - 1;
-        h = (h ^ st->rt_id[at]) * 0x100000001b3ULL;
-        h = (h ^ st->rt_aux[at]) * 0x100000001b3ULL;
-        h ^= h >> 29;
-    }
-#endif
-    return h ? h : 1;
+    return hash_stacks(st, 0, 0);
 }
 /* add_count for walked<g>: a key not counted yet is inserted with its stack. */
 static __always_inline int add_walked(u32 g, struct prof_key *key, struct unwind_stack *st) {
@@ -555,6 +539,39 @@ static __always_inline void runtime_continue(struct bpf_perf_event_data *ctx, st
 
 #include "profiler_native.bpf.h"
 
+/* ---- Goroutine labels (receiver/profiling/runtimes/go.py) ----
+ * A Go process (user space enters it with its Go version's offsets) keeps the running
+ * goroutine's g in R14 while Go code runs (amd64 ABIInternal, Go 1.17+). R14 is trusted only when
+ * g->m->curg or g->m->g0 points back at it (in C code R14 is anything); then curg->labels, the
+ * address of the goroutine's immutable label set, goes into the sample key. User space reads
+ * the set behind it. Only user memory is read. */
+struct go_offsets {
+    u16 m;                     /* g.m */
+    u16 curg;                  /* m.curg */
+    u16 g0;                    /* m.g0 */
+    u16 labels;                /* g.labels (0: no entry) */
+};
+BPF_HASH(go_processes, u32, struct go_offsets, UNWIND_PROCESSES);
+
+static __always_inline u64 go_labels_of(struct bpf_perf_event_data *ctx, struct go_offsets *o) {
+    u64 g = 0, m = 0, curg = 0, g0 = 0, labels = 0;
+    if ((s64)ctx->regs.ip >= 0) {
+        g = ctx->regs.r14;
+    } else {                                /* in the kernel: R14 as saved at kernel entry */
+        struct pt_regs *u = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+        if (!u || bpf_probe_read_kernel(&g, sizeof(g), &u->r14))
+            return 0;
+    }
+    if (!g || bpf_probe_read_user(&m, sizeof(m), (void *)(g + o->m)) || !m ||
+        bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + o->curg)))
+        return 0;
+    if (curg != g && (bpf_probe_read_user(&g0, sizeof(g0), (void *)(m + o->g0)) || g0 != g))
+        return 0;                           /* R14 is not this thread's g */
+    if (!curg || bpf_probe_read_user(&labels, sizeof(labels), (void *)(curg + o->labels)))
+        return 0;
+    return labels;
+}
+
 /* The last sampled process's unwind_processes (and runtime_processes) entries, per CPU: a CPU runs
  * the same process sample after sample, so two hash lookups per sample are spared (measured: 6 %
  * of the program's time on a steady load, 2.5 % on one where every stack is new). Valid while
@@ -568,6 +585,7 @@ struct process_cache {
 #if RUNTIME_MAX_FRAMES
     struct runtime_process rt; /* its runtime_processes entry (rt.runtime 0: none) */
 #endif
+    struct go_offsets go;      /* its go_processes entry (go.labels 0: none) */
 };
 BPF_PERCPU_ARRAY(process_cache, struct process_cache, 1);
 
@@ -618,12 +636,19 @@ static __always_inline int begin_walk(struct bpf_perf_event_data *ctx, struct pr
         else
             pc->rt.runtime = 0;
 #endif
+        struct go_offsets *go = go_processes.lookup(&key->pid);
+        if (go)
+            pc->go = *go;
+        else
+            pc->go.labels = 0;
         pc->pid = key->pid;
         pc->user_version = user_version;
         pc->kernel_version = kernel_version;
     }
     if (!pc->walked)
         return 0;
+    if (pc->go.labels)
+        key->go_labels = go_labels_of(ctx, &pc->go);
     ws->ip = ip;
     ws->sp = sp;
     ws->bp = bp;

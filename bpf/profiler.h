@@ -59,6 +59,7 @@ struct prof_key {
     char comm[PROF_COMM_LEN];  /* the thread's comm */
     __u64 user_stack_hash;
     __u64 link_span;           /* REQ_LINKS: span id of the request the thread serves (req_links), 0 none */
+    __u64 go_labels;           /* a Go process's running goroutine's label set (g.labels), 0 none */
 };
 
 /* ---- In-kernel unwinding with tables made from .eh_frame (receiver/profiling/unwind/) ----

@@ -19,6 +19,9 @@ dictionary, same frame types; each value is the estimated nanoseconds off the CP
 A sample taken while its thread served an HTTP request (``StackSample.link_span``, request links:
 receiver/profiling/links.py) references a ``link_table`` entry (trace id, span id of the request's
 SERVER span) by ``link_index``.
+
+A Go sample's goroutine labels (``StackSample.labels``, receiver/profiling/runtimes/go.py) are
+sample attributes ``process.context.label.<key>``, as the OpenTelemetry eBPF profiler names them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .._version import __version__
 from ..profiling import links
 from ..profiling.model import OFF_CPU, CpuProfile, Frame, Mapping, StackSample
 from ..profiling.output.pprof import frame_mapping, from_pprof
+from ..profiling.runtimes.go import LABEL_ATTRIBUTE_PREFIX
 from ..proto import profile_pb2
 from .attributes import to_key_values
 
@@ -66,7 +70,8 @@ class ProfilesDictionaryBuilder:
         self._locations: dict[tuple[int, int, int, str, int], int] = {}
         self._frames: dict[Frame, int] = {}     # fast path: a frame already seen
         self._stacks: dict[tuple[int, ...], int] = {(): 0}
-        self._sample_attributes: dict[tuple[int, str, int, str, str], tuple[int, ...]] = {}
+        self._sample_attributes: dict[tuple[int, str, int, str, str | None, tuple[tuple[str, str], ...]],
+                                      tuple[int, ...]] = {}
         self._links: dict[int, int] = {0: 0}
 
     def link(self, span: int) -> int:
@@ -155,9 +160,10 @@ class ProfilesDictionaryBuilder:
         return i
 
     def sample_attributes(self, sample: StackSample) -> tuple[int, ...]:
-        """thread.id, thread.name, process.pid, process.executable.name, container.id (built once
-        per thread: a drain has many samples of each)."""
-        key = (sample.tid, sample.thread_name, sample.pid, sample.process_name, sample.container_id)
+        """thread.id, thread.name, process.pid, process.executable.name, container.id, and a Go
+        sample's goroutine labels as process.context.label.<key> (built once per thread and label
+        set: a drain has many samples of each)."""
+        key = (sample.tid, sample.thread_name, sample.pid, sample.process_name, sample.container_id, sample.labels)
         attrs = self._sample_attributes.get(key)
         if attrs is None:
             attrs = self._sample_attributes[key] = self._build_sample_attributes(sample)
@@ -172,6 +178,8 @@ class ProfilesDictionaryBuilder:
             attrs.append(self.attribute("process.executable.name", sample.process_name))
         if sample.container_id:
             attrs.append(self.attribute("container.id", sample.container_id))
+        for key, value in sample.labels:   # goroutine labels, named as the OTel eBPF profiler names them
+            attrs.append(self.attribute(LABEL_ATTRIBUTE_PREFIX + key, value))
         return tuple(attrs)
 
 

@@ -63,11 +63,12 @@ class ProfKey(ctypes.Structure):
     _fields_ = [("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
                 ("user_stack_id", ctypes.c_int32), ("kernel_stack_id", ctypes.c_int32),
                 ("cgroup_id", ctypes.c_uint64), ("comm", ctypes.c_char * COMM_LEN),
-                ("user_stack_hash", ctypes.c_uint64), ("link_span", ctypes.c_uint64)]
+                ("user_stack_hash", ctypes.c_uint64), ("link_span", ctypes.c_uint64),
+                ("go_labels", ctypes.c_uint64)]
 
 
-PROF_KEY = struct.Struct(f"<IIiiQ{COMM_LEN}sQQ")   # ProfKey, decoded in bulk at a drain
-assert PROF_KEY.size == ctypes.sizeof(ProfKey) and ProfKey.link_span.offset == PROF_KEY.size - 8
+PROF_KEY = struct.Struct(f"<IIiiQ{COMM_LEN}sQQQ")   # ProfKey, decoded in bulk at a drain
+assert PROF_KEY.size == ctypes.sizeof(ProfKey) and ProfKey.go_labels.offset == PROF_KEY.size - 8
 
 
 class UnwindStack(ctypes.Structure):

@@ -85,6 +85,7 @@ class StackSample:
     container_id: str | None = None
     cgroup_id: int = 0
     link_span: int = 0                # span id of the request the thread served (request links), 0 none
+    labels: tuple[tuple[str, str], ...] = ()   # goroutine labels (key, value), runtimes/go.py
 
 
 @dataclass(slots=True)

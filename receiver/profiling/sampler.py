@@ -68,6 +68,7 @@ from .abi import (
 )
 from .model import OFF_CPU, CpuProfile, Frame, StackSample
 from .runtimes import RUNTIMES, Runtime, Runtimes, slot_of
+from .runtimes.go import GoLabels, GoOffsets
 from .symbols.demangle import Demangler
 from .symbols.symbolizer import Symbolizer
 from .unwind.table_store import UnwindTables
@@ -127,7 +128,7 @@ FramesKey = tuple[int, tuple[int, ...], tuple[int, ...], RtFrames]
 # A walked user stack: (addresses, truncated, runtime frames)
 Walked = tuple[tuple[int, ...], bool, RtFrames]
 # A drained count: pid, tid, user stack id, kernel stack id, cgroup id, comm, user stack hash, n
-Count = tuple[int, int, int, int, int, bytes, int, int, int]   # ..., count, link span
+Count = tuple[int, int, int, int, int, bytes, int, int, int, int]   # ..., count, link span, go labels
 
 
 def _offcpu_value(user: type[ctypes.Structure]) -> type[ctypes.Structure]:
@@ -156,7 +157,7 @@ def _offcpu_sample(value: type[ctypes.Structure]) -> type[ctypes.Structure]:
 
 OFFCPU_SAMPLES = {OffCpuValue: _offcpu_sample(OffCpuValue), RuntimeOffCpuValue: _offcpu_sample(RuntimeOffCpuValue)}
 # An off-CPU block sent whole: (pid, tid, comm, cgroup id, user, kernel, runtime frames, truncated)
-OffKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...], RtFrames, bool, int]
+OffKey = tuple[int, int, bytes, int, tuple[int, ...], tuple[int, ...], RtFrames, bool, int, int]
 
 
 def offcpu_threshold(probability: float) -> int:
@@ -259,6 +260,7 @@ class CpuSampler:
         self.unwinder: UnwindTables | None = None
         self.truncated_samples = 0                 # samples whose walked user stack stopped early
         self.runtimes: Runtimes | None = None      # the enabled runtimes, once bound
+        self.go_labels: GoLabels | None = None     # goroutine labels (runtimes/go.py), when walking
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
         self.off_cpu = config.off_cpu.enabled
         self.request_links = bool(getattr(config, "request_links", False))   # docs/profiler.md#request-links
@@ -377,6 +379,8 @@ class CpuSampler:
         if runtimes:
             self.runtimes = Runtimes(bpf, runtimes, self.caches).start()
         if self.unwinding:
+            check_mirror(bpf, "go_processes", "Leaf", GoOffsets, self.source_name)
+            self.go_labels = GoLabels(bpf, int(self.config.unwind_processes))
             self._ustack_leaf = RuntimeUnwindStack() if runtimes else UnwindStack()
             self.unwinder = UnwindTables(bpf, self.symbolizer, int(self.config.unwind_table_rows),
                                          int(self.config.unwind_processes), self.runtimes).start()
@@ -446,6 +450,8 @@ class CpuSampler:
         self._process_names[pid] = _executable_name(pid)
         self._exited.discard(pid)
         if self.unwinder is not None:
+            if self.go_labels is not None:   # before the tables: their write renews the kernel's cache
+                self.go_labels.note_process(pid)
             self.unwinder.request(pid)
 
     @property
@@ -457,9 +463,9 @@ class CpuSampler:
         size = ctypes.sizeof(self._offcpu_layout)
         at = 8 + PROF_KEY.size                     # kind, pad, key
         raw = ctypes.string_at(data, at + size)
-        pid, tid, _, _, cgroup_id, comm, _, link = PROF_KEY.unpack_from(raw, 8)
+        pid, tid, _, _, cgroup_id, comm, _, link, go_labels = PROF_KEY.unpack_from(raw, 8)
         ns, blocks, user, kernel, rt, truncated = self._decode_offcpu(raw, at)
-        key = (pid, tid, comm.split(b"\0", 1)[0], cgroup_id, user, kernel, rt, truncated, link)
+        key = (pid, tid, comm.split(b"\0", 1)[0], cgroup_id, user, kernel, rt, truncated, link, go_labels)
         have = self._whole_off.get(key)
         if have is not None:
             have[0] += ns
@@ -520,21 +526,24 @@ class CpuSampler:
 
         if self.config.kernel_stacks:
             self.symbolizer.load_kernel_symbols()
+        if self.go_labels is not None:
+            self.go_labels.reader.begin()   # label sets are read afresh each drain (runtimes/go.py)
         counts = self._take_counts(bpf[f"counts{old}"])
         walked = self._take_walked(bpf[f"walked{old}"]) if self.unwinder is not None else []
         stacks = self._take_stacks(bpf[f"stacks{old}"], counts, walked)
         whole, self._whole = self._whole, {}
         frames_of: dict[FramesKey, tuple[Frame, ...]] = {}
         truncated_pids = set()
-        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, _, n, link in counts:
+        for pid, tid, user_stack_id, kernel_stack_id, cgroup_id, comm, _, n, link, go_labels in counts:
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
-                             stacks.get(user_stack_id, ()), stacks.get(kernel_stack_id, ()), n, link=link)
-        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n, link), (user, truncated, rt) in walked:
+                             stacks.get(user_stack_id, ()), stacks.get(kernel_stack_id, ()), n, link=link,
+                             go_labels=go_labels)
+        for (pid, tid, _, kernel_stack_id, cgroup_id, comm, _, n, link, go_labels), (user, truncated, rt) in walked:
             if truncated:
                 self.truncated_samples += n
                 truncated_pids.add(pid)
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id,
-                             user, stacks.get(kernel_stack_id, ()), n, rt, link=link)
+                             user, stacks.get(kernel_stack_id, ()), n, rt, link=link, go_labels=go_labels)
         for (pid, tid, comm, cgroup_id, user, kernel), n in whole.items():
             self._add_sample(profile, frames_of, pid, tid, comm, cgroup_id, user, kernel, n)
         if self.off_cpu:
@@ -561,7 +570,8 @@ class CpuSampler:
     def _add_sample(self, profile: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
                     pid: int, tid: int, comm: bytes, cgroup_id: int,
                     user: tuple[int, ...], kernel: tuple[int, ...], count: int,
-                    rt: RtFrames = NO_RT_FRAMES, events: int | None = None, link: int = 0) -> None:
+                    rt: RtFrames = NO_RT_FRAMES, events: int | None = None, link: int = 0,
+                    go_labels: int = 0) -> None:
         """Symbolizes (once per process and stack within a drain) and appends one sample
         (``events``: the samples or blocks behind ``count``, when that is a time)."""
         fk = (pid, user, kernel, rt)
@@ -577,7 +587,8 @@ class CpuSampler:
         profile.samples.append(StackSample(
             frames=frames, count=count, pid=pid, tid=tid,
             thread_name=comm.decode("utf-8", "replace"), process_name=name,
-            container_id=self.cgroups.container_id(cgroup_id), cgroup_id=cgroup_id, link_span=link))
+            container_id=self.cgroups.container_id(cgroup_id), cgroup_id=cgroup_id, link_span=link,
+            labels=self.go_labels.reader.labels(pid, go_labels) if go_labels and self.go_labels else ()))
 
     def _take_counts(self, table: Any) -> list[Count]:
         """Reads and deletes the drained generation's counts, COUNTS_BATCH per bpf() call, as
@@ -590,9 +601,9 @@ class CpuSampler:
         key_size = PROF_KEY.size
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._counts_bufs):
             for i in range(n):
-                pid, tid, uid, kid, cgroup_id, comm, uhash, link = PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, uid, kid, cgroup_id, comm, uhash, link, go_labels = PROF_KEY.unpack_from(keys, i * key_size)
                 out.append((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
-                            _U64.unpack_from(values, i * 8)[0], link))
+                            _U64.unpack_from(values, i * 8)[0], link, go_labels))
         return out
 
     def _take_stacks(self, table: Any, counts: list[Count],
@@ -635,7 +646,7 @@ class CpuSampler:
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._walked_buffers(key_size, size)):
             for i in range(n):
                 base = i * size
-                pid, tid, uid, kid, cgroup_id, comm, uhash, link = PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, uid, kid, cgroup_id, comm, uhash, link, go_labels = PROF_KEY.unpack_from(keys, i * key_size)
                 stack = decoded.get(uhash)
                 if stack is None:
                     depth = min(_U32.unpack_from(values, base + len_at)[0], MAX_STACK_DEPTH)
@@ -644,7 +655,7 @@ class CpuSampler:
                     truncated = bool(_U32.unpack_from(values, base + truncated_at)[0])
                     stack = decoded[uhash] = (ips, truncated, rt)
                 out.append(((pid, tid, uid, kid, cgroup_id, comm.split(b"\0", 1)[0], uhash,
-                             _U64.unpack_from(values, base + count_at)[0], link), stack))
+                             _U64.unpack_from(values, base + count_at)[0], link, go_labels), stack))
         return out
 
     def _take_offcpu(self, table: Any, cpu: CpuProfile, frames_of: dict[FramesKey, tuple[Frame, ...]],
@@ -662,18 +673,18 @@ class CpuSampler:
                          frequency_hz=cpu.frequency_hz, sample_type=OFF_CPU)
         for keys, values, n in drain_hash_map(table.map_fd, key_size, self._offcpu_bufs):
             for i in range(n):
-                pid, tid, _, _, cgroup_id, comm, _, link = PROF_KEY.unpack_from(keys, i * key_size)
+                pid, tid, _, _, cgroup_id, comm, _, link, go_labels = PROF_KEY.unpack_from(keys, i * key_size)
                 ns, blocks, user, kernel, rt, truncated = self._decode_offcpu(values, i * size)
                 if truncated and self.unwinder is not None:
                     truncated_pids.add(pid)
                 out.blocks += blocks
                 self._add_sample(out, frames_of, pid, tid, comm.split(b"\0", 1)[0], cgroup_id,
-                                 user, kernel, round(ns * scale), rt, blocks, link)
+                                 user, kernel, round(ns * scale), rt, blocks, link, go_labels)
         whole, self._whole_off = self._whole_off, {}
-        for (pid, tid, comm, cgroup_id, user, kernel, rt, _, link), (ns, blocks) in whole.items():
+        for (pid, tid, comm, cgroup_id, user, kernel, rt, _, link, go_labels), (ns, blocks) in whole.items():
             out.blocks += blocks
             self._add_sample(out, frames_of, pid, tid, comm, cgroup_id, user, kernel, round(ns * scale), rt, blocks,
-                             link)
+                             link, go_labels)
         return out
 
     def offcpu_stats(self) -> dict[str, int]:
@@ -735,6 +746,8 @@ class CpuSampler:
             if self.unwinder is not None:
                 self.unwinder.forget(pid)
             self.symbolizer.forget(pid)
+            if self.go_labels is not None:
+                self.go_labels.forget(pid)
             self._process_names.pop(pid, None)
             try:
                 del seen[seen.Key(pid)]   # a recycled pid is announced afresh

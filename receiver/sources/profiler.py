@@ -107,6 +107,12 @@ class ProfilerSource(BccSource):
             "profiler_off_cpu", "Off-CPU time (sources.profiler.off_cpu) by event: switch-outs recorded, "
             "unsampled (passed over by sample_probability), filtered, no_user_stack (kernel threads); "
             "blocks counted, short (under min_block)", "event", sampler.offcpu_stats)
+        ctx.telemetry.watch_counters(
+            "profiler_go_labels", "Goroutine labels (docs/profiler.md, Go): Go processes entered, "
+            "unsupported_version (a Go version without offsets: no labels), label sets read, unreadable, "
+            "over_limit (beyond 1024 per process per report: samples without labels), labels truncated "
+            "(beyond 10, or a key over 15 / value over 47 bytes) and invalid (key not UTF-8)", "event",
+            lambda: dict(sampler.go_labels.stats) if sampler.go_labels is not None else {})
         ctx.telemetry.watch_gauges(
             "profiler_unwind_table_rows", "Rows of the kernel's unwind table array: used and capacity "
             "(16 bytes each)", "state",

@@ -36,6 +36,8 @@ LABEL_PROCESS_NAME = "process.executable.name"
 LABEL_CONTAINER_ID = "container.id"
 LABEL_TRACE_ID = "trace_id"      # request links: the served request's trace (hex), for -tagfocus
 LABEL_SPAN_ID = "span_id"        # ... and its SERVER span id (hex, as exported)
+_OURS = frozenset({LABEL_TID, LABEL_THREAD_NAME, LABEL_PID, LABEL_PROCESS_NAME, LABEL_CONTAINER_ID,
+                   LABEL_TRACE_ID, LABEL_SPAN_ID})   # any other string label is a goroutine label
 
 
 def frame_mapping(frame: Frame) -> Mapping | None:
@@ -110,11 +112,13 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
                 resolved_mappings.add(mid)
         return lid
 
-    labels_of: dict[tuple[int, int, str, str, str], list[profile_pb2.Label]] = {}
+    labels_of: dict[tuple[int, int, str, str, str | None, tuple[tuple[str, str], ...]],
+                    list[profile_pb2.Label]] = {}
 
     def labels(sample: StackSample) -> list[profile_pb2.Label]:
-        """The sample's labels, built once per thread (a drain has many samples of each)."""
-        key = (sample.tid, sample.pid, sample.thread_name, sample.process_name, sample.container_id)
+        """The sample's labels, built once per thread and goroutine label set (a drain has many
+        samples of each). Goroutine labels keep their keys, as Go's own runtime/pprof writes them."""
+        key = (sample.tid, sample.pid, sample.thread_name, sample.process_name, sample.container_id, sample.labels)
         got = labels_of.get(key)
         if got is None:
             got = labels_of[key] = [profile_pb2.Label(key=s(LABEL_TID), num=sample.tid),
@@ -124,6 +128,7 @@ def to_pprof(profile: CpuProfile) -> profile_pb2.Profile:
                                 (LABEL_CONTAINER_ID, sample.container_id)):
                 if value:
                     got.append(profile_pb2.Label(key=s(name), str=s(value)))
+            got.extend(profile_pb2.Label(key=s(k), str=s(v)) for k, v in sample.labels if k not in _OURS)
         if sample.link_span:
             trace = links.trace_of(sample.link_span)
             if trace is not None:
@@ -175,7 +180,8 @@ def from_pprof(pprof: profile_pb2.Profile) -> CpuProfile:
             tid=int(labels.get(LABEL_TID, 0)), thread_name=str(labels.get(LABEL_THREAD_NAME, "")),
             process_name=str(labels.get(LABEL_PROCESS_NAME, "")),
             container_id=labels.get(LABEL_CONTAINER_ID) or None,
-            link_span=int.from_bytes(bytes.fromhex(str(labels.get(LABEL_SPAN_ID, ""))), "little")))
+            link_span=int.from_bytes(bytes.fromhex(str(labels.get(LABEL_SPAN_ID, ""))), "little"),
+            labels=tuple(sorted((k, v) for k, v in labels.items() if k not in _OURS and isinstance(v, str)))))
     if off_cpu:
         return CpuProfile(start_unix_nano=pprof.time_nanos, duration_ns=pprof.duration_nanos,
                           frequency_hz=1, samples=samples, sample_type=OFF_CPU)
