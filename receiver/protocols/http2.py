@@ -53,6 +53,7 @@ MIDWAY_TRIES = 16   # calls of a connection found mid-way without a plausible fr
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_STREAMS = 256            # open streams per connection; beyond, new ones are counted and dropped
 MAX_TABLE_SIZE = 1 << 16     # the largest dynamic table followed (the default is 4096)
+MAX_DECODED = 16             # header blocks remembered decoded per table
 MAX_FRAME = (1 << 24) - 1
 
 _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WINDOW, _CONTINUATION = range(10)
@@ -100,18 +101,23 @@ class HpackTable:
     """One direction's dynamic table. ``whole`` is False while entries older than the known
     ones may exist (the connection was seen from mid-way, or bytes were lost)."""
 
-    __slots__ = ("entries", "size", "max_size", "whole")
+    __slots__ = ("entries", "size", "max_size", "whole", "version", "decoded")
 
     def __init__(self, whole: bool = True):
         self.entries: deque[tuple[bytes, bytes, int]] = deque()   # newest first
         self.size = 0
         self.max_size = 4096
         self.whole = whole
+        self.version = 0   # changes with the table
+        # Header blocks that only read the table, decoded while it was at a version: a peer
+        # repeats the same block (a response's headers, OK trailers) call after call.
+        self.decoded: dict[bytes, tuple[int, dict[bytes, object]]] = {}
 
     def forget(self) -> None:
         self.entries.clear()
         self.size = 0
         self.whole = False
+        self.version += 1
 
     def get(self, index: int) -> tuple[bytes, bytes] | None:
         """The entry at an HPACK index, None when it is unknown; raises ValueError when it cannot
@@ -127,6 +133,7 @@ class HpackTable:
         return None
 
     def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
         n = len(name) + len(value) + 32
         self.entries.appendleft((name, value, n))
         self.size += n
@@ -135,6 +142,7 @@ class HpackTable:
     def resize(self, size: int) -> None:
         if size > MAX_TABLE_SIZE:
             raise ValueError(f"table size {size}")
+        self.version += 1
         self.max_size = size
         self._evict()
 
@@ -176,7 +184,12 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
 def decode_block(table: HpackTable, block: bytes) -> dict[bytes, object]:
     """The kept headers of one header block (``_UNKNOWN`` as the value of a kept name whose
     value is an unknown entry; a name that is unknown is skipped), updating ``table``. Raises
-    ValueError (or IndexError) on a malformed block; ``table`` is then unreliable."""
+    ValueError (or IndexError) on a malformed block; ``table`` is then unreliable. The result is
+    shared with later decodes of the same block (it is not to be changed)."""
+    version = table.version
+    hit = table.decoded.get(block)
+    if hit is not None and hit[0] == version:
+        return hit[1]
     out: dict[bytes, object] = {}
     pos, n = 0, len(block)
     unknown_name = False
@@ -210,6 +223,10 @@ def decode_block(table: HpackTable, block: bytes) -> dict[bytes, object]:
             table.add(_UNKNOWN_NAME if name is None else name, value)   # unknown names keep their place
     if unknown_name:
         out[b"?"] = _UNKNOWN
+    if table.version == version:   # the block only read the table
+        if len(table.decoded) >= MAX_DECODED:
+            table.decoded.clear()
+        table.decoded[block] = (version, out)
     return out
 
 
@@ -298,7 +315,24 @@ class Http2Connection:
                 return
             d.synced = True
             self.tries = -1
+        kept = self.max_header_bytes
         while pos < n:
+            if d.ftype < 0 and not d.hdr and pos + 9 <= n:
+                # the usual case: a whole frame in this call, its payload handed on as a slice
+                length = int.from_bytes(data[pos:pos + 3], "big")
+                end = pos + 9 + length
+                if end <= n and length <= kept:
+                    ftype = data[pos + 3]
+                    if (ftype == _WINDOW or ftype == _PING) and not d.block_sid and length <= d.max_frame:
+                        pos = end   # flow control and pings say nothing about requests
+                        continue
+                    if not self._frame_start(d, data[pos:pos + 9]):
+                        self._desync(d, "h2_bad_frame")
+                        return
+                    d.left = 0
+                    start, pos = pos + 9, end
+                    self._frame_end(d, outgoing, ts, data[start:start + 5] if d.ftype == _DATA else data[start:end])
+                    continue
             if d.ftype < 0:
                 need = 9 - len(d.hdr)
                 chunk = data[pos:pos + need]
@@ -312,7 +346,7 @@ class Http2Connection:
                     self._desync(d, "h2_bad_frame")
                     return
                 if d.left == 0:
-                    self._frame_end(d, outgoing, ts)
+                    self._frame_end(d, outgoing, ts, d.payload)
                 continue
             take = min(d.left, n - pos)
             ft = d.ftype
@@ -326,14 +360,14 @@ class Http2Connection:
             pos += take
             d.left -= take
             if d.left == 0:
-                self._frame_end(d, outgoing, ts)
+                self._frame_end(d, outgoing, ts, d.payload)
         missing = size - n
         if missing > 0:
             if d.ftype >= 0 and missing <= d.left:   # within the current frame's payload
                 d.left -= missing
                 d.cut = True
                 if d.left == 0:
-                    self._frame_end(d, outgoing, ts)
+                    self._frame_end(d, outgoing, ts, d.payload)
             else:                                    # a frame header was not captured
                 self._desync(d, "truncated")
 
@@ -360,22 +394,25 @@ class Http2Connection:
         if ftype == _CONTINUATION and not d.block_sid:
             return False
         d.ftype, d.fflags, d.sid, d.left, d.cut, d.flen = ftype, flags, sid, length, False, length
-        d.payload.clear()
+        if d.payload:
+            d.payload.clear()
         return True
 
-    def _frame_end(self, d: _Direction, outgoing: bool, ts: int) -> None:
+    def _frame_end(self, d: _Direction, outgoing: bool, ts: int, payload: bytes | bytearray) -> None:
+        """A frame ends; ``payload``: what was kept of it (all of it for HEADERS, CONTINUATION,
+        RST_STREAM and SETTINGS unless ``cut``; at least the first 5 bytes of DATA)."""
         ftype, flags, sid = d.ftype, d.fflags, d.sid
         d.ftype = -1
         if ftype == _DATA:
             ex = self.streams.get(sid)
             if ex is not None and ex.grpc is None and outgoing != ex.server and not flags & _PADDED:
-                p = d.payload   # a length-prefixed message filling the frame: gRPC
+                p = payload[:5]   # a length-prefixed message filling the frame: gRPC
                 if len(p) == 5 and p[0] <= 1 and int.from_bytes(p[1:5], "big") == d.flen - 5:
                     ex.grpc = True
             if flags & _END_STREAM:
                 self._end_stream(outgoing, sid, ts)
         elif ftype == _HEADERS:
-            frag = bytes(d.payload)
+            frag = bytes(payload)
             pad = 0
             if flags & _PADDED and frag:
                 pad, frag = frag[0], frag[1:]
@@ -390,7 +427,7 @@ class Http2Connection:
             if flags & _END_HEADERS:
                 self._block_end(d, outgoing, ts)
         elif ftype == _CONTINUATION:
-            d.block += d.payload
+            d.block += payload
             if d.cut:
                 d.block_flags |= 0x100
             if len(d.block) > self.max_header_bytes:
@@ -399,7 +436,7 @@ class Http2Connection:
             if flags & _END_HEADERS:
                 self._block_end(d, outgoing, ts)
         elif ftype == _SETTINGS and not flags & 1 and not d.cut:
-            p = d.payload
+            p = payload
             for i in range(0, len(p) - 5, 6):   # SETTINGS_MAX_FRAME_SIZE (5) bounds the other direction
                 if p[i] == 0 and p[i + 1] == 5:
                     self.dirs[not outgoing].max_frame = min(int.from_bytes(p[i + 2:i + 6], "big"), MAX_FRAME)
