@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from . import profile_cli
+from . import cli_warm, profile_cli
 from ._version import __version__
 from .config import EbpfConfig
 from .errors import ConfigError, ReceiverError
@@ -27,6 +27,7 @@ EPILOG = """examples:
   ebpf-otlp-receiver run --config /etc/ebpf-otlp-receiver/config.yaml
   OTEL_EXPORTER_OTLP_ENDPOINT=http://otelcol:4317 ebpf-otlp-receiver run
   ebpf-otlp-receiver profile --duration 10s --pid 1234 --output cpu.pb.gz --flamegraph cpu.svg
+  ebpf-otlp-receiver warm-cache --config /etc/ebpf-otlp-receiver/config.yaml
 
 environment: OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_INSECURE,
 OTEL_EXPORTER_OTLP_CERTIFICATE, OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME override the file.
@@ -115,6 +116,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
     "run": ("run the sources and export until SIGINT/SIGTERM", _add_run, cmd_run),
     "check": ("preflight: what this host has and lacks for the configured sources", _add_check, cmd_check),
     "profile": (profile_cli.HELP, profile_cli.add_arguments, profile_cli.cmd_profile),
+    "warm-cache": (cli_warm.HELP, cli_warm.add_arguments, cli_warm.cmd_warm_cache),
 }
 
 

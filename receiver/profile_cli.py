@@ -84,17 +84,23 @@ def _progress(text: str, final: bool = False) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def profile_config(pids: list[int], frequency: int, off_cpu: bool) -> EbpfConfig:
+    """The config ``profile`` runs the profiler with (``warm-cache`` compiles its program too:
+    the pids go into maps, so any pid list gives the same program)."""
+    section: dict[str, object] = {"preset": "development", "frequency": frequency, "report_interval": "5s",
+                                  "filter": {"pids": pids}}
+    if off_cpu:
+        section["off_cpu"] = {"enabled": True, "sample_probability": 1.0}
+    return EbpfConfig.from_dict({"sources": {"profiler": section}}, environ={})
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from .kernel.host import has_bpf_capabilities
     from .profiling.cpu_profiler import EbpfCpuProfiler
     from .profiling.output.flamegraph import to_folded, write_flamegraph_svg
     from .profiling.output.pprof import write_pprof
 
-    section = {"preset": "development", "frequency": args.frequency, "report_interval": "5s",
-               "filter": {"pids": args.pid or []}}
-    if args.off_cpu:
-        section["off_cpu"] = {"enabled": True, "sample_probability": 1.0}
-    config = EbpfConfig.from_dict({"sources": {"profiler": section}}, environ={})  # ConfigError → 2
+    config = profile_config(args.pid or [], args.frequency, args.off_cpu)  # ConfigError → 2
     if os.geteuid() != 0 and not has_bpf_capabilities():
         print("ebpf-otlp-receiver: error: profiling loads a BPF program, which needs root or "
               "CAP_BPF+CAP_PERFMON (fix: run it with sudo)", file=sys.stderr)
@@ -122,8 +128,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
             _progress(f"  {time.monotonic() - t0:5.1f}s  {profiler.samples_so_far()} samples")
     except KeyboardInterrupt:
         interrupted = True
+    elapsed = time.monotonic() - t0   # sampled for; stop_profile's drain is not part of it
     profile = profiler.stop_profile()
-    elapsed = time.monotonic() - t0
     if args.off_cpu and profile.off_cpu is not None:
         off = profile.off_cpu
         _progress(f"off-CPU: {off.blocks} blocks, {sum(s.count for s in off.samples) / 1e9:.2f}s off the CPU "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,28 @@ def test_a_process_ending_during_a_collect_keeps_its_calls(bpf_ok: None, tmp_pat
               if proc.pid in s.by_pid]
     assert N in unames, f"the process's uname calls never went out: {unames}"
     assert any(proc.pid in s.finished_pids for s in recorder.snapshots), "the process never finished"
+
+
+def test_warm_cache_fills_the_cache_the_agent_then_loads_from(bpf_ok: None, tmp_path: Path) -> None:
+    """``warm-cache`` compiles the enabled sources' programs into the cache and leaves nothing
+    running; run again it finds them there (the same key the agent computes at start)."""
+    import yaml
+
+    cache = tmp_path / "cache"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"bpf": {"cache_dir": str(cache)}, "sources": {
+        "process": {"enabled": True}, "network": {"enabled": False}, "profiler": {"enabled": False},
+        "syscalls": {"enabled": False}}}))
+    repo = Path(__file__).resolve().parents[1]
+
+    def warm() -> str:
+        p = subprocess.run([sys.executable, "-m", "receiver",
+                            "warm-cache", "--config", str(cfg), "--no-profile"],
+                           cwd=repo, capture_output=True, text=True, timeout=600, check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    first = warm()
+    assert "process    cached" in first, first
+    assert len(list((cache / "bpf").glob("*.entry"))) == 1
+    assert "process    already cached" in warm()
