@@ -8,7 +8,7 @@ CONFIG ?= deploy/config/local.yaml
 HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: help setup system host venv otelcol test test-unit test-kernels lint run check bench proto clean \
+.PHONY: help setup system host venv otelcol warm-cache test test-unit test-kernels lint run check bench proto clean \
 	k8s-prebuild k8s-up k8s-down
 
 help:
@@ -19,7 +19,16 @@ help:
 	@echo "make check          preflight: what this host has and lacks for the configured sources (reads only)"
 	@echo "make bench [BENCH=exporter|profiler|network|syscalls|memory|soak]  (soak: SOAK_MINUTES=10, not in the default set)"
 
-setup: system host venv otelcol
+setup: system host venv otelcol warm-cache
+
+# The compile cache for this kernel and $(CONFIG) (and `profile --pid`), so the first `make run`
+# loads its programs without compiling. Once per kernel release, program text and config; a
+# failure is reported and does not fail the setup (the agent compiles at start instead).
+WARM_STAMP := $(VENV)/.warm-$(shell uname -r)-$(shell (find bpf -type f | sort | xargs cat; cat $(CONFIG)) 2>/dev/null | sha256sum | cut -c1-12)
+warm-cache: $(WARM_STAMP)
+
+$(WARM_STAMP): | venv
+	@$(PY) -m receiver warm-cache --config $(CONFIG) && touch $@ || echo "warm-cache failed: the agent compiles its programs at start instead"
 
 system:
 	@bash deploy/scripts/install-system-deps.sh --test
