@@ -11,14 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.protocols import PROTOCOLS, UNPARSED_REASONS, Unparsed, detect
+from receiver.protocols import PROTOCOLS, UNPARSED_REASONS, Unparsed, detect, http2
 from receiver.protocols.http1 import Http1Connection
 from receiver.protocols.http2 import (
     MIDWAY_TRIES,
     PREFACE,
+    HpackTable,
     Http2Connection,
     Http2Exchange,
     after_h2c_upgrade,
+    decode_block,
     looks_like_http2,
 )
 
@@ -423,3 +425,17 @@ def test_streaming_calls_many_messages_each_way_with_the_status_from_the_trailer
     assert got == [(p, 200, s, True) for p, _q, _r, s in calls.values()]
     assert [e.start_ns for e in c.exchanges] == [2, 3, 4, 5] and c.exchanges[-1].end_ns == ts - 1
     assert not any(u.counts.values()) and not c.streams
+
+
+def test_a_repeated_header_block_is_decoded_against_the_table_as_it_is_now() -> None:
+    """Blocks that only read the table are remembered decoded, per table version: the same
+    bytes after an insertion refer to another entry."""
+    table = HpackTable()
+    table.add(b":path", b"/a")
+    assert decode_block(table, b"\xbe") == {b":path": b"/a"} == decode_block(table, b"\xbe")
+    table.add(b":path", b"/b")
+    assert decode_block(table, b"\xbe") == {b":path": b"/b"} and decode_block(table, b"\xbf") == {b":path": b"/a"}
+    table.forget()
+    assert decode_block(table, b"\xbe") == {b"?": http2._UNKNOWN}
+    block = hpack.Encoder().encode([(":path", "/c")])   # a literal with indexing: changes the table
+    assert decode_block(table, block) == {b":path": b"/c"} and decode_block(table, b"\xbe") == {b":path": b"/c"}
