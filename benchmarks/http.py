@@ -112,6 +112,10 @@ def _program_run_ns(pid: int) -> tuple[int, int]:
     return total, runs
 
 
+def _nonzero(counts: dict[str, float]) -> str:
+    return ", ".join(f"{k} {int(v)}" for k, v in counts.items() if v) or "none"
+
+
 def run(smoke: bool = False) -> int:
     from tests.harness import Agent, Collector, free_port, wait_until
 
@@ -153,6 +157,12 @@ def run(smoke: bool = False) -> int:
             busy = time.monotonic() - t0
         spans = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total") - spans0
         lost = agent.metric_value("ebpf_receiver_source_events_lost_total", source="http")
+        # where spans went missing: records lost in the kernel by reason, and what the parser
+        # could not pair (lost_data: a connection resynchronised after a lost record)
+        lost_by = {r: agent.metric_value("ebpf_receiver_source_events_lost_total", source="http", reason=r)
+                   for r in ("ringbuf_full", "call_map_full", "tls_no_socket", "decode_error")}
+        unparsed_by = {r: agent.metric_value("ebpf_receiver_http_unparsed_total", reason=r)
+                       for r in ("lost_data", "truncated", "unmatched_response", "closed_mid_message", "not_http")}
         dropped = agent.metric_value("ebpf_receiver_exporter_dropped_items_total", signal="traces")
         rc = agent.stop()
         agent = None
@@ -178,10 +188,12 @@ def run(smoke: bool = False) -> int:
           f"{(ns1[0] - ns0[0]) / 1e6:.1f} ms in {runs:.1f} program runs per request "
           f"({(ns1[0] - ns0[0]) / max(ns1[1] - ns0[1], 1):.0f} ns each; other processes' calls count too); "
           f"agent CPU {cpu:.2f} s ({busy:.1f} s until the spans were in)")
+    print(f"  lost in the kernel by reason {_nonzero(lost_by)}; unparsed by reason {_nonzero(unparsed_by)}")
     print(f"bench: http throughput_ratio={rps_with / rps_without:.3f} ratio")
     print(f"bench: http bpf_ns_per_request={bpf_ns:.0f} ns")
     print(f"bench: http spans_per_request={spans_per_request:.3f} ratio")
     print(f"bench: http agent_cpu_per_10k_rps={cpu_per_10k:.1f} %")
+    print(f"bench: http load_average={os.getloadavg()[0]:.1f} load")
     if smoke and (requests == 0 or spans == 0):
         print("http: smoke run produced no requests or no spans", file=sys.stderr)
         return 1

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import random
 import re
+import struct
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Any
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
@@ -83,39 +85,87 @@ def join_traceparent(span: Span, traceparent: str | None) -> Span:
     return span
 
 
+# ---------------------------------------------------------------- the span, in protobuf's wire format
+# A request's span is encoded here field by field (trace.proto: Span, KeyValue, AnyValue, Status)
+# and parsed once, instead of being built attribute by attribute through the message API (about
+# four times the cost, and this runs for every request on each side). Attributes whose values
+# repeat (endpoints, method, status, scheme) are encoded once and kept, bounded.
+_Q = struct.Struct("<Q")
+_KIND = {True: b"\x30" + bytes((Span.SPAN_KIND_SERVER,)), False: b"\x30" + bytes((Span.SPAN_KIND_CLIENT,))}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: int, data: bytes) -> bytes:
+    """A length-delimited field (``tag``: field number << 3 | 2, below 16)."""
+    n = len(data)
+    return bytes((tag, n)) + data if n < 0x80 else bytes((tag,)) + _varint(n) + data
+
+
+def _string_attribute(key: bytes, value: str) -> bytes:
+    return _field(0x4A, key + _field(0x12, _field(0x0A, value.encode("utf-8", "replace"))))
+
+
+@lru_cache(maxsize=4096)
+def _cached_string_attribute(key: str, value: str) -> bytes:
+    return _string_attribute(_field(0x0A, key.encode()), value)
+
+
+@lru_cache(maxsize=4096)
+def _int_attribute(key: str, value: int) -> bytes:
+    return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, b"\x18" + _varint(value & _U64_MASK)))
+
+
+@lru_cache(maxsize=64)
+def _name(name: str) -> bytes:
+    return _field(0x2A, name.encode())
+
+
+_URL_PATH_KEY = _field(0x0A, b"url.path")
+_PROTOCOL_NAME = _cached_string_attribute("network.protocol.name", "http")
+
+
 def request_span(r: HttpRequest) -> Span:
-    """The span of one request. Built in place (attributes added to the message, no
-    intermediate dicts or ``SpanSpec``): this runs once per request on each side, three to four
-    times cheaper than through ``span_proto``."""
+    """The span of one request (encoded as described above)."""
     method = normal_method(r.method)
-    span = new_span("HTTP" if method == "_OTHER" else method, r.server, r.start_unix_nano, r.duration_ns)
-    add = span.attributes.add
-    add(key="http.request.method").value.string_value = method
+    sa = _cached_string_attribute
+    parts = [_KIND[r.server], b"\x39", _Q.pack(r.start_unix_nano), b"\x41", _Q.pack(r.start_unix_nano + r.duration_ns),
+             _name("HTTP" if method == "_OTHER" else method), sa("http.request.method", method)]
     if method == "_OTHER":
-        add(key="http.request.method_original").value.string_value = r.method
+        parts.append(_string_attribute(_field(0x0A, b"http.request.method_original"), r.method))
     if r.status:
-        add(key="http.response.status_code").value.int_value = r.status
-    add(key="url.path").value.string_value = r.path
-    add(key="url.scheme").value.string_value = r.scheme
-    add(key="network.protocol.name").value.string_value = "http"
-    add(key="network.protocol.version").value.string_value = r.version
-    add(key="server.address").value.string_value = r.server_address
-    add(key="server.port").value.int_value = r.server_port
-    add(key="client.address").value.string_value = r.client_address
-    add(key="client.port").value.int_value = r.client_port
+        parts.append(_int_attribute("http.response.status_code", r.status))
+    parts += (_string_attribute(_URL_PATH_KEY, r.path), sa("url.scheme", r.scheme), _PROTOCOL_NAME,
+              sa("network.protocol.version", r.version), sa("server.address", r.server_address),
+              _int_attribute("server.port", r.server_port), sa("client.address", r.client_address),
+              _int_attribute("client.port", r.client_port))
     err = error_type(r.server, r.status, r.error)
     if err:
-        add(key="error.type").value.string_value = err
-        span.status.code = Status.STATUS_CODE_ERROR
-        span.status.message = r.error or f"HTTP {r.status}"
-    if r.trace_id is not None:   # decided by the source (e.g. a child of the serving request)
-        span.trace_id = r.trace_id
-        if r.span_id is not None:
-            span.span_id = r.span_id
-        if r.parent_span_id is not None:
-            span.parent_span_id = r.parent_span_id
-        return span
-    return join_traceparent(span, r.traceparent)
+        parts.append(sa("error.type", err))
+        message = (r.error or f"HTTP {r.status}").encode("utf-8", "replace")
+        parts.append(_field(0x7A, _field(0x12, message) + b"\x18" + bytes((Status.STATUS_CODE_ERROR,))))
+    trace_id, span_id, parent = r.trace_id, r.span_id, r.parent_span_id
+    if trace_id is None:   # else decided by the source (e.g. a child of the serving request)
+        joined = parse_traceparent(r.traceparent)
+        if joined is not None:
+            trace_id, parent = joined
+    if trace_id is None or span_id is None:
+        bits = _rand.getrandbits(192)
+        if trace_id is None:
+            trace_id = (bits >> 64).to_bytes(16, "little")
+        if span_id is None:
+            span_id = (bits & _U64_MASK).to_bytes(8, "little")
+    parts += (b"\x0a\x10", trace_id, b"\x12\x08", span_id)
+    if parent:
+        parts += (b"\x22\x08", parent)
+    return Span.FromString(b"".join(parts))
 
 
 def _attributes(key: HttpSeriesKey) -> dict[str, Any]:

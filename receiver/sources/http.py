@@ -197,6 +197,7 @@ class HttpSource(BccSource):
         self._metrics = HttpMetrics(self.config.max_attribute_sets)
         self._rpc_metrics = RpcMetrics(self.config.max_attribute_sets)
         self._start_unix_ns = time.time_ns()
+        self._n_received = 0
         self._hand_on = ctx.consumer.consume_event
         self._to_unix = ctx.clock.to_unix_nano
         counts = self.unparsed.counts
@@ -285,8 +286,8 @@ class HttpSource(BccSource):
         raw = ctypes.string_at(data, size)
         ts, sk, conn_id, _cg, _pid, tid, _fd, moved, length, _lp, _pp, kind, flags = _FIXED.unpack_from(raw)
         key = (sk, conn_id)
+        self._n_received += 1   # added to the self-metric once per ring-buffer read (_consume)
         if kind == EV_CLOSE:
-            self._received.inc()
             if flags & F_TLS_UNPARSED:
                 self.unparsed.add("tls_unparsed")
             conn = self._conns.pop(key, None)
@@ -295,9 +296,9 @@ class HttpSource(BccSource):
                 self._emit(conn)
             return
         if (kind != EV_SEND and kind != EV_RECV) or _HDR + length > size or length > moved:
+            self._n_received -= 1
             self.count_lost("decode_error")
             return
-        self._received.inc()
         payload = raw[_HDR:_HDR + length]
         conn = self._conns.get(key)
         if conn is None:
@@ -493,6 +494,12 @@ class HttpSource(BccSource):
             await asyncio.sleep(DRAIN_S)
             if self.bpf is not None:
                 self._consume()
+
+    def _consume(self) -> None:
+        super()._consume()
+        n, self._n_received = self._n_received, 0
+        if n:
+            self._received.inc(n)
 
     def detach(self) -> None:
         if self.tls is not None:
