@@ -72,6 +72,8 @@ class Service:
 
     async def start(self) -> None:
         compile_cache.configure(self.config.bpf.cache_dir, self.config.bpf.kernel_headers)
+        for name in self.config.sources.enabled():   # from the first scrape: 0 until it is up
+            self.telemetry.source_up.labels(name).set(0)
         if self.config.telemetry.enabled:
             host, port = parse_address(self.config.telemetry.listen)
             web_file = self.config.telemetry.web_config_file

@@ -140,3 +140,44 @@ def test_warm_cache_fills_the_cache_the_agent_then_loads_from(bpf_ok: None, tmp_
     assert "process    cached" in first, first
     assert len(list((cache / "bpf").glob("*.entry"))) == 1
     assert "process    already cached" in warm()
+
+
+def test_metrics_answer_before_the_sources_are_up_and_readyz_waits_for_them(
+        bpf_ok: None, collector: Any, tmp_path: Path) -> None:
+    """Start-up order: ``/metrics`` answers from the start, each source's
+    ``ebpf_receiver_source_up`` is 0 until it is loaded, and ``/readyz`` is 503 ("starting")
+    until every enabled source is up (or disabled) and the exporter runs. The cache is empty, so
+    the program is compiled (seconds) while the scrapes below watch."""
+    import urllib.error
+    import urllib.request
+
+    from .harness import Agent, agent_config, wait_until
+
+    config = agent_config(collector, {"process": {}}, bpf={"cache_dir": str(tmp_path / "cache")})
+    agent = Agent(tmp_path, config).start(wait_ready=False)
+    seen: list[tuple[str, int, str]] = []   # (source_up of process, /readyz status, its body)
+
+    def observe() -> bool:
+        if agent.proc is not None and agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited: {agent.log()[-3000:]}")
+        try:
+            text = agent.scrape()
+        except OSError:
+            return False
+        up = next((ln.rsplit(" ", 1)[1] for ln in text.splitlines()
+                   if ln.startswith('ebpf_receiver_source_up{source="process"}')), "absent")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/readyz", timeout=5) as r:
+                status, body = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read().decode()
+        seen.append((up, status, body.strip()))
+        return status == 200
+
+    try:
+        wait_until(observe, 120, 0.02, "the agent to be ready")
+    finally:
+        assert agent.stop() == 0, agent.log()[-3000:]
+    assert seen[0][:2] == ("0.0", 503) and seen[0][2] == "not ready: starting", seen[:3]
+    assert seen[-1][:2] == ("1.0", 200), seen[-3:]
+    assert all(status == 503 for _, status, _ in seen[:-1]), seen
