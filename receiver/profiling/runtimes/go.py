@@ -212,12 +212,17 @@ class LabelReader:
         self._layouts = layouts
         self._memo: dict[tuple[int, int], Labels] = {}
         self._sets: dict[int, int] = {}       # pid -> label sets read this drain
+        self._fds: dict[int, int] = {}        # pid -> its /proc/PID/mem, open for this drain
         self.stats = {"label_sets_read": 0, "label_sets_unreadable": 0, "label_sets_over_limit": 0,
                       "labels_truncated": 0, "labels_invalid": 0}
 
     def begin(self) -> None:
+        """A new drain: nothing read before is trusted (the garbage collector may have reused it)."""
         self._memo.clear()
         self._sets.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def labels(self, pid: int, ptr: int) -> Labels:
         """The labels of the set at ``ptr`` in ``pid`` (``()`` when unreadable or over the bound)."""
@@ -239,11 +244,13 @@ class LabelReader:
         return got
 
     def _read(self, pid: int, ptr: int, layout: GoLayout) -> Labels:
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self.stats["label_sets_unreadable"] += 1
-            return ()
+        fd = self._fds.get(pid)
+        if fd is None:
+            try:
+                fd = self._fds[pid] = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.stats["label_sets_unreadable"] += 1
+                return ()
         try:
             def read(addr: int, n: int) -> bytes:
                 data = os.pread(fd, n, addr)
@@ -255,8 +262,6 @@ class LabelReader:
         except (OSError, OverflowError, ValueError, struct.error):
             self.stats["label_sets_unreadable"] += 1
             return ()
-        finally:
-            os.close(fd)
         self.stats["label_sets_read"] += 1
         return self._bounded(raw)
 
