@@ -80,6 +80,13 @@ BPF_TABLE("lru_hash", u64, struct http_tls_sock, tls_ssls, MAX_SOCKETS);
  * profiler reads it through the same pin. */
 BPF_TABLE_PINNED("hash", u32, u64, req_links, REQ_LINKS_MAX, REQ_LINKS_PIN);
 #endif
+#if TRACES_CTX
+/* OBI's trace context (sources.http.traces_ctx_write): pid_tgid -> trace and span ids. User space
+ * writes the serving thread's entry when it parses the request head; deleted here with the
+ * response, when it still holds this request's span id (an entry of OBI's is left alone). */
+struct traces_ctx_v1 { u8 trace_id[16]; u8 span_id[8]; };
+BPF_TABLE_PINNED("lru_hash", u64, struct traces_ctx_v1, traces_ctx_v1, TRACES_CTX_MAX, TRACES_CTX_PIN);
+#endif
 MIRROR(http_event);
 MIRROR(http_sock);
 /* The agent's own tgid, written by user space at start: a map, not a -D, so the compiled program
@@ -295,6 +302,15 @@ static __always_inline void emit(struct http_sock *s, u64 sk, u64 id, u32 fd, u6
             }
         } else if (kind == HTTP_EV_SEND && (s->direction == HTTP_DIR_SERVER ||
                                             (!s->direction && w == WORD('H', 'T', 'T', 'P')))) {
+#if TRACES_CTX
+            u64 *served = req_links.lookup(&tid);
+            struct traces_ctx_v1 *ctx = served ? traces_ctx_v1.lookup(&id) : 0;
+            u64 held = 0;
+            if (ctx)
+                __builtin_memcpy(&held, ctx->span_id, 8);
+            if (ctx && held == *served)
+                traces_ctx_v1.delete(&id);
+#endif
             req_links.delete(&tid);
         } else {
             u64 *cur = req_links.lookup(&tid);

@@ -116,13 +116,39 @@ BPF_ARRAY(settings, u32, PROF_SETTINGS);
 /* Thread id -> span id of the request it serves, written by bpf/http.bpf.c through the same pin
  * (receiver/profiling/links.py): samples of different requests are different keys. */
 BPF_TABLE_PINNED("hash", u32, u64, req_links, REQ_LINKS_MAX, REQ_LINKS_PIN);
-static __always_inline u64 request_link(u32 tid) {
-    u64 *span = req_links.lookup(&tid);
-    return span ? *span : 0;
-}
-#else
-static __always_inline u64 request_link(u32 tid) { return 0; }
 #endif
+#if TRACES_CTX
+/* OBI's trace context (docs/profiler.md#request-links): pid_tgid -> the trace and span its thread
+ * serves, written by OBI (or our http program); link_traces: span id -> trace id of the entries
+ * samples were linked to, read by user space (receiver/profiling/links.py trace_of). */
+struct traces_ctx_v1 { u8 trace_id[16]; u8 span_id[8]; };
+struct link_trace { u8 trace_id[16]; };
+BPF_TABLE_PINNED("lru_hash", u64, struct traces_ctx_v1, traces_ctx_v1, TRACES_CTX_MAX, TRACES_CTX_PIN);
+BPF_TABLE_PINNED("lru_hash", u64, struct link_trace, link_traces, TRACES_CTX_MAX, LINK_TRACES_PIN);
+#endif
+/* The span id a sample of this thread links to: the request of ours it serves, else OBI's
+ * traces_ctx_v1 entry for it; 0 none. */
+static __always_inline u64 request_link(u64 pid_tgid) {
+    u64 span = 0;
+#if REQ_LINKS
+    u32 tid = (u32)pid_tgid;
+    u64 *ours = req_links.lookup(&tid);
+    if (ours)
+        return *ours;
+#endif
+#if TRACES_CTX
+    struct traces_ctx_v1 *ctx = traces_ctx_v1.lookup(&pid_tgid);
+    if (ctx) {
+        __builtin_memcpy(&span, ctx->span_id, 8);
+        if (span && !link_traces.lookup(&span)) {
+            struct link_trace t;
+            __builtin_memcpy(t.trace_id, ctx->trace_id, 16);
+            link_traces.update(&span, &t);
+        }
+    }
+#endif
+    return span;
+}
 BPF_HASH(counts0, struct prof_key, u64, MAX_KEYS);
 BPF_HASH(counts1, struct prof_key, u64, MAX_KEYS);
 BPF_STACK_TRACE(stacks0, MAX_STACKS);
@@ -697,7 +723,7 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx) {
 #endif
     key.pid = tgid;
     key.tid = (u32)pid_tgid;
-    key.link_span = request_link(key.tid);
+    key.link_span = request_link(pid_tgid);
     u32 gslot = PROF_SET_GENERATION;
     u32 *gen = settings.lookup(&gslot);
     u32 g = gen ? *gen : 0;
@@ -746,7 +772,7 @@ int on_switch_out(struct bpf_perf_event_data *ctx) {
 #endif
     key->pid = tgid;
     key->tid = (u32)pid_tgid;
-    key->link_span = request_link(key->tid);
+    key->link_span = request_link(pid_tgid);
 #if UNWIND
     struct unwind_state *ws = walk_state();
     struct unwind_stack *st = walk_stack();

@@ -26,6 +26,7 @@ from .kernel import compile_cache, heap, privileges
 from .kernel.clock import KernelClock
 from .kernel.identity import CgroupResolver, detect_host_attributes
 from .pipeline import Pipeline, ProcessResources
+from .profiling import links
 from .sources import Source, SourceContext, source_classes
 from .telemetry import SelfTelemetry, TelemetryServer
 from .web_config import WebConfig
@@ -74,6 +75,7 @@ class Service:
         compile_cache.configure(self.config.bpf.cache_dir, self.config.bpf.kernel_headers)
         for name in self.config.sources.enabled():   # from the first scrape: 0 until it is up
             self.telemetry.source_up.labels(name).set(0)
+        links.configure(self.config.bpf.pin_path)   # request links' bpffs pins
         if self.config.telemetry.enabled:
             host, port = parse_address(self.config.telemetry.listen)
             web_file = self.config.telemetry.web_config_file

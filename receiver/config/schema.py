@@ -318,6 +318,9 @@ class ProfilerSourceConfig:
     # The share of requests whose samples are linked (each linked request's samples are their own
     # samples, so a profile has up to one sample per stack per linked request).
     request_links_probability: Annotated[float, Range(0, 1, low_open=True)] = 1.0
+    # Samples of a thread with no link of ours link to the trace and span OBI keeps for it in
+    # <bpf.pin_path>/otel/traces_ctx_v1 (created and pinned if absent; docs/profiler.md#request-links).
+    traces_ctx_read: bool = False
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     off_cpu: OffCpuConfig = field(default_factory=OffCpuConfig)
@@ -442,6 +445,10 @@ class HttpSourceConfig:
     max_attribute_sets: Annotated[int, AT_LEAST_1] = 2000
     # 4 MiB: about 3 600 records of a full 1 KiB capture; losses: ringbuf_full.
     ring_buffer_pages: Annotated[int, Range(1, 1 << 18)] = 1024
+    # Writes each server span's trace and span id for its serving thread into OBI's
+    # <bpf.pin_path>/otel/traces_ctx_v1 until the response, for the OpenTelemetry eBPF profiler
+    # (docs/profiler.md#request-links); not where OBI instruments the same processes.
+    traces_ctx_write: bool = False
 
     def _validate(self) -> list[str]:
         return _ring_and_ports_problems(self.ring_buffer_pages, self.ports)
@@ -472,15 +479,19 @@ class BpfConfig:
     loads without compiling (null or "": no cache); ``kernel_headers`` is the header tree BCC
     compiles against (null: the running kernel's under /lib/modules, else the generic
     linux-headers-* under /usr/src the image and ``make setup`` install). Nothing is written
-    outside ``cache_dir``."""
+    outside ``cache_dir`` but the bpffs pins of request links under ``pin_path`` (OBI's
+    ``$PINPATH``: both must name the same directory for ``traces_ctx_v1``)."""
 
     cache_dir: str | None = "/var/cache/ebpf-otlp-receiver"
     kernel_headers: str | None = None
+    pin_path: str = "/sys/fs/bpf"
 
     def _validate(self) -> list[str]:
         p = []
         if self.cache_dir and not os.path.isabs(self.cache_dir):
             p.append(f"cache_dir: must be an absolute path, not {self.cache_dir!r}")
+        if not os.path.isabs(self.pin_path):
+            p.append(f"pin_path: must be an absolute path, not {self.pin_path!r}")
         if self.kernel_headers is not None and not os.path.isdir(os.path.join(self.kernel_headers, "include")):
             p.append(f"kernel_headers: no header tree at {self.kernel_headers} (it has no include/)")
         return p

@@ -4,7 +4,9 @@ A miss compiles in a loader process as always (``kernel.loader``) and that proce
 back, for each program, the instructions BCC loaded (``bpf_function_start``), with every map
 descriptor in them (``ld_imm64`` with ``BPF_PSEUDO_MAP_FD``) replaced by the map's index; each
 map's spec (type, sizes, max_entries, the kernel's flags, name, BCC's key/leaf descriptions); the
-program arrays it filled and the tracepoints it attached, in order. The agent stores that as an
+program arrays it filled and the tracepoints it attached, in order; a map the program opens by
+a bpffs pin (``BPF_TABLE_PINNED``, named in ``compile_bpf(pins=)``) is marked ``pinned``, and a
+hit opens that pin (``BPF_OBJ_GET``) instead of creating a map. The agent stores that as an
 entry. A hit needs neither BCC nor LLVM nor a loader process: the agent creates the maps
 (``bpf_map_create``), writes their new descriptors into the instructions, loads the programs
 (``bpf_prog_load``; the verifier checks them as it checked BCC's), fills the program arrays and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -47,10 +50,10 @@ __all__ = ["FORMAT_VERSION", "DEFAULT_DIR", "configure", "settings", "stats", "c
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # 2: pinned maps
 DEFAULT_DIR = "/var/cache/ebpf-otlp-receiver"
 MAX_ENTRIES = 64              # the oldest go first: one entry per program and configuration
-_MAGIC = b"ebpf-otlp-receiver compile cache 1\n"
+_MAGIC = b"ebpf-otlp-receiver compile cache 2\n"
 _TRACEPOINT = re.compile(r"^\s*TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", re.M)
 _BPF_LD_IMM64 = 0x18
 _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
@@ -117,10 +120,19 @@ def _kernel() -> tuple[str, str, str]:
 
 
 def cache_key(text: str, cflags: Sequence[str], programs: Sequence[Any], headers: Sequence[Any] | None,
-              bcc_version: str) -> tuple[str, dict[str, str]]:
+              bcc_version: str, pins: Mapping[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """The entry's key and what it was made of (``meta``: checked again when the entry loads).
     The header tree is in ``meta`` but not in the key: a host without headers still finds the
-    entry (and loads it, needing none), while another header tree replaces it."""
+    entry (and loads it, needing none), while another header tree replaces it. ``pins`` (map name
+    -> bpffs path of a map the program opens with ``BPF_TABLE_PINNED``): a path in a cflag is
+    keyed by the map's name, not the path, since the instructions only hold the map's descriptor
+    (a per-process pin path still finds the entry; a hit opens the pin, ``instantiate``)."""
+    if pins:
+        def unpinned(flag: str) -> str:
+            for name, path in sorted(pins.items(), key=lambda kv: -len(kv[1])):
+                flag = flag.replace(path, f"<pin:{name}>")
+            return flag
+        cflags = [unpinned(f) for f in cflags]
     release, build, machine = _kernel()
     tracefs = host.tracefs_root()
     formats = hashlib.sha256()
@@ -311,14 +323,35 @@ def _bind_maps(insns: bytes, relocs: Sequence[Sequence[int]], fds: Sequence[int]
     return bytes(out)
 
 
-def instantiate(entry: Mapping[str, Any], defer_tail_calls: bool = False) -> tuple[
+def _open_pinned(spec: Mapping[str, Any], pins: Mapping[str, str]) -> int:
+    """The descriptor of a pinned map (``BPF_OBJ_GET``), checked against the entry's spec."""
+    from . import libbpf
+
+    path = pins.get(spec["name"])
+    if path is None:
+        raise CacheEntryError("mismatch", f"map {spec['name']} is pinned, but no pin path was given for it")
+    fd = libbpf.lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"opening the map pinned at {path}: {os.strerror(err)}")
+    info = libbpf.map_info(fd)
+    for k in ("type", "key_size", "value_size", "max_entries"):
+        if info[k] != spec[k]:
+            os.close(fd)
+            raise OSError(f"the map pinned at {path} has {k} {info[k]}, the program wants {spec[k]}")
+    return int(fd)
+
+
+def instantiate(entry: Mapping[str, Any], defer_tail_calls: bool = False,
+                pins: Mapping[str, str] | None = None) -> tuple[
         list[tuple[dict[str, Any], int]], dict[str, int], list[int], list[list[str]], list[dict[str, Any]]]:
     """Creates the entry's maps, loads its programs, fills its program arrays and attaches it:
     (maps with descriptors, programs by name, attachment descriptors, attach points, deferred).
     With ``defer_tail_calls``, the programs only reached by tail calls (the profiler's walkers,
     the longest to verify) are not loaded but returned in ``deferred`` for ``load_deferred``:
-    until then a tail call into their empty slot falls through, as the programs expect. On any
-    failure everything created is closed and the error raised."""
+    until then a tail call into their empty slot falls through, as the programs expect. A map
+    the entry marks ``pinned`` is opened at its path in ``pins`` (map name -> path), not created.
+    On any failure everything created is closed and the error raised."""
     from . import libbpf
 
     reached = {name for _, _, name in entry["prog_arrays"]}
@@ -328,6 +361,11 @@ def instantiate(entry: Mapping[str, Any], defer_tail_calls: bool = False) -> tup
     try:
         maps: list[tuple[dict[str, Any], int]] = []
         for spec in entry["maps"]:
+            if spec.get("pinned"):
+                fd = _open_pinned(spec, pins or {})
+                created.append(fd)
+                maps.append((spec, fd))
+                continue
             fd = libbpf.map_create(spec["type"], spec["name"], spec["key_size"], spec["value_size"],
                                    spec["max_entries"], spec.get("flags", 0))
             created.append(fd)

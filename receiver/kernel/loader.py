@@ -23,7 +23,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,15 @@ _BOOT = ("import sys, types; p = types.ModuleType('receiver'); p.__path__ = [sys
 
 
 def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
-                programs: Sequence[Program] = (), includes: Sequence[str] = ()) -> BpfObject:
+                programs: Sequence[Program] = (), includes: Sequence[str] = (),
+                pins: Mapping[str, str] | None = None) -> BpfObject:
     """Loads ``bpf/<bpf_file>`` (with ``includes``, ``bpf/`` headers inlined at its
     ``RUNTIME WALKERS`` line: see ``program_text``) and returns the object: from the compile
     cache when it holds this program for this kernel (no BCC, no loader process), else compiled
     in a loader process, which fills the cache. Raises ``SourceUnavailableError`` saying what is
     missing (BCC, the program file, kernel headers, the privilege to call bpf(), libbpf) or how
-    the compile or load failed."""
+    the compile or load failed. ``pins``: map name -> bpffs path of each map the program opens
+    with ``BPF_TABLE_PINNED`` (the pins must exist); a cache hit opens those pins."""
     from . import compile_cache
     from .bcc import bcc_version, find_kernel_headers, program_text
     from .libbpf import lib
@@ -65,7 +67,8 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
     t0 = time.monotonic()
     request: dict[str, Any] = {"source": source_name, "bpf_file": bpf_file, "cflags": list(cflags),
                                "includes": list(includes),
-                               "programs": [[n, t, list(a) if a else None] for n, t, a in programs]}
+                               "programs": [[n, t, list(a) if a else None] for n, t, a in programs],
+                               "pins": dict(pins or {})}
     settings = compile_cache.settings()
     try:
         headers = find_kernel_headers(settings["kernel_headers"])
@@ -76,12 +79,13 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
         request["headers"] = list(headers)
     if text is None or not settings["directory"]:
         return _compile(request, t0)
-    key, meta = compile_cache.cache_key(text, cflags, request["programs"], headers, bcc_version())
-    obj = _from_cache(source_name, key, meta, t0)
+    key, meta = compile_cache.cache_key(text, cflags, request["programs"], headers, bcc_version(), request["pins"])
+    obj = _from_cache(source_name, key, meta, t0, pins=request["pins"])
     if obj is not None or headers is None:   # without headers, only the cache can load it
         return obj or _compile(request, t0)
     with compile_cache.locked(key):
-        obj = _from_cache(source_name, key, meta, t0, count_miss=False)   # another agent may have filled it
+        obj = _from_cache(source_name, key, meta, t0, count_miss=False,   # another agent may have filled it
+                          pins=request["pins"])
         if obj is not None:
             return obj
         request["describe"] = True
@@ -97,14 +101,15 @@ def compile_bpf(source_name: str, bpf_file: str, cflags: Sequence[str] = (),
 
 
 def _from_cache(source_name: str, key: str, meta: dict[str, str], t0: float,
-                count_miss: bool = True) -> BpfObject | None:
+                count_miss: bool = True, pins: Mapping[str, str] | None = None) -> BpfObject | None:
     from . import compile_cache
 
     entry = compile_cache.lookup(key, meta, count_miss)
     if entry is None:
         return None
     try:
-        maps, programs, attachments, attach, deferred = compile_cache.instantiate(entry, defer_tail_calls=True)
+        maps, programs, attachments, attach, deferred = compile_cache.instantiate(entry, defer_tail_calls=True,
+                                                                                  pins=pins)
     except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
         compile_cache.count("load_failed")
         log.warning("source %s: the cached programs did not load (%s): compiling", source_name, e)
@@ -303,11 +308,14 @@ def _entry(bpf: Any, req: dict[str, Any], maps: list[tuple[dict[str, Any], int]]
     bcclib.bpf_function_start.argtypes = bcclib.bpf_function_size.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     bcclib.bpf_module_license.argtypes = bcclib.bpf_module_kern_version.argtypes = [ctypes.c_void_p]
     map_fds = {fd: i for i, (_, fd) in enumerate(maps)}
+    pinned = req.get("pins") or {}
     specs = []
     for spec, fd in maps:
         info = map_info(fd)
         specs.append({**spec, "flags": info["flags"], "type": info["type"], "key_size": info["key_size"],
                       "value_size": info["value_size"], "max_entries": info["max_entries"]})
+        if spec["name"] in pinned:   # opened by its pin (BPF_TABLE_PINNED): a hit opens it again
+            specs[-1]["pinned"] = True
     progs = []
     for name, fd in programs.items():
         start = bcclib.bpf_function_start(bpf.module, name.encode())

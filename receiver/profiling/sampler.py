@@ -264,6 +264,7 @@ class CpuSampler:
         self._reloaded_at: dict[int, float] = {}   # pid → when its tables were last re-requested
         self.off_cpu = config.off_cpu.enabled
         self.request_links = bool(getattr(config, "request_links", False))   # docs/profiler.md#request-links
+        self.traces_ctx_read = bool(getattr(config, "traces_ctx_read", False))   # OBI's traces_ctx_v1
         self.off_cpu_disabled: str | None = None   # why off-CPU time is off although configured
         self._offcpu_threshold = offcpu_threshold(config.off_cpu.sample_probability)
         self._offcpu_bufs: tuple[Any, Any] | None = None
@@ -307,13 +308,13 @@ class CpuSampler:
 
     def _link_cflags(self) -> list[str]:
         """Request links (receiver/profiling/links.py): the pinned thread -> span map."""
-        if not self.request_links:
+        if not (self.request_links or self.traces_ctx_read):
             return []
         try:
-            return links.cflags()
+            return links.profiler_cflags(self.request_links, self.traces_ctx_read)
         except OSError as e:
             log.warning("profiler: no request links: %s", e)
-            self.request_links = False
+            self.request_links = self.traces_ctx_read = False
             return []
 
     def _offcpu_cflags(self) -> list[str]:
@@ -343,9 +344,9 @@ class CpuSampler:
             programs.append((OFFCPU_PROGRAM.decode(), "PERF_EVENT", None))
         try:
             cflags = self.cflags()
-            compile_fn = links.compile_uncached if self.request_links else compile_bpf
-            return compile_fn(self.source_name, BPF_FILE, cflags, programs,
-                              includes=[cls.bpf_header for _, cls in runtimes])
+            pins = links.pins() if self.request_links or self.traces_ctx_read else None
+            return compile_bpf(self.source_name, BPF_FILE, cflags, programs, pins=pins,
+                               includes=[cls.bpf_header for _, cls in runtimes])
         except SourceUnavailableError as e:
             if not self.off_cpu:
                 raise

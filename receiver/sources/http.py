@@ -185,7 +185,9 @@ class HttpSource(BccSource):
         self._spans_on = bool(self.config.spans)
         self._metrics_on = bool(self.config.metrics)
         prof = self._prof_config = ctx.config.sources.profiler
-        self._links = bool(prof.enabled and prof.request_links)   # docs/profiler.md#request-links
+        # docs/profiler.md#request-links: our profiler's links, OBI's traces_ctx_v1 written
+        self._ctx_write = bool(self.config.traces_ctx_write)
+        self._links = bool(prof.enabled and prof.request_links) or self._ctx_write
         self.unparsed = Unparsed((*UNPARSED_REASONS, "tls_unparsed"))
         self.tls: TlsAttacher | None = None
         self._drain_task: asyncio.Task[None] | None = None
@@ -235,7 +237,7 @@ class HttpSource(BccSource):
         if not self._links:
             return []
         try:
-            return links.cflags(float(self._prof_config.request_links_probability))
+            return links.cflags(float(self._prof_config.request_links_probability), write=self._ctx_write)
         except OSError as e:
             log.warning("source http: no request links for the profiler: %s", e)
             self._links = False
@@ -244,10 +246,8 @@ class HttpSource(BccSource):
     def _compile(self) -> Any:
         programs = [(name, "KPROBE", None) for name in (*TLS_FUNCTIONS.values(), RETURN_PROGRAM)]
         cflags = self.cflags()
-        if self._links:     # the pinned map: never from the compile cache (receiver/profiling/links.py)
-            bpf = links.compile_uncached(self.name, self.bpf_file, cflags, programs)
-        else:
-            bpf = compile_bpf(self.name, self.bpf_file, cflags, programs)
+        bpf = compile_bpf(self.name, self.bpf_file, cflags, programs,   # links: pinned maps
+                          pins=links.pins() if self._links else None)
         try:
             for map_name, part, mirror in self.mirrors:
                 check_mirror(bpf, map_name, part, mirror, self.name)
@@ -318,7 +318,7 @@ class HttpSource(BccSource):
         parser.feed(kind == EV_SEND, payload, moved, ts)
         if len(pending) > n and type(parser) is Http1Connection:
             link = _LINK.unpack_from(raw, _LINK_OFF)[0] if self._links else 0
-            self._requests_started(parser, tid, pending, n, link)
+            self._requests_started(parser, tid, pending, n, link, conn.pid)
         conn.last_ns = ts
         if parser.exchanges:
             self._emit(conn)
@@ -372,7 +372,8 @@ class HttpSource(BccSource):
             self._evictions += 1
         return conn
 
-    def _requests_started(self, parser: Http1Connection, tid: int, pending: Any, n: int, link: int = 0) -> None:
+    def _requests_started(self, parser: Http1Connection, tid: int, pending: Any, n: int, link: int = 0,
+                          pid: int = 0) -> None:
         """Request heads just parsed (``pending[n:]``) by thread ``tid``. A server's get their
         span ids now, and the thread is serving them until they are emitted; a client's made by a
         thread serving exactly one request become its children (thread-per-request servers; a
@@ -399,7 +400,7 @@ class HttpSource(BccSource):
                 ex.span_id = (bits & _U64).to_bytes(8, "little")
                 if link:
                     ex.span_id = link.to_bytes(8, "little")
-                    links.register(link, ex.trace_id)
+                    links.register(link, ex.trace_id, pid, tid)
             serving = self._serving.get(tid)
             if serving is None:
                 serving = self._serving[tid] = []
