@@ -324,3 +324,55 @@ def test_check_names_the_headers_and_the_cache(tmp_path: Path) -> None:
     headers, cache_row = _bpf_rows(config, ("process",))
     assert headers.ok and str(common.resolve()) in headers.detail and "bpf.kernel_headers" in headers.detail
     assert cache_row.ok and f"{tmp_path / 'cache'}: 0 entries" in cache_row.detail
+
+
+@pytest.mark.bpf
+def test_a_hit_opens_the_pinned_maps_instead_of_creating_them(bpf_ok: None, cache: Path) -> None:
+    """Request links (receiver/profiling/links.py): the profiler opens req_links, OBI's
+    traces_ctx_v1 and link_traces by their bpffs pins. A hit opens the same pins (the same
+    kernel maps, not new ones) and loads the same programs; a pin path of another agent process
+    (another directory here) finds the same entry and opens that process's pins."""
+    import shutil
+    import uuid
+
+    from receiver.profiling import links
+    from receiver.profiling.sampler import CpuSampler
+
+    pinned = ("req_links", "traces_ctx_v1", "link_traces")
+    root = Path("/sys/fs/bpf") / f"ebpf_otlp_test_{uuid.uuid4().hex[:12]}"
+    config = ProfilerSourceConfig(preset="development", unwind_tables=False, request_links=True,
+                                  traces_ctx_read=True)
+
+    def load(pin_dir: Path) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
+        links.unpin()
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        links.configure(str(pin_dir))
+        obj = CpuSampler(config).load()
+        try:
+            ids = {n: map_info(obj[n].map_fd)["id"] for n in pinned}
+            pins = {}
+            for name, path in links.pins().items():
+                fd = lib().bpf_obj_get(path.encode())
+                assert fd >= 0, path
+                pins[name] = map_info(fd)["id"]
+                os.close(fd)
+            assert set(pins) == set(pinned)
+            return {**signature(obj), "cache": obj.loader_info["cache"]}, ids, pins
+        finally:
+            obj.cleanup()
+
+    try:
+        cold, cold_ids, cold_pins = load(root / "a")
+        warm, warm_ids, warm_pins = load(root / "a")
+        other, other_ids, other_pins = load(root / "b")
+    finally:
+        links.unpin()
+        links.configure(links.DEFAULT_PIN_DIR)
+        shutil.rmtree(root, ignore_errors=True)
+    assert (cold.pop("cache"), warm.pop("cache"), other.pop("cache")) == ("miss", "hit", "hit")
+    assert cold_ids == cold_pins and warm_ids == warm_pins and other_ids == other_pins
+    # traces_ctx_v1 stays pinned (OBI's): the same map again; our own pins are new per process
+    assert warm_ids["traces_ctx_v1"] == cold_ids["traces_ctx_v1"]
+    assert other_ids["req_links"] != warm_ids["req_links"]
+    assert warm == cold and other == cold
+    assert compile_cache.stats["hit"] == 2 and compile_cache.stats["miss"] == 1
