@@ -106,6 +106,8 @@ def test_compose_agent_privileges_and_mounts(compose: dict[str, Any]) -> None:
     # The image's own headers and a compile cache volume; no host headers (issue 29).
     assert "/lib/modules" not in mounts and "/usr/src" not in mounts
     assert mounts["/var/cache/ebpf-otlp-receiver"].split(":")[0] in compose["volumes"]
+    # bpffs, writable, for request links' pins (bpf.pin_path's default)
+    assert mounts["/sys/fs/bpf"] == f"{EbpfConfig().bpf.pin_path}:/sys/fs/bpf"
 
 
 def _interpolate(value: str, env: dict[str, str]) -> str:
@@ -277,6 +279,9 @@ def test_daemonset() -> None:
     assert agent["securityContext"]["readOnlyRootFilesystem"] is True
     assert volumes[mounts["/var/cache/ebpf-otlp-receiver"]]["hostPath"]["path"] == "/var/cache/ebpf-otlp-receiver"
     assert "emptyDir" in volumes[mounts["/tmp"]]
+    # bpffs, writable, for request links' pins (bpf.pin_path's default)
+    bpffs = next(m for m in agent["volumeMounts"] if m["mountPath"] == EbpfConfig().bpf.pin_path)
+    assert not bpffs.get("readOnly") and volumes[bpffs["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
     annotations = ds["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "9464"
     # The ConfigMap's config is valid for the agent, with the node name expanded by Kubernetes.
