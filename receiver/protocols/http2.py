@@ -323,9 +323,24 @@ class Http2Connection:
                 end = pos + 9 + length
                 if end <= n and length <= kept:
                     ftype = data[pos + 3]
-                    if (ftype == _WINDOW or ftype == _PING) and not d.block_sid and length <= d.max_frame:
-                        pos = end   # flow control and pings say nothing about requests
-                        continue
+                    if not d.block_sid and length <= d.max_frame:
+                        if ftype == _WINDOW or ftype == _PING:
+                            pos = end   # flow control and pings say nothing about requests
+                            continue
+                        flags = data[pos + 4]
+                        if ftype == _HEADERS and flags & 0x2C == _END_HEADERS:   # a whole header block
+                            sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                            block, pos = data[pos + 9:end], end
+                            self._decode(d, outgoing, sid, flags, block, ts)
+                            continue
+                        if ftype == _DATA:
+                            sid = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                            ex = self.streams.get(sid)
+                            if ex is None or ex.grpc is not None:   # (else its prefix may say gRPC)
+                                pos = end
+                                if flags & _END_STREAM:
+                                    self._end_stream(outgoing, sid, ts)
+                                continue
                     if not self._frame_start(d, data[pos:pos + 9]):
                         self._desync(d, "h2_bad_frame")
                         return
@@ -460,6 +475,10 @@ class Http2Connection:
             if flags & _END_STREAM:
                 self._end_stream(outgoing, sid, ts)
             return
+        self._decode(d, outgoing, sid, flags, block, ts)
+
+    def _decode(self, d: _Direction, outgoing: bool, sid: int, flags: int, block: bytes, ts: int) -> None:
+        """A whole header block of stream ``sid``."""
         try:
             h = decode_block(d.table, block)
         except (ValueError, IndexError):
