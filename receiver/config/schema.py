@@ -305,7 +305,7 @@ class ProfilerSourceConfig:
     # User stacks walked in the kernel with tables made from each binary's .eh_frame (code built
     # without frame pointers); off: the kernel's frame-pointer walk only.
     unwind_tables: bool = True
-    unwind_table_rows: Annotated[int, Range(4096, 1 << 24)] = 1 << 20   # 16 bytes each
+    unwind_table_rows: Annotated[int, Range(4096, 1 << 24)] = 1 << 21   # 16 bytes each: 32 MiB
     unwind_processes: Annotated[int, Range(16, 65536)] = 1024           # 2 KiB each
     # CPython frames (function, file, line) in user stacks of Python processes; needs
     # unwind_tables (the Python walk follows the native one).

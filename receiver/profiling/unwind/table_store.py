@@ -42,7 +42,8 @@ MAX_FAILED_FILES = 4096      # files remembered as having no usable table
 # A file's CFI may use at most this share of the row array: one huge library (libLLVM's
 # .eh_frame runs to a million rows) must not evict everything else or stall the worker.
 MAX_TABLE_SHARE = 0.25
-CFI_BYTES_PER_ROW = 4        # .eh_frame bytes per row: libc 5.4, libpython 4.6 (an estimate before readelf)
+CFI_BYTES_PER_ROW = 4        # .eh_frame bytes per row: libc 5.4, libpython 4.6, node 7.4 (an estimate before readelf)
+ESTIMATE_SLACK = 2           # a file estimated at up to twice the share is built, then checked by its rows
 _CFI_SECTIONS = (b".eh_frame", b".debug_frame")
 QUEUE_SIZE = 4096
 MAX_RETRIES = 3              # re-captures of a process whose mappings changed while loading
@@ -323,7 +324,7 @@ class UnwindTables:
                 cfi_bytes = max(section_sizes(fd, _CFI_SECTIONS).values(), default=0)
             except ElfError:
                 cfi_bytes = 0
-            if cfi_bytes // CFI_BYTES_PER_ROW > limit:
+            if cfi_bytes // CFI_BYTES_PER_ROW > ESTIMATE_SLACK * limit:
                 self._remember_failed(key, "too large")
                 self.stats["tables_too_large"] += 1
                 return "full"
