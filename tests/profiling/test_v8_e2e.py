@@ -141,15 +141,21 @@ if (isMainThread) {
 """
 
 
-# Frames V8 runs from bytecode: functions that spend their time in a builtin (JSON.parse) and run
-# too little bytecode themselves to be compiled. V8 makes a function's source position table lazily;
-# a stack trace formatted once (as a logged error would) makes it for every function on the stack.
+# JS -> builtin (C++) -> JS: JSON.parse with a reviver spends its time in V8's C++ parser and
+# internalizer, which call the reviver back; node's C++ has no frame pointers, so the walk goes
+# through it by node's unwind table. The top level stays bytecode (it runs once and has no loop):
+# its frame is at the statement it is in. V8 makes source position tables lazily; a stack trace
+# formatted once (as a logged error would) makes them for every function on the stack.
 LINES_SOURCE = """\
 'use strict';
 const fs = require('fs');
 const stop = process.argv[2];
-const text = JSON.stringify(Array.from({ length: 40000 }, (_, i) => ({ id: i, name: 'n' + i, tags: ['a', 'b'] })));
+const text = JSON.stringify(Array.from({ length: 20000 }, (_, i) => ({ id: i, name: 'n' + i, tags: ['a', 'b'] })));
 let traced = false;
+
+function revive(key, value) { // DEF revive
+  return key === 'id' ? value + 1 : value;
+}
 
 function parseAll(rounds) { // DEF parseAll
   if (!traced) {
@@ -158,7 +164,7 @@ function parseAll(rounds) { // DEF parseAll
   }
   let n = 0;
   for (let r = 0; r < rounds; r++) {
-    n += JSON.parse(text).length; // AT parseAll
+    n += JSON.parse(text, revive).length; // AT parseAll
   }
   return n;
 }
@@ -169,7 +175,7 @@ function loop() { // DEF loop
   return total;
 }
 
-loop();
+loop(); // AT top
 """
 
 
@@ -329,30 +335,44 @@ def test_deoptimized_function_keeps_its_name(bpf_ok: None, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("version", ["20", "22"], ids=["node20", "node22"])
-def test_interpreted_frames_at_their_statement(bpf_ok: None, version: str, tmp_path: Path) -> None:
-    """A frame V8 runs from bytecode carries the line of the statement it is at (the frame's
-    bytecode offset through the source position table), not the function's first line."""
+def test_builtin_between_js_and_statement_lines(bpf_ok: None, version: str, tmp_path: Path) -> None:
+    """JSON.parse (V8's C++) between JS frames: the reviver's stacks go on through the parser's C++
+    frames to parseAll, loop and the top level; a frame V8 runs from bytecode (the top level)
+    carries the line of the statement it is at (its bytecode offset through the source position
+    table), not its function's first line."""
     script = tmp_path / "lines.js"
     script.write_text(LINES_SOURCE)
-    ats = _ats(LINES_SOURCE)
+    ats, lines = _ats(LINES_SOURCE), _lines(LINES_SOURCE)
     stop = tmp_path / "stop"
     with profiled(_node(version), str(script), str(stop)) as (proc, prof):
         _warm_v8(prof)
         samples: list[Any] = []
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sum(s.count for s in samples) < 200:
+        while time.monotonic() < deadline and sum(s.count for s in samples) < 300:
             samples += prof.measure(2).samples
         stats = prof.sampler.runtime_stats("v8")
         stop.touch()
-    chains: collections.Counter[tuple[tuple[str, int], ...]] = collections.Counter()
+    ours = through = at_top = revived = 0
     for s in samples:
         js = [f for f in _js(s.frames) if f.file == str(script)]
-        if js and js[0].function == "parseAll":
-            chains[tuple((f.function, f.line) for f in js[:2])] += s.count
-    parsing = sum(chains.values())
-    at = chains[(("parseAll", ats["parseAll"]), ("loop", ats["loop"]))]
-    assert parsing >= 100, (chains, stats)
-    assert at / parsing >= 0.9, (chains, stats)
+        names = [f.function for f in js]
+        if names[-3:] != ["parseAll", "loop", "<anonymous>"]:
+            continue
+        ours += s.count
+        for f in js[:-1]:
+            assert f.line in lines[f.function], (f, stats)
+        at_top += s.count if js[-1].line == ats["top"] else 0
+        if names[0] == "revive":
+            revived += s.count
+            user = [f for f in s.frames if f.frame_type != "kernel"]
+            between = user[user.index(js[0]) + 1:user.index(js[1])]
+            if names[:2] == ["revive", "parseAll"] and any("JsonParseInternalizer" in f.function for f in between) \
+                    and any("Builtin_JsonParse" in f.function for f in between):
+                through += s.count
+    total = sum(s.count for s in samples)
+    assert ours >= 0.8 * total and ours >= 200, (ours, total, stats)
+    assert at_top / ours >= 0.95, (at_top, ours, stats)
+    assert revived >= 20 and through / revived >= 0.9, (through, revived, stats)
     assert stats.get("lines_statement", 0) > 0, stats
 
 

@@ -481,13 +481,17 @@ def _vlq(raw: bytes, at: int) -> tuple[int, int]:
 def decode_positions(raw: bytes) -> list[tuple[int, int]]:
     """V8's source position table (source-position-table.cc): per entry, the code offset delta
     (negative - 1 when the entry is an expression, not a statement) and the source position delta,
-    both zigzag VLQ. A source position's script offset is bits 1..30 minus 1 (bit 0: external;
-    bits 31..46: the inlining id). Returns (code offset, script offset), offsets ascending."""
+    both zigzag VLQ; a bytecode table starts with the function entry's position, at offset -1
+    (kFunctionEntryBytecodeOffset). A source position's script offset is bits 1..30 minus 1 (bit 0:
+    external; bits 31..46: the inlining id). Returns (code offset, script offset), ascending."""
     out: list[tuple[int, int]] = []
     at = code = position = 0
     while at < len(raw):
         delta, at = _vlq(raw, at)
-        code += delta if delta >= 0 else -(delta + 1)
+        if not out and delta == -1:
+            code = -1
+        else:
+            code += delta if delta >= 0 else -(delta + 1)
         step, at = _vlq(raw, at)
         position += step
         if out and code < out[-1][0]:
