@@ -30,7 +30,13 @@ off, and another agent start: the profiler's BPF compile is most of a smoke run'
 The Go window: one stripped Go program (``go build -ldflags="-s -w"``: frameless leaves under a
 real call, two inlined helpers) profiled alone; ``go_chain_share`` is the share of its hot samples
 showing the whole chain, inlined frames included, and ``go_chain_share_otel`` the OpenTelemetry
-eBPF profiler's on the same process over the same seconds (real runs only)."""
+eBPF profiler's on the same process over the same seconds (real runs only).
+
+The Node.js and JVM windows: one Node 20 program and one OpenJDK 17 program (no flags, no agent),
+each a 3:1 split under a chain of calls, profiled alone; ``…_chain_share`` is the share of hot
+samples with the whole chain by name, ``jvm_chain_share_otel`` the OpenTelemetry eBPF profiler's,
+and ``…_bpf_ns_vs_otel`` our BPF time per sample over theirs in the same seconds (theirs runs on
+the whole host, which is the load and little else). All three windows share ``_runtime_window``."""
 
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -411,7 +417,8 @@ def run(smoke: bool = False) -> int:
     py_ok = _python_bench(t)
     go_ok = _go_bench(t)
     v8_ok = _v8_bench(t)
-    return 0 if rc == 0 and samples1 > samples0 and py_ok and go_ok and v8_ok else 1
+    jvm_ok = _jvm_bench(t)
+    return 0 if rc == 0 and samples1 > samples0 and py_ok and go_ok and v8_ok and jvm_ok else 1
 
 
 def _steady(load_bin: Path, loads: list[subprocess.Popen[bytes]], t: Times, ours: int,
@@ -570,24 +577,23 @@ def _python_bench(t: Times) -> bool:
     return on["rc"] == 0 and (off is None or off["rc"] == 0)
 
 
-# ---------------------------------------------------------------------------------- Go window
-
-GO_CHAIN = ["main.stage2", "main.stage1", "main.dispatch", "main.runLoop", "main.main"]
-GO_LEAVES = ("main.goHotA", "main.goHotB")
+# ------------------------------------------------------------------- runtime windows (Go, Node.js, JVM)
 
 
-def _go_chain_share(stacks: list[tuple[list[str], int]]) -> float:
-    """Of the samples whose leaf is goHotA or goHotB: the share (%) showing the whole chain
-    ``stage2 ← stage1 ← dispatch ← runLoop ← main`` right above it, inlined frames included."""
-    total = whole = 0
-    for names, n in stacks:
-        if names and names[0] in GO_LEAVES:
-            total += n
-            whole += n if names[1:1 + len(GO_CHAIN)] == GO_CHAIN else 0
-    return whole / total * 100 if total else float("nan")
+@dataclass
+class _Window:
+    """One runtime window: the load's samples from our pprof files and from the OpenTelemetry
+    eBPF profiler (real runs), and both profilers' BPF time per sample, over the same seconds."""
+
+    rc: int = 1
+    ours: list[tuple[list[Any], int]] = field(default_factory=list)    # (user frames, leaf first; count)
+    theirs: list[tuple[list[str], int]] = field(default_factory=list)  # (user frames' names; count)
+    ns: dict[str, float] = field(default_factory=lambda: {"ours": float("nan"), "theirs": float("nan")})
+    ref_how: str = "not run (smoke mode)"
 
 
-def _our_go_stacks(pprof_dir: Path, pid: int, since_ns: int) -> list[tuple[list[str], int]]:
+def _our_stacks(pprof_dir: Path, pid: int, since_ns: int) -> list[tuple[list[Any], int]]:
+    """``pid``'s samples in our pprof files written since ``since_ns``: user frames, leaf first."""
     from receiver.profiling.output.pprof import from_pprof, read_pprof
 
     out = []
@@ -595,12 +601,60 @@ def _our_go_stacks(pprof_dir: Path, pid: int, since_ns: int) -> list[tuple[list[
         profile = from_pprof(read_pprof(path))
         if profile.start_unix_nano < since_ns:
             continue
-        out += [([f.function for f in s.frames if f.frame_type != "kernel"], s.count)
-                for s in profile.samples if s.pid == pid]
+        out += [([f for f in s.frames if f.frame_type != "kernel"], s.count) for s in profile.samples if s.pid == pid]
     return out
 
 
-def _otel_go_stacks(collector: Any, pid: int) -> list[tuple[list[str], int]]:
+def _runtime_window(t: Times, workdir: Path, argv: list[str]) -> _Window:
+    """The agent profiling the one process ``argv`` starts (filtered to it) and, in real runs, the
+    OpenTelemetry eBPF profiler (on the host) over the same ``t.py_measure`` seconds, after both
+    warmed up. The load runs until the window ends."""
+    from tests.harness import Agent, Collector, agent_config
+
+    w = _Window()
+    collector = Collector(otelcol_bin(), workdir).start()
+    ref_dir = workdir / "reference"
+    ref_dir.mkdir()
+    ref_collector = Collector(otelcol_bin(), ref_dir).start() if t.reference else None
+    ref: subprocess.Popen[bytes] | None = None
+    load = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    pprof_dir = workdir / "pprof"
+    agent = Agent(workdir, agent_config(collector, {"profiler": {
+        "preset": "development", "report_interval": t.report_interval, "pprof_dir": str(pprof_dir),
+        "filter": {"pids": [load.pid]}}}))
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    try:
+        agent.start()
+        assert agent.proc is not None
+        if ref_collector is not None:      # loading takes it about 30 s: meanwhile ours warms up
+            ref, w.ref_how = _start_reference(ref_collector, ref_dir)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and agent.metric_value(
+                "ebpf_receiver_profiler_unwind_tables_total", event="processes_loaded") < 1:
+            time.sleep(0.5)
+        time.sleep(max(t.py_warmup, t.ref_warmup + 15 if ref is not None else 0.0))
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+        since_ns = time.time_ns()
+        ref_before = len(_otel_stacks(ref_collector, load.pid)) if ref_collector is not None else 0
+        w.ns = _shared_ns_per_sample(agent.proc.pid, ref.pid if ref is not None else None, t.py_measure)
+        _stop_reference(ref)
+        if ref is not None and ref_collector is not None:
+            w.theirs = _otel_stacks(ref_collector, load.pid)[ref_before:]
+            if ref.returncode not in (0, -15):
+                tail = (ref_dir / "otel-ebpf-profiler.log").read_text(errors="replace").strip().splitlines()
+                w.ref_how = f"exited with {ref.returncode}: {tail[-1] if tail else 'no output'}"
+        time.sleep(t.report_interval + 1)      # the last interval's pprof file
+        w.rc = agent.stop()
+        w.ours = _our_stacks(pprof_dir, load.pid, since_ns)
+    finally:
+        _stop_reference(ref)
+        _tear_down(stats_before, [load], agent, collector)
+        if ref_collector is not None:
+            ref_collector.stop()
+    return w
+
+
+def _otel_stacks(collector: Any, pid: int) -> list[tuple[list[str], int]]:
     """The OpenTelemetry eBPF profiler's samples of ``pid`` as written by ``collector``: user
     frames' names, leaf first, each location's lines (inlined functions) innermost first."""
     out = []
@@ -638,67 +692,54 @@ def _otel_go_stacks(collector: Any, pid: int) -> list[tuple[list[str], int]]:
     return out
 
 
+def _chain_share_of(stacks: list[tuple[list[str], int]], leaves: tuple[str, ...], chain: list[str]) -> float:
+    """Of the samples whose first name is one of ``leaves``: the share (%) with ``chain`` right
+    above it."""
+    total = whole = 0
+    for names, n in stacks:
+        if names and names[0] in leaves:
+            total += n
+            whole += n if names[1:1 + len(chain)] == chain else 0
+    return whole / total * 100 if total else float("nan")
+
+
+def _source_frames(frames: list[Any]) -> list[str]:
+    """The names of a pprof sample's runtime frames (pprof keeps no frame type: a JS or Java frame
+    reads back as a source-level frame with no mapping)."""
+    return [f.function for f in frames if f.mapping is None and f.file]
+
+
+# ---------------------------------------------------------------------------------- Go window
+
+GO_CHAIN = ["main.stage2", "main.stage1", "main.dispatch", "main.runLoop", "main.main"]
+GO_LEAVES = ("main.goHotA", "main.goHotB")
+
+
 def _go_bench(t: Times) -> bool:
     """The agent profiling one stripped Go program (tests/profiling/test_go_e2e.py's chain: two
     frameless leaves under a real call and two inlined ones) and, in the real run, the
-    OpenTelemetry eBPF profiler on the same process over the same seconds."""
-    from tests.harness import Agent, Collector, agent_config
+    OpenTelemetry eBPF profiler on the same process over the same seconds: the share of hot
+    samples with the whole chain, inlined frames included."""
     from tests.profiling.test_go_e2e import CHAIN_SOURCE, go_build
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-go-"))
     try:
         program = go_build("host", workdir / "chain", CHAIN_SOURCE, "-ldflags=-s -w")
-        collector = Collector(otelcol_bin(), workdir).start()
-        ref_dir = workdir / "reference"
-        ref_dir.mkdir()
-        ref_collector = Collector(otelcol_bin(), ref_dir).start() if t.reference else None
-        ref: subprocess.Popen[bytes] | None = None
-        ref_how = "not run (smoke mode)"
         seconds = t.py_warmup + t.py_measure + (t.ref_warmup + 30 if t.reference else 0) + 60
-        load = subprocess.Popen([str(program), str(int(seconds))], stdout=subprocess.DEVNULL)
-        pprof_dir = workdir / "pprof"
-        agent = Agent(workdir, agent_config(collector, {"profiler": {
-            "preset": "development", "report_interval": t.report_interval, "pprof_dir": str(pprof_dir),
-            "filter": {"pids": [load.pid]}}}))
-        stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
-        ours, theirs = float("nan"), float("nan")
-        try:
-            agent.start()
-            if ref_collector is not None:      # loading takes it about 30 s: meanwhile ours warms up
-                ref, ref_how = _start_reference(ref_collector, ref_dir)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and agent.metric_value(
-                    "ebpf_receiver_profiler_unwind_tables_total", event="processes_loaded") < 1:
-                time.sleep(0.5)
-            time.sleep(max(t.py_warmup, t.ref_warmup + 15 if ref is not None else 0.0))
-            since_ns = time.time_ns()
-            ref_before = len(_otel_go_stacks(ref_collector, load.pid)) if ref_collector is not None else 0
-            time.sleep(t.py_measure)
-            _stop_reference(ref)
-            if ref is not None and ref_collector is not None:
-                theirs = _go_chain_share(_otel_go_stacks(ref_collector, load.pid)[ref_before:])
-                if ref.returncode not in (0, -15):
-                    tail = (ref_dir / "otel-ebpf-profiler.log").read_text(errors="replace").strip().splitlines()
-                    ref_how = f"exited with {ref.returncode}: {tail[-1] if tail else 'no output'}"
-            time.sleep(t.report_interval + 1)      # the last interval's pprof file
-            rc = agent.stop()
-            ours = _go_chain_share(_our_go_stacks(pprof_dir, load.pid, since_ns))
-        finally:
-            _stop_reference(ref)
-            _tear_down(stats_before, [load], agent, collector)
-            if ref_collector is not None:
-                ref_collector.stop()
+        w = _runtime_window(t, workdir, [str(program), str(int(seconds))])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    ours = _chain_share_of([([f.function for f in fr], n) for fr, n in w.ours], GO_LEAVES, GO_CHAIN)
+    theirs = _chain_share_of(w.theirs, GO_LEAVES, GO_CHAIN)
     print(f"profiler, Go: agent at 99 Hz filtered to one stripped Go program (-ldflags='-s -w'; frameless "
           f"leaves under a real call and two inlined calls); {t.py_measure:.0f} s measured"
-          + (f"; the OpenTelemetry eBPF profiler on it over the same seconds ({ref_how})" if t.reference else ""))
+          + (f"; the OpenTelemetry eBPF profiler on it over the same seconds ({w.ref_how})" if t.reference else ""))
     print(f"  whole chain (leaf ← stage2 ← stage1 ← dispatch ← runLoop ← main) in {ours:.1f} % of hot samples"
           + (f" (ours), {theirs:.1f} % (OpenTelemetry eBPF profiler)" if t.reference else ""))
     print(f"bench: profiler go_chain_share={ours:.1f} %")
     if t.reference:
         print(f"bench: profiler go_chain_share_otel={theirs:.1f} %")
-    return rc == 0 and ours == ours
+    return w.rc == 0 and ours == ours
 
 
 # ---------------------------------------------------------------------------------- Node.js window
@@ -706,82 +747,78 @@ def _go_bench(t: Times) -> bool:
 V8_CHAIN = ["stage2", "stage1", "dispatch", "runLoop"]
 
 
-def _v8_chain_share(pprof_dir: Path, pid: int, since_ns: int) -> float:
-    """Of the samples whose innermost JS frame is jsHotA or jsHotB: the share (%) showing the whole
-    chain ``stage2 ← stage1 ← dispatch ← runLoop`` right above it."""
-    from receiver.profiling.output.pprof import from_pprof, read_pprof
-
-    total = whole = 0
-    for path in sorted(pprof_dir.glob("cpu-*.pb.gz")):
-        profile = from_pprof(read_pprof(path))
-        if profile.start_unix_nano < since_ns:
-            continue
-        for s in profile.samples:
-            # (pprof keeps no frame type: a JS frame reads back as a source-level frame, no mapping)
-            js = [f.function for f in s.frames if f.mapping is None and f.frame_type != "kernel" and f.file]
-            if s.pid != pid or not js or js[0] not in ("jsHotA", "jsHotB"):
-                continue
-            total += s.count
-            whole += s.count if js[1:1 + len(V8_CHAIN)] == V8_CHAIN else 0
-    return whole / total * 100 if total else float("nan")
-
-
 def _v8_bench(t: Times) -> bool:
     """The agent profiling one Node.js 20 program started with no flags (tests/profiling/
     test_v8_e2e.py's 3:1 split under a four-deep chain) and, in the real run, the OpenTelemetry
     eBPF profiler on the host over the same seconds: the chain share and BPF time per sample."""
-    from tests.harness import Agent, Collector, agent_config
     from tests.profiling.test_v8_e2e import NODE20, SPLIT_SOURCE
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-v8-"))
-    rc = 1
-    ours, ns = float("nan"), {"ours": float("nan"), "theirs": float("nan")}
-    ref_how = "not run (smoke mode)"
     try:
         (workdir / "split.js").write_text(SPLIT_SOURCE)
-        collector = Collector(otelcol_bin(), workdir).start()
-        ref_dir = workdir / "reference"
-        ref_dir.mkdir()
-        ref_collector = Collector(otelcol_bin(), ref_dir).start() if t.reference else None
-        ref: subprocess.Popen[bytes] | None = None
-        load = subprocess.Popen([NODE20, str(workdir / "split.js"), str(workdir / "stop")],
-                                stdout=subprocess.DEVNULL)
-        pprof_dir = workdir / "pprof"
-        agent = Agent(workdir, agent_config(collector, {"profiler": {
-            "preset": "development", "report_interval": t.report_interval, "pprof_dir": str(pprof_dir),
-            "filter": {"pids": [load.pid]}}}))
-        stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
-        try:
-            agent.start()
-            assert agent.proc is not None
-            if ref_collector is not None:
-                ref, ref_how = _start_reference(ref_collector, ref_dir)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and agent.metric_value(
-                    "ebpf_receiver_profiler_unwind_tables_total", event="processes_loaded") < 1:
-                time.sleep(0.5)
-            time.sleep(max(t.py_warmup, t.ref_warmup + 15 if ref is not None else 0.0))
-            Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
-            since_ns = time.time_ns()
-            ns = _shared_ns_per_sample(agent.proc.pid, ref.pid if ref is not None else None, t.py_measure)
-            _stop_reference(ref)
-            time.sleep(t.report_interval + 1)      # the last interval's pprof file
-            rc = agent.stop()
-            ours = _v8_chain_share(pprof_dir, load.pid, since_ns)
-        finally:
-            _stop_reference(ref)
-            _tear_down(stats_before, [load], agent, collector)
-            if ref_collector is not None:
-                ref_collector.stop()
+        w = _runtime_window(t, workdir, [NODE20, str(workdir / "split.js"), str(workdir / "stop")])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    ours = _chain_share_of([(_source_frames(fr), n) for fr, n in w.ours], ("jsHotA", "jsHotB"), V8_CHAIN)
+    ns = w.ns
     print(f"profiler, Node.js: agent at 99 Hz filtered to one Node 20 program started with no flags "
           f"(jsHotA/jsHotB 3:1 under runLoop ← dispatch ← stage1 ← stage2); {t.py_measure:.0f} s measured"
-          + (f"; the OpenTelemetry eBPF profiler on the host over the same seconds ({ref_how})" if t.reference else ""))
+          + (f"; the OpenTelemetry eBPF profiler on the host over the same seconds ({w.ref_how})"
+             if t.reference else ""))
     print(f"  whole JS chain in {ours:.1f} % of hot samples; BPF per sample {ns['ours']:.0f} ns (ours), "
           f"{ns['theirs']:.0f} ns (OpenTelemetry eBPF profiler, all its samples)")
     print(f"bench: profiler v8_chain_share={ours:.1f} %")
     print(f"bench: profiler v8_bpf_ns_per_sample={ns['ours']:.0f} ns")
     if t.reference:
         print(f"bench: profiler v8_bpf_ns_vs_otel={ns['ours'] / ns['theirs']:.2f} ratio")
-    return rc == 0 and ours == ours
+    return w.rc == 0 and ours == ours
+
+
+# ---------------------------------------------------------------------------------- JVM window
+
+JVM_CHAIN = ["Hot.stage2", "Hot.stage1", "Hot.dispatch", "Hot.runLoop", "Hot.main"]
+JVM_LEAVES = ("Hot.javaHotA", "Hot.javaHotB")
+JDK17 = "/usr/lib/jvm/java-17-openjdk-amd64"
+
+
+def _java_name(name: str) -> str:
+    """``Hot.javaHotA(long, long)`` (ours) or ``long Hot.javaHotA(long, long)`` (theirs) →
+    ``Hot.javaHotA``."""
+    return name.split("(", 1)[0].rsplit(" ", 1)[-1]
+
+
+def _jvm_bench(t: Times) -> bool:
+    """The agent profiling one JVM (Debian's OpenJDK 17, no flags; tests/profiling/
+    test_jvm_e2e.py's 3:1 split under a five-deep chain) and, in the real run, the OpenTelemetry
+    eBPF profiler on the host over the same seconds: the share of hot samples with the whole
+    chain (ours and theirs) and both profilers' BPF time per sample."""
+    from tests.profiling.test_jvm_e2e import SPLIT_SOURCE
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-profiler-jvm-"))
+    try:
+        (workdir / "Hot.java").write_text(SPLIT_SOURCE)
+        subprocess.run([f"{JDK17}/bin/javac", "-g", "-d", str(workdir), str(workdir / "Hot.java")], check=True,
+                       capture_output=True)
+        w = _runtime_window(t, workdir, [f"{JDK17}/bin/java", "-cp", str(workdir), "Hot", str(workdir / "stop")])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ours = _chain_share_of([([_java_name(n) for n in _source_frames(fr)], c) for fr, c in w.ours],
+                           JVM_LEAVES, JVM_CHAIN)
+    # (their stacks: the program's frames, whatever stub or VM frames they show between them)
+    theirs = _chain_share_of([([m for m in map(_java_name, names) if m.startswith("Hot.")], c)
+                              for names, c in w.theirs], JVM_LEAVES, JVM_CHAIN)
+    ns = w.ns
+    print(f"profiler, JVM: agent at 99 Hz filtered to one OpenJDK 17 program started with no flags "
+          f"(javaHotA/javaHotB 3:1 under main ← runLoop ← dispatch ← stage1 ← stage2); {t.py_measure:.0f} s "
+          f"measured" + (f"; the OpenTelemetry eBPF profiler on the host over the same seconds ({w.ref_how})"
+                         if t.reference else ""))
+    print(f"  whole Java chain in {ours:.1f} % of hot samples" + (f" (ours), {theirs:.1f} % (theirs)" if t.reference
+                                                                   else "")
+          + f"; BPF per sample {ns['ours']:.0f} ns (ours), {ns['theirs']:.0f} ns (OpenTelemetry eBPF profiler, "
+          f"all its samples)")
+    print(f"bench: profiler jvm_chain_share={ours:.1f} %")
+    print(f"bench: profiler jvm_bpf_ns_per_sample={ns['ours']:.0f} ns")
+    if t.reference:
+        print(f"bench: profiler jvm_chain_share_otel={theirs:.1f} %")
+        print(f"bench: profiler jvm_bpf_ns_vs_otel={ns['ours'] / ns['theirs']:.2f} ratio")
+    return w.rc == 0 and ours == ours

@@ -5,7 +5,8 @@ the recorded methods are called.
 A runtime of the profiler (``Runtime``, runtimes/base.py). The kernel walk (``walk_hotspot`` in
 bpf/runtimes/hotspot.bpf.h) steps through the code cache (interpreted frames by rbp, compiled
 frames and stubs by their CodeBlob's frame size, found through the code heap's segment map) and
-records, per Java frame, its Method* and (native frame index, bci) as aux. Here:
+records, per Java frame, its Method* and as aux its native frame index and either its bci
+(interpreted) or its nmethod's compile id (compiled). Here:
 
 * ``read_vm_structs`` reads libjvm's exported tables (gHotSpotVMStructs, gHotSpotVMTypes,
   gHotSpotVMIntConstants and their entry layouts) from the live process's memory: field offsets,
@@ -17,9 +18,15 @@ records, per Java frame, its Method* and (native frame index, bci) as aux. Here:
   is checked on the way (the holder's constant pool is the method's), so a pointer to freed or
   reused metadata is left unnamed (counted), never named as another method.
 
+* ``read_scopes`` finds a compiled frame's nmethod again by its pc (the segment map, as the
+  kernel does), checks it is still the one recorded (Method* and compile id), and decodes its
+  debug information at the pc: the PcDesc at or after it, then the chain of scopes (Method*, bci)
+  from the innermost inlined method out to the compiled one. ``place`` turns that into one frame
+  per method, each at its line (the line number table at the bci); cached per (pid, pc, Method*,
+  compile id), so recompiled code is never described by an older nmethod's scopes.
+
 Supported: HotSpot of JDK 17 to JDK 25 on x86-64 (tested with Debian's OpenJDK 17 and Temurin
-25). Not done yet (stage 2): methods C2 inlined as frames of their own, and source lines (the
-line number table for interpreted frames, the debug info's pc descs for compiled ones).
+25).
 """
 
 from __future__ import annotations
@@ -967,4 +974,6 @@ class HotSpot(QueuedRuntime):
         telemetry.watch_counters(
             "profiler_java", "JVM processes and methods by event: processes_loaded, unsupported, "
             "unreadable, processes_over_limit, nmethods_found_later, methods_read, methods_unreadable, "
-            "methods_moved, methods_of_unknown_process, queue_full", "event", events)
+            "methods_moved, methods_of_unknown_process, queue_full, scopes_read, scopes_unreadable (a compiled "
+            "frame's nmethod recompiled or flushed, or the process gone: its method without inlined methods "
+            "and line), inlined_resolved, inlined_unresolved", "event", events)
