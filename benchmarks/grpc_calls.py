@@ -8,7 +8,17 @@ Reports:
 - ``grpc_calls_ratio``: calls/s with the agent over the mean of the two runs without it (goal
   >= 0.95);
 - ``grpc_spans_per_call``: spans the Collector accepted over 2 × calls (a SERVER and a CLIENT
-  span per call; goal 1.00).
+  span per call; goal 1.00);
+- ``grpc_bpf_ns_per_call``: time inside the agent's BPF programs over the calls made (run-time
+  stats on for the run; other processes' read/write calls count too);
+- ``grpc_agent_cpu_us_per_call``: the agent's CPU time (user + system) until it has handled the
+  run, over the calls made;
+- ``grpc_records_per_call``: records the kernel sent the agent per call (both sides);
+- ``grpc_agent_cpu_per_app_cpu``: the agent's CPU time over the client's and server's during
+  the run with it (how much CPU the agent adds to the calls' own; unlike the ratio, it hardly
+  depends on what else the machine runs);
+- ``grpc_load_average``: the 1-minute load average at the end of the run with the agent (the
+  ratio means little on a machine busier than its cores).
 
 Smoke mode: 2 s phases with 2 threads; the same processes and figures, proving the path."""
 
@@ -23,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ._support import discarding_collector_yaml, otelcol_bin
-from .network import _scrape_sum
+from .network import _cpu_seconds, _scrape_sum
 
 SECONDS = int(os.environ.get("BENCH_GRPC_SECONDS", "10"))
 THREADS = int(os.environ.get("BENCH_GRPC_THREADS", "4"))
@@ -59,7 +69,7 @@ with grpc.insecure_channel("127.0.0.1:" + port) as channel:
     ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
     for t in ts: t.start()
     for t in ts: t.join()
-    print(sum(counts), time.monotonic() - t0)
+    print(sum(counts), time.monotonic() - t0, time.process_time())
 """
 
 
@@ -72,15 +82,17 @@ def http_agent_config(endpoint: str, port: int) -> dict[str, Any]:
                                  "ring_buffer_pages": 4096}}}
 
 
-def _load(port: int, seconds: float, threads: int) -> tuple[int, float]:
-    """(calls, seconds) of one client run."""
+def _load(port: int, seconds: float, threads: int) -> tuple[int, float, float]:
+    """(calls, seconds, the client's CPU seconds) of one client run."""
     out = subprocess.run([sys.executable, "-c", CLIENT, str(port), str(seconds), str(threads)], capture_output=True,
                          text=True, check=True, timeout=seconds + 60).stdout.split()
-    return int(out[0]), float(out[1])
+    return int(out[0]), float(out[1]), float(out[2])
 
 
 def run(smoke: bool = False) -> int:
     from tests.harness import Agent, Collector, free_port, wait_until
+
+    from .http import _bpf_stats, _program_run_ns  # (http.py imports this module)
 
     seconds, threads = (SMOKE_SECONDS, SMOKE_THREADS) if smoke else (SECONDS, THREADS)
     workdir = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
@@ -99,13 +111,23 @@ def run(smoke: bool = False) -> int:
         _load(port, 1, threads)   # warm-up
         before = _load(port, seconds, threads)
         agent = Agent(workdir, http_agent_config(collector.endpoint, port)).start()
+        assert agent.proc is not None
         spans0 = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total")
-        with_agent = _load(port, seconds, threads)
-        expected = 2 * (with_agent[0] + 1)   # + the client's warm-up call
-        with contextlib.suppress(AssertionError):
-            wait_until(lambda: _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total") - spans0 >= expected,
-                       30, 0.5, "every span at the Collector")
+        records0 = agent.metric_value("ebpf_receiver_source_events_received_total", source="http")
+        with _bpf_stats():
+            ns0, cpu0 = _program_run_ns(agent.proc.pid), _cpu_seconds(agent.proc.pid)
+            server_cpu0 = _cpu_seconds(server.pid)
+            with_agent = _load(port, seconds, threads)
+            app_cpu = _cpu_seconds(server.pid) - server_cpu0 + with_agent[2]
+            ns1 = _program_run_ns(agent.proc.pid)
+            load = os.getloadavg()[0]
+            expected = 2 * (with_agent[0] + 1)   # + the client's warm-up call
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total") - spans0
+                           >= expected, 30, 0.5, "every span at the Collector")
+            cpu = _cpu_seconds(agent.proc.pid) - cpu0
         spans = _scrape_sum(col_url, "otelcol_receiver_accepted_spans_total") - spans0
+        records = agent.metric_value("ebpf_receiver_source_events_received_total", source="http") - records0
         rc = agent.stop()
         agent = None
         after = _load(port, seconds, threads)
@@ -123,8 +145,18 @@ def run(smoke: bool = False) -> int:
     print(f"grpc: {threads} threads of unary calls on one channel, {seconds} s: {before[0] / before[1]:.0f} calls/s "
           f"without the agent, {cps_with:.0f} with it, {after[0] / after[1]:.0f} without it again; "
           f"{int(spans)} spans accepted of {expected}")
+    calls = max(with_agent[0], 1)
+    print(f"  with the agent: BPF {(ns1[0] - ns0[0]) / 1e6:.1f} ms in {(ns1[1] - ns0[1]) / calls:.1f} program runs "
+          f"per call, {records / calls:.1f} records per call, agent CPU {cpu:.2f} s (client and server "
+          f"{app_cpu:.2f} s); load average {load:.1f} "
+          f"on {os.cpu_count()} CPUs")
     print(f"bench: http grpc_calls_ratio={cps_with / cps_without:.3f} ratio")
     print(f"bench: http grpc_spans_per_call={spans / expected:.3f} ratio")
+    print(f"bench: http grpc_bpf_ns_per_call={(ns1[0] - ns0[0]) / calls:.0f} ns")
+    print(f"bench: http grpc_agent_cpu_us_per_call={cpu / calls * 1e6:.1f} us")
+    print(f"bench: http grpc_records_per_call={records / calls:.2f} records")
+    print(f"bench: http grpc_agent_cpu_per_app_cpu={cpu / max(app_cpu, 1e-9):.3f} ratio")
+    print(f"bench: http grpc_load_average={load:.1f} load")
     if smoke and (with_agent[0] == 0 or spans == 0):
         print("grpc: smoke run produced no calls or no spans", file=sys.stderr)
         return 1
