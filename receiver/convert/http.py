@@ -129,7 +129,17 @@ def _name(name: str) -> bytes:
 
 
 _URL_PATH_KEY = _field(0x0A, b"url.path")
-_PROTOCOL_NAME = _cached_string_attribute("network.protocol.name", "http")
+
+
+@lru_cache(maxsize=4096)
+def _connection_attributes(scheme: str, version: str, server_address: str, server_port: int, client_address: str,
+                           client_port: int) -> bytes:
+    """The attributes every request of one connection shares, encoded once per connection."""
+    sa = _cached_string_attribute
+    return b"".join((sa("url.scheme", scheme), sa("network.protocol.name", "http"),
+                     sa("network.protocol.version", version), sa("server.address", server_address),
+                     _int_attribute("server.port", server_port), sa("client.address", client_address),
+                     _int_attribute("client.port", client_port)))
 
 
 def request_span(r: HttpRequest) -> Span:
@@ -142,10 +152,9 @@ def request_span(r: HttpRequest) -> Span:
         parts.append(_string_attribute(_field(0x0A, b"http.request.method_original"), r.method))
     if r.status:
         parts.append(_int_attribute("http.response.status_code", r.status))
-    parts += (_string_attribute(_URL_PATH_KEY, r.path), sa("url.scheme", r.scheme), _PROTOCOL_NAME,
-              sa("network.protocol.version", r.version), sa("server.address", r.server_address),
-              _int_attribute("server.port", r.server_port), sa("client.address", r.client_address),
-              _int_attribute("client.port", r.client_port))
+    parts += (_string_attribute(_URL_PATH_KEY, r.path),
+              _connection_attributes(r.scheme, r.version, r.server_address, r.server_port, r.client_address,
+                                     r.client_port))
     err = error_type(r.server, r.status, r.error)
     if err:
         parts.append(sa("error.type", err))
