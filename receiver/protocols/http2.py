@@ -631,7 +631,9 @@ def after_h2c_upgrade(h1: _Upgraded, ts: int) -> Http2Connection:
     c = Http2Connection(h1.unparsed, h1.max_header_bytes, True)
     c.server = h1.server
     req = h1.h2c
-    if req is not None:
+    if req is None or not req.method:   # a request whose head could not be read: not reported
+        c.skipped.add(1)
+    else:
         ex = Http2Exchange(req.server, req.start_ns, req.method, req.path, req.traceparent, False, 1)
         ex.tid, ex.trace_id, ex.span_id, ex.parent_id = req.tid, req.trace_id, req.span_id, req.parent_id
         c.streams[1] = ex

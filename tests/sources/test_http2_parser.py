@@ -439,3 +439,16 @@ def test_a_repeated_header_block_is_decoded_against_the_table_as_it_is_now() -> 
     assert decode_block(table, b"\xbe") == {b"?": http2._UNKNOWN}
     block = hpack.Encoder().encode([(":path", "/c")])   # a literal with indexing: changes the table
     assert decode_block(table, block) == {b":path": b"/c"} and decode_block(table, b"\xbe") == {b":path": b"/c"}
+
+
+def test_an_h2c_upgrade_of_an_unreadable_request_reports_nothing_for_stream_1() -> None:
+    u = Unparsed(UNPARSED_REASONS)
+    h1 = Http1Connection(u, 16384)
+    h1.feed(True, UPGRADE_REQ[:10], len(UPGRADE_REQ), 1)   # cut by the capture: a placeholder
+    h1.feed(False, SWITCH, len(SWITCH), 2)
+    h2 = after_h2c_upgrade(h1, 2)
+    srv = Peer()
+    after = SETTINGS_FRAME + srv.headers(1, [(":status", "200")], end_stream=True)
+    h2.feed(False, after, len(after), 3)
+    assert h1.upgraded and not h2.exchanges and not h2.streams
+    assert u.counts["unmatched_response"] == 0 and u.counts["truncated"] == 1
