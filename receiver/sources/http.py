@@ -188,6 +188,11 @@ class HttpSource(BccSource):
         # docs/profiler.md#request-links: our profiler's links, OBI's traces_ctx_v1 written
         self._ctx_write = bool(self.config.traces_ctx_write)
         self._links = bool(prof.enabled and prof.request_links) or self._ctx_write
+        if self._ctx_write and not (prof.enabled and prof.request_links):   # else the profiler shows them
+            ctx.telemetry.watch_counters(
+                "profiler_request_links", "Request links: server spans written to OBI's traces_ctx_v1 "
+                "(sources.http.traces_ctx_write): written, write_late (answered before user space read the "
+                "request), write_failed", "reason", lambda: dict(links.counts))
         self.unparsed = Unparsed((*UNPARSED_REASONS, "tls_unparsed"))
         self.tls: TlsAttacher | None = None
         self._drain_task: asyncio.Task[None] | None = None

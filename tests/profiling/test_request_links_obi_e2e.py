@@ -237,6 +237,7 @@ def test_the_http_source_writes_its_server_span_while_the_request_is_served(
             span = next(s for s in collector.spans() if s["traceId"].lower() == TRACE
                         and s.get("kind") in (2, "SPAN_KIND_SERVER"))
             assert during == {(proc.pid << 32) | served["tid"]: (TRACE, _hex(span["spanId"]))}
+            assert agent.metric_value("ebpf_receiver_profiler_request_links_total", reason="written") >= 1
             obi.close()
         finally:
             assert agent.stop() == 0
