@@ -20,7 +20,7 @@ import pytest
 
 from receiver.convert.profiles import profile_to_otlp
 from receiver.profiling.output.pprof import to_pprof
-from receiver.profiling.runtimes.go import GO_OFFSETS, LABEL_ATTRIBUTE_PREFIX, MAX_KEY_BYTES, layout_for
+from receiver.profiling.runtimes.go import GO_OFFSETS, LABEL_ATTRIBUTE_PREFIX, MAX_KEY_BYTES, MAX_LABELS, layout_for
 
 from ..harness import go_env
 from .test_go_e2e import _go, go_build, go_version
@@ -36,6 +36,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"runtime/pprof"
 	"strconv"
@@ -88,7 +89,12 @@ func main() {
 		done <- true
 	}()
 	go func() {
-		pprof.SetGoroutineLabels(pprof.WithLabels(context.Background(), pprof.Labels("worker", "gamma")))
+		// 12 labels: a Go map of two buckets before 1.24; 10 are kept, the first by key.
+		kv := []string{"worker", "gamma"}
+		for i := 0; i < 11; i++ {
+			kv = append(kv, fmt.Sprintf("k%02d", i), fmt.Sprintf("v%d", i))
+		}
+		pprof.SetGoroutineLabels(pprof.WithLabels(context.Background(), pprof.Labels(kv...)))
 		for time.Now().Before(end) {
 			sinks[1] += spinGamma(200000)
 		}
@@ -109,7 +115,7 @@ func main() {
 LEAVES = ("main.spinAlpha", "main.spinGamma", "main.spinPlain")
 MIN_SAMPLES = 40
 ALPHA = {"worker": "alpha", "request": "r-1", "a_key_longer_than_fifteen"[:MAX_KEY_BYTES]: "v"}
-GAMMA = {"worker": "gamma"}
+GAMMA = {f"k{i:02d}": f"v{i}" for i in range(MAX_LABELS)}   # k00..k09 of k00..k10 and worker
 
 
 def _by_leaf(profile: Any) -> dict[str, collections.Counter[tuple[tuple[str, str], ...]]]:
@@ -204,8 +210,8 @@ def test_labels_on_their_goroutine_only(bpf_ok: None, tmp_path: Path, version: s
     pprof = to_pprof(profile)
     strings = pprof.string_table
     pprof_sets = {tuple(sorted((strings[lb.key], strings[lb.str]) for lb in s.label
-                               if strings[lb.key] in {"worker", "request"})) for s in pprof.sample}
-    assert (("request", "r-1"), ("worker", "alpha")) in pprof_sets and (("worker", "gamma"),) in pprof_sets
+                               if strings[lb.key] in {"worker", "request", "k00"})) for s in pprof.sample}
+    assert (("request", "r-1"), ("worker", "alpha")) in pprof_sets and (("k00", "v0"),) in pprof_sets, pprof_sets
 
 
 def test_unsupported_go_version_gets_no_labels() -> None:
