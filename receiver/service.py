@@ -1,6 +1,6 @@
 """Wires sources → pipeline → exporter from a config and runs them.
 
-Start order: self-telemetry, sources, all at once, each up as soon as it is loaded (from the
+Start order: self-telemetry, sources (all at once, the profiler after them), each up as soon as it is loaded (from the
 compile cache, or compiled in its own loader process; a source that cannot run is disabled with
 its reason; the others go on; what they read waits in the export queues), then every capability no longer
 needed is dropped (receiver/kernel/privileges.py), then the exporter starts, so its threads never hold
@@ -108,8 +108,9 @@ class Service:
 
     async def _start_sources(self, loop: asyncio.AbstractEventLoop,
                              gate: privileges.StartupThreads) -> None:
-        """Starts every enabled source at once (each loads from the compile cache or compiles in
-        its own loader process) and reports each up as soon as it is; in config order after."""
+        """Starts every enabled source but the profiler at once, then the profiler (each loads
+        from the compile cache or compiles in its own loader process) and reports each up as soon
+        as it is; in config order after."""
         loader = _Loader(gate)  # compiles; ends after load
         loop.set_default_executor(loader)
         classes = source_classes()
