@@ -4,9 +4,10 @@ the flags a test is about: -Xint, -XX:-TieredCompilation).
 
 Each test starts its workload, lets the profiler load the process's tables and HotSpot entry,
 waits until its samples carry Java frames, drops what was counted so far, then measures
-(``Profiled`` of the unwind tests). Not covered yet (stage 2 of the issue): methods C2 inlined as
-frames of their own (the programs keep their methods too large to inline), source lines, JNI,
-a JVM in the compose workload container, and the benchmark window."""
+(``Profiled`` of the unwind tests). Compiled frames are at their lines (the nmethod's scopes at
+the pc) as interpreted ones are (the bci); methods C2 inlines are frames of their own
+(``test_inlined_methods_are_frames_with_lines``; the other programs keep their methods too large
+to inline). A JVM in the compose workload container is tests/test_deploy_compose.py's."""
 
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def test_split_and_whole_java_chain(bpf_ok: None, jdk: str, tmp_path: Path) -> N
     _compile(home, SPLIT_SOURCE, "Hot", tmp_path)
     stop = tmp_path / "stop"
     samples, stats, out = _profile([str(home / "bin" / "java"), "-cp", str(tmp_path), "Hot", str(stop)], stop, 400)
-    _check_split(samples, stats, out)
+    _check_split(samples, stats, out, lines=True)
     assert stats["compiled"] > 0, stats
 
 
@@ -237,7 +238,7 @@ def test_interpreter_only_and_c2_only(bpf_ok: None, jdk: str, flag: str, tmp_pat
     stop = tmp_path / "stop"
     samples, stats, out = _profile([str(home / "bin" / "java"), flag, "-cp", str(tmp_path), "Hot", str(stop)],
                                    stop, 400)
-    _check_split(samples, stats, out, lines=flag == "-Xint")   # interpreted frames: lines by bci
+    _check_split(samples, stats, out, lines=True)   # interpreted frames: by bci; compiled: by scope
     if flag == "-Xint":
         assert stats["interpreted"] > 0 and stats["compiled"] == 0, stats
     else:
