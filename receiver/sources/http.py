@@ -25,6 +25,7 @@ import asyncio
 import ctypes
 import itertools
 import logging
+import mmap
 import os
 import random
 import socket
@@ -94,6 +95,71 @@ _FIXED = struct.Struct("<QQQQIIIIHHHBB")
 _LINK = struct.Struct("<Q")
 _LINK_OFF = HttpEvent.link_span.offset
 assert _FIXED.size == HttpEvent.flags.offset + 1
+
+
+class RingReader:
+    """A BPF ring buffer read through its mapped memory in one Python loop: per record a slice
+    and a call, instead of libbpf's callback through ctypes (a C-to-Python transition, two more
+    Python frames and a copy per record). The layout is the kernel's (kernel/bpf/ringbuf.c): the
+    consumer position's page (writable), then the producer position's page and the data pages,
+    mapped twice in a row so that a record that wraps reads as one slice; each record starts
+    with a u32 length (BUSY: not committed yet, DISCARD: skipped) and a u32 page offset, and
+    takes its length rounded up to 8 after that 8-byte header."""
+
+    BUSY, DISCARD = 1 << 31, 1 << 30
+    STORE_EVERY = 64   # records between two stores of the consumer position (space for the kernel)
+
+    def __init__(self, cons: Any, data: Any, size: int, page: int = mmap.PAGESIZE):
+        """``cons``: the consumer position's page; ``data``: the producer position's page and
+        the data mapped twice (``page + 2 * size`` bytes); see ``open``."""
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring buffer size {size} is not a power of two")
+        self._cons, self._data = cons, data
+        self._page, self._mask = page, size - 1
+
+    @classmethod
+    def open(cls, map_fd: int, size: int) -> "RingReader":
+        """The reader of the ring buffer map ``map_fd`` of ``size`` data bytes, mapped."""
+        page = mmap.PAGESIZE
+        cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        try:
+            data = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except BaseException:
+            cons.close()
+            raise
+        return cls(cons, data, size, page)
+
+    def read(self, handle: Any) -> int:
+        """Hands every committed record (bytes) to ``handle``; returns how many were read."""
+        data, cons_map = self._data, self._cons
+        q, u32 = _U64S, _U32S
+        page, mask, busy, discard = self._page, self._mask, self.BUSY, self.DISCARD
+        cons = q.unpack_from(cons_map, 0)[0]
+        prod = q.unpack_from(data, 0)[0]
+        n = 0
+        while cons < prod:
+            off = page + (cons & mask)
+            hdr = u32.unpack_from(data, off)[0]
+            if hdr & busy:
+                break
+            length = hdr & ~(busy | discard)
+            if not hdr & discard:
+                handle(data[off + 8:off + 8 + length])
+            cons += (length + 15) & ~7
+            n += 1
+            if n % self.STORE_EVERY == 0:
+                q.pack_into(cons_map, 0, cons)
+            if cons >= prod:
+                prod = q.unpack_from(data, 0)[0]
+        q.pack_into(cons_map, 0, cons)
+        return n
+
+    def close(self) -> None:
+        self._cons.close()
+        self._data.close()
+
+
+_U64S, _U32S = struct.Struct("<Q"), struct.Struct("<I")
 
 
 def _address(raw: bytes) -> str:
@@ -170,6 +236,7 @@ class HttpSource(BccSource):
     name = "http"
     bpf_file = "http.bpf.c"
     lost_reasons = header_enum("http.h", "HTTP_LOST")
+    ring_buffers = ()   # "events" is read by RingReader (start)
     mirrors = (("mirror_http_event", "Leaf", HttpEvent), ("socks", "Leaf", HttpSock))
     min_record_size = _HDR
 
@@ -205,6 +272,7 @@ class HttpSource(BccSource):
         self._rpc_metrics = RpcMetrics(self.config.max_attribute_sets)
         self._start_unix_ns = time.time_ns()
         self._n_received = 0
+        self._ring: RingReader | None = None   # the events ring buffer, read here (not through libbpf)
         self._hand_on = ctx.consumer.consume_event
         self._to_unix = ctx.clock.to_unix_nano
         counts = self.unparsed.counts
@@ -286,9 +354,26 @@ class HttpSource(BccSource):
     # ------------------------------------------------------------------ records
 
     def handle_event(self, data: int, size: int) -> None:
-        # One copy of the record and one unpack of the fields every record needs: the rest of
-        # the header (owner, endpoints) is read only for a connection's first record.
-        raw = ctypes.string_at(data, size)
+        if size < _HDR:
+            self.count_lost("decode_error")
+            return
+        self.handle_record(ctypes.string_at(data, size))
+
+    def _record(self, raw: bytes) -> None:
+        """One record from the ring buffer (RingReader): a bad one is counted, never raised."""
+        try:
+            if len(raw) < _HDR:
+                self.count_lost("decode_error")
+                return
+            self.handle_record(raw)
+        except Exception:
+            log.exception("source http: cannot decode a record")
+            self.count_lost("decode_error")
+
+    def handle_record(self, raw: bytes) -> None:
+        # One unpack of the fields every record needs: the rest of the header (owner,
+        # endpoints) is read only for a connection's first record.
+        size = len(raw)
         ts, sk, conn_id, _cg, _pid, tid, _fd, moved, length, _lp, _pp, kind, flags = _FIXED.unpack_from(raw)
         key = (sk, conn_id)
         self._n_received += 1   # added to the self-metric once per ring-buffer read (_consume)
@@ -483,6 +568,15 @@ class HttpSource(BccSource):
 
     async def start(self) -> None:
         await super().start()
+        if self._ring is None and self.bpf is not None:
+            try:
+                fd = self.bpf["events"].map_fd
+                self._ring = RingReader.open(fd, int(self.bpf["events"].max_entries))
+                asyncio.get_running_loop().add_reader(fd, self._consume)
+                self._reader_fds.append(fd)
+            except Exception as e:
+                await self.stop()
+                raise SourceUnavailableError(self.name, f"ring buffer: {type(e).__name__}: {e}") from e
         if self._drain_task is None:
             self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="source-http-drain")
 
@@ -502,12 +596,19 @@ class HttpSource(BccSource):
                 self._consume()
 
     def _consume(self) -> None:
-        super()._consume()
+        if self._ring is not None:
+            try:
+                self._ring.read(self._record)
+            except Exception:
+                log.exception("source http: ring buffer read failed")
         n, self._n_received = self._n_received, 0
         if n:
             self._received.inc(n)
 
     def detach(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self.tls is not None:
             self.tls.close()
             self.tls = None

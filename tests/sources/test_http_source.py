@@ -188,3 +188,43 @@ def test_sys_admin_is_kept_after_start_only_when_asked_for_tls() -> None:
                                  (["syscalls"], True, False)):
         keep = privileges.needed_capabilities(sources, bpf_calls_checked=False, tls_late_libraries=asked)
         assert ("sys_admin" in keep) == kept, (sources, asked)
+
+
+def test_ring_reader_reads_records_in_order_across_the_wrap() -> None:
+    """RingReader on memory laid out as the kernel maps a ring buffer (consumer page; producer
+    page, then the data twice): records in order, one that wraps read whole from the second
+    copy, a discarded one skipped, a BUSY one stops the read (read on the next call), and the
+    consumer position stored where the next read starts."""
+    import struct
+
+    from receiver.sources.http import RingReader
+
+    page, size = 64, 256
+    cons, data = bytearray(8), bytearray(page + 2 * size)
+    prod = 0
+
+    def put(payload: bytes, pos: int, flags: int = 0) -> int:
+        rec = struct.pack("<II", len(payload) | flags, 0) + payload
+        for i, b in enumerate(rec):   # the data is mapped twice: write both copies
+            data[page + (pos + i) % size] = b
+            data[page + size + (pos + i) % size] = b
+        return pos + ((len(payload) + 15) & ~7)
+
+    got: list[bytes] = []
+    reader = RingReader(cons, data, size, page)
+    start = 200   # positions only grow; the next records cross the end of the data at 256
+    struct.pack_into("<Q", cons, 0, start)
+    first = put(b"A" * 30, start)                        # 200..240
+    second = put(b"C" * 25, first)                       # 240..280: wraps at 256
+    assert first % size < size < first % size + (second - first)
+    third = put(b"B" * 20, second, RingReader.DISCARD)
+    busy = put(b"D" * 10, third, RingReader.BUSY)
+    prod = busy
+    struct.pack_into("<Q", data, 0, prod)
+    assert reader.read(got.append) == 3
+    assert got == [b"A" * 30, b"C" * 25]
+    assert struct.unpack_from("<Q", cons)[0] == third   # stopped at the BUSY record
+    put(b"D" * 10, third)   # committed now
+    assert reader.read(got.append) == 1 and got[-1] == b"D" * 10
+    assert struct.unpack_from("<Q", cons)[0] == prod
+    assert reader.read(got.append) == 0
