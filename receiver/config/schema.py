@@ -427,9 +427,10 @@ class HttpSourceConfig:
     series (``otel.metric.overflow=true``). ``max_calls``: slots for the read/write-family calls
     of selected processes in flight, from their entry to their return, one per thread id modulo
     ``max_calls``; a call whose slot another thread's call holds is not captured and counted lost
-    (``call_map_full``), and its connection resynchronises. ``keep_sys_admin_for_tls``: keep CAP_SYS_ADMIN after start (when the agent
-    has it) so that TLS uprobes attach to a libssl first mapped later (a new container's own);
-    off, CAP_SYS_ADMIN is dropped and only the libssl files mapped at start are probed."""
+    (``call_map_full``), and its connection resynchronises. ``keep_sys_admin_for_tls``: keep
+    CAP_SYS_ADMIN after start (when the agent has it) so that TLS uprobes attach to a libssl
+    first mapped later (a new container's own); off, CAP_SYS_ADMIN is dropped and only the
+    libssl files mapped at start are probed."""
 
     enabled: bool = False
     spans: bool = True
