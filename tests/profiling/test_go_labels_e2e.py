@@ -9,6 +9,7 @@ builds (deploy/scripts/go-offsets), so a wrong row fails here rather than readin
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import json
 import subprocess
@@ -20,7 +21,14 @@ import pytest
 
 from receiver.convert.profiles import profile_to_otlp
 from receiver.profiling.output.pprof import to_pprof
-from receiver.profiling.runtimes.go import GO_OFFSETS, LABEL_ATTRIBUTE_PREFIX, MAX_KEY_BYTES, MAX_LABELS, layout_for
+from receiver.profiling.runtimes.go import (
+    GO_OFFSETS,
+    LABEL_ATTRIBUTE_PREFIX,
+    MAX_KEY_BYTES,
+    MAX_LABELS,
+    GoLabels,
+    layout_for,
+)
 
 from ..harness import go_env
 from .test_go_e2e import _go, go_build, go_version
@@ -214,7 +222,45 @@ def test_labels_on_their_goroutine_only(bpf_ok: None, tmp_path: Path, version: s
     assert (("request", "r-1"), ("worker", "alpha")) in pprof_sets and (("k00", "v0"),) in pprof_sets, pprof_sets
 
 
-def test_unsupported_go_version_gets_no_labels() -> None:
-    """A version outside the table: no layout (labels off for that binary, counted)."""
-    assert layout_for("go1.20.14") is None and layout_for("go1.99.0") is None and layout_for(None) is None
-    assert layout_for("go1.24.0") is GO_OFFSETS[(1, 24)]
+class _FakeMap(dict):  # type: ignore[type-arg]
+    """go_processes without BPF: what GoLabels writes, keyed by pid."""
+
+    Key = ctypes.c_uint32
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        super().__setitem__(k.value, v)
+
+    def __delitem__(self, k: Any) -> None:
+        super().__delitem__(k.value)
+
+
+def test_go_version_outside_the_table_gets_no_labels(tmp_path: Path) -> None:
+    """A stripped binary's version is read from .go.buildinfo; a version with a row is entered in
+    go_processes with that row's offsets, one without is not entered and is counted (the same
+    binary with its version string rewritten to go1.99.0)."""
+    assert layout_for("go1.20.14") is None and layout_for(None) is None
+    program = go_build("host", tmp_path / "labels", LABELS_SOURCE, "-ldflags=-s -w")
+    data = program.read_bytes()
+    version = go_version(program).encode()
+    assert data.count(version) >= 1
+    other = tmp_path / "labels-199"
+    other.write_bytes(data.replace(version, b"go1.99." + b"9" * (len(version) - 7)))
+    other.chmod(0o755)
+    procs = [subprocess.Popen([str(p), "30"], stdout=subprocess.DEVNULL) for p in (program, other)]
+    try:
+        fake = _FakeMap()
+        labels = GoLabels({"go_processes": fake}, 16)
+        labels.note_process(procs[0].pid)
+        labels.note_process(procs[1].pid)
+        layout = layout_for(version.decode())
+        assert layout is not None and set(fake) == {procs[0].pid}
+        entry = fake[procs[0].pid]
+        assert (entry.m, entry.curg, entry.g0, entry.labels) == (layout.g_m, layout.m_curg, layout.m_g0,
+                                                                  layout.g_labels)
+        assert labels.stats["processes"] == 1 and labels.stats["unsupported_version"] == 1, labels.stats
+        labels.forget(procs[0].pid)
+        assert not fake
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
