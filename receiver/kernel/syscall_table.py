@@ -28,7 +28,7 @@ _UNIFIED = dict(enumerate((
     "setxattrat", "getxattrat", "listxattrat", "removexattrat", "open_tree_attr", "file_getattr",
     "file_setattr"), start=424))
 
-# x86_64 numbers 0..334, as in BCC's bcc/syscall.py.
+# x86_64 numbers 0..334, as in BCC's bcc/syscall.py, then 335 and 336.
 _X86_64 = dict(enumerate((
     "read", "write", "open", "close", "stat", "fstat", "lstat", "poll", "lseek", "mmap",
     "mprotect", "munmap", "brk", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "ioctl",
@@ -78,6 +78,9 @@ _X86_64 = dict(enumerate((
     "seccomp", "getrandom", "memfd_create", "kexec_file_load", "bpf", "execveat", "userfaultfd",
     "membarrier", "mlock2", "copy_file_range", "preadv2", "pwritev2", "pkey_mprotect",
     "pkey_alloc", "pkey_free", "statx", "io_pgetevents", "rseq",
+    # after BCC's table: the return-probe and probe trampolines' calls (Linux 6.11, 6.17), made
+    # by every process with uprobes attached (the http source's TLS probes)
+    "uretprobe", "uprobe",
 )))
 
 # Kernel-internal codes that can reach sys_exit but are not in userspace errno.h.
