@@ -6,19 +6,31 @@ scratch as user 10001, no /tmp). Everything built is cached under ~/.cache/ebpf-
 
 The override changes only what this host forces: published ports (free ones, on loopback), and,
 after the shipped stack has shown it stays up, a directory for the Collector's files so the test
-can read them."""
+can read them, and the agent's config with the ``http`` source turned on (it is off by default,
+in the shipped config too: it reads every process's traffic) for the workload's HTTP server.
+
+Workloads run in containers of their own (the agent sees them through the host PID namespace
+only, in other mount namespaces): a shell loop, a JVM (the Temurin JDK mounted where the
+eclipse-temurin images keep it, /opt/java/openjdk), Node (at /usr/local/bin/node, as in the node
+images) burning CPU, and a Node HTTP server. The runtimes are the host's, bind-mounted read-only
+at paths the host and the agent's container do not have: the agent can only reach their files
+through /proc/PID (issues 26, 27, 30)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -28,12 +40,16 @@ from receiver.config import EbpfConfig
 from .harness import (
     REPO,
     Collector,
+    any_value,
     attributes,
     fail_or_skip,
     free_port,
     profile_kernel_frames,
     wait_until,
 )
+from .profiling import test_jvm_e2e as jvm_e2e
+from .profiling import test_v8_e2e as v8_e2e
+from .sources.http_support import ERROR, SERVER_KIND
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -42,6 +58,28 @@ ENGINE = REPO / "tests" / "docker" / "engine.sh"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKER20_ENV = REPO / "deploy" / "compose" / "docker20.env"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+AGENT_CONFIG = REPO / "deploy" / "config" / "agent.yaml"   # baked into the agent image
+
+# The runtimes in the workload containers: the host's, mounted read-only where their official
+# images keep them (paths that exist neither on the host nor in the agent's container).
+JDK = Path("/usr/lib/jvm/temurin-25-jdk-amd64")
+JDK_IN_CONTAINER = "/opt/java/openjdk"
+NODE = Path("/usr/bin/node")
+NODE_IN_CONTAINER = "/usr/local/bin/node"
+APP_IN_CONTAINER = "/app"       # the programs, compiled on the host
+HTTP_PORT = 8080                # the workload's HTTP server, in its container's network namespace
+
+# A plaintext HTTP/1.1 server (Node's http): 404 under /missing, 500 for /boom, else 200.
+HTTP_SERVER_JS = """\
+'use strict';
+const http = require('http');
+http.createServer((req, res) => {
+  const [status, body] = req.url.startsWith('/missing') ? [404, 'no\\n']
+    : req.url === '/boom' ? [500, 'boom\\n'] : [200, 'ok\\n'];
+  req.resume();
+  req.on('end', () => { res.writeHead(status, {'Content-Type': 'text/plain'}); res.end(body); });
+}).listen(Number(process.argv[2]), '0.0.0.0');
+"""
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> str:
@@ -82,6 +120,19 @@ class Stack:
         p = self.workdir / "output.override.yml"
         p.write_text(yaml.safe_dump({"services": {"otelcol": {
             "volumes": [f"{outdir}:/test-out"], "environment": {"OTELCOL_OUTPUT_DIR": "/test-out"}}}}))
+        self.files += ["-f", str(p)]
+
+    def http_override(self) -> None:
+        """The agent's config with the http source on, for the workload's server port (the
+        shipped config, baked into the image, keeps it off); nothing else changes."""
+        config = yaml.safe_load(AGENT_CONFIG.read_text())
+        config["sources"]["http"] = {"enabled": True, "ports": [HTTP_PORT], "report_interval": "2s"}
+        cfg = self.workdir / "agent.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cfg.chmod(0o644)
+        p = self.workdir / "http.override.yml"
+        p.write_text(yaml.safe_dump({"services": {"agent": {
+            "volumes": [f"{cfg}:/etc/ebpf-otlp-receiver/config.yaml:ro"]}}}))
         self.files += ["-f", str(p)]
 
     def compose(self, *args: str, timeout: float = 300) -> str:
@@ -172,21 +223,31 @@ def test_compose_up_as_shipped(stack: Stack, tmp_path: Path) -> None:
     if not shutil.which("bpftool"):
         fail_or_skip("bpftool is not installed (tests/docker/engine.sh start installs it)")
     stack.compose("up", "-d", "--build", timeout=1800)
+    runtimes = None
     try:
         _shipped_stack_runs(stack)
         outdir = tmp_path / "otelcol-out"
         outdir.mkdir()
         outdir.chmod(0o777)   # the Collector writes as user 10001
         stack.output_override(outdir)
-        stack.compose("up", "-d", "--no-deps", "otelcol", timeout=300)
+        stack.http_override()
+        stack.compose("up", "-d", "--no-deps", "otelcol", "agent", timeout=300)
+        _agent_serves_http(stack)
+        ready_ns = time.time_ns()
+        runtimes = Runtimes(stack, tmp_path / "app")
         collector = Collector("", tmp_path)
         collector.outdir = outdir
         agent_pid = stack.container("agent")["State"]["Pid"]
         prog_ids = _agent_bpf_prog_ids(agent_pid)
-        assert len(prog_ids) >= 4, f"the agent holds BPF programs {prog_ids}"
-        _data_reaches_the_collector(stack, collector)
+        assert len(prog_ids) >= 5, f"the agent holds BPF programs {prog_ids}"
+        _data_reaches_the_collector(stack, collector, ready_ns)
+        _java_and_js_frames_named(collector, runtimes)
+        _request_spans_from_the_container(collector, runtimes)
     except AssertionError as e:
         raise AssertionError(f"{e}\n--- compose logs ---\n{stack.logs()}") from None
+    finally:
+        if runtimes is not None:
+            runtimes.remove()
     stack.compose("down", "-t", "30", timeout=300)
     left = prog_ids & _loaded_prog_ids()
     assert not left, f"BPF programs still loaded after docker compose down: {left}"
@@ -227,7 +288,10 @@ def _shipped_stack_runs(stack: Stack) -> None:
     assert "Everything is ready" in stack.compose("logs", "--no-color", "otelcol", timeout=60)
 
 
-def _data_reaches_the_collector(stack: Stack, collector: Collector) -> None:
+def _data_reaches_the_collector(stack: Stack, collector: Collector, ready_ns: int) -> None:
+    """``ready_ns``: when the agent that exports to this Collector output was ready. (A source
+    that loads from the compile cache while another compiles can run a while before its filter
+    maps are filled: its start-up is not what this test judges.)"""
     # A workload in a container of its own: its execs carry its container.id.
     workload = stack.docker(
         "run", "-d", "--rm", "debian:bookworm-slim", "sh", "-c",
@@ -289,7 +353,7 @@ def _data_reaches_the_collector(stack: Stack, collector: Collector) -> None:
     # could not resolve does not slip through); slow-call spans of other calls are there (above).
     excluded = set(EbpfConfig.default().sources.syscalls.slow_exclude)
     table = _syscall_names()
-    slow = [s for s in collector.spans() if "syscall.nr" in s["attrs"]]
+    slow = [s for s in collector.spans() if "syscall.nr" in s["attrs"] and int(s["startTimeUnixNano"]) >= ready_ns]
     assert slow, "no slow-call spans at all"
     bad = [(s["name"], s["attrs"]["syscall.nr"]) for s in slow
            if table.get(int(s["attrs"]["syscall.nr"])) in excluded or s["name"] in excluded]
@@ -306,3 +370,239 @@ def _workload_spans(collector: Collector, container: str, program: str,
             and str(r["attrs"].get("process.executable.path")).endswith("/" + program)}
     return [s for s in collector.spans() if "syscall.nr" in s["attrs"] and s["attrs"].get("process.pid") in pids
             and (name is None or s["name"] == name)]
+
+
+class Runtimes:
+    """The runtime workloads, each the main process of a container of its own: a JVM and Node
+    running the 3:1 split programs of the JVM and V8 tests, and a Node HTTP server."""
+
+    def __init__(self, stack: Stack, appdir: Path):
+        for path in (JDK / "bin" / "javac", NODE):
+            if not path.exists():
+                pytest.fail(f"{path} is not installed (the workload containers mount it)")
+        self.stack = stack
+        appdir.mkdir()
+        appdir.chmod(0o755)
+        (appdir / "Hot.java").write_text(jvm_e2e.SPLIT_SOURCE)
+        _run([str(JDK / "bin" / "javac"), "-d", str(appdir), str(appdir / "Hot.java")], stack.env, 300, "javac")
+        (appdir / "split.js").write_text(v8_e2e.SPLIT_SOURCE)
+        (appdir / "server.js").write_text(HTTP_SERVER_JS)
+        app = ["-v", f"{appdir}:{APP_IN_CONTAINER}:ro"]
+        jdk = ["-v", f"{JDK}:{JDK_IN_CONTAINER}:ro"]
+        node = ["-v", f"{NODE}:{NODE_IN_CONTAINER}:ro"]
+        # The programs run until a stop file that never appears: `docker rm -f` ends them. Half
+        # a core each: enough samples, and the agent's compiles (and the machine) keep the rest.
+        self.ids: dict[str, str] = {}
+        try:
+            for name, mounts, command in (
+                    ("jvm", jdk, [f"{JDK_IN_CONTAINER}/bin/java", "-cp", APP_IN_CONTAINER, "Hot", "/tmp/stop"]),
+                    ("node", node, [NODE_IN_CONTAINER, f"{APP_IN_CONTAINER}/split.js", "/tmp/stop"]),
+                    ("http", node, [NODE_IN_CONTAINER, f"{APP_IN_CONTAINER}/server.js", str(HTTP_PORT)])):
+                self.ids[name] = stack.docker("run", "-d", "--name", f"{stack.project}-{name}", "--cpus", "0.5",
+                                              *app, *mounts, "debian:bookworm-slim", *command).strip()
+            self.pids: dict[str, int] = {}
+            for name, cid in self.ids.items():
+                state = json.loads(self.stack.docker("inspect", cid))[0]["State"]
+                assert state["Running"], f"{name}: {state}\n{self.stack.docker('logs', cid)}"
+                self.pids[name] = int(state["Pid"])
+            net = json.loads(self.stack.docker("inspect", self.ids["http"]))[0]["NetworkSettings"]
+            self.http_ip: str = net["IPAddress"]
+            wait_until(lambda: _listening(self.http_ip, HTTP_PORT), 60, 0.2, "the workload's HTTP server")
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for cid in self.ids.values():
+            subprocess.run([DOCKER, "rm", "-f", cid], env=self.stack.env, capture_output=True, timeout=60, check=False)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _agent_serves_http(stack: Stack) -> None:
+    """The agent, restarted with the http source on, is ready (every source started, the
+    exporter running: /readyz) and reports that source up (/metrics)."""
+    up = re.compile(r'^ebpf_receiver_source_up\{[^}]*source="http"[^}]*\} 1(\.0)?$', re.M)
+
+    def http_up() -> bool:
+        state = stack.container("agent")["State"]
+        assert state["Status"] != "exited", f"agent exited: {state}"
+        agent = f"http://127.0.0.1:{stack.ports['agent']}"
+        try:
+            with urllib.request.urlopen(f"{agent}/readyz", timeout=5) as r:
+                if r.status != 200:
+                    return False
+            with urllib.request.urlopen(f"{agent}/metrics", timeout=5) as r:
+                return bool(up.search(r.read().decode()))
+        except OSError:
+            return False
+
+    wait_until(http_up, 400, 1, "the restarted agent to be ready with its http source up")
+
+
+class Frame(NamedTuple):
+    """One frame of a sample at the Collector."""
+
+    name: str
+    file: str
+    line: int
+    type: str     # profile.frame.type
+
+
+def _decoded(kvs: list[dict[str, Any]], strings: list[str]) -> dict[str, Any]:
+    """OTLP profile attributes: keys and string values inline or as string-table indices."""
+    out = {}
+    for kv in kvs:
+        value = kv.get("value", {})
+        out[kv["key"] if "key" in kv else strings[kv.get("keyStrindex", 0)]] = \
+            strings[value["stringValueStrindex"]] if "stringValueStrindex" in value else any_value(value)
+    return out
+
+
+def _profile_samples(collector: Collector) -> list[tuple[list[Frame], dict[str, Any], int]]:
+    """(frames leaf first, resource and sample attributes, count) of every sample the Collector
+    wrote, decoded through each request's dictionary."""
+    out = []
+    for req in collector.requests("profiles"):
+        d = req.get("dictionary", {})
+        strings, funcs = d.get("stringTable", []), d.get("functionTable", [])
+        locs, stacks, table = d.get("locationTable", []), d.get("stackTable", []), d.get("attributeTable", [])
+
+        for rp in req.get("resourceProfiles", []):
+            res = _decoded(rp.get("resource", {}).get("attributes", []), strings)
+            for sp in rp.get("scopeProfiles", []):
+                for prof in sp.get("profiles", []):
+                    for s in prof.get("samples", []):
+                        frames = []
+                        for li in stacks[s.get("stackIndex", 0)].get("locationIndices", []):
+                            loc = locs[li]
+                            kind = _decoded([table[i] for i in loc.get("attributeIndices", [])], strings).get(
+                                "profile.frame.type", "")
+                            for line in loc.get("lines", []):
+                                f = funcs[line.get("functionIndex", 0)]
+                                frames.append(Frame(strings[f.get("nameStrindex", 0)],
+                                                    strings[f.get("filenameStrindex", 0)],
+                                                    int(line.get("line", 0)), kind))
+                        attrs = {**res, **_decoded([table[i] for i in s.get("attributeIndices", [])], strings)}
+                        out.append((frames, attrs, int(s["values"][0])))
+    return out
+
+
+class Chains:
+    """A runtime's hot samples of one process at the Collector: those whose innermost frame of
+    ``frame_type`` is one of ``leaves``, and of those the ones with the whole ``chain`` under it
+    by name, each frame in ``file``."""
+
+    def __init__(self, pid: int, frame_type: str, leaves: set[str], chain: list[str], file: str):
+        self.pid, self.frame_type, self.leaves, self.chain, self.file = pid, frame_type, leaves, chain, file
+        self.hot = self.whole = 0
+        self.containers: set[Any] = set()
+        self.frames: set[Frame] = set()
+
+    def count(self, collector: Collector) -> "Chains":
+        self.hot = self.whole = 0
+        self.containers.clear()
+        self.frames.clear()
+        for frames, attrs, n in _profile_samples(collector):
+            if attrs.get("process.pid") != self.pid:
+                continue
+            self.containers.add(attrs.get("container.id"))
+            ours = [f for f in frames if f.type == self.frame_type]
+            self.frames.update(ours)
+            if not ours or ours[0].name not in self.leaves:
+                continue
+            self.hot += n
+            top = ours[:1 + len(self.chain)]
+            if [f.name for f in top[1:]] == self.chain and all(f.file == self.file for f in top):
+                self.whole += n
+        return self
+
+    def __repr__(self) -> str:
+        return (f"pid {self.pid}: {self.whole} of {self.hot} hot samples with the whole chain; "
+                f"containers {self.containers}; frames e.g. {sorted(self.frames)[:12]}")
+
+
+def _java_and_js_frames_named(collector: Collector, rt: Runtimes) -> None:
+    """The JVM's and Node's hot samples reach the Collector with their whole chain of Java and
+    JavaScript frames by name (Java: class.method(signature) in Hot.java; JS: the function in
+    the script at its path in the container), carrying their container's id."""
+    defs = {m[1]: i for i, text in enumerate(v8_e2e.SPLIT_SOURCE.splitlines(), 1)
+            if (m := re.search(r"// DEF (\w+)", text))}
+    script = f"{APP_IN_CONTAINER}/split.js"
+    runtimes = {
+        "jvm": Chains(rt.pids["jvm"], "jvm", set(jvm_e2e.HOT.values()), jvm_e2e.CHAIN, "Hot.java"),
+        "node": Chains(rt.pids["node"], "v8js", {"jsHotA", "jsHotB"}, ["stage2", "stage1", "dispatch", "runLoop"],
+                       script),
+    }
+    wait_until(lambda: all(c.count(collector).whole >= 20 for c in runtimes.values()), 240, 2,
+               f"20 samples with the whole chain from the JVM and from Node: {runtimes}")
+    for name, c in runtimes.items():
+        assert c.containers == {rt.ids[name]}, c
+        # (a sample taken as the runtime's entry loads may miss a frame or two of its chain)
+        assert c.whole >= 0.9 * c.hot, c
+    js = runtimes["node"].frames
+    for fn in ("jsHotA", "jsHotB", "stage2", "stage1", "dispatch", "runLoop"):
+        assert Frame(fn, script, defs[fn], "v8js") in js, (fn, sorted(js)[:20])
+
+
+# (method, target, body, status): each on a new connection, then all on one keep-alive connection
+REQUESTS = [("GET", "/orders/1", None, 200), ("GET", "/missing/7", None, 404), ("POST", "/orders", b'{"n": 2}', 200),
+            ("GET", "/orders/3?expand=items", None, 200), ("GET", "/boom", None, 500)]
+
+
+def _request_spans_from_the_container(collector: Collector, rt: Runtimes) -> None:
+    """Every request to the workload's HTTP server is one SERVER span of that server's process
+    (its container's id on the resource) with method, path and status, and one CLIENT span of
+    this process (on the host)."""
+    expected = []
+    for keep_alive in (False, True):
+        conn = http.client.HTTPConnection(rt.http_ip, HTTP_PORT, timeout=10)
+        for method, target, body, status in REQUESTS:
+            if not keep_alive:
+                conn = http.client.HTTPConnection(rt.http_ip, HTTP_PORT, timeout=10)
+            conn.request(method, target, body=body)
+            r = conn.getresponse()
+            r.read()
+            assert r.status == status, (method, target, r.status)
+            expected.append((method, target.split("?")[0], status))
+            if not keep_alive:
+                conn.close()
+        conn.close()
+    n = len(expected)
+
+    def spans() -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {"server": [], "client": []}
+        for s in collector.spans():
+            a = s["attrs"]
+            if "http.request.method" not in a or a.get("server.port") != HTTP_PORT:
+                continue
+            if s["kind"] in SERVER_KIND and s["resource"].get("process.pid") == rt.pids["http"]:
+                out["server"].append(s)
+            elif s["kind"] not in SERVER_KIND and s["resource"].get("process.pid") == os.getpid():
+                out["client"].append(s)
+        for v in out.values():
+            v.sort(key=lambda s: int(s["startTimeUnixNano"]))
+        return out
+
+    wait_until(lambda: all(len(v) >= n for v in spans().values()), 60, 0.5,
+               f"{n} SERVER spans of the workload's HTTP server and {n} CLIENT spans of the test")
+    time.sleep(2)   # a duplicate would have arrived by now
+    got = spans()
+    assert {k: len(v) for k, v in got.items()} == {"server": n, "client": n}, \
+        [(k, s["name"], s["attrs"].get("url.path")) for k, v in got.items() for s in v]
+    for (method, path, status), srv, cli in zip(expected, got["server"], got["client"], strict=True):
+        for s in (srv, cli):
+            a = s["attrs"]
+            assert s["name"] == method and a["http.request.method"] == method and a["url.path"] == path, s
+            assert a["http.response.status_code"] == status and a["url.scheme"] == "http", a
+            assert "url.query" not in a and a["network.protocol.version"] == "1.1", a
+            assert a["server.address"] == rt.http_ip, a
+        assert srv["attrs"]["client.port"] == cli["attrs"]["client.port"] > 0
+        assert srv["resource"].get("container.id") == rt.ids["http"], srv["resource"]
+        assert (srv.get("status", {}).get("code") in ERROR) == (status >= 500), srv
