@@ -402,6 +402,67 @@ def test_worker_thread_frames(bpf_ok: None, tmp_path: Path) -> None:
     assert os.path.exists(stop)
 
 
+def test_short_lived_process_is_named(bpf_ok: None, tmp_path: Path) -> None:
+    """A Node process of two seconds is walked and named from its first samples: a new process's
+    tables and V8 entry are loaded when its first sample is reported, and its functions are read
+    while it runs. (node's own unwind table is built once per agent, ~15 s the first time, from a
+    live process: a first, longer run of the same node build loads it, as a long-running agent
+    would have seen.)"""
+    from receiver.config import ProcessFilter
+
+    exe = tmp_path / "nodeshort"            # a comm of its own, for the filter
+    shutil.copy(NODE20, exe)
+    script = tmp_path / "short.js"
+    script.write_text(SPLIT_SOURCE)
+    stop = tmp_path / "stop"
+    prof = Profiled(0, filter=ProcessFilter(process_names=["nodeshort"]))
+    try:
+        def run(seconds: float) -> None:
+            stop.unlink(missing_ok=True)
+            timer = threading.Timer(seconds, stop.touch)
+            timer.start()
+            try:
+                subprocess.run([str(exe), str(script), str(stop)], check=True, timeout=120, stdout=subprocess.DEVNULL)
+            finally:
+                timer.cancel()
+
+        # a first process of the same build, alive until node's table is built and loaded
+        unwinder = prof.sampler.unwinder
+        assert unwinder is not None
+        first = subprocess.Popen([str(exe), str(script), str(stop)], stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: unwinder.stats["rows_written"] >= 300_000 and unwinder.wait_idle(5), 120, 0.5,
+                       "node's unwind table")
+        finally:
+            stop.touch()
+            first.wait(60)
+        prof.sampler.drain()
+        run(2)
+        rt = prof.sampler.runtime("v8")
+        assert rt is not None and rt.wait_idle(5)
+        profile = prof.sampler.drain()
+        stats = prof.sampler.runtime_stats("v8")
+    finally:
+        prof.close()
+    total = sum(s.count for s in profile.samples)
+    with_js = [s for s in profile.samples if _js(s.frames)]
+    js_frames = [f for s in with_js for f in _js(s.frames) for _ in range(s.count)]
+    named = [f for f in js_frames if f.function]
+    hot = sum(s.count for s in with_js if any(f.function in ("jsHotA", "jsHotB") for f in _js(s.frames)))
+    # a sample without JS frames is node running no JS: start-up (the dynamic loader, OpenSSL's
+    # root certificates, V8's snapshot), teardown, or a compiler thread; all the others carry JS
+    # frames from the process's first samples on
+    no_js = ("_dl_", "node::InitializeOncePerProcess", "node::NewIsolate", "node::CreateEnvironment",
+             "node::Environment::~Environment", "NodeMainInstance::~NodeMainInstance", "PlatformWorkerThread")
+    quiet = sum(s.count for s in profile.samples if not _js(s.frames)
+                and any(m in f.function for f in s.frames for m in no_js))
+    accounted = sum(s.count for s in with_js) + quiet
+    assert hot >= 15 and accounted >= 0.9 * total, (total, hot, quiet, stats)
+    assert len(named) / len(js_frames) >= 0.95, (collections.Counter(f.function for f in js_frames), stats)
+    assert {"jsHotA", "jsHotB", "stage2", "stage1", "dispatch", "runLoop"} <= \
+        {f.function for f in named if f.file == str(script)}
+
+
 def test_collector_receives_v8js_frames(bpf_ok: None, collector: Collector, tmp_path: Path) -> None:
     """The agent's profiles reach the real Collector with JavaScript frames typed ``v8js`` (named,
     with script and line), and the self-metric counts them resolved."""
