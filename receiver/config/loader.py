@@ -13,8 +13,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-
 from ..errors import ConfigError
 from .forms import PARSERS, Kind, type_name
 
@@ -32,6 +30,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); "
                           "a config file is YAML") from None
+    import yaml  # here: `profile` and the library build configs from dicts, without PyYAML
+
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
