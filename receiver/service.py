@@ -138,7 +138,7 @@ class Service:
         # could expose; tests/test_startup_sources.py makes it happen and proves it fixed.)
         # The profiler after the others: its first ring-buffer records name every running
         # process on the event loop (their ELF files read: seconds, tens of them on a busy host),
-        # which held up the start of a source still loading (a warm syscalls waited 75 s).
+        # which held up the start of a source still loading (a warm syscalls waited ~90 s at load 20).
         await asyncio.gather(*(start(name) for name in enabled if name != "profiler"))
         if "profiler" in enabled:
             await start("profiler")
