@@ -181,3 +181,43 @@ def test_metrics_answer_before_the_sources_are_up_and_readyz_waits_for_them(
     assert seen[0][:2] == ("0.0", 503) and seen[0][2] == "not ready: starting", seen[:3]
     assert seen[-1][:2] == ("1.0", 200), seen[-3:]
     assert all(status == 503 for _, status, _ in seen[:-1]), seen
+
+
+def test_sources_start_at_once_and_the_profiler_after_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's start order, with stand-in sources: the others all begin before any is up,
+    and the profiler begins once they are (its first records hold the event loop)."""
+    from receiver import service as service_mod
+    from receiver.kernel import privileges
+    from receiver.sources.base import Source
+
+    events: list[tuple[str, str]] = []
+
+    def stand_in(source_name: str) -> type[Source]:
+        class StandIn(Source):
+            name = source_name
+
+            async def start(self) -> None:
+                events.append(("start", self.name))
+                for _ in range(3):   # a load's await points
+                    await asyncio.sleep(0)
+                events.append(("up", self.name))
+
+            async def stop(self) -> None:
+                pass
+
+        return StandIn
+
+    names = ("process", "syscalls", "network", "profiler")
+    monkeypatch.setattr(service_mod, "source_classes", lambda: {n: stand_in(n) for n in names})
+    config = EbpfConfig.from_dict({"sources": {n: {"enabled": True} for n in names}})
+    svc = service_mod.Service(config, least_privilege=False)
+
+    async def run() -> None:
+        await svc._start_sources(asyncio.get_running_loop(), privileges.StartupThreads())
+
+    asyncio.run(run())
+    others = [n for n in config.sources.enabled() if n != "profiler"]
+    first_up = next(i for i, e in enumerate(events) if e[0] == "up")
+    assert {n for kind, n in events[:first_up] if kind == "start"} == set(others), events
+    assert events[-2:] == [("start", "profiler"), ("up", "profiler")], events
+    assert [s.name for s in svc.sources] == list(config.sources.enabled())
