@@ -10,9 +10,11 @@ bpf/runtimes/v8.bpf.h) records, per JavaScript frame, the address of its SharedF
   metadata (``v8dbg_*``: frame offsets, class field offsets, instance types) and reads the values
   from the process's memory: no number per Node build is kept here. Cached per build id.
 * ``read_function`` names a SharedFunctionInfo from /proc/PID/mem: its name (a String, or the
-  function name a ScopeInfo holds), its Script's name (the path or URL) and the line of the
-  function's start (from the ScopeInfo's position info and the script's source). Every object read
-  is checked by its map's instance type; anything else leaves the frame unnamed (counted).
+  function name a ScopeInfo holds), its Script's name (the path or URL), the line of the
+  function's start (from the ScopeInfo's position info and the script's source) and, when V8 has
+  made it, its bytecode's source position table as (offset, line) pairs: a frame run from bytecode
+  is named at its statement's line, others at the function's first line. Every object read is
+  checked by its map's instance type; anything else leaves the frame unnamed (counted).
 * ``V8`` is the runtime: it recognises a process, hands the kernel its ``V8Process``, names
   announced functions on its own thread while the process lives (cached per (pid, address), the
   entry checked again when the same address shows up after a garbage collection may have moved
