@@ -222,10 +222,13 @@ def _syscall_names() -> dict[int, str]:
 def test_compose_up_as_shipped(stack: Stack, tmp_path: Path) -> None:
     if not shutil.which("bpftool"):
         fail_or_skip("bpftool is not installed (tests/docker/engine.sh start installs it)")
+    t0 = time.monotonic()
     stack.compose("up", "-d", "--build", timeout=1800)
+    phases = {"up --build": time.monotonic() - t0}
     runtimes = None
     try:
         _shipped_stack_runs(stack)
+        phases["shipped stack checked"] = time.monotonic() - t0
         outdir = tmp_path / "otelcol-out"
         outdir.mkdir()
         outdir.chmod(0o777)   # the Collector writes as user 10001
@@ -234,6 +237,7 @@ def test_compose_up_as_shipped(stack: Stack, tmp_path: Path) -> None:
         stack.compose("up", "-d", "--no-deps", "otelcol", "agent", timeout=300)
         _agent_serves_http(stack)
         ready_ns = time.time_ns()
+        phases["agent restarted with http, ready"] = time.monotonic() - t0
         runtimes = Runtimes(stack, tmp_path / "app")
         collector = Collector("", tmp_path)
         collector.outdir = outdir
@@ -241,8 +245,12 @@ def test_compose_up_as_shipped(stack: Stack, tmp_path: Path) -> None:
         prog_ids = _agent_bpf_prog_ids(agent_pid)
         assert len(prog_ids) >= 5, f"the agent holds BPF programs {prog_ids}"
         _data_reaches_the_collector(stack, collector, ready_ns)
-        _java_and_js_frames_named(collector, runtimes)
+        phases["workload data checked"] = time.monotonic() - t0
+        print(_java_and_js_frames_named(collector, runtimes))
+        phases["java and js frames checked"] = time.monotonic() - t0
         _request_spans_from_the_container(collector, runtimes)
+        phases["request spans checked"] = time.monotonic() - t0
+        print("compose test phases (s since up):", {k: round(v) for k, v in phases.items()})
     except AssertionError as e:
         raise AssertionError(f"{e}\n--- compose logs ---\n{stack.logs()}") from None
     finally:
@@ -528,7 +536,7 @@ class Chains:
                 f"containers {self.containers}; frames e.g. {sorted(self.frames)[:12]}")
 
 
-def _java_and_js_frames_named(collector: Collector, rt: Runtimes) -> None:
+def _java_and_js_frames_named(collector: Collector, rt: Runtimes) -> dict[str, Chains]:
     """The JVM's and Node's hot samples reach the Collector with their whole chain of Java and
     JavaScript frames by name (Java: class.method(signature) in Hot.java; JS: the function in
     the script at its path in the container), carrying their container's id."""
@@ -549,6 +557,7 @@ def _java_and_js_frames_named(collector: Collector, rt: Runtimes) -> None:
     js = runtimes["node"].frames
     for fn in ("jsHotA", "jsHotB", "stage2", "stage1", "dispatch", "runLoop"):
         assert Frame(fn, script, defs[fn], "v8js") in js, (fn, sorted(js)[:20])
+    return runtimes
 
 
 # (method, target, body, status): each on a new connection, then all on one keep-alive connection
