@@ -548,7 +548,7 @@ def _java_and_js_frames_named(collector: Collector, rt: Runtimes) -> dict[str, C
         "node": Chains(rt.pids["node"], "v8js", {"jsHotA", "jsHotB"}, ["stage2", "stage1", "dispatch", "runLoop"],
                        script),
     }
-    wait_until(lambda: all(c.count(collector).whole >= 20 for c in runtimes.values()), 240, 2,
+    wait_until(lambda: all(c.count(collector).whole >= 20 for c in runtimes.values()), 300, 2,
                f"20 samples with the whole chain from the JVM and from Node: {runtimes}")
     for name, c in runtimes.items():
         assert c.containers == {rt.ids[name]}, c
