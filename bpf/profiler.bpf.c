@@ -122,12 +122,63 @@ BPF_TABLE_PINNED("hash", u32, u64, req_links, REQ_LINKS_MAX, REQ_LINKS_PIN);
  * serves, written by OBI (or our http program); link_traces: span id -> trace id of the entries
  * samples were linked to, read by user space (receiver/profiling/links.py trace_of). */
 struct traces_ctx_v1 { u8 trace_id[16]; u8 span_id[8]; };
-struct link_trace { u8 trace_id[16]; };
 BPF_TABLE_PINNED("lru_hash", u64, struct traces_ctx_v1, traces_ctx_v1, TRACES_CTX_MAX, TRACES_CTX_PIN);
-BPF_TABLE_PINNED("lru_hash", u64, struct link_trace, link_traces, TRACES_CTX_MAX, LINK_TRACES_PIN);
+#endif
+#if TRACES_CTX || THREAD_CTX
+struct link_trace { u8 trace_id[16]; };
+BPF_TABLE_PINNED("lru_hash", u64, struct link_trace, link_traces, LINK_TRACES_MAX, LINK_TRACES_PIN);
+static __always_inline void link_trace_keep(u64 span, const u8 *trace_id) {
+    if (span && !link_traces.lookup(&span)) {
+        struct link_trace t;
+        __builtin_memcpy(t.trace_id, trace_id, 16);
+        link_traces.update(&span, &t);
+    }
+}
+#endif
+#if THREAD_CTX
+/* OTEP 4947 (docs/profiler.md#request-links): pid_tgid -> the address of the thread's
+ * otel_thread_ctx_v1 TLS slot, found and kept by user space (receiver/profiling/thread_ctx.py);
+ * the slot holds a pointer to the SDK's record. thread_ctx_stats: linked, unreadable (slot or
+ * record not readable now), invalid (valid neither 0 nor 1). */
+struct otel_thread_ctx_v1 { u8 trace_id[16]; u8 span_id[8]; u8 valid; u8 reserved; u16 attrs_data_size; };
+BPF_TABLE_PINNED("hash", u64, u64, thread_ctx_slots, THREAD_CTX_MAX, THREAD_CTX_PIN);
+BPF_TABLE_PINNED("array", u32, u64, thread_ctx_stats, 3, THREAD_CTX_STATS_PIN);
+static __always_inline void thread_ctx_count(u32 reason) {
+    u64 *n = thread_ctx_stats.lookup(&reason);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+static __always_inline u64 thread_ctx_link(u64 pid_tgid) {
+    u64 *slot = thread_ctx_slots.lookup(&pid_tgid);
+    u64 rec = 0, span = 0;
+    struct otel_thread_ctx_v1 r;
+    if (!slot)
+        return 0;
+    if (bpf_probe_read_user(&rec, sizeof(rec), (void *)*slot)) {
+        thread_ctx_count(1);
+        return 0;
+    }
+    if (!rec)
+        return 0;
+    if (bpf_probe_read_user(&r, sizeof(r), (void *)rec)) {
+        thread_ctx_count(1);
+        return 0;
+    }
+    if (r.valid != 1) {
+        if (r.valid)
+            thread_ctx_count(2);
+        return 0;
+    }
+    __builtin_memcpy(&span, r.span_id, 8);
+    if (span) {
+        link_trace_keep(span, r.trace_id);
+        thread_ctx_count(0);
+    }
+    return span;
+}
 #endif
 /* The span id a sample of this thread links to: the request of ours it serves, else OBI's
- * traces_ctx_v1 entry for it; 0 none. */
+ * traces_ctx_v1 entry for it, else its OTEP 4947 thread context record; 0 none. */
 static __always_inline u64 request_link(u64 pid_tgid) {
     u64 span = 0;
 #if REQ_LINKS
@@ -140,12 +191,12 @@ static __always_inline u64 request_link(u64 pid_tgid) {
     struct traces_ctx_v1 *ctx = traces_ctx_v1.lookup(&pid_tgid);
     if (ctx) {
         __builtin_memcpy(&span, ctx->span_id, 8);
-        if (span && !link_traces.lookup(&span)) {
-            struct link_trace t;
-            __builtin_memcpy(t.trace_id, ctx->trace_id, 16);
-            link_traces.update(&span, &t);
-        }
+        link_trace_keep(span, ctx->trace_id);
     }
+#endif
+#if THREAD_CTX
+    if (!span)
+        span = thread_ctx_link(pid_tgid);
 #endif
     return span;
 }

@@ -321,6 +321,9 @@ class ProfilerSourceConfig:
     # Samples of a thread with no link of ours link to the trace and span OBI keeps for it in
     # <bpf.pin_path>/otel/traces_ctx_v1 (created and pinned if absent; docs/profiler.md#request-links).
     traces_ctx_read: bool = False
+    # Samples of a thread with no other link link to the trace and span of its OTEP 4947 record
+    # (otel_thread_ctx_v1 TLS, found through glibc's thread_db descriptors; docs/profiler.md#request-links).
+    thread_ctx_read: bool = False
     pprof_dir: str | None = None
     filter: ProcessFilter = field(default_factory=ProcessFilter)
     off_cpu: OffCpuConfig = field(default_factory=OffCpuConfig)

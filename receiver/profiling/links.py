@@ -32,6 +32,7 @@ import threading
 from collections import OrderedDict
 
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_EXIST = 2
 MAX_THREADS = 16384          # threads serving a request at the same time
@@ -156,15 +157,52 @@ def cflags(probability: float = 1.0, write: bool = False) -> list[str]:
     return flags
 
 
-def profiler_cflags(request_links: bool, read: bool) -> list[str]:
-    """The profiler's -D flags: our own links (``request_links``), OBI's (``read``)."""
+def profiler_cflags(request_links: bool, read: bool, thread_ctx: bool = False,
+                    pids: list[int] | None = None) -> list[str]:
+    """The profiler's -D flags: our own links (``request_links``), OBI's (``read``), OTEP 4947
+    thread contexts (``thread_ctx``: also starts their walker, over ``pids`` if given)."""
     flags = []
     if request_links:
         flags += ["-DREQ_LINKS=1", f'-DREQ_LINKS_PIN="{ensure_map()}"', f"-DREQ_LINKS_MAX={MAX_THREADS}"]
     if read:
-        flags += ["-DTRACES_CTX=1", f'-DTRACES_CTX_PIN="{ensure_traces_ctx()}"', f"-DTRACES_CTX_MAX={TRACES_CTX_MAX}",
-                  f'-DLINK_TRACES_PIN="{ensure_link_traces()}"']
+        flags += ["-DTRACES_CTX=1", f'-DTRACES_CTX_PIN="{ensure_traces_ctx()}"', f"-DTRACES_CTX_MAX={TRACES_CTX_MAX}"]
+    if thread_ctx:
+        from . import thread_ctx as tc
+
+        slots = _own_map("thread_ctx_slots", BPF_MAP_TYPE_HASH, 8, 8, tc.MAX_THREADS)
+        stats = _own_map("thread_ctx_stats", BPF_MAP_TYPE_ARRAY, 4, 8, len(tc.STATS))
+        flags += ["-DTHREAD_CTX=1", f'-DTHREAD_CTX_PIN="{slots}"', f"-DTHREAD_CTX_MAX={tc.MAX_THREADS}",
+                  f'-DTHREAD_CTX_STATS_PIN="{stats}"']
+        _start_thread_ctx(pids)
+    if read or thread_ctx:
+        flags += [f'-DLINK_TRACES_PIN="{ensure_link_traces()}"', f"-DLINK_TRACES_MAX={TRACES_CTX_MAX}"]
     return flags
+
+
+_walker = None
+
+
+def _start_thread_ctx(pids: list[int] | None) -> None:
+    """The OTEP 4947 walker (receiver/profiling/thread_ctx.py), once per process."""
+    global _walker
+    from . import thread_ctx as tc
+
+    with _lock:
+        if _walker is not None:
+            return
+        for reason in tc.STATS + tc.WALK_REASONS:
+            counts.setdefault("thread_ctx_" + reason, 0)
+        _walker = tc.ThreadCtxWalker(_fds["thread_ctx_slots"], _fds["thread_ctx_stats"],
+                                     lambda reason, n: count("thread_ctx_" + reason, n), pids=pids)
+    _walker.start()
+
+
+def stop_thread_ctx() -> None:
+    global _walker
+    with _lock:
+        w, _walker = _walker, None
+    if w is not None:
+        w.stop()
 
 
 def pins() -> dict[str, str]:
@@ -174,9 +212,11 @@ def pins() -> dict[str, str]:
 
 
 def unpin() -> None:
-    """Removes this process's own pins and closes every descriptor (traces_ctx_v1 stays pinned:
-    it is shared with OBI and the OpenTelemetry eBPF profiler)."""
+    """Stops the thread context walker, removes this process's own pins and closes every
+    descriptor (traces_ctx_v1 stays pinned: it is shared with OBI and the OpenTelemetry eBPF
+    profiler)."""
     global _write
+    stop_thread_ctx()
     with _lock:
         for name, fd in _fds.items():
             if name in _owned:
@@ -241,13 +281,20 @@ def _write_ctx(span_id: int, trace_id: bytes, pid: int, tid: int) -> None:
 # request_links_probability, or MAX_THREADS threads were serving), pipelined (several heads in
 # one record: random ids, no link), unresolved (sample links whose span id the registry no longer
 # held: exported without a link); traces_ctx_v1 (sources.http.traces_ctx_write): written,
-# write_late (the response was written before user space read the request), write_failed.
+# write_late (the response was written before user space read the request), write_failed;
+# OTEP 4947 thread contexts (sources.profiler.thread_ctx_read, receiver/profiling/thread_ctx.py):
+# samples thread_ctx_linked, thread_ctx_unreadable (slot or record not readable in the sample),
+# thread_ctx_invalid (valid neither 0 nor 1); walks: thread_ctx_no_thread_db (a publisher
+# without glibc's thread_db descriptors), thread_ctx_no_module (its module not in the link map),
+# thread_ctx_unreadable_process, thread_ctx_tls_unallocated (per walk, threads whose dynamic TLS
+# block is not allocated yet), thread_ctx_threads_limit, thread_ctx_processes_limit,
+# thread_ctx_map_full.
 counts = {"linked": 0, "not_linked": 0, "pipelined": 0, "unresolved": 0,
           "written": 0, "write_late": 0, "write_failed": 0}
 
 
-def count(reason: str) -> None:
-    counts[reason] += 1
+def count(reason: str, n: int = 1) -> None:
+    counts[reason] = counts.get(reason, 0) + n
 
 
 def count_unresolved() -> None:

@@ -265,6 +265,7 @@ class CpuSampler:
         self.off_cpu = config.off_cpu.enabled
         self.request_links = bool(getattr(config, "request_links", False))   # docs/profiler.md#request-links
         self.traces_ctx_read = bool(getattr(config, "traces_ctx_read", False))   # OBI's traces_ctx_v1
+        self.thread_ctx_read = bool(getattr(config, "thread_ctx_read", False))   # OTEP 4947
         self.off_cpu_disabled: str | None = None   # why off-CPU time is off although configured
         self._offcpu_threshold = offcpu_threshold(config.off_cpu.sample_probability)
         self._offcpu_bufs: tuple[Any, Any] | None = None
@@ -308,13 +309,15 @@ class CpuSampler:
 
     def _link_cflags(self) -> list[str]:
         """Request links (receiver/profiling/links.py): the pinned thread -> span map."""
-        if not (self.request_links or self.traces_ctx_read):
+        if not (self.request_links or self.traces_ctx_read or self.thread_ctx_read):
             return []
+        f = self.config.filter
         try:
-            return links.profiler_cflags(self.request_links, self.traces_ctx_read)
+            return links.profiler_cflags(self.request_links, self.traces_ctx_read, self.thread_ctx_read,
+                                         pids=list(f.pids) if f.pids and not (f.process_names or f.cgroups) else None)
         except OSError as e:
             log.warning("profiler: no request links: %s", e)
-            self.request_links = self.traces_ctx_read = False
+            self.request_links = self.traces_ctx_read = self.thread_ctx_read = False
             return []
 
     def _offcpu_cflags(self) -> list[str]:
@@ -344,7 +347,7 @@ class CpuSampler:
             programs.append((OFFCPU_PROGRAM.decode(), "PERF_EVENT", None))
         try:
             cflags = self.cflags()
-            pins = links.pins() if self.request_links or self.traces_ctx_read else None
+            pins = links.pins() if self.request_links or self.traces_ctx_read or self.thread_ctx_read else None
             return compile_bpf(self.source_name, BPF_FILE, cflags, programs, pins=pins,
                                includes=[cls.bpf_header for _, cls in runtimes])
         except SourceUnavailableError as e:
@@ -418,6 +421,8 @@ class CpuSampler:
 
     def detach(self) -> None:
         """Closes the perf events: no sample after this returns. Safe to call twice."""
+        if self.thread_ctx_read:
+            links.stop_thread_ctx()
         if self.unwinder is not None:
             self.unwinder.stop()
         if self.runtimes is not None:

@@ -71,13 +71,14 @@ class ProfilerSource(BccSource):
         self.report_interval = float(self.config.report_interval)
         self.sampler = CpuSampler(self.config, self.name, ctx.config.caches)
         stats = self.sampler.symbolizer.stats
-        if self.config.request_links:
+        if self.config.request_links or self.config.thread_ctx_read:
             from ..profiling import links
 
             ctx.telemetry.watch_counters(
                 "profiler_request_links", "Request links (sources.profiler.request_links): server requests "
                 "linked, not_linked (not sampled, or the thread map full), pipelined (no link), and sample "
-                "links unresolved (exported without a link)", "reason", lambda: dict(links.counts))
+                "links unresolved (exported without a link); thread_ctx_* (sources.profiler.thread_ctx_read, "
+                "docs/profiler.md#request-links)", "reason", lambda: dict(links.counts))
         ctx.telemetry.watch_counters(
             "profiler_frames", "Stack frames symbolized, by result (unresolved ones keep address, "
             "file and build id)", "result",
