@@ -31,6 +31,7 @@ Supported: HotSpot of JDK 17 to JDK 25 on x86-64 (tested with Debian's OpenJDK 1
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import os
@@ -625,14 +626,15 @@ def read_scopes(mem: _Mem, jvm: JVM, pc: int, method: int, compile_id: int, leaf
         meta, meta_end = u64(dbg.mutable) + i32(dbg.metadata), u64(dbg.mutable) + i32(dbg.mutable_size)
     if not code <= at < code_end or not 0 < pcs_end - pcs <= MAX_PC_DESCS or not data < data_end:
         raise ValueError("nmethod bounds")
-    table = mem.read(pcs, pcs_end - pcs)
-    size, target = dbg.pc_desc_size, pc - code
-    # the first PcDesc at or after the pc (HotSpot's pc_desc_near; a return address has its own)
-    decode = -1
-    for i in range(0, len(table) - size + 1, size):
-        if struct.unpack_from("<i", table, i + dbg.pc_offset)[0] >= target:
-            decode = struct.unpack_from("<i", table, i + dbg.scope_offset)[0]
-            break
+    size = dbg.pc_desc_size
+    if size % 4 or dbg.pc_offset % 4 or dbg.scope_offset % 4 or (pcs_end - pcs) % size:
+        raise ValueError("PcDesc layout")
+    words = memoryview(mem.read(pcs, pcs_end - pcs)).cast("i")
+    step = size // 4
+    # the first PcDesc at or after the pc (HotSpot's pc_desc_near; a return address has its own),
+    # by bisection: HotSpot keeps them sorted by pc offset
+    i = bisect.bisect_left(words[dbg.pc_offset // 4::step], pc - code)
+    decode = words[i * step + dbg.scope_offset // 4] if i < len(words) // step else -1
     if decode <= 0:
         raise ValueError("no scope at the pc")
     chain: list[tuple[int, int]] = []
