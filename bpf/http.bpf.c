@@ -542,7 +542,9 @@ static __always_inline void tls_exit(struct http_regs *ctx) {
     }
     struct http_tls_call c = *t;
     t->id = 0;
-    long rc = RET(ctx);
+    /* SSL_read/SSL_write and the _ex forms return an int: -1 (an error, or WANT_READ on a
+     * non-blocking socket) is 0xffffffff in a zero-extended rax, not a byte count. */
+    long rc = (int)RET(ctx);
     u64 moved = 0;
     if (c.sizep) {
         if (rc != 1 || bpf_probe_read_user(&moved, sizeof(moved), (void *)c.sizep) != 0)
