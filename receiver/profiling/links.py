@@ -286,8 +286,8 @@ def _write_ctx(span_id: int, trace_id: bytes, pid: int, tid: int) -> None:
 # samples thread_ctx_linked, thread_ctx_unreadable (slot or record not readable in the sample),
 # thread_ctx_invalid (valid neither 0 nor 1); walks: thread_ctx_no_thread_db (a publisher
 # without glibc's thread_db descriptors), thread_ctx_no_module (its module not in the link map),
-# thread_ctx_unreadable_process, thread_ctx_tls_unallocated (per walk, threads whose dynamic TLS
-# block is not allocated yet), thread_ctx_threads_limit, thread_ctx_processes_limit,
+# thread_ctx_unreadable_process, thread_ctx_tls_unallocated (once per thread whose dynamic
+# TLS block is not allocated yet), thread_ctx_threads_limit, thread_ctx_processes_limit,
 # thread_ctx_map_full.
 counts = {"linked": 0, "not_linked": 0, "pipelined": 0, "unresolved": 0,
           "written": 0, "write_late": 0, "write_failed": 0}

@@ -33,6 +33,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -117,16 +118,25 @@ def _mapped_files(pid: int) -> dict[str, _Mapped]:
 
 class _Publisher:
     """One publishing process: where its thread list and the symbol's module are."""
-    __slots__ = ("pid", "start_time", "lists", "off", "module_lm", "tls_offset", "modid", "st_value")
+    __slots__ = ("pid", "start_time", "exe", "lists", "off", "module_lm", "tls_offset", "modid", "st_value")
 
     def __init__(self, pid: int, start_time: bytes) -> None:
         self.pid, self.start_time = pid, start_time
+        self.exe: tuple[int, int] = (0, 0)
         self.lists: tuple[int, int] = (0, 0)
         self.off: dict[bytes, int] = {}
         self.module_lm = 0
         self.tls_offset = 0
         self.modid = 0
         self.st_value = 0
+
+
+def _exe(pid: int) -> tuple[int, int]:
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
 
 
 def _start_time(pid: int) -> bytes:
@@ -149,6 +159,8 @@ class ThreadCtxWalker:
         self._publishers: dict[int, _Publisher] = {}
         self._entries: dict[int, int] = {}                      # what the map holds
         self._stats_seen = [0] * len(STATS)
+        self._unallocated: set[int] = set()                     # threads without their TLS block
+        self._unallocated_now: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -172,8 +184,6 @@ class ThreadCtxWalker:
 
     # -- one pass ----------------------------------------------------------------------------
     def scan(self, now: float | None = None) -> None:
-        import time
-
         now = time.monotonic() if now is None else now
         want: dict[int, int] = {}
         pids = sorted(self.pids) if self.pids else [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -187,8 +197,8 @@ class ThreadCtxWalker:
                 continue
             live.add(pid)
             pub = self._publishers.get(pid)
-            if pub is not None and pub.start_time != st:
-                pub = self._publishers.pop(pid)
+            if pub is not None and (pub.start_time != st or pub.exe != _exe(pid)):   # gone, or exec'ed
+                del self._publishers[pid]
                 pub = None
             if pub is None:
                 seen = self._checked.get(pid)
@@ -210,6 +220,7 @@ class ThreadCtxWalker:
         for pid in [p for p in self._checked if p not in live]:
             del self._checked[pid]
         self._sync(want)
+        self._unallocated, self._unallocated_now = self._unallocated_now, set()
         self._read_stats()
 
     def _syms(self, pid: int, m: _Mapped, names: set[bytes]) -> dict[bytes, tuple[int, int]]:
@@ -260,6 +271,7 @@ class ThreadCtxWalker:
             self.count("no_thread_db", 1)
             return None
         pub = _Publisher(pid, st)
+        pub.exe = _exe(pid)
         pub.st_value = syms[module.path][SYMBOL][0]
         try:
             with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -320,7 +332,10 @@ class ThreadCtxWalker:
                                 dtv = _U64.unpack(rd(pd + o[b"pthread_dtvp"], 8))[0]
                                 block = _U64.unpack(rd(dtv + 16 * pub.modid, 8))[0] if dtv and pub.modid else 0
                                 if block in (0, _TLS_DTV_UNALLOCATED):
-                                    self.count("tls_unallocated", 1)   # the thread never touched it
+                                    key = (pub.pid << 32) | tid   # the thread never touched it: once
+                                    self._unallocated_now.add(key)
+                                    if key not in self._unallocated:
+                                        self.count("tls_unallocated", 1)
                                     block = 0
                                 slot = block + pub.st_value if block else 0
                             if slot:

@@ -5,7 +5,8 @@ The program links a shared library that defines ``__thread void *otel_thread_ctx
 with ``-fPIC -mtls-dialect=gnu2``: a TLSDESC access, as an SDK's), and runs four threads: one
 burns CPU with a record whose ``valid`` is 1, one burns CPU with no record (NULL pointer), one
 burns CPU with a record whose ``valid`` is 0, and one sleeps in short naps with the valid record.
-The agent finds the process's TLS slots from its memory (glibc's thread_db descriptors,
+The library is linked (static TLS) or dlopen'ed with glibc's optional static TLS at 0 (dynamic
+TLS, the thread's DTV). The agent finds the process's TLS slots from its memory (glibc's thread_db descriptors,
 receiver/profiling/thread_ctx.py); the profiler reads the record in each sample. The first
 thread's CPU samples and the sleeper's off-CPU samples link to the record's trace and span; the
 others' samples link to nothing."""
@@ -13,6 +14,7 @@ others' samples link to nothing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -41,10 +43,15 @@ APP = r"""
 #include <stdlib.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+#ifdef DLOPEN
+#include <dlfcn.h>
+static void (*otel_ctx_set)(void *record);
+#else
+void otel_ctx_set(void *record);
+#endif
 
 struct otel_thread_ctx_v1 { uint8_t trace_id[16]; uint8_t span_id[8]; uint8_t valid; uint8_t reserved;
                             uint16_t attrs_data_size; uint8_t attrs_data[]; };
-void otel_ctx_set(void *record);
 
 static pthread_barrier_t ready;
 static int tids[4];
@@ -78,6 +85,13 @@ static void *run(void *arg) {
 int main(int argc, char **argv) {
     trace = argv[1];
     span = argv[2];
+#ifdef DLOPEN
+    void *lib = dlopen(argv[3], RTLD_NOW);
+    if (!lib || !(otel_ctx_set = (void (*)(void *))dlsym(lib, "otel_ctx_set"))) {
+        fprintf(stderr, "%s\n", dlerror());
+        return 1;
+    }
+#endif
     pthread_barrier_init(&ready, NULL, 5);
     pthread_t t[4];
     for (long i = 0; i < 4; i++) pthread_create(&t[i], NULL, run, (void *)i);
@@ -99,25 +113,32 @@ def pin_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _build(tmp_path: Path) -> Path:
+def _build(tmp_path: Path, dynamic: bool) -> Path:
     cc = shutil.which("cc")
     assert cc, "no C compiler (cc) to build the test program"
     (tmp_path / "ctx.c").write_text(LIB)
     (tmp_path / "app.c").write_text(APP)
     subprocess.run([cc, "-O1", "-fPIC", "-mtls-dialect=gnu2", "-shared", "-o", "libotelctx.so", "ctx.c"],
                    cwd=tmp_path, check=True)
-    subprocess.run([cc, "-O1", "-g", "-fno-omit-frame-pointer", "-o", "otep_app", "app.c", "-L.", "-lotelctx",
-                    "-Wl,-rpath,$ORIGIN", "-lpthread"], cwd=tmp_path, check=True)
+    link = ["-DDLOPEN", "-ldl"] if dynamic else ["-L.", "-lotelctx", "-Wl,-rpath,$ORIGIN"]
+    subprocess.run([cc, "-O1", "-g", "-fno-omit-frame-pointer", "-o", "otep_app", "app.c", *link, "-lpthread"],
+                   cwd=tmp_path, check=True)
     relocs = subprocess.run(["readelf", "-rW", str(tmp_path / "libotelctx.so")], capture_output=True,
                             text=True, check=True).stdout
     assert "R_X86_64_TLSDESC" in relocs, relocs   # the SDK's access: a TLS descriptor
     return tmp_path / "otep_app"
 
 
+@pytest.mark.parametrize("tls", ["static", "dynamic"])
 def test_samples_link_to_the_thread_context_record_the_thread_publishes(
-        bpf_ok: None, collector: Collector, tmp_path: Path, pin_dir: Path) -> None:
-    app = _build(tmp_path)
-    proc = subprocess.Popen([str(app), TRACE, SPAN], stdout=subprocess.PIPE, text=True)
+        bpf_ok: None, collector: Collector, tmp_path: Path, pin_dir: Path, tls: str) -> None:
+    """static: the library is linked (static TLS: tp - l_tls_offset + value); dynamic: it is
+    dlopen'ed with glibc's optional static TLS at 0 (the thread's DTV entry + value)."""
+    dynamic = tls == "dynamic"
+    app = _build(tmp_path, dynamic)
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=0") if dynamic else None
+    proc = subprocess.Popen([str(app), TRACE, SPAN, str(tmp_path / "libotelctx.so")], stdout=subprocess.PIPE,
+                            text=True, env=env)
     try:
         assert proc.stdout is not None
         json.loads(proc.stdout.readline())
@@ -139,6 +160,10 @@ def test_samples_link_to_the_thread_context_record_the_thread_publishes(
             linked_counter = agent.metric_value("ebpf_receiver_profiler_request_links_total",
                                                 reason="thread_ctx_linked")
             no_db = agent.metric_value("ebpf_receiver_profiler_request_links_total", reason="thread_ctx_no_thread_db")
+            # the main thread and the unlinked one never touch the variable: with dynamic TLS they
+            # have no block yet (the walker went through the DTV), with static TLS they do
+            unallocated = agent.metric_value("ebpf_receiver_profiler_request_links_total",
+                                             reason="thread_ctx_tls_unallocated")
         finally:
             assert agent.stop() == 0
     finally:
@@ -157,3 +182,4 @@ def test_samples_link_to_the_thread_context_record_the_thread_publishes(
         other = [lk for kind, names, _, lk in samples if fn in names]
         assert other and all(lk is None for lk in other), (fn, {lk for lk in other if lk})
     assert linked_counter >= hits / 2 and no_db == 0   # the kernel counted what it linked
+    assert unallocated == (2 if dynamic else 0)
