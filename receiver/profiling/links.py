@@ -197,6 +197,13 @@ def _start_thread_ctx(pids: list[int] | None) -> None:
     _walker.start()
 
 
+def note_thread_ctx_process(pid: int) -> None:
+    """The profiler's first sample of a process: the walker looks at it now."""
+    w = _walker
+    if w is not None:
+        w.note(pid)
+
+
 def stop_thread_ctx() -> None:
     global _walker
     with _lock:

@@ -455,6 +455,8 @@ class CpuSampler:
         self.symbolizer.note_process(pid)
         self._process_names[pid] = _executable_name(pid)
         self._exited.discard(pid)
+        if self.thread_ctx_read:   # OTEP 4947: its thread contexts, without waiting for the next walk
+            links.note_thread_ctx_process(pid)
         if self.unwinder is not None:
             if self.go_labels is not None:   # before the tables: their write renews the kernel's cache
                 self.go_labels.note_process(pid)

@@ -18,7 +18,8 @@ glibc's libthread_db does, from the process's own memory:
   dlopen'ed one): slot = dtv[l_tls_modid] + st_value, dtv at ``pthread.header.dtv``.
 
 ``ThreadCtxWalker`` finds publishing processes (a mapped file whose ``.dynsym`` defines the
-symbol, cached per file), walks their threads every ``interval`` seconds and keeps the pinned
+symbol, cached per file; a process the profiler samples for the first time is looked at at once,
+``note``), walks their threads every ``interval`` seconds and keeps the pinned
 ``thread_ctx_slots`` map (pid_tgid -> slot address) current. The profiler program reads the slot
 (the record pointer), then the record, with ``bpf_probe_read_user`` for a sampled thread without
 another link, and links the sample when ``valid == 1`` (copying the trace id into
@@ -46,6 +47,7 @@ MAX_PROCESSES = 1024          # publishing processes walked
 MAX_THREADS = 16384           # thread_ctx_slots entries (all processes)
 MAX_FILES = 4096              # mapped files whose dynamic symbols are remembered
 RECHECK_S = 30.0              # a process that did not publish is looked at again after this
+MIN_GAP_S = 0.1               # between passes woken by new processes
 STATS = ("linked", "unreadable", "invalid")   # the kernel's thread_ctx_stats slots, in order
 WALK_REASONS = ("no_thread_db", "no_module", "unreadable_process", "tls_unallocated", "threads_limit",
                 "processes_limit", "map_full")
@@ -162,6 +164,9 @@ class ThreadCtxWalker:
         self._unallocated: set[int] = set()                     # threads without their TLS block
         self._unallocated_now: set[int] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._noted: set[int] = set()                           # new processes, walked at once
+        self._noted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -171,6 +176,7 @@ class ThreadCtxWalker:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -180,11 +186,25 @@ class ThreadCtxWalker:
                 self.scan()
             except Exception:   # one bad process must not stop the walker
                 log.exception("thread_ctx: scan failed")
-            self._stop.wait(self.interval)
+            self._stop.wait(MIN_GAP_S)     # a burst of new processes: one pass per MIN_GAP_S
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def note(self, pid: int) -> None:
+        """A process the profiler sampled for the first time: looked at in the next pass (soon),
+        even if it did not publish when last looked at."""
+        with self._noted_lock:
+            if len(self._noted) < MAX_PROCESSES:
+                self._noted.add(pid)
+        self._wake.set()
 
     # -- one pass ----------------------------------------------------------------------------
     def scan(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        with self._noted_lock:
+            noted, self._noted = self._noted, set()
+        for pid in noted:
+            self._checked.pop(pid, None)
         want: dict[int, int] = {}
         pids = sorted(self.pids) if self.pids else [int(p) for p in os.listdir("/proc") if p.isdigit()]
         live = set()

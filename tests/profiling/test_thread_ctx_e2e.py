@@ -129,24 +129,35 @@ def _build(tmp_path: Path, dynamic: bool) -> Path:
     return tmp_path / "otep_app"
 
 
-@pytest.mark.parametrize("tls", ["static", "dynamic"])
+@pytest.mark.parametrize("tls", ["static", "dynamic", "started_later"])
 def test_samples_link_to_the_thread_context_record_the_thread_publishes(
         bpf_ok: None, collector: Collector, tmp_path: Path, pin_dir: Path, tls: str) -> None:
     """static: the library is linked (static TLS: tp - l_tls_offset + value); dynamic: it is
-    dlopen'ed with glibc's optional static TLS at 0 (the thread's DTV entry + value)."""
-    dynamic = tls == "dynamic"
+    dlopen'ed with glibc's optional static TLS at 0 (the thread's DTV entry + value);
+    started_later: linked, the program starts after the agent, which filters by process name (the
+    walker looks at every process, and at this one when the profiler first samples it)."""
+    dynamic, late = tls == "dynamic", tls == "started_later"
     app = _build(tmp_path, dynamic)
     env = dict(os.environ, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=0") if dynamic else None
-    proc = subprocess.Popen([str(app), TRACE, SPAN, str(tmp_path / "libotelctx.so")], stdout=subprocess.PIPE,
-                            text=True, env=env)
+
+    def start() -> subprocess.Popen[str]:
+        p = subprocess.Popen([str(app), TRACE, SPAN, str(tmp_path / "libotelctx.so")], stdout=subprocess.PIPE,
+                             text=True, env=env)
+        assert p.stdout is not None
+        json.loads(p.stdout.readline())
+        return p
+
+    proc = None if late else start()
     try:
-        assert proc.stdout is not None
-        json.loads(proc.stdout.readline())
-        cfg = {"profiler": {"preset": "debug", "report_interval": "2s", "filter": {"pids": [proc.pid]},
+        filt = {"process_names": ["otep_app"]} if proc is None else {"pids": [proc.pid]}
+        cfg = {"profiler": {"preset": "debug", "report_interval": "2s", "filter": filt,
                             "thread_ctx_read": True, "java_frames": False,
                             "off_cpu": {"enabled": True, "sample_probability": 1.0}}}
         agent = Agent(tmp_path, agent_config(collector, cfg, bpf={"pin_path": str(pin_dir)})).start(timeout=300)
         try:
+            if proc is None:
+                proc = start()
+
             def enough() -> bool:
                 samples = _linked_samples(collector)
 
@@ -167,10 +178,11 @@ def test_samples_link_to_the_thread_context_record_the_thread_publishes(
         finally:
             assert agent.stop() == 0
     finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     samples = _linked_samples(collector)
     linked = [(n, lk) for kind, names, n, lk in samples if kind == "samples" and "otep_linked_work" in names]
     total = sum(n for n, _ in linked)
