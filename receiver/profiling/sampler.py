@@ -388,6 +388,8 @@ class CpuSampler:
             self._ustack_leaf = RuntimeUnwindStack() if runtimes else UnwindStack()
             self.unwinder = UnwindTables(bpf, self.symbolizer, int(self.config.unwind_table_rows),
                                          int(self.config.unwind_processes), self.runtimes).start()
+            for rt in self.runtimes or ():
+                rt.reload = self._reload_process
         self._stack_leaf = bpf["stacks0"].Leaf()
         f = self.config.filter
         if f.active:
@@ -560,6 +562,13 @@ class CpuSampler:
         self._forget_exited()
         self._reload_truncated(truncated_pids)
         return profile
+
+    def _reload_process(self, pid: int) -> None:
+        """A runtime's process not set up yet at its first sample (a JVM's launcher before
+        libjvm): its mappings captured again and its tables reloaded, which recognises it anew."""
+        if self.unwinder is not None:
+            self.symbolizer.note_process(pid)
+            self.unwinder.request(pid)
 
     def _reload_truncated(self, pids: set[int]) -> None:
         """Processes whose walks stopped early may have mapped code since their mappings were

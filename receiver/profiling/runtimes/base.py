@@ -55,6 +55,8 @@ class Runtime(ABC):
     stat_names: ClassVar[tuple[str, ...]] = ()  # … and their names, by slot
     mirrors: ClassVar[Sequence[tuple[str, str, Any]]] = ()   # (map, "Key"/"Leaf", ctypes mirror) to check
     caches: ClassVar[tuple[str, ...]] = ()      # its cache names (each listed in telemetry.CACHES)
+    # set by the sampler: captures a process's mappings again and reloads it (queued, any thread)
+    reload: Callable[[int], None] | None = None
 
     def __init__(self, bpf: Any, caches: CachesConfig) -> None:
         self.bpf = bpf

@@ -73,12 +73,20 @@ MAX_ENTRIES = 20000            # entries read from one gHotSpotVM* table at most
 MAX_SYMBOL = 4096              # longest symbol read
 MAX_BLOCKS_SCANNED = 4096      # code heap blocks looked at for an nmethod (JDK 17: its _name)
 REVALIDATE_S = 1.0             # a cached method is checked again at most this often
+YOUNG_LOOKS = 24               # a starting JVM (no libjvm yet, or its code cache not set up) looked at again
+YOUNG_FIRST_S = 0.05           # after this, doubling up to YOUNG_MAX_S (about 17 s in all)
+YOUNG_MAX_S = 1.0
+MAX_YOUNG = 256                # starting JVMs waited for at once
 QUEUE_SIZE = 8192
 PREFIX = b"gHotSpot"
 
 
 class UnsupportedHotSpot(Exception):
     """A HotSpot build (or state) this reader does not handle: a table or field missing."""
+
+
+class _NotYet(UnsupportedHotSpot):
+    """A JVM still starting: its code cache or interpreter not set up yet."""
 
 
 class HotSpotProcess(ctypes.Structure):
@@ -353,7 +361,7 @@ def find_hotspot(pid: int, regions: Sequence[Region],
 def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
     heaps_array = mem.u64(vm.static("CodeCache", "_heaps"))
     if not heaps_array:
-        raise UnsupportedHotSpot("code cache not initialised yet")
+        raise _NotYet("code cache not initialised yet")
     count = mem.i32(heaps_array + vm.field("GrowableArrayBase", "_len"))
     data = mem.u64(heaps_array + vm.field("GrowableArray<int>", "_data"))
     if not 0 < count <= HEAPS:
@@ -371,7 +379,7 @@ def _jvm(mem: _Mem, vm: VMStructs) -> JVM:
         heaps.log2_segment[h] = mem.i32(heap + log2)
     code = mem.u64(vm.static("AbstractInterpreter", "_code"))
     if not code:
-        raise UnsupportedHotSpot("interpreter not generated yet")
+        raise _NotYet("interpreter not generated yet")
     interp_low = mem.u64(code + vm.field("StubQueue", "_stub_buffer"))
     interp_high = interp_low + mem.i32(code + vm.field("StubQueue", "_buffer_limit"))
     block = vm.size("HeapBlock")
@@ -676,7 +684,12 @@ class HotSpot(QueuedRuntime):
 
     ``recognise``/``forget`` run on the unwinder's worker thread; ``notice`` queues work for this
     class's own thread, which names Method*s while their process lives; ``frames`` and ``place``
-    run at drain time."""
+    run at drain time.
+
+    A JVM is usually first sampled before it is one: the launcher (``libjli.so``) has not loaded
+    libjvm yet, or the VM has not set up its code cache. Such a process is looked at again on a
+    timer (``reload``: its mappings captured again and its tables reloaded, which recognises it
+    anew) until it is a JVM, so one that lives a few seconds is walked and named from then on."""
 
     name = "hotspot"
     frame_type = "jvm"
@@ -699,6 +712,8 @@ class HotSpot(QueuedRuntime):
         self._lock = threading.Lock()
         self.evictions = 0
         self._worker = QueueWorker("hotspot-methods", self._learn, QUEUE_SIZE, self.stats)
+        self._young: dict[int, int] = {}                    # starting JVM -> looks so far
+        self._timers: dict[int, threading.Timer] = {}
 
     @classmethod
     def enabled(cls, config: ProfilerSourceConfig) -> bool:
@@ -717,6 +732,10 @@ class HotSpot(QueuedRuntime):
     def recognise(self, pid: int, regions: Sequence[Region]) -> bytes | None:
         try:
             jvm = find_hotspot(pid, regions, self._symbols)
+        except _NotYet as e:
+            log.debug("pid %d: %s", pid, e)
+            self._look_again(pid)
+            return None
         except UnsupportedHotSpot as e:
             self.stats["unsupported"] += 1
             log.debug("pid %d: %s", pid, e)
@@ -724,9 +743,14 @@ class HotSpot(QueuedRuntime):
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
             self.stats["unreadable"] += 1
             log.debug("pid %d: %s", pid, e)
+            self._look_again(pid)           # (libjvm being loaded: its data not relocated yet)
             return None
         if jvm is None:
+            if any(r[3].endswith(("/libjli.so", "/bin/java")) for r in regions):   # a launcher: libjvm to come
+                self._look_again(pid)
             return None
+        with self._lock:
+            self._young.pop(pid, None)
         try:
             table = self.bpf["hotspot_heaps"]
             table[table.Key(pid)] = jvm.heaps
@@ -737,7 +761,47 @@ class HotSpot(QueuedRuntime):
         self._processes[pid] = jvm
         return bytes(jvm.entry)
 
+    def _look_again(self, pid: int) -> None:
+        """Reloads a starting JVM after a while (at most YOUNG_LOOKS times; one timer per pid)."""
+        if self.reload is None:
+            return
+        with self._lock:
+            if pid in self._timers:         # (a load's two passes both see it)
+                return
+            looks = self._young.get(pid, 0)
+            if looks >= YOUNG_LOOKS or (not looks and len(self._young) >= MAX_YOUNG):
+                self._young.pop(pid, None)
+                self.stats["young_given_up"] += 1
+                return
+            self._young[pid] = looks + 1
+            timer = threading.Timer(min(YOUNG_FIRST_S * 2 ** looks, YOUNG_MAX_S), self._again, (pid,))
+            timer.daemon = True
+            self._timers[pid] = timer
+        self.stats["young_looked_again"] += 1
+        timer.start()
+
+    def _again(self, pid: int) -> None:
+        with self._lock:
+            self._timers.pop(pid, None)
+            alive = os.path.exists(f"/proc/{pid}")
+            if not alive:
+                self._young.pop(pid, None)
+        if alive and self.reload is not None:
+            self.reload(pid)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
+        super().stop(timeout)
+
     def forget(self, pid: int) -> None:
+        with self._lock:
+            self._young.pop(pid, None)
+            timer = self._timers.pop(pid, None)
+        if timer is not None:
+            timer.cancel()
         if self._processes.pop(pid, None) is None:
             return
         try:
@@ -975,7 +1039,8 @@ class HotSpot(QueuedRuntime):
             "result", frames)
         telemetry.watch_counters(
             "profiler_java", "JVM processes and methods by event: processes_loaded, unsupported, "
-            "unreadable, processes_over_limit, nmethods_found_later, methods_read, methods_unreadable, "
+            "unreadable, processes_over_limit, young_looked_again (a starting JVM reloaded until it is one), "
+            "young_given_up, nmethods_found_later, methods_read, methods_unreadable, "
             "methods_moved, methods_of_unknown_process, queue_full, scopes_read, scopes_unreadable (a compiled "
             "frame's nmethod recompiled or flushed, or the process gone: its method without inlined methods "
             "and line), inlined_resolved, inlined_unresolved", "event", events)
