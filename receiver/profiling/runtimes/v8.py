@@ -43,6 +43,7 @@ from ...config import CachesConfig, ProfilerSourceConfig
 from ...kernel.bcc import header_defines, header_enum
 from ..model import Frame
 from ..work_queue import QueueWorker
+from ._memory import SymbolCache, mapped_file_symbols
 from .base import QueuedRuntime, RecordedFrames, Region, Runtime
 
 __all__ = ["V8", "V8Process", "V8Offsets", "find_v8", "read_function", "FunctionInfo", "dynamic_symbols_with_prefix"]
@@ -232,31 +233,16 @@ def dynamic_symbols_with_prefix(fd: int, prefix: bytes, section_type: int = 11,
     return found
 
 
-def _metadata(pid: int, start: int, end: int, path: str, build_id: str,
-              cache: OrderedDict[Hashable, dict[bytes, int]]) -> dict[bytes, int]:
-    key: Hashable = build_id or path
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    found: dict[bytes, int] = {}
-    for candidate in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            found = dynamic_symbols_with_prefix(fd, PREFIX)
-            if PREFIX + b"off_fp_function" in found:    # a V8 binary: where its builtins are
-                found.update(dynamic_symbols_with_prefix(fd, b"\0", 2, BLOB_SYMBOLS))
-            break
-        except (OSError, ValueError, struct.error):
-            continue
-        finally:
-            os.close(fd)
-    cache[key] = found
-    while len(cache) > MAX_FILES:
-        cache.popitem(last=False)
-    return found
+def _metadata(pid: int, start: int, end: int, path: str, build_id: str, cache: SymbolCache) -> dict[bytes, int]:
+    """The ``v8dbg_*`` metadata (and, in a V8 binary, where its builtins are) of a mapped file."""
+    def read(fd: int) -> dict[bytes, int]:
+        found = dynamic_symbols_with_prefix(fd, PREFIX)
+        if PREFIX + b"off_fp_function" in found:    # a V8 binary: where its builtins are
+            found.update(dynamic_symbols_with_prefix(fd, b"\0", 2, BLOB_SYMBOLS))
+        return found
+
+    return mapped_file_symbols(pid, start, end, path, build_id, cache, read,
+                               (OSError, ValueError, struct.error), MAX_FILES)
 
 
 def find_v8(pid: int, regions: Sequence[Region],
