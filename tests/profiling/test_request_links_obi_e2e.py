@@ -21,13 +21,10 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +81,6 @@ class TracesCtx:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[Path]:
-    d = Path("/sys/fs/bpf") / f"ebpf_otlp_test_{uuid.uuid4().hex[:12]}"
-    d.mkdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 BURNER = """\

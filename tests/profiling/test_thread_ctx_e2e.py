@@ -17,8 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,14 +101,6 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[Path]:
-    d = Path("/sys/fs/bpf") / f"ebpf_otlp_test_{uuid.uuid4().hex[:12]}"
-    d.mkdir()
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _build(tmp_path: Path, dynamic: bool) -> Path:
