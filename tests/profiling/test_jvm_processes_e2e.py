@@ -102,7 +102,12 @@ def test_short_lived_jvm_is_named(bpf_ok: None, jdk: str, tmp_path: Path) -> Non
     """A JVM started after the profiler, burning 2 s of CPU time in one hot method and gone
     before the drain: its samples carry the Java chain by name. Its methods are named while it
     lives (a Method* is read when the kernel first reports it), and it is recognised as it comes:
-    a JVM first seen before its code cache exists is looked at again until it does."""
+    a JVM first seen before its code cache exists is looked at again until it does.
+
+    What it asks is names, not lines: a compiled frame's inlined methods and line come from its
+    nmethod's debug information, read at drain from the live process, so compiled frames of a JVM
+    gone by then are their methods alone, at line 0 (interpreted frames keep theirs: the bci is
+    in the sample). Every method here is too large to inline, so no frame is missing."""
     from receiver.config import ProcessFilter
 
     home = _jdk(jdk)
