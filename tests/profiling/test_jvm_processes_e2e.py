@@ -193,3 +193,33 @@ def test_two_jvms_side_by_side(bpf_ok: None, tmp_path: Path) -> None:
         mine = sum(s.count for s in ours for f in _jvm(s.frames) if f.function.startswith(f"{cls}."))
         assert mine > 0
     assert stats.get("frames_unresolved", 0) == 0, stats
+
+
+def test_starting_jvm_is_looked_at_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A java launcher without libjvm yet is reloaded until it is a JVM, YOUNG_LOOKS times at most;
+    a process gone meanwhile is dropped, and a process that is no launcher is not looked at."""
+    import os
+
+    from receiver.profiling.runtimes import hotspot
+
+    monkeypatch.setattr(hotspot, "YOUNG_FIRST_S", 0.001)
+    monkeypatch.setattr(hotspot, "YOUNG_MAX_S", 0.001)
+    rt = hotspot.HotSpot(None)
+    reloaded: list[int] = []
+    launcher = [(0x1000, 0x2000, 0, "/usr/lib/jvm/jdk/bin/java", "", False)]
+
+    def reload(pid: int) -> None:
+        reloaded.append(pid)
+        assert rt.recognise(pid, launcher) is None        # still starting: looked at again
+
+    rt.reload = reload
+    assert rt.recognise(os.getpid(), launcher) is None
+    wait_until(lambda: rt.stats["young_given_up"] == 1, 30, 0.01, "the looks to end")
+    assert reloaded == [os.getpid()] * hotspot.YOUNG_LOOKS
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert rt.recognise(gone.pid, launcher) is None
+    assert rt.recognise(os.getpid(), [(0x1000, 0x2000, 0, "/usr/bin/python3", "", False)]) is None
+    wait_until(lambda: not rt._timers, 30, 0.01, "the timers")
+    assert reloaded == [os.getpid()] * hotspot.YOUNG_LOOKS and not rt._young
+    rt.stop()
