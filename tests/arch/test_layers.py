@@ -27,7 +27,8 @@ LAYERS = {
     "receiver.kernel": 1, "receiver.profiling": 2, "receiver.convert": 3, "receiver.sources": 4,
     "receiver.protocols": 3,   # protocol parsers (HTTP/1) for the request source
     "receiver.pipeline": 5, "receiver.export": 6, "receiver.service": 7, "receiver.preflight": 7,
-    "receiver.profile_cli": 7, "receiver.cli": 8, "receiver.__main__": 8, "receiver.config_doc": 8,
+    "receiver.profile_cli": 7, "receiver.cli_warm": 7,   # warm-cache: compiles what profile would load
+    "receiver.cli": 8, "receiver.__main__": 8, "receiver.config_doc": 8,
     "receiver.bpf": 0,
 }
 

@@ -272,8 +272,10 @@ def test_notices_reach_user_space_past_unread_whole_samples(bpf_ok: None, tmp_pa
     script.write_text(SPLIT_SOURCE)
     # The same functions, run until a file appears.
     until = tmp_path / "until_stopped.py"
-    until.write_text(SPLIT_SOURCE.replace("import sys, time", "import os, sys, time").replace(
-        "end = time.time() + float(sys.argv[1])\nwhile time.time() < end:", "while not os.path.exists(sys.argv[1]):"))
+    until_source = SPLIT_SOURCE.replace("import sys, time", "import os, sys, time").replace(
+        "end = clock() + float(sys.argv[1])\nwhile clock() < end:", "while not os.path.exists(sys.argv[1]):")
+    assert "os.path.exists" in until_source, "SPLIT_SOURCE's loop changed: update the replacement"
+    until.write_text(until_source)
     stop = tmp_path / "stop"
     functions = {"<module>", "level1", "level2", "level3", "level4", "level5", "hot_a", "hot_b"}
     fill = subprocess.Popen([str(filler), str(script), "3600"], stdout=subprocess.DEVNULL)
