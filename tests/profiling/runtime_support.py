@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..harness import Collector, wait_until
@@ -30,6 +31,16 @@ def warm_runtime(prof: Profiled, runtime: str, frame_type: str, language: str, e
 
     wait_until(everywhere, 60, 0, f"{language} frames in the process's samples")
     prof.sampler.drain()
+
+
+def samples_until(prof: Profiled, count: int, seconds: float) -> list[Any]:
+    """Samples measured 2 s at a time until ``count`` of them or ``seconds`` have passed (a busy
+    machine gives the process less CPU, so fewer samples per second)."""
+    samples: list[Any] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and sum(s.count for s in samples) < count:
+        samples += prof.measure(2).samples
+    return samples
 
 
 def otlp_frames(collector: Collector, kind: str) -> list[tuple[str, str, int]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .runtime_support import of_type, warm_runtime
+from .runtime_support import of_type, samples_until, warm_runtime
 from .test_unwind_e2e import Profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -172,10 +172,7 @@ def _profile(argv: list[str], stop: Path, want: int) -> tuple[list[Any], dict[st
     try:
         prof = Profiled(proc.pid)
         _warm_jvm(prof)
-        samples: list[Any] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sum(s.count for s in samples) < want:
-            samples += prof.measure(2).samples
+        samples = samples_until(prof, want, 90)
         stats = prof.sampler.runtime_stats("hotspot")
         stop.touch()
         out, _ = proc.communicate(timeout=60)

@@ -11,14 +11,13 @@ import collections
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ..harness import Agent, Collector, agent_config, go_env, wait_until
-from .runtime_support import otlp_frames
+from .runtime_support import otlp_frames, samples_until
 from .test_unwind_e2e import Profiled, profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -155,10 +154,7 @@ def test_split_and_whole_python_chain(bpf_ok: None, interpreter: str, tmp_path: 
     with profiled(_interpreter(interpreter), str(script), "600") as (_, prof):
         _warm_python(prof)
         # Until 300 hot samples (5 s on an idle core; longer when the machine is busy).
-        samples: list[Any] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sum(s.count for s in samples) < 400:
-            samples += prof.measure(2).samples
+        samples = samples_until(prof, 400, 60)
         stats = prof.sampler.runtime_stats("cpython")
     hot = collections.Counter()
     whole = 0

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ..harness import Agent, Collector, agent_config, wait_until
-from .runtime_support import of_type, otlp_frames, warm_runtime
+from .runtime_support import of_type, otlp_frames, samples_until, warm_runtime
 from .test_unwind_e2e import Profiled, profiled
 
 pytestmark = [pytest.mark.bpf]
@@ -253,10 +253,7 @@ def test_split_and_whole_js_chain(bpf_ok: None, version: str, tmp_path: Path) ->
     try:
         prof = Profiled(proc.pid)
         _warm_v8(prof)
-        samples: list[Any] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sum(s.count for s in samples) < 400:
-            samples += prof.measure(2).samples
+        samples = samples_until(prof, 400, 90)
         stats = prof.sampler.runtime_stats("v8")
         own = json.loads(_stop_and_read(proc, stop))
     finally:
@@ -315,10 +312,7 @@ def test_deoptimized_function_keeps_its_name(bpf_ok: None, tmp_path: Path) -> No
     stop = tmp_path / "stop"
     with profiled(NODE20, str(script), str(stop)) as (proc, prof):
         _warm_v8(prof)
-        samples: list[Any] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sum(s.count for s in samples) < 300:
-            samples += prof.measure(2).samples
+        samples = samples_until(prof, 300, 90)
         stats = prof.sampler.runtime_stats("v8")
         stop.touch()
     ours = collections.Counter()
@@ -348,10 +342,7 @@ def test_builtin_between_js_and_statement_lines(bpf_ok: None, version: str, tmp_
     stop = tmp_path / "stop"
     with profiled(_node(version), str(script), str(stop)) as (proc, prof):
         _warm_v8(prof)
-        samples: list[Any] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sum(s.count for s in samples) < 300:
-            samples += prof.measure(2).samples
+        samples = samples_until(prof, 300, 90)
         stats = prof.sampler.runtime_stats("v8")
         stop.touch()
     ours = through = at_top = revived = 0
