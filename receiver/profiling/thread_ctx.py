@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from .runtimes._memory import mapped_file_read
 from .symbols import elf
 
 log = logging.getLogger(__name__)
@@ -244,28 +245,13 @@ class ThreadCtxWalker:
         self._read_stats()
 
     def _syms(self, pid: int, m: _Mapped, names: set[bytes]) -> dict[bytes, tuple[int, int]]:
-        key = (m.path, m.key[0], m.key[1])
-        if key in self._files:
-            self._files.move_to_end(key)
-            return self._files[key]
-        found: dict[bytes, tuple[int, int]] = {}
-        for candidate in (f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}", f"/proc/{pid}/root{m.path}"):
-            try:
-                fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError:
-                continue
-            try:
-                found = dynamic_symbols(fd, names)
-                found[b"\x00et"] = (_e_type(fd), 0)
-                break
-            except (elf.ElfError, OSError):
-                continue
-            finally:
-                os.close(fd)
-        self._files[key] = found
-        while len(self._files) > MAX_FILES:
-            self._files.popitem(last=False)
-        return found
+        def read(fd: int) -> dict[bytes, tuple[int, int]]:
+            found = dynamic_symbols(fd, names)
+            found[b"\x00et"] = (_e_type(fd), 0)
+            return found
+
+        return mapped_file_read(pid, m.start, m.end, m.path, (m.path, m.key[0], m.key[1]), self._files, read,
+                                (elf.ElfError, OSError), MAX_FILES, {})
 
     def _discover(self, pid: int, st: bytes) -> _Publisher | None:
         """The process's publishing module and thread lists, None if it does not publish."""
